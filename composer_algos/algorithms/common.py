@@ -1,0 +1,82 @@
+"""Mechanisms every algorithm here shares: finding the model, clean reprs, per-rank state in checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+from composer.core import State, Time, TimeUnit
+from composer.utils import dist
+
+from composer_algos.diffusion.utils import get_diffusion_model
+
+__all__ = ['diffusion_model', 'ReprMixin', 'gather_per_rank', 'pick_rank', 'parse_time', 'span_fraction']
+
+
+def diffusion_model(state: State, algorithm: Any) -> Any:
+    """The model behind ``state.model`` that implements the diffusion contract (error naming ``algorithm`` if none)."""
+    return get_diffusion_model(state.model, algorithm)
+
+
+class ReprMixin:
+    """``__repr__`` from the constructor's arguments, read back from attributes of the same names."""
+
+    def __repr__(self) -> str:
+        params = inspect.signature(type(self).__init__).parameters
+        parts = [f'{name}={getattr(self, name)!r}' for name in params if name != 'self' and hasattr(self, name)]
+        return f'{type(self).__name__}({", ".join(parts)})'
+
+
+def gather_per_rank(value: Any) -> list[Any]:
+    """Every rank's ``value`` as a list indexed by rank (collective; Composer calls ``state_dict`` on all ranks)."""
+    if dist.get_world_size() == 1:
+        return [value]
+    return dist.all_gather_object(value)
+
+
+def pick_rank(values: list[Any]) -> Optional[Any]:
+    """This rank's entry of a list saved by :func:`gather_per_rank`, or ``None`` if the checkpoint had fewer ranks."""
+    rank = dist.get_global_rank()
+    return values[rank] if rank < len(values) else None
+
+
+def parse_time(value: str | int | float | Time, name: str) -> Time:
+    """A Composer Time from ``'0.5dur'``, ``'2000ba'``, ``'3ep'`` or a float fraction of the run."""
+    if isinstance(value, Time):
+        time = value
+    elif isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+        time = Time(float(value), TimeUnit.DURATION)
+    else:
+        try:
+            time = Time.from_timestring(str(value))
+        except ValueError as e:
+            raise ValueError(f"{name}={value!r} is not a Composer time (e.g. '0.5dur', '2000ba', '3ep').") from e
+    if time.value < 0:
+        raise ValueError(f'{name} must not be negative, got {value!r}.')
+    return time
+
+
+def span_fraction(state: State, start: Time, end: Time) -> float:
+    """Progress in [0, 1] through the span ``[start, end]`` of the run, in the span's own units."""
+
+    def elapsed(unit_time: Time) -> float:
+        if unit_time.unit == TimeUnit.DURATION:
+            fraction = state.get_elapsed_duration()
+            return float(fraction.value) if fraction is not None else 0.0
+        return float(state.timestamp.get(unit_time.unit).value)
+
+    def as_float(t: Time) -> float:
+        return float(t.value)
+
+    if start.unit != end.unit:
+        raise ValueError(f'The span start {start} and end {end} must use the same time unit.')
+    now = elapsed(end)
+    width = as_float(end) - as_float(start)
+    if width <= 0:
+        return 1.0 if now >= as_float(end) else 0.0
+    return float(min(max((now - as_float(start)) / width, 0.0), 1.0))
+
+
+def to_cpu_tensor(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().cpu().clone()

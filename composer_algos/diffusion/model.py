@@ -1,0 +1,405 @@
+"""DiffusionModel: a ComposerModel that trains any denoiser with a replaceable timestep sampler."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+from composer.models import ComposerModel
+from torchmetrics import Metric
+
+from composer_algos.diffusion.samplers import TimestepPrior, TimestepSampler, UniformSampler, sample_from_probs, tilt
+from composer_algos.diffusion.schedule import NoiseSchedule
+from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
+
+__all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES']
+
+log = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
+
+# A loss weighting maps (schedule, t, prediction_type) to per-sample weights of shape (B,).
+LossWeighting = Callable[[NoiseSchedule, torch.Tensor, str], torch.Tensor]
+
+
+class DiffusionLoss(Metric):
+    """Mean unweighted per-sample diffusion loss; with ``num_bands > 1`` also the mean in each band of t."""
+
+    full_state_update = False
+
+    def __init__(self, num_timesteps: int, num_bands: int = 1):
+        super().__init__()
+        self.num_timesteps = num_timesteps
+        self.num_bands = num_bands
+        self.add_state('total', default=torch.zeros(num_bands, dtype=torch.float64), dist_reduce_fx='sum')
+        self.add_state('count', default=torch.zeros(num_bands, dtype=torch.float64), dist_reduce_fx='sum')
+
+    def update(self, per_sample_loss: torch.Tensor, t: torch.Tensor) -> None:
+        band = (t * self.num_bands // self.num_timesteps).clamp(max=self.num_bands - 1)
+        loss = per_sample_loss.detach().to(torch.float64)
+        self.total.index_add_(0, band, loss)
+        self.count.index_add_(0, band, torch.ones_like(loss))
+
+    def compute(self) -> torch.Tensor:
+        if self.num_bands == 1:
+            return self.total[0] / self.count[0].clamp(min=1)
+        return self.total / self.count.clamp(min=1)
+
+
+class DiffusionModel(ComposerModel):
+    """Trains ``denoiser(x_t, t, **conditioning)`` to predict noise, velocity or the clean sample.
+
+    The model carries the contract that timestep and weighting algorithms use, so they never reach inside it:
+
+    * ``noise_schedule`` (T, ``alphas_cumprod``, ``snr``) and ``prediction_type``;
+    * a replaceable ``timestep_sampler`` owned by at most one algorithm (:meth:`set_timestep_sampler`), plus
+      curriculum priors that tilt it (:meth:`add_timestep_prior`);
+    * a chain of loss weightings that multiply (:meth:`add_loss_weighting`);
+    * forward outputs holding the drawn ``t``, the unweighted ``per_sample_loss`` and the total ``weight``;
+    * :meth:`vlb_terms`, per-sample variational-bound terms at given ``(x0, t, noise)`` without grad;
+    * ``generator``, this rank's ``torch.Generator`` for t and noise, saved per rank in the model's state dict.
+
+    Args:
+        denoiser: any module called as ``denoiser(x_t, t, **conditioning)``; an output with a ``.sample``
+            attribute (diffusers) or a tuple is unwrapped. Extra output channels (a learned variance) are ignored.
+        noise_schedule: the :class:`NoiseSchedule` (default: linear, T=1000).
+        prediction_type: ``'epsilon'``, ``'v_prediction'`` or ``'sample'``.
+        image_key: batch key (or tuple index) of the images, scaled to [-1, 1].
+        label_key: batch key of class labels, passed to the denoiser as ``conditioning_kwarg``; ``None`` for an
+            unconditional model.
+        conditioning_kwarg: the denoiser's keyword for labels (``class_labels`` for diffusers models).
+        encoder: optional frozen module mapping images to latents (latent diffusion); its output is multiplied by
+            ``latent_scale``.
+        latent_scale: scale applied to encoder outputs.
+        seed: base seed of the timestep/noise generator; rank r uses ``seed + 1_000_003 * r``.
+        check_finite_loss: raise a clear error when the loss becomes NaN or infinite.
+        num_loss_bands: bands of t for the validation loss metric.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        noise_schedule: Optional[NoiseSchedule] = None,
+        prediction_type: str = 'epsilon',
+        image_key: Any = 'image',
+        label_key: Optional[Any] = None,
+        conditioning_kwarg: str = 'class_labels',
+        encoder: Optional[nn.Module] = None,
+        latent_scale: float = 1.0,
+        seed: int = 17,
+        check_finite_loss: bool = True,
+        num_loss_bands: int = 10,
+    ):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.')
+        self.denoiser = denoiser
+        self.noise_schedule = noise_schedule or NoiseSchedule()
+        self.prediction_type = prediction_type
+        self.image_key = image_key
+        self.label_key = label_key
+        self.conditioning_kwarg = conditioning_kwarg
+        self.encoder = encoder
+        if encoder is not None:
+            encoder.requires_grad_(False)
+            encoder.eval()
+        self.latent_scale = latent_scale
+        self.check_finite_loss = check_finite_loss
+        self.num_loss_bands = num_loss_bands
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self._rank_seed(self.seed))
+        self._sampler: TimestepSampler = UniformSampler(self.num_timesteps)
+        self._sampler_owner: Optional[str] = None
+        self._priors: list[tuple[str, TimestepPrior]] = []
+        self._weightings: list[tuple[str, LossWeighting]] = []
+        self.val_loss = DiffusionLoss(self.num_timesteps, num_bands=1)
+        self.val_loss_bands = DiffusionLoss(self.num_timesteps, num_bands=num_loss_bands)
+
+    # ----------------------------------------------------------------------------------------- contract
+    @property
+    def num_timesteps(self) -> int:
+        return self.noise_schedule.num_timesteps
+
+    @property
+    def timestep_sampler(self) -> TimestepSampler:
+        return self._sampler
+
+    @property
+    def timestep_sampler_owner(self) -> Optional[str]:
+        return self._sampler_owner
+
+    def set_timestep_sampler(self, sampler: TimestepSampler, owner: str) -> None:
+        """Install ``sampler`` on behalf of ``owner``. A second, different owner is an error naming both."""
+        if self._sampler_owner is not None and self._sampler_owner != owner:
+            raise ValueError(f'{owner} and {self._sampler_owner} both set the timestep sampler; only one '
+                             'algorithm may own it. Remove one of them (a curriculum such as '
+                             'CurriculumTimestepSchedule composes with any owner as a prior).')
+        if sampler.num_timesteps != self.num_timesteps:
+            raise ValueError(f'{owner}: sampler has {sampler.num_timesteps} timesteps but the noise schedule has '
+                             f'{self.num_timesteps}.')
+        self._sampler = sampler
+        self._sampler_owner = owner
+
+    def add_timestep_prior(self, prior: TimestepPrior, owner: str) -> None:
+        """Tilt the active sampler by ``prior`` (a function ``(T, device) -> (T,)`` masses)."""
+        self._priors = [(o, p) for o, p in self._priors if o != owner] + [(owner, prior)]
+
+    def add_loss_weighting(self, weighting: LossWeighting, owner: str) -> None:
+        """Multiply the per-sample loss by ``weighting(schedule, t, prediction_type)``."""
+        self._weightings = [(o, w) for o, w in self._weightings if o != owner] + [(owner, weighting)]
+
+    @property
+    def loss_weighting_owners(self) -> list[str]:
+        return [o for o, _ in self._weightings]
+
+    def timestep_priors(self, device: Optional[torch.device] = None) -> list[torch.Tensor]:
+        return [p(self.num_timesteps, device or torch.device('cpu')) for _, p in self._priors]
+
+    def timestep_probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The distribution t is drawn from: the sampler's, tilted by the priors. ``(T,)`` or ``(B, T)``."""
+        probs = self._sampler.probs(x0)
+        return tilt(probs, self.timestep_priors(probs.device))
+
+    def timestep_distribution(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The marginal ``(T,)`` distribution over t (averaged over the batch for per-sample samplers)."""
+        with torch.no_grad():
+            p = self.timestep_probs(x0)
+        return p.mean(0) if p.dim() == 2 else p
+
+    def draw_timesteps(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``(t, importance_weight)`` for a batch with this rank's generator."""
+        batch_size = x0.shape[0]
+        with torch.no_grad():
+            probs = self.timestep_probs(x0)
+            t = sample_from_probs(probs, batch_size, self.generator).to(x0.device)
+            if not self._sampler.importance:
+                return t, torch.ones(batch_size, device=x0.device)
+            p_t = probs[t] if probs.dim() == 1 else probs.gather(1, t[:, None]).squeeze(1)
+            target = tilt(torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=x0.device),
+                          self.timestep_priors(x0.device))
+            return t, (target[t] / p_t.to(target.dtype)).float()
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        weight = torch.ones(t.shape[0], device=t.device)
+        for _, weighting in self._weightings:
+            weight = weight * weighting(self.noise_schedule, t, self.prediction_type).to(weight)
+        return weight
+
+    def randn(self, shape: Sequence[int], device: torch.device, generator: Optional[torch.Generator] = None):
+        return torch.randn(tuple(shape), generator=generator or self.generator).to(device)
+
+    # ----------------------------------------------------------------------------------------- data
+    def _get(self, batch: Any, key: Any) -> Any:
+        if isinstance(batch, Mapping):
+            if key not in batch:
+                raise KeyError(f'Batch has no key {key!r} (keys: {sorted(batch)}); set image_key/label_key to match '
+                               'the dataset.')
+            return batch[key]
+        if isinstance(batch, (tuple, list)):
+            index = 0 if key == 'image' else 1 if key == 'label' else key
+            return batch[index]
+        if key in ('image', 0):
+            return batch
+        raise TypeError(f'Cannot read {key!r} from a batch of type {type(batch).__name__}.')
+
+    def images(self, batch: Any) -> torch.Tensor:
+        """The batch's clean data x0 (latents if an encoder is set), checked for shape."""
+        images = self._get(batch, self.image_key)
+        if not torch.is_tensor(images) or images.dim() != 4:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f'Expected images of shape (batch, channels, height, width), got {shape}. '
+                             'Check the dataset transform and image_key.')
+        if images.dtype == torch.uint8:
+            raise ValueError('Images are uint8; scale them to floats in [-1, 1] in the dataset.')
+        if self.encoder is not None:
+            with torch.no_grad():
+                images = self.encoder(images)
+                images = getattr(images, 'latent_dist', images)
+                images = images.mode() if hasattr(images, 'mode') else images
+                images = images * self.latent_scale
+        return images
+
+    def conditioning(self, batch: Any) -> dict[str, torch.Tensor]:
+        if self.label_key is None:
+            return {}
+        return {self.conditioning_kwarg: self._get(batch, self.label_key)}
+
+    # ----------------------------------------------------------------------------------------- network
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Optional[dict] = None) -> torch.Tensor:
+        out = self.denoiser(x_t, t, **(conditioning or {}))
+        out = getattr(out, 'sample', out)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.shape[1] != x_t.shape[1]:
+            out = out[:, :x_t.shape[1]]
+        if out.shape != x_t.shape:
+            raise ValueError(f'Denoiser returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; its output '
+                             'must match its input (check sample_size and channels).')
+        return out
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        x0 = self.images(batch)
+        t, weight = self.draw_timesteps(x0)
+        noise = self.randn(x0.shape, x0.device).to(x0.dtype)
+        return self._loss_terms(x0, t, noise, self.conditioning(batch), weight * self.loss_weights(t))
+
+    def _loss_terms(self, x0, t, noise, conditioning, weight) -> dict[str, torch.Tensor]:
+        x_t = self.noise_schedule.add_noise(x0, noise, t)
+        prediction = self.denoise(x_t, t, conditioning)
+        target = self.noise_schedule.target(x0, noise, t, self.prediction_type)
+        per_sample_loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+        return {'t': t, 'per_sample_loss': per_sample_loss, 'weight': weight}
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> torch.Tensor:
+        loss = (outputs['weight'] * outputs['per_sample_loss']).mean()
+        if self.check_finite_loss and not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                f'The diffusion loss is {loss.item()} (per-sample losses finite: '
+                f'{bool(torch.isfinite(outputs["per_sample_loss"]).all())}, weights finite: '
+                f'{bool(torch.isfinite(outputs["weight"]).all())}). Lower the learning rate, enable gradient '
+                'clipping, or check the data for NaNs; the last saved checkpoint is intact and can be resumed.')
+        return loss
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def eval_forward(self, batch: Any, outputs: Optional[Any] = None) -> dict[str, torch.Tensor]:
+        if outputs is not None:
+            return outputs
+        x0 = self.images(batch)
+        # Evaluation never touches the training generator: it draws from one seeded by the batch's content, so
+        # the same validation batch gets the same t and noise at every evaluation and resume stays exact.
+        gen = torch.Generator().manual_seed(self.seed + int(x0.detach().float().abs().sum().item() * 1000) % 2**31)
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=gen).to(x0.device)
+        noise = self.randn(x0.shape, x0.device, generator=gen).to(x0.dtype)
+        with torch.no_grad():
+            return self._loss_terms(x0, t, noise, self.conditioning(batch), torch.ones_like(t, dtype=torch.float))
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        if is_train:
+            return {}
+        return {'DiffusionLoss': self.val_loss, 'DiffusionLossBands': self.val_loss_bands}
+
+    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        metric.update(outputs['per_sample_loss'], outputs['t'])
+
+    # ----------------------------------------------------------------------------------------- VLB
+    @torch.no_grad()
+    def vlb_terms(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                  conditioning: Optional[dict] = None) -> torch.Tensor:
+        """Per-sample VLB terms L_t in nats per dimension, one denoiser forward, no grad.
+
+        For t > 0: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) with the fixed variance beta_t (DDPM's
+        sigma^2 = beta choice). For t = 0: the negative log-likelihood of x0 under the discretised Gaussian
+        decoder (256 levels; pixel data in [-1, 1]).
+        """
+        s = self.noise_schedule
+        x_t = s.add_noise(x0, noise, t)
+        output = self.denoise(x_t, t, conditioning).float()
+        x0_pred, _ = s.predict_x0_eps(x_t.float(), output, t, self.prediction_type)
+        x0_pred = x0_pred.clamp(-1, 1) if self.encoder is None else x0_pred
+        true_mean = s.posterior_mean(x0.float(), x_t.float(), t)
+        model_mean = s.posterior_mean(x0_pred, x_t.float(), t)
+        true_logvar = s.gather(s.posterior_log_variance_clipped, t, x0.dim())
+        model_logvar = s.gather(self._model_log_variance(), t, x0.dim())
+        kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).flatten(1).mean(1)
+        nll = -discretized_gaussian_log_likelihood(x0.float(), model_mean, 0.5 * model_logvar).flatten(1).mean(1)
+        return torch.where(t == 0, nll, kl)
+
+    def _model_log_variance(self) -> torch.Tensor:
+        s = self.noise_schedule
+        return torch.log(torch.cat([s.posterior_variance[1:2], s.betas[1:]]))
+
+    @torch.no_grad()
+    def prior_term(self, x0: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_T | x0) || N(0, I)) per sample, nats per dimension."""
+        s = self.noise_schedule
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        ac = s.gather(s.alphas_cumprod, t, x0.dim())
+        mean, logvar = ac.sqrt() * x0.float(), torch.log((1 - ac).clamp(min=1e-20)).expand_as(x0)
+        return normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(mean)).flatten(1).mean(1)
+
+    # ----------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        num_samples: int,
+        shape: Sequence[int],
+        num_steps: int = 50,
+        eta: float = 0.0,
+        seed: int = 0,
+        labels: Optional[torch.Tensor] = None,
+        device: Optional[torch.device] = None,
+        clip: Optional[bool] = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Sample with DDIM (``eta=0``, deterministic) or ancestral DDPM steps (``eta=1``) from ``seed``.
+
+        ``num_steps`` timesteps are spaced evenly over [0, T-1]; ``num_steps=T, eta=1`` is the original DDPM
+        sampler. Returns ``(num_samples, *shape)``; pixel models clip the predicted x0 to [-1, 1].
+        """
+        device = device or next(self.denoiser.parameters()).device
+        gen = torch.Generator().manual_seed(seed)
+        s = self.noise_schedule
+        steps = torch.linspace(self.num_timesteps - 1, 0, min(num_steps, self.num_timesteps)).round().long()
+        x = noise.to(device) if noise is not None else torch.randn((num_samples, *shape), generator=gen).to(device)
+        clip = self.encoder is None if clip is None else clip
+        cond = {} if labels is None else {self.conditioning_kwarg: labels.to(device)}
+        for i, step in enumerate(steps.tolist()):
+            t = torch.full((num_samples,), step, device=device, dtype=torch.long)
+            out = self.denoise(x, t, cond).float()
+            x0, eps = s.predict_x0_eps(x, out, t, self.prediction_type)
+            if clip:
+                x0 = x0.clamp(-1, 1)
+                ac = s.gather(s.alphas_cumprod, t, x.dim())
+                eps = (x - ac.sqrt() * x0) / (1 - ac).sqrt().clamp(min=1e-8)
+            ac_t = float(s.alphas_cumprod[step])
+            ac_prev = float(s.alphas_cumprod[steps[i + 1]]) if i + 1 < len(steps) else 1.0
+            sigma = eta * math.sqrt(max((1 - ac_prev) / (1 - ac_t) * (1 - ac_t / ac_prev), 0.0))
+            x = math.sqrt(ac_prev) * x0 + math.sqrt(max(1 - ac_prev - sigma**2, 0.0)) * eps
+            if sigma > 0 and i + 1 < len(steps):
+                x = x + sigma * torch.randn(x.shape, generator=gen).to(device)
+        return x
+
+    # ----------------------------------------------------------------------------------------- checkpointing
+    @staticmethod
+    def _rank_seed(seed: int) -> int:
+        # The model is usually built before the process group exists; the launcher's RANK is already set.
+        return (seed + 1_000_003 * _world()[0]) % 2**63
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {'generator_states': gather_generator_states(self.generator)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        set_generator_from_gathered(self.generator, state['generator_states'])
+
+
+def _world() -> tuple[int, int]:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+
+
+def gather_generator_states(generator: torch.Generator) -> torch.Tensor:
+    """Every rank's state of ``generator`` stacked as ``(world_size, n)`` uint8 (collective when distributed)."""
+    state = generator.get_state()
+    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
+        return state[None].clone()
+    world_size = torch_dist.get_world_size()
+    backend_device = 'cuda' if torch_dist.get_backend() == 'nccl' else 'cpu'
+    local = state.to(backend_device)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    torch_dist.all_gather(gathered, local)
+    return torch.stack([g.cpu() for g in gathered])
+
+
+def set_generator_from_gathered(generator: torch.Generator, states: torch.Tensor) -> None:
+    """Restore this rank's row of ``states``; a rank the checkpoint did not have keeps its fresh seed."""
+    rank, _ = _world()
+    if rank < states.shape[0]:
+        generator.set_state(states[rank].clone().to(torch.uint8))
+    else:
+        log.warning('Checkpoint holds generator states for %d ranks; rank %d keeps its own seed.', states.shape[0], rank)

@@ -1,0 +1,28 @@
+"""Finding the diffusion model behind Composer's wrappers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+__all__ = ['get_diffusion_model', 'CONTRACT_METHODS']
+
+CONTRACT_METHODS = ('set_timestep_sampler', 'add_timestep_prior', 'add_loss_weighting', 'timestep_probs',
+                    'vlb_terms', 'noise_schedule', 'generator', 'prediction_type')
+
+
+def get_diffusion_model(model: nn.Module, algorithm: Any = None) -> Any:
+    """Return the module implementing the diffusion contract, unwrapping DDP's ``.module``.
+
+    Raises a ``TypeError`` naming the missing members when the model does not implement the contract.
+    """
+    seen = model
+    while not all(hasattr(seen, name) for name in CONTRACT_METHODS) and hasattr(seen, 'module'):
+        seen = seen.module
+    missing = [name for name in CONTRACT_METHODS if not hasattr(seen, name)]
+    if missing:
+        who = f'{type(algorithm).__name__} needs' if algorithm is not None else 'Need'
+        raise TypeError(f'{who} a model implementing the diffusion contract (composer_algos.DiffusionModel or '
+                        f'a ComposerModel with the same members); {type(model).__name__} lacks {missing}.')
+    return seen

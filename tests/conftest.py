@@ -1,0 +1,65 @@
+"""Shared fixtures: real MDS shards of the digits, a tiny DiffusionModel, and a Trainer factory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import pytest
+import torch
+from composer.core import Callback
+
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope='session')
+def digits_mds(tmp_path_factory) -> str:
+    """``<dir>/train`` and ``<dir>/val`` MDS shards written from scikit-learn's digits."""
+    from composer_algos.data import convert_digits
+    root = str(tmp_path_factory.mktemp('digits_mds'))
+    convert_digits(root)
+    return root
+
+
+def tiny_model(num_timesteps: int = 100, prediction_type: str = 'epsilon', seed: int = 17, width: int = 16,
+               **kwargs: Any):
+    """A DiffusionModel with a small conv denoiser (fast on CPU)."""
+    from composer_algos.diffusion import DiffusionModel, NoiseSchedule, TimeConditionedConvNet
+    torch.manual_seed(seed)
+    return DiffusionModel(TimeConditionedConvNet(in_channels=1, width=width), NoiseSchedule('linear', num_timesteps),
+                          prediction_type=prediction_type, seed=seed, **kwargs)
+
+
+def digits_loader(root: str, batch_size: int = 32, split: str = 'train', shuffle: bool = True, seed: int = 17):
+    from composer_algos.data import build_streaming_image_dataloader
+    return build_streaming_image_dataloader(global_batch_size=batch_size, local=root, split=split, shuffle=shuffle,
+                                            seed=seed, channels=1, image_size=8)
+
+
+def make_trainer(root: str, algorithms: Optional[list] = None, max_duration: str = '6ba', model=None,
+                 batch_size: int = 32, seed: int = 17, **trainer_kwargs: Any):
+    """A real Composer Trainer on the digits shards with a tiny model, fp32 on CPU."""
+    from composer import Trainer
+    model = model if model is not None else tiny_model(seed=seed)
+    trainer_kwargs.setdefault('progress_bar', False)
+    trainer_kwargs.setdefault('log_to_console', False)
+    return Trainer(model=model,
+                   train_dataloader=digits_loader(root, batch_size, seed=seed),
+                   optimizers=torch.optim.Adam(model.parameters(), lr=1e-3),
+                   algorithms=algorithms or [],
+                   max_duration=max_duration,
+                   device='cpu',
+                   precision='fp32',
+                   seed=seed,
+                   **trainer_kwargs)
+
+
+class LossRecorder(Callback):
+    """A Composer callback recording the training loss of every batch."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def after_train_batch(self, state, logger):
+        self.losses.append(float(state.loss.detach()))
