@@ -23,9 +23,10 @@ denoisers = catalogue.create('composer_algos', 'denoisers', entry_points=True)
 def resolve(registry: catalogue.Registry, name: str, kind: str) -> Callable[..., Any]:
     """Look ``name`` up in ``registry``; an unknown name is an error listing the closest known names."""
     _ensure_builtins()
-    if registry.has(name):
-        return registry.get(name)
-    known = sorted(registry.get_all())
+    known_parts = registry.get_all()
+    if name in known_parts:
+        return known_parts[name]
+    known = sorted(known_parts)
     close = difflib.get_close_matches(name, known, n=3)
     hint = f' Did you mean {", ".join(repr(c) for c in close)}?' if close else ''
     raise ValueError(f'Unknown {kind} {name!r}.{hint} Known {kind}s: {", ".join(known)}.')

@@ -1,0 +1,164 @@
+"""The diffusion core against closed forms: schedules, targets, VLB terms, samplers, generation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from composer_algos.diffusion import (DiffusionModel, FixedDistributionSampler, NoiseSchedule, TimeConditionedConvNet,
+                                      UniformSampler, build_unet, sample_from_probs, tilt)
+
+
+def test_linear_schedule_matches_ddpm_closed_form():
+    s = NoiseSchedule('linear', 1000)
+    betas = np.linspace(1e-4, 0.02, 1000)
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-12)
+    t = torch.tensor([0, 500, 999])
+    ac = np.cumprod(1 - betas)[[0, 500, 999]]
+    np.testing.assert_allclose(s.snr(t).numpy(), ac / (1 - ac), rtol=1e-10)
+    np.testing.assert_allclose(s.noise_rate(t).numpy(), np.sqrt(1 - ac), rtol=1e-10)
+
+
+def test_cosine_schedule_and_zero_terminal_snr():
+    s = NoiseSchedule('squaredcos_cap_v2', 1000)
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2)**2
+    assert float(s.alphas_cumprod[499]) == pytest.approx(f(500 / 1000) / f(0), rel=1e-6)
+    z = NoiseSchedule('linear', 1000, zero_terminal_snr=True)
+    assert float(z.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-12)
+    assert float(z.snr(torch.tensor([999]))) == 0.0
+    assert float(z.alphas_cumprod[0]) == pytest.approx(float(NoiseSchedule('linear', 1000).alphas_cumprod[0]))
+    with pytest.raises(ValueError, match='Unknown noise schedule kind'):
+        NoiseSchedule('cosine')
+
+
+@pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction', 'sample'])
+def test_targets_invert(prediction_type):
+    s = NoiseSchedule('linear', 1000)
+    x0, noise = torch.randn(6, 1, 8, 8), torch.randn(6, 1, 8, 8)
+    t = torch.tensor([0, 1, 10, 500, 900, 999])
+    x_t = s.add_noise(x0, noise, t)
+    target = s.target(x0, noise, t, prediction_type)
+    x0_hat, eps_hat = s.predict_x0_eps(x_t, target, t, prediction_type)
+    torch.testing.assert_close(x0_hat, x0, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(eps_hat, noise, atol=2e-3, rtol=1e-3)
+    if prediction_type == 'v_prediction':
+        ac = s.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        torch.testing.assert_close(target, ac.sqrt() * noise - (1 - ac).sqrt() * x0)
+
+
+def test_vlb_terms_match_direct_gaussian_kl():
+    torch.manual_seed(0)
+    model = tiny_model(num_timesteps=50).eval()
+    s = model.noise_schedule
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 7, 25, 49])
+    terms = model.vlb_terms(x0, t, noise)
+    # Direct computation with torch.distributions.
+    x_t = s.add_noise(x0, noise, t)
+    eps = model.denoise(x_t, t)
+    for i, step in enumerate(t.tolist()):
+        ac, ac_prev, beta = (float(s.alphas_cumprod[step]), float(s.alphas_cumprod[step - 1]), float(s.betas[step]))
+        x0_hat = ((x_t[i] - math.sqrt(1 - ac) * eps[i]) / math.sqrt(ac)).clamp(-1, 1)
+        mean = lambda x: (math.sqrt(ac_prev) * beta / (1 - ac)) * x + (math.sqrt(1 - beta) * (1 - ac_prev) /
+                                                                      (1 - ac)) * x_t[i]
+        q = torch.distributions.Normal(mean(x0[i]), math.sqrt(beta * (1 - ac_prev) / (1 - ac)))
+        p = torch.distributions.Normal(mean(x0_hat), math.sqrt(beta))
+        expected = torch.distributions.kl_divergence(q, p).mean()
+        assert float(terms[i]) == pytest.approx(float(expected), rel=1e-3)
+    # t = 0 is the decoder's negative log-likelihood: positive and at most log(256) nats per dim for a sane model.
+    nll = model.vlb_terms(x0, torch.zeros(4, dtype=torch.long), noise)
+    assert bool((nll > 0).all())
+
+
+def test_tilt_and_sampling():
+    uniform = UniformSampler(10).probs()
+    prior = torch.arange(10, dtype=torch.float)
+    tilted = tilt(uniform, [prior])
+    torch.testing.assert_close(tilted, prior / prior.sum())
+    # Disjoint supports keep the sampler's own distribution instead of dividing by zero.
+    one_hot = FixedDistributionSampler(torch.eye(10)[0]).probs()
+    torch.testing.assert_close(tilt(one_hot, [torch.eye(10)[5]]), one_hot)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_from_probs(tilted, 20000, gen)
+    freq = torch.bincount(draws, minlength=10).float() / 20000
+    torch.testing.assert_close(freq, tilted, atol=0.01, rtol=0)
+    per_sample = torch.eye(10)[[3, 7]]
+    assert sample_from_probs(per_sample, 2, gen).tolist() == [3, 7]
+
+
+def test_importance_weight_is_target_over_sampler():
+    model = DiffusionModel(TimeConditionedConvNet(width=16), NoiseSchedule('squaredcos_cap_v2', 4))
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    model.set_timestep_sampler(FixedDistributionSampler(p, importance=True), owner='A')
+    t, w = model.draw_timesteps(torch.zeros(64, 1, 8, 8))
+    torch.testing.assert_close(w, 1.0 / (4 * p[t]))
+    with pytest.raises(ValueError, match='B and A both set the timestep sampler'):
+        model.set_timestep_sampler(UniformSampler(4), owner='B')
+
+
+def test_loss_weightings_multiply_and_loss_is_weighted_mean():
+    model = tiny_model(num_timesteps=100)
+    model.add_loss_weighting(lambda s, t, p: t.float() + 1, owner='a')
+    model.add_loss_weighting(lambda s, t, p: torch.full_like(t, 0.5, dtype=torch.float), owner='b')
+    out = model({'image': torch.zeros(8, 1, 8, 8)})
+    torch.testing.assert_close(out['weight'], (out['t'].float() + 1) * 0.5)
+    torch.testing.assert_close(model.loss(out, None), (out['weight'] * out['per_sample_loss']).mean())
+
+
+def test_nan_loss_is_a_clear_error():
+    model = tiny_model()
+    out = model({'image': torch.zeros(4, 1, 8, 8)})
+    out['per_sample_loss'] = out['per_sample_loss'] * float('nan')
+    with pytest.raises(FloatingPointError, match='Lower the learning rate'):
+        model.loss(out, None)
+
+
+def test_bad_image_shapes_are_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r'\(batch, channels, height, width\)'):
+        model({'image': torch.zeros(4, 8, 8)})
+    with pytest.raises(KeyError, match='image_key'):
+        model({'pixels': torch.zeros(4, 1, 8, 8)})
+    with pytest.raises(ValueError, match='uint8'):
+        model({'image': torch.zeros(4, 1, 8, 8, dtype=torch.uint8)})
+
+
+def test_generation_is_seeded_and_ddim_deterministic():
+    model = tiny_model(num_timesteps=50).eval()
+    a = model.generate(3, (1, 8, 8), num_steps=10, seed=3)
+    b = model.generate(3, (1, 8, 8), num_steps=10, seed=3)
+    c = model.generate(3, (1, 8, 8), num_steps=10, seed=4)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    d = model.generate(3, (1, 8, 8), num_steps=50, eta=1.0, seed=3)
+    assert d.shape == (3, 1, 8, 8) and bool(d.abs().le(1).all())
+
+
+@pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction', 'sample'])
+def test_diffusers_unet_and_class_conditioning(prediction_type):
+    net = build_unet(block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4, attention_head_dim=8,
+                     num_class_embeds=10)
+    model = DiffusionModel(net, NoiseSchedule('linear', 100), prediction_type=prediction_type, label_key='label')
+    batch = {'image': torch.rand(4, 1, 8, 8) * 2 - 1, 'label': torch.tensor([0, 1, 2, 3])}
+    loss = model.loss(model(batch), batch)
+    loss.backward()
+    assert torch.isfinite(loss) and net.class_embedding.weight.grad is not None
+
+
+def test_diffusers_dit_backbone():
+    from composer_algos.diffusion import build_dit
+    net = build_dit(sample_size=8, in_channels=4, patch_size=2, num_layers=1, num_attention_heads=2,
+                    attention_head_dim=8, num_classes=10)
+    model = DiffusionModel(net, NoiseSchedule('linear', 100), label_key='label')
+    batch = {'image': torch.randn(2, 4, 8, 8), 'label': torch.tensor([1, 2])}
+    assert torch.isfinite(model.loss(model(batch), batch))
+
+
+def test_generator_state_is_in_the_state_dict():
+    a, b = tiny_model(seed=1), tiny_model(seed=2)
+    a({'image': torch.zeros(2, 1, 8, 8)})  # advance a's generator
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
