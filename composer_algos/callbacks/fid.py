@@ -1,0 +1,181 @@
+"""FID of EMA samples against real images during training, through torchmetrics' FrechetInceptionDistance."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+from composer.core import State, Time
+from composer.loggers import Logger
+
+from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
+from composer_algos.evaluation.features import build_feature_extractor
+from composer_algos.evaluation.fid import fid_metric, update_fid
+from composer_algos.evaluation.plots import metric_curve_png
+from composer_algos.evaluation.sampling import generate_share, rank_world
+
+__all__ = ['FID']
+
+log = logging.getLogger(__name__)
+
+
+class FID(PeriodicEvaluation):
+    """Generate ``num_samples`` samples with DDIM from the EMA weights and log their FID against real images.
+
+    Sample ``i`` starts from the noise of ``(seed, i)``, so every evaluation scores the same noise and successive
+    FIDs are comparable; under ``composer -n N`` rank ``r`` generates samples ``r::N`` and torchmetrics sums the
+    feature statistics over ranks, so the value equals the one-process FID (with ``eta=0``). Real features are
+    computed once from the real loader and kept. The FID of two halves of the real images (the floor a model can
+    reach at that sample size) is logged once as ``<metric_name>_real_vs_real``, with the digit classifier's
+    validation accuracy as ``<metric_name>_classifier_val_accuracy`` when it is the feature extractor. At the end of training a plot of
+    FID against step is written to ``folder/fid.png`` and logged as an image.
+
+    Composer's ``EMA`` algorithm swaps its weights in only during evaluation; this callback swaps them in for
+    sampling itself (and back), so it works at any interval. Without an ``EMA`` algorithm, or before it starts,
+    the live weights are used.
+
+    Args:
+        num_samples: generated samples per evaluation (all ranks together).
+        num_steps: DDIM steps.
+        eta: 0 for deterministic DDIM (needed for rank-count-independent results).
+        seed: seed of the starting noise.
+        batch_size: samples per denoiser call.
+        interval: ``None`` to run after each evaluation, or a time string (see :class:`PeriodicEvaluation`).
+        feature: ``'auto'`` (the digit classifier for 1x8x8 images, else Inception), ``'digits'``,
+            ``'inception'`` or an ``nn.Module`` with ``num_features`` taking images in [-1, 1].
+        inception_weights: local file of the Inception weights (air-gapped machines); see
+            :class:`~composer_algos.evaluation.InceptionFeatures`.
+        classifier_cache_dir: cache folder of the digit classifier (default ``$COMPOSER_ALGOS_CACHE`` or
+            ``~/.cache/composer_algos``).
+        real_loader: dataset config of the real images (as ``eval_loader`` in a recipe); ``None`` uses the
+            Trainer's first eval dataloader.
+        max_real_samples: read at most this many real images (all ranks together).
+        num_classes: for class-conditional models, sample ``i`` gets label ``i % num_classes``.
+        sample_shape: shape of one sample; ``None`` infers it from the real images.
+        use_ema: sample from the EMA weights when an ``EMA`` algorithm is active.
+        metric_name: the logged name.
+        folder: where the FID curve is written.
+    """
+
+    def __init__(self, num_samples: int = 1000, num_steps: int = 50, eta: float = 0.0, seed: int = 0,
+                 batch_size: int = 256, interval: Optional[Union[str, Time]] = None,
+                 feature: Union[str, nn.Module] = 'auto', inception_weights: Optional[str] = None,
+                 classifier_cache_dir: Optional[str] = None, real_loader: Optional[dict[str, Any]] = None,
+                 max_real_samples: Optional[int] = None, num_classes: Optional[int] = None,
+                 sample_shape: Optional[tuple[int, ...]] = None, use_ema: bool = True, metric_name: str = 'FID',
+                 folder: str = DEFAULT_FOLDER):
+        super().__init__(interval, folder)
+        if num_samples < 2:
+            raise ValueError(f'num_samples must be at least 2 for a covariance, got {num_samples}.')
+        if num_steps < 1 or batch_size < 1:
+            raise ValueError(f'num_steps and batch_size must be positive, got {num_steps} and {batch_size}.')
+        if not isinstance(feature, nn.Module) and feature not in ('auto', 'digits', 'inception'):
+            raise ValueError(f"feature must be 'auto', 'digits', 'inception' or an nn.Module, got {feature!r}.")
+        self.num_samples = int(num_samples)
+        self.num_steps = int(num_steps)
+        self.eta = float(eta)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.feature = feature
+        self.inception_weights = inception_weights
+        self.classifier_cache_dir = classifier_cache_dir
+        self.real_loader = real_loader
+        self.max_real_samples = max_real_samples
+        self.num_classes = num_classes
+        self.shape = tuple(sample_shape) if sample_shape is not None else None
+        self.use_ema = use_ema
+        self.metric_name = metric_name
+        self.steps: list[int] = []
+        self.values: list[float] = []
+        self.floor: Optional[float] = None
+        self._metric = None
+
+    def __repr__(self) -> str:
+        feature = self.feature if isinstance(self.feature, str) else type(self.feature).__name__
+        return (f'FID(num_samples={self.num_samples}, num_steps={self.num_steps}, eta={self.eta}, seed={self.seed}, '
+                f'interval={self.interval!r}, feature={feature!r})')
+
+    # ------------------------------------------------------------------------------------------- real images
+    def _prepare(self, state: State, logger: Logger, model: Any) -> None:
+        if self._metric is not None:
+            return
+        if getattr(model, 'encoder', None) is not None:
+            raise ValueError('FID on a latent diffusion model needs a decoder to turn samples into images; the FID '
+                             'callback supports pixel-space models only.')
+        device = next(model.parameters()).device
+        loader = self.resolve_loader(state, self.real_loader, 'callbacks.fid.real_loader')
+        rank, world_size = rank_world()
+        cap = None if self.max_real_samples is None else math.ceil(self.max_real_samples / world_size)
+        metric = floor = accuracy = None
+        count = 0
+        gen = torch.Generator().manual_seed(self.seed + 1_000_003 * rank)
+        for batch in loader:
+            images = model.images(batch).detach().float()
+            if cap is not None:
+                images = images[:cap - count]
+            if metric is None:
+                self.shape = self.shape or tuple(images.shape[1:])
+                feature = build_feature_extractor(self.feature, tuple(images.shape[1:]), self.inception_weights,
+                                                  self.classifier_cache_dir)
+                accuracy = getattr(feature, 'accuracy', None)
+                metric, floor = fid_metric(feature, device), fid_metric(feature, device)
+            update_fid(metric, images, real=True, batch_size=self.batch_size)
+            # Split each batch at random between the two halves of the real-vs-real floor (datasets are often
+            # ordered by class, so a fixed alternation would compare different class mixes).
+            order = torch.randperm(images.shape[0], generator=gen)
+            half = images.shape[0] // 2
+            update_fid(floor, images[order[:half]], real=True, batch_size=self.batch_size)
+            update_fid(floor, images[order[half:]], real=False, batch_size=self.batch_size)
+            count += images.shape[0]
+            if cap is not None and count >= cap:
+                break
+        if metric is None:
+            raise ValueError('The FID real-image loader yielded no images.')
+        if self.floor is None:
+            self.floor = float(floor.compute())
+            once = {f'{self.metric_name}_real_vs_real': self.floor}
+            if accuracy is not None:
+                # The digit classifier's validation accuracy: how much its feature space can be trusted.
+                once[f'{self.metric_name}_classifier_val_accuracy'] = float(accuracy)
+            logger.log_metrics(once)
+        self._metric = metric
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, state: State, logger: Logger) -> None:
+        model = self.diffusion_model(state)
+        self._prepare(state, logger, model)
+        assert self._metric is not None and self.shape is not None
+        with self.sampling_model(state, self.use_ema) as (model, _):
+            _, samples = generate_share(model, self.num_samples, self.shape, batch_size=self.batch_size,
+                                        num_steps=self.num_steps, eta=self.eta, seed=self.seed,
+                                        num_classes=self.num_classes)
+        self._metric.reset()
+        update_fid(self._metric, samples, real=False, batch_size=self.batch_size)
+        value = float(self._metric.compute())
+        step = self.step(state)
+        if self.steps and self.steps[-1] == step:
+            self.values[-1] = value
+        else:
+            self.steps.append(step)
+            self.values.append(value)
+        logger.log_metrics({self.metric_name: value})
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if not self.steps or not self.is_writer():
+            return
+        image = metric_curve_png(self.steps, self.values, self.output_path(state, 'fid.png'), self.metric_name,
+                                 self.floor)
+        logger.log_images(image, name=f'{self.metric_name}_curve', channels_last=True)
+
+    # ------------------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {'steps': list(self.steps), 'values': list(self.values), 'floor': self.floor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = [int(s) for s in state.get('steps', [])]
+        self.values = [float(v) for v in state.get('values', [])]
+        floor = state.get('floor')
+        self.floor = None if floor is None else float(floor)

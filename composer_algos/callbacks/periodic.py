@@ -1,0 +1,107 @@
+"""Shared machinery of the evaluation callbacks: when they run, where they read data and write pictures."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterable, Optional, Union
+
+from composer.core import Callback, Event, State, Time
+from composer.loggers import Logger
+from composer.utils import dist, format_name_with_dist
+from composer.utils.misc import create_interval_scheduler
+
+from composer_algos.diffusion.utils import get_diffusion_model
+from composer_algos.evaluation.sampling import ema_weights, eval_mode
+
+__all__ = ['PeriodicEvaluation', 'DEFAULT_FOLDER']
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FOLDER = 'runs/{run_name}/eval'
+
+
+class PeriodicEvaluation(Callback):
+    """Base class: run :meth:`evaluate` at every evaluation or on its own interval.
+
+    Args:
+        interval: ``None`` runs after every evaluation (Composer's ``EVAL_AFTER_ALL``, so it follows the Trainer's
+            ``eval_interval`` and needs an ``eval_dataloader``); a time string such as ``'500ba'`` or ``'1ep'`` runs
+            on that interval during training and at its end, with or without evaluators.
+        folder: where PNGs are written (rank 0); ``{run_name}`` is filled in.
+    """
+
+    def __init__(self, interval: Optional[Union[str, Time]] = None, folder: str = DEFAULT_FOLDER):
+        self.interval = interval
+        self.folder = folder
+        self._due = None if interval is None else create_interval_scheduler(
+            interval, include_end_of_training=True, checkpoint_events=False,
+            final_events={Event.BATCH_END, Event.EPOCH_END})
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(interval={self.interval!r})'
+
+    # ------------------------------------------------------------------------------------------- scheduling
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if self.interval is None and not state.evaluators:
+            raise ValueError(f'{type(self).__name__} runs after each evaluation (interval=None) but the Trainer has '
+                             "no eval_dataloader. Add one (eval_loader: in a recipe) or set interval, e.g. '500ba'.")
+
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        if self.interval is None:
+            self.evaluate(state, logger)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._due is not None and self._due(state, Event.BATCH_END):
+            self.evaluate(state, logger)
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        if self._due is not None and self._due(state, Event.EPOCH_END):
+            self.evaluate(state, logger)
+
+    def evaluate(self, state: State, logger: Logger) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def diffusion_model(state: State) -> Any:
+        return get_diffusion_model(state.model)
+
+    @staticmethod
+    def step(state: State) -> int:
+        return int(state.timestamp.batch)
+
+    @contextlib.contextmanager
+    def sampling_model(self, state: State, use_ema: bool):
+        """The diffusion model in eval mode, with Composer's EMA weights swapped in when ``use_ema``."""
+        model = self.diffusion_model(state)
+        with (ema_weights(state) if use_ema else contextlib.nullcontext(False)) as ema_active:
+            with eval_mode(model):
+                yield model, ema_active
+
+    def output_path(self, state: State, filename: str) -> str:
+        return os.path.join(format_name_with_dist(self.folder, state.run_name), filename)
+
+    @staticmethod
+    def is_writer() -> bool:
+        return dist.get_global_rank() == 0
+
+    @staticmethod
+    def resolve_loader(state: State, loader: Optional[dict[str, Any]], where: str) -> Iterable[Any]:
+        """``loader`` built from its config (registry ``datasets``), else the Trainer's first evaluator's."""
+        if loader is not None:
+            from composer_algos.config import build_dataloader
+            return build_dataloader(dict(loader), where)
+        if not state.evaluators:
+            raise ValueError(f'{where}: no loader configured and the Trainer has no eval_dataloader; set {where} '
+                             'to a dataset config (e.g. the validation split) or give the Trainer an eval_dataloader.')
+        return state.evaluators[0].dataloader.dataloader
+
+    @staticmethod
+    def sample_shape(state: State, model: Any, given: Optional[tuple[int, ...]]) -> tuple[int, ...]:
+        if given is not None:
+            return tuple(int(s) for s in given)
+        if state.batch is None:
+            raise ValueError('Cannot infer the sample shape before any batch was seen; set sample_shape.')
+        return tuple(model.images(state.batch).shape[1:])

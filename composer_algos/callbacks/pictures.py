@@ -1,0 +1,158 @@
+"""Pictures during training: sample grids and a heatmap of the timestep distribution over training."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from composer.core import Callback, Event, State, Time
+from composer.loggers import Logger
+from composer.utils import format_name_with_dist
+from composer.utils.misc import create_interval_scheduler
+
+from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
+from composer_algos.diffusion.utils import get_diffusion_model
+from composer_algos.evaluation.plots import image_grid, save_png, timestep_heatmap_png
+from composer_algos.evaluation.sampling import all_reduce_sum, gather_by_index, generate_share, rank_world
+
+__all__ = ['SampleGrid', 'TimestepHeatmap']
+
+log = logging.getLogger(__name__)
+
+
+class SampleGrid(PeriodicEvaluation):
+    """Write a PNG grid of samples (EMA weights, fixed seed) at each evaluation and log it as an image.
+
+    Files are ``folder/samples_ba<step>.png``; the same noise is used every time, so the grids show one set of
+    samples evolving.
+
+    Args:
+        num_samples: images in the grid.
+        num_steps: DDIM steps; ``eta``: 0 for deterministic DDIM; ``seed``: noise seed.
+        batch_size: samples per denoiser call.
+        scale: each pixel is repeated ``scale`` times (8x8 digits need it to be visible).
+        interval: ``None`` to run after each evaluation, or a time string.
+        num_classes: for class-conditional models, sample ``i`` gets label ``i % num_classes``.
+        sample_shape: shape of one sample; ``None`` infers it from the current batch.
+        use_ema: sample from the EMA weights when an ``EMA`` algorithm is active.
+        folder: where the PNGs are written (``{run_name}`` is filled in).
+    """
+
+    def __init__(self, num_samples: int = 64, num_steps: int = 50, eta: float = 0.0, seed: int = 0,
+                 batch_size: int = 256, scale: int = 4, interval: Optional[Union[str, Time]] = None,
+                 num_classes: Optional[int] = None, sample_shape: Optional[tuple[int, ...]] = None,
+                 use_ema: bool = True, folder: str = DEFAULT_FOLDER):
+        super().__init__(interval, folder)
+        if num_samples < 1 or num_steps < 1 or scale < 1:
+            raise ValueError(f'num_samples, num_steps and scale must be positive, got {num_samples}, {num_steps}, '
+                             f'{scale}.')
+        self.num_samples = int(num_samples)
+        self.num_steps = int(num_steps)
+        self.eta = float(eta)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.scale = int(scale)
+        self.num_classes = num_classes
+        self.shape = tuple(sample_shape) if sample_shape is not None else None
+        self.use_ema = use_ema
+        self.last_path: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f'SampleGrid(num_samples={self.num_samples}, num_steps={self.num_steps}, interval={self.interval!r})'
+
+    def evaluate(self, state: State, logger: Logger) -> None:
+        model = self.diffusion_model(state)
+        self.shape = self.sample_shape(state, model, self.shape)
+        with self.sampling_model(state, self.use_ema) as (model, _):
+            indices, samples = generate_share(model, self.num_samples, self.shape, batch_size=self.batch_size,
+                                              num_steps=self.num_steps, eta=self.eta, seed=self.seed,
+                                              num_classes=self.num_classes)
+        samples = gather_by_index(indices, samples)
+        if samples is None:
+            return
+        grid = image_grid(samples, scale=self.scale)
+        self.last_path = save_png(grid, self.output_path(state, f'samples_ba{self.step(state):07d}.png'))
+        logger.log_images(grid, name='samples', channels_last=True)
+
+
+class TimestepHeatmap(Callback):
+    """Record the active timestep distribution every ``interval`` and draw it as a heatmap over training.
+
+    Every ``interval`` (at ``BATCH_END``) it evaluates ``model.timestep_distribution(x0)`` on the first
+    ``max_images`` images of the current batch: the marginal over t of whichever sampler (and curriculum priors)
+    is active, averaged over ranks. After each evaluation and at the end of training it writes
+    ``folder/timestep_heatmap.png`` (x: t, y: training step, colour: probability) and
+    ``folder/timestep_heatmap.npz`` (``steps``, ``probs``), and logs the PNG as an image. The record is saved in
+    checkpoints, so a resumed run continues the same picture.
+
+    Args:
+        interval: how often to record (a time string).
+        max_images: images of the batch given to per-sample samplers.
+        folder: output folder (``{run_name}`` is filled in).
+    """
+
+    def __init__(self, interval: Union[str, Time] = '100ba', max_images: int = 64, folder: str = DEFAULT_FOLDER):
+        if max_images < 1:
+            raise ValueError(f'max_images must be positive, got {max_images}.')
+        self.interval = interval
+        self.max_images = int(max_images)
+        self.folder = folder
+        self._due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False,
+                                              final_events={Event.BATCH_END})
+        self.steps: list[int] = []
+        self.rows: list[torch.Tensor] = []
+        self.last_path: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f'TimestepHeatmap(interval={self.interval!r}, max_images={self.max_images})'
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """``(records, T)``: one distribution per recorded step."""
+        return torch.stack(self.rows) if self.rows else torch.empty(0, 0)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not self._due(state, Event.BATCH_END):
+            return
+        model = get_diffusion_model(state.model)
+        x0 = model.images(state.batch)[:self.max_images]
+        probs = model.timestep_distribution(x0).detach().double().cpu()
+        _, world_size = rank_world()
+        probs = all_reduce_sum(probs) / world_size
+        step = int(state.timestamp.batch)
+        if self.steps and self.steps[-1] == step:
+            return
+        self.steps.append(step)
+        self.rows.append(probs.float())
+
+    def _write(self, state: State, logger: Logger) -> None:
+        from composer.utils import dist
+        if not self.rows or dist.get_global_rank() != 0:
+            return
+        folder = format_name_with_dist(self.folder, state.run_name)
+        os.makedirs(folder, exist_ok=True)
+        np.savez(os.path.join(folder, 'timestep_heatmap.npz'), steps=np.asarray(self.steps),
+                 probs=self.probs.numpy())
+        path = os.path.join(folder, 'timestep_heatmap.png')
+        model = get_diffusion_model(state.model)
+        owner = getattr(model, 'timestep_sampler_owner', None)
+        sampler = owner or type(getattr(model, 'timestep_sampler', None)).__name__
+        image = timestep_heatmap_png(self.steps, self.probs, path, title=f'timestep distribution ({sampler})')
+        self.last_path = path
+        logger.log_images(image, name='timestep_heatmap', channels_last=True)
+
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        self._write(state, logger)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._write(state, logger)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'steps': torch.tensor(self.steps, dtype=torch.long), 'probs': self.probs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = [int(s) for s in state['steps'].tolist()]
+        self.rows = list(state['probs'].float()) if self.steps else []

@@ -1,0 +1,106 @@
+"""PNG pictures: sample grids, the timestep-distribution heatmap and metric curves (matplotlib, Agg canvas)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ['figure_to_array', 'image_grid', 'metric_curve_png', 'save_png', 'side_by_side_grid',
+           'timestep_heatmap_png']
+
+
+def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 1, scale: int = 1) -> np.ndarray:
+    """``(N, C, H, W)`` images in [-1, 1] -> one ``(H', W', 3)`` uint8 grid, ``nrow`` images per row (default
+    about sqrt(N)), each pixel repeated ``scale`` times (small images stay visible)."""
+    from torchvision.utils import make_grid
+    images = images.detach().float().cpu().clamp(-1, 1)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    grid = make_grid(images, nrow=nrow, padding=padding * scale, pad_value=0.0)
+    return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def side_by_side_grid(left: torch.Tensor, right: torch.Tensor, nrow: Optional[int] = None, scale: int = 1,
+                      gap: int = 4) -> np.ndarray:
+    """Two grids of the same layout next to each other: cell ``i`` of the left grid pairs with cell ``i`` of the
+    right one."""
+    a = image_grid(left, nrow, scale=scale)
+    b = image_grid(right, nrow, scale=scale)
+    bar = np.full((a.shape[0], gap * scale, 3), 255, dtype=np.uint8)  # white: unlike any grid padding
+    return np.concatenate([a, bar, b], axis=1)
+
+
+def save_png(array: np.ndarray, path: str) -> str:
+    from PIL import Image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def figure_to_array(fig) -> np.ndarray:
+    """An Agg-backed matplotlib figure rendered to ``(H, W, 3)`` uint8."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _figure(figsize: tuple[float, float], dpi: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def timestep_heatmap_png(steps: Sequence[int], probs: torch.Tensor, path: str, title: str = '',
+                         figsize: tuple[float, float] = (7.0, 4.5), dpi: int = 100) -> np.ndarray:
+    """Heatmap of the timestep distribution over training: x = t, y = training step, colour = probability.
+
+    ``probs`` is ``(len(steps), T)``, one distribution per recorded step. Writes ``path`` and returns the RGB image.
+    """
+    probs = torch.as_tensor(probs, dtype=torch.float32).cpu()
+    steps = list(steps)
+    if probs.dim() != 2 or probs.shape[0] != len(steps):
+        raise ValueError(f'probs must be (len(steps), T) = ({len(steps)}, T), got {tuple(probs.shape)}.')
+    fig = _figure(figsize, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    T = probs.shape[1]
+    lo, hi = (steps[0], steps[-1]) if steps else (0, 1)
+    half = (hi - lo) / max(len(steps) - 1, 1) / 2 if len(steps) > 1 else 0.5
+    image = ax.imshow(probs.numpy(), aspect='auto', origin='lower', interpolation='nearest', cmap='viridis',
+                      vmin=0.0, extent=(-0.5, T - 0.5, lo - half, hi + half))
+    ax.set_xlabel('timestep t')
+    ax.set_ylabel('training step (batches)')
+    ax.set_title(title or 'timestep distribution p(t) over training')
+    fig.colorbar(image, ax=ax, label='probability')
+    fig.tight_layout()
+    array = figure_to_array(fig)
+    save_png(array, path)
+    return array
+
+
+def metric_curve_png(steps: Sequence[int], values: Sequence[float], path: str, name: str = 'FID',
+                     floor: Optional[float] = None, figsize: tuple[float, float] = (6.0, 4.0),
+                     dpi: int = 100) -> np.ndarray:
+    """Line plot of a metric against training step (with the real-vs-real floor as a dashed line if given)."""
+    fig = _figure(figsize, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(list(steps), list(values), marker='o', label=name)
+    if floor is not None and math.isfinite(floor):
+        ax.axhline(floor, linestyle='--', color='grey', label=f'{name} real vs real ({floor:.3g})')
+    if values and min(values) > 0 and max(values) / max(min(values), 1e-12) > 30:
+        ax.set_yscale('log')
+    ax.set_xlabel('training step (batches)')
+    ax.set_ylabel(name)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    array = figure_to_array(fig)
+    save_png(array, path)
+    return array

@@ -1,0 +1,193 @@
+"""Seeded, rank-split sample generation and the model state it runs in (EMA weights, eval mode)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'all_reduce_max',
+    'all_reduce_sum',
+    'ema_weights',
+    'eval_mode',
+    'gather_by_index',
+    'generate_samples',
+    'generate_share',
+    'rank_indices',
+    'rank_world',
+    'reshard_fsdp2',
+    'sample_noise',
+]
+
+log = logging.getLogger(__name__)
+
+
+def rank_world() -> tuple[int, int]:
+    from composer.utils import dist
+    return dist.get_global_rank(), dist.get_world_size()
+
+
+def _distributed() -> bool:
+    from composer.utils import dist
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (a no-op on one process)."""
+    if _distributed():
+        from composer.utils import dist
+        dist.all_reduce(tensor, reduce_operation='SUM')
+    return tensor
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over ranks."""
+    if not _distributed():
+        return int(value)
+    from composer.utils import dist
+    tensor = torch.tensor([int(value)], dtype=torch.long)
+    dist.all_reduce(tensor, reduce_operation='MAX')
+    return int(tensor.item())
+
+
+def rank_indices(num_samples: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> list[int]:
+    """The sample indices rank ``rank`` generates: ``rank::world_size``."""
+    if rank is None or world_size is None:
+        rank, world_size = rank_world()
+    return list(range(rank, num_samples, world_size))
+
+
+def sample_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Starting noise ``(len(indices), *shape)``; sample ``i``'s noise depends only on ``(seed, i)``.
+
+    That is what makes samples independent of how they are split over ranks and batches.
+    """
+    noise = torch.empty((len(indices), *shape))
+    for row, index in enumerate(indices):
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index)) % 2**63)
+        noise[row] = torch.randn(tuple(shape), generator=gen)
+    return noise
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode (no dropout) and restore each submodule's training flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def reshard_fsdp2(model: nn.Module) -> None:
+    """Return FSDP2-sharded submodules to their sharded parameters.
+
+    FSDP2 leaves the root module's parameters unsharded after a forward without backward (it expects a backward
+    next); swapping weights then mixes plain tensors and DTensors. A no-op for other models.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def ema_weights(state: Any) -> Iterator[bool]:
+    """Swap the EMA weights of Composer's ``EMA`` algorithm into ``state.model`` for the duration of the block.
+
+    Composer's EMA (0.32.1) keeps the averaged weights in ``EMA.ema_model`` (an ``EMAParameters``) and swaps them
+    in only between ``EVAL_START`` and ``EVAL_END`` (and at checkpoints). This does the same swap for code running
+    at other events, and undoes it on exit. Yields ``True`` when EMA weights are active inside the block, ``False``
+    when the live weights are used (no EMA algorithm, or it has not started yet).
+    """
+    from composer.algorithms import EMA
+    swapped = []
+    active = False
+    for algorithm in state.algorithms:
+        if not isinstance(algorithm, EMA) or not algorithm.ema_started or algorithm.ema_model is None:
+            continue
+        if not algorithm.ema_weights_active:
+            reshard_fsdp2(state.model)
+            algorithm.ema_model.move_params_to_device(destination_model=state.model)
+            algorithm.ema_model.swap_params(model=state.model)
+            algorithm.ema_weights_active = True
+            swapped.append(algorithm)
+        active = True
+    try:
+        yield active
+    finally:
+        if swapped:
+            reshard_fsdp2(state.model)
+        for algorithm in reversed(swapped):
+            algorithm.ema_model.swap_params(model=state.model)
+            algorithm.ema_weights_active = False
+
+
+@torch.no_grad()
+def generate_samples(model: Any, indices: Sequence[int], shape: Sequence[int], num_steps: int = 50,
+                     eta: float = 0.0, seed: int = 0, num_classes: Optional[int] = None, batch_size: int = 256,
+                     num_batches: Optional[int] = None, device: Optional[torch.device] = None,
+                     progress: bool = False) -> torch.Tensor:
+    """Generate the samples numbered ``indices`` with ``model.generate`` (DDIM for ``eta=0``), on CPU.
+
+    Sample ``i`` starts from :func:`sample_noise` of ``(seed, i)`` and, for class-conditional models, has label
+    ``i % num_classes``; with ``eta=0`` it is therefore the same whichever rank or batch generates it. (With
+    ``eta > 0`` each batch draws its step noise from ``seed`` plus its first index, which depends on the split.)
+    ``num_batches`` forces that many denoiser passes, padding with throw-away work, so that every rank runs the
+    same number of forwards (FSDP needs this).
+    """
+    indices = list(indices)
+    needed = math.ceil(len(indices) / batch_size)
+    num_batches = needed if num_batches is None else num_batches
+    if num_batches < needed:
+        raise ValueError(f'num_batches={num_batches} cannot hold {len(indices)} samples of batch size {batch_size}.')
+    if getattr(model, 'label_key', None) is not None and not num_classes:
+        raise ValueError('The model is class-conditional (label_key is set): pass num_classes so samples get labels.')
+    from tqdm import tqdm
+    outputs = []
+    for b in tqdm(range(num_batches), desc='sampling', disable=not progress, leave=False):
+        chunk = indices[b * batch_size:(b + 1) * batch_size]
+        padding = not chunk
+        chunk = chunk or [0]
+        labels = torch.tensor(chunk, dtype=torch.long) % num_classes if num_classes else None
+        x = model.generate(len(chunk), tuple(shape), num_steps=num_steps, eta=eta, seed=int(seed) + chunk[0],
+                           labels=labels, device=device, noise=sample_noise(chunk, shape, seed))
+        if not padding:
+            outputs.append(x.float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty((0, *shape))
+
+
+def generate_share(model: Any, num_samples: int, shape: Sequence[int], batch_size: int = 256,
+                   **kwargs: Any) -> tuple[list[int], torch.Tensor]:
+    """This rank's share ``rank::world_size`` of ``num_samples`` samples; returns ``(indices, samples)``.
+
+    Every rank runs the same number of batches, so sharded (FSDP) models stay in step.
+    """
+    rank, world_size = rank_world()
+    indices = rank_indices(num_samples, rank, world_size)
+    num_batches = math.ceil(math.ceil(num_samples / world_size) / batch_size)
+    return indices, generate_samples(model, indices, shape, batch_size=batch_size, num_batches=num_batches, **kwargs)
+
+
+def gather_by_index(indices: Sequence[int], samples: torch.Tensor) -> Optional[torch.Tensor]:
+    """Collect every rank's ``(indices, samples)`` on rank 0, in index order; other ranks get ``None``."""
+    if not _distributed():
+        order = torch.tensor(list(indices)).argsort()
+        return samples[order]
+    from composer.utils import dist
+    gathered = dist.all_gather_object((list(indices), samples.cpu()))
+    if dist.get_global_rank() != 0:
+        return None
+    all_indices = [i for idx, _ in gathered for i in idx]
+    all_samples = torch.cat([s for _, s in gathered])
+    return all_samples[torch.tensor(all_indices).argsort()]
