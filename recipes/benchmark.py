@@ -1,0 +1,300 @@
+"""The convergence race on the digits recipe: every method against uniform sampling, side by side.
+
+    python recipes/benchmark.py                      # the full run (by hand; results go to docs/)
+    python recipes/benchmark.py --quick              # 2 methods, 1 seed, a few dozen steps: checks the harness
+
+Every method trains ``yamls/digits/uniform.yaml`` with its algorithm fragments from ``yamls/algorithms/`` added, with
+the same model, data order (per seed), optimizer and budget. FID (digit-classifier features, EMA weights, the same
+DDIM noise for every method) is measured every ``--eval-every`` steps. Per method it reports the steps to reach
+uniform's final FID (and 1.1x of it) as a speed-up ratio, the wall time to that FID as a ratio, the per-step wall
+time against uniform, and final FID and bits/dim (mean and spread over seeds). Runs go to ``--workers`` processes
+with one thread each; every method sees the same concurrency, so per-step ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Method name -> fragments of yamls/algorithms/ added to the uniform recipe.
+METHODS: dict[str, list[str]] = {
+    'uniform': [],
+    'adaptive': ['adaptive'],
+    'clts': ['clts'],
+    'md': ['momentum_decay'],
+    'clts_md': ['clts', 'momentum_decay'],
+    'adaptive_clts_md': ['adaptive', 'clts', 'momentum_decay'],
+    'loss_second_moment': ['loss_second_moment_sampling'],
+    'min_snr': ['min_snr_weighting'],
+    'p2': ['p2_weighting'],
+    'speed': ['speed'],
+    'logit_normal': ['logit_normal_sampling'],
+    'log_normal': ['log_normal_sampling'],
+}
+QUICK_METHODS = ['uniform', 'adaptive_clts_md']
+
+
+def _recipe(method: str, directory: str) -> str:
+    includes = [os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml')]
+    includes += [os.path.join(ROOT, 'yamls', 'algorithms', f'{f}.yaml') for f in METHODS[method]]
+    path = os.path.join(directory, f'{method}.yaml')
+    with open(path, 'w') as f:
+        f.write('includes:\n' + ''.join(f'  - {i}\n' for i in includes))
+    return path
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (method, seed) and return its FID curve, step times and final bits/dim."""
+    import torch
+    torch.set_num_threads(1)
+    from composer.core import Callback
+
+    from composer_algos.config import build_trainer, load_config
+
+    class StepTimer(Callback):
+        """Wall time of each optimizer step, algorithms' work included, evaluation callbacks excluded."""
+
+        def __init__(self):
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def batch_start(self, state, logger):
+            self._start = time.perf_counter()
+
+        def batch_end(self, state, logger):
+            self.times.append(time.perf_counter() - self._start)
+
+    data = job['data']
+    steps, every = job['steps'], job['eval_every']
+    overrides = [
+        f'seed={job["seed"]}', f'model.seed={job["seed"]}', f'train_loader.seed={job["seed"]}',
+        f'max_duration={steps}ba', f'run_name=bench-{job["method"]}-s{job["seed"]}', 'progress_bar=false',
+        'save_folder=null', 'eval_loader=null', 'eval_interval=1', 'device=cpu', f'train_loader.local={data}',
+        'callbacks=null',
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(_recipe(job['method'], tmp), overrides)
+    real = {'local': data, 'split': 'val', 'global_batch_size': 256, 'shuffle': False, 'drop_last': False,
+            'channels': 1, 'image_size': 8}
+    folder = os.path.join(job['out'], 'runs', f'{job["method"]}-s{job["seed"]}')
+    cfg['callbacks'] = {
+        'fid': {'num_samples': job['fid_samples'], 'num_steps': job['ddim_steps'], 'interval': f'{every}ba',
+                'real_loader': real, 'folder': folder},
+        'bits_per_dim': {'num_images': job['bpd_images'], 'num_terms': job['bpd_terms'],
+                         'interval': f'{steps}ba', 'loader': real},
+    }
+    trainer = build_trainer(cfg)
+    timer = StepTimer()
+    trainer.state.callbacks.insert(0, timer)
+    fid = next(c for c in trainer.state.callbacks if type(c).__name__ == 'FID')
+    bpd = next(c for c in trainer.state.callbacks if type(c).__name__ == 'BitsPerDim')
+    start = time.perf_counter()
+    trainer.fit()
+    total = time.perf_counter() - start
+    trainer.close()
+    step_times = timer.times[10:] if len(timer.times) > 20 else timer.times
+    return {
+        'method': job['method'],
+        'seed': job['seed'],
+        'fid_steps': list(fid.steps),
+        'fid': list(fid.values),
+        'fid_floor': fid.floor,
+        'bits_per_dim': _last_value(bpd),
+        'mean_step_time': sum(step_times) / len(step_times),
+        'train_time': sum(timer.times),
+        'total_time': total,
+    }
+
+
+def _last_value(callback: Any) -> Optional[float]:
+    values = getattr(callback, 'values', None)
+    return float(values[-1]) if values else None
+
+
+# --------------------------------------------------------------------------------------------------- analysis
+def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float) -> Optional[float]:
+    """First step where the curve is at or below ``target``, linearly interpolated between evaluations."""
+    for i, (s, v) in enumerate(zip(steps, values)):
+        if v <= target:
+            if i == 0:
+                return float(s)
+            s0, v0 = steps[i - 1], values[i - 1]
+            return s0 + (s - s0) * (v0 - target) / (v0 - v) if v0 != v else float(s)
+    return None
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _std(xs: Sequence[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return math.sqrt(sum((x - m)**2 for x in xs) / (len(xs) - 1))
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean curves per method, and every ratio against uniform computed from them."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_method.setdefault(r['method'], []).append(r)
+    curves = {}
+    for method, runs in by_method.items():
+        steps = runs[0]['fid_steps']
+        if any(r['fid_steps'] != steps for r in runs):
+            raise ValueError(f'{method}: seeds evaluated FID at different steps.')
+        curves[method] = {
+            'steps': steps,
+            'mean': [_mean([r['fid'][i] for r in runs]) for i in range(len(steps))],
+            'std': [_std([r['fid'][i] for r in runs]) for i in range(len(steps))],
+        }
+    if 'uniform' not in curves:
+        raise ValueError('The benchmark needs the uniform method as its reference.')
+    uniform = by_method['uniform']
+    target = curves['uniform']['mean'][-1]
+    uniform_step_time = _mean([r['mean_step_time'] for r in uniform])
+    reference = {
+        'target': steps_to_reach(curves['uniform']['steps'], curves['uniform']['mean'], target),
+        'target_1.1': steps_to_reach(curves['uniform']['steps'], curves['uniform']['mean'], 1.1 * target),
+    }
+    table = {}
+    for method, runs in by_method.items():
+        c = curves[method]
+        step_time = _mean([r['mean_step_time'] for r in runs])
+        row: dict[str, Any] = {
+            'seeds': [r['seed'] for r in runs],
+            'final_fid_mean': c['mean'][-1],
+            'final_fid_std': c['std'][-1],
+            'final_fid_per_seed': [r['fid'][-1] for r in runs],
+            'bits_per_dim_mean': _mean([r['bits_per_dim'] for r in runs]) if all(r['bits_per_dim'] is not None
+                                                                                for r in runs) else None,
+            'bits_per_dim_std': _std([r['bits_per_dim'] for r in runs]) if all(r['bits_per_dim'] is not None
+                                                                              for r in runs) else None,
+            'step_time_s': step_time,
+            'step_time_ratio': step_time / uniform_step_time,
+        }
+        for key, factor in (('target', 1.0), ('target_1.1', 1.1)):
+            reached = steps_to_reach(c['steps'], c['mean'], factor * target)
+            row[f'steps_to_{key}'] = reached
+            ref = reference[key]
+            row[f'speedup_{key}'] = (ref / reached) if (reached and ref) else None
+            row[f'wall_speedup_{key}'] = ((ref * uniform_step_time) / (reached * step_time)) if (reached and
+                                                                                              ref) else None
+        table[method] = row
+    return {'target_fid': target, 'curves': curves, 'table': table}
+
+
+def _fmt(x: Optional[float], spec: str = '.2f') -> str:
+    return '—' if x is None else format(x, spec)
+
+
+def write_markdown(summary: dict[str, Any], args: argparse.Namespace, path: str, command: str) -> None:
+    rows = sorted(summary['table'].items(), key=lambda kv: -(kv[1]['speedup_target'] or 0))
+    lines = [
+        '| method | steps to uniform final FID | speed-up | wall speed-up | steps to 1.1x | speed-up 1.1x | '
+        'step time ratio | final FID (mean ± sd) | bits/dim |',
+        '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    ]
+    for method, r in rows:
+        lines.append(
+            f'| {method} | {_fmt(r["steps_to_target"], ".0f")} | {_fmt(r["speedup_target"])}x | '
+            f'{_fmt(r["wall_speedup_target"])}x | {_fmt(r["steps_to_target_1.1"], ".0f")} | '
+            f'{_fmt(r["speedup_target_1.1"])}x | {_fmt(r["step_time_ratio"], ".3f")} | '
+            f'{r["final_fid_mean"]:.2f} ± {r["final_fid_std"]:.2f} | '
+            f'{_fmt(r["bits_per_dim_mean"], ".3f")} |')
+    text = (f'Command: `{command}`\n\n'
+            f'Seeds {args.seeds}; {args.steps} steps; FID every {args.eval_every} steps from {args.fid_samples} '
+            f'DDIM-{args.ddim_steps} samples (EMA weights, digit-classifier features) against the validation split. '
+            f'Uniform\'s final mean FID (the target): {summary["target_fid"]:.2f}. "—": never reached within the '
+            'budget.\n\n' + '\n'.join(lines) + '\n')
+    with open(path, 'w') as f:
+        f.write(text)
+
+
+def write_plot(summary: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for method, c in sorted(summary['curves'].items()):
+        lo = [m - s for m, s in zip(c['mean'], c['std'])]
+        hi = [m + s for m, s in zip(c['mean'], c['std'])]
+        style = {'linewidth': 2.5, 'color': 'black'} if method == 'uniform' else {'linewidth': 1.2}
+        line, = ax.plot(c['steps'], c['mean'], label=method, **style)
+        ax.fill_between(c['steps'], lo, hi, alpha=0.12, color=line.get_color())
+    ax.axhline(summary['target_fid'], color='grey', linestyle='--', linewidth=0.8, label='uniform final FID')
+    ax.set_yscale('log')
+    ax.set_xlabel('training step')
+    ax.set_ylabel('FID (mean over seeds, band: ±1 sd)')
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated, from: ' + ', '.join(METHODS))
+    parser.add_argument('--seeds', default='0,1,2')
+    parser.add_argument('--steps', type=int, default=1500)
+    parser.add_argument('--eval-every', type=int, default=150)
+    parser.add_argument('--fid-samples', type=int, default=500)
+    parser.add_argument('--ddim-steps', type=int, default=25)
+    parser.add_argument('--bpd-images', type=int, default=128)
+    parser.add_argument('--bpd-terms', type=int, default=50)
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--data', default=os.path.join(ROOT, 'data', 'digits'))
+    parser.add_argument('--out', default=os.path.join(ROOT, 'docs', 'benchmark'))
+    parser.add_argument('--quick', action='store_true', help='2 methods, 1 seed, 40 steps: checks the harness')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.methods, args.seeds, args.steps, args.eval_every = ','.join(QUICK_METHODS), '0', 40, 20
+        args.fid_samples, args.ddim_steps, args.bpd_images, args.bpd_terms = 64, 5, 32, 4
+    methods = [m for m in args.methods.split(',') if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
+    if 'uniform' not in methods:
+        methods.insert(0, 'uniform')
+    seeds = [int(s) for s in args.seeds.split(',')]
+    if args.steps % args.eval_every:
+        parser.error('--steps must be a multiple of --eval-every')
+
+    from composer_algos.data import convert_digits
+    convert_digits(args.data)
+    os.makedirs(args.out, exist_ok=True)
+    jobs = [{
+        'method': m, 'seed': s, 'steps': args.steps, 'eval_every': args.eval_every, 'fid_samples': args.fid_samples,
+        'ddim_steps': args.ddim_steps, 'bpd_images': args.bpd_images, 'bpd_terms': args.bpd_terms,
+        'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out)
+    } for s in seeds for m in methods]
+    start = time.time()
+    results = []
+    with mp.get_context('spawn').Pool(args.workers, maxtasksperchild=1) as pool:
+        for r in pool.imap_unordered(run_one, jobs):
+            results.append(r)
+            print(f'[{time.time() - start:7.0f}s] {r["method"]} seed {r["seed"]}: final FID {r["fid"][-1]:.2f}, '
+                  f'{r["mean_step_time"] * 1000:.1f} ms/step', flush=True)
+    summary = summarize(results)
+    command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+        json.dump({'command': command, 'args': vars(args), 'runs': results, 'summary': summary}, f, indent=1)
+    write_markdown(summary, args, os.path.join(args.out, 'results.md'), command.strip())
+    write_plot(summary, os.path.join(args.out, 'fid.png'))
+    print(open(os.path.join(args.out, 'results.md')).read())
+    print(f'total wall time {time.time() - start:.0f}s')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
