@@ -1,10 +1,10 @@
 """Composer Algorithms for faster diffusion training; importing this module registers them by name."""
 
-from composer.algorithms import EMA, GradientClipping
+from composer.algorithms import GradientClipping
 
 from composer_algos.registry import algorithms
 
-algorithms.register('ema', func=EMA)
 algorithms.register('gradient_clipping', func=GradientClipping)
 
 # Each algorithm package registers itself when imported below.
+import composer_algos.algorithms.ema  # noqa: E402,F401

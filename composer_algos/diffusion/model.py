@@ -15,6 +15,7 @@ from torchmetrics import Metric
 
 from composer_algos.diffusion.samplers import TimestepPrior, TimestepSampler, UniformSampler, sample_from_probs, tilt
 from composer_algos.diffusion.schedule import NoiseSchedule
+from composer_algos.diffusion.utils import reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
 
 __all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES']
@@ -276,7 +277,9 @@ class DiffusionModel(ComposerModel):
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=gen).to(x0.device)
         noise = self.randn(x0.shape, x0.device, generator=gen).to(x0.dtype)
         with torch.no_grad():
-            return self._loss_terms(x0, t, noise, self.conditioning(batch), torch.ones_like(t, dtype=torch.float))
+            outputs = self._loss_terms(x0, t, noise, self.conditioning(batch), torch.ones_like(t, dtype=torch.float))
+        reshard_fsdp2(self)
+        return outputs
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         if is_train:
@@ -307,6 +310,7 @@ class DiffusionModel(ComposerModel):
         model_logvar = s.gather(self._model_log_variance(), t, x0.dim())
         kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).flatten(1).mean(1)
         nll = -discretized_gaussian_log_likelihood(x0.float(), model_mean, 0.5 * model_logvar).flatten(1).mean(1)
+        reshard_fsdp2(self)
         return torch.where(t == 0, nll, kl)
 
     def _model_log_variance(self) -> torch.Tensor:
@@ -362,6 +366,7 @@ class DiffusionModel(ComposerModel):
             x = math.sqrt(ac_prev) * x0 + math.sqrt(max(1 - ac_prev - sigma**2, 0.0)) * eps
             if sigma > 0 and i + 1 < len(steps):
                 x = x + sigma * torch.randn(x.shape, generator=gen).to(device)
+        reshard_fsdp2(self)
         return x
 
     # ----------------------------------------------------------------------------------------- checkpointing

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ['get_diffusion_model', 'CONTRACT_METHODS']
+__all__ = ['get_diffusion_model', 'CONTRACT_METHODS', 'reshard_fsdp2']
 
 CONTRACT_METHODS = ('set_timestep_sampler', 'add_timestep_prior', 'add_loss_weighting', 'timestep_probs',
                     'vlb_terms', 'noise_schedule', 'generator', 'prediction_type')
@@ -26,3 +26,16 @@ def get_diffusion_model(model: nn.Module, algorithm: Any = None) -> Any:
         raise TypeError(f'{who} a model implementing the diffusion contract (composer_algos.DiffusionModel or '
                         f'a ComposerModel with the same members); {type(model).__name__} lacks {missing}.')
     return seen
+
+
+def reshard_fsdp2(model: nn.Module) -> None:
+    """Return FSDP2-sharded submodules to their sharded parameters; a no-op for other models.
+
+    FSDP2 keeps the outermost sharded module's parameters unsharded after a forward, expecting a backward next.
+    After a forward without backward (evaluation, probes, sampling) that would leave plain tensors where
+    checkpointing and weight swaps (EMA) expect DTensors.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -23,7 +23,7 @@ def _strip_prefix(state_dict: dict[str, Any], prefix: str = 'module.') -> dict[s
 def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema') -> dict[str, Any]:
     """Load ``path`` (a monolithic Composer checkpoint file) into ``model``; return ``{'weights', 'step'}``.
 
-    Composer's EMA (0.32.1) swaps the averaged weights into the model at checkpoint time, keeping the training
+    Composer's EMA (0.32.1), and :class:`~composer_algos.algorithms.ema.WarmupEMA` built on it, swaps the averaged weights into the model at checkpoint time, keeping the training
     weights in its own state (``ema_weights_active``); before it has started the model holds the live weights and
     its state a stale copy. ``weights='ema'`` loads the averaged weights when the checkpoint has them (otherwise
     the live ones, with a warning), ``weights='live'`` the training weights.
@@ -42,7 +42,7 @@ def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema') -
     state = checkpoint['state'] if 'state' in checkpoint else checkpoint
     model_state = _strip_prefix(dict(state['model']))
     algorithms = dict(state.get('algorithms', []))
-    ema = algorithms.get('EMA')
+    ema = algorithms.get('WarmupEMA', algorithms.get('EMA'))
     used = 'live'
     if ema is not None and ema.get('ema_started'):
         ema_active = bool(ema.get('ema_weights_active'))

@@ -10,6 +10,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from composer_algos.diffusion.utils import reshard_fsdp2
+
 __all__ = [
     'all_reduce_max',
     'all_reduce_sum',
@@ -84,21 +86,6 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-def reshard_fsdp2(model: nn.Module) -> None:
-    """Return FSDP2-sharded submodules to their sharded parameters.
-
-    FSDP2 leaves the root module's parameters unsharded after a forward without backward (it expects a backward
-    next); swapping weights then mixes plain tensors and DTensors. A no-op for other models.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 @contextlib.contextmanager
