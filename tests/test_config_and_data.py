@@ -22,12 +22,22 @@ def _tiny_overrides(digits_mds, tmp_path):
             'train_loader.global_batch_size=32', 'eval_loader.global_batch_size=64', 'callbacks=null']
 
 
-def test_default_recipe_builds_and_trains(digits_mds, tmp_path):
-    cfg = load_config(UNIFORM, _tiny_overrides(digits_mds, tmp_path))
-    trainer = build_trainer(cfg)
+def test_default_recipe_builds_and_trains(digits_mds, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe writes its pictures and log under runs/
+    overrides = [o for o in _tiny_overrides(digits_mds, tmp_path) if o != 'callbacks=null'] + [
+        'callbacks.fid.num_samples=32', 'callbacks.fid.num_steps=3', 'callbacks.bits_per_dim.num_images=16',
+        'callbacks.bits_per_dim.num_terms=4', 'callbacks.sample_grid.num_samples=4',
+        'callbacks.sample_grid.num_steps=3', 'callbacks.timestep_heatmap.interval=2ba'
+    ]
+    trainer = build_trainer(load_config(UNIFORM, overrides))
     trainer.fit()
+    trainer.close()
     assert int(trainer.state.timestamp.batch) == 4
     assert os.path.exists(tmp_path / 'ckpt' / 'ep0-ba4-rank0.pt')
+    eval_dir = tmp_path / 'runs' / 'digits-uniform' / 'eval'
+    for picture in ('samples_ba0000004.png', 'timestep_heatmap.png', 'fid.png'):
+        assert (eval_dir / picture).stat().st_size > 0, picture
+    assert 'FID' in (tmp_path / 'runs' / 'digits-uniform' / 'log.txt').read_text()
     assert torch.isfinite(trainer.state.eval_metric_values['DiffusionLoss'])
     assert sum(p.numel() for p in trainer.state.model.parameters()) < 1_000_000
 
