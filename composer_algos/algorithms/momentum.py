@@ -1,0 +1,157 @@
+"""Momentum decay of Xu, Mi, Wang & Chen (arXiv 2404.07946), with the Demon rule of Chen et al. (2019).
+
+Adam's beta1 (or SGD's momentum) decays from ``beta0`` to ``beta_end`` over a span of training, by the Demon rule
+``b(tau) = b0 (1 - tau) / ((1 - b0) + b0 (1 - tau))`` (rescaled to end at ``beta_end``) or linearly. A moving
+average with momentum ``b`` gives the newest gradient the weight ``1 - b``; with ``compensate_lr`` the learning rate
+is multiplied by ``(1 - b0) / (1 - b(tau))`` so that weight stays what it was at ``b0``.
+
+Deviations, each stated once:
+- Adam's bias correction ``1 - beta1^k`` uses the current beta1, as PyTorch computes it; Demon's paper does too.
+- The compensation multiplies whatever learning rate the scheduler set for the step and is undone after the
+  optimizer step, so it never compounds and composes with every Composer scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+
+from composer_algos.algorithms.common import ReprMixin, parse_time, span_fraction
+
+__all__ = ['demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum',
+           'MomentumDecay', 'RULES']
+
+RULES = ('demon', 'linear')
+
+
+def demon_momentum(beta0: float, tau: float, beta_end: float = 0.0) -> float:
+    """Demon: ``b0 (1 - tau) / ((1 - b0) + b0 (1 - tau))``, rescaled to end at ``beta_end`` instead of 0."""
+    decayed = beta0 * (1.0 - tau) / ((1.0 - beta0) + beta0 * (1.0 - tau))
+    # With beta_end = 0 this is Demon exactly; otherwise the same shape between beta0 and beta_end.
+    return beta_end + (beta0 - beta_end) * (decayed / beta0 if beta0 > 0 else 0.0)
+
+
+def linear_momentum(beta0: float, tau: float, beta_end: float = 0.0) -> float:
+    return beta0 + (beta_end - beta0) * tau
+
+
+def decayed_momentum(rule: str, beta0: float, tau: float, beta_end: float = 0.0) -> float:
+    if rule == 'demon':
+        return demon_momentum(beta0, tau, beta_end)
+    if rule == 'linear':
+        return linear_momentum(beta0, tau, beta_end)
+    raise ValueError(f'rule must be one of {RULES}, got {rule!r}.')
+
+
+def momentum_key(optimizer: torch.optim.Optimizer) -> str:
+    """``'betas'`` for Adam-type optimizers, ``'momentum'`` for SGD-type ones; an error for anything else."""
+    group = optimizer.param_groups[0]
+    if 'betas' in group:
+        return 'betas'
+    if 'momentum' in group:
+        return 'momentum'
+    raise TypeError(f'MomentumDecay supports optimizers with betas (Adam, AdamW, DecoupledAdamW) or momentum (SGD, '
+                    f'DecoupledSGDW); {type(optimizer).__name__} has neither.')
+
+
+def get_momentum(group: dict[str, Any], key: str) -> float:
+    return float(group['betas'][0]) if key == 'betas' else float(group['momentum'])
+
+
+def apply_momentum(optimizer: torch.optim.Optimizer, momentum: list[float], lr_scale: list[float]) -> list[float]:
+    """Set each group's beta1/momentum and scale its lr; returns the lrs set (to undo the scaling later)."""
+    key = momentum_key(optimizer)
+    lrs = []
+    for group, beta, scale in zip(optimizer.param_groups, momentum, lr_scale):
+        if key == 'betas':
+            group['betas'] = (beta, group['betas'][1])
+        else:
+            group['momentum'] = beta
+        group['lr'] = group['lr'] * scale
+        lrs.append(group['lr'])
+    return lrs
+
+
+class MomentumDecay(ReprMixin, Algorithm):
+    """Decays the optimizer's momentum over a span of training (arXiv 2404.07946; Demon rule).
+
+    Before each batch the momentum for that step is set from the fraction ``tau`` of the span elapsed; the
+    optional LR compensation multiplies the scheduler's learning rate for that step only. The starting momenta
+    are read from the optimizer at the first step and kept in the checkpoint, so a resumed run continues the
+    same schedule. Logs ``momentum/beta1`` and ``momentum/lr_scale``.
+
+    Args:
+        beta_end: momentum at the end of the span.
+        beta0: starting momentum; ``None`` takes each parameter group's own value.
+        rule: ``'demon'`` or ``'linear'``.
+        start: when the decay starts (``'0.0dur'``, ``'1000ba'``, ...).
+        end: when it reaches ``beta_end``.
+        compensate_lr: multiply the lr by ``(1 - b0) / (1 - b)``.
+
+    Example:
+        >>> MomentumDecay(beta_end=0.5)
+        MomentumDecay(beta_end=0.5, beta0=None, rule='demon', start='0.0dur', end='1.0dur', compensate_lr=False)
+    """
+
+    def __init__(self, beta_end: float = 0.5, beta0: Optional[float] = None, rule: str = 'demon',
+                 start: str = '0.0dur', end: str = '1.0dur', compensate_lr: bool = False):
+        if not 0.0 <= beta_end < 1.0:
+            raise ValueError(f'beta_end must be in [0, 1), got {beta_end}.')
+        if beta0 is not None and not 0.0 <= beta0 < 1.0:
+            raise ValueError(f'beta0 must be in [0, 1) or None, got {beta0}.')
+        if rule not in RULES:
+            raise ValueError(f'rule must be one of {RULES}, got {rule!r}.')
+        self.beta_end = float(beta_end)
+        self.beta0 = beta0
+        self.rule = rule
+        self.start = start
+        self.end = end
+        self.compensate_lr = bool(compensate_lr)
+        self._start = parse_time(start, 'start')
+        self._end = parse_time(end, 'end')
+        if self._start.unit != self._end.unit:
+            raise ValueError(f'start ({start}) and end ({end}) must use the same time unit.')
+        self.initial_momenta: Optional[list[float]] = None
+        self._lrs_set: Optional[list[float]] = None
+        self._lrs_scheduled: Optional[list[float]] = None
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.BEFORE_TRAIN_BATCH, Event.BATCH_END)
+
+    def _optimizer(self, state: State) -> torch.optim.Optimizer:
+        optimizers = state.optimizers
+        if not optimizers:
+            raise ValueError('MomentumDecay needs an optimizer.')
+        return optimizers[0]
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        optimizer = self._optimizer(state)
+        key = momentum_key(optimizer)
+        if event == Event.BATCH_END:
+            # Undo the compensation unless a scheduler already wrote the next step's lr.
+            if self._lrs_set is not None and self._lrs_scheduled is not None:
+                for group, set_lr, scheduled in zip(optimizer.param_groups, self._lrs_set, self._lrs_scheduled):
+                    if group['lr'] == set_lr:
+                        group['lr'] = scheduled
+            self._lrs_set = self._lrs_scheduled = None
+            return
+        if self.initial_momenta is None:
+            self.initial_momenta = [
+                float(self.beta0) if self.beta0 is not None else get_momentum(g, key) for g in optimizer.param_groups
+            ]
+        tau = span_fraction(state, self._start, self._end)
+        momenta = [decayed_momentum(self.rule, b0, tau, min(self.beta_end, b0)) for b0 in self.initial_momenta]
+        scales = [(1.0 - b0) / (1.0 - b) if self.compensate_lr else 1.0
+                  for b0, b in zip(self.initial_momenta, momenta)]
+        self._lrs_scheduled = [g['lr'] for g in optimizer.param_groups]
+        self._lrs_set = apply_momentum(optimizer, momenta, scales)
+        logger.log_metrics({'momentum/beta1': momenta[0], 'momentum/lr_scale': scales[0]})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), 'initial_momenta': self.initial_momenta}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = False) -> None:
+        self.initial_momenta = state['initial_momenta']
