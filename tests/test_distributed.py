@@ -20,7 +20,12 @@ COMPOSER = os.path.join(os.path.dirname(sys.executable), 'composer')
 
 # Algorithm sets that compose, each run under both strategies.
 ALGORITHM_SETS = {
-    'uniform_ema': {'ema': {'half_life': '2ba'}},
+    'adaptive_clts_md_ema': {
+        'ema': {'half_life': '2ba'},
+        'adaptive_timestep_sampling': {'update_every': 3, 'num_probe_timesteps': 7},
+        'curriculum_timestep_schedule': {'ramp_end': '6ba', 'ramp_start': '0ba'},
+        'momentum_decay': {'beta_end': 0.5, 'compensate_lr': True},
+    },
 }
 
 
@@ -93,6 +98,12 @@ def test_two_rank_resume_is_exact(tmp_path, digits_mds, name, strategy):
     assert len(full[0]['losses']) == 8
     # Ranks see different data and draw different timesteps.
     assert full[0]['losses'] != full[1]['losses']
+    adaptive = [r['algorithms'].get('AdaptiveTimestepSampling') for r in full]
+    if adaptive[0] is not None:
+        # Every rank holds the same policy, queue and S; the probe ran (3 updates in 8 steps).
+        for key in ('policy', 'queue_x', 'selected', 'num_updates'):
+            _assert_same_state(adaptive[0][key], adaptive[1][key], f'ranks differ in {key}')
+        assert adaptive[0]['num_updates'] == 3 and adaptive[0]['queue_x'].shape == (3, 7)
     for rank in range(2):
         assert resumed[rank]['losses'] == full[rank]['losses'][4:], f'rank {rank}'
         _assert_same_state(full[rank]['algorithms'], resumed[rank]['algorithms'], f'rank{rank}')

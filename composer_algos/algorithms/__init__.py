@@ -8,8 +8,10 @@ algorithms.register('gradient_clipping', func=GradientClipping)
 
 # Each algorithm package registers itself when imported below.
 import composer_algos.algorithms.ema  # noqa: E402,F401
+from composer_algos.algorithms.adaptive import AdaptiveTimestepSampling  # noqa: E402
 from composer_algos.algorithms.curriculum import CurriculumTimestepSchedule  # noqa: E402
 from composer_algos.algorithms.momentum import MomentumDecay  # noqa: E402
 
+algorithms.register('adaptive_timestep_sampling', func=AdaptiveTimestepSampling)
 algorithms.register('curriculum_timestep_schedule', func=CurriculumTimestepSchedule)
 algorithms.register('momentum_decay', func=MomentumDecay)
