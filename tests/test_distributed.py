@@ -26,6 +26,11 @@ ALGORITHM_SETS = {
         'curriculum_timestep_schedule': {'ramp_end': '6ba', 'ramp_start': '0ba'},
         'momentum_decay': {'beta_end': 0.5, 'compensate_lr': True},
     },
+    'loss_second_moment_min_snr_p2': {
+        'loss_second_moment_sampling': {'history': 1},
+        'min_snr_weighting': {'gamma': 5.0},
+        'p2_weighting': {},
+    },
 }
 
 
@@ -104,6 +109,11 @@ def test_two_rank_resume_is_exact(tmp_path, digits_mds, name, strategy):
         for key in ('policy', 'queue_x', 'selected', 'num_updates'):
             _assert_same_state(adaptive[0][key], adaptive[1][key], f'ranks differ in {key}')
         assert adaptive[0]['num_updates'] == 3 and adaptive[0]['queue_x'].shape == (3, 7)
+    lsm = [r['algorithms'].get('LossSecondMomentSampling') for r in full]
+    if lsm[0] is not None:
+        # Losses are all-gathered: both ranks hold the same history, filled from both ranks' batches.
+        _assert_same_state(lsm[0], lsm[1], 'ranks differ in the loss history')
+        assert int(lsm[0]['counts'].sum()) == 8 * 16
     for rank in range(2):
         assert resumed[rank]['losses'] == full[rank]['losses'][4:], f'rank {rank}'
         _assert_same_state(full[rank]['algorithms'], resumed[rank]['algorithms'], f'rank{rank}')
