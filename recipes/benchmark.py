@@ -280,11 +280,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     } for s in seeds for m in methods]
     start = time.time()
     results = []
-    with mp.get_context('spawn').Pool(args.workers, maxtasksperchild=1) as pool:
-        for r in pool.imap_unordered(run_one, jobs):
-            results.append(r)
-            print(f'[{time.time() - start:7.0f}s] {r["method"]} seed {r["seed"]}: final FID {r["fid"][-1]:.2f}, '
-                  f'{r["mean_step_time"] * 1000:.1f} ms/step', flush=True)
+    pool = mp.get_context('spawn').Pool(args.workers, maxtasksperchild=1)
+    for r in pool.imap_unordered(run_one, jobs):
+        results.append(r)
+        print(f'[{time.time() - start:7.0f}s] {r["method"]} seed {r["seed"]}: final FID {r["fid"][-1]:.2f}, '
+              f'{r["mean_step_time"] * 1000:.1f} ms/step', flush=True)
+    # close + join lets the workers exit normally (terminate would interrupt their cleanup).
+    pool.close()
+    pool.join()
     summary = summarize(results)
     command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     with open(os.path.join(args.out, 'results.json'), 'w') as f:

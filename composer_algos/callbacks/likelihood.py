@@ -53,6 +53,8 @@ class BitsPerDim(PeriodicEvaluation):
         self.use_ema = use_ema
         self.metric_name = metric_name
         self._data: Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]] = None
+        self.steps: list[int] = []
+        self.values: list[float] = []
 
     def __repr__(self) -> str:
         return f'BitsPerDim(num_images={self.num_images}, num_terms={self.num_terms}, interval={self.interval!r})'
@@ -70,7 +72,10 @@ class BitsPerDim(PeriodicEvaluation):
             per_image = bits_per_dim(model, images, conditioning, num_terms=self.num_terms, seed=self.seed,
                                      batch_size=self.batch_size, num_batches=num_batches)
         totals = all_reduce_sum(torch.tensor([float(per_image.sum()), float(per_image.numel())], dtype=torch.float64))
-        logger.log_metrics({self.metric_name: float(totals[0] / totals[1])})
+        value = float(totals[0] / totals[1])
+        self.steps.append(self.step(state))
+        self.values.append(value)
+        logger.log_metrics({self.metric_name: value})
 
 
 def band_names(num_timesteps: int, num_bands: int) -> list[str]:

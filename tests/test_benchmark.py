@@ -1,0 +1,30 @@
+"""The benchmark harness end to end in its --quick mode (2 methods, 1 seed, 40 steps)."""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'recipes'))
+
+import benchmark  # noqa: E402
+
+
+def test_steps_to_reach_interpolates():
+    assert benchmark.steps_to_reach([10, 20, 30], [9.0, 5.0, 3.0], 4.0) == 25.0
+    assert benchmark.steps_to_reach([10, 20], [9.0, 5.0], 1.0) is None
+    assert benchmark.steps_to_reach([10, 20], [3.0, 1.0], 4.0) == 10.0
+
+
+def test_quick_benchmark_writes_table_plot_and_raw_numbers(digits_mds, tmp_path):
+    out = tmp_path / 'bench'
+    assert benchmark.main(['--quick', '--workers', '1', '--data', digits_mds, '--out', str(out)]) == 0
+    results = json.loads((out / 'results.json').read_text())
+    table = results['summary']['table']
+    assert set(table) == {'uniform', 'adaptive_clts_md'}
+    assert table['uniform']['step_time_ratio'] == 1.0
+    for row in table.values():
+        assert row['final_fid_mean'] > 0 and row['bits_per_dim_mean'] > 0
+    assert [r['fid_steps'] for r in results['runs']] == [[20, 40], [20, 40]]
+    assert (out / 'fid.png').stat().st_size > 0
+    assert '| uniform |' in (out / 'results.md').read_text()
