@@ -89,6 +89,12 @@ def _check_keys(section: dict, allowed: Sequence[str], where: str) -> None:
                               f"Allowed keys: {', '.join(sorted(allowed))}.")
 
 
+def _lookup(known: dict[str, Any], name: str, kind: str) -> Any:
+    if name not in known:
+        raise ConfigError(f"Unknown {kind} '{name}'.{_suggest(name, list(known))} Known: {', '.join(known)}.")
+    return known[name]
+
+
 def _resolve(kind_registry: Any, name: str, kind: str) -> Callable[..., Any]:
     try:
         return registry.resolve(kind_registry, name, kind)
@@ -222,12 +228,9 @@ def _optimizers() -> dict[str, Callable[..., torch.optim.Optimizer]]:
 def build_optimizer(opt_cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
     cfg = dict(opt_cfg)
     name = cfg.pop('name', 'adamw')
-    known = _optimizers()
-    if name not in known:
-        raise ConfigError(f"Unknown optimizer '{name}'.{_suggest(name, list(known))} Known: {', '.join(known)}.")
+    optimizer_cls = _lookup(_optimizers(), name, 'optimizer')
     if 'betas' in cfg:
         cfg['betas'] = tuple(cfg['betas'])
-    optimizer_cls = known[name]
     params = inspect.signature(optimizer_cls.__init__).parameters
     _check_keys(cfg, [n for n in params if n not in ('self', 'params')], 'optimizer.')
     try:
@@ -256,25 +259,20 @@ def build_scheduler(sched_cfg: Optional[dict[str, Any]]) -> Any:
         return None
     cfg = dict(sched_cfg)
     name = cfg.pop('name')
-    known = _schedulers()
-    if name not in known:
-        raise ConfigError(f"Unknown scheduler '{name}'.{_suggest(name, list(known))} Known: {', '.join(known)}.")
-    return call_with_config(known[name], cfg, 'scheduler')
+    return call_with_config(_lookup(_schedulers(), name, 'scheduler'), cfg, 'scheduler')
 
 
 # ------------------------------------------------------------------------------------------------- plugins
+def _build_named(section: Any, where: str, lookup: Callable[[str], Callable[..., Any]]) -> list[Any]:
+    return [call_with_config(lookup(name), kwargs, f'{where}.{name}') for name, kwargs in _named_items(section, where)]
+
+
 def build_algorithms(section: Any) -> list[Any]:
-    return [
-        call_with_config(_resolve(registry.algorithms, name, 'algorithm'), kwargs, f'algorithms.{name}')
-        for name, kwargs in _named_items(section, 'algorithms')
-    ]
+    return _build_named(section, 'algorithms', lambda name: _resolve(registry.algorithms, name, 'algorithm'))
 
 
 def build_callbacks(section: Any) -> list[Any]:
-    return [
-        call_with_config(_resolve(registry.callbacks, name, 'callback'), kwargs, f'callbacks.{name}')
-        for name, kwargs in _named_items(section, 'callbacks')
-    ]
+    return _build_named(section, 'callbacks', lambda name: _resolve(registry.callbacks, name, 'callback'))
 
 
 def _loggers() -> dict[str, Any]:
@@ -290,12 +288,7 @@ def _loggers() -> dict[str, Any]:
 
 def build_loggers(section: Any) -> list[Any]:
     known = _loggers()
-    out = []
-    for name, kwargs in _named_items(section, 'loggers'):
-        if name not in known:
-            raise ConfigError(f"Unknown logger '{name}'.{_suggest(name, list(known))} Known: {', '.join(known)}.")
-        out.append(call_with_config(known[name], kwargs, f'loggers.{name}'))
-    return out
+    return _build_named(section, 'loggers', lambda name: _lookup(known, name, 'logger'))
 
 
 # ------------------------------------------------------------------------------------------------- trainer

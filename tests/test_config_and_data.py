@@ -49,6 +49,10 @@ def test_default_recipe_builds_and_trains(digits_mds, tmp_path, monkeypatch):
     ('algorithms.min_snr_weigting={}', "Unknown algorithm 'min_snr_weigting'"),
     ('model.denoiser.name=unett', "Unknown denoiser 'unett'. Did you mean 'unet'?"),
     ('model.prediction_type=noise', 'prediction_type must be one of'),
+    ('scheduler.name=cosin', "Unknown scheduler 'cosin'. Did you mean 'cosine'?"),
+    ('optimizer.name=adamm', "Unknown optimizer 'adamm'. Did you mean 'adam'?"),
+    ('loggers.fille={}', "Unknown logger 'fille'. Did you mean 'file'?"),
+    ('algorithms.speed.lam=5', 'lam must be in [0, 1]'),
 ])
 def test_bad_recipe_keys_are_named(digits_mds, tmp_path, override, message):
     with pytest.raises(ConfigError) as e:
