@@ -13,6 +13,36 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def release_trainers():
+    """Free each test's Trainers and streaming datasets when it ends.
+
+    Composer's Engine and streaming's SharedMemory both register ``atexit`` hooks that are never unregistered, so
+    every Trainer and every shared-memory block a StreamingDataset opened stay alive (and their files open) until
+    the process exits; a dataset whose epoch was cut short also keeps its prefetch threads. Over a whole suite in
+    one process that exhausts the open-file limit. After each test: close the engines, stop the prefetch threads,
+    release the shared memory (the test is over: nothing uses it) and unregister the hooks.
+    """
+    yield
+    import atexit
+    import gc
+
+    from composer.core.engine import Engine
+    from streaming import StreamingDataset
+    from streaming.base.shared.memory import SharedMemory
+    for obj in gc.get_objects():
+        if isinstance(obj, Engine):
+            obj.close()
+            atexit.unregister(obj._close)
+        elif isinstance(obj, StreamingDataset) and hasattr(obj, '_iterator'):
+            obj._iterator.exit()
+    for obj in gc.get_objects():
+        if isinstance(obj, SharedMemory):
+            obj.cleanup()
+            atexit.unregister(obj.cleanup)
+    gc.collect()
+
+
 @pytest.fixture(scope='session')
 def digits_mds(tmp_path_factory) -> str:
     """``<dir>/train`` and ``<dir>/val`` MDS shards written from scikit-learn's digits."""
