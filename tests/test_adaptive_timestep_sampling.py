@@ -1,91 +1,227 @@
-"""Adaptive timestep sampling (arXiv 2411.09998): distributions, the F-test, probe cadence, composition, resume."""
+"""Adaptive timestep sampling (arXiv 2411.09998): distributions, F-test, probe cadence, composition, resume."""
 
+import logging
 import math
 
 import numpy as np
 import pytest
 import torch
+from composer.loggers import InMemoryLogger
 from conftest import LossRecorder, make_trainer, tiny_model
 
-from composer_algos.algorithms.adaptive import (AdaptiveTimestepSampling, BetaPolicy, GlobalPolicy,
-                                                beta_grid_log_probs, f_regression_scores)
+from composer_algos.algorithms.adaptive_timestep_sampling import (AdaptiveTimestepSampling, BetaPolicy, GlobalPolicy,
+                                                                  beta_grid_log_probs, f_regression_scores,
+                                                                  reinforce_loss, select_timesteps,
+                                                                  tilted_log_probs)
 from composer_algos.algorithms.curriculum import CurriculumTimestepSchedule
 from composer_algos.diffusion import FixedDistributionSampler
+from composer_algos.diffusion.samplers import tilt
+
+# ------------------------------------------------------------------------------------------------ closed forms
 
 
 def test_beta_grid_is_a_distribution_without_half_weight_ends():
     p = beta_grid_log_probs(torch.tensor([1.0, 2.0, 0.5]), torch.tensor([1.0, 5.0, 0.5]), 1000).exp()
-    torch.testing.assert_close(p.sum(1), torch.ones(3, dtype=p.dtype))
-    # Beta(1, 1) is exactly uniform, ends included.
+    torch.testing.assert_close(p.sum(1), torch.ones(3))
+    # Beta(1, 1) is exactly uniform, the end timesteps included (rounding a continuous draw halves them).
     torch.testing.assert_close(p[0], torch.full((1000,), 1e-3))
-    # Beta(2, 5) at bin centres, against the closed-form density.
-    u = (torch.arange(1000) + 0.5) / 1000
-    density = u * (1 - u)**4
-    torch.testing.assert_close(p[1], (density / density.sum()).float())
+    # Beta(2, 5) and Beta(0.5, 0.5) at the bin centres, against the closed-form densities.
+    u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+    for row, density in ((1, u * (1 - u)**4), (2, (u * (1 - u))**-0.5)):
+        torch.testing.assert_close(p[row].double(), density / density.sum(), rtol=1e-3, atol=0)
+    # A symmetric Beta gives both ends the same full-bin mass.
+    assert math.isclose(float(p[2, 0]), float(p[2, -1]), rel_tol=1e-4)
 
 
-@pytest.mark.parametrize('shape', [(4, 1, 8, 8), (4, 3, 32, 32), (4, 4, 16, 16)])
-def test_policy_starts_uniform_for_any_input(shape):
-    policy = BetaPolicy(shape[1])
-    p = policy.log_probs(torch.randn(shape), 50).exp()
-    torch.testing.assert_close(p, torch.full((4, 50), 0.02), atol=1e-3, rtol=0)
-    g = GlobalPolicy(1000, num_bins=10).log_probs(torch.randn(shape), 1000).exp()
-    torch.testing.assert_close(g.sum(1), torch.ones(4))
-    torch.testing.assert_close(g, torch.full((4, 1000), 1e-3))
+@pytest.mark.parametrize('shape', [(4, 1, 8, 8), (4, 3, 32, 32), (4, 4, 16, 16), (2, 3, 40, 24)])
+@pytest.mark.parametrize('num_timesteps', [50, 1000])
+def test_policies_start_near_uniform_for_any_input(shape, num_timesteps):
+    torch.manual_seed(0)
+    x0 = torch.randn(shape)
+    policy = BetaPolicy()
+    alpha, beta = policy(x0)
+    torch.testing.assert_close(alpha, torch.ones(shape[0]), atol=2e-3, rtol=0)
+    torch.testing.assert_close(beta, torch.ones(shape[0]), atol=2e-3, rtol=0)
+    p = policy.log_probs(x0, num_timesteps).exp()
+    assert p.shape == (shape[0], num_timesteps)
+    torch.testing.assert_close(p, torch.full_like(p, 1 / num_timesteps), atol=0, rtol=2e-2)
+    g = GlobalPolicy(num_timesteps).log_probs(x0, num_timesteps).exp()
+    torch.testing.assert_close(g, torch.full((shape[0], num_timesteps), 1 / num_timesteps))
 
 
 def test_f_test_matches_sklearn():
-    from sklearn.feature_selection import f_regression
+    from sklearn.feature_selection import SelectKBest, f_regression
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(20, 7))
-    y = x[:, 2] * 3 + rng.normal(size=20) * 0.1
-    x[:, 5] = 1.0  # constant column
-    expected, _ = f_regression(x[:, [0, 1, 2, 3, 4, 6]], y)
+    x = rng.normal(size=(20, 9))
+    y = x[:, 2] * 3 + 2 * x[:, 6] - 2 * x[:, 7] + rng.normal(size=20) * 0.1
+    x[:, 5] = 1.0  # a constant column scores 0, as in sklearn with force_finite
+    expected, _ = f_regression(x, y)
     scores = f_regression_scores(torch.tensor(x), torch.tensor(y))
-    np.testing.assert_allclose(scores[[0, 1, 2, 3, 4, 6]].numpy(), expected, rtol=1e-8)
-    assert float(scores[5]) == 0.0 and int(scores.argmax()) == 2
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-9)
+    assert float(scores[5]) == 0.0
+    expected_k = SelectKBest(f_regression, k=3).fit(x, y).get_support(indices=True)
+    assert select_timesteps(torch.tensor(x), torch.tensor(y), 3).tolist() == expected_k.tolist()
+    assert 2 in expected_k.tolist()
+
+
+def test_tilted_log_probs_is_the_normalised_product():
+    torch.manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(3, 10), 1)
+    prior = torch.rand(10)
+    prior[4] = 0.0
+    tilted = tilted_log_probs(log_probs, [prior])
+    torch.testing.assert_close(tilted.exp(), tilt(log_probs.exp(), [prior]))
+    torch.testing.assert_close(tilted.exp().sum(1), torch.ones(3))
+    assert bool(torch.isneginf(tilted[:, 4]).all())
+    # A prior without mass is ignored (the model's tilt keeps the sampler's distribution then).
+    torch.testing.assert_close(tilted_log_probs(log_probs, [torch.zeros(10)]), log_probs)
+
+
+def test_per_sample_draws_follow_each_row():
+    from composer_algos.diffusion.samplers import sample_from_probs
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0]], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_from_probs(probs, 2, gen) for _ in range(4000)])
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / 4000
+        torch.testing.assert_close(freq, probs[row], atol=0.03, rtol=0)
+        assert bool((freq[probs[row] == 0] == 0).all())  # zero-probability timesteps are never drawn
+
+
+def test_policy_gradient_uses_the_tilted_normalised_log_prob():
+    # d/dlogits [-A log p_tilt(t)] = A (p_tilt - onehot(t)) for a categorical policy tilted by a fixed prior.
+    policy = GlobalPolicy(6)
+    with torch.no_grad():
+        policy.logits.copy_(torch.tensor([0.1, -0.3, 0.5, 0.0, 0.2, -0.1]))
+    prior = torch.tensor([0.05, 0.1, 0.3, 0.3, 0.2, 0.05])
+    x0 = torch.zeros(1, 1, 2, 2)
+    sample_log_probs = tilted_log_probs(policy.log_probs(x0, 6), [prior])
+    loss, _ = reinforce_loss(sample_log_probs, torch.tensor([3]), torch.tensor([2.0]), entropy_coef=0.0)
+    loss.backward()
+    p_tilt = torch.softmax(policy.logits.detach(), 0) * prior
+    p_tilt = p_tilt / p_tilt.sum()
+    torch.testing.assert_close(policy.logits.grad, 2.0 * (p_tilt - torch.nn.functional.one_hot(torch.tensor(3), 6)))
+
+
+def test_entropy_bonus_is_in_the_loss():
+    policy = GlobalPolicy(5)
+    with torch.no_grad():
+        policy.logits.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0]))
+    log_probs = policy.log_probs(torch.zeros(2, 1, 1, 1), 5)
+    p = log_probs.exp()[0]
+    entropy = float(-(p * p.log()).sum())
+    loss, h = reinforce_loss(log_probs, torch.tensor([0, 1]), torch.tensor([1.0, -1.0]), entropy_coef=0.5)
+    expected = -(1.0 * float(log_probs[0, 0]) - 1.0 * float(log_probs[1, 1])) / 2 - 0.5 * entropy
+    assert math.isclose(float(h), entropy, rel_tol=1e-6) and math.isclose(float(loss), expected, rel_tol=1e-6)
+    # With zero advantages the step raises the entropy (the bonus is minimised as part of the loss).
+    loss, _ = reinforce_loss(log_probs, torch.tensor([0, 1]), torch.zeros(2), entropy_coef=0.5)
+    loss.backward()
+    assert float(policy.logits.grad[0]) > 0  # gradient descent lowers the dominant logit
+
+
+@pytest.mark.parametrize('kwargs, name', [({'update_every': 0}, 'update_every'), ({'policy': 'gauss'}, 'policy'),
+                                          ({'num_selected': 40}, 'num_selected'), ({'lr': -1.0}, 'lr'),
+                                          ({'queue_size': 2}, 'queue_size'), ({'entropy_coef': float('nan')},
+                                                                              'entropy_coef')])
+def test_arguments_are_validated(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        AdaptiveTimestepSampling(**kwargs)
+
+
+def test_repr_is_clean():
+    text = repr(AdaptiveTimestepSampling(update_every=7, policy='global'))
+    assert text.startswith('AdaptiveTimestepSampling(update_every=7,') and "policy='global'" in text
+    assert ' at 0x' not in text
+
+
+# ------------------------------------------------------------------------------------------------ with a Trainer
 
 
 class ProbeSpy(AdaptiveTimestepSampling):
-    """Records the global step of every probe and the timesteps gathered for it."""
+    """Records the global step of each probe, the timesteps it collected, and every probe forward."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.probe_steps, self.probe_sizes = [], []
+        self.probe_steps, self.t_counts, self.calls, self.train_mode_after_probe = [], [], [], []
 
-    def _update_policy(self, x0, t, reward, model, state):
-        self.probe_steps.append(int(state.timestamp.batch) - 1)
-        self.probe_sizes.append((int(x0.shape[0]), int(t.shape[0])))
-        return super()._update_policy(x0, t, reward, model, state)
+    def _probe_before(self, state, model):
+        if not hasattr(model, '_spied'):
+            original = model.vlb_terms
+
+            def vlb_terms(x0, t, noise, conditioning=None):
+                self.calls.append((int(state.timestamp.batch), model.training, t.clone(), noise.clone()))
+                return original(x0, t, noise, conditioning)
+
+            model.vlb_terms, model._spied = vlb_terms, True
+        super()._probe_before(state, model)
+        self.train_mode_after_probe.append(model.training)
+
+    def _probe_after(self, state, model, logger):
+        self.probe_steps.append(int(state.timestamp.batch) - 1)  # BATCH_END follows the timestamp increment
+        self.t_counts.append(sum(t.numel() for t in self._probe['t']))
+        super()._probe_after(state, model, logger)
 
 
 @pytest.mark.parametrize('microbatch', [None, 8])
 def test_probes_at_global_optimizer_steps(digits_mds, microbatch):
-    spy = ProbeSpy(update_every=3)
+    spy = ProbeSpy(update_every=3, num_probe_timesteps=8)
     kwargs = {'device_train_microbatch_size': microbatch} if microbatch else {}
-    trainer = make_trainer(digits_mds, algorithms=[spy], max_duration='10ba', **kwargs)
-    trainer.fit()
+    make_trainer(digits_mds, algorithms=[spy], max_duration='10ba', **kwargs).fit()
     assert spy.probe_steps == [0, 3, 6, 9]
-    assert spy.probe_sizes == [(32, 32)] * 4  # every micro-batch's timesteps were collected
-    assert spy.num_updates == 4 and len(spy.selected_timesteps) == 3
-    assert spy.queue_x.shape == (4, 32) and torch.isfinite(spy.queue_x).all()
-    # With four queued probes the F-test chose S.
-    scores = f_regression_scores(spy.queue_x, spy.queue_y)
-    assert sorted(spy.selected.tolist()) == sorted(torch.topk(scores, 3).indices.tolist())
+    assert spy.t_counts == [32] * 4  # every micro-batch's timesteps, in order
+    assert spy.num_probes == spy.num_updates == 4 and spy.num_skipped == 0
+    # One batched forward before and one after the step: |S| copies of the batch and the 8 grid timesteps, all in
+    # eval mode, with train mode restored afterwards.
+    assert len(spy.calls) == 4 * 2
+    assert not any(training for _, training, _, _ in spy.calls) and all(spy.train_mode_after_probe)
+    for probe in range(4):
+        (step0, _, t0, n0), (step1, _, t1, n1) = spy.calls[2 * probe:2 * probe + 2]
+        assert step0 == spy.probe_steps[probe] and step1 == step0 + 1
+        assert torch.equal(t0, t1) and torch.equal(n0, n1)  # common random numbers
+        assert t0.shape == (3 * 32 + 8,) and t0[96:].tolist() == spy.probe_timesteps.tolist()
+        blocks = t0[:96].view(3, 32)
+        assert (blocks == blocks[:, :1]).all() and blocks[:, 0].unique().numel() == 3
+    assert spy.queue_x.shape == (4, 8) and torch.isfinite(spy.queue_x).all()
+    torch.testing.assert_close(spy.queue_y, spy.queue_x.sum(1))
+    # Three queued probes and more: S is the F-test's choice.
+    assert spy.selected.tolist() == select_timesteps(spy.queue_x, spy.queue_y, 3).tolist()
 
 
-def test_policy_learns_and_is_the_models_sampler(digits_mds):
-    adaptive = AdaptiveTimestepSampling(update_every=1, lr=0.05)
-    trainer = make_trainer(digits_mds, algorithms=[adaptive], max_duration='8ba')
+def test_fit_learns_a_per_sample_policy_and_logs(digits_mds):
+    adaptive = AdaptiveTimestepSampling(update_every=1, lr=0.05, num_probe_timesteps=8)
+    recorder = InMemoryLogger()
+    trainer = make_trainer(digits_mds, algorithms=[adaptive], max_duration='6ba', loggers=[recorder])
     model = trainer.state.model
     assert model.timestep_sampler_owner == 'AdaptiveTimestepSampling'
+    assert model.timestep_sampler.policy is adaptive.policy
     x0 = torch.rand(5, 1, 8, 8) * 2 - 1
     before = model.timestep_probs(x0).clone()
+    assert before.shape == (5, 100)
     torch.testing.assert_close(before, torch.full_like(before, 0.01), atol=1e-4, rtol=0)
     trainer.fit()
     after = model.timestep_probs(x0)
-    assert not torch.allclose(after, before, atol=1e-4)
+    assert (after - before).abs().max() > 1e-4
     torch.testing.assert_close(after.sum(1), torch.ones(5))
+    for key in ('adaptive/reward', 'adaptive/mean_t', 'adaptive/entropy', 'adaptive/S0', 'adaptive/probe_seconds'):
+        assert len(recorder.data[key]) == 6, key
+    assert all(0 < v < math.log(100) + 1e-6 for _, v in recorder.data['adaptive/entropy'])
+    assert all(v > 0 for _, v in recorder.data['adaptive/probe_seconds'])
+
+
+def test_latents_of_another_shape_and_timestep_count():
+    from composer import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from composer_algos.diffusion import DiffusionModel, NoiseSchedule, TimeConditionedConvNet
+    torch.manual_seed(0)
+    model = DiffusionModel(TimeConditionedConvNet(in_channels=4, width=8), NoiseSchedule('linear', 50), image_key=0)
+    loader = DataLoader(TensorDataset(torch.randn(24, 4, 12, 12)), batch_size=8)
+    adaptive = AdaptiveTimestepSampling(update_every=1, num_probe_timesteps=50, num_selected=2)
+    Trainer(model=model, train_dataloader=loader, optimizers=torch.optim.Adam(model.parameters(), lr=1e-3),
+            algorithms=[adaptive], max_duration='3ba', device='cpu', precision='fp32', progress_bar=False).fit()
+    assert adaptive.num_updates == 3 and adaptive.queue_x.shape == (3, 50)
+    assert adaptive.selected.tolist() == select_timesteps(adaptive.queue_x, adaptive.queue_y, 2).tolist()
+    assert model.timestep_probs(torch.randn(2, 4, 12, 12)).shape == (2, 50)
 
 
 def test_second_sampler_owner_is_a_clear_error(digits_mds):
@@ -103,8 +239,13 @@ def test_second_sampler_owner_is_a_clear_error(digits_mds):
         make_trainer(digits_mds, algorithms=[AdaptiveTimestepSampling(), OtherSampler()])
 
 
-def test_curriculum_tilts_the_policy_and_the_log_prob_is_normalised(digits_mds):
-    adaptive = AdaptiveTimestepSampling(update_every=2)
+def test_num_probe_timesteps_above_t_is_an_error(digits_mds):
+    with pytest.raises(ValueError, match='num_probe_timesteps'):
+        make_trainer(digits_mds, algorithms=[AdaptiveTimestepSampling(num_probe_timesteps=101)])
+
+
+def test_curriculum_prior_tilts_the_draw_and_the_log_prob(digits_mds):
+    adaptive = AdaptiveTimestepSampling(update_every=2, num_probe_timesteps=8)
     clts = CurriculumTimestepSchedule(lam_max=0.9, sigma=0.1, ramp_start='0ba', ramp_end='2ba')
     trainer = make_trainer(digits_mds, algorithms=[clts, adaptive], max_duration='4ba')
     trainer.fit()
@@ -114,50 +255,74 @@ def test_curriculum_tilts_the_policy_and_the_log_prob_is_normalised(digits_mds):
     expected = pi * clts.probs().float()
     expected = expected / expected.sum(1, keepdim=True)
     torch.testing.assert_close(model.timestep_probs(x0), expected)
-    torch.testing.assert_close(adaptive.policy_log_probs(x0, model).exp(), expected)
-    assert float(model.timestep_distribution(x0)[20:40].sum()) > 0.5  # mass moved towards mu = 0.3
+    torch.testing.assert_close(adaptive.log_probs(x0, model.timestep_priors()).exp(), expected)
+    # The prior moves the draw towards mu = 0.3 (t around 30 of 100), away from the policy's own distribution.
+    gen = torch.Generator().manual_seed(0)
+    tilted_draws = torch.multinomial(model.timestep_distribution(x0), 2000, replacement=True, generator=gen)
+    gen.manual_seed(0)
+    plain_draws = torch.multinomial(pi.mean(0), 2000, replacement=True, generator=gen)
+    assert ((tilted_draws >= 20) & (tilted_draws < 40)).float().mean() > 0.5
+    assert ((plain_draws >= 20) & (plain_draws < 40)).float().mean() < 0.3
 
 
-def test_nan_reward_skips_the_update(digits_mds):
-    adaptive = AdaptiveTimestepSampling(update_every=1)
-    trainer = make_trainer(digits_mds, algorithms=[adaptive], max_duration='1ba')
+def test_non_finite_reward_or_loss_skips_the_update(digits_mds, caplog):
+    adaptive = AdaptiveTimestepSampling(update_every=1, num_probe_timesteps=8)
+    make_trainer(digits_mds, algorithms=[adaptive], max_duration='1ba').fit()
     params = [p.detach().clone() for p in adaptive.policy.parameters()]
-    model = trainer.state.model
-    x0 = torch.rand(4, 1, 8, 8)
-    with pytest.warns(UserWarning, match='skipped'):
-        adaptive._update_policy(x0, torch.zeros(4, dtype=torch.long), torch.tensor([1.0, float('nan'), 0.0, 2.0]),
-                                model, trainer.state)
-    assert adaptive.num_skipped == 1 and adaptive.num_updates == 0
-    for p, q in zip(params, adaptive.policy.parameters()):
-        assert torch.equal(p, q)
+    adam = [s['exp_avg'].clone() for s in adaptive.optimizer.state.values()]
+    x0, t = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    with caplog.at_level(logging.WARNING):
+        adaptive.update_policy(x0, t, torch.tensor([1.0, float('nan'), 0.0, 2.0]))
+        adaptive.update_policy(x0, t, torch.tensor([1.0, float('inf'), 0.0, 2.0]))
+        adaptive.update_policy(x0, t, torch.tensor([1.0, 3.0, 0.0, 2.0]), loss_finite=False)
+    assert caplog.text.count('update was skipped') == 3
+    assert adaptive.num_skipped == 3 and adaptive.num_updates == 1
+    assert all(torch.equal(p, q) for p, q in zip(params, adaptive.policy.parameters()))
+    assert all(torch.equal(a, s['exp_avg']) for a, s in zip(adam, adaptive.optimizer.state.values()))
+    assert all(torch.isfinite(p).all() for p in adaptive.policy.parameters())
+    adaptive.update_policy(x0, torch.tensor([0, 10, 50, 99]), torch.tensor([1.0, 3.0, 0.0, 2.0]))
+    assert adaptive.num_updates == 2
+    assert any(not torch.equal(p, q) for p, q in zip(params, adaptive.policy.parameters()))
 
 
 @pytest.mark.parametrize('policy', ['beta', 'global'])
 def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, policy):
 
     def algorithm():
-        return AdaptiveTimestepSampling(update_every=2, policy=policy, num_bins=10)
+        return AdaptiveTimestepSampling(update_every=2, policy=policy, num_probe_timesteps=8)
 
     rec = LossRecorder()
     full = make_trainer(digits_mds, algorithms=[algorithm()], max_duration='8ba', callbacks=[rec],
-                        save_folder=str(tmp_path / 'a'), save_interval='3ba')
+                        save_folder=str(tmp_path / 'a'), save_interval='4ba')
     full.fit()
     rec2 = LossRecorder()
     resumed = make_trainer(digits_mds, algorithms=[algorithm()], max_duration='8ba', callbacks=[rec2],
-                           model=tiny_model(seed=4), load_path=str(tmp_path / 'a' / 'ep0-ba3-rank0.pt'))
+                           model=tiny_model(seed=4), load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'))
+    b = resumed.state.algorithms[0]
+    # Loaded in place: the model's sampler uses the algorithm's (restored) policy object.
+    assert resumed.state.model.timestep_sampler.policy is b.policy and b.num_updates == 2
     resumed.fit()
-    assert rec2.losses == rec.losses[3:]
-    a, b = full.state.algorithms[0], resumed.state.algorithms[0]
-    assert b.num_updates == a.num_updates == 4
-    for key, value in a.state_dict().items():
-        if key in ('policy', 'queue_x', 'queue_y', 'selected'):
-            got = b.state_dict()[key]
-            if isinstance(value, dict):
-                assert all(torch.equal(value[k], got[k]) for k in value), key
-            else:
-                assert torch.equal(value, got), key
-    # The algorithm's state is tensors and primitives only: it loads with weights_only=True.
-    torch.save(a.state_dict(), tmp_path / 'adaptive.pt')
+    assert len(rec.losses) == 8 and rec2.losses == rec.losses[4:]
+    a = full.state.algorithms[0]
+    assert a.num_updates == b.num_updates == 4
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for key in ('policy', 'queue_x', 'queue_y', 'selected', 'generators'):
+        value, got = sa[key], sb[key]
+        pairs = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [
+            (None, value)]
+        for k, v in pairs:
+            w = got if k is None else got[k]
+            assert torch.equal(v, w), (key, k)
+    assert sa['optimizer']['state'].keys() == sb['optimizer']['state'].keys()
+    for k, state in sa['optimizer']['state'].items():
+        assert all(torch.equal(state[n], sb['optimizer']['state'][k][n]) for n in state), k
+    assert (sa['num_probes'], sa['num_skipped']) == (sb['num_probes'], sb['num_skipped']) == (4, 0)
+    # Tensors and primitives only: the state loads with weights_only=True into a fresh algorithm after INIT.
+    torch.save(sa, tmp_path / 'adaptive.pt')
     reloaded = torch.load(tmp_path / 'adaptive.pt', weights_only=True)
-    assert torch.equal(reloaded['queue_x'], a.queue_x)
-    assert math.isfinite(rec.losses[-1])
+    fresh = algorithm()
+    make_trainer(digits_mds, algorithms=[fresh], max_duration='1ba')
+    fresh.load_state_dict(reloaded)
+    assert torch.equal(fresh.queue_x, a.queue_x) and fresh.selected_timesteps == a.selected_timesteps
+    assert all(torch.equal(p, q) for p, q in zip(fresh.policy.parameters(), a.policy.parameters()))

@@ -1,0 +1,75 @@
+"""What every loss weighting here shares: converting an epsilon-space weight to the model's target, and installing.
+
+A weighting stated for the epsilon loss (P2, SpeeD) weights the same objective for another target once multiplied
+by ``c(SNR)``, where ``||eps - eps_hat||^2 = c * ||target - target_hat||^2`` at a fixed ``x_t``:
+
+- epsilon: ``c = 1``;
+- v_prediction: ``eps - eps_hat = sqrt(alphabar) (v - v_hat)``, so ``c = alphabar = SNR / (SNR + 1)`` (1 at SNR = inf);
+- sample: ``eps - eps_hat = -sqrt(alphabar / (1 - alphabar)) (x0 - x0_hat)``, so ``c = SNR``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from composer.algorithms.warnings import NoEffectWarning
+
+from composer_algos.diffusion.model import PREDICTION_TYPES, LossWeighting
+
+__all__ = ['check_prediction_type', 'epsilon_loss_factor', 'from_epsilon_weight', 'install_loss_weighting']
+
+log = logging.getLogger(__name__)
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.')
+
+
+def epsilon_loss_factor(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """``c(SNR)`` with ``||eps - eps_hat||^2 = c ||target - target_hat||^2``: 1, ``SNR / (SNR + 1)`` or ``SNR``.
+
+    float64; at SNR = inf the v factor is its limit 1 and the sample factor is inf.
+
+    Example:
+        >>> epsilon_loss_factor(torch.tensor([0.0, 1.0, float('inf')]), 'v_prediction')
+        tensor([0.0000, 0.5000, 1.0000], dtype=torch.float64)
+    """
+    check_prediction_type(prediction_type)
+    snr = snr.to(torch.float64)
+    if prediction_type == 'epsilon':
+        return torch.ones_like(snr)
+    if prediction_type == 'v_prediction':
+        return torch.where(torch.isinf(snr), torch.ones_like(snr), snr / (snr + 1.0))
+    return snr
+
+
+def from_epsilon_weight(epsilon_weight: torch.Tensor, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The weight on the ``prediction_type`` loss that weights the same objective as ``epsilon_weight`` on the
+    epsilon loss: ``epsilon_weight * c(SNR)``. Only the sample target at SNR = inf can give a non-finite value."""
+    return epsilon_weight.to(torch.float64) * epsilon_loss_factor(snr, prediction_type)
+
+
+def install_loss_weighting(model: Any, weighting: LossWeighting, owner: str) -> torch.Tensor:
+    """Check ``weighting`` on all T timesteps of ``model`` and add it to the model's chain; return the (T,) weights.
+
+    Non-finite or negative weights are an error naming ``owner``, the prediction type and the timesteps; weights
+    that are all 1 raise a ``NoEffectWarning``.
+    """
+    schedule = model.noise_schedule
+    t = torch.arange(model.num_timesteps)
+    weights = weighting(schedule, t, model.prediction_type).to(torch.float64)
+    bad = ~torch.isfinite(weights) | (weights < 0)
+    if bool(bad.any()):
+        where = t[bad][:5].tolist()
+        raise ValueError(f'{owner} gives loss weights that are negative or not finite for '
+                         f'prediction_type={model.prediction_type!r} at timesteps {where} (SNR there: '
+                         f'{schedule.snr(t[bad][:5]).tolist()}); choose other arguments or another prediction type.')
+    if bool((weights == 1).all()):
+        warnings.warn(NoEffectWarning(f'{owner} weights every timestep by 1 with these arguments.'))
+    model.add_loss_weighting(weighting, owner=owner)
+    log.info('%s: loss weights in [%.4g, %.4g].', owner, float(weights.min()), float(weights.max()))
+    return weights
