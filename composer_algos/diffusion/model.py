@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -247,7 +248,27 @@ class DiffusionModel(ComposerModel):
         x0 = self.images(batch)
         t, weight = self.draw_timesteps(x0)
         noise = self.randn(x0.shape, x0.device).to(x0.dtype)
-        return self._loss_terms(x0, t, noise, self.conditioning(batch), weight * self.loss_weights(t))
+        if not self.training:
+            return self._loss_terms(x0, t, noise, self.conditioning(batch), weight * self.loss_weights(t))
+        with self._denoiser_rng(x0.device):
+            return self._loss_terms(x0, t, noise, self.conditioning(batch), weight * self.loss_weights(t))
+
+    @contextlib.contextmanager
+    def _denoiser_rng(self, device: torch.device) -> Iterator[None]:
+        """The global RNG, seeded from this rank's generator, for the denoiser's own randomness (dropout, label drop).
+
+        Composer does not restore the global RNG when it resumes mid-epoch from a streaming dataset, so dropout
+        drawn from it would differ after a resume; seeded from the checkpointed generator it repeats exactly.
+        Activation checkpointing replays the same state (it saves the RNG state at the forward).
+        """
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' \
+            else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)
+            yield
 
     def _loss_terms(self, x0, t, noise, conditioning, weight) -> dict[str, torch.Tensor]:
         x_t = self.noise_schedule.add_noise(x0, noise, t)
