@@ -2,7 +2,9 @@
 
     composer -n 2 tests/distributed_run.py RECIPE.yaml OUT_DIR [key=value ...]
 
-Writes ``OUT_DIR/rank{r}.pt`` with ``{'losses': [...], 'algorithms': {class name: state_dict}, 'world_size': n}``.
+Writes ``OUT_DIR/rank{r}.pt`` with ``{'losses': [...], 'algorithms': {class name: state_dict}, 'world_size': n}``,
+``'callbacks'`` (the timestep heatmap's record)
+and ``'sharding'``: how the trained model is laid out on this rank (see :func:`sharding_report`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,24 @@ class Recorder(Callback):
         self.losses.append(float(state.loss.detach()))
 
 
+def sharding_report(model: torch.nn.Module) -> dict:
+    """``params``: name -> (local numel, full numel, is a DTensor); ``fsdp_units``: modules FSDP2 sharded as one
+    unit; ``checkpointed``: modules wrapped for activation checkpointing. Names omit the checkpoint wrapper's prefix."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    def clean(name: str) -> str:
+        return name.replace('._checkpoint_wrapped_module', '').replace('_checkpoint_wrapped_module.', '')
+
+    return {
+        'params': {clean(n): (p.to_local().numel() if isinstance(p, DTensor) else p.numel(), p.numel(),
+                              isinstance(p, DTensor)) for n, p in model.named_parameters()},
+        'fsdp_units': [clean(n) for n, m in model.named_modules() if isinstance(m, FSDPModule)],
+        'checkpointed': [clean(n) for n, m in model.named_modules() if isinstance(m, CheckpointWrapper)],
+    }
+
+
 def main() -> None:
     recipe, out_dir, *overrides = sys.argv[1:]
     torch.set_num_threads(1)
@@ -34,9 +54,13 @@ def main() -> None:
     trainer.state.callbacks.append(recorder)
     trainer.fit()
     states = {type(a).__name__: a.state_dict() for a in trainer.state.algorithms}
+    callbacks = {type(c).__name__: c.state_dict()
+                 for c in trainer.state.callbacks if type(c).__name__ == 'TimestepHeatmap'}
     os.makedirs(out_dir, exist_ok=True)
     torch.save({'losses': recorder.losses, 'algorithms': states, 'world_size': dist.get_world_size(),
-                'rank': dist.get_global_rank()}, os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))
+                'rank': dist.get_global_rank(), 'sharding': sharding_report(trainer.state.model),
+                'callbacks': callbacks},
+               os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))
     trainer.close()
 
 

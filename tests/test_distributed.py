@@ -52,6 +52,8 @@ def _recipe(tmp_path, digits_mds: str, algorithms: dict, fsdp: bool) -> str:
         'save_interval': '4ba',
         'save_overwrite': True,
         'progress_bar': False,
+        # Its record grows during training: it must load from a sharded checkpoint all the same.
+        'callbacks': {'timestep_heatmap': {'interval': '2ba', 'folder': str(tmp_path / 'pictures')}},
     }
     if fsdp:
         recipe['parallelism_config'] = {'fsdp': {'state_dict_type': 'sharded'}}
@@ -117,3 +119,6 @@ def test_two_rank_resume_is_exact(tmp_path, digits_mds, name, strategy):
     for rank in range(2):
         assert resumed[rank]['losses'] == full[rank]['losses'][4:], f'rank {rank}'
         _assert_same_state(full[rank]['algorithms'], resumed[rank]['algorithms'], f'rank{rank}')
+        heatmap = full[rank]['callbacks']['TimestepHeatmap']
+        assert heatmap['steps'] == [2, 4, 6, 8]
+        _assert_same_state(heatmap, resumed[rank]['callbacks']['TimestepHeatmap'], f'rank{rank} heatmap')

@@ -151,8 +151,10 @@ class TimestepHeatmap(Callback):
         self._write(state, logger)
 
     def state_dict(self) -> dict[str, Any]:
-        return {'steps': torch.tensor(self.steps, dtype=torch.long), 'probs': self.probs}
+        # Lists, not tensors: the record grows, and a sharded (FSDP) checkpoint loads tensors in place, into tensors
+        # of the shape the fresh callback has; Python objects are stored whole.
+        return {'steps': list(self.steps), 'probs': [row.tolist() for row in self.rows]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = [int(s) for s in state['steps'].tolist()]
-        self.rows = list(state['probs'].float()) if self.steps else []
+        self.steps = [int(s) for s in state['steps']]
+        self.rows = [torch.tensor(row, dtype=torch.float32) for row in state['probs']]
