@@ -183,7 +183,10 @@ def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
 
 def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dict[str, Any]] = None,
                           encoder: Optional[dict[str, Any]] = None, **kwargs: Any) -> torch.nn.Module:
-    """The ``diffusion`` model: a denoiser from the denoisers registry inside a :class:`DiffusionModel`."""
+    """The ``diffusion`` model: a denoiser from the denoisers registry inside a :class:`DiffusionModel`.
+
+    ``encoder`` (optional, latent diffusion) is built from the encoders registry (default name ``vae``).
+    """
     from composer_algos.diffusion import DiffusionModel, NoiseSchedule
     denoiser_cfg = dict(denoiser)
     denoiser_name = denoiser_cfg.pop('name', 'unet')
@@ -193,9 +196,13 @@ def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dic
     encoder_module = None
     if encoder is not None:
         encoder_cfg = dict(encoder)
-        encoder_name = encoder_cfg.pop('name')
-        encoder_module = call_with_config(_resolve(registry.denoisers, encoder_name, 'encoder'), encoder_cfg,
+        encoder_name = encoder_cfg.pop('name', 'vae')
+        encoder_module = call_with_config(_resolve(registry.encoders, encoder_name, 'encoder'), encoder_cfg,
                                           'model.encoder')
+        vae_scale = getattr(encoder_module, 'scaling_factor', None)
+        if vae_scale is not None and abs(float(kwargs.get('latent_scale', 1.0)) - vae_scale) > 1e-6:
+            log.warning('model.latent_scale=%s but the VAE was trained with scaling_factor=%s.',
+                        kwargs.get('latent_scale', 1.0), vae_scale)
     allowed = [n for n in inspect.signature(DiffusionModel.__init__).parameters if n not in ('self', 'denoiser',
                                                                                             'noise_schedule',
                                                                                             'encoder')]

@@ -11,13 +11,15 @@ from typing import Any, Callable
 
 import catalogue
 
-__all__ = ['algorithms', 'callbacks', 'models', 'datasets', 'denoisers', 'resolve']
+__all__ = ['algorithms', 'callbacks', 'models', 'datasets', 'denoisers', 'encoders', 'resolve']
 
 algorithms = catalogue.create('composer_algos', 'algorithms', entry_points=True)
 callbacks = catalogue.create('composer_algos', 'callbacks', entry_points=True)
 models = catalogue.create('composer_algos', 'models', entry_points=True)
 datasets = catalogue.create('composer_algos', 'datasets', entry_points=True)
 denoisers = catalogue.create('composer_algos', 'denoisers', entry_points=True)
+# Frozen encoders from images to latents (latent diffusion).
+encoders = catalogue.create('composer_algos', 'encoders', entry_points=True)
 
 
 def resolve(registry: catalogue.Registry, name: str, kind: str) -> Callable[..., Any]:

@@ -2,12 +2,19 @@
 
     python recipes/convert_dataset.py --dataset digits --out data/digits
     python recipes/convert_dataset.py --dataset cifar10 --out data/cifar10 --download-root /tmp/cifar
-    python recipes/convert_dataset.py --dataset folder --src /path/to/images --out s3://bucket/images/train
+    python recipes/convert_dataset.py --dataset folder --src /data/imagenet/train --resize 256 \
+        --out s3://bucket/imagenet256/train --workers 32
+    python recipes/convert_dataset.py --dataset folder --src /data/imagenet/train --resize 256 \
+        --encode-latents /weights/sd-vae-ft-ema --device cuda --out s3://bucket/imagenet256-latents/train
 
 ``digits`` is scikit-learn's bundled 8x8 digits (no download) written as ``OUT/train`` and ``OUT/val``;
-``cifar10`` downloads through torchvision; ``folder`` reads a folder of images (sub-folders are classes) with
-parallel decoding and writes one split to OUT, which may be a local folder or any remote URL that
-mosaicml-streaming can upload to (``s3://``, ``gs://``, ``oci://``, ...).
+``cifar10`` downloads through torchvision; ``folder`` reads a folder of images (sub-folders are classes, in sorted
+order) and writes one split to OUT, which may be a local folder or any remote URL that mosaicml-streaming can
+upload to (``s3://``, ``gs://``, ``oci://``, ...). ``--resize N`` resizes the shorter side to N and crops the
+centre square. Images are written by ``--workers`` processes, each into its own part folder, and the part indexes
+are merged in file order. ``--encode-latents VAE_PATH`` instead stores the VAE's latents (column ``latents``,
+float16, unscaled; read them with ``latents: true`` in the loader): images are decoded by ``--workers`` threads and
+encoded in batches on one ``--device``.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import argparse
 import os
 import sys
 
-from composer_algos.data.convert import cifar10_images, convert_digits, folder_images, write_mds
+from composer_algos.data.convert import cifar10_images, convert_digits, folder_images, write_folder_mds, write_mds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,23 +33,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--src', help='image folder (for --dataset folder)')
     parser.add_argument('--download-root', default='./cifar10-download', help='where torchvision puts CIFAR-10')
     parser.add_argument('--size-limit', default='64mb', help='shard size limit, e.g. 64mb')
-    parser.add_argument('--workers', type=int, default=8, help='decoding threads (folder)')
+    parser.add_argument('--workers', type=int, default=8,
+                        help='folder: writer processes (images) or decoding threads (--encode-latents)')
+    parser.add_argument('--part-size', type=int, default=10000, help='folder: most images per writer process part')
+    parser.add_argument('--resize', type=int, default=None, help='folder: shorter side to N, then centre crop NxN')
     parser.add_argument('--compression', default=None, help='shard compression, e.g. zstd')
+    parser.add_argument('--encode-latents', metavar='VAE_PATH', default=None,
+                        help='folder: store latents of the diffusers AutoencoderKL saved at VAE_PATH')
+    parser.add_argument('--vae-subfolder', default=None, help='sub-folder of VAE_PATH holding the VAE, e.g. vae')
+    parser.add_argument('--device', default='cpu', help='device of the VAE (--encode-latents), e.g. cuda')
+    parser.add_argument('--batch-size', type=int, default=32, help='images per VAE batch (--encode-latents)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar (e.g. for batch-job logs)')
     args = parser.parse_args(argv)
 
+    if args.dataset != 'folder' and (args.resize or args.encode_latents or args.src):
+        parser.error('--src, --resize and --encode-latents apply to --dataset folder')
     if args.dataset == 'digits':
-        convert_digits(args.out, progress=True)
+        convert_digits(args.out, progress=not args.no_progress)
     elif args.dataset == 'cifar10':
         for split in ('train', 'val'):
             write_mds(cifar10_images(args.download_root, split), os.path.join(args.out, split),
                       size_limit=args.size_limit, total=50000 if split == 'train' else 10000,
-                      compression=args.compression)
-    else:
-        if not args.src:
-            parser.error('--dataset folder needs --src PATH')
-        images, count, classes = folder_images(args.src, workers=args.workers)
+                      compression=args.compression, progress=not args.no_progress)
+    elif not args.src:
+        parser.error('--dataset folder needs --src PATH')
+    elif args.encode_latents:
+        from composer_algos.data.latents import build_vae_encoder, write_latents_mds
+        if not args.resize:
+            parser.error('--encode-latents needs --resize N: a batch of images must share one size')
+        encoder = build_vae_encoder(args.encode_latents, subfolder=args.vae_subfolder)
+        images, count, classes = folder_images(args.src, workers=args.workers, resize=args.resize)
         print(f'{count} images in {len(classes)} classes under {args.src}')
-        write_mds(images, args.out, size_limit=args.size_limit, total=count, compression=args.compression)
+        write_latents_mds(images, args.out, encoder, batch_size=args.batch_size, device=args.device,
+                          size_limit=args.size_limit, total=count, compression=args.compression,
+                          progress=not args.no_progress)
+    else:
+        count = write_folder_mds(args.src, args.out, processes=args.workers, resize=args.resize,
+                                 size_limit=args.size_limit, compression=args.compression, part_size=args.part_size,
+                                 progress=not args.no_progress)
+        print(f'{count} images from {args.src}')
     print(f'wrote {args.out}')
     return 0
 

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ['build_unet', 'build_dit', 'TimeConditionedConvNet', 'count_parameters']
+__all__ = ['build_unet', 'build_dit', 'BlockPolicy', 'TimeConditionedConvNet', 'count_parameters']
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -30,13 +30,14 @@ def build_unet(
     """A diffusers ``UNet2DModel``; ``attention_levels`` lists the resolutions (by index) that get self-attention.
 
     The default is the digits recipe's UNet: 8x8 -> 4x4, 32/64 channels, attention at 4x4, about 0.5M parameters.
+    Under FSDP each down, mid and up block is its own unit (see :class:`BlockPolicy`).
     """
     from diffusers import UNet2DModel
     levels = set(attention_levels)
     n = len(block_out_channels)
     down = tuple('AttnDownBlock2D' if i in levels else 'DownBlock2D' for i in range(n))
     up = tuple('AttnUpBlock2D' if (n - 1 - i) in levels else 'UpBlock2D' for i in range(n))
-    return UNet2DModel(
+    unet = UNet2DModel(
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=out_channels or in_channels,
@@ -50,6 +51,9 @@ def build_unet(
         attention_head_dim=attention_head_dim,
         **kwargs,
     )
+    blocks = [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
+    unet.fsdp_wrap_fn = unet.activation_checkpointing_fn = BlockPolicy(blocks)
+    return unet
 
 
 def build_dit(
@@ -62,7 +66,10 @@ def build_dit(
     num_classes: int = 1000,
     **kwargs: Any,
 ) -> nn.Module:
-    """A diffusers ``DiTTransformer2DModel`` (class-conditional; output channels = input channels)."""
+    """A diffusers ``DiTTransformer2DModel`` (class-conditional; output channels = input channels).
+
+    Under FSDP each transformer block but the first is its own unit (see :class:`BlockPolicy`).
+    """
     from diffusers import DiTTransformer2DModel
     model = DiTTransformer2DModel(
         sample_size=sample_size,
@@ -75,7 +82,33 @@ def build_dit(
         num_embeds_ada_norm=num_classes,
         **kwargs,
     )
-    return _DiTAdapter(model)
+    adapter = _DiTAdapter(model)
+    blocks = list(model.transformer_blocks)
+    # diffusers' DiT calls transformer_blocks[0].norm1.emb again after the last block, when a sharded block 0 would
+    # be resharded already: block 0 stays in the denoiser's own unit (gathered for the whole forward).
+    adapter.fsdp_wrap_fn = BlockPolicy(blocks[1:])
+    adapter.activation_checkpointing_fn = BlockPolicy(blocks)
+    return adapter
+
+
+class BlockPolicy:
+    """True for the given blocks of a denoiser: its ``fsdp_wrap_fn`` and ``activation_checkpointing_fn``.
+
+    Composer's FSDP policies (FSDP2 and FSDP1) wrap each direct child of the ComposerModel (here the denoiser) and
+    ask that child's ``fsdp_wrap_fn`` about every submodule: each block becomes its own FSDP unit, gathered just
+    before it runs and freed after, instead of one unit gathering the whole denoiser. With
+    ``activation_checkpointing: true`` the blocks of ``activation_checkpointing_fn`` are recomputed in the backward
+    pass. The policy lives on the denoiser, so a deep copy of it (EMA) answers for the copied blocks.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        self.blocks = list(blocks)
+
+    def __call__(self, module: nn.Module) -> bool:
+        return any(module is block for block in self.blocks)
+
+    def __repr__(self) -> str:
+        return f'BlockPolicy({len(self.blocks)} blocks)'
 
 
 class _DiTAdapter(nn.Module):
