@@ -91,7 +91,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                 'real_loader': real, 'folder': folder},
         'bits_per_dim': {'num_images': job['bpd_images'], 'num_terms': job['bpd_terms'],
                          'interval': f'{steps}ba', 'loader': real},
+        # What the sampler does over training (x: t, y: step); runs after the step timer, so it is not timed.
+        'timestep_heatmap': {'interval': f'{max(1, every // 3)}ba', 'folder': folder},
     }
+    cfg['loggers'] = {'in_memory': {}}
     trainer = build_trainer(cfg)
     timer = StepTimer()
     trainer.state.callbacks.insert(0, timer)
@@ -101,6 +104,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     trainer.fit()
     total = time.perf_counter() - start
     trainer.close()
+    memory = next(d for d in trainer.logger.destinations if type(d).__name__ == 'InMemoryLogger')
+    # The adaptive sampler's own record (mean t, entropy, S, reward... at each policy update).
+    sampler_trace = {key: [[int(ts.batch), float(v)] for ts, v in series]
+                     for key, series in memory.data.items() if key.startswith('adaptive/')}
     step_times = timer.times[10:] if len(timer.times) > 20 else timer.times
     return {
         'method': job['method'],
@@ -112,6 +119,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         'mean_step_time': sum(step_times) / len(step_times),
         'train_time': sum(timer.times),
         'total_time': total,
+        'sampler_trace': sampler_trace,
     }
 
 
@@ -221,6 +229,36 @@ def write_markdown(summary: dict[str, Any], args: argparse.Namespace, path: str,
         f.write(text)
 
 
+def sampler_trace_table(results: list[dict[str, Any]], points: int = 6) -> str:
+    """Markdown: how each adaptive method's sampler evolved (mean t, entropy, reward, S), mean over seeds."""
+    blocks = []
+    for method in sorted({r['method'] for r in results if r.get('sampler_trace')}):
+        runs = [r['sampler_trace'] for r in results if r['method'] == method and r.get('sampler_trace')]
+        series = runs[0].get('adaptive/mean_t', [])
+        if not series:
+            continue
+        picks = sorted({series[round(i * (len(series) - 1) / (points - 1))][0] for i in range(points)})
+        selected = sorted(k for k in runs[0] if k.startswith('adaptive/S'))
+
+        def at(trace: dict, key: str, step: int) -> Optional[float]:
+            values = [v for s, v in trace.get(key, []) if s == step]
+            return values[-1] if values else None
+
+        lines = [f'**{method}** (mean over {len(runs)} seeds; S from the first seed)', '',
+                 '| step | mean t | entropy (nats; uniform = ln T) | reward (standardised batch mean) | S |',
+                 '| ---: | ---: | ---: | ---: | --- |']
+        for step in picks:
+            cells = []
+            for key in ('adaptive/mean_t', 'adaptive/entropy', 'adaptive/reward'):
+                values = [v for v in (at(t, key, step) for t in runs) if v is not None and math.isfinite(v)]
+                cells.append(_fmt(_mean(values), '.3f' if key != 'adaptive/mean_t' else '.1f') if values else '—')
+            s_values = [at(runs[0], k, step) for k in selected]
+            cells.append(', '.join(str(int(v)) for v in s_values if v is not None) or '—')
+            lines.append(f'| {step} | ' + ' | '.join(cells) + ' |')
+        blocks.append('\n'.join(lines))
+    return '\n\n'.join(blocks)
+
+
 def write_plot(summary: dict[str, Any], path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -293,6 +331,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump({'command': command, 'args': vars(args), 'runs': results, 'summary': summary}, f, indent=1)
     write_markdown(summary, args, os.path.join(args.out, 'results.md'), command.strip())
+    trace = sampler_trace_table(results)
+    if trace:
+        with open(os.path.join(args.out, 'results.md'), 'a') as f:
+            f.write('\nThe adaptive sampler over training (logged at each policy update; per-run heatmaps in '
+                    '`runs/<method>-s<seed>/timestep_heatmap.png`):\n\n' + trace + '\n')
     write_plot(summary, os.path.join(args.out, 'fid.png'))
     print(open(os.path.join(args.out, 'results.md')).read())
     print(f'total wall time {time.time() - start:.0f}s')

@@ -28,3 +28,12 @@ def test_quick_benchmark_writes_table_plot_and_raw_numbers(digits_mds, tmp_path)
     assert [r['fid_steps'] for r in results['runs']] == [[20, 40], [20, 40]]
     assert (out / 'fid.png').stat().st_size > 0
     assert '| uniform |' in (out / 'results.md').read_text()
+    # What the sampler did: the adaptive run's logged record and a heatmap per run; uniform logs no sampler record.
+    traces = {r['method']: r['sampler_trace'] for r in results['runs']}
+    assert traces['uniform'] == {}
+    mean_t = traces['adaptive_clts_md']['adaptive/mean_t']
+    # Probes run every 40 optimizer steps from the first: one update, logged once that step is done.
+    assert [step for step, _ in mean_t] == [1] and 0 < mean_t[0][1] < 1000
+    assert 'The adaptive sampler over training' in (out / 'results.md').read_text()
+    for run in ('uniform-s0', 'adaptive_clts_md-s0'):
+        assert (out / 'runs' / run / 'timestep_heatmap.png').stat().st_size > 0
