@@ -245,7 +245,8 @@ def sampler_trace_table(results: list[dict[str, Any]], points: int = 6) -> str:
             return values[-1] if values else None
 
         lines = [f'**{method}** (mean over {len(runs)} seeds; S from the first seed)', '',
-                 '| step | mean t | entropy (nats; uniform = ln T) | reward (standardised batch mean) | S |',
+                 '| step | mean t | entropy of the batch marginal (nats; uniform: ln T) | '
+                 'reward (batch-mean KL reduction) | S |',
                  '| ---: | ---: | ---: | ---: | --- |']
         for step in picks:
             cells = []

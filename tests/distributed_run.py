@@ -1,10 +1,12 @@
 """Train a recipe and record, per rank, the loss of every batch and every algorithm's final state.
 
     composer -n 2 tests/distributed_run.py RECIPE.yaml OUT_DIR [key=value ...]
+    composer -n 2 tests/distributed_run.py --each RECIPES.txt OUT_DIR
 
 Writes ``OUT_DIR/rank{r}.pt`` with ``{'losses': [...], 'algorithms': {class name: state_dict}, 'world_size': n}``,
-``'callbacks'`` (the timestep heatmap's record)
-and ``'sharding'``: how the trained model is laid out on this rank (see :func:`sharding_report`).
+``'callbacks'`` (the timestep heatmap's record) and ``'sharding'``: how the trained model is laid out on this rank
+(see :func:`sharding_report`). With ``--each``, every recipe listed in RECIPES.txt (one path a line) is trained in
+turn in the same process group, into ``OUT_DIR/<recipe file name>/rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -46,9 +48,7 @@ def sharding_report(model: torch.nn.Module) -> dict:
     }
 
 
-def main() -> None:
-    recipe, out_dir, *overrides = sys.argv[1:]
-    torch.set_num_threads(1)
+def run(recipe: str, out_dir: str, overrides: list[str]) -> None:
     trainer = build_trainer(load_config(recipe, overrides))
     recorder = Recorder()
     trainer.state.callbacks.append(recorder)
@@ -62,6 +62,19 @@ def main() -> None:
                 'callbacks': callbacks},
                os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))
     trainer.close()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    if sys.argv[1] == '--each':
+        listing, out_dir = sys.argv[2:4]
+        with open(listing) as f:
+            recipes = [line.strip() for line in f if line.strip()]
+        for recipe in recipes:
+            run(recipe, os.path.join(out_dir, os.path.basename(recipe)), [])
+        return
+    recipe, out_dir, *overrides = sys.argv[1:]
+    run(recipe, out_dir, overrides)
 
 
 if __name__ == '__main__':

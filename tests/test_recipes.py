@@ -1,12 +1,18 @@
-"""Every digits recipe in yamls/ builds from YAML and trains a few steps (tiny model, shrunk callbacks)."""
+"""Every recipe in yamls/ builds from YAML and trains a few steps (tiny model, shrunk callbacks), in one process and
+on two FSDP2 ranks; the scale-out recipes' settings are checked as written."""
 
 import glob
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
-from composer_algos.config import build_trainer, load_config
+from composer_algos import registry
+from composer_algos.config import build_trainer, call_with_config, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_RECIPES = sorted(glob.glob(os.path.join(ROOT, 'yamls', 'digits', '*.yaml')))
@@ -38,14 +44,6 @@ def test_recipe_trains(recipe, digits_mds, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ scale-out recipes
 # Every other recipe (CIFAR-10, latent 256x256, ...) is built from its YAML with CPU overrides (a tiny denoiser,
 # fp32, no parallelism_config, the digits shards) and trains 2 steps; its scale-out settings are checked as written.
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-from composer_algos import registry  # noqa: E402
-from composer_algos.config import call_with_config  # noqa: E402
 
 SCALE_RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, 'yamls', '*', '*.yaml'))
                        if os.path.basename(os.path.dirname(p)) not in ('algorithms', 'digits'))
@@ -442,3 +440,66 @@ def test_memory_plan_counts_saved_activations_exactly():
     assert saved.total() == 2 * (12 + 24 + 24)
     # Checkpointed: x, the block's input, and the block's own tensors while it is recomputed.
     assert saved.checkpointed() == 2 * (12 + 24) + 2 * (24 + 24)
+
+
+def _digits_overrides(recipe: str, data_root: str) -> dict:
+    """A digits recipe with a tiny denoiser, 2 steps and an evaluation, every algorithm as configured."""
+    cfg = load_config(recipe, [f'train_loader.local={data_root}', f'eval_loader.local={data_root}',
+                               'max_duration=2ba', 'eval_interval=2ba', 'eval_subset_num_batches=1',
+                               'progress_bar=false', 'save_folder=null', 'train_loader.global_batch_size=16'])
+    cfg['model']['denoiser'] = {'name': 'conv', 'width': 16}
+    cfg['model']['noise_schedule'] = {'num_timesteps': 100}
+    cfg['callbacks'] = {'loss_bands': {}}
+    if 'adaptive_timestep_sampling' in cfg['algorithms']:
+        cfg['algorithms']['adaptive_timestep_sampling'].update(update_every=1, num_probe_timesteps=6)
+    cfg['parallelism_config'] = {'fsdp': {'state_dict_type': 'sharded'}}
+    return cfg
+
+
+def test_every_recipe_on_two_fsdp2_ranks(digits_mds, latent_mds, tiny_vae_dir, tmp_path):
+    """Every YAML of yamls/ (CPU overrides) trains on 2 ranks with FSDP2, in one process group: the denoiser is
+    sharded, every algorithm of the recipe runs on the sharded model, and the adaptive policy stays the same on both
+    ranks. The scale-out recipes keep their own FSDP settings (activation checkpointing as written)."""
+    configs = {}
+    for recipe in DIGITS_RECIPES:
+        configs[f'digits-{os.path.basename(recipe)}'] = _digits_overrides(recipe, digits_mds)
+    for recipe in SCALE_RECIPES:
+        cfg = load_config(recipe)
+        latents = cfg['train_loader'].get('latents', False)
+        fsdp = cfg['parallelism_config']
+        cfg = _cpu_overrides(cfg, latent_mds if latents else digits_mds, tiny_vae_dir, update_every=1,
+                             num_probe_timesteps=6)
+        cfg['parallelism_config'] = fsdp
+        dataset = os.path.basename(os.path.dirname(recipe))
+        configs[f'{dataset}-{os.path.basename(recipe)}'] = cfg
+    paths = []
+    for name, cfg in configs.items():
+        path = tmp_path / 'recipes' / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg))
+        paths.append(str(path))
+    listing = tmp_path / 'recipes.txt'
+    listing.write_text('\n'.join(paths) + '\n')
+    out = tmp_path / 'out'
+    os.makedirs(out)
+    env = dict(os.environ, OMP_NUM_THREADS='1', FSDP_VERSION='2')
+    composer = os.path.join(os.path.dirname(sys.executable), 'composer')
+    proc = subprocess.run([composer, '-n', '2', RUNNER, '--each', str(listing), str(out)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    for name, cfg in configs.items():
+        ranks = [torch.load(out / name / f'rank{r}.pt', weights_only=False) for r in range(2)]
+        for result in ranks:
+            assert result['world_size'] == 2
+            assert len(result['losses']) == 2 and all(np.isfinite(result['losses'])), name
+            denoiser = {n: v for n, v in result['sharding']['params'].items() if n.startswith('denoiser.')}
+            assert denoiser and all(is_dtensor for _, _, is_dtensor in denoiser.values()), name
+            assert len(result['algorithms']) == len(cfg['algorithms']), name
+        assert ranks[0]['losses'] != ranks[1]['losses'], name  # each rank trains on its own samples
+        adaptive = [r['algorithms'].get('AdaptiveTimestepSampling') for r in ranks]
+        assert (adaptive[0] is not None) == ('adaptive_timestep_sampling' in cfg['algorithms']), name
+        if adaptive[0] is not None:
+            assert adaptive[0]['num_updates'] == 2, name
+            for key in ('policy', 'queue_x', 'selected'):
+                torch.testing.assert_close(adaptive[0][key], adaptive[1][key], msg=f'{name}: ranks differ in {key}')
