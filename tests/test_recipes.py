@@ -362,7 +362,7 @@ def test_cifar10_recipe_on_two_fsdp2_ranks_shards_each_block_and_resumes_exactly
     cfg['parallelism_config']['fsdp']['activation_checkpointing'] = True
     cfg['model']['denoiser'] = {'name': 'unet', 'sample_size': 8, 'in_channels': 3, 'block_out_channels': [16, 32],
                                 'layers_per_block': 1, 'attention_levels': [1], 'norm_num_groups': 8,
-                                'attention_head_dim': 16}
+                                'attention_head_dim': 16, 'dropout': 0.1}  # the recipe's dropout
     cfg['train_loader']['global_batch_size'] = 16
     cfg.update(max_duration='8ba', eval_interval='4ba', save_folder=str(tmp_path / 'ckpt'), save_interval='4ba',
                save_overwrite=True)

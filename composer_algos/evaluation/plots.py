@@ -60,10 +60,14 @@ def _figure(figsize: tuple[float, float], dpi: int):
 
 def timestep_heatmap_png(steps: Sequence[int], probs: torch.Tensor, path: str, title: str = '',
                          figsize: tuple[float, float] = (7.0, 4.5), dpi: int = 100) -> np.ndarray:
-    """Heatmap of the timestep distribution over training: x = t, y = training step, colour = probability.
+    """Heatmap of the timestep distribution over training: x = t, y = training step, colour = T * p(t).
 
-    ``probs`` is ``(len(steps), T)``, one distribution per recorded step. Writes ``path`` and returns the RGB image.
+    ``probs`` is ``(len(steps), T)``, one distribution per recorded step. The colour is the probability relative to
+    uniform (``T * p(t)``: white is uniform, red more likely, blue less) on a log scale symmetric about 1, so that a
+    sampler that moves mass by tens of percent is as visible as one that concentrates it. Writes ``path`` and returns
+    the RGB image.
     """
+    from matplotlib.colors import LogNorm
     probs = torch.as_tensor(probs, dtype=torch.float32).cpu()
     steps = list(steps)
     if probs.dim() != 2 or probs.shape[0] != len(steps):
@@ -71,14 +75,20 @@ def timestep_heatmap_png(steps: Sequence[int], probs: torch.Tensor, path: str, t
     fig = _figure(figsize, dpi)
     ax = fig.add_subplot(1, 1, 1)
     T = probs.shape[1]
+    relative = (probs * T).numpy()
+    # The colour range covers the largest departure from uniform either way (at least 2x, at most 100x).
+    positive = relative[relative > 0]
+    spread = float(max(positive.max(), 1 / positive.min())) if positive.size else 2.0
+    spread = min(max(spread, 2.0), 100.0)
     lo, hi = (steps[0], steps[-1]) if steps else (0, 1)
     half = (hi - lo) / max(len(steps) - 1, 1) / 2 if len(steps) > 1 else 0.5
-    image = ax.imshow(probs.numpy(), aspect='auto', origin='lower', interpolation='nearest', cmap='viridis',
-                      vmin=0.0, extent=(-0.5, T - 0.5, lo - half, hi + half))
+    image = ax.imshow(relative.clip(1 / spread, spread), aspect='auto', origin='lower', interpolation='nearest',
+                      cmap='RdBu_r', norm=LogNorm(vmin=1 / spread, vmax=spread),
+                      extent=(-0.5, T - 0.5, lo - half, hi + half))
     ax.set_xlabel('timestep t')
     ax.set_ylabel('training step (batches)')
     ax.set_title(title or 'timestep distribution p(t) over training')
-    fig.colorbar(image, ax=ax, label='probability')
+    fig.colorbar(image, ax=ax, label='T * p(t)  (1 = uniform)')
     fig.tight_layout()
     array = figure_to_array(fig)
     save_png(array, path)
