@@ -78,7 +78,7 @@ def timestep_heatmap_png(steps: Sequence[int], probs: torch.Tensor, path: str, t
     relative = (probs * T).numpy()
     # The colour range covers the largest departure from uniform either way (at least 2x, at most 100x).
     positive = relative[relative > 0]
-    spread = float(max(positive.max(), 1 / positive.min())) if positive.size else 2.0
+    spread = float(max(positive.max(), 1 / max(positive.min(), 1e-6))) if positive.size else 2.0
     spread = min(max(spread, 2.0), 100.0)
     lo, hi = (steps[0], steps[-1]) if steps else (0, 1)
     half = (hi - lo) / max(len(steps) - 1, 1) / 2 if len(steps) > 1 else 0.5
