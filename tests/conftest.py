@@ -30,14 +30,17 @@ def release_trainers():
     from composer.core.engine import Engine
     from streaming import StreamingDataset
     from streaming.base.shared.memory import SharedMemory
+    # type(), not isinstance(): some live objects answer attribute look-ups themselves (numpy's NpzFile.f raises
+    # AttributeError for __class__).
     for obj in gc.get_objects():
-        if isinstance(obj, Engine):
+        kind = type(obj)
+        if issubclass(kind, Engine):
             obj.close()
             atexit.unregister(obj._close)
-        elif isinstance(obj, StreamingDataset) and hasattr(obj, '_iterator'):
+        elif issubclass(kind, StreamingDataset) and hasattr(obj, '_iterator'):
             obj._iterator.exit()
     for obj in gc.get_objects():
-        if isinstance(obj, SharedMemory):
+        if issubclass(type(obj), SharedMemory):
             obj.cleanup()
             atexit.unregister(obj.cleanup)
     gc.collect()

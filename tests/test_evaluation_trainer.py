@@ -72,9 +72,9 @@ def test_evaluation_callbacks_in_trainer_fit(digits_mds, classifier_cache, tmp_p
         with Image.open(os.path.join(run_folder, f'samples_ba{step:07d}.png')) as image:
             assert image.size == (4 * 16 + 5 * 2, 4 * 16 + 5 * 2)
     assert os.path.isfile(os.path.join(run_folder, 'fid.png'))
-    record = np.load(os.path.join(run_folder, 'timestep_heatmap.npz'))
-    assert list(record['steps']) == [2, 4, 6] and record['probs'].shape == (3, 100)
-    assert np.allclose(record['probs'].sum(1), 1.0, atol=1e-5)
+    with np.load(os.path.join(run_folder, 'timestep_heatmap.npz')) as record:
+        assert list(record['steps']) == [2, 4, 6] and record['probs'].shape == (3, 100)
+        assert np.allclose(record['probs'].sum(1), 1.0, atol=1e-5)
     with Image.open(os.path.join(run_folder, 'timestep_heatmap.png')) as image:
         assert image.size == (700, 450)
 
