@@ -43,10 +43,25 @@ METHODS: dict[str, list[str]] = {
 QUICK_METHODS = ['uniform', 'adaptive_clts_md']
 
 
+def split_variant(method: str) -> tuple[str, list[str]]:
+    """``'adaptive@algorithms.adaptive_timestep_sampling.entropy_coef=0.5'`` -> the base method and its overrides.
+
+    A variant is a method of :data:`METHODS` with recipe overrides after ``@`` (several joined by ``;``), for
+    side-by-side runs of a setting against the defaults.
+    """
+    base, _, rest = method.partition('@')
+    return base, [o for o in rest.split(';') if o]
+
+
+def _slug(method: str) -> str:
+    return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in method)
+
+
 def _recipe(method: str, directory: str) -> str:
+    base, _ = split_variant(method)
     includes = [os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml')]
-    includes += [os.path.join(ROOT, 'yamls', 'algorithms', f'{f}.yaml') for f in METHODS[method]]
-    path = os.path.join(directory, f'{method}.yaml')
+    includes += [os.path.join(ROOT, 'yamls', 'algorithms', f'{f}.yaml') for f in METHODS[base]]
+    path = os.path.join(directory, f'{_slug(method)}.yaml')
     with open(path, 'w') as f:
         f.write('includes:\n' + ''.join(f'  - {i}\n' for i in includes))
     return path
@@ -77,15 +92,15 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     steps, every = job['steps'], job['eval_every']
     overrides = [
         f'seed={job["seed"]}', f'model.seed={job["seed"]}', f'train_loader.seed={job["seed"]}',
-        f'max_duration={steps}ba', f'run_name=bench-{job["method"]}-s{job["seed"]}', 'progress_bar=false',
+        f'max_duration={steps}ba', f'run_name=bench-{_slug(job["method"])}-s{job["seed"]}', 'progress_bar=false',
         'save_folder=null', 'eval_loader=null', 'eval_interval=1', 'device=cpu', f'train_loader.local={data}',
         'callbacks=null',
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(_recipe(job['method'], tmp), overrides)
+        cfg = load_config(_recipe(job['method'], tmp), overrides + split_variant(job['method'])[1])
     real = {'local': data, 'split': 'val', 'global_batch_size': 256, 'shuffle': False, 'drop_last': False,
             'channels': 1, 'image_size': 8}
-    folder = os.path.join(job['out'], 'runs', f'{job["method"]}-s{job["seed"]}')
+    folder = os.path.join(job['out'], 'runs', f'{_slug(job["method"])}-s{job["seed"]}')
     cfg['callbacks'] = {
         'fid': {'num_samples': job['fid_samples'], 'num_steps': job['ddim_steps'], 'interval': f'{every}ba',
                 'real_loader': real, 'folder': folder},
@@ -283,7 +298,9 @@ def write_plot(summary: dict[str, Any], path: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated, from: ' + ', '.join(METHODS))
+    parser.add_argument('--methods', default=','.join(METHODS),
+                        help='comma-separated, from: ' + ', '.join(METHODS) + '; METHOD@key=value[;key=value] is a '
+                        'variant of METHOD with recipe overrides')
     parser.add_argument('--seeds', default='0,1,2')
     parser.add_argument('--steps', type=int, default=1500)
     parser.add_argument('--eval-every', type=int, default=150)
@@ -300,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.methods, args.seeds, args.steps, args.eval_every = ','.join(QUICK_METHODS), '0', 40, 20
         args.fid_samples, args.ddim_steps, args.bpd_images, args.bpd_terms = 64, 5, 32, 4
     methods = [m for m in args.methods.split(',') if m]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if split_variant(m)[0] not in METHODS]
     if unknown:
         parser.error(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
     if 'uniform' not in methods:

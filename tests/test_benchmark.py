@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'recipes'))
@@ -37,3 +38,14 @@ def test_quick_benchmark_writes_table_plot_and_raw_numbers(digits_mds, tmp_path)
     assert 'The adaptive sampler over training' in (out / 'results.md').read_text()
     for run in ('uniform-s0', 'adaptive_clts_md-s0'):
         assert (out / 'runs' / run / 'timestep_heatmap.png').stat().st_size > 0
+
+
+def test_a_variant_is_its_method_with_overrides():
+    assert benchmark.split_variant('adaptive') == ('adaptive', [])
+    assert benchmark.split_variant('adaptive@algorithms.adaptive_timestep_sampling.entropy_coef=0.5;seed=3') == (
+        'adaptive', ['algorithms.adaptive_timestep_sampling.entropy_coef=0.5', 'seed=3'])
+    with tempfile.TemporaryDirectory() as tmp:
+        from composer_algos.config import load_config
+        variant = 'adaptive@algorithms.adaptive_timestep_sampling.entropy_coef=0.5'
+        cfg = load_config(benchmark._recipe(variant, tmp), benchmark.split_variant(variant)[1])
+    assert cfg['algorithms']['adaptive_timestep_sampling']['entropy_coef'] == 0.5
