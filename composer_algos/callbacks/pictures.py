@@ -84,9 +84,9 @@ class TimestepHeatmap(Callback):
     Every ``interval`` (at ``BATCH_END``) it evaluates ``model.timestep_distribution(x0)`` on the first
     ``max_images`` images of the current batch: the marginal over t of whichever sampler (and curriculum priors)
     is active, averaged over ranks. After each evaluation and at the end of training it writes
-    ``folder/timestep_heatmap.png`` (x: t, y: training step, colour: probability) and
-    ``folder/timestep_heatmap.npz`` (``steps``, ``probs``), and logs the PNG as an image. The record is saved in
-    checkpoints, so a resumed run continues the same picture.
+    ``folder/timestep_heatmap.png`` (x: t, y: training step, colour: T * p(t), the probability relative to uniform,
+    on a log scale) and ``folder/timestep_heatmap.npz`` (``steps``, ``probs``), and logs the PNG as an image. The
+    record is saved in checkpoints, so a resumed run continues the same picture.
 
     Args:
         interval: how often to record (a time string).
