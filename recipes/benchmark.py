@@ -110,7 +110,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         'timestep_heatmap': {'interval': f'{max(1, every // 3)}ba', 'folder': folder},
     }
     cfg['loggers'] = {'in_memory': {}}
-    trainer = build_trainer(cfg)
+    for attempt in range(5):
+        try:
+            trainer = build_trainer(cfg)
+            break
+        except FileExistsError:
+            # Two workers starting together can pick the same shared-memory prefix for their streaming datasets
+            # (streaming allocates it without a lock across unrelated processes): wait a moment and retry.
+            if attempt == 4:
+                raise
+            time.sleep(1.0 + job['seed'] + attempt)
     timer = StepTimer()
     trainer.state.callbacks.insert(0, timer)
     fid = next(c for c in trainer.state.callbacks if type(c).__name__ == 'FID')
