@@ -90,9 +90,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     data = job['data']
     steps, every = job['steps'], job['eval_every']
+    name = _slug(job['method'])
     overrides = [
         f'seed={job["seed"]}', f'model.seed={job["seed"]}', f'train_loader.seed={job["seed"]}',
-        f'max_duration={steps}ba', f'run_name=bench-{_slug(job["method"])}-s{job["seed"]}', 'progress_bar=false',
+        f'max_duration={steps}ba', f'run_name=bench-{name}-s{job["seed"]}', 'progress_bar=false',
         'save_folder=null', 'eval_loader=null', 'eval_interval=1', 'device=cpu', f'train_loader.local={data}',
         'callbacks=null',
     ]
@@ -100,7 +101,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         cfg = load_config(_recipe(job['method'], tmp), overrides + split_variant(job['method'])[1])
     real = {'local': data, 'split': 'val', 'global_batch_size': 256, 'shuffle': False, 'drop_last': False,
             'channels': 1, 'image_size': 8}
-    folder = os.path.join(job['out'], 'runs', f'{_slug(job["method"])}-s{job["seed"]}')
+    folder = os.path.join(job['out'], 'runs', f'{name}-s{job["seed"]}')
     cfg['callbacks'] = {
         'fid': {'num_samples': job['fid_samples'], 'num_steps': job['ddim_steps'], 'interval': f'{every}ba',
                 'real_loader': real, 'folder': folder},

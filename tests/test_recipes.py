@@ -343,14 +343,19 @@ def test_convert_folder_to_latents(tmp_path, tiny_vae_dir):
 RUNNER = os.path.join(ROOT, 'tests', 'distributed_run.py')
 
 
-def _launch_two_ranks(recipe: str, out_dir: str, *overrides: str) -> list[dict]:
+def _run_two_ranks(out_dir: str, *args: str, timeout: int = 600) -> None:
+    """``composer -n 2 tests/distributed_run.py ARGS`` with FSDP2, run in ``out_dir`` (recipes' file loggers write
+    under runs/)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', FSDP_VERSION='2')
     composer = os.path.join(os.path.dirname(sys.executable), 'composer')
-    # The recipe's file logger writes under runs/: run in the output folder.
     os.makedirs(out_dir, exist_ok=True)
-    proc = subprocess.run([composer, '-n', '2', RUNNER, recipe, out_dir, *overrides], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=out_dir)
+    proc = subprocess.run([composer, '-n', '2', RUNNER, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=out_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _launch_two_ranks(recipe: str, out_dir: str, *overrides: str) -> list[dict]:
+    _run_two_ranks(out_dir, recipe, out_dir, *overrides)
     return [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False) for r in range(2)]
 
 
@@ -481,12 +486,7 @@ def test_every_recipe_on_two_fsdp2_ranks(digits_mds, latent_mds, tiny_vae_dir, t
     listing = tmp_path / 'recipes.txt'
     listing.write_text('\n'.join(paths) + '\n')
     out = tmp_path / 'out'
-    os.makedirs(out)
-    env = dict(os.environ, OMP_NUM_THREADS='1', FSDP_VERSION='2')
-    composer = os.path.join(os.path.dirname(sys.executable), 'composer')
-    proc = subprocess.run([composer, '-n', '2', RUNNER, '--each', str(listing), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=str(out))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    _run_two_ranks(str(out), '--each', str(listing), str(out), timeout=900)
 
     for name, cfg in configs.items():
         ranks = [torch.load(out / name / f'rank{r}.pt', weights_only=False) for r in range(2)]

@@ -11,12 +11,20 @@ from composer.utils import dist
 
 from composer_algos.diffusion.utils import get_diffusion_model
 
-__all__ = ['diffusion_model', 'ReprMixin', 'gather_per_rank', 'pick_rank', 'parse_time', 'span_fraction']
+__all__ = ['diffusion_model', 'install_fixed_distribution', 'ReprMixin', 'gather_per_rank', 'pick_rank', 'parse_time',
+           'span_fraction']
 
 
 def diffusion_model(state: State, algorithm: Any) -> Any:
     """The model behind ``state.model`` that implements the diffusion contract (error naming ``algorithm`` if none)."""
     return get_diffusion_model(state.model, algorithm)
+
+
+def install_fixed_distribution(model: Any, probs: torch.Tensor, owner: str) -> float:
+    """Make a fixed ``(T,)`` distribution ``model``'s timestep sampler (owned by ``owner``); return its mean t."""
+    from composer_algos.diffusion.samplers import FixedDistributionSampler
+    model.set_timestep_sampler(FixedDistributionSampler(probs), owner)
+    return float((probs.double() * torch.arange(probs.numel(), dtype=torch.float64)).sum())
 
 
 class ReprMixin:

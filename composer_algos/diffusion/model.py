@@ -248,9 +248,7 @@ class DiffusionModel(ComposerModel):
         x0 = self.images(batch)
         t, weight = self.draw_timesteps(x0)
         noise = self.randn(x0.shape, x0.device).to(x0.dtype)
-        if not self.training:
-            return self._loss_terms(x0, t, noise, self.conditioning(batch), weight * self.loss_weights(t))
-        with self._denoiser_rng(x0.device):
+        with self._denoiser_rng(x0.device) if self.training else contextlib.nullcontext():
             return self._loss_terms(x0, t, noise, self.conditioning(batch), weight * self.loss_weights(t))
 
     @contextlib.contextmanager

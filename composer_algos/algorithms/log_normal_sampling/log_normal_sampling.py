@@ -21,8 +21,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model
-from composer_algos.diffusion.samplers import FixedDistributionSampler
+from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_fixed_distribution
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['LogNormalSampling', 'log_normal_probs', 'log_sigmas']
@@ -85,6 +84,5 @@ class LogNormalSampling(ReprMixin, Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = diffusion_model(state, self)
         probs = log_normal_probs(model.noise_schedule, self.p_mean, self.p_std)
-        model.set_timestep_sampler(FixedDistributionSampler(probs), type(self).__name__)
-        t = torch.arange(probs.numel(), dtype=torch.float64)
-        logger.log_hyperparameters({'log_normal_sampling/mean_t': float((probs * t).sum())})
+        mean_t = install_fixed_distribution(model, probs, type(self).__name__)
+        logger.log_hyperparameters({'log_normal_sampling/mean_t': mean_t})

@@ -22,8 +22,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model
-from composer_algos.diffusion.samplers import FixedDistributionSampler
+from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_fixed_distribution
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['LogitNormalSampling', 'logit_normal_probs']
@@ -77,6 +76,5 @@ class LogitNormalSampling(ReprMixin, Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = diffusion_model(state, self)
         probs = logit_normal_probs(model.noise_schedule, self.m, self.s)
-        model.set_timestep_sampler(FixedDistributionSampler(probs), type(self).__name__)
-        t = torch.arange(probs.numel(), dtype=torch.float64)
-        logger.log_hyperparameters({'logit_normal_sampling/mean_t': float((probs * t).sum())})
+        mean_t = install_fixed_distribution(model, probs, type(self).__name__)
+        logger.log_hyperparameters({'logit_normal_sampling/mean_t': mean_t})

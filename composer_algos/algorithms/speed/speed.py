@@ -37,9 +37,8 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model
+from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_fixed_distribution
 from composer_algos.algorithms.weighting import check_prediction_type, from_epsilon_weight, install_loss_weighting
-from composer_algos.diffusion.samplers import FixedDistributionSampler
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['SpeeD', 'speed_threshold', 'speed_probs', 'speed_epsilon_weights', 'speed_weight']
@@ -148,7 +147,7 @@ class SpeeD(ReprMixin, Algorithm):
         model = diffusion_model(state, self)
         owner = type(self).__name__
         probs = speed_probs(model.noise_schedule, self.tau, self.k)
-        model.set_timestep_sampler(FixedDistributionSampler(probs), owner)
+        install_fixed_distribution(model, probs, owner)
         weighting = functools.partial(speed_weight, tau=self.tau, lam=self.lam)
         weights = install_loss_weighting(model, weighting, owner)
         threshold = speed_threshold(model.num_timesteps, self.tau)
