@@ -1,18 +1,16 @@
-"""Mechanisms every algorithm here shares: finding the model, clean reprs, per-rank state in checkpoints."""
+"""Mechanisms every algorithm here shares: finding the model, clean reprs, spans of training time."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from composer.core import State, Time, TimeUnit
-from composer.utils import dist
 
 from composer_algos.diffusion.utils import get_diffusion_model
 
-__all__ = ['diffusion_model', 'install_fixed_distribution', 'ReprMixin', 'gather_per_rank', 'pick_rank', 'parse_time',
-           'span_fraction']
+__all__ = ['diffusion_model', 'install_fixed_distribution', 'ReprMixin', 'parse_time', 'span_fraction']
 
 
 def diffusion_model(state: State, algorithm: Any) -> Any:
@@ -34,19 +32,6 @@ class ReprMixin:
         params = inspect.signature(type(self).__init__).parameters
         parts = [f'{name}={getattr(self, name)!r}' for name in params if name != 'self' and hasattr(self, name)]
         return f'{type(self).__name__}({", ".join(parts)})'
-
-
-def gather_per_rank(value: Any) -> list[Any]:
-    """Every rank's ``value`` as a list indexed by rank (collective; Composer calls ``state_dict`` on all ranks)."""
-    if dist.get_world_size() == 1:
-        return [value]
-    return dist.all_gather_object(value)
-
-
-def pick_rank(values: list[Any]) -> Optional[Any]:
-    """This rank's entry of a list saved by :func:`gather_per_rank`, or ``None`` if the checkpoint had fewer ranks."""
-    rank = dist.get_global_rank()
-    return values[rank] if rank < len(values) else None
 
 
 def parse_time(value: str | int | float | Time, name: str) -> Time:
@@ -84,7 +69,3 @@ def span_fraction(state: State, start: Time, end: Time) -> float:
     if width <= 0:
         return 1.0 if now >= as_float(end) else 0.0
     return float(min(max((now - as_float(start)) / width, 0.0), 1.0))
-
-
-def to_cpu_tensor(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().cpu().clone()

@@ -16,6 +16,7 @@ from composer_algos.evaluation.features import build_feature_extractor
 from composer_algos.evaluation.fid import fid_metric, update_fid
 from composer_algos.evaluation.plots import metric_curve_png
 from composer_algos.evaluation.sampling import generate_share, rank_world
+from composer_algos.seeding import keyed_generator
 
 __all__ = ['FID']
 
@@ -111,7 +112,7 @@ class FID(PeriodicEvaluation):
         cap = None if self.max_real_samples is None else math.ceil(self.max_real_samples / world_size)
         metric = floor = accuracy = None
         count = 0
-        gen = torch.Generator().manual_seed(self.seed + 1_000_003 * rank)
+        gen = keyed_generator(self.seed, rank)
         for batch in loader:
             images = model.images(batch).detach().float()
             if cap is not None:

@@ -13,7 +13,8 @@ from composer.loggers import Logger
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
 from composer_algos.evaluation.fid import collect_images
 from composer_algos.evaluation.likelihood import bits_per_dim
-from composer_algos.evaluation.sampling import all_reduce_max, all_reduce_sum, rank_world
+from composer_algos.distributed import all_reduce, rank_world
+from composer_algos.evaluation.sampling import all_reduce_max
 
 __all__ = ['BitsPerDim', 'LossBands', 'band_names']
 
@@ -71,7 +72,7 @@ class BitsPerDim(PeriodicEvaluation):
         with self.sampling_model(state, self.use_ema) as (model, _):
             per_image = bits_per_dim(model, images, conditioning, num_terms=self.num_terms, seed=self.seed,
                                      batch_size=self.batch_size, num_batches=num_batches)
-        totals = all_reduce_sum(torch.tensor([float(per_image.sum()), float(per_image.numel())], dtype=torch.float64))
+        totals = all_reduce(torch.tensor([float(per_image.sum()), float(per_image.numel())], dtype=torch.float64))
         value = float(totals[0] / totals[1])
         self.steps.append(self.step(state))
         self.values.append(value)

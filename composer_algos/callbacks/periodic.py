@@ -12,7 +12,7 @@ from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist
 from composer.utils.misc import create_interval_scheduler
 
-from composer_algos.diffusion.utils import get_diffusion_model
+from composer_algos.diffusion.utils import device_batch, get_diffusion_model
 from composer_algos.evaluation.sampling import ema_weights, eval_mode
 
 __all__ = ['PeriodicEvaluation', 'DEFAULT_FOLDER']
@@ -104,4 +104,4 @@ class PeriodicEvaluation(Callback):
             return tuple(int(s) for s in given)
         if state.batch is None:
             raise ValueError('Cannot infer the sample shape before any batch was seen; set sample_shape.')
-        return tuple(model.images(state.batch).shape[1:])
+        return tuple(model.images(device_batch(state)).shape[1:])

@@ -14,9 +14,10 @@ from composer.utils import format_name_with_dist
 from composer.utils.misc import create_interval_scheduler
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
-from composer_algos.diffusion.utils import get_diffusion_model
+from composer_algos.diffusion.utils import device_batch, get_diffusion_model
 from composer_algos.evaluation.plots import image_grid, save_png, timestep_heatmap_png
-from composer_algos.evaluation.sampling import all_reduce_sum, gather_by_index, generate_share, rank_world
+from composer_algos.distributed import all_reduce
+from composer_algos.evaluation.sampling import gather_by_index, generate_share, rank_world
 
 __all__ = ['SampleGrid', 'TimestepHeatmap']
 
@@ -118,10 +119,9 @@ class TimestepHeatmap(Callback):
         if not self._due(state, Event.BATCH_END):
             return
         model = get_diffusion_model(state.model)
-        x0 = model.images(state.batch)[:self.max_images]
-        probs = model.timestep_distribution(x0).detach().double().cpu()
+        x0 = model.images(device_batch(state))[:self.max_images]
         _, world_size = rank_world()
-        probs = all_reduce_sum(probs) / world_size
+        probs = (all_reduce(model.timestep_distribution(x0).detach().double()) / world_size).cpu()
         step = int(state.timestamp.batch)
         if self.steps and self.steps[-1] == step:
             return

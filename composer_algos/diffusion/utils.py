@@ -6,10 +6,10 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ['get_diffusion_model', 'CONTRACT_METHODS', 'reshard_fsdp2']
+__all__ = ['get_diffusion_model', 'CONTRACT_METHODS', 'device_batch', 'reshard_fsdp2']
 
 CONTRACT_METHODS = ('set_timestep_sampler', 'add_timestep_prior', 'add_loss_weighting', 'timestep_probs',
-                    'vlb_terms', 'noise_schedule', 'generator', 'prediction_type')
+                    'vlb_terms', 'noise_schedule', 'prediction_type')
 
 
 def get_diffusion_model(model: nn.Module, algorithm: Any = None) -> Any:
@@ -39,3 +39,12 @@ def reshard_fsdp2(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def device_batch(state: Any) -> Any:
+    """``state.batch`` as the model sees it: on the training device.
+
+    Between ``BATCH_START`` and ``BATCH_END`` (outside the micro-batch loop) Composer holds the batch as the
+    dataloader gave it, in host memory; it moves each micro-batch to the device only just before its forward.
+    """
+    return state.device.batch_to_device(state.batch)

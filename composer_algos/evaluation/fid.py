@@ -10,6 +10,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 __all__ = ['collect_images', 'fid_from_samples', 'fid_metric', 'real_vs_real_fid', 'update_fid']
@@ -64,8 +65,11 @@ def collect_images(loader: Iterable[Any], model: Any = None, max_images: Optiona
     """
     images, conditioning = [], []
     count = 0
+    device = next(model.parameters()).device if model is not None else None
     for batch in loader:
         if model is not None:
+            # The model reads the batch on its own device (an encoder runs there).
+            batch = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, batch)
             x = model.images(batch)
             cond = model.conditioning(batch) if with_conditioning else {}
         else:

@@ -11,10 +11,11 @@ import torch
 import torch.nn as nn
 
 from composer_algos.diffusion.utils import reshard_fsdp2
+from composer_algos.distributed import all_reduce, is_distributed, rank_world
+from composer_algos.seeding import keyed_generator
 
 __all__ = [
     'all_reduce_max',
-    'all_reduce_sum',
     'ema_weights',
     'eval_mode',
     'gather_by_index',
@@ -29,32 +30,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def rank_world() -> tuple[int, int]:
-    from composer.utils import dist
-    return dist.get_global_rank(), dist.get_world_size()
-
-
-def _distributed() -> bool:
-    from composer.utils import dist
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (a no-op on one process)."""
-    if _distributed():
-        from composer.utils import dist
-        dist.all_reduce(tensor, reduce_operation='SUM')
-    return tensor
-
-
 def all_reduce_max(value: int) -> int:
     """The largest ``value`` over ranks."""
-    if not _distributed():
-        return int(value)
-    from composer.utils import dist
-    tensor = torch.tensor([int(value)], dtype=torch.long)
-    dist.all_reduce(tensor, reduce_operation='MAX')
-    return int(tensor.item())
+    return int(all_reduce(torch.tensor([int(value)], dtype=torch.long), op='max').item())
 
 
 def rank_indices(num_samples: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> list[int]:
@@ -71,7 +49,7 @@ def sample_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> tor
     """
     noise = torch.empty((len(indices), *shape))
     for row, index in enumerate(indices):
-        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index)) % 2**63)
+        gen = keyed_generator(seed, index)
         noise[row] = torch.randn(tuple(shape), generator=gen)
     return noise
 
@@ -168,7 +146,7 @@ def generate_share(model: Any, num_samples: int, shape: Sequence[int], batch_siz
 
 def gather_by_index(indices: Sequence[int], samples: torch.Tensor) -> Optional[torch.Tensor]:
     """Collect every rank's ``(indices, samples)`` on rank 0, in index order; other ranks get ``None``."""
-    if not _distributed():
+    if not is_distributed():
         order = torch.tensor(list(indices)).argsort()
         return samples[order]
     from composer.utils import dist

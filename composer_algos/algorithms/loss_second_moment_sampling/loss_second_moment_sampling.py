@@ -29,10 +29,10 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils import dist
 
 from composer_algos.algorithms.common import ReprMixin, diffusion_model
 from composer_algos.diffusion.samplers import TimestepSampler
+from composer_algos.distributed import all_gather, is_distributed
 
 __all__ = ['LossSecondMomentSampler', 'LossSecondMomentSampling', 'append_losses', 'loss_second_moment_probs']
 
@@ -127,15 +127,15 @@ class LossSecondMomentSampler(TimestepSampler):
 
 def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``(n_r, d)`` rows in rank order; ``n_r`` may differ between ranks."""
-    if dist.get_world_size() == 1:
+    if not is_distributed():
         return rows
     size = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
-    sizes = [int(s.item()) for s in dist.all_gather(size)]
+    sizes = [int(s.item()) for s in all_gather(size)]
     if max(sizes) == 0:
         return rows
     padded = torch.zeros((max(sizes), rows.shape[1]), dtype=rows.dtype, device=rows.device)
     padded[:rows.shape[0]] = rows
-    return torch.cat([part[:n] for part, n in zip(dist.all_gather(padded), sizes)])
+    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes)])
 
 
 class LossSecondMomentSampling(ReprMixin, Algorithm):
