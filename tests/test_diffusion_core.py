@@ -81,12 +81,14 @@ def test_tilt_and_sampling():
     # Disjoint supports keep the sampler's own distribution instead of dividing by zero.
     one_hot = FixedDistributionSampler(torch.eye(10)[0]).probs()
     torch.testing.assert_close(tilt(one_hot, [torch.eye(10)[5]]), one_hot)
-    gen = torch.Generator().manual_seed(0)
-    draws = sample_from_probs(tilted, 20000, gen)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    draws = sample_from_probs(tilted, u)
     freq = torch.bincount(draws, minlength=10).float() / 20000
     torch.testing.assert_close(freq, tilted, atol=0.01, rtol=0)
+    # Inverse CDF: t is the first bin whose CDF exceeds u (here CDF = 0, 1/45, 3/45, ...).
+    assert sample_from_probs(tilted, torch.tensor([0.0, 1 / 45 + 1e-9, 0.999999])).tolist() == [1, 2, 9]
     per_sample = torch.eye(10)[[3, 7]]
-    assert sample_from_probs(per_sample, 2, gen).tolist() == [3, 7]
+    assert sample_from_probs(per_sample, u[:2]).tolist() == [3, 7]
 
 
 def test_importance_weight_is_target_over_sampler():
@@ -157,8 +159,21 @@ def test_diffusers_dit_backbone():
     assert torch.isfinite(model.loss(model(batch), batch))
 
 
-def test_generator_state_is_in_the_state_dict():
-    a, b = tiny_model(seed=1), tiny_model(seed=2)
-    a({'image': torch.zeros(2, 1, 8, 8)})  # advance a's generator
-    b.load_state_dict(a.state_dict())
-    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+def test_draws_are_keyed_by_draw_index_and_global_position(monkeypatch):
+    a, b = tiny_model(seed=1), tiny_model(seed=1)
+    x0 = torch.zeros(4, 1, 8, 8)
+    first = a.draw_randoms(x0)
+    a.draw_randoms(x0)
+    assert a.num_draws == 2
+    b.load_state_dict(a.state_dict())  # the draw index is in the state dict
+    assert b.num_draws == 2
+    torch.testing.assert_close(a.draw_randoms(x0), b.draw_randoms(x0))
+    # Rank 1 of 2 holds samples 1 and 3 of the global batch (streaming deals them in turn): it draws what one rank
+    # draws for them.
+    c = tiny_model(seed=1)
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    u, noise = c.draw_randoms(x0[:2])
+    torch.testing.assert_close(u, first[0][1::2])
+    torch.testing.assert_close(noise, first[1][1::2])
+    assert not torch.equal(first[1][0], first[1][1])

@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 from composer.models import ComposerModel
 from torchmetrics import Metric
@@ -18,10 +16,15 @@ from composer_algos.diffusion.samplers import TimestepPrior, TimestepSampler, Un
 from composer_algos.diffusion.schedule import NoiseSchedule
 from composer_algos.diffusion.utils import reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
+from composer_algos.distributed import fsdp_gradient_scale, global_positions, rank_world
+from composer_algos.seeding import derive_seed, keyed_generator, keyed_uniform_and_normal
 
 __all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES']
 
 log = logging.getLogger(__name__)
+
+# Keys of the model's random streams (see composer_algos.seeding).
+_TRAIN_STREAM, _DROPOUT_STREAM, _EVAL_STREAM = 0, 1, 2
 
 PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 
@@ -64,7 +67,8 @@ class DiffusionModel(ComposerModel):
     * a chain of loss weightings that multiply (:meth:`add_loss_weighting`);
     * forward outputs holding the drawn ``t``, the unweighted ``per_sample_loss`` and the total ``weight``;
     * :meth:`vlb_terms`, per-sample variational-bound terms at given ``(x0, t, noise)`` without grad;
-    * ``generator``, this rank's ``torch.Generator`` for t and noise, saved per rank in the model's state dict.
+    * :meth:`draw_randoms`: t and noise keyed by the sample's position in the global batch and a draw index that
+      checkpoints save, so a run draws the same numbers resumed or not, on any number of ranks.
 
     Args:
         denoiser: any module called as ``denoiser(x_t, t, **conditioning)``; an output with a ``.sample``
@@ -78,7 +82,7 @@ class DiffusionModel(ComposerModel):
         encoder: optional frozen module mapping images to latents (latent diffusion); its output is multiplied by
             ``latent_scale``.
         latent_scale: scale applied to encoder outputs.
-        seed: base seed of the timestep/noise generator; rank r uses ``seed + 1_000_003 * r``.
+        seed: seed of the training draws (t, noise, the denoiser's dropout) and of the evaluation loss's draws.
         check_finite_loss: raise a clear error when the loss becomes NaN or infinite.
         num_loss_bands: bands of t for the validation loss metric.
     """
@@ -114,7 +118,7 @@ class DiffusionModel(ComposerModel):
         self.check_finite_loss = check_finite_loss
         self.num_loss_bands = num_loss_bands
         self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self._rank_seed(self.seed))
+        self.num_draws = 0  # training forwards so far: the key of the next draw
         self._sampler: TimestepSampler = UniformSampler(self.num_timesteps)
         self._sampler_owner: Optional[str] = None
         self._priors: list[tuple[str, TimestepPrior]] = []
@@ -173,14 +177,28 @@ class DiffusionModel(ComposerModel):
             p = self.timestep_probs(x0)
         return p.mean(0) if p.dim() == 2 else p
 
-    def draw_timesteps(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``(t, importance_weight)`` for a batch with this rank's generator."""
-        batch_size = x0.shape[0]
+    def draw_randoms(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This training draw's ``(u, noise)`` for the batch ``x0``: a uniform (for t) and the noise, per sample.
+
+        Sample ``i`` of this rank's batch is sample ``i * world_size + rank`` of the global batch (StreamingDataset
+        deals a global batch to the ranks in turn), and its numbers are keyed by ``(seed, draw index, that
+        position)`` (:mod:`composer_algos.seeding`): with one micro-batch per step the same sample gets the same t
+        and noise on any number of ranks, and a resumed run repeats them. Each call moves to the next draw index.
+        """
+        keys = [(_TRAIN_STREAM, self.num_draws, position) for position in global_positions(x0.shape[0])]
+        u, noise = keyed_uniform_and_normal(self.seed, keys, x0.shape[1:])
+        self.num_draws += 1
+        return u.to(x0.device, non_blocking=True), noise.to(x0.device, x0.dtype, non_blocking=True)
+
+    def draw_timesteps(self, x0: torch.Tensor, u: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t, importance_weight)`` for a batch, by inverse CDF at the uniforms ``u`` (default: the next draw's)."""
+        if u is None:
+            u, _ = self.draw_randoms(x0)
         with torch.no_grad():
             probs = self.timestep_probs(x0)
-            t = sample_from_probs(probs, batch_size, self.generator).to(x0.device)
+            t = sample_from_probs(probs, u).to(x0.device)
             if not self._sampler.importance:
-                return t, torch.ones(batch_size, device=x0.device)
+                return t, torch.ones(x0.shape[0], device=x0.device)
             p_t = probs[t] if probs.dim() == 1 else probs.gather(1, t[:, None]).squeeze(1)
             target = tilt(torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=x0.device),
                           self.timestep_priors(x0.device))
@@ -191,9 +209,6 @@ class DiffusionModel(ComposerModel):
         for _, weighting in self._weightings:
             weight = weight * weighting(self.noise_schedule, t, self.prediction_type).to(weight)
         return weight
-
-    def randn(self, shape: Sequence[int], device: torch.device, generator: Optional[torch.Generator] = None):
-        return torch.randn(tuple(shape), generator=generator or self.generator).to(device)
 
     # ----------------------------------------------------------------------------------------- data
     def _get(self, batch: Any, key: Any) -> Any:
@@ -220,10 +235,14 @@ class DiffusionModel(ComposerModel):
             raise ValueError('Images are uint8; scale them to floats in [-1, 1] in the dataset.')
         if self.encoder is not None:
             with torch.no_grad():
-                images = self.encoder(images)
-                images = getattr(images, 'latent_dist', images)
-                images = images.mode() if hasattr(images, 'mode') else images
-                images = images * self.latent_scale
+                latents = self.encoder(images)
+                latents = getattr(latents, 'latent_dist', latents)
+                # A posterior (diffusers' DiagonalGaussianDistribution) gives its mode; a plain tensor is the latent
+                # itself (every tensor has a .mode() too: the statistical mode).
+                latents = latents if torch.is_tensor(latents) else latents.mode()
+                # Under autocast the encoder returns bf16; noising in bf16 would lose sqrt(1 - alphabar_t) ~ 0.01
+                # against the latent for small t, so the latents are fp32 from here on.
+                images = latents.float() * self.latent_scale
         return images
 
     def conditioning(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -232,8 +251,10 @@ class DiffusionModel(ComposerModel):
         return {self.conditioning_kwarg: self._get(batch, self.label_key)}
 
     # ----------------------------------------------------------------------------------------- network
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Optional[dict] = None) -> torch.Tensor:
-        out = self.denoiser(x_t, t, **(conditioning or {}))
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Optional[dict] = None,
+                denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+        """The denoiser's prediction (``denoiser``: another module of the same architecture, e.g. a replica)."""
+        out = (denoiser or self.denoiser)(x_t, t, **(conditioning or {}))
         out = getattr(out, 'sample', out)
         if isinstance(out, (tuple, list)):
             out = out[0]
@@ -246,20 +267,21 @@ class DiffusionModel(ComposerModel):
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         x0 = self.images(batch)
-        t, weight = self.draw_timesteps(x0)
-        noise = self.randn(x0.shape, x0.device).to(x0.dtype)
-        with self._denoiser_rng(x0.device) if self.training else contextlib.nullcontext():
+        draw = self.num_draws
+        u, noise = self.draw_randoms(x0)
+        t, weight = self.draw_timesteps(x0, u)
+        with self._denoiser_rng(x0.device, draw) if self.training else contextlib.nullcontext():
             return self._loss_terms(x0, t, noise, self.conditioning(batch), weight * self.loss_weights(t))
 
     @contextlib.contextmanager
-    def _denoiser_rng(self, device: torch.device) -> Iterator[None]:
-        """The global RNG, seeded from this rank's generator, for the denoiser's own randomness (dropout, label drop).
+    def _denoiser_rng(self, device: torch.device, draw: int) -> Iterator[None]:
+        """The global RNG, seeded by (seed, draw index, rank), for the denoiser's own randomness (dropout, label drop).
 
         Composer does not restore the global RNG when it resumes mid-epoch from a streaming dataset, so dropout
-        drawn from it would differ after a resume; seeded from the checkpointed generator it repeats exactly.
+        drawn from it would differ after a resume; seeded from the checkpointed draw index it repeats exactly.
         Activation checkpointing replays the same state (it saves the RNG state at the forward).
         """
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        seed = derive_seed(self.seed, _DROPOUT_STREAM, draw, rank_world()[0])
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' \
             else []
         with torch.random.fork_rng(devices=cuda):
@@ -283,6 +305,10 @@ class DiffusionModel(ComposerModel):
                 f'{bool(torch.isfinite(outputs["per_sample_loss"]).all())}, weights finite: '
                 f'{bool(torch.isfinite(outputs["weight"]).all())}). Lower the learning rate, enable gradient '
                 'clipping, or check the data for NaNs; the last saved checkpoint is intact and can be resumed.')
+        scale = fsdp_gradient_scale(self)
+        if scale != 1.0:
+            # The same value, a gradient scaled by 1/world size (see fsdp_gradient_scale).
+            loss = loss * scale + (loss * (1.0 - scale)).detach()
         return loss
 
     # ----------------------------------------------------------------------------------------- evaluation
@@ -290,11 +316,11 @@ class DiffusionModel(ComposerModel):
         if outputs is not None:
             return outputs
         x0 = self.images(batch)
-        # Evaluation never touches the training generator: it draws from one seeded by the batch's content, so
+        # Evaluation never touches the training draws: it draws from a generator seeded by the batch's content, so
         # the same validation batch gets the same t and noise at every evaluation and resume stays exact.
-        gen = torch.Generator().manual_seed(self.seed + int(x0.detach().float().abs().sum().item() * 1000) % 2**31)
+        gen = keyed_generator(self.seed, _EVAL_STREAM, int(x0.detach().float().abs().sum().item() * 1000))
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=gen).to(x0.device)
-        noise = self.randn(x0.shape, x0.device, generator=gen).to(x0.dtype)
+        noise = torch.randn(tuple(x0.shape), generator=gen).to(x0.device, x0.dtype)
         with torch.no_grad():
             outputs = self._loss_terms(x0, t, noise, self.conditioning(batch), torch.ones_like(t, dtype=torch.float))
         reshard_fsdp2(self)
@@ -311,8 +337,8 @@ class DiffusionModel(ComposerModel):
     # ----------------------------------------------------------------------------------------- VLB
     @torch.no_grad()
     def vlb_terms(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                  conditioning: Optional[dict] = None) -> torch.Tensor:
-        """Per-sample VLB terms L_t in nats per dimension, one denoiser forward, no grad.
+                  conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+        """Per-sample VLB terms L_t in nats per dimension, one denoiser forward (of ``denoiser`` if given), no grad.
 
         For t > 0: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) with the fixed variance beta_t (DDPM's
         sigma^2 = beta choice). For t = 0: the negative log-likelihood of x0 under the discretised Gaussian
@@ -320,7 +346,7 @@ class DiffusionModel(ComposerModel):
         """
         s = self.noise_schedule
         x_t = s.add_noise(x0, noise, t)
-        output = self.denoise(x_t, t, conditioning).float()
+        output = self.denoise(x_t, t, conditioning, denoiser).float()
         x0_pred, _ = s.predict_x0_eps(x_t.float(), output, t, self.prediction_type)
         x0_pred = x0_pred.clamp(-1, 1) if self.encoder is None else x0_pred
         true_mean = s.posterior_mean(x0.float(), x_t.float(), t)
@@ -389,41 +415,13 @@ class DiffusionModel(ComposerModel):
         return x
 
     # ----------------------------------------------------------------------------------------- checkpointing
-    @staticmethod
-    def _rank_seed(seed: int) -> int:
-        # The model is usually built before the process group exists; the launcher's RANK is already set.
-        return (seed + 1_000_003 * _world()[0]) % 2**63
-
     def get_extra_state(self) -> dict[str, Any]:
-        return {'generator_states': gather_generator_states(self.generator)}
+        # The same on every rank and on any number of ranks: all training randomness is keyed by these two.
+        return {'seed': self.seed, 'num_draws': self.num_draws}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        set_generator_from_gathered(self.generator, state['generator_states'])
-
-
-def _world() -> tuple[int, int]:
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return torch_dist.get_rank(), torch_dist.get_world_size()
-    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-
-
-def gather_generator_states(generator: torch.Generator) -> torch.Tensor:
-    """Every rank's state of ``generator`` stacked as ``(world_size, n)`` uint8 (collective when distributed)."""
-    state = generator.get_state()
-    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
-        return state[None].clone()
-    world_size = torch_dist.get_world_size()
-    backend_device = 'cuda' if torch_dist.get_backend() == 'nccl' else 'cpu'
-    local = state.to(backend_device)
-    gathered = [torch.empty_like(local) for _ in range(world_size)]
-    torch_dist.all_gather(gathered, local)
-    return torch.stack([g.cpu() for g in gathered])
-
-
-def set_generator_from_gathered(generator: torch.Generator, states: torch.Tensor) -> None:
-    """Restore this rank's row of ``states``; a rank the checkpoint did not have keeps its fresh seed."""
-    rank, _ = _world()
-    if rank < states.shape[0]:
-        generator.set_state(states[rank].clone().to(torch.uint8))
-    else:
-        log.warning('Checkpoint holds generator states for %d ranks; rank %d keeps its own seed.', states.shape[0], rank)
+        if int(state['seed']) != self.seed:
+            log.warning('The checkpoint was trained with model seed %s; it continues with that seed, not %s.',
+                        state['seed'], self.seed)
+        self.seed = int(state['seed'])
+        self.num_draws = int(state['num_draws'])

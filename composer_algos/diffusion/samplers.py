@@ -2,7 +2,7 @@
 
 Every sampler is a distribution over the T discrete timesteps. ``probs(x0)`` returns ``(T,)`` (the same for the
 whole batch) or ``(B, T)`` (per sample). The model multiplies it by any curriculum priors, normalises, draws t
-with its own generator, and, for samplers that declare ``importance = True``, weights the loss by
+by inverse CDF at its own keyed uniforms, and, for samplers that declare ``importance = True``, weights the loss by
 ``q(t) / p(t)`` where ``q`` is the prior-tilted uniform target (``1 / (T p(t))`` without priors), so the
 expected loss is that of the target distribution.
 """
@@ -85,17 +85,22 @@ def tilt(probs: torch.Tensor, priors: list[torch.Tensor]) -> torch.Tensor:
     return torch.where(ok, out / z.clamp(min=torch.finfo(out.dtype).tiny), probs / probs.sum(-1, keepdim=True))
 
 
-def sample_from_probs(probs: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """Draw ``batch_size`` timesteps from ``(T,)`` or ``(B, T)`` probabilities with ``generator`` (on its device)."""
-    gen_device = generator.device
-    p = probs.detach().to(gen_device, torch.float64)
-    if p.dim() == 1:
-        return torch.multinomial(p, batch_size, replacement=True, generator=generator)
-    if p.shape[0] != batch_size:
-        raise ValueError(f'Per-sample timestep probabilities have batch {p.shape[0]}, expected {batch_size}.')
-    # Inverse CDF: on CPU, torch.multinomial over (B, T) rows costs about 30x more. A zero-probability bin is never
-    # drawn (its CDF equals its predecessor's, and the first bin with CDF > u is returned).
-    cdf = p.cumsum(1)
-    cdf = cdf / cdf[:, -1:]
-    u = torch.rand((p.shape[0], 1), generator=generator, dtype=p.dtype, device=gen_device)
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=p.shape[1] - 1)
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Timesteps drawn from ``(T,)`` or ``(B, T)`` probabilities by inverse CDF at uniforms ``u`` of shape ``(B,)``.
+
+    Runs on ``probs``' device (no copy of the probabilities to the host). A zero-probability bin is never drawn:
+    its CDF equals its predecessor's, and the first bin whose CDF exceeds ``u`` is returned.
+
+    Example:
+        >>> sample_from_probs(torch.tensor([0.25, 0.0, 0.75]), torch.tensor([0.1, 0.3, 0.99]))
+        tensor([0, 2, 2])
+    """
+    p = probs.detach().to(torch.float64)
+    if p.dim() == 2 and p.shape[0] != u.shape[0]:
+        raise ValueError(f'Per-sample timestep probabilities have batch {p.shape[0]}, expected {u.shape[0]}.')
+    cdf = p.cumsum(-1)
+    cdf = cdf / cdf[..., -1:]
+    u = u.to(p.device, torch.float64)
+    t = torch.searchsorted(cdf, u, right=True) if p.dim() == 1 else \
+        torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+    return t.clamp(max=p.shape[-1] - 1)

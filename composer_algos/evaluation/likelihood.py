@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import torch
 
+from composer_algos.seeding import keyed_generator
+
 __all__ = ['bits_per_dim', 'vlb_timesteps']
 
 
@@ -69,7 +71,7 @@ def bits_per_dim(model: Any, images: torch.Tensor, conditioning: Optional[dict[s
     total = torch.zeros(n, dtype=torch.float64)
     for k, (t, w) in enumerate(tqdm(list(zip(t_grid.tolist(), weights.tolist())), desc='bits/dim',
                                     disable=not progress, leave=False)):
-        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + t + 1) % 2**63)
+        gen = keyed_generator(seed, t)
         noise = torch.randn(tuple(images.shape), generator=gen)
         for b in range(num_batches):
             rows = slice(b * batch_size, (b + 1) * batch_size)

@@ -33,30 +33,36 @@ Deviations from the paper and its official code (ku-dmlab/Adaptive-Timestep-Samp
   fewest for which the F statistic is defined); before that S is evenly spaced over the grid.
 - The F-test target is, as in the code, the total KL change of the probe image (the sum over the grid); the code's
   S becomes a tuple after the first selection and its next use fails, here S is always a tensor of timesteps.
-- Everything (policy, its Adam state, the queue, S, counters, each rank's RNG) is saved in checkpoints.
+- Everything (policy, its Adam state, the queue, S, counters) is saved in checkpoints; the probes' noise is keyed by
+  the probe's number and each sample's position in the global batch, so a resumed run (on any number of ranks)
+  draws the same numbers.
 - Curriculum priors tilt the policy, ``p(t | x) ∝ pi(t | x) prior(t)``; the policy gradient uses the log-probability
   of that normalised product. No importance weights on the diffusion loss (as in the paper).
-- Probes run outside Composer's autocast (fp32 unless the model's weights are cast): the KL change of one step is
-  small and bf16 rounding would swamp it.
+- Probes run outside autocast with fp32 weights: when FSDP's mixed precision casts the parameters to bf16, on an
+  fp32 replica of the denoiser (one small step moves most weights by less than a bf16 ulp; see ``precision.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils import dist
 
-from composer_algos.algorithms.common import diffusion_model, gather_per_rank, pick_rank
+from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROBE_PRECISIONS, FullPrecisionReplica,
+                                                                           casts_parameters, probe_math)
+from composer_algos.algorithms.common import diffusion_model
 from composer_algos.diffusion.samplers import TimestepSampler
+from composer_algos.diffusion.utils import device_batch
+from composer_algos.distributed import all_gather, all_reduce, broadcast, global_positions, rank_world
+from composer_algos.evaluation.sampling import eval_mode
+from composer_algos.seeding import derive_seed, keyed_uniform_and_normal
 
 __all__ = ['AdaptiveTimestepSampling', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler', 'POLICIES',
            'beta_grid_log_probs', 'f_regression_scores', 'reinforce_loss', 'select_timesteps', 'tilted_log_probs']
@@ -64,6 +70,8 @@ __all__ = ['AdaptiveTimestepSampling', 'BetaPolicy', 'GlobalPolicy', 'PolicySamp
 log = logging.getLogger(__name__)
 
 POLICIES = ('beta', 'global')
+# Keys of the probes' random streams (see composer_algos.seeding).
+_IMAGE_STREAM, _BATCH_STREAM, _GRID_STREAM = 0, 1, 2
 MIN_QUEUE = 3  # the F statistic has n - 2 degrees of freedom
 
 
@@ -215,8 +223,10 @@ class PolicySampler(TimestepSampler):
     def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x0 is None:
             raise ValueError('The adaptive timestep sampler gives per-sample probabilities; pass the batch (x0).')
-        with torch.no_grad():
-            return self.policy.log_probs(x0.to(_device(self.policy)), self.num_timesteps).exp().to(x0.device)
+        device = _device(self.policy)
+        # Outside autocast: t is drawn from the same fp32 distribution whose log-probabilities REINFORCE uses.
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            return self.policy.log_probs(x0.to(device), self.num_timesteps).exp().to(x0.device)
 
     def __repr__(self) -> str:
         return f'PolicySampler(policy={type(self.policy).__name__}, num_timesteps={self.num_timesteps})'
@@ -228,9 +238,10 @@ class AdaptiveTimestepSampling(Algorithm):
 
     On every ``update_every``-th optimizer step (counted globally, from step 0) the algorithm
 
-    1. before the step (``BEFORE_TRAIN_BATCH``) computes the per-sample VLB terms ``KL_tau`` of the device batch at
-       each ``tau`` in ``S``, and of one probe image (rank 0's, broadcast) over a grid of ``num_probe_timesteps``
-       timesteps split across ranks, with noise from its own generator, in eval mode, in one batched denoiser
+    1. before the step (``BEFORE_TRAIN_BATCH``) computes the per-sample VLB terms ``KL_tau`` of the batch (moved to
+       the device as the model will see it) at each ``tau`` in ``S``, and of one probe image of the global batch
+       (broadcast by its rank) over a grid of ``num_probe_timesteps`` timesteps split across ranks, with noise
+       keyed by the probe and each sample's position in the global batch, in eval mode, in one batched denoiser
        forward of ``|S| B + num_probe_timesteps / world_size`` samples;
     2. collects the timesteps the model drew for the batch from the forward outputs (every micro-batch);
     3. after the step (``BATCH_END``) recomputes the same terms with the same noise, rewards each sample by
@@ -260,7 +271,9 @@ class AdaptiveTimestepSampling(Algorithm):
         entropy_coef: weight of the entropy bonus in the policy loss, on the scale of the standardised rewards (the
             paper's 1e-2 multiplies raw KL reductions, whose spread over a batch was about 0.02 on digits: 0.5
             here keeps about the paper's balance between the two terms).
-        seed: seed of the policy's initialisation (the same on every rank) and of the probe noise (per rank).
+        seed: seed of the policy's initialisation (the same on every rank) and of the probes' keyed noise.
+        probe_precision: ``'tf32'`` or ``'fp32'``: the probes' math on CUDA (see ``precision.py``). When FSDP's mixed
+            precision casts the parameters, probes run on an fp32 replica of the denoiser refreshed from the shards.
 
     Example:
         >>> adaptive = AdaptiveTimestepSampling(update_every=40, policy='global')
@@ -270,7 +283,8 @@ class AdaptiveTimestepSampling(Algorithm):
 
     def __init__(self, update_every: int = 40, num_selected: int = 3, queue_size: int = 20,
                  num_probe_timesteps: int = 32, policy: str = 'beta', width: int = 32, policy_resolution: int = 16,
-                 lr: float = 1e-2, grad_clip: float = 1.0, entropy_coef: float = 0.5, seed: int = 0):
+                 lr: float = 1e-2, grad_clip: float = 1.0, entropy_coef: float = 0.5, seed: int = 0,
+                 probe_precision: str = 'tf32'):
         for name, value, low in (('update_every', update_every, 1), ('num_selected', num_selected, 1),
                                  ('queue_size', queue_size, MIN_QUEUE), ('num_probe_timesteps', num_probe_timesteps, 2),
                                  ('width', width, 1), ('policy_resolution', policy_resolution, 1)):
@@ -283,6 +297,8 @@ class AdaptiveTimestepSampling(Algorithm):
                              f'({num_probe_timesteps}): S is chosen among the probe timesteps.')
         if policy not in POLICIES:
             raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}.')
+        if probe_precision not in PROBE_PRECISIONS:
+            raise ValueError(f'probe_precision must be one of {PROBE_PRECISIONS}, got {probe_precision!r}.')
         for name, value, allow_zero in (('lr', lr, False), ('grad_clip', grad_clip, False),
                                         ('entropy_coef', entropy_coef, True)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
@@ -300,6 +316,7 @@ class AdaptiveTimestepSampling(Algorithm):
         self.grad_clip = float(grad_clip)
         self.entropy_coef = float(entropy_coef)
         self.seed = seed
+        self.probe_precision = probe_precision
 
         self.policy: Optional[nn.Module] = None
         self.optimizer: Optional[torch.optim.Adam] = None
@@ -312,14 +329,15 @@ class AdaptiveTimestepSampling(Algorithm):
         self.num_probes = 0
         self.num_updates = 0
         self.num_skipped = 0
-        self.generator = torch.Generator()
+        self._replica: Optional[FullPrecisionReplica] = None
         self._probe: Optional[dict[str, Any]] = None
 
     def __repr__(self) -> str:
         return (f'AdaptiveTimestepSampling(update_every={self.update_every}, num_selected={self.num_selected}, '
                 f'queue_size={self.queue_size}, num_probe_timesteps={self.num_probe_timesteps}, '
                 f'policy={self.policy_kind!r}, width={self.width}, policy_resolution={self.policy_resolution}, '
-                f'lr={self.lr}, grad_clip={self.grad_clip}, entropy_coef={self.entropy_coef}, seed={self.seed})')
+                f'lr={self.lr}, grad_clip={self.grad_clip}, entropy_coef={self.entropy_coef}, seed={self.seed}, '
+                f'probe_precision={self.probe_precision!r})')
 
     @property
     def selected_timesteps(self) -> list[int]:
@@ -335,9 +353,12 @@ class AdaptiveTimestepSampling(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = diffusion_model(state, self)
         if event == Event.INIT:
-            self._setup(model)
+            self._setup(model, state)
         elif event == Event.FIT_START:
-            self._place(_module_device(model))
+            device = _module_device(model)
+            self._place(device)
+            if self._replica is not None:
+                self._replica.to(device)
         elif event == Event.BEFORE_TRAIN_BATCH:
             if int(state.timestamp.batch) % self.update_every == 0:
                 self._probe_before(state, model)
@@ -346,8 +367,11 @@ class AdaptiveTimestepSampling(Algorithm):
         elif event == Event.BATCH_END:
             self._probe_after(state, model, logger)
 
-    def _setup(self, model: Any) -> None:
+    def _setup(self, model: Any, state: State) -> None:
         self.num_timesteps = int(model.num_timesteps)
+        if casts_parameters(state):
+            # Made from the bare denoiser, before FSDP wraps it (see precision.py).
+            self._replica = FullPrecisionReplica(model.denoiser)
         if self.num_probe_timesteps > self.num_timesteps:
             raise ValueError(f'num_probe_timesteps ({self.num_probe_timesteps}) must not exceed the number of '
                              f'timesteps of the noise schedule ({self.num_timesteps}).')
@@ -362,7 +386,6 @@ class AdaptiveTimestepSampling(Algorithm):
         model.set_timestep_sampler(self.sampler, owner=type(self).__name__)
         self.probe_timesteps = torch.linspace(0, self.num_timesteps - 1, self.num_probe_timesteps).round().long()
         self.selected = _evenly_spaced(self.num_probe_timesteps, self.num_selected)
-        self.generator.manual_seed(self.seed + 1_000_003 * (dist.get_global_rank() + 1))
 
     def _place(self, device: torch.device) -> None:
         """Move the policy and its Adam state to ``device``, in place (the sampler keeps the same objects)."""
@@ -383,35 +406,40 @@ class AdaptiveTimestepSampling(Algorithm):
             self._probe['t'] = []
             return
         start = time.perf_counter()
-        x0 = model.images(state.batch).detach()
+        batch = device_batch(state)
+        x0 = model.images(batch).detach()
         self._place(x0.device)
-        conditioning = model.conditioning(state.batch)
+        conditioning = model.conditioning(batch)
         tau = self.probe_timesteps[self.selected]
-        # The feature probe: one image drawn from rank 0's batch, its grid split across ranks.
-        index = int(torch.randint(x0.shape[0], (1,), generator=self.generator))
-        image = x0[index:index + 1].clone()
-        image_cond = {k: v[index:index + 1].clone() for k, v in conditioning.items()}
-        if dist.get_world_size() > 1:
-            dist.broadcast(image, src=0)
-            for value in image_cond.values():
-                dist.broadcast(value, src=0)
-        grid, num_real = self._grid_share()
-        num_selected, batch_size = len(tau), x0.shape[0]
+        _, world_size = rank_world()
+        batch_size = x0.shape[0]
+        # The feature probe: one image of the global batch, chosen by the probe's key; its owner broadcasts it and
+        # every rank takes its share of the grid.
+        index, owner = divmod(derive_seed(self.seed, _IMAGE_STREAM, self.num_probes) % (batch_size * world_size),
+                              world_size)
+        image = broadcast(x0[index:index + 1].clone(), src=owner)
+        image_cond = {k: broadcast(v[index:index + 1].clone(), src=owner) for k, v in conditioning.items()}
+        grid_index, num_real = self._grid_share()
+        grid = self.probe_timesteps[grid_index]
+        num_selected = len(tau)
 
         def stack(batch_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
             # |S| copies of the batch (tau-major), then the grid's copies of the probe image.
             return torch.cat([batch_part.repeat((num_selected,) + (1,) * (batch_part.dim() - 1)),
                               image_part.expand(len(grid), *image_part.shape[1:])])
 
+        # Noise keyed by (probe, tau, position in the global batch) and (probe, grid timestep): the pass after the
+        # step draws the same numbers (common random numbers) on any number of ranks, and nothing is stored.
+        positions = global_positions(batch_size)
+        noise_keys = [(_BATCH_STREAM, self.num_probes, i, p) for i in range(num_selected) for p in positions]
+        noise_keys += [(_GRID_STREAM, self.num_probes, int(g)) for g in grid_index]
         probe = {
             'step': step, 'x0': x0, 'tau': tau, 'num_real': num_real, 't': [], 'priors': None,
             'inputs': {'x0': stack(x0, image), 't': torch.cat([tau.repeat_interleave(batch_size), grid]).to(x0.device),
                        'conditioning': {k: stack(v, image_cond[k]) for k, v in conditioning.items()}},
-            # The noise is drawn again after the step from this generator state: common random numbers without
-            # holding the noise.
-            'noise_state': self.generator.get_state(),
+            'noise_keys': noise_keys,
         }
-        probe['kl_before'], probe['grid_before'] = self._probe_pass(model, probe, self.generator)
+        probe['kl_before'], probe['grid_before'] = self._probe_pass(model, probe)
         probe['seconds'] = time.perf_counter() - start
         self._probe = probe
 
@@ -425,34 +453,34 @@ class AdaptiveTimestepSampling(Algorithm):
             self._probe['priors'] = [p.detach() for p in model.timestep_priors(_device(self.policy))]
         self._probe['t'].append(outputs['t'].detach())
 
-    @staticmethod
-    def _probe_pass(model: Any, probe: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every KL term of a probe in one batched denoiser forward, eval mode, noise from ``generator``.
+    def _probe_pass(self, model: Any, probe: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every KL term of a probe in one batched denoiser forward, eval mode, with the probe's keyed noise.
 
         Returns the ``(|S|, B)`` terms of the batch and the grid share's terms of the probe image.
         """
         inputs = probe['inputs']
         x = inputs['x0']
-        noise = torch.randn(tuple(x.shape), generator=generator).to(x.device, x.dtype)
-        with _eval_mode(model):
-            kl = model.vlb_terms(x, inputs['t'], noise, inputs['conditioning']).double()
+        _, noise = keyed_uniform_and_normal(self.seed, probe['noise_keys'], x.shape[1:])
+        denoiser = self._replica.refresh(model.denoiser) if self._replica is not None else None
+        with eval_mode(model), probe_math(x.device, self.probe_precision):
+            kl = model.vlb_terms(x, inputs['t'], noise.to(x.device, x.dtype), inputs['conditioning'],
+                                 denoiser=denoiser).double()
         num_batch_terms = len(probe['tau']) * probe['x0'].shape[0]
         return kl[:num_batch_terms].view(len(probe['tau']), -1), kl[num_batch_terms:]
 
     def _grid_share(self) -> tuple[torch.Tensor, int]:
-        """This rank's equal-sized share of the probe grid (padded by repeats) and its number of real entries."""
-        world, rank = dist.get_world_size(), dist.get_global_rank()
+        """This rank's equal-sized share of the probe grid (indices, padded by repeats) and its number of real
+        entries."""
+        rank, world = rank_world()
         per_rank = math.ceil(self.num_probe_timesteps / world)
         index = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=self.num_probe_timesteps - 1)
         num_real = max(0, min(per_rank, self.num_probe_timesteps - rank * per_rank))
-        return self.probe_timesteps[index], num_real
+        return index, num_real
 
     def _probe_after(self, state: State, model: Any, logger: Logger) -> None:
         probe, self._probe = self._probe, None
         start = time.perf_counter()
-        replay = torch.Generator()
-        replay.set_state(probe['noise_state'])
-        kl_after, grid_after = self._probe_pass(model, probe, replay)
+        kl_after, grid_after = self._probe_pass(model, probe)
         reward = (probe['kl_before'] - kl_after).sum(0)
         self._push_queue((probe['grid_before'] - grid_after)[:probe['num_real']])
         batch_size = probe['x0'].shape[0]
@@ -472,11 +500,10 @@ class AdaptiveTimestepSampling(Algorithm):
 
     def _push_queue(self, local_change: torch.Tensor) -> None:
         """All-gather the probe image's KL changes and append them to the FIFO queue (the same on every rank)."""
-        per_rank = math.ceil(self.num_probe_timesteps / dist.get_world_size())
+        per_rank = math.ceil(self.num_probe_timesteps / rank_world()[1])
         padded = torch.zeros(per_rank, dtype=torch.float64, device=local_change.device)
         padded[:local_change.numel()] = local_change
-        gathered = dist.all_gather(padded) if dist.get_world_size() > 1 else [padded]
-        row = torch.cat([g.cpu() for g in gathered])[:self.num_probe_timesteps]
+        row = torch.cat(all_gather(padded)).cpu()[:self.num_probe_timesteps]
         if not bool(torch.isfinite(row).all()):
             log.warning('AdaptiveTimestepSampling: non-finite KL change in the feature probe; the queue is unchanged.')
             return
@@ -500,10 +527,8 @@ class AdaptiveTimestepSampling(Algorithm):
         finite = torch.isfinite(reward)
         clean = torch.where(finite, reward, torch.zeros_like(reward))
         bad = float(not (loss_finite and bool(finite.all())))
-        stats = torch.stack([clean.sum(), (clean * clean).sum(), clean.new_tensor(float(clean.numel())),
-                             clean.new_tensor(bad)])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(stats)
+        stats = all_reduce(torch.stack([clean.sum(), (clean * clean).sum(), clean.new_tensor(float(clean.numel())),
+                                        clean.new_tensor(bad)]))
         ok = float(stats[3]) == 0
         count = max(float(stats[2]), 1.0)
         mean = float(stats[0]) / count
@@ -516,10 +541,8 @@ class AdaptiveTimestepSampling(Algorithm):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.policy.parameters())
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flat)
-            flat = flat / dist.get_world_size()
+        flat = all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                     for p in params])) / rank_world()[1]
         ok = ok and bool(torch.isfinite(flat).all())
         if ok:
             offset = 0
@@ -562,7 +585,6 @@ class AdaptiveTimestepSampling(Algorithm):
             'num_probes': self.num_probes,
             'num_updates': self.num_updates,
             'num_skipped': self.num_skipped,
-            'generators': gather_per_rank(self.generator.get_state()),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = False) -> None:
@@ -586,30 +608,12 @@ class AdaptiveTimestepSampling(Algorithm):
         self.num_updates = int(state['num_updates'])
         self.num_skipped = int(state['num_skipped'])
         self._probe = None
-        generator_state = pick_rank(state['generators'])
-        if generator_state is None:
-            log.warning('AdaptiveTimestepSampling: the checkpoint holds no probe RNG state for rank %d; it keeps '
-                        'its own seed.', dist.get_global_rank())
-        else:
-            self.generator.set_state(generator_state.clone())
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _evenly_spaced(n: int, k: int) -> torch.Tensor:
     """``k`` evenly spaced interior indices of ``range(n)`` (the default S)."""
     return torch.linspace(0, n - 1, k + 2)[1:-1].round().long().clamp(0, n - 1)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the probe's forwards; every submodule gets its own previous mode back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _device(module: nn.Module) -> torch.device:
