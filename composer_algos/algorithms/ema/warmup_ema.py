@@ -48,20 +48,42 @@ class WarmupEMA(EMA):
         self.num_updates = 0
         self.serialized_attributes = self.serialized_attributes + ['num_updates']
         self._pending_full: Optional[dict[str, dict[str, torch.Tensor]]] = None
+        self._pairs: Optional[dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]]] = None
 
     def __repr__(self) -> str:
         return (f'WarmupEMA(half_life={self.half_life!r}, smoothing={self.target_smoothing:.6f}, '
                 f'ema_start={str(self.ema_start)!r}, warmup={self.warmup})')
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event in (Event.FIT_START, Event.PREDICT_START) and self._pending_full is not None:
+        if event in (Event.FIT_START, Event.PREDICT_START):
+            super().apply(event, state, logger)
+            # Freshly made (full copies of the bare model at INIT) or loaded (full tensors): shard like the model.
+            if self._pending_full is None:
+                self._pending_full = {kind: dict(getattr(self.ema_model, kind))
+                                      for kind in ('named_parameters_dict', 'named_buffers_dict')}
             self._shard_like_model(state.model)
+            return
         if event in (Event.BATCH_END, Event.EPOCH_END):
             self.smoothing = (warmup_smoothing(self.target_smoothing, self.num_updates)
                               if self.warmup else self.target_smoothing)
             self.num_updates += 1
             logger.log_metrics({'ema/smoothing': self.smoothing})
+            self._update(state.model)
+            return
         super().apply(event, state, logger)
+
+    @torch.no_grad()
+    def _update(self, model: torch.nn.Module) -> None:
+        """``ema <- smoothing * ema + (1 - smoothing) * live`` on local shards, in one foreach call per dtype.
+
+        Composer's ``compute_ema`` runs three ops and a copy per parameter, each dispatched through DTensor under
+        FSDP2; the EMA tensors are sharded like the parameters (see :meth:`_shard_like_model`), so the update is
+        local to each rank.
+        """
+        if self._pairs is None:
+            self._pairs = _local_pairs(self.ema_model, model)
+        for emas, lives in self._pairs.values():
+            torch._foreach_lerp_(emas, lives, 1.0 - self.smoothing)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -81,6 +103,7 @@ class WarmupEMA(EMA):
     def _shard_like_model(self, model: torch.nn.Module) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
         pending, self._pending_full = self._pending_full, None
+        self._pairs = None
         assert pending is not None and self.ema_model is not None
         for kind, live in (('named_parameters_dict', dict(model.named_parameters())),
                            ('named_buffers_dict', dict(model.named_buffers()))):
@@ -96,3 +119,25 @@ class WarmupEMA(EMA):
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
     return tensor.full_tensor().detach().cpu() if isinstance(tensor, DTensor) else tensor
+
+
+def _local_pairs(ema_model: Any, model: torch.nn.Module) -> dict[torch.dtype, tuple[list[torch.Tensor],
+                                                                                    list[torch.Tensor]]]:
+    """The (EMA, live) tensors to average, as local shards, grouped by dtype (foreach ops need one dtype)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for kind, live in (('named_parameters_dict', model.named_parameters()), ('named_buffers_dict',
+                                                                            model.named_buffers())):
+        averaged = getattr(ema_model, kind)
+        for name, tensor in live:
+            if name in averaged and tensor.is_floating_point():
+                # Views of the live storage (the EMA tensors are clones: same dtype, same sharding).
+                ema, value = local(averaged[name]), local(tensor.detach())
+                emas, lives = groups.setdefault(ema.dtype, ([], []))
+                emas.append(ema)
+                lives.append(value)
+    return groups
