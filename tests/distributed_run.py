@@ -6,11 +6,13 @@
 Writes ``OUT_DIR/rank{r}.pt`` with ``{'losses': [...], 'algorithms': {class name: state_dict}, 'world_size': n}``,
 ``'callbacks'`` (the timestep heatmap's record) and ``'sharding'``: how the trained model is laid out on this rank
 (see :func:`sharding_report`). With ``--each``, every recipe listed in RECIPES.txt (one path a line) is trained in
-turn in the same process group, into ``OUT_DIR/<recipe file name>/rank{r}.pt``.
+turn in the same process group, into ``OUT_DIR/<recipe file name>/rank{r}.pt``. With ``STRICT_DEVICES=1`` in the
+environment, every run enforces the GPU placement rules of :mod:`strict_devices`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -19,15 +21,19 @@ from composer.core import Callback
 from composer.utils import dist
 
 from composer_algos.config import build_trainer, load_config
+from strict_devices import strict_devices
 
 
 class Recorder(Callback):
 
     def __init__(self):
         self.losses: list[float] = []
+        self.batch_sums: list[float] = []  # which images each step trained on, in a number
 
     def after_train_batch(self, state, logger):
         self.losses.append(float(state.loss.detach()))
+        images = state.batch['image'] if isinstance(state.batch, dict) else state.batch[0]
+        self.batch_sums.append(float(images.double().sum()))
 
 
 def sharding_report(model: torch.nn.Module) -> dict:
@@ -49,6 +55,11 @@ def sharding_report(model: torch.nn.Module) -> dict:
 
 
 def run(recipe: str, out_dir: str, overrides: list[str]) -> None:
+    with strict_devices() if os.environ.get('STRICT_DEVICES') == '1' else contextlib.nullcontext():
+        _run(recipe, out_dir, overrides)
+
+
+def _run(recipe: str, out_dir: str, overrides: list[str]) -> None:
     trainer = build_trainer(load_config(recipe, overrides))
     recorder = Recorder()
     trainer.state.callbacks.append(recorder)
@@ -57,7 +68,7 @@ def run(recipe: str, out_dir: str, overrides: list[str]) -> None:
     callbacks = {type(c).__name__: c.state_dict()
                  for c in trainer.state.callbacks if type(c).__name__ == 'TimestepHeatmap'}
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({'losses': recorder.losses, 'algorithms': states, 'world_size': dist.get_world_size(),
+    torch.save({'losses': recorder.losses, 'batch_sums': recorder.batch_sums, 'algorithms': states, 'world_size': dist.get_world_size(),
                 'rank': dist.get_global_rank(), 'sharding': sharding_report(trainer.state.model),
                 'callbacks': callbacks},
                os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))

@@ -47,8 +47,6 @@ def test_recipe_trains(recipe, digits_mds, tmp_path, monkeypatch):
 
 SCALE_RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, 'yamls', '*', '*.yaml'))
                        if os.path.basename(os.path.dirname(p)) not in ('algorithms', 'digits'))
-TINY_VAE = {'block_out_channels': [8], 'down_block_types': ['DownEncoderBlock2D'],
-            'up_block_types': ['UpDecoderBlock2D'], 'latent_channels': 4, 'norm_num_groups': 8, 'sample_size': 8}
 ALGORITHM_CLASSES = {'adaptive_timestep_sampling': 'AdaptiveTimestepSampling',
                      'curriculum_timestep_schedule': 'CurriculumTimestepSchedule', 'momentum_decay': 'MomentumDecay',
                      'ema': 'WarmupEMA', 'gradient_clipping': 'GradientClipping'}
@@ -58,29 +56,6 @@ EXPECTED_ALGORITHMS = {
     'adaptive_clts_md': {'adaptive_timestep_sampling', 'curriculum_timestep_schedule', 'momentum_decay'},
     'adaptive_clts_md_latents': {'adaptive_timestep_sampling', 'curriculum_timestep_schedule', 'momentum_decay'},
 }
-
-
-@pytest.fixture(scope='module')
-def tiny_vae_dir(tmp_path_factory) -> str:
-    """A randomly initialised AutoencoderKL (8x8 -> 4x8x8) saved like a downloaded one."""
-    from diffusers import AutoencoderKL
-    path = str(tmp_path_factory.mktemp('vae'))
-    torch.manual_seed(0)
-    AutoencoderKL(**TINY_VAE).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope='module')
-def latent_mds(digits_mds, tiny_vae_dir, tmp_path_factory) -> str:
-    """``<dir>/{train,val}``: latents of the first digits (as RGB) under the tiny VAE."""
-    from composer_algos.data import build_vae_encoder, write_latents_mds
-    from composer_algos.data.convert import digits_images
-    root = str(tmp_path_factory.mktemp('latents'))
-    encoder = build_vae_encoder(tiny_vae_dir)
-    for split in ('train', 'val'):
-        images = [(image.convert('RGB'), label) for image, label in digits_images(split)[:64]]
-        write_latents_mds(images, os.path.join(root, split), encoder, batch_size=16, progress=False)
-    return root
 
 
 def test_every_recipe_is_tested():

@@ -83,7 +83,7 @@ class InceptionFeatures(nn.Module):
             if not os.path.isfile(weights_path):
                 raise FileNotFoundError(
                     f'Inception weights file {weights_path!r} does not exist. On a machine with internet, download '
-                    f'{INCEPTION_WEIGHTS_URL} (for example with `curl -L -o weights-inception-2015-12-05.pth '
+                    f'{INCEPTION_WEIGHTS_URL} (for example with `curl -L -o weights-inception-2015-12-05-6726825d.pth '
                     f'<url>`), copy it to this path, and point inception_weights at it. Leave inception_weights '
                     'unset to let torch-fidelity download it (needs internet).')
         from torchmetrics.image.fid import NoTrainInceptionV3
