@@ -11,8 +11,8 @@ from conftest import LossRecorder, make_trainer, tiny_model
 
 from composer_algos.algorithms.adaptive_timestep_sampling import (AdaptiveTimestepSampling, BetaPolicy, GlobalPolicy,
                                                                   beta_grid_log_probs, f_regression_scores,
-                                                                  reinforce_loss, select_timesteps,
-                                                                  tilted_log_probs)
+                                                                  grid_timesteps, grid_weights, reinforce_loss,
+                                                                  select_timesteps, sum_of_changes, tilted_log_probs)
 from composer_algos.algorithms.curriculum import CurriculumTimestepSchedule
 from composer_algos.diffusion import FixedDistributionSampler
 from composer_algos.diffusion.samplers import tilt
@@ -47,6 +47,111 @@ def test_policies_start_near_uniform_for_any_input(shape, num_timesteps):
     torch.testing.assert_close(p, torch.full_like(p, 1 / num_timesteps), atol=0, rtol=2e-2)
     g = GlobalPolicy(num_timesteps).log_probs(x0, num_timesteps).exp()
     torch.testing.assert_close(g, torch.full((shape[0], num_timesteps), 1 / num_timesteps))
+
+
+def test_concentration_maps_and_starting_points():
+    x0 = torch.randn(3, 1, 8, 8)
+    torch.manual_seed(0)
+    paper = BetaPolicy(concentration='softplus', initial_concentration=0.97)
+    for value in paper(x0):
+        torch.testing.assert_close(value, torch.full((3,), 0.97), atol=2e-3, rtol=0)
+    # Far out on the small-t side, the natural parameters still get an O(1) gradient (the log-probabilities are
+    # linear in them); the softplus map's concentration sits on its floor and its gradient has vanished.
+    z = torch.tensor([-12.0], requires_grad=True)
+    log_p = beta_grid_log_probs(1 + z, torch.ones(1), 100)[0, 50]
+    (grad_natural,) = torch.autograd.grad(log_p, z)
+    z2 = torch.tensor([-12.0], requires_grad=True)
+    log_p2 = beta_grid_log_probs(torch.nn.functional.softplus(z2) + 1e-5, torch.ones(1), 100)[0, 50]
+    (grad_softplus,) = torch.autograd.grad(log_p2, z2)
+    assert abs(float(grad_natural)) > 1.0 and abs(float(grad_softplus)) < 1e-4
+    with pytest.raises(ValueError, match='concentration'):
+        BetaPolicy(concentration='relu')
+
+
+def test_grid_weights_make_the_target_estimate_the_sum_over_all_timesteps():
+    grid = grid_timesteps(1000, 32)
+    weights = grid_weights(grid, 1000)
+    assert grid[0] == 0 and grid[-1] == 999 and weights.sum() == 1000
+    # t = 0 stands for 16 timesteps, not 1/32 of the target; an interior point for about 32.
+    assert weights[0] == 16 and set(weights[1:-1].tolist()) <= {32.0, 33.0}
+    change = torch.arange(1000, dtype=torch.float64) * 0.3 + 2.0  # a smooth per-timestep change
+    torch.testing.assert_close((weights * change[grid]).sum(), change.sum(), rtol=1e-3, atol=0)
+    # A change concentrated at t = 0 (the clamped decoder term's) weighs 1/1000 of a constant change, not 1/32.
+    spike = torch.zeros(1000, dtype=torch.float64)
+    spike[0] = 1.0
+    assert float((weights * spike[grid]).sum() / (weights * torch.ones(32, dtype=torch.float64)).sum()) == 16 / 1000
+
+
+def test_gaussian_kl_at_t0_without_clamp_closed_form():
+    model = tiny_model(num_timesteps=100)
+    torch.manual_seed(0)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    noise = torch.randn(4, 1, 8, 8)
+    t = torch.zeros(4, dtype=torch.long)
+    s = model.noise_schedule
+    with torch.no_grad():
+        kl = model.vlb_terms(x0, t, noise, decoder_nll=False, clip=False)
+        x_t = s.add_noise(x0, noise, t)
+        eps_hat = model.denoise(x_t, t)
+        x0_hat = (x_t - (1 - s.alphas_cumprod[0]).sqrt() * eps_hat) / s.alphas_cumprod[0].sqrt()
+    # At t = 0 the true posterior's mean is x0, the model's is x0_hat (unclamped), and both variances are the
+    # clipped posterior variance of t = 1: KL = (x0 - x0_hat)^2 / (2 var), averaged over dimensions.
+    expected = ((x0 - x0_hat)**2 / (2 * s.posterior_variance[1])).flatten(1).mean(1)
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-6)
+    # The likelihood's t = 0 term stays the discretised decoder NLL.
+    assert not torch.allclose(model.vlb_terms(x0, t, noise), kl)
+
+
+def test_training_losses_are_the_unweighted_mse():
+    model = tiny_model(num_timesteps=100, prediction_type='v_prediction')
+    x0, noise = torch.rand(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    t = torch.tensor([0, 40, 99])
+    with torch.no_grad():
+        target = model.noise_schedule.target(x0, noise, t, 'v_prediction')
+        expected = (model.denoise(model.noise_schedule.add_noise(x0, noise, t), t) - target).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(model.training_losses(x0, t, noise), expected)
+
+
+def test_rewards_sum_or_scale_each_timestep():
+    changes = torch.tensor([[1.0, 3.0], [0.01, -0.03]], dtype=torch.float64)  # (|S|, B)
+    torch.testing.assert_close(sum_of_changes(changes, False), torch.tensor([1.01, 2.97], dtype=torch.float64))
+    # Each timestep divided by its mean absolute change: (1/2, 3/2) + (0.01/0.02, -0.03/0.02).
+    torch.testing.assert_close(sum_of_changes(changes, True), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    adaptive = AdaptiveTimestepSampling(reward='normalized')
+    torch.testing.assert_close(adaptive.rewards(changes), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert AdaptiveTimestepSampling(reward='paper').rewards(changes).tolist() == pytest.approx([1.01, 2.97])
+
+
+@pytest.mark.parametrize('reward', ['paper', 'loss', 'normalized'])
+def test_each_reward_setting_starts_and_updates(digits_mds, reward):
+    """The policy's log-probabilities and entropy at the start of each setting, then updates on a real Trainer."""
+    adaptive = AdaptiveTimestepSampling(update_every=1, num_probe_timesteps=8, reward=reward)
+    trainer = make_trainer(digits_mds, algorithms=[adaptive], max_duration='4ba')
+    setting = adaptive.setting
+    x0 = torch.rand(5, 1, 8, 8) * 2 - 1
+    log_probs = adaptive.log_probs(x0)
+    a = torch.full((5,), setting.initial_concentration)
+    torch.testing.assert_close(log_probs, beta_grid_log_probs(a, a, 100), atol=2e-3, rtol=0)
+    entropy = -(log_probs.exp() * log_probs).sum(1)
+    assert float(entropy.max()) <= math.log(100) + 1e-6
+    if setting.initial_concentration == 1.0:
+        torch.testing.assert_close(entropy, torch.full((5,), math.log(100)), atol=1e-5, rtol=0)
+    expected_s = [0, 1, 2] if reward == 'paper' else adaptive.probe_timesteps[[2, 4, 5]].tolist()
+    assert adaptive.selected_timesteps == expected_s
+    trainer.fit()
+    assert adaptive.num_updates == 4 and adaptive.num_skipped == 0
+    assert adaptive.entropy_coef == (1e-2 if reward == 'paper' else 0.1)
+
+
+def test_no_probe_while_the_learning_rate_is_zero(digits_mds):
+    from composer.optim import ConstantWithWarmupScheduler
+    spy = ProbeSpy(update_every=3, num_probe_timesteps=8)
+    # Warm-up over 3 steps: Composer trains steps 0 and 1 at lr 0 (the scheduler's first step evaluates batch 0
+    # again). The probe due at step 0 waits for step 2; the next is due at step 3.
+    make_trainer(digits_mds, algorithms=[spy], max_duration='6ba',
+                 schedulers=ConstantWithWarmupScheduler(t_warmup='3ba')).fit()
+    assert spy.probe_steps == [2, 3]
+    assert spy.num_updates == 2 and all(abs(r) > 0 for r in spy.rewards_seen)
 
 
 def test_f_test_matches_sklearn():
@@ -143,22 +248,28 @@ class ProbeSpy(AdaptiveTimestepSampling):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.probe_steps, self.t_counts, self.calls, self.train_mode_after_probe = [], [], [], []
+        self.rewards_seen = []
 
     def _probe_before(self, state, model):
         if not hasattr(model, '_spied'):
             original = model.vlb_terms
 
-            def vlb_terms(x0, t, noise, conditioning=None):
+            def vlb_terms(x0, t, noise, conditioning=None, **kwargs):
                 self.calls.append((int(state.timestamp.batch), model.training, t.clone(), noise.clone()))
-                return original(x0, t, noise, conditioning)
+                return original(x0, t, noise, conditioning, **kwargs)
 
             model.vlb_terms, model._spied = vlb_terms, True
         super()._probe_before(state, model)
         self.train_mode_after_probe.append(model.training)
 
+    def rewards(self, changes):
+        reward = super().rewards(changes)
+        self.rewards_seen.append(float(reward.abs().sum()))
+        return reward
+
     def _probe_after(self, state, model, logger):
         self.probe_steps.append(int(state.timestamp.batch) - 1)  # BATCH_END follows the timestamp increment
-        self.t_counts.append(sum(t.numel() for t in self._probe['t']))
+        self.t_counts.append(sum(t.numel() for t in self._probe.t))
         super()._probe_after(state, model, logger)
 
 
@@ -182,13 +293,16 @@ def test_probes_at_global_optimizer_steps(digits_mds, microbatch):
         blocks = t0[:96].view(3, 32)
         assert (blocks == blocks[:, :1]).all() and blocks[:, 0].unique().numel() == 3
     assert spy.queue_x.shape == (4, 8) and torch.isfinite(spy.queue_x).all()
-    torch.testing.assert_close(spy.queue_y, spy.queue_x.sum(1))
+    # The target is the grid's changes weighted by the timesteps each grid point stands for (an estimate of the sum
+    # over all 100).
+    torch.testing.assert_close(spy.queue_y, (spy.queue_x * spy.probe_weights).sum(1))
+    assert spy.probe_weights.sum() == 100
     # Three queued probes and more: S is the F-test's choice.
-    assert spy.selected.tolist() == select_timesteps(spy.queue_x, spy.queue_y, 3).tolist()
+    assert spy.selected.tolist() == spy.probe_timesteps[select_timesteps(spy.queue_x, spy.queue_y, 3)].tolist()
 
 
 def test_fit_learns_a_per_sample_policy_and_logs(digits_mds):
-    adaptive = AdaptiveTimestepSampling(update_every=1, lr=0.05, num_probe_timesteps=8)
+    adaptive = AdaptiveTimestepSampling(update_every=1, lr=0.05, num_probe_timesteps=8, reward='loss')
     recorder = InMemoryLogger()
     trainer = make_trainer(digits_mds, algorithms=[adaptive], max_duration='6ba', loggers=[recorder])
     model = trainer.state.model
@@ -285,11 +399,12 @@ def test_non_finite_reward_or_loss_skips_the_update(digits_mds, caplog):
     assert any(not torch.equal(p, q) for p, q in zip(params, adaptive.policy.parameters()))
 
 
-@pytest.mark.parametrize('policy', ['beta', 'global'])
-def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, policy):
+@pytest.mark.parametrize('policy,reward', [('beta', 'paper'), ('global', 'paper'), ('beta', 'loss'),
+                                           ('beta', 'normalized')])
+def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, policy, reward):
 
     def algorithm():
-        return AdaptiveTimestepSampling(update_every=2, policy=policy, num_probe_timesteps=8)
+        return AdaptiveTimestepSampling(update_every=2, policy=policy, num_probe_timesteps=8, reward=reward)
 
     rec = LossRecorder()
     full = make_trainer(digits_mds, algorithms=[algorithm()], max_duration='8ba', callbacks=[rec],

@@ -337,26 +337,43 @@ class DiffusionModel(ComposerModel):
     # ----------------------------------------------------------------------------------------- VLB
     @torch.no_grad()
     def vlb_terms(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                  conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+                  conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None,
+                  decoder_nll: bool = True, clip: Optional[bool] = None) -> torch.Tensor:
         """Per-sample VLB terms L_t in nats per dimension, one denoiser forward (of ``denoiser`` if given), no grad.
 
         For t > 0: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) with the fixed variance beta_t (DDPM's
-        sigma^2 = beta choice). For t = 0: the negative log-likelihood of x0 under the discretised Gaussian
-        decoder (256 levels; pixel data in [-1, 1]).
+        sigma^2 = beta choice). For t = 0 with ``decoder_nll`` (the likelihood): the negative log-likelihood of x0
+        under the discretised Gaussian decoder (256 levels; pixel data in [-1, 1]); without it, the same Gaussian KL
+        as every other t (at t = 0 the true posterior's mean is x0 itself). ``clip`` clamps the predicted x0 to
+        [-1, 1] (default: for pixel models).
         """
         s = self.noise_schedule
         x_t = s.add_noise(x0, noise, t)
         output = self.denoise(x_t, t, conditioning, denoiser).float()
         x0_pred, _ = s.predict_x0_eps(x_t.float(), output, t, self.prediction_type)
-        x0_pred = x0_pred.clamp(-1, 1) if self.encoder is None else x0_pred
+        if (self.encoder is None) if clip is None else clip:
+            x0_pred = x0_pred.clamp(-1, 1)
         true_mean = s.posterior_mean(x0.float(), x_t.float(), t)
         model_mean = s.posterior_mean(x0_pred, x_t.float(), t)
         true_logvar = s.gather(s.posterior_log_variance_clipped, t, x0.dim())
         model_logvar = s.gather(self._model_log_variance(), t, x0.dim())
         kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).flatten(1).mean(1)
-        nll = -discretized_gaussian_log_likelihood(x0.float(), model_mean, 0.5 * model_logvar).flatten(1).mean(1)
         reshard_fsdp2(self)
+        if not decoder_nll:
+            return kl
+        nll = -discretized_gaussian_log_likelihood(x0.float(), model_mean, 0.5 * model_logvar).flatten(1).mean(1)
         return torch.where(t == 0, nll, kl)
+
+    @torch.no_grad()
+    def training_losses(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                        conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+        """Per-sample unweighted training losses (the MSE to the prediction target) at given (x0, t, noise), no grad."""
+        s = self.noise_schedule
+        x_t = s.add_noise(x0, noise, t)
+        output = self.denoise(x_t, t, conditioning, denoiser).float()
+        target = s.target(x0.float(), noise.float(), t, self.prediction_type)
+        reshard_fsdp2(self)
+        return (output - target).pow(2).flatten(1).mean(1)
 
     def _model_log_variance(self) -> torch.Tensor:
         s = self.noise_schedule

@@ -1,11 +1,15 @@
-"""Adaptive timestep sampling (arXiv 2411.09998): a learned policy over timesteps rewarded by VLB reduction."""
+"""Adaptive timestep sampling (arXiv 2411.09998): a learned policy over timesteps rewarded by each update's effect."""
 
 from composer_algos.algorithms.adaptive_timestep_sampling.adaptive_timestep_sampling import (
-    POLICIES, AdaptiveTimestepSampling, BetaPolicy, GlobalPolicy, PolicySampler, beta_grid_log_probs,
-    f_regression_scores, reinforce_loss, select_timesteps, tilted_log_probs)
+    POLICIES, REWARDS, AdaptiveTimestepSampling, RewardSetting)
+from composer_algos.algorithms.adaptive_timestep_sampling.functional import (
+    beta_grid_log_probs, f_regression_scores, grid_timesteps, grid_weights, reinforce_loss, select_timesteps,
+    sum_of_changes, tilted_log_probs)
+from composer_algos.algorithms.adaptive_timestep_sampling.policy import BetaPolicy, GlobalPolicy, PolicySampler
 from composer_algos.registry import algorithms
 
 algorithms.register('adaptive_timestep_sampling', func=AdaptiveTimestepSampling)
 
-__all__ = ['AdaptiveTimestepSampling', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler', 'POLICIES',
-           'beta_grid_log_probs', 'f_regression_scores', 'reinforce_loss', 'select_timesteps', 'tilted_log_probs']
+__all__ = ['AdaptiveTimestepSampling', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler', 'POLICIES', 'REWARDS',
+           'RewardSetting', 'beta_grid_log_probs', 'f_regression_scores', 'grid_timesteps', 'grid_weights',
+           'reinforce_loss', 'select_timesteps', 'sum_of_changes', 'tilted_log_probs']

@@ -1,38 +1,52 @@
 """Adaptive non-uniform timestep sampling of Kim, Ki, Shim & Lee (CVPR 2025, arXiv 2411.09998).
 
 A policy ``pi_phi(t | x0)`` chooses the timesteps the diffusion model trains on. Every ``update_every`` optimizer
-steps it is rewarded, per sample, by how much that step's diffusion update reduced the variational bound at a small
-set ``S`` of timesteps, ``R_n = sum_{tau in S} [KL_tau(x_n; before) - KL_tau(x_n; after)]``, and updated by
-REINFORCE with an entropy bonus. ``S`` is re-chosen after each probe: the ``k`` timesteps whose KL change best
-predicts the total KL change of a probe image (over a grid of timesteps), by a univariate F-test over a FIFO queue.
+steps it is rewarded, per sample, by how much that step's update improved the model at a small set ``S`` of
+timesteps, and updated by REINFORCE with an entropy bonus. ``S`` is re-chosen after each probe: the ``k`` grid
+timesteps whose change best predicts the total change of a probe image over all T timesteps, by a univariate F-test
+over a FIFO queue of probes.
+
+What the reward measures is the ``reward`` setting (all share the probe, the queue and the F-test):
+
+- ``'paper'``, the method as published and coded: ``R_n = sum_{tau in S} [KL_tau(before) - KL_tau(after)]``, the
+  Gaussian KL between the true and the model posterior at every tau (0 included, predicted x0 not clamped), in
+  bits; raw rewards without a baseline; entropy coefficient 1e-2; S starts as {0, 1, 2}; concentrations
+  ``softplus(.) + 1e-5`` starting at Beta(0.97, 0.97).
+- ``'loss'``: the reduction of the unweighted training loss (the MSE to the prediction target) at S. The VLB term
+  at tau is that MSE times a weight that grows without bound as tau -> 0 (for epsilon prediction), so VLB rewards
+  are carried by the smallest timesteps whatever S is; the training loss weighs the timesteps as training does.
+- ``'normalized'``: the paper's KL changes, each timestep's divided by its mean absolute change over the global
+  batch before summing, so every timestep of S counts alike.
+
+The improved rewards (``'loss'``, ``'normalized'``) are standardised over the global batch (the mean is the
+baseline), use entropy coefficient 0.1 and the discretised Beta's natural parameters (alpha - 1, beta - 1) as the
+policy's output, starting at Beta(1, 1): its log-probabilities are linear in them, so the policy cannot freeze at a
+parameter floor (with the paper's softplus floor one seed froze on digits: docs/benchmark.md); S starts evenly spaced
+over the grid.
 
 Deviations from the paper and its official code (ku-dmlab/Adaptive-Timestep-Sampler), one per line:
 
 - Discretisation: the Beta density at the bin centres ``(t + 0.5) / T``, normalised; rounding a continuous draw (the
   code) gives t=0 and t=T-1 half the mass of the others.
 - Policy network: a CNN shared across channels behind an adaptive pooling, for any image size, channel count and T
-  (the code fixes 3x32x32 and T); its output layer starts within ~1e-3 of Beta(1, 1) (the code: Beta(0.97, 0.97)).
+  (the code fixes 3x32x32 and T).
 - A global (unconditional) categorical policy over the T timesteps is offered as a cheaper option (``policy='global'``).
 - Probes use common random numbers (the same noise before and after the step), eval mode (no dropout) and evaluate
-  each KL term once, all terms of a probe pass in one batched denoiser forward; the code draws fresh noise, probes in
+  each term once, all terms of a probe pass in one batched denoiser forward; the code draws fresh noise, probes in
   train mode and runs the network twice per term.
-- The cadence counts global optimizer steps (``state.timestamp.batch``), not batches within an epoch or micro-steps.
+- The cadence counts global optimizer steps (``state.timestamp.batch``), not batches within an epoch or micro-steps;
+  a probe due on a step whose learning rate is 0 (warm-up start) waits for the next step with a non-zero one (its
+  reward would be 0).
 - The entropy bonus is part of the policy loss, not added to the reward (the code adds it to the reward).
-- Rewards are standardised over the global batch (mean as baseline, divided by the standard deviation); the code uses
-  raw rewards. The KL reduction shrinks by orders of magnitude during training, so raw rewards make the balance
-  between the policy-gradient term and the fixed-coefficient entropy bonus drift with training time. Subtracting the
-  batch mean equals a leave-one-out baseline up to the factor (N-1)/N, so the gradient's direction stays unbiased.
-- Default entropy coefficient 0.5 instead of the paper's 1e-2, because the rewards are standardised: measured on
-  digits (docs/benchmark.md), 1e-2 let the policy drift onto the smallest timesteps and freeze there (final FID
-  17.65 +- 3.20 alone, 27.73 +- 15.84 with the curriculum, against uniform's 16.21 +- 0.44); 0.5 gave 15.88 +- 0.18
-  and 17.24 +- 0.98.
 - The entropy bonus is the policy's own entropy, not that of the prior-tilted product: the latter would push the
   policy to undo a curriculum prior.
-- The feature-selection probe uses ``num_probe_timesteps`` evenly spaced timesteps instead of all T, split across
-  ranks and all-gathered (the code shares memory, single node only); S is chosen once the queue holds 3 entries (the
-  fewest for which the F statistic is defined); before that S is evenly spaced over the grid.
-- The F-test target is, as in the code, the total KL change of the probe image (the sum over the grid); the code's
-  S becomes a tuple after the first selection and its next use fails, here S is always a tensor of timesteps.
+- The feature-selection probe uses ``num_probe_timesteps`` evenly spaced timesteps (both ends included) instead of
+  all T (``num_probe_timesteps = T`` is the code's probe), split across ranks and all-gathered (the code shares
+  memory, single node only); the F-test target weights each grid point by the timesteps it stands for, so it
+  estimates the code's sum over all T.
+- S is re-chosen once the queue holds 3 entries (the fewest for which the F statistic is defined; the code: 2); the
+  code's S becomes a tuple after the first selection and its next use fails, here S is always a tensor of timesteps.
+- The queue holds 20 probes (the paper; the code's CIFAR-10 configuration: 5).
 - Everything (policy, its Adam state, the queue, S, counters) is saved in checkpoints; the probes' noise is keyed by
   the probe's number and each sample's position in the global batch, so a resumed run (on any number of ranks)
   draws the same numbers.
@@ -44,6 +58,7 @@ Deviations from the paper and its official code (ku-dmlab/Adaptive-Timestep-Samp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -51,204 +66,107 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
+from composer_algos.algorithms.adaptive_timestep_sampling.functional import (grid_timesteps, grid_weights,
+                                                                            nats_to_bits, reinforce_loss,
+                                                                            select_timesteps, standardised,
+                                                                            sum_of_changes, tilted_log_probs)
+from composer_algos.algorithms.adaptive_timestep_sampling.policy import (BetaPolicy, GlobalPolicy, PolicySampler,
+                                                                        module_device)
 from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROBE_PRECISIONS, FullPrecisionReplica,
                                                                            casts_parameters, probe_math)
 from composer_algos.algorithms.common import diffusion_model
-from composer_algos.diffusion.samplers import TimestepSampler
 from composer_algos.diffusion.utils import device_batch
 from composer_algos.distributed import all_gather, all_reduce, broadcast, global_positions, rank_world
 from composer_algos.evaluation.sampling import eval_mode
 from composer_algos.seeding import derive_seed, keyed_uniform_and_normal
 
-__all__ = ['AdaptiveTimestepSampling', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler', 'POLICIES',
-           'beta_grid_log_probs', 'f_regression_scores', 'reinforce_loss', 'select_timesteps', 'tilted_log_probs']
+__all__ = ['AdaptiveTimestepSampling', 'POLICIES', 'REWARDS', 'RewardSetting']
 
 log = logging.getLogger(__name__)
 
 POLICIES = ('beta', 'global')
+MIN_QUEUE = 3  # the F statistic has n - 2 degrees of freedom
 # Keys of the probes' random streams (see composer_algos.seeding).
 _IMAGE_STREAM, _BATCH_STREAM, _GRID_STREAM = 0, 1, 2
-MIN_QUEUE = 3  # the F statistic has n - 2 degrees of freedom
 
 
-# ------------------------------------------------------------------------------------------------ functional forms
-def beta_grid_log_probs(alpha: torch.Tensor, beta: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-    """``(B, T)`` log-probabilities of Beta(alpha, beta) on the grid of T timesteps.
+@dataclasses.dataclass(frozen=True)
+class RewardSetting:
+    """What a ``reward`` name means.
 
-    ``p(t) ∝ u_t^(alpha-1) (1 - u_t)^(beta-1)`` at the bin centres ``u_t = (t + 0.5) / T``, normalised over t, so
-    every timestep (the ends included) is a full bin and Beta(1, 1) is exactly uniform.
-
-    Example:
-        >>> p = beta_grid_log_probs(torch.tensor([1.0]), torch.tensor([1.0]), 4).exp()
-        >>> p
-        tensor([[0.2500, 0.2500, 0.2500, 0.2500]])
-    """
-    u = (torch.arange(num_timesteps, device=alpha.device, dtype=alpha.dtype) + 0.5) / num_timesteps
-    log_density = torch.stack([alpha - 1, beta - 1], dim=1) @ torch.stack([torch.log(u), torch.log1p(-u)])
-    return torch.log_softmax(log_density, dim=1)
-
-
-def tilted_log_probs(log_probs: torch.Tensor, priors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Log of the normalised product ``pi(t | x) * prod_j prior_j(t)`` for ``(B, T)`` log-probabilities.
-
-    A prior with no positive mass is ignored, as the model's ``tilt`` keeps the sampler's distribution then.
-    """
-    out = log_probs
-    for prior in priors:
-        prior = prior.to(out.device, out.dtype).clamp(min=0)
-        if float(prior.sum()) > 0:
-            out = out + torch.log(prior)
-    return out - torch.logsumexp(out, dim=-1, keepdim=True)
-
-
-def f_regression_scores(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Univariate F statistic of each column of ``features`` (n, d) against ``target`` (n,), in float64.
-
-    ``F_j = r_j^2 / (1 - r_j^2) * (n - 2)`` with ``r_j`` the Pearson correlation of column j with the target: the
-    score of scikit-learn's ``f_regression`` (with ``force_finite=True``: a constant column or target scores 0, a
-    perfectly correlated column the largest float).
-    """
-    x = features.double() - features.double().mean(0)
-    y = target.double() - target.double().mean()
-    denom = x.norm(dim=0) * y.norm()
-    r = torch.where(denom > 0, (x * y[:, None]).sum(0) / denom.clamp(min=torch.finfo(torch.float64).tiny),
-                    torch.zeros_like(denom))
-    r2 = r * r
-    dof = features.shape[0] - 2
-    scores = r2 / (1.0 - r2).clamp(min=0) * dof
-    return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, torch.finfo(torch.float64).max))
-
-
-def select_timesteps(queue_x: torch.Tensor, queue_y: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted indices of the ``k`` columns of ``queue_x`` with the highest F statistic against ``queue_y``."""
-    scores = f_regression_scores(queue_x, queue_y)
-    return torch.sort(torch.topk(scores, k).indices).values
-
-
-def reinforce_loss(sample_log_probs: torch.Tensor, t: torch.Tensor, advantage: torch.Tensor, entropy_coef: float,
-                   policy_log_probs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE loss with an entropy bonus: ``-mean_n(A_n log p(t_n | x_n)) - entropy_coef * H``.
-
-    Args:
-        sample_log_probs: ``(B, T)`` log-probabilities of the distribution ``t`` was drawn from (with grad).
-        t: ``(B,)`` drawn timesteps.
-        advantage: ``(B,)`` advantages (treated as constants).
-        entropy_coef: weight of the entropy bonus.
-        policy_log_probs: ``(B, T)`` log-probabilities whose mean entropy ``H`` is the bonus (default:
-            ``sample_log_probs``).
-
-    Returns:
-        The loss and the mean entropy ``H``.
-    """
-    policy_log_probs = sample_log_probs if policy_log_probs is None else policy_log_probs
-    chosen = sample_log_probs.gather(1, t.to(sample_log_probs.device).long()[:, None]).squeeze(1)
-    entropy = -(policy_log_probs.exp() * policy_log_probs).sum(1).mean()
-    loss = -(advantage.detach().to(chosen) * chosen).mean() - entropy_coef * entropy
-    return loss, entropy
-
-
-# ------------------------------------------------------------------------------------------------ policies
-def _softplus_inverse(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
-
-
-class BetaPolicy(nn.Module):
-    """A small CNN on x0 giving a per-sample Beta(alpha, beta) over ``u = t / T``; starts at Beta(1, 1).
-
-    Each channel is encoded by the same convolutions (after average pooling to at most ``resolution`` pixels a side)
-    and the codes are pooled over channels by mean and max, so one policy fits 1-channel digits, RGB images and
-    4-channel latents of any size without knowing their shape in advance.
-
-    Args:
-        width: channels of the convolutions and the hidden layer.
-        resolution: inputs larger than this (per side) are average-pooled down first, which bounds the cost.
+    Attributes:
+        terms: ``'kl'``: the Gaussian KL term of the VLB at every timestep, 0 included; ``'loss'``: the unweighted
+            training loss.
+        per_timestep_scale: divide each selected timestep's changes by their mean absolute value before summing.
+        standardise: standardise the rewards over the global batch (else raw rewards, no baseline).
+        in_bits: the terms in bits (the code's unit, which sets the balance with the entropy bonus) or nats.
+        entropy_coef: the default entropy coefficient.
+        concentration: the Beta policy's output map (``'softplus'`` with a 1e-5 floor, or ``'natural'``).
+        initial_concentration: both concentrations of the Beta policy at the start.
+        initial_selection: ``'first'``: S starts as the first ``num_selected`` timesteps ({0, 1, 2}); ``'spread'``:
+            evenly spaced over the grid.
     """
 
-    min_concentration = 1e-3
-
-    def __init__(self, width: int = 32, resolution: int = 16):
-        super().__init__()
-        self.resolution = int(resolution)
-        self.encoder = nn.Sequential(
-            nn.Conv2d(1, width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(8 * width, width), nn.SiLU(), nn.Linear(width, 2))
-        out = self.head[-1]
-        # Small (not zero) weights: the policy starts within ~1e-3 of uniform and every layer gets a gradient.
-        nn.init.normal_(out.weight, std=1e-3)
-        nn.init.constant_(out.bias, _softplus_inverse(1.0 - self.min_concentration))
-
-    def forward(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(alpha, beta)``, each of shape ``(B,)``."""
-        x = x0.float()
-        b, c, h, w = x.shape
-        if h > self.resolution or w > self.resolution:
-            x = F.adaptive_avg_pool2d(x, (min(h, self.resolution), min(w, self.resolution)))
-        codes = self.encoder(x.reshape(b * c, 1, *x.shape[-2:])).reshape(b, c, -1)
-        params = F.softplus(self.head(torch.cat([codes.mean(1), codes.amax(1)], dim=1))) + self.min_concentration
-        return params[:, 0], params[:, 1]
-
-    def log_probs(self, x0: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-        """``(B, T)`` log-probabilities of the discretised Beta of each sample."""
-        alpha, beta = self(x0)
-        return beta_grid_log_probs(alpha, beta, num_timesteps)
+    terms: str
+    per_timestep_scale: bool
+    standardise: bool
+    in_bits: bool
+    entropy_coef: float
+    concentration: str
+    initial_concentration: float
+    initial_selection: str
 
 
-class GlobalPolicy(nn.Module):
-    """An unconditional categorical policy: one logit per timestep, starting uniform."""
-
-    def __init__(self, num_timesteps: int):
-        super().__init__()
-        self.logits = nn.Parameter(torch.zeros(int(num_timesteps)))
-
-    def log_probs(self, x0: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-        """``(B, T)`` log-probabilities, the same for every sample."""
-        if num_timesteps != self.logits.numel():
-            raise ValueError(f'GlobalPolicy has {self.logits.numel()} timesteps, asked for {num_timesteps}.')
-        return torch.log_softmax(self.logits, 0)[None].expand(x0.shape[0], -1)
+REWARDS = {
+    'paper': RewardSetting(terms='kl', per_timestep_scale=False, standardise=False, in_bits=True, entropy_coef=1e-2,
+                           concentration='softplus', initial_concentration=0.97, initial_selection='first'),
+    'loss': RewardSetting(terms='loss', per_timestep_scale=False, standardise=True, in_bits=False, entropy_coef=0.1,
+                          concentration='natural', initial_concentration=1.0, initial_selection='spread'),
+    'normalized': RewardSetting(terms='kl', per_timestep_scale=True, standardise=True, in_bits=False,
+                                entropy_coef=0.1, concentration='natural', initial_concentration=1.0,
+                                initial_selection='spread'),
+}
 
 
-class PolicySampler(TimestepSampler):
-    """The timestep sampler installed in the model: the policy's per-sample ``(B, T)`` distribution, without grad."""
+@dataclasses.dataclass
+class Probe:
+    """One probe, from its first pass (before the optimizer step) to its second (after it)."""
 
-    def __init__(self, policy: nn.Module, num_timesteps: int):
-        super().__init__(num_timesteps)
-        self.policy = policy
+    step: int
+    x0: torch.Tensor  # this rank's batch, on the device
+    tau: torch.Tensor  # S
+    inputs: torch.Tensor  # |S| copies of the batch, then the grid's copies of the probe image
+    timesteps: torch.Tensor  # the timestep of each input
+    conditioning: dict[str, torch.Tensor]
+    noise_keys: list[tuple[int, ...]]
+    num_real: int  # this rank's real (not padding) grid entries
+    before: torch.Tensor = None  # (|S|, B) terms of the batch
+    grid_before: torch.Tensor = None  # the probe image's terms at this rank's grid share
+    seconds: float = 0.0
+    t: list[torch.Tensor] = dataclasses.field(default_factory=list)  # the timesteps drawn, per micro-batch
+    priors: Optional[list[torch.Tensor]] = None  # the curriculum priors t was drawn under
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x0 is None:
-            raise ValueError('The adaptive timestep sampler gives per-sample probabilities; pass the batch (x0).')
-        device = _device(self.policy)
-        # Outside autocast: t is drawn from the same fp32 distribution whose log-probabilities REINFORCE uses.
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            return self.policy.log_probs(x0.to(device), self.num_timesteps).exp().to(x0.device)
 
-    def __repr__(self) -> str:
-        return f'PolicySampler(policy={type(self.policy).__name__}, num_timesteps={self.num_timesteps})'
-
-
-# ------------------------------------------------------------------------------------------------ algorithm
 class AdaptiveTimestepSampling(Algorithm):
     """Learns which timesteps to train on, per sample (Kim et al., CVPR 2025, arXiv 2411.09998).
 
-    On every ``update_every``-th optimizer step (counted globally, from step 0) the algorithm
+    On every ``update_every``-th optimizer step (counted globally, from step 0; deferred while the learning rate is 0)
+    the algorithm
 
-    1. before the step (``BEFORE_TRAIN_BATCH``) computes the per-sample VLB terms ``KL_tau`` of the batch (moved to
+    1. before the step (``BEFORE_TRAIN_BATCH``) computes the per-sample terms (see ``reward``) of the batch (moved to
        the device as the model will see it) at each ``tau`` in ``S``, and of one probe image of the global batch
        (broadcast by its rank) over a grid of ``num_probe_timesteps`` timesteps split across ranks, with noise
        keyed by the probe and each sample's position in the global batch, in eval mode, in one batched denoiser
        forward of ``|S| B + num_probe_timesteps / world_size`` samples;
     2. collects the timesteps the model drew for the batch from the forward outputs (every micro-batch);
-    3. after the step (``BATCH_END``) recomputes the same terms with the same noise, rewards each sample by
-       ``R_n = sum_{tau in S} [KL_tau(before) - KL_tau(after)]``, takes a REINFORCE step on the policy
-       (``loss = -mean(A_n log p(t_n | x_n)) - entropy_coef * H(pi)``, ``A`` the standardised reward, gradients
-       averaged across ranks, clipped to ``grad_clip``, Adam at ``lr``), pushes the probe image's KL changes to the
-       FIFO queue and re-chooses ``S`` by the F-test of each grid timestep's KL change against their sum.
+    3. after the step (``BATCH_END``) recomputes the same terms with the same noise, rewards each sample by their
+       change, takes a REINFORCE step on the policy (``loss = -mean(A_n log p(t_n | x_n)) - entropy_coef * H(pi)``,
+       gradients averaged across ranks, clipped to ``grad_clip``, Adam at ``lr``), pushes the probe image's changes
+       to the FIFO queue and re-chooses ``S`` by the F-test of each grid timestep's change against their total
+       (each grid point weighted by the timesteps it stands for).
 
     Between probes the only cost is one forward of the small policy per batch (under ``no_grad``). Curriculum priors
     registered on the model tilt the policy; the policy gradient uses the tilted, normalised distribution. A
@@ -260,31 +178,30 @@ class AdaptiveTimestepSampling(Algorithm):
 
     Args:
         update_every: optimizer steps between probes (the paper's f_S).
-        num_selected: ``|S|``, the timesteps whose KL change makes the reward.
+        num_selected: ``|S|``, the timesteps whose change makes the reward.
         queue_size: capacity of the FIFO queue of the F-test.
         num_probe_timesteps: evenly spaced timesteps of the feature-selection probe (at most T).
+        reward: ``'paper'``, ``'loss'`` or ``'normalized'`` (see the module docstring).
         policy: ``'beta'`` (per-sample Beta from a CNN on x0) or ``'global'`` (one categorical distribution).
         width: channels of the Beta policy's CNN.
         policy_resolution: the Beta policy average-pools larger inputs to this many pixels a side.
         lr: learning rate of the policy's Adam.
         grad_clip: maximum norm of the policy gradient.
-        entropy_coef: weight of the entropy bonus in the policy loss, on the scale of the standardised rewards (the
-            paper's 1e-2 multiplies raw KL reductions, whose spread over a batch was about 0.02 on digits: 0.5
-            here keeps about the paper's balance between the two terms).
+        entropy_coef: weight of the entropy bonus in the policy loss; ``None``: the reward setting's default.
         seed: seed of the policy's initialisation (the same on every rank) and of the probes' keyed noise.
         probe_precision: ``'tf32'`` or ``'fp32'``: the probes' math on CUDA (see ``precision.py``). When FSDP's mixed
             precision casts the parameters, probes run on an fp32 replica of the denoiser refreshed from the shards.
 
     Example:
-        >>> adaptive = AdaptiveTimestepSampling(update_every=40, policy='global')
-        >>> adaptive.update_every, adaptive.policy_kind
-        (40, 'global')
+        >>> adaptive = AdaptiveTimestepSampling(update_every=40, reward='loss', policy='global')
+        >>> adaptive.update_every, adaptive.entropy_coef
+        (40, 0.1)
     """
 
     def __init__(self, update_every: int = 40, num_selected: int = 3, queue_size: int = 20,
-                 num_probe_timesteps: int = 32, policy: str = 'beta', width: int = 32, policy_resolution: int = 16,
-                 lr: float = 1e-2, grad_clip: float = 1.0, entropy_coef: float = 0.5, seed: int = 0,
-                 probe_precision: str = 'tf32'):
+                 num_probe_timesteps: int = 32, reward: str = 'paper', policy: str = 'beta', width: int = 32,
+                 policy_resolution: int = 16, lr: float = 1e-2, grad_clip: float = 1.0,
+                 entropy_coef: Optional[float] = None, seed: int = 0, probe_precision: str = 'tf32'):
         for name, value, low in (('update_every', update_every, 1), ('num_selected', num_selected, 1),
                                  ('queue_size', queue_size, MIN_QUEUE), ('num_probe_timesteps', num_probe_timesteps, 2),
                                  ('width', width, 1), ('policy_resolution', policy_resolution, 1)):
@@ -295,10 +212,12 @@ class AdaptiveTimestepSampling(Algorithm):
         if num_selected > num_probe_timesteps:
             raise ValueError(f'num_selected ({num_selected}) must not exceed num_probe_timesteps '
                              f'({num_probe_timesteps}): S is chosen among the probe timesteps.')
-        if policy not in POLICIES:
-            raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}.')
-        if probe_precision not in PROBE_PRECISIONS:
-            raise ValueError(f'probe_precision must be one of {PROBE_PRECISIONS}, got {probe_precision!r}.')
+        for name, value, allowed in (('reward', reward, tuple(REWARDS)), ('policy', policy, POLICIES),
+                                     ('probe_precision', probe_precision, PROBE_PRECISIONS)):
+            if value not in allowed:
+                raise ValueError(f'{name} must be one of {allowed}, got {value!r}.')
+        setting = REWARDS[reward]
+        entropy_coef = setting.entropy_coef if entropy_coef is None else entropy_coef
         for name, value, allow_zero in (('lr', lr, False), ('grad_clip', grad_clip, False),
                                         ('entropy_coef', entropy_coef, True)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
@@ -309,6 +228,8 @@ class AdaptiveTimestepSampling(Algorithm):
         self.num_selected = num_selected
         self.queue_size = queue_size
         self.num_probe_timesteps = num_probe_timesteps
+        self.reward = reward
+        self.setting = setting
         self.policy_kind = policy
         self.width = width
         self.policy_resolution = policy_resolution
@@ -323,26 +244,28 @@ class AdaptiveTimestepSampling(Algorithm):
         self.sampler: Optional[PolicySampler] = None
         self.num_timesteps = 0
         self.probe_timesteps = torch.empty(0, dtype=torch.long)  # the grid of the feature-selection probe
-        self.selected = torch.empty(0, dtype=torch.long)  # S, as indices into probe_timesteps
+        self.probe_weights = torch.empty(0, dtype=torch.float64)  # the timesteps each grid point stands for
+        self.selected = torch.empty(0, dtype=torch.long)  # S, as timesteps
         self.queue_x = torch.empty(0, num_probe_timesteps, dtype=torch.float64)
         self.queue_y = torch.empty(0, dtype=torch.float64)
         self.num_probes = 0
         self.num_updates = 0
         self.num_skipped = 0
+        self.probe_due = False  # a probe is due and waits for a step with a non-zero learning rate
         self._replica: Optional[FullPrecisionReplica] = None
-        self._probe: Optional[dict[str, Any]] = None
+        self._probe: Optional[Probe] = None
 
     def __repr__(self) -> str:
         return (f'AdaptiveTimestepSampling(update_every={self.update_every}, num_selected={self.num_selected}, '
                 f'queue_size={self.queue_size}, num_probe_timesteps={self.num_probe_timesteps}, '
-                f'policy={self.policy_kind!r}, width={self.width}, policy_resolution={self.policy_resolution}, '
-                f'lr={self.lr}, grad_clip={self.grad_clip}, entropy_coef={self.entropy_coef}, seed={self.seed}, '
-                f'probe_precision={self.probe_precision!r})')
+                f'reward={self.reward!r}, policy={self.policy_kind!r}, width={self.width}, '
+                f'policy_resolution={self.policy_resolution}, lr={self.lr}, grad_clip={self.grad_clip}, '
+                f'entropy_coef={self.entropy_coef}, seed={self.seed}, probe_precision={self.probe_precision!r})')
 
     @property
     def selected_timesteps(self) -> list[int]:
         """The current set S, as timesteps."""
-        return self.probe_timesteps[self.selected].tolist()
+        return self.selected.tolist()
 
     # -------------------------------------------------------------------------------------------- events
     def match(self, event: Event, state: State) -> bool:
@@ -361,6 +284,8 @@ class AdaptiveTimestepSampling(Algorithm):
                 self._replica.to(device)
         elif event == Event.BEFORE_TRAIN_BATCH:
             if int(state.timestamp.batch) % self.update_every == 0:
+                self.probe_due = True
+            if self.probe_due and _learning_rate(state) > 0:
                 self._probe_before(state, model)
         elif event == Event.AFTER_FORWARD:
             self._collect_timesteps(state, model)
@@ -369,27 +294,32 @@ class AdaptiveTimestepSampling(Algorithm):
 
     def _setup(self, model: Any, state: State) -> None:
         self.num_timesteps = int(model.num_timesteps)
-        if casts_parameters(state):
-            # Made from the bare denoiser, before FSDP wraps it (see precision.py).
-            self._replica = FullPrecisionReplica(model.denoiser)
         if self.num_probe_timesteps > self.num_timesteps:
             raise ValueError(f'num_probe_timesteps ({self.num_probe_timesteps}) must not exceed the number of '
                              f'timesteps of the noise schedule ({self.num_timesteps}).')
+        if casts_parameters(state):
+            # Made from the bare denoiser, before FSDP wraps it (see precision.py).
+            self._replica = FullPrecisionReplica(model.denoiser)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # the same initial policy on every rank
             if self.policy_kind == 'beta':
-                self.policy = BetaPolicy(self.width, self.policy_resolution)
+                self.policy = BetaPolicy(self.width, self.policy_resolution, self.setting.concentration,
+                                         self.setting.initial_concentration)
             else:
                 self.policy = GlobalPolicy(self.num_timesteps)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.lr)
         self.sampler = PolicySampler(self.policy, self.num_timesteps)
         model.set_timestep_sampler(self.sampler, owner=type(self).__name__)
-        self.probe_timesteps = torch.linspace(0, self.num_timesteps - 1, self.num_probe_timesteps).round().long()
-        self.selected = _evenly_spaced(self.num_probe_timesteps, self.num_selected)
+        self.probe_timesteps = grid_timesteps(self.num_timesteps, self.num_probe_timesteps)
+        self.probe_weights = grid_weights(self.probe_timesteps, self.num_timesteps)
+        if self.setting.initial_selection == 'first':
+            self.selected = torch.arange(self.num_selected)
+        else:
+            self.selected = self.probe_timesteps[_evenly_spaced(self.num_probe_timesteps, self.num_selected)]
 
     def _place(self, device: torch.device) -> None:
         """Move the policy and its Adam state to ``device``, in place (the sampler keeps the same objects)."""
-        if _device(self.policy) == device:
+        if module_device(self.policy) == device:
             return
         self.policy.to(device)
         for param_state in self.optimizer.state.values():
@@ -400,17 +330,17 @@ class AdaptiveTimestepSampling(Algorithm):
     # -------------------------------------------------------------------------------------------- probe
     def _probe_before(self, state: State, model: Any) -> None:
         step = int(state.timestamp.batch)
-        if self._probe is not None and self._probe['step'] == step:
+        if self._probe is not None and self._probe.step == step:
             # Composer retries a batch (automatic micro-batching after an OOM): the weights did not change, so the
             # measurement stands; only the timesteps are drawn again.
-            self._probe['t'] = []
+            self._probe.t = []
             return
         start = time.perf_counter()
         batch = device_batch(state)
         x0 = model.images(batch).detach()
         self._place(x0.device)
         conditioning = model.conditioning(batch)
-        tau = self.probe_timesteps[self.selected]
+        tau = self.selected.to(x0.device)
         _, world_size = rank_world()
         batch_size = x0.shape[0]
         # The feature probe: one image of the global batch, chosen by the probe's key; its owner broadcasts it and
@@ -420,7 +350,7 @@ class AdaptiveTimestepSampling(Algorithm):
         image = broadcast(x0[index:index + 1].clone(), src=owner)
         image_cond = {k: broadcast(v[index:index + 1].clone(), src=owner) for k, v in conditioning.items()}
         grid_index, num_real = self._grid_share()
-        grid = self.probe_timesteps[grid_index]
+        grid = self.probe_timesteps[grid_index].to(x0.device)
         num_selected = len(tau)
 
         def stack(batch_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
@@ -433,40 +363,45 @@ class AdaptiveTimestepSampling(Algorithm):
         positions = global_positions(batch_size)
         noise_keys = [(_BATCH_STREAM, self.num_probes, i, p) for i in range(num_selected) for p in positions]
         noise_keys += [(_GRID_STREAM, self.num_probes, int(g)) for g in grid_index]
-        probe = {
-            'step': step, 'x0': x0, 'tau': tau, 'num_real': num_real, 't': [], 'priors': None,
-            'inputs': {'x0': stack(x0, image), 't': torch.cat([tau.repeat_interleave(batch_size), grid]).to(x0.device),
-                       'conditioning': {k: stack(v, image_cond[k]) for k, v in conditioning.items()}},
-            'noise_keys': noise_keys,
-        }
-        probe['kl_before'], probe['grid_before'] = self._probe_pass(model, probe)
-        probe['seconds'] = time.perf_counter() - start
+        probe = Probe(step=step, x0=x0, tau=tau, inputs=stack(x0, image),
+                      timesteps=torch.cat([tau.repeat_interleave(batch_size), grid]),
+                      conditioning={k: stack(v, image_cond[k]) for k, v in conditioning.items()},
+                      noise_keys=noise_keys, num_real=num_real)
+        probe.before, probe.grid_before = self._probe_pass(model, probe)
+        probe.seconds = time.perf_counter() - start
         self._probe = probe
+        self.probe_due = False
 
     def _collect_timesteps(self, state: State, model: Any) -> None:
         outputs = state.outputs
         if not isinstance(outputs, dict) or 't' not in outputs:
             raise ValueError("AdaptiveTimestepSampling reads the drawn timesteps from the forward outputs, which must "
                              f"be a dict with key 't' (got {type(outputs).__name__}).")
-        if self._probe['priors'] is None:
+        if self._probe.priors is None:
             # The priors in force when t was drawn (a curriculum may change them at the next batch).
-            self._probe['priors'] = [p.detach() for p in model.timestep_priors(_device(self.policy))]
-        self._probe['t'].append(outputs['t'].detach())
+            self._probe.priors = [p.detach() for p in model.timestep_priors(module_device(self.policy))]
+        self._probe.t.append(outputs['t'].detach())
 
-    def _probe_pass(self, model: Any, probe: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every KL term of a probe in one batched denoiser forward, eval mode, with the probe's keyed noise.
+    def _probe_pass(self, model: Any, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every term of a probe in one batched denoiser forward, eval mode, with the probe's keyed noise.
 
         Returns the ``(|S|, B)`` terms of the batch and the grid share's terms of the probe image.
         """
-        inputs = probe['inputs']
-        x = inputs['x0']
-        _, noise = keyed_uniform_and_normal(self.seed, probe['noise_keys'], x.shape[1:])
+        x = probe.inputs
+        _, noise = keyed_uniform_and_normal(self.seed, probe.noise_keys, x.shape[1:])
+        noise = noise.to(x.device, x.dtype)
         denoiser = self._replica.refresh(model.denoiser) if self._replica is not None else None
         with eval_mode(model), probe_math(x.device, self.probe_precision):
-            kl = model.vlb_terms(x, inputs['t'], noise.to(x.device, x.dtype), inputs['conditioning'],
-                                 denoiser=denoiser).double()
-        num_batch_terms = len(probe['tau']) * probe['x0'].shape[0]
-        return kl[:num_batch_terms].view(len(probe['tau']), -1), kl[num_batch_terms:]
+            if self.setting.terms == 'kl':
+                terms = model.vlb_terms(x, probe.timesteps, noise, probe.conditioning, denoiser=denoiser,
+                                        decoder_nll=False, clip=False).double()
+            else:
+                terms = model.training_losses(x, probe.timesteps, noise, probe.conditioning,
+                                              denoiser=denoiser).double()
+        if self.setting.in_bits:
+            terms = nats_to_bits(terms)
+        num_batch_terms = len(probe.tau) * probe.x0.shape[0]
+        return terms[:num_batch_terms].view(len(probe.tau), -1), terms[num_batch_terms:]
 
     def _grid_share(self) -> tuple[torch.Tensor, int]:
         """This rank's equal-sized share of the probe grid (indices, padded by repeats) and its number of real
@@ -480,49 +415,63 @@ class AdaptiveTimestepSampling(Algorithm):
     def _probe_after(self, state: State, model: Any, logger: Logger) -> None:
         probe, self._probe = self._probe, None
         start = time.perf_counter()
-        kl_after, grid_after = self._probe_pass(model, probe)
-        reward = (probe['kl_before'] - kl_after).sum(0)
-        self._push_queue((probe['grid_before'] - grid_after)[:probe['num_real']])
-        batch_size = probe['x0'].shape[0]
-        t = torch.cat(probe['t']) if probe['t'] else torch.empty(0, dtype=torch.long)
+        after, grid_after = self._probe_pass(model, probe)
+        self._push_queue((probe.grid_before - grid_after)[:probe.num_real])
+        batch_size = probe.x0.shape[0]
+        t = torch.cat(probe.t) if probe.t else torch.empty(0, dtype=torch.long)
         if t.numel() != batch_size:
             raise RuntimeError(f'AdaptiveTimestepSampling collected {t.numel()} drawn timesteps for a batch of '
                                f'{batch_size}; the forward outputs must hold one t per sample.')
         with torch.enable_grad():
-            metrics = self.update_policy(probe['x0'], t, reward, probe['priors'] or [], _loss_is_finite(state.loss))
+            metrics = self.update_policy(probe.x0, t, self.rewards(probe.before - after), probe.priors or [],
+                                         _loss_is_finite(state.loss))
         self.num_probes += 1
         if self.queue_x.shape[0] >= MIN_QUEUE:
-            self.selected = select_timesteps(self.queue_x, self.queue_y, self.num_selected)
-        metrics['adaptive/probe_seconds'] = probe['seconds'] + time.perf_counter() - start
+            self.selected = self.probe_timesteps[select_timesteps(self.queue_x, self.queue_y, self.num_selected)]
+        metrics['adaptive/probe_seconds'] = probe.seconds + time.perf_counter() - start
         for i, step in enumerate(self.selected_timesteps):
             metrics[f'adaptive/S{i}'] = step
         logger.log_metrics(metrics)
 
+    def rewards(self, changes: torch.Tensor) -> torch.Tensor:
+        """Per-sample rewards from this rank's ``(|S|, B)`` changes (before minus after) at the selected timesteps.
+
+        With a per-timestep scale, each timestep's scale is its mean absolute change over all ranks' samples.
+        """
+        scale = None
+        if self.setting.per_timestep_scale:
+            clean = torch.where(torch.isfinite(changes), changes, torch.zeros_like(changes))
+            totals = all_reduce(torch.cat([clean.abs().sum(1), clean.new_tensor([float(changes.shape[1])])]))
+            scale = totals[:-1] / totals[-1].clamp(min=1)
+        return sum_of_changes(changes, self.setting.per_timestep_scale, scale)
+
     def _push_queue(self, local_change: torch.Tensor) -> None:
-        """All-gather the probe image's KL changes and append them to the FIFO queue (the same on every rank)."""
+        """All-gather the probe image's changes and append them, and their weighted total, to the FIFO queue."""
         per_rank = math.ceil(self.num_probe_timesteps / rank_world()[1])
         padded = torch.zeros(per_rank, dtype=torch.float64, device=local_change.device)
         padded[:local_change.numel()] = local_change
         row = torch.cat(all_gather(padded)).cpu()[:self.num_probe_timesteps]
         if not bool(torch.isfinite(row).all()):
-            log.warning('AdaptiveTimestepSampling: non-finite KL change in the feature probe; the queue is unchanged.')
+            log.warning('AdaptiveTimestepSampling: non-finite change in the feature probe; the queue is unchanged.')
             return
         self.queue_x = torch.cat([self.queue_x, row[None]])[-self.queue_size:]
-        self.queue_y = torch.cat([self.queue_y, row.sum()[None]])[-self.queue_size:]
+        total = (row * self.probe_weights).sum()  # estimates the change summed over all T timesteps
+        self.queue_y = torch.cat([self.queue_y, total[None]])[-self.queue_size:]
 
     # -------------------------------------------------------------------------------------------- REINFORCE
     def log_probs(self, x0: torch.Tensor, priors: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """``(B, T)`` log-probabilities of the distribution t is drawn from (the tilted policy), with grad."""
-        return tilted_log_probs(self.policy.log_probs(x0.to(_device(self.policy)), self.num_timesteps), priors)
+        return tilted_log_probs(self.policy.log_probs(x0.to(module_device(self.policy)), self.num_timesteps), priors)
 
     def update_policy(self, x0: torch.Tensor, t: torch.Tensor, reward: torch.Tensor,
                       priors: Sequence[torch.Tensor] = (), loss_finite: bool = True) -> dict[str, float]:
         """One REINFORCE step on the policy from this rank's ``(x0, t, reward)`` (collective across ranks).
 
-        Rewards are standardised with the mean and standard deviation over all ranks' samples. A non-finite loss,
-        reward or averaged gradient on any rank skips the step on every rank. Returns the metrics to log.
+        The advantage is the reward standardised with the mean and standard deviation over all ranks' samples, or the
+        raw reward (``'paper'``). A non-finite loss, reward or averaged gradient on any rank skips the step on every
+        rank. Returns the metrics to log.
         """
-        device = _device(self.policy)
+        device = module_device(self.policy)
         reward = reward.to(device, torch.float64)
         finite = torch.isfinite(reward)
         clean = torch.where(finite, reward, torch.zeros_like(reward))
@@ -533,7 +482,10 @@ class AdaptiveTimestepSampling(Algorithm):
         count = max(float(stats[2]), 1.0)
         mean = float(stats[0]) / count
         std = math.sqrt(max(float(stats[1]) / count - mean * mean, 0.0))
-        advantage = (clean - mean) / std if ok and std > 0 else torch.zeros_like(clean)
+        if not ok:
+            advantage = torch.zeros_like(clean)
+        else:
+            advantage = standardised(clean, mean, std) if self.setting.standardise else clean
 
         policy_log_probs = self.policy.log_probs(x0.to(device), self.num_timesteps)
         sample_log_probs = tilted_log_probs(policy_log_probs, priors)
@@ -585,6 +537,7 @@ class AdaptiveTimestepSampling(Algorithm):
             'num_probes': self.num_probes,
             'num_updates': self.num_updates,
             'num_skipped': self.num_skipped,
+            'probe_due': self.probe_due,
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = False) -> None:
@@ -597,7 +550,7 @@ class AdaptiveTimestepSampling(Algorithm):
             raise ValueError(f'The checkpoint was written with num_selected={state["selected"].numel()}; this run has '
                              f'num_selected={self.num_selected}.')
         # In place: the sampler installed in the model keeps using these very objects.
-        device = _device(self.policy)
+        device = module_device(self.policy)
         self.policy.load_state_dict(state['policy'])
         self.optimizer.load_state_dict(state['optimizer'])
         self._place(device)
@@ -607,17 +560,20 @@ class AdaptiveTimestepSampling(Algorithm):
         self.num_probes = int(state['num_probes'])
         self.num_updates = int(state['num_updates'])
         self.num_skipped = int(state['num_skipped'])
+        self.probe_due = bool(state.get('probe_due', False))
         self._probe = None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _evenly_spaced(n: int, k: int) -> torch.Tensor:
-    """``k`` evenly spaced interior indices of ``range(n)`` (the default S)."""
+    """``k`` evenly spaced interior indices of ``range(n)``."""
     return torch.linspace(0, n - 1, k + 2)[1:-1].round().long().clamp(0, n - 1)
 
 
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+def _learning_rate(state: State) -> float:
+    """The largest learning rate the optimizers will use in this step."""
+    return max((float(group['lr']) for optimizer in state.optimizers for group in optimizer.param_groups),
+               default=1.0)
 
 
 def _module_device(model: nn.Module) -> torch.device:
