@@ -260,8 +260,9 @@ def test_loader_streams_remote_into_local_and_passes_streaming_options(digits_md
     # A local folder works as the remote: streaming copies shards into the cache as it would download them.
     loader = build_dataloader({'remote': digits_mds, 'local': str(tmp_path / 'cache'), 'split': 'train',
                                'global_batch_size': 16, 'shuffle': False, 'channels': 1, 'num_canonical_nodes': 3,
-                               'predownload': 32})
+                               'predownload': 32, 'cache_limit': '1mb'})
     assert loader.dataset.num_canonical_nodes == 3 and loader.dataset.predownload == 32
+    assert loader.dataset.cache_limit == 2**20
     reference = build_dataloader({'local': digits_mds, 'split': 'train', 'global_batch_size': 16, 'shuffle': False,
                                   'channels': 1, 'num_canonical_nodes': 3})
     torch.testing.assert_close(next(iter(loader))['image'], next(iter(reference))['image'])
