@@ -135,6 +135,9 @@ def test_scale_recipe_trains(recipe, digits_mds, latent_mds, tiny_vae_dir, tmp_p
     for key in ('train_loader', 'eval_loader'):
         assert '://' in cfg[key]['remote'] and cfg[key]['local']
     assert cfg['train_loader']['num_canonical_nodes'] >= 1
+    # A node-local cache without a cap fills the disk; the cap must hold at least 4 shards of 64 MB.
+    from streaming.base.util import bytes_to_int
+    assert bytes_to_int(cfg['train_loader']['cache_limit']) >= 4 * 64 * 2**20
     # The recipe's own callbacks construct (FID and Inception need a GPU-sized run; they are swapped out below).
     assert len(build_callbacks(cfg['callbacks'])) == len(cfg['callbacks'])
     name = os.path.basename(recipe)[:-5]
