@@ -40,6 +40,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -335,14 +336,14 @@ def loop_overhead(data: str, blocks: int, block_steps: int, warmup_blocks: int,
     import torch
     torch.set_num_threads(threads)
 
-    from composer_algos.config import build_dataloader, build_model, build_optimizer, build_trainer, load_config
+    from composer_algos.config import build_trainer, load_config
 
     steps = (warmup_blocks + blocks) * block_steps
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml'), [
             f'train_loader.local={data}', f'max_duration={steps}ba', 'eval_loader=null', 'eval_interval=1',
             'callbacks=null', 'save_folder=null', 'progress_bar=false', f'loggers.file.filename={tmp}/log.txt'])
-        bare_step = _bare_loop(cfg, build_model, build_optimizer, build_dataloader)
+        bare_step = _bare_loop(cfg)
         trainer = build_trainer(cfg)
         timer = _interleave_callback(block_steps, bare_step)
         trainer.state.callbacks.insert(0, timer)
@@ -350,8 +351,9 @@ def loop_overhead(data: str, blocks: int, block_steps: int, warmup_blocks: int,
         trainer.close()
     wall = [r / b for r, b in zip(timer.recipe[warmup_blocks:], timer.bare[warmup_blocks:])]
     cpu = [r / b for r, b in zip(timer.recipe_cpu[warmup_blocks:], timer.bare_cpu[warmup_blocks:])]
-    return {'block_ratios': wall, 'median_ratio': _median(wall), 'cpu_median_ratio': _median(cpu),
-            'blocks': len(wall), 'block_steps': block_steps, 'warmup_blocks': warmup_blocks, 'threads': threads}
+    return {'block_ratios': wall, 'median_ratio': statistics.median(wall),
+            'cpu_median_ratio': statistics.median(cpu), 'blocks': len(wall), 'block_steps': block_steps,
+            'warmup_blocks': warmup_blocks, 'threads': threads}
 
 
 def _interleave_callback(block_steps: int, bare_step: Any) -> Any:
@@ -390,10 +392,12 @@ def _interleave_callback(block_steps: int, bare_step: Any) -> Any:
     return Interleave()
 
 
-def _bare_loop(cfg: dict[str, Any], build_model: Any, build_optimizer: Any, build_dataloader: Any) -> Any:
+def _bare_loop(cfg: dict[str, Any]) -> Any:
     """One step of a plain PyTorch loop over the recipe's model, batch size and optimizer; its batches are drawn
     from the training images decoded once into memory."""
     import torch
+
+    from composer_algos.config import build_dataloader, build_model, build_optimizer
     loader = build_dataloader(dict(cfg['train_loader'], shuffle=False, drop_last=False), 'train_loader')
     batches = list(loader)
     images = torch.cat([b['image'] for b in batches])
@@ -413,12 +417,6 @@ def _bare_loop(cfg: dict[str, Any], build_model: Any, build_optimizer: Any, buil
         optimizer.step()
 
     return step
-
-
-def _median(xs: Sequence[float]) -> float:
-    ordered = sorted(xs)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def print_loop_overhead(result: dict[str, Any]) -> None:
