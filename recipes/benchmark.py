@@ -2,6 +2,7 @@
 
     python recipes/benchmark.py                      # the full run (by hand; results go to docs/)
     python recipes/benchmark.py --quick              # 2 methods, 1 seed, a few dozen steps: checks the harness
+    python recipes/benchmark.py --loop-overhead      # the recipe's training step against a bare PyTorch loop
 
 Every method trains ``yamls/digits/uniform.yaml`` with its algorithm fragments from ``yamls/algorithms/`` added, with
 the same model, data order (per seed), optimizer and budget. FID (digit-classifier features, EMA weights, the same
@@ -9,6 +10,27 @@ DDIM noise for every method) is measured every ``--eval-every`` steps. Per metho
 uniform's final FID (and 1.1x of it) as a speed-up ratio, the wall time to that FID as a ratio, the per-step wall
 time against uniform, and final FID and bits/dim (mean and spread over seeds). Runs go to ``--workers`` processes
 with one thread each; every method sees the same concurrency, so per-step ratios compare like with like.
+
+``--loop-overhead`` measures what the training loop costs on top of the model's own work: the digits recipe
+(``yamls/digits/uniform.yaml`` built by ``composer_algos.config.build_trainer``: the Composer Trainer, its
+StreamingDataset loader on the MDS shards, the warm-up EMA, the LR scheduler and the file logger; evaluation,
+callbacks, checkpoints and the progress bar off) against a bare PyTorch loop over a second copy of the same
+model, the same batch size and the same optimizer, both on ``--threads`` threads in one process. What is timed:
+
+* recipe step: the wall time from one ``BATCH_END`` to the next, so everything the Trainer does per step counts,
+  fetching the next batch from streaming included (Composer fetches it before ``BATCH_START``, so a
+  ``BATCH_START``-to-``BATCH_END`` timer would leave the data path out), as do epoch turnovers (every 11 steps on
+  the digits);
+* bare step: drawing a batch from an in-memory tensor of the decoded training images (one index), then
+  ``zero_grad``, ``model(batch)``, ``model.loss``, ``backward``, ``optimizer.step``.
+
+Both sides fetch data, but the bare side's fetch is the cheapest possible, so the ratio charges the recipe for its
+whole data path as well as for Composer's events, the EMA and logging. The two run interleaved in blocks
+(``--loop-block-steps`` recipe steps, then as many bare steps, from a callback at ``BATCH_END`` whose own time is
+left out of the recipe's): both sides see the same load from other processes. Each block gives a ratio of mean step
+times; the last line prints the median over the blocks after the warm-up ones. The line before it gives the same
+ratio for the process's CPU time, which other processes on a shared machine disturb far less than wall time (with
+no background threads, as on the digits, it is the work done for the step).
 """
 
 from __future__ import annotations
@@ -18,6 +40,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -306,6 +329,105 @@ def write_plot(summary: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------------------------- loop overhead
+def loop_overhead(data: str, blocks: int, block_steps: int, warmup_blocks: int,
+                  threads: int = 1) -> dict[str, Any]:
+    """Interleaved blocks of the digits recipe's training steps and of a bare loop's; see the module docstring."""
+    import torch
+    torch.set_num_threads(threads)
+
+    from composer_algos.config import build_trainer, load_config
+
+    steps = (warmup_blocks + blocks) * block_steps
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml'), [
+            f'train_loader.local={data}', f'max_duration={steps}ba', 'eval_loader=null', 'eval_interval=1',
+            'callbacks=null', 'save_folder=null', 'progress_bar=false', f'loggers.file.filename={tmp}/log.txt'])
+        bare_step = _bare_loop(cfg)
+        trainer = build_trainer(cfg)
+        timer = _interleave_callback(block_steps, bare_step)
+        trainer.state.callbacks.insert(0, timer)
+        trainer.fit()
+        trainer.close()
+    wall = [r / b for r, b in zip(timer.recipe[warmup_blocks:], timer.bare[warmup_blocks:])]
+    cpu = [r / b for r, b in zip(timer.recipe_cpu[warmup_blocks:], timer.bare_cpu[warmup_blocks:])]
+    return {'block_ratios': wall, 'median_ratio': statistics.median(wall),
+            'cpu_median_ratio': statistics.median(cpu), 'blocks': len(wall), 'block_steps': block_steps,
+            'warmup_blocks': warmup_blocks, 'threads': threads}
+
+
+def _interleave_callback(block_steps: int, bare_step: Any) -> Any:
+    from composer.core import Callback
+
+    class Interleave(Callback):
+        """After every ``block_steps`` recipe steps, as many bare steps. Records each block's mean step time, wall
+        and process CPU, per side; the bare block's time is not the recipe's."""
+
+        def __init__(self):
+            self.recipe: list[float] = []
+            self.bare: list[float] = []
+            self.recipe_cpu: list[float] = []
+            self.bare_cpu: list[float] = []
+            self._mark: Optional[tuple[float, float]] = None
+            self._wall, self._cpu, self._counted, self._steps = 0.0, 0.0, 0, 0
+
+        def batch_end(self, state, logger):
+            now, cpu = time.perf_counter(), time.process_time()
+            if self._mark is not None:
+                self._wall += now - self._mark[0]
+                self._cpu += cpu - self._mark[1]
+                self._counted += 1
+            self._steps += 1
+            if self._steps % block_steps == 0:
+                self.recipe.append(self._wall / max(1, self._counted))
+                self.recipe_cpu.append(self._cpu / max(1, self._counted))
+                start, start_cpu = time.perf_counter(), time.process_time()
+                for _ in range(block_steps):
+                    bare_step()
+                self.bare.append((time.perf_counter() - start) / block_steps)
+                self.bare_cpu.append((time.process_time() - start_cpu) / block_steps)
+                self._wall, self._cpu, self._counted = 0.0, 0.0, 0
+            self._mark = (time.perf_counter(), time.process_time())
+
+    return Interleave()
+
+
+def _bare_loop(cfg: dict[str, Any]) -> Any:
+    """One step of a plain PyTorch loop over the recipe's model, batch size and optimizer; its batches are drawn
+    from the training images decoded once into memory."""
+    import torch
+
+    from composer_algos.config import build_dataloader, build_model, build_optimizer
+    loader = build_dataloader(dict(cfg['train_loader'], shuffle=False, drop_last=False), 'train_loader')
+    batches = list(loader)
+    images = torch.cat([b['image'] for b in batches])
+    labels = torch.cat([b['label'] for b in batches])
+    batch_size = loader.batch_size
+    model = build_model(cfg['model'])
+    model.train()
+    optimizer = build_optimizer(cfg['optimizer'], model)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        index = torch.randint(len(images), (batch_size,), generator=generator)
+        batch = {'image': images[index], 'label': labels[index]}
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.loss(model(batch), batch)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def print_loop_overhead(result: dict[str, Any]) -> None:
+    print(f'digits recipe step (Composer Trainer, streaming, EMA; eval and callbacks off) against a bare PyTorch '
+          f'loop, {result["threads"]} thread(s) each, {result["blocks"]} interleaved blocks of '
+          f'{result["block_steps"]} steps after {result["warmup_blocks"]} warm-up block(s)')
+    print('per-block ratios (wall time): ' + ' '.join(f'{r:.3f}' for r in result['block_ratios']))
+    print(f'process CPU time per step, recipe / bare (median over blocks): {result["cpu_median_ratio"]:.3f}')
+    print(f'loop overhead, wall time per step, recipe / bare (median over blocks): {result["median_ratio"]:.3f}')
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--methods', default=','.join(METHODS),
@@ -321,8 +443,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--data', default=os.path.join(ROOT, 'data', 'digits'))
     parser.add_argument('--out', default=os.path.join(ROOT, 'docs', 'benchmark'))
-    parser.add_argument('--quick', action='store_true', help='2 methods, 1 seed, 40 steps: checks the harness')
+    parser.add_argument('--quick', action='store_true', help='2 methods, 1 seed, 40 steps: checks the harness '
+                        '(with --loop-overhead: 2 blocks of 5 steps)')
+    parser.add_argument('--loop-overhead', action='store_true',
+                        help='time the recipe\'s training step against a bare PyTorch loop (see above)')
+    parser.add_argument('--loop-blocks', type=int, default=30, help='--loop-overhead: measured blocks')
+    parser.add_argument('--loop-block-steps', type=int, default=10, help='--loop-overhead: steps per block and side')
+    parser.add_argument('--threads', type=int, default=1, help='--loop-overhead: torch threads (both sides)')
     args = parser.parse_args(argv)
+    if args.loop_overhead:
+        return _main_loop_overhead(args)
     if args.quick:
         args.methods, args.seeds, args.steps, args.eval_every = ','.join(QUICK_METHODS), '0', 40, 20
         args.fid_samples, args.ddim_steps, args.bpd_images, args.bpd_terms = 64, 5, 32, 4
@@ -367,6 +497,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_plot(summary, os.path.join(args.out, 'fid.png'))
     print(open(os.path.join(args.out, 'results.md')).read())
     print(f'total wall time {time.time() - start:.0f}s')
+    return 0
+
+
+def _main_loop_overhead(args: argparse.Namespace) -> int:
+    from composer_algos.data import convert_digits
+    convert_digits(args.data)
+    blocks, block_steps, warmup = (2, 5, 1) if args.quick else (args.loop_blocks, args.loop_block_steps, 2)
+    print_loop_overhead(loop_overhead(os.path.abspath(args.data), blocks, block_steps, warmup, args.threads))
     return 0
 
 

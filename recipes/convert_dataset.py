@@ -12,7 +12,10 @@
 order) and writes one split to OUT, which may be a local folder or any remote URL that mosaicml-streaming can
 upload to (``s3://``, ``gs://``, ``oci://``, ...). ``--resize N`` resizes the shorter side to N and crops the
 centre square. Images are written by ``--workers`` processes, each into its own part folder, and the part indexes
-are merged in file order. ``--encode-latents VAE_PATH`` instead stores the VAE's latents (column ``latents``,
+are merged in file order. Images are stored as raw uint8 arrays (channels, height, width), not PNGs: with one
+shape for all (digits, CIFAR-10, ``--resize``) the loader reads a batch in one pass instead of decoding each
+image. Raw images take more space than PNGs; ``--compression zstd`` shrinks what is uploaded and downloaded
+(streaming decompresses each shard once, when it caches it). ``--encode-latents VAE_PATH`` instead stores the VAE's latents (column ``latents``,
 float16, unscaled; read them with ``latents: true`` in the loader): images are decoded by ``--workers`` threads and
 encoded in batches on one ``--device``.
 """
@@ -23,7 +26,8 @@ import argparse
 import os
 import sys
 
-from composer_algos.data.convert import cifar10_images, convert_digits, folder_images, write_folder_mds, write_mds
+from composer_algos.data.convert import (CIFAR10_SHAPE, cifar10_images, convert_digits, folder_images, write_folder_mds,
+                                         write_mds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         for split in ('train', 'val'):
             write_mds(cifar10_images(args.download_root, split), os.path.join(args.out, split),
                       size_limit=args.size_limit, total=50000 if split == 'train' else 10000,
-                      compression=args.compression, progress=not args.no_progress)
+                      compression=args.compression, progress=not args.no_progress, shape=CIFAR10_SHAPE)
     elif not args.src:
         parser.error('--dataset folder needs --src PATH')
     elif args.encode_latents:

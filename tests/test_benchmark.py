@@ -1,4 +1,5 @@
-"""The benchmark harness end to end in its --quick mode (2 methods, 1 seed, 40 steps)."""
+"""The benchmark harness end to end in its --quick modes: the race (2 methods, 1 seed, 40 steps) and the loop
+overhead measurement (2 blocks of 5 steps)."""
 
 import json
 import os
@@ -49,3 +50,15 @@ def test_a_variant_is_its_method_with_overrides():
         variant = 'adaptive@algorithms.adaptive_timestep_sampling.entropy_coef=0.5'
         cfg = load_config(benchmark._recipe(variant, tmp), benchmark.split_variant(variant)[1])
     assert cfg['algorithms']['adaptive_timestep_sampling']['entropy_coef'] == 0.5
+
+
+def test_loop_overhead_quick_prints_a_ratio_last(digits_mds, capsys):
+    import math
+    import re
+    assert benchmark.main(['--loop-overhead', '--quick', '--data', digits_mds]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = re.fullmatch(r'loop overhead, wall time per step, recipe / bare \(median over blocks\): (\d+\.\d+)',
+                         lines[-1])
+    assert match and math.isfinite(float(match.group(1))) and float(match.group(1)) > 0
+    per_block = next(line for line in lines if line.startswith('per-block ratios'))
+    assert len(per_block.split(':')[1].split()) == 2  # --quick: 2 measured blocks

@@ -110,6 +110,9 @@ def test_scale_recipe_trains(recipe, digits_mds, latent_mds, tiny_vae_dir, tmp_p
     for key in ('train_loader', 'eval_loader'):
         assert '://' in cfg[key]['remote'] and cfg[key]['local']
     assert cfg['train_loader']['num_canonical_nodes'] >= 1
+    # A node-local cache without a cap fills the disk; the cap must hold at least 4 shards of 64 MB.
+    from streaming.base.util import bytes_to_int
+    assert bytes_to_int(cfg['train_loader']['cache_limit']) >= 4 * 64 * 2**20
     # The recipe's own callbacks construct (FID and Inception need a GPU-sized run; they are swapped out below).
     assert len(build_callbacks(cfg['callbacks'])) == len(cfg['callbacks'])
     name = os.path.basename(recipe)[:-5]
@@ -235,8 +238,9 @@ def test_loader_streams_remote_into_local_and_passes_streaming_options(digits_md
     # A local folder works as the remote: streaming copies shards into the cache as it would download them.
     loader = build_dataloader({'remote': digits_mds, 'local': str(tmp_path / 'cache'), 'split': 'train',
                                'global_batch_size': 16, 'shuffle': False, 'channels': 1, 'num_canonical_nodes': 3,
-                               'predownload': 32})
+                               'predownload': 32, 'cache_limit': '1mb'})
     assert loader.dataset.num_canonical_nodes == 3 and loader.dataset.predownload == 32
+    assert loader.dataset.cache_limit == 2**20
     reference = build_dataloader({'local': digits_mds, 'split': 'train', 'global_batch_size': 16, 'shuffle': False,
                                   'channels': 1, 'num_canonical_nodes': 3})
     torch.testing.assert_close(next(iter(loader))['image'], next(iter(reference))['image'])

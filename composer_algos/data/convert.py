@@ -1,4 +1,10 @@
-"""Write image datasets as MDS shards (mosaicml-streaming) with columns ``image`` (PNG) and ``label`` (int).
+"""Write image datasets as MDS shards (mosaicml-streaming) with columns ``image`` (raw uint8) and ``label`` (int).
+
+Images are stored as uint8 arrays of shape (channels, height, width), not as encoded PNGs: a loader then copies
+bytes instead of decoding every sample. When all images share one shape (the digits, CIFAR-10, a resized folder)
+the shape is part of the column type (``ndarray:uint8:C,H,W``) and every record has the same size, which lets
+:class:`~composer_algos.data.streaming.StreamingImageDataset` read a whole batch in one pass over the shard.
+Grayscale images (PIL modes ``L`` and ``1``) keep one channel; any other mode is stored as RGB.
 
 Large image folders are written by several processes, each into its own part folder (``part-00000``, ...), whose
 indexes are then merged in part order (streaming's ``merge_index``): the sample order is the sorted file order
@@ -8,22 +14,26 @@ whatever the number of processes.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import multiprocessing
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
 
-__all__ = ['MDS_COLUMNS', 'write_mds', 'digits_images', 'cifar10_images', 'folder_images', 'list_image_folder',
-           'load_image', 'center_crop', 'ordered_map', 'write_folder_mds', 'convert_digits', 'DIGITS_TRAIN_FRACTION']
+__all__ = ['image_columns', 'image_array', 'image_encoding', 'write_mds', 'digits_images', 'cifar10_images',
+           'folder_images', 'list_image_folder', 'load_image', 'center_crop', 'ordered_map', 'write_folder_mds',
+           'convert_digits', 'DIGITS_TRAIN_FRACTION', 'DIGITS_SHAPE', 'CIFAR10_SHAPE']
 
 log = logging.getLogger(__name__)
 
-MDS_COLUMNS = {'image': 'png', 'label': 'int'}
+DIGITS_SHAPE = (1, 8, 8)
+CIFAR10_SHAPE = (3, 32, 32)
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.gif', '.tif', '.tiff')
 # The first 80% of scikit-learn's 1797 digits train; the rest is the validation/FID reference split.
 DIGITS_TRAIN_FRACTION = 0.8
@@ -32,15 +42,52 @@ T = TypeVar('T')
 R = TypeVar('R')
 
 
+def image_columns(shape: Optional[Sequence[int]] = None) -> dict[str, str]:
+    """MDS columns of an image dataset: ``image`` as uint8 (C, H, W), fixed to ``shape`` if given, and ``label``."""
+    image = 'ndarray:uint8' if shape is None else 'ndarray:uint8:' + ','.join(str(int(d)) for d in shape)
+    return {'image': image, 'label': 'int'}
+
+
+def image_array(image: Image.Image) -> np.ndarray:
+    """A PIL image as a uint8 array of shape (C, H, W): one channel for grayscale (``L``, ``1``), else RGB."""
+    if image.mode in ('L', '1'):
+        return np.asarray(image.convert('L'), dtype=np.uint8)[None]
+    return np.ascontiguousarray(np.asarray(image.convert('RGB'), dtype=np.uint8).transpose(2, 0, 1))
+
+
+def image_encoding(folder: str) -> Optional[str]:
+    """The MDS encoding of the ``image`` column of the shards indexed in ``folder`` (``None`` if it has none)."""
+    with open(os.path.join(folder, 'index.json')) as f:
+        shards = json.load(f)['shards']
+    for shard in shards:
+        names = shard.get('column_names', [])
+        if 'image' in names:
+            return shard['column_encodings'][names.index('image')]
+    return None
+
+
 def write_mds(samples: Iterable[tuple[Image.Image, int]], out: str, size_limit: str | int = '64mb',
-              total: Optional[int] = None, progress: bool = True, compression: Optional[str] = None) -> int:
-    """Write ``(image, label)`` pairs to ``out`` (a local folder or a remote URL streaming can upload to)."""
+              total: Optional[int] = None, progress: bool = True, compression: Optional[str] = None,
+              shape: Optional[Sequence[int]] = None) -> int:
+    """Write ``(image, label)`` pairs to ``out`` (a local folder or a remote URL streaming can upload to).
+
+    Images are stored as uint8 (C, H, W) arrays (see :func:`image_array`). With ``shape`` every image must have
+    that shape (an image that does not is an error naming it); without it images may differ in size, and the
+    loader reads them one by one.
+    """
     from streaming import MDSWriter
     from tqdm import tqdm
     count = 0
-    with MDSWriter(out=out, columns=MDS_COLUMNS, size_limit=size_limit, compression=compression) as writer:
+    expected = None if shape is None else tuple(int(d) for d in shape)
+    with MDSWriter(out=out, columns=image_columns(expected), size_limit=size_limit,
+                   compression=compression) as writer:
         for image, label in tqdm(samples, total=total, disable=not progress, desc=f'writing {out}'):
-            writer.write({'image': image, 'label': int(label)})
+            array = image_array(image)
+            if expected is not None and array.shape != expected:
+                raise ValueError(f'Image {count} has shape {array.shape} (channels, height, width) but the shards '
+                                 f'are written with shape {expected}; resize the images (e.g. --resize) or '
+                                 'write without a fixed shape.')
+            writer.write({'image': array, 'label': int(label)})
             count += 1
     if count == 0:
         raise ValueError(f'No images were written to {out}: the source is empty.')
@@ -137,7 +184,7 @@ def folder_images(root: str, workers: int = 8,
 def _write_part(files: Sequence[tuple[str, int]], out: str, resize: Optional[int], size_limit: str | int,
                 compression: Optional[str]) -> int:
     return write_mds(((load_image(path, resize), label) for path, label in files), out, size_limit=size_limit,
-                     progress=False, compression=compression)
+                     progress=False, compression=compression, shape=(3, resize, resize) if resize else None)
 
 
 def write_folder_mds(root: str, out: str, processes: int = 8, resize: Optional[int] = None,
@@ -145,11 +192,11 @@ def write_folder_mds(root: str, out: str, processes: int = 8, resize: Optional[i
                      part_size: int = 10000, progress: bool = True) -> int:
     """Write an image folder as MDS shards with ``processes`` worker processes; returns the number of images.
 
-    PNG encoding, not decoding, is the slow part (about 30 ms for a 256x256 image against 4 ms to decode and
-    resize a JPEG), and ``MDSWriter`` encodes on its caller's thread: so each process decodes, resizes, encodes
-    and writes a contiguous range of at most ``part_size`` files into ``out/part-NNNNN`` (local, or uploaded
-    when ``out`` is an ``s3://``, ``gs://``, ``oci://``... URL), and the part indexes are merged into
-    ``out/index.json`` in file order.
+    Decoding and resizing are the slow part (about 4 ms for a JPEG resized to 256x256; storing the raw array
+    costs next to nothing), so each process decodes, resizes and writes a contiguous range of at most
+    ``part_size`` files into ``out/part-NNNNN`` (local, or uploaded when ``out`` is an ``s3://``, ``gs://``,
+    ``oci://``... URL), and the part indexes are merged into ``out/index.json`` in file order. With ``resize``
+    every image is stored as a fixed (3, resize, resize) array; without it, at its own size.
     """
     from streaming.base.util import merge_index
     from tqdm import tqdm
@@ -158,8 +205,8 @@ def write_folder_mds(root: str, out: str, processes: int = 8, resize: Optional[i
     parts = [files[i:i + per_part] for i in range(0, len(files), per_part)]
     part_dirs = [os.path.join(out, f'part-{i:05d}') for i in range(len(parts))]
     log.info('%d images in %d classes under %s -> %d parts', len(files), len(classes), root, len(parts))
-    # fork spares every worker re-importing torch and composer (seconds each); the workers only decode, encode PNGs
-    # and write files.
+    # fork spares every worker re-importing torch and composer (seconds each); the workers only decode, resize and
+    # write files.
     context = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn')
     with ProcessPoolExecutor(max_workers=max(1, processes), mp_context=context) as pool, \
             tqdm(total=len(files), disable=not progress, desc=f'writing {out}', unit='img') as bar:
@@ -173,11 +220,25 @@ def write_folder_mds(root: str, out: str, processes: int = 8, resize: Optional[i
 
 
 def convert_digits(out_root: str, progress: bool = False) -> None:
-    """Write ``out_root/{train,val}`` MDS shards of the digits unless they already exist."""
+    """Write ``out_root/{train,val}`` MDS shards of the digits unless they already exist.
+
+    A split this function wrote in its earlier format (the same digits as PNGs) is written again, as raw arrays:
+    the digits are bundled, so it takes a moment, and the loader then reads whole batches instead of decoding each
+    image. Any other existing dataset in the folder is left alone.
+    """
     for split in ('train', 'val'):
         out = os.path.join(out_root, split)
-        if os.path.exists(os.path.join(out, 'index.json')):
-            continue
         samples = digits_images(split)
-        write_mds(samples, out, total=len(samples), progress=progress)
+        if os.path.exists(os.path.join(out, 'index.json')):
+            if not _is_png_digits(out, len(samples)):
+                continue
+            log.warning('Rewriting the digits at %s as raw uint8 arrays (they were stored as PNGs).', out)
+            shutil.rmtree(out)
+        write_mds(samples, out, total=len(samples), progress=progress, shape=DIGITS_SHAPE)
         log.info('Wrote %d digits to %s', len(samples), out)
+
+
+def _is_png_digits(folder: str, count: int) -> bool:
+    with open(os.path.join(folder, 'index.json')) as f:
+        shards = json.load(f)['shards']
+    return image_encoding(folder) == 'png' and sum(s['samples'] for s in shards) == count

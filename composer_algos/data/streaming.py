@@ -2,20 +2,143 @@
 
 from __future__ import annotations
 
+import logging
+import mmap
 import os
-from typing import Any, Optional
+import threading
+from dataclasses import dataclass
+from time import time_ns
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
 from composer.utils import dist
 from streaming import StreamingDataset
+from streaming.base.dataset import _ShardState
+from streaming.base.format.mds.reader import MDSReader
 from torch.utils.data import DataLoader
 
-__all__ = ['StreamingImageDataset', 'build_streaming_image_dataloader']
+__all__ = ['StreamingImageDataset', 'StreamingBatchLoader', 'build_streaming_image_dataloader', 'flip_mask']
+
+log = logging.getLogger(__name__)
+
+# How many times a batch read prepares (downloads) a shard that went missing before giving up; as streaming's
+# own ``get_item``, which retries when a shard is evicted between being prepared and being read.
+_READ_RETRIES = 7
+
+
+def flip_mask(seed: int, indices: np.ndarray) -> np.ndarray:
+    """Which samples a random flip flips: one bit of a hash (splitmix64) of ``(seed, sample index)``.
+
+    A function of the sample index, not of a running RNG, so a resumed run flips the same samples.
+    """
+    golden, mix1, mix2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+    with np.errstate(over='ignore'):
+        x = np.asarray(indices, dtype=np.uint64) + np.array([seed], dtype=np.uint64) * golden + golden
+        x = (x ^ (x >> np.uint64(30))) * mix1
+        x = (x ^ (x >> np.uint64(27))) * mix2
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(63)).astype(bool)
+
+
+@dataclass(frozen=True)
+class _FixedRecords:
+    """Where the columns sit in an MDS shard whose columns all have fixed sizes: every record is equally long."""
+
+    path: str
+    samples: int
+    record_size: int
+    data_offset: int
+    data_dtype: np.dtype
+    data_shape: tuple[int, ...]
+    label_offset: int
+
+
+def _fixed_records(shard: Any, column: str) -> Optional[_FixedRecords]:
+    """The record layout of ``shard`` if its ``column`` is a fixed-shape ndarray and ``label`` an int, else None.
+
+    An MDS record is its columns' bytes in order, preceded by a 4-byte size for each variable-size column; with no
+    variable-size column a record is the concatenation of the fixed-size encodings (``ndarray:DTYPE:SHAPE`` is the
+    raw array, ``int`` 8 bytes of int64).
+    """
+    if not isinstance(shard, MDSReader) or any(size is None for size in shard.column_sizes):
+        return None
+    names, encodings = list(shard.column_names), list(shard.column_encodings)
+    if column not in names or 'label' not in names or encodings[names.index('label')] != 'int':
+        return None
+    parts = encodings[names.index(column)].split(':')
+    if len(parts) != 3 or parts[0] != 'ndarray':
+        return None
+    offsets = np.concatenate([[0], np.cumsum(shard.column_sizes)]).astype(int)
+    return _FixedRecords(path=os.path.join(shard.dirname, shard.split or '', shard.raw_data.basename),
+                         samples=int(shard.samples), record_size=int(offsets[-1]),
+                         data_offset=int(offsets[names.index(column)]), data_dtype=np.dtype(parts[1]),
+                         data_shape=tuple(int(d) for d in parts[2].split(',')),
+                         label_offset=int(offsets[names.index('label')]))
+
+
+def _read_records(layout: _FixedRecords, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` of a fixed-record shard as ``(data of shape (n, *data_shape), int64 labels)``: one copy per record
+    out of a memory map of the shard file, no per-sample decoding. Raises FileNotFoundError if the file is absent."""
+    with open(layout.path, 'rb') as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    # The shard starts with its sample count (uint32), then the byte offset of each record (uint32, one more than
+    # there are samples).
+    begins = np.frombuffer(mapped, np.uint32, count=layout.samples + 1, offset=4)[rows].tolist()
+    data = np.frombuffer(mapped, np.uint8)
+    size = layout.record_size
+    records = np.stack([data[b:b + size] for b in begins])
+    del data  # the views must go before the map can close
+    mapped.close()
+    n = len(rows)
+    lo = layout.data_offset
+    values = np.ascontiguousarray(records[:, lo:lo + layout.data_dtype.itemsize * int(np.prod(layout.data_shape))])
+    labels = np.ascontiguousarray(records[:, layout.label_offset:layout.label_offset + 8]).view(np.int64)
+    return values.view(layout.data_dtype).reshape(n, *layout.data_shape), labels.reshape(n)
+
+
+class _Prefetch:
+    """A thread that prepares (downloads) the shards of an epoch ahead of the batches that read them.
+
+    It walks the shards that are not local in the order the epoch first needs them, one ``prepare_shard`` per
+    shard (streaming's own thread takes the cache file lock once per sample), and stays at most ``ahead`` samples in
+    front of the batch being read.
+    """
+
+    def __init__(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: Optional[int]):
+        self.position = 0
+        self.error: Optional[BaseException] = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(dataset, pending, ahead), daemon=True,
+                                       name='streaming-shard-prefetch')
+        self.thread.start()
+
+    def _run(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: Optional[int]) -> None:
+        try:
+            for first_use, shard_id in pending:
+                while ahead is not None and first_use - self.position > ahead:
+                    if self.stop.wait(0.01):
+                        return
+                if self.stop.is_set():
+                    return
+                dataset.prepare_shard(shard_id, blocking=False)
+        except BaseException as e:  # reported by the next batch read
+            self.error = e
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 class StreamingImageDataset(StreamingDataset):
     """Yields ``{'image': float tensor in [-1, 1] of shape (C, H, W), 'label': int}`` from MDS shards.
+
+    With ``yield_batches=True`` iterating yields whole per-device batches instead, ``{'image': (B, C, H, W) float,
+    'label': (B,) int64}``, in the order and with the partition across ranks and workers that streaming gives
+    single samples (so mid-epoch resumption is unchanged); :func:`build_streaming_image_dataloader` uses this. A
+    batch of shards whose columns all have fixed sizes (images written by ``recipes/convert_dataset.py`` as raw
+    uint8 arrays) is read with one copy per record from the shard file, with no per-sample decoding; other shards
+    (PNG images, images of several sizes, latents) are read sample by sample with streaming's decoders.
 
     With ``latents=True`` the shards hold precomputed latents (column ``latents``, written by
     ``recipes/convert_dataset.py --encode-latents``) and ``image`` is those latents as stored, with no [-1, 1]
@@ -28,17 +151,22 @@ class StreamingImageDataset(StreamingDataset):
         batch_size: the per-device batch size (streaming uses it to partition and resume exactly).
         shuffle: shuffle samples (deterministically from ``shuffle_seed``).
         random_flip: flip horizontally with probability 1/2, as a deterministic function of (seed, index).
-        channels: convert images to 1 (L) or 3 (RGB) channels; ``None`` keeps them.
+        channels: convert images to 1 (luma, as PIL's ``L``) or 3 (RGB) channels; ``None`` keeps them.
         image_size: if set, an image (or latent) of another size is an error.
         seed: seed of the flips and, by default, of the shuffle.
         latents: read the ``latents`` column (precomputed latents) instead of ``image``.
-        **streaming_kwargs: passed to ``StreamingDataset`` (``num_canonical_nodes``, ``cache_limit``, ...).
+        yield_batches: iterate over batches of ``batch_size`` instead of single samples.
+        drop_last: with ``yield_batches``, drop each worker's last incomplete batch (as a DataLoader would).
+        cache_limit: most bytes of shards kept in ``local`` (e.g. ``'100gb'``); beyond it streaming evicts the
+            least recently used shards (and downloads them again when needed). ``None``: no limit.
+        **streaming_kwargs: passed to ``StreamingDataset`` (``num_canonical_nodes``, ``predownload``, ...).
     """
 
     def __init__(self, local: Optional[str] = None, remote: Optional[str] = None, split: Optional[str] = None,
                  batch_size: Optional[int] = None, shuffle: bool = True, random_flip: bool = False,
                  channels: Optional[int] = None, image_size: Optional[int] = None, seed: int = 17,
-                 shuffle_seed: Optional[int] = None, latents: bool = False, **streaming_kwargs: Any):
+                 shuffle_seed: Optional[int] = None, latents: bool = False, yield_batches: bool = False,
+                 drop_last: bool = True, cache_limit: Optional[Union[int, str]] = None, **streaming_kwargs: Any):
         if remote is None:
             path = os.path.join(local, split) if (local and split) else local
             if path is None or not os.path.exists(os.path.join(path, 'index.json')):
@@ -51,63 +179,248 @@ class StreamingImageDataset(StreamingDataset):
         if latents and random_flip:
             raise ValueError('random_flip is not available with latents: a flipped latent is not the latent of the '
                              'flipped image. Encode images on the fly (model.encoder) to train with flips.')
+        if yield_batches and batch_size is None:
+            raise ValueError('yield_batches needs batch_size (the per-device batch size).')
         super().__init__(local=local, remote=remote, split=split, shuffle=shuffle, batch_size=batch_size,
-                         shuffle_seed=shuffle_seed if shuffle_seed is not None else seed, **streaming_kwargs)
+                         shuffle_seed=shuffle_seed if shuffle_seed is not None else seed, cache_limit=cache_limit,
+                         **streaming_kwargs)
         self.random_flip = random_flip
         self.channels = channels
         self.image_size = image_size
         self.flip_seed = seed
         self.latents = latents
+        self.yield_batches = yield_batches
+        self.drop_last = drop_last
+        self.column = 'latents' if latents else 'image'
+        self._layouts: dict[int, Optional[_FixedRecords]] = {}
+        self._prefetch: Optional[_Prefetch] = None
+        self._warned_per_sample = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get a copy without the (unpicklable, per-process) prefetch thread.
+        state = dict(self.__dict__)
+        state['_prefetch'] = None
+        return state
+
+    # ------------------------------------------------------------------------------------------- one sample
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = super().__getitem__(index)
+        data = self._convert_channels(self._sample_array(sample, index)[None])
+        ids = np.array([index], dtype=np.int64)
+        return {'image': self._to_tensor(data, ids)[0], 'label': int(sample['label'])}
+
+    def _sample_array(self, sample: dict[str, Any], index: int) -> np.ndarray:
+        """One decoded sample's image as uint8 (C, H, W) (PIL images converted to ``channels`` as before), or its
+        latents as stored."""
         if self.latents:
-            return {'image': self._latents(sample, index), 'label': int(sample['label'])}
+            if 'latents' not in sample:
+                raise ValueError(f'Sample {index} has no latents column (columns: {sorted(sample)}); write the shards '
+                                 'with `recipes/convert_dataset.py --encode-latents VAE_PATH`, or set latents: false '
+                                 'for images.')
+            array = np.asarray(sample['latents'])
+            if array.ndim != 3:
+                raise ValueError(f'Latents {index} have shape {array.shape}; expected (channels, height, width).')
+            return array
         if 'image' not in sample:
             hint = (' These shards hold precomputed latents: set latents: true in the loader and '
                     'model.encoder.precomputed: true.'
                     if 'latents' in sample else '')
             raise ValueError(f'Sample {index} has no image column (columns: {sorted(sample)}).{hint}')
         image = sample['image']
+        if isinstance(image, np.ndarray):
+            return image
+        # An encoded image (PNG, JPEG: shards of the earlier format or of other tools) decoded by PIL.
         if self.channels == 1 and image.mode != 'L':
             image = image.convert('L')
         elif self.channels == 3 and image.mode != 'RGB':
             image = image.convert('RGB')
-        array = np.asarray(image, dtype=np.float32)
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        if self.image_size is not None and array.shape[1:] != (self.image_size, self.image_size):
-            raise ValueError(f'Image {index} has size {array.shape[1:]} but image_size={self.image_size}; resize '
-                             'the images when converting, or set image_size to match.')
-        tensor = torch.from_numpy(np.ascontiguousarray(array)) / 127.5 - 1.0
-        # The flip is a function of (seed, index) so that it replays exactly on resume.
-        if self.random_flip and np.random.default_rng([self.flip_seed, index]).integers(2):
-            tensor = tensor.flip(-1)
-        return {'image': tensor, 'label': int(sample['label'])}
+        array = np.asarray(image, dtype=np.uint8)
+        return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
-    def _latents(self, sample: dict[str, Any], index: int) -> torch.Tensor:
-        if 'latents' not in sample:
-            raise ValueError(f'Sample {index} has no latents column (columns: {sorted(sample)}); write the shards with '
-                           '`recipes/convert_dataset.py --encode-latents VAE_PATH`, or set latents: false for images.')
-        array = np.asarray(sample['latents'], dtype=np.float32)
-        if array.ndim != 3:
-            raise ValueError(f'Latents {index} have shape {array.shape}; expected (channels, height, width).')
-        if self.image_size is not None and array.shape[1:] != (self.image_size, self.image_size):
-            raise ValueError(f'Latents {index} have size {array.shape[1:]} but image_size={self.image_size}.')
-        if self.channels is not None and array.shape[0] != self.channels:
-            raise ValueError(f'Latents {index} have {array.shape[0]} channels but channels={self.channels}.')
-        return torch.from_numpy(np.ascontiguousarray(array))
+    # ------------------------------------------------------------------------------------------- batches
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._iter_batches() if self.yield_batches else super().__iter__()
+
+    def _iter_batches(self) -> Iterator[dict[str, Any]]:
+        """This worker's batches of the epoch: streaming's epoch, resumption and partition, read a batch at a time."""
+        self._stop_prefetch()
+        if hasattr(self, '_iterator'):
+            self._iterator.exit()  # a sample-by-sample epoch of this copy is still running: end it as streaming would
+        self._unique_worker_world = self._unique_rank_world.detect_workers()
+        self._parallel_worker_world = self._parallel_rank_world.detect_workers()
+        epoch, sample_in_epoch = self._resume_incr_epoch()
+        sample_ids = self._get_work(epoch, sample_in_epoch)
+        sample_ids = sample_ids[sample_ids != -1]  # streaming pads partitions with -1, which it skips
+        size = int(self.batch_size)
+        end = len(sample_ids) - (len(sample_ids) % size if self.drop_last else 0)
+        self._start_prefetch(sample_ids[:end])
+        prefetch = self._prefetch
+        try:
+            for start in range(0, end, size):
+                if prefetch is not None:
+                    if prefetch.error is not None:
+                        raise RuntimeError('Preparing the shards of this epoch failed.') from prefetch.error
+                    prefetch.position = start
+                yield self._read_batch(sample_ids[start:start + size])
+        finally:
+            if prefetch is not None and prefetch is self._prefetch:
+                self._stop_prefetch()
+
+    def _shard_ids(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shard_ids = np.searchsorted(self.sample_offset_per_shard, sample_ids, side='right') - 1
+        return shard_ids, sample_ids - self.sample_offset_per_shard[shard_ids]
+
+    def _start_prefetch(self, sample_ids: np.ndarray) -> None:
+        shard_ids, _ = self._shard_ids(sample_ids)
+        shards, first_use = np.unique(shard_ids, return_index=True)
+        states = self._shard_states.numpy()
+        pending = sorted((int(i), int(s)) for s, i in zip(shards, first_use) if states[s] != _ShardState.LOCAL)
+        if pending:  # all shards local (a local dataset, a full cache): no thread competes with training
+            self._prefetch = _Prefetch(self, pending, self.predownload)
+
+    def _stop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def _layout(self, shard_id: int) -> Optional[_FixedRecords]:
+        if shard_id not in self._layouts:
+            self._layouts[shard_id] = _fixed_records(self.shards[shard_id], self.column)
+            if self._layouts[shard_id] is None and not self._warned_per_sample:
+                self._warned_per_sample = True
+                log.warning('Shard %d of %s stores %s of varying size or encoded (e.g. PNG): its batches are read and '
+                            'decoded sample by sample. Write raw arrays of one shape (recipes/convert_dataset.py, '
+                            'with --resize for a folder) to read whole batches.', shard_id,
+                            self.streams[self.stream_per_shard[shard_id]].local, self.column)
+        return self._layouts[shard_id]
+
+    def _read_batch(self, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        shard_ids, rows = self._shard_ids(sample_ids)
+        data: Optional[np.ndarray] = None
+        labels = np.empty(len(sample_ids), dtype=np.int64)
+        for shard_id in np.unique(shard_ids).tolist():
+            where = np.nonzero(shard_ids == shard_id)[0]
+            layout = self._layout(shard_id)
+            if layout is not None:
+                part, part_labels = self._read_fixed(shard_id, layout, rows[where])
+            else:
+                samples = [self.get_item(int(i)) for i in sample_ids[where]]
+                part = _stack([self._sample_array(s, int(i)) for s, i in zip(samples, sample_ids[where])])
+                part_labels = np.array([int(s['label']) for s in samples], dtype=np.int64)
+            part = self._convert_channels(part)
+            if data is None:
+                data = np.empty((len(sample_ids),) + part.shape[1:], dtype=part.dtype)
+            elif part.shape[1:] != data.shape[1:] or part.dtype != data.dtype:
+                raise ValueError(f'Samples of one batch differ: {tuple(data.shape[1:])} {data.dtype} against '
+                                 f'{tuple(part.shape[1:])} {part.dtype}; write every image at one size.')
+            data[where] = part
+            labels[where] = part_labels
+        assert data is not None
+        return {'image': self._to_tensor(data, sample_ids), 'label': torch.from_numpy(labels)}
+
+    def _read_fixed(self, shard_id: int, layout: _FixedRecords, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        for _ in range(1 + _READ_RETRIES):
+            try:
+                values = _read_records(layout, rows)
+                break
+            except FileNotFoundError:
+                # Not downloaded yet, evicted, or only its compressed form is cached: prepare it (waiting for
+                # another worker that is already downloading it) and read again.
+                self.prepare_shard(shard_id)
+        else:
+            raise RuntimeError(f'Shard {shard_id} ({layout.path}) went missing {1 + _READ_RETRIES} times while being '
+                               'read; if cache_limit is set, it may be too low for this many workers.')
+        self._shard_access_times[shard_id] = time_ns()  # least recently used shards are evicted first
+        return values
+
+    # ------------------------------------------------------------------------------------------- conversion
+    def _convert_channels(self, data: np.ndarray) -> np.ndarray:
+        """uint8 images (n, C, H, W) to ``channels``: 1 -> 3 repeats, 3 -> 1 is PIL's integer luma (``L`` mode)."""
+        have = data.shape[1]
+        if self.latents or self.channels is None or have == self.channels:
+            return data
+        if have == 1 and self.channels == 3:
+            return np.repeat(data, 3, axis=1)
+        if have == 3 and self.channels == 1:
+            rgb = data.astype(np.uint32)
+            luma = (rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16
+            return luma.astype(np.uint8)[:, None]
+        raise ValueError(f'Cannot convert images with {have} channels to channels={self.channels}.')
+
+    def _to_tensor(self, data: np.ndarray, sample_ids: np.ndarray) -> torch.Tensor:
+        """Checked, flipped and scaled: uint8 images to float32 in [-1, 1]; latents to float32 as stored."""
+        kind = 'Latents' if self.latents else 'Images'
+        if self.image_size is not None and data.shape[2:] != (self.image_size, self.image_size):
+            raise ValueError(f'{kind} of sample {int(sample_ids[0])} have size {data.shape[2:]} but '
+                             f'image_size={self.image_size}; resize the images when converting, or set image_size to '
+                             'match.')
+        if self.latents:
+            if self.channels is not None and data.shape[1] != self.channels:
+                raise ValueError(f'Latents of sample {int(sample_ids[0])} have {data.shape[1]} channels but '
+                                 f'channels={self.channels}.')
+            return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        if data.dtype != np.uint8:
+            raise ValueError(f'Images are stored as {data.dtype}; expected uint8 (0..255).')
+        if self.random_flip:
+            flip = flip_mask(self.flip_seed, sample_ids)
+            data = np.array(data)  # decoded samples may be read-only views of their bytes
+            data[flip] = data[flip][..., ::-1]
+        # require: torch refuses read-only arrays (a single decoded sample is a view of its bytes).
+        return torch.from_numpy(np.require(data, requirements=('C', 'W'))).float().div_(127.5).sub_(1.0)
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f'Samples of one batch have different shapes {sorted(shapes)}; resize the images when '
+                         'converting (--resize) so that they can be batched.')
+    return np.stack(arrays)
+
+
+class StreamingBatchLoader(DataLoader):
+    """A DataLoader over a :class:`StreamingImageDataset` that yields whole batches itself (``yield_batches``).
+
+    The loader does not collate (``batch_size=None`` underneath); ``batch_size`` and ``len()`` still answer the
+    per-device batch size and the number of batches per epoch, as for an ordinary DataLoader (Composer reads both).
+    """
+
+    def __init__(self, dataset: StreamingImageDataset, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False):
+        if not dataset.yield_batches:
+            raise ValueError('StreamingBatchLoader needs a dataset made with yield_batches=True.')
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers)
+
+    @property
+    def batch_size(self) -> int:  # type: ignore[override]
+        return int(self.dataset.batch_size)
+
+    @batch_size.setter
+    def batch_size(self, value: Optional[int]) -> None:
+        # DataLoader.__init__ records batch_size=None (no collation); the size is the dataset's.
+        if value is not None:
+            raise ValueError('The batch size of a StreamingBatchLoader is its dataset\'s batch_size.')
+
+    def __len__(self) -> int:
+        samples, size = len(self.dataset), int(self.dataset.batch_size)
+        return samples // size if self.dataset.drop_last else -(-samples // size)
 
 
 def build_streaming_image_dataloader(global_batch_size: int, local: Optional[str] = None,
                                      remote: Optional[str] = None, split: Optional[str] = None,
                                      num_workers: int = 0, drop_last: bool = True, shuffle: bool = True,
-                                     **dataset_kwargs: Any) -> DataLoader:
-    """A DataLoader over a :class:`StreamingImageDataset` with the per-device batch size streaming expects."""
+                                     pin_memory: Optional[bool] = None, **dataset_kwargs: Any) -> DataLoader:
+    """A loader of per-device batches from a :class:`StreamingImageDataset` (see it for ``dataset_kwargs``).
+
+    Batches are formed by the dataset (``yield_batches``), in streaming's order. ``pin_memory`` defaults to
+    whether CUDA is available (pinned batches copy to the GPU asynchronously).
+    """
     world_size = dist.get_world_size()
     if global_batch_size % world_size != 0:
         raise ValueError(f'Global batch size {global_batch_size} is not divisible by the world size {world_size}.')
     device_batch_size = global_batch_size // world_size
     dataset = StreamingImageDataset(local=local, remote=remote, split=split, batch_size=device_batch_size,
-                                    shuffle=shuffle, **dataset_kwargs)
-    return DataLoader(dataset, batch_size=device_batch_size, num_workers=num_workers, drop_last=drop_last,
-                      persistent_workers=num_workers > 0)
+                                    shuffle=shuffle, yield_batches=True, drop_last=drop_last, **dataset_kwargs)
+    return StreamingBatchLoader(dataset, num_workers=num_workers,
+                                pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                                persistent_workers=num_workers > 0)

@@ -1,0 +1,146 @@
+"""The batch-level streaming loader: the batches the model expects, in streaming's order, resumable mid-epoch; shards
+of the earlier PNG format, channel conversion and shard eviction."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from composer_algos.data import StreamingImageDataset, build_streaming_image_dataloader, convert_digits
+from composer_algos.data.convert import DIGITS_SHAPE, digits_images, image_encoding, write_mds
+from composer_algos.data.streaming import flip_mask
+
+
+def _loader(root: str, batch_size: int = 32, **kwargs):
+    kwargs = {'split': 'train', 'channels': 1, 'image_size': 8, 'seed': 3, **kwargs}
+    return build_streaming_image_dataloader(global_batch_size=batch_size, local=root, **kwargs)
+
+
+def _per_sample_loader(root: str, batch_size: int = 32, num_workers: int = 0, **kwargs):
+    """What the loader was before: streaming's sample-by-sample iteration, collated by a DataLoader."""
+    dataset = StreamingImageDataset(local=root, split='train', batch_size=batch_size, channels=1, image_size=8, seed=3,
+                                    **kwargs)
+    return DataLoader(dataset, batch_size=batch_size, drop_last=True, num_workers=num_workers)
+
+
+def _assert_same_batches(got, expected):
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a['image'], b['image'], rtol=0, atol=0)
+        assert torch.equal(a['label'], b['label'])
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_batches_are_what_the_model_expects_in_streamings_order(digits_mds, num_workers):
+    loader = _loader(digits_mds, num_workers=num_workers)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 1437 // 32 and loader.batch_size == 32
+    assert loader.pin_memory == torch.cuda.is_available()
+    for batch in batches:
+        images, labels = batch['image'], batch['label']
+        assert images.shape == (32, 1, 8, 8) and images.dtype == torch.float32
+        assert images.min() >= -1 and images.max() <= 1
+        assert labels.shape == (32,) and labels.dtype == torch.int64 and 0 <= labels.min() <= labels.max() <= 9
+    # Each worker reads its own share, so the interleaving of workers is part of what must match.
+    _assert_same_batches(batches, list(_per_sample_loader(digits_mds, num_workers=num_workers)))
+    # Every training digit appears once per epoch (less the dropped remainder), scaled from 0..255 to [-1, 1].
+    reference = {np.asarray(image).tobytes(): label for image, label in digits_images('train')}
+    for batch in batches[:3]:
+        for image, label in zip(batch['image'], batch['label']):
+            pixels = np.round((image[0].numpy() + 1) * 127.5).astype(np.uint8)
+            assert reference[pixels.tobytes()] == int(label)
+
+
+def test_unshuffled_batches_are_the_digits_in_order(digits_mds):
+    batch = next(iter(_loader(digits_mds, batch_size=16, shuffle=False)))
+    digits = digits_images('train')[:16]
+    expected = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image, _ in digits]))[:, None]
+    torch.testing.assert_close(batch['image'], expected / 127.5 - 1.0, rtol=0, atol=0)
+    assert batch['label'].tolist() == [label for _, label in digits]
+
+
+def test_resume_mid_epoch_replays_the_batch_sequence(digits_mds):
+    full = _loader(digits_mds, random_flip=True)
+    batches = iter(full)
+    epoch0 = [next(batches) for _ in range(5)]
+    # The state a checkpoint after 5 batches holds (Composer counts samples from the start of the epoch).
+    state = full.dataset.state_dict(num_samples=5 * 32, from_beginning=True)
+    epoch0 += list(batches)
+    epoch1 = list(full)
+    assert not all(torch.equal(a['image'], b['image']) for a, b in zip(epoch0, epoch1))  # a new shuffle
+    resumed = _loader(digits_mds, random_flip=True)
+    resumed.dataset.load_state_dict(state)
+    _assert_same_batches(list(resumed), epoch0[5:])
+    _assert_same_batches(list(resumed), epoch1)
+
+
+def test_random_flip_is_a_function_of_the_sample(digits_mds):
+    mask = flip_mask(3, np.arange(10_000))
+    assert 0.48 < mask.mean() < 0.52 and np.array_equal(mask, flip_mask(3, np.arange(10_000)))
+    assert not np.array_equal(mask, flip_mask(4, np.arange(10_000)))
+    plain = StreamingImageDataset(local=digits_mds, split='train', shuffle=False, batch_size=8, seed=3)
+    flipped = StreamingImageDataset(local=digits_mds, split='train', shuffle=False, batch_size=8, seed=3,
+                                    random_flip=True)
+    batch = next(iter(_loader(digits_mds, batch_size=64, shuffle=False, random_flip=True)))
+    for i in range(64):
+        expected = plain[i]['image'].flip(-1) if flip_mask(3, np.array([i]))[0] else plain[i]['image']
+        assert torch.equal(flipped[i]['image'], expected) and torch.equal(batch['image'][i], expected)
+
+
+def test_png_shards_of_the_earlier_format_read_the_same_and_convert_again(digits_mds, tmp_path):
+    from streaming import MDSWriter
+    old = tmp_path / 'old'
+    for split in ('train', 'val'):
+        with MDSWriter(out=str(old / split), columns={'image': 'png', 'label': 'int'}) as writer:
+            for image, label in digits_images(split):
+                writer.write({'image': image, 'label': label})
+    # PNG is lossless: sample by sample, the same batches.
+    _assert_same_batches(list(_loader(str(old))), list(_loader(digits_mds)))
+    convert_digits(str(old))
+    assert image_encoding(str(old / 'train')) == image_encoding(str(old / 'val')) == 'ndarray:uint8:1,8,8'
+    _assert_same_batches(list(_loader(str(old))), list(_loader(digits_mds)))
+    # A folder holding other PNG shards is not the digits: left alone.
+    other = tmp_path / 'other'
+    with MDSWriter(out=str(other / 'train'), columns={'image': 'png', 'label': 'int'}) as writer:
+        writer.write({'image': digits_images('train')[0][0], 'label': 0})
+    convert_digits(str(other))
+    assert image_encoding(str(other / 'train')) == 'png'
+
+
+def test_channels_convert_as_pil_does(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(6)]
+    write_mds([(image, i % 2) for i, image in enumerate(rgb)], str(tmp_path / 'fixed'), progress=False,
+              shape=(3, 8, 8))
+    write_mds([(image, i % 2) for i, image in enumerate(rgb)], str(tmp_path / 'any'), progress=False)
+    assert image_encoding(str(tmp_path / 'any')) == 'ndarray:uint8'
+    gray = torch.from_numpy(np.stack([np.asarray(image.convert('L'), dtype=np.float32) for image in rgb]))[:, None]
+    color = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32).transpose(2, 0, 1) for image in rgb]))
+    for folder in ('fixed', 'any'):
+        for channels, expected in ((1, gray), (3, color), (None, color)):
+            loader = build_streaming_image_dataloader(6, local=str(tmp_path / folder), shuffle=False,
+                                                      channels=channels)
+            batch = next(iter(loader))
+            torch.testing.assert_close(batch['image'], expected / 127.5 - 1, rtol=0, atol=0)
+            assert batch['label'].tolist() == [0, 1, 0, 1, 0, 1]
+            torch.testing.assert_close(loader.dataset[4]['image'], expected[4] / 127.5 - 1, rtol=0, atol=0)
+    with pytest.raises(ValueError, match='shape'):
+        write_mds([(rgb[0], 0), (rgb[1].resize((4, 4)), 1)], str(tmp_path / 'mixed'), progress=False,
+                  shape=(3, 8, 8))
+
+
+def test_shards_evicted_under_cache_limit_are_downloaded_again(tmp_path):
+    remote = tmp_path / 'remote'
+    samples = digits_images('train')
+    # About 55 digits a shard: 27 shards, of which the cache holds 6.
+    write_mds(samples, str(remote / 'train'), size_limit=4096, progress=False, shape=DIGITS_SHAPE)
+    loader = build_streaming_image_dataloader(64, remote=str(remote), local=str(tmp_path / 'cache'), split='train',
+                                              shuffle=False, cache_limit=6 * 4096, channels=1)
+    assert loader.dataset.cache_limit == 6 * 4096 and loader.dataset.num_shards > 20
+    for _ in range(2):  # the second epoch finds most shards evicted
+        images = torch.cat([b['image'] for b in loader])
+        expected = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image, _ in samples]))
+        torch.testing.assert_close(images, expected[:len(images), None] / 127.5 - 1, rtol=0, atol=0)
+        assert len(images) == 1437 // 64 * 64
+        assert loader.dataset.cache_usage <= 6 * 4096
