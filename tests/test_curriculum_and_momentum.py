@@ -18,7 +18,7 @@ from composer_algos.diffusion import NoiseSchedule
 
 def test_clts_closed_form():
     ac = NoiseSchedule('linear', 1000).alphas_cumprod
-    p = clts_probs(ac, lam=0.5, mu=0.3, sigma=0.2)
+    p = clts_probs(ac, lam=0.5, mu=0.3, sigma=0.2, coordinate='time')
     u = torch.arange(1000, dtype=torch.float64) / 999
     g = torch.exp(-0.5 * ((u - 0.3) / 0.2)**2)
     torch.testing.assert_close(p, 0.5 / 1000 + 0.5 * g / g.sum())
@@ -28,6 +28,9 @@ def test_clts_closed_form():
     nr = difficulty_coordinate(ac, 'noise_rate')
     q = clts_probs(ac, lam=1.0, mu=0.3, sigma=0.05, coordinate='noise_rate')
     assert abs(float(nr[q.argmax()]) - 0.3) < 0.01
+    # The noise rate is the default (the paper's indicator of difficulty): mu = 0.3 is t ~ 92 on it, not t ~ 300.
+    torch.testing.assert_close(clts_probs(ac, lam=1.0, mu=0.3, sigma=0.05), q)
+    assert 80 < int(q.argmax()) < 100 and CurriculumTimestepSchedule().coordinate == 'noise_rate'
 
 
 @settings(max_examples=200, deadline=None)
@@ -96,30 +99,56 @@ def test_momentum_decay_event_on_minimal_state():
         md.apply(Event.BEFORE_TRAIN_BATCH, bad, Logger(bad))
 
 
-def _lrs_and_betas_used(digits_mds, algorithms):
-    """(lr, beta1) that Adam actually used at each of 8 steps under a cosine-with-warmup schedule."""
+def _lrs_and_betas_used(digits_mds, algorithms, sgd: bool = False):
+    """(lr, beta1 or momentum) that Adam (or SGD) actually used at each of 8 steps under a cosine-with-warmup
+    schedule."""
     from composer import Trainer
     model = tiny_model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9) if sgd else torch.optim.Adam(
+        model.parameters(), lr=1e-3, betas=(0.9, 0.999))
     used = []
     # A post-hook: Composer runs the batch inside optimizer.step(closure), after any pre-hook.
     opt.register_step_post_hook(lambda o, args, kwargs: used.append(
-        (o.param_groups[0]['lr'], o.param_groups[0]['betas'][0])))
+        (o.param_groups[0]['lr'], o.param_groups[0]['momentum'] if sgd else o.param_groups[0]['betas'][0])))
     Trainer(model=model, train_dataloader=digits_loader(digits_mds, 16), optimizers=opt,
             schedulers=CosineAnnealingWithWarmupScheduler(t_warmup='2ba'), algorithms=algorithms,
             max_duration='8ba', device='cpu', progress_bar=False).fit()
     return used
 
 
-def test_lr_used_is_scheduler_lr_times_compensation(digits_mds):
-    reference = _lrs_and_betas_used(digits_mds, [])
-    decayed = _lrs_and_betas_used(digits_mds, [MomentumDecay(beta_end=0.0, compensate_lr=True, end='1.0dur')])
+@pytest.mark.parametrize('sgd', [False, True])
+def test_lr_used_is_scheduler_lr_times_compensation(digits_mds, sgd):
+    reference = _lrs_and_betas_used(digits_mds, [], sgd)
+    decayed = _lrs_and_betas_used(digits_mds, [MomentumDecay(beta_end=0.0, end='1.0dur')], sgd)
     assert len(reference) == len(decayed) == 8
     assert len({lr for lr, _ in reference}) > 3  # the schedule really moves the lr
     for step, ((scheduled, _), (lr, beta)) in enumerate(zip(reference, decayed)):
         expected_beta = demon_momentum(0.9, step / 8)
         assert beta == pytest.approx(expected_beta)
-        assert lr == pytest.approx(scheduled * (1 - 0.9) / (1 - expected_beta), rel=1e-9)
+        # SGD's momentum buffer moves the parameters by lr g / (1 - b) in all: the compensation keeps that at its
+        # starting value (larger steps as b decays); Adam's average needs none.
+        factor = (1 - expected_beta) / (1 - 0.9) if sgd else 1.0
+        assert lr == pytest.approx(scheduled * factor, rel=1e-9)
+
+
+def test_a_retried_batch_is_not_compensated_twice():
+    # Composer fires BEFORE_TRAIN_BATCH again when it retries a batch after an out-of-memory error.
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = State(model=model, rank_zero_seed=0, run_name='x', device='cpu', optimizers=opt, max_duration='10ba',
+                  dataloader=[None], dataloader_label='train')
+    state.timestamp = state.timestamp.to_next_batch(samples=1).to_next_batch(samples=1).to_next_batch(samples=1)
+    md = MomentumDecay(beta_end=0.0, end='1.0dur')
+    logger = Logger(state)
+    md.apply(Event.BEFORE_TRAIN_BATCH, state, logger)
+    once = opt.param_groups[0]['lr']
+    beta = demon_momentum(0.9, 0.3)
+    assert opt.param_groups[0]['momentum'] == pytest.approx(beta)
+    assert once == pytest.approx(0.1 * (1 - beta) / (1 - 0.9))
+    md.apply(Event.BEFORE_TRAIN_BATCH, state, logger)  # the retry
+    assert opt.param_groups[0]['lr'] == pytest.approx(once)
+    md.apply(Event.BATCH_END, state, logger)
+    assert opt.param_groups[0]['lr'] == pytest.approx(0.1)
 
 
 def test_compensation_does_not_compound_without_a_scheduler(digits_mds):

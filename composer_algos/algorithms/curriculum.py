@@ -2,7 +2,8 @@
 
 The sampling distribution over timesteps moves from uniform towards one that trains the easy timesteps less:
 ``p_k(t) = (1 - lam_k) U(t) + lam_k G(t)``, with ``G`` a normalised Gaussian over a difficulty coordinate ``u(t)``
-(``t / (T - 1)`` or the noise rate ``sqrt(1 - alphabar_t)``) centred at ``mu`` with width ``sigma``, and ``lam_k``
+(the noise rate ``sqrt(1 - alphabar_t)`` by default, which the paper's abstract names as its "explicit indicator of
+the learning difficulty", or ``t / (T - 1)``) centred at ``mu`` with width ``sigma``, and ``lam_k``
 ramping linearly from 0 to ``lam_max`` over a span of training. With epsilon-prediction, timesteps near T (almost
 pure noise) are the easy ones, so a centre below 0.5 moves mass towards the harder, less noisy steps.
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 COORDINATES = ('time', 'noise_rate')
 
 
-def difficulty_coordinate(alphas_cumprod: torch.Tensor, coordinate: str = 'time') -> torch.Tensor:
+def difficulty_coordinate(alphas_cumprod: torch.Tensor, coordinate: str = 'noise_rate') -> torch.Tensor:
     """``u(t)`` in [0, 1] for each of the T timesteps: ``t / (T - 1)`` or ``sqrt(1 - alphabar_t)``."""
     num_timesteps = alphas_cumprod.numel()
     if coordinate == 'time':
@@ -46,7 +47,7 @@ def difficulty_coordinate(alphas_cumprod: torch.Tensor, coordinate: str = 'time'
 
 
 def clts_probs(alphas_cumprod: torch.Tensor, lam: float, mu: float = 0.3, sigma: float = 0.2,
-               coordinate: str = 'time') -> torch.Tensor:
+               coordinate: str = 'noise_rate') -> torch.Tensor:
     """The curriculum distribution ``(1 - lam) U + lam G`` over T timesteps, float64, summing to 1.
 
     Example:
@@ -88,10 +89,10 @@ class CurriculumTimestepSchedule(ReprMixin, Algorithm):
 
     Example:
         >>> CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, ramp_end='0.5dur')
-        CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, coordinate='time', ramp_start='0.0dur', ramp_end='0.5dur')
+        CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, coordinate='noise_rate', ramp_start='0.0dur', ramp_end='0.5dur')
     """
 
-    def __init__(self, mu: float = 0.3, sigma: float = 0.2, lam_max: float = 0.5, coordinate: str = 'time',
+    def __init__(self, mu: float = 0.3, sigma: float = 0.2, lam_max: float = 0.5, coordinate: str = 'noise_rate',
                  ramp_start: str = '0.0dur', ramp_end: str = '0.5dur'):
         _validate(lam_max, mu, sigma)
         if coordinate not in COORDINATES:

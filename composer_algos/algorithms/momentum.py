@@ -1,9 +1,17 @@
 """Momentum decay of Xu, Mi, Wang & Chen (arXiv 2404.07946), with the Demon rule of Chen et al. (2019).
 
 Adam's beta1 (or SGD's momentum) decays from ``beta0`` to ``beta_end`` over a span of training, by the Demon rule
-``b(tau) = b0 (1 - tau) / ((1 - b0) + b0 (1 - tau))`` (rescaled to end at ``beta_end``) or linearly. A moving
-average with momentum ``b`` gives the newest gradient the weight ``1 - b``; with ``compensate_lr`` the learning rate
-is multiplied by ``(1 - b0) / (1 - b(tau))`` so that weight stays what it was at ``b0``.
+``b(tau) = b0 (1 - tau) / ((1 - b0) + b0 (1 - tau))`` (rescaled to end at ``beta_end``) or linearly.
+
+The paper's method is momentum decay with learning-rate compensation (MDLRC); its formula was not reachable here
+(only the abstract and summaries of the paper could be read). The compensation chosen keeps each gradient's total
+contribution to the parameters' path what it was at ``b0``, so that decaying the momentum changes how that
+contribution is spread over the following steps, not its size:
+
+- SGD-style momentum (``buf = b buf + g``, step ``lr buf``) moves the parameters by ``lr g / (1 - b)`` in all for a
+  gradient ``g``: the lr is multiplied by ``(1 - b) / (1 - b0)`` (larger steps as the momentum decays).
+- Adam-style averages (``m = b m + (1 - b) g``) already weigh each gradient by ``1 - b`` and move the parameters by
+  ``lr g / sqrt(v)`` in all, whatever ``b``: the factor is 1, and for Adam the method is momentum decay itself.
 
 Deviations, each stated once:
 - Adam's bias correction ``1 - beta1^k`` uses the current beta1, as PyTorch computes it; Demon's paper does too.
@@ -21,7 +29,7 @@ from composer.loggers import Logger
 
 from composer_algos.algorithms.common import ReprMixin, parse_time, span_fraction
 
-__all__ = ['demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum',
+__all__ = ['demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum', 'compensation',
            'MomentumDecay', 'RULES']
 
 RULES = ('demon', 'linear')
@@ -57,6 +65,19 @@ def momentum_key(optimizer: torch.optim.Optimizer) -> str:
                     f'DecoupledSGDW); {type(optimizer).__name__} has neither.')
 
 
+def compensation(key: str, beta0: float, beta: float) -> float:
+    """The lr factor that keeps a gradient's total contribution to the parameters at its value for ``beta0``.
+
+    ``(1 - beta) / (1 - beta0)`` for SGD-style momentum (``key='momentum'``); 1 for Adam-style averages
+    (``key='betas'``), whose total contribution does not depend on beta1.
+
+    Example:
+        >>> compensation('momentum', 0.9, 0.5), compensation('betas', 0.9, 0.5)
+        (5.0, 1.0)
+    """
+    return (1.0 - beta) / (1.0 - beta0) if key == 'momentum' else 1.0
+
+
 def get_momentum(group: dict[str, Any], key: str) -> float:
     return float(group['betas'][0]) if key == 'betas' else float(group['momentum'])
 
@@ -89,15 +110,16 @@ class MomentumDecay(ReprMixin, Algorithm):
         rule: ``'demon'`` or ``'linear'``.
         start: when the decay starts (``'0.0dur'``, ``'1000ba'``, ...).
         end: when it reaches ``beta_end``.
-        compensate_lr: multiply the lr by ``(1 - b0) / (1 - b)``.
+        compensate_lr: the learning-rate compensation (see the module docstring): ``(1 - b) / (1 - b0)`` for
+            SGD-style momentum, 1 for Adam-style averages.
 
     Example:
         >>> MomentumDecay(beta_end=0.5)
-        MomentumDecay(beta_end=0.5, beta0=None, rule='demon', start='0.0dur', end='1.0dur', compensate_lr=False)
+        MomentumDecay(beta_end=0.5, beta0=None, rule='demon', start='0.0dur', end='1.0dur', compensate_lr=True)
     """
 
     def __init__(self, beta_end: float = 0.5, beta0: Optional[float] = None, rule: str = 'demon',
-                 start: str = '0.0dur', end: str = '1.0dur', compensate_lr: bool = False):
+                 start: str = '0.0dur', end: str = '1.0dur', compensate_lr: bool = True):
         if not 0.0 <= beta_end < 1.0:
             raise ValueError(f'beta_end must be in [0, 1), got {beta_end}.')
         if beta0 is not None and not 0.0 <= beta0 < 1.0:
@@ -130,13 +152,15 @@ class MomentumDecay(ReprMixin, Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         optimizer = self._optimizer(state)
         key = momentum_key(optimizer)
+        # Undo this step's compensation at BATCH_END (unless a scheduler already wrote the next step's lr), and
+        # before compensating again when Composer retries a batch (BEFORE_TRAIN_BATCH fires again after an
+        # out-of-memory retry with automatic micro-batching: the lr must not be scaled twice).
+        if self._lrs_set is not None and self._lrs_scheduled is not None:
+            for group, set_lr, scheduled in zip(optimizer.param_groups, self._lrs_set, self._lrs_scheduled):
+                if group['lr'] == set_lr:
+                    group['lr'] = scheduled
+        self._lrs_set = self._lrs_scheduled = None
         if event == Event.BATCH_END:
-            # Undo the compensation unless a scheduler already wrote the next step's lr.
-            if self._lrs_set is not None and self._lrs_scheduled is not None:
-                for group, set_lr, scheduled in zip(optimizer.param_groups, self._lrs_set, self._lrs_scheduled):
-                    if group['lr'] == set_lr:
-                        group['lr'] = scheduled
-            self._lrs_set = self._lrs_scheduled = None
             return
         if self.initial_momenta is None:
             self.initial_momenta = [
@@ -144,7 +168,7 @@ class MomentumDecay(ReprMixin, Algorithm):
             ]
         tau = span_fraction(state, self._start, self._end)
         momenta = [decayed_momentum(self.rule, b0, tau, min(self.beta_end, b0)) for b0 in self.initial_momenta]
-        scales = [(1.0 - b0) / (1.0 - b) if self.compensate_lr else 1.0
+        scales = [compensation(key, b0, b) if self.compensate_lr else 1.0
                   for b0, b in zip(self.initial_momenta, momenta)]
         self._lrs_scheduled = [g['lr'] for g in optimizer.param_groups]
         self._lrs_set = apply_momentum(optimizer, momenta, scales)
