@@ -12,10 +12,10 @@ from conftest import LossRecorder, make_trainer, tiny_model
 from composer_algos.algorithms.adaptive_timestep_sampling import (AdaptiveTimestepSampling, BetaPolicy, GlobalPolicy,
                                                                   beta_grid_log_probs, f_regression_scores,
                                                                   grid_timesteps, grid_weights, reinforce_loss,
-                                                                  select_timesteps, sum_of_changes, tilted_log_probs)
-from composer_algos.algorithms.curriculum import CurriculumTimestepSchedule
+                                                                  select_timesteps, sum_of_changes)
+from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule
 from composer_algos.diffusion import FixedDistributionSampler
-from composer_algos.diffusion.samplers import tilt
+from composer_algos.diffusion.samplers import tilt, tilt_log_probs
 
 # ------------------------------------------------------------------------------------------------ closed forms
 
@@ -174,12 +174,18 @@ def test_tilted_log_probs_is_the_normalised_product():
     log_probs = torch.log_softmax(torch.randn(3, 10), 1)
     prior = torch.rand(10)
     prior[4] = 0.0
-    tilted = tilted_log_probs(log_probs, [prior])
+    tilted = tilt_log_probs(log_probs, prior)
     torch.testing.assert_close(tilted.exp(), tilt(log_probs.exp(), [prior]))
     torch.testing.assert_close(tilted.exp().sum(1), torch.ones(3))
     assert bool(torch.isneginf(tilted[:, 4]).all())
-    # A prior without mass is ignored (the model's tilt keeps the sampler's distribution then).
-    torch.testing.assert_close(tilted_log_probs(log_probs, [torch.zeros(10)]), log_probs)
+    # A prior without mass is ignored (the model's tilt keeps the sampler's distribution then), row by row.
+    torch.testing.assert_close(tilt_log_probs(log_probs, torch.zeros(10)), log_probs)
+    one_hot = torch.log(torch.eye(10)[[0, 5]])
+    torch.testing.assert_close(tilt_log_probs(one_hot, torch.eye(10)[5]).exp(), torch.eye(10)[[0, 5]])
+    # Differentiable without NaN through a prior with zeros.
+    logits = torch.randn(3, 10, requires_grad=True)
+    tilt_log_probs(torch.log_softmax(logits, 1), prior)[:, 0].sum().backward()
+    assert bool(torch.isfinite(logits.grad).all())
 
 
 def test_per_sample_draws_follow_each_row():
@@ -200,7 +206,7 @@ def test_policy_gradient_uses_the_tilted_normalised_log_prob():
         policy.logits.copy_(torch.tensor([0.1, -0.3, 0.5, 0.0, 0.2, -0.1]))
     prior = torch.tensor([0.05, 0.1, 0.3, 0.3, 0.2, 0.05])
     x0 = torch.zeros(1, 1, 2, 2)
-    sample_log_probs = tilted_log_probs(policy.log_probs(x0, 6), [prior])
+    sample_log_probs = tilt_log_probs(policy.log_probs(x0, 6), prior)
     loss, _ = reinforce_loss(sample_log_probs, torch.tensor([3]), torch.tensor([2.0]), entropy_coef=0.0)
     loss.backward()
     p_tilt = torch.softmax(policy.logits.detach(), 0) * prior
@@ -360,7 +366,7 @@ def test_num_probe_timesteps_above_t_is_an_error(digits_mds):
 
 def test_curriculum_prior_tilts_the_draw_and_the_log_prob(digits_mds):
     adaptive = AdaptiveTimestepSampling(update_every=2, num_probe_timesteps=8)
-    clts = CurriculumTimestepSchedule(lam_max=0.9, sigma=0.1, ramp_start='0ba', ramp_end='2ba')
+    clts = CurriculumTimestepSchedule(lam_max=0.9, sigma=0.1, ramp_start='0ba', ramp_end='2ba', coordinate='time')
     trainer = make_trainer(digits_mds, algorithms=[clts, adaptive], max_duration='4ba')
     trainer.fit()
     model = trainer.state.model
@@ -369,7 +375,11 @@ def test_curriculum_prior_tilts_the_draw_and_the_log_prob(digits_mds):
     expected = pi * clts.probs().float()
     expected = expected / expected.sum(1, keepdim=True)
     torch.testing.assert_close(model.timestep_probs(x0), expected)
-    torch.testing.assert_close(adaptive.log_probs(x0, model.timestep_priors()).exp(), expected)
+    torch.testing.assert_close(adaptive.log_probs(x0, model.timestep_priors()[0]).exp(), expected)
+    # The forward outputs record the prior the batch's timesteps were drawn under.
+    draw = model({'image': x0})['draw']
+    torch.testing.assert_close(draw.prior, clts.probs().float())
+    torch.testing.assert_close(draw.probs, expected)
     # The prior moves the draw towards mu = 0.3 (t around 30 of 100), away from the policy's own distribution.
     gen = torch.Generator().manual_seed(0)
     tilted_draws = torch.multinomial(model.timestep_distribution(x0), 2000, replacement=True, generator=gen)

@@ -297,13 +297,15 @@ def test_importance_weights_are_one_over_t_p_through_the_model():
     model = tiny_model(num_timesteps=50)
     sampler = LossSecondMomentSampler(50, history=2, uniform_prob=0.2)
     model.set_timestep_sampler(sampler, owner='test')
-    t, w = model.draw_timesteps(torch.zeros(256, 1, 8, 8))
+    draw = model.draw_timesteps(torch.zeros(256, 1, 8, 8))
+    t, w = draw.t, draw.weight
     assert bool((w == 1).all())  # not warm: uniform, weight 1
     sampler.update(torch.arange(50).repeat(2), torch.linspace(0.1, 5.0, 50, dtype=torch.float64).repeat(2))
     assert sampler.warm()
     probs = sampler.probs()
     assert float(probs.max() / probs.min()) > 5
-    t, w = model.draw_timesteps(torch.zeros(4096, 1, 8, 8))
+    draw = model.draw_timesteps(torch.zeros(4096, 1, 8, 8))
+    t, w = draw.t, draw.weight
     torch.testing.assert_close(w, 1.0 / (50 * probs[t]))
     # The draws follow p: far more draws of the high-loss timesteps.
     assert int((t >= 40).sum()) > 3 * int((t < 10).sum())

@@ -11,8 +11,8 @@ from conftest import LossRecorder, digits_loader, make_trainer, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from composer_algos.algorithms.curriculum import CurriculumTimestepSchedule, clts_probs, difficulty_coordinate
-from composer_algos.algorithms.momentum import MomentumDecay, decayed_momentum, demon_momentum
+from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule, clts_probs, difficulty_coordinate
+from composer_algos.algorithms.momentum_decay import MomentumDecay, decayed_momentum, demon_momentum
 from composer_algos.diffusion import NoiseSchedule
 
 

@@ -95,7 +95,8 @@ def test_importance_weight_is_target_over_sampler():
     model = DiffusionModel(TimeConditionedConvNet(width=16), NoiseSchedule('squaredcos_cap_v2', 4))
     p = torch.tensor([0.1, 0.2, 0.3, 0.4])
     model.set_timestep_sampler(FixedDistributionSampler(p, importance=True), owner='A')
-    t, w = model.draw_timesteps(torch.zeros(64, 1, 8, 8))
+    draw = model.draw_timesteps(torch.zeros(64, 1, 8, 8))
+    t, w = draw.t, draw.weight
     torch.testing.assert_close(w, 1.0 / (4 * p[t]))
     with pytest.raises(ValueError, match='B and A both set the timestep sampler'):
         model.set_timestep_sampler(UniformSampler(4), owner='B')

@@ -71,6 +71,9 @@ def _cpu_overrides(cfg: dict, data_root: str, vae_dir: str, **adaptive: int) -> 
     """Shrink a scale-out recipe to run here: tiny denoiser and VAE, digits data, fp32 CPU, no FSDP, no saving."""
     cfg = dict(cfg)
     cfg.pop('parallelism_config')
+    # A warm-up of thousands of steps would keep the lr at 0 for the 2 steps run here (the adaptive sampler does not
+    # probe a step with lr 0).
+    cfg.pop('scheduler', None)
     cfg.update(device='cpu', precision='fp32', max_duration='2ba', eval_interval='2ba', eval_subset_num_batches=1,
                device_train_microbatch_size=4, progress_bar=False, log_to_console=False, save_folder=None,
                autoresume=False)

@@ -15,8 +15,8 @@ from composer_algos.algorithms.loss_second_moment_sampling import LossSecondMome
 from composer_algos.algorithms.min_snr_weighting import MinSNRWeighting  # noqa: E402,F401
 from composer_algos.algorithms.p2_weighting import P2Weighting  # noqa: E402,F401
 from composer_algos.algorithms.speed import SpeeD  # noqa: E402,F401
-from composer_algos.algorithms.curriculum import CurriculumTimestepSchedule  # noqa: E402
-from composer_algos.algorithms.momentum import MomentumDecay  # noqa: E402
+from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule  # noqa: E402
+from composer_algos.algorithms.momentum_decay import MomentumDecay  # noqa: E402
 
 algorithms.register('curriculum_timestep_schedule', func=CurriculumTimestepSchedule)
 algorithms.register('momentum_decay', func=MomentumDecay)

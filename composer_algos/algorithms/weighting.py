@@ -10,6 +10,7 @@ by ``c(SNR)``, where ``||eps - eps_hat||^2 = c * ||target - target_hat||^2`` at 
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any
@@ -54,7 +55,8 @@ def from_epsilon_weight(epsilon_weight: torch.Tensor, snr: torch.Tensor, predict
 
 
 def install_loss_weighting(model: Any, weighting: LossWeighting, owner: str) -> torch.Tensor:
-    """Check ``weighting`` on all T timesteps of ``model`` and add it to the model's chain; return the (T,) weights.
+    """Evaluate ``weighting`` on all T timesteps of ``model``, check it and add the table to the model's chain; return
+    the (T,) weights.
 
     Non-finite or negative weights are an error naming ``owner``, the prediction type and the timesteps; weights
     that are all 1 raise a ``NoEffectWarning``.
@@ -70,6 +72,12 @@ def install_loss_weighting(model: Any, weighting: LossWeighting, owner: str) -> 
                          f'{schedule.snr(t[bad][:5]).tolist()}); choose other arguments or another prediction type.')
     if bool((weights == 1).all()):
         warnings.warn(NoEffectWarning(f'{owner} weights every timestep by 1 with these arguments.'))
-    model.add_loss_weighting(weighting, owner=owner)
+    # The weights depend on t only (for this schedule and prediction type): the model indexes this table at every
+    # batch instead of recomputing the formula.
+    model.add_loss_weighting(functools.partial(_table_lookup, weights.float()), owner=owner)
     log.info('%s: loss weights in [%.4g, %.4g].', owner, float(weights.min()), float(weights.max()))
     return weights
+
+
+def _table_lookup(table: torch.Tensor, schedule: Any, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    return table.to(t.device)[t]

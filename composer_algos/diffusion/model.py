@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -12,14 +13,15 @@ import torch.nn as nn
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
-from composer_algos.diffusion.samplers import TimestepPrior, TimestepSampler, UniformSampler, sample_from_probs, tilt
+from composer_algos.diffusion.samplers import (TimestepPrior, TimestepSampler, UniformSampler, combined_prior,
+                                               sample_from_probs, tilt_log_probs)
 from composer_algos.diffusion.schedule import NoiseSchedule
 from composer_algos.diffusion.utils import reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
 from composer_algos.distributed import fsdp_gradient_scale, global_positions, rank_world
 from composer_algos.seeding import derive_seed, keyed_generator, keyed_uniform_and_normal
 
-__all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES']
+__all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES', 'TimestepDraw', 'timestep_bands']
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,28 @@ PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 
 # A loss weighting maps (schedule, t, prediction_type) to per-sample weights of shape (B,).
 LossWeighting = Callable[[NoiseSchedule, torch.Tensor, str], torch.Tensor]
+
+
+def timestep_bands(t: torch.Tensor, num_bands: int, num_timesteps: int) -> torch.Tensor:
+    """The band of each timestep when [0, T) is cut into ``num_bands`` equal bands: ``t * num_bands // T``."""
+    return (t * num_bands // num_timesteps).clamp(max=num_bands - 1)
+
+
+@dataclasses.dataclass
+class TimestepDraw:
+    """What a batch's timesteps were drawn from, returned in the forward outputs (key ``'draw'``).
+
+    Attributes:
+        t: ``(B,)`` the timesteps.
+        probs: ``(T,)`` or ``(B, T)``: the distribution they were drawn from (the sampler's, tilted by ``prior``).
+        prior: ``(T,)`` the product of the curriculum priors applied, or ``None``.
+        weight: ``(B,)`` the importance weight of each draw (1 unless the sampler corrects for itself).
+    """
+
+    t: torch.Tensor
+    probs: torch.Tensor
+    prior: Optional[torch.Tensor]
+    weight: torch.Tensor
 
 
 class DiffusionLoss(Metric):
@@ -45,7 +69,7 @@ class DiffusionLoss(Metric):
         self.add_state('count', default=torch.zeros(num_bands, dtype=torch.float64), dist_reduce_fx='sum')
 
     def update(self, per_sample_loss: torch.Tensor, t: torch.Tensor) -> None:
-        band = (t * self.num_bands // self.num_timesteps).clamp(max=self.num_bands - 1)
+        band = timestep_bands(t, self.num_bands, self.num_timesteps)
         loss = per_sample_loss.detach().to(torch.float64)
         self.total.index_add_(0, band, loss)
         self.count.index_add_(0, band, torch.ones_like(loss))
@@ -150,6 +174,7 @@ class DiffusionModel(ComposerModel):
                              f'{self.num_timesteps}.')
         self._sampler = sampler
         self._sampler_owner = owner
+        sampler.set_loss_weights(self.loss_weights(torch.arange(self.num_timesteps)))
 
     def add_timestep_prior(self, prior: TimestepPrior, owner: str) -> None:
         """Tilt the active sampler by ``prior`` (a function ``(T, device) -> (T,)`` masses)."""
@@ -158,6 +183,7 @@ class DiffusionModel(ComposerModel):
     def add_loss_weighting(self, weighting: LossWeighting, owner: str) -> None:
         """Multiply the per-sample loss by ``weighting(schedule, t, prediction_type)``."""
         self._weightings = [(o, w) for o, w in self._weightings if o != owner] + [(owner, weighting)]
+        self._sampler.set_loss_weights(self.loss_weights(torch.arange(self.num_timesteps)))
 
     @property
     def loss_weighting_owners(self) -> list[str]:
@@ -169,7 +195,7 @@ class DiffusionModel(ComposerModel):
     def timestep_probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The distribution t is drawn from: the sampler's, tilted by the priors. ``(T,)`` or ``(B, T)``."""
         probs = self._sampler.probs(x0)
-        return tilt(probs, self.timestep_priors(probs.device))
+        return tilt_log_probs(torch.log(probs), combined_prior(self.timestep_priors(probs.device), probs)).exp()
 
     def timestep_distribution(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The marginal ``(T,)`` distribution over t (averaged over the batch for per-sample samplers)."""
@@ -190,19 +216,23 @@ class DiffusionModel(ComposerModel):
         self.num_draws += 1
         return u.to(x0.device, non_blocking=True), noise.to(x0.device, x0.dtype, non_blocking=True)
 
-    def draw_timesteps(self, x0: torch.Tensor, u: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(t, importance_weight)`` for a batch, by inverse CDF at the uniforms ``u`` (default: the next draw's)."""
+    def draw_timesteps(self, x0: torch.Tensor, u: Optional[torch.Tensor] = None) -> TimestepDraw:
+        """Draw t for a batch by inverse CDF at the uniforms ``u`` (default: the next draw's), with its record."""
         if u is None:
             u, _ = self.draw_randoms(x0)
         with torch.no_grad():
-            probs = self.timestep_probs(x0)
+            sampler_probs = self._sampler.probs(x0)
+            prior = combined_prior(self.timestep_priors(x0.device), sampler_probs)
+            probs = tilt_log_probs(torch.log(sampler_probs), prior).exp()
             t = sample_from_probs(probs, u).to(x0.device)
-            if not self._sampler.importance:
-                return t, torch.ones(x0.shape[0], device=x0.device)
-            p_t = probs[t] if probs.dim() == 1 else probs.gather(1, t[:, None]).squeeze(1)
-            target = tilt(torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=x0.device),
-                          self.timestep_priors(x0.device))
-            return t, (target[t] / p_t.to(target.dtype)).float()
+            weight = torch.ones(x0.shape[0], device=x0.device)
+            if self._sampler.importance:
+                # Towards the prior-tilted uniform target: q(t) / p(t).
+                uniform = torch.full((self.num_timesteps,), -math.log(self.num_timesteps), device=x0.device)
+                target = tilt_log_probs(uniform, prior).exp()
+                p_t = probs[t] if probs.dim() == 1 else probs.gather(1, t[:, None]).squeeze(1)
+                weight = (target[t] / p_t.to(target.dtype)).float()
+        return TimestepDraw(t=t, probs=probs, prior=prior, weight=weight)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         weight = torch.ones(t.shape[0], device=t.device)
@@ -267,11 +297,14 @@ class DiffusionModel(ComposerModel):
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         x0 = self.images(batch)
-        draw = self.num_draws
+        index = self.num_draws
         u, noise = self.draw_randoms(x0)
-        t, weight = self.draw_timesteps(x0, u)
-        with self._denoiser_rng(x0.device, draw) if self.training else contextlib.nullcontext():
-            return self._loss_terms(x0, t, noise, self.conditioning(batch), weight * self.loss_weights(t))
+        draw = self.draw_timesteps(x0, u)
+        with self._denoiser_rng(x0.device, index) if self.training else contextlib.nullcontext():
+            outputs = self._loss_terms(x0, draw.t, noise, self.conditioning(batch),
+                                       draw.weight * self.loss_weights(draw.t))
+        outputs['draw'] = draw
+        return outputs
 
     @contextlib.contextmanager
     def _denoiser_rng(self, device: torch.device, draw: int) -> Iterator[None]:

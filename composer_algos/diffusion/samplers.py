@@ -9,7 +9,7 @@ expected loss is that of the target distribution.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -18,8 +18,10 @@ __all__ = [
     'UniformSampler',
     'FixedDistributionSampler',
     'TimestepPrior',
+    'combined_prior',
     'sample_from_probs',
     'tilt',
+    'tilt_log_probs',
 ]
 
 # A curriculum prior: given the number of timesteps and a device, a (T,) tensor of non-negative masses.
@@ -40,6 +42,12 @@ class TimestepSampler:
 
     def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def set_loss_weights(self, weights: torch.Tensor) -> None:
+        """The model's loss weight ``w(t)`` of every timestep ``(T,)``, given whenever its weightings change.
+
+        Samplers whose distribution depends on how the loss is weighted override this; the default ignores it.
+        """
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(num_timesteps={self.num_timesteps})'
@@ -71,18 +79,32 @@ def _check_probs(p: torch.Tensor, name: str) -> None:
         raise ValueError(f'{name} must be finite, non-negative and not all zero.')
 
 
-def tilt(probs: torch.Tensor, priors: list[torch.Tensor]) -> torch.Tensor:
-    """Multiply a ``(T,)`` or ``(B, T)`` distribution by ``(T,)`` priors and renormalise over the last dim.
-
-    Where the product vanishes everywhere (priors disjoint from the sampler's support) the sampler's own
-    distribution is kept, so the result is always a valid distribution.
-    """
-    out = probs
+def combined_prior(priors: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The product of ``(T,)`` priors (negative masses clipped to 0) on ``like``'s device and dtype; ``None`` if none."""
+    combined = None
     for prior in priors:
-        out = out * prior.to(out.device, out.dtype)
-    z = out.sum(dim=-1, keepdim=True)
-    ok = z > 0
-    return torch.where(ok, out / z.clamp(min=torch.finfo(out.dtype).tiny), probs / probs.sum(-1, keepdim=True))
+        prior = prior.to(like.device, like.dtype).clamp(min=0)
+        combined = prior if combined is None else combined * prior
+    return combined
+
+
+def tilt_log_probs(log_probs: torch.Tensor, prior: Optional[torch.Tensor]) -> torch.Tensor:
+    """Log of the normalised product ``p(t) * prior(t)`` for ``(T,)`` or ``(B, T)`` log-probabilities.
+
+    Where the product vanishes everywhere (the prior disjoint from the distribution's support, or without mass) the
+    distribution itself is kept, so the result is always a valid distribution. Differentiable in ``log_probs``.
+    """
+    if prior is not None:
+        prior = prior.to(log_probs.device, log_probs.dtype)
+        has_mass = (log_probs.exp() * prior).sum(-1, keepdim=True) > 0
+        log_probs = log_probs + torch.log(torch.where(has_mass, prior, torch.ones_like(prior)))
+    return log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True)
+
+
+def tilt(probs: torch.Tensor, priors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Multiply a ``(T,)`` or ``(B, T)`` distribution by ``(T,)`` priors and renormalise over the last dim (see
+    :func:`tilt_log_probs`)."""
+    return tilt_log_probs(torch.log(probs), combined_prior(priors, probs)).exp()
 
 
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from composer_algos.algorithms.adaptive_timestep_sampling.adaptive_timestep_samp
     POLICIES, REWARDS, AdaptiveTimestepSampling, RewardSetting)
 from composer_algos.algorithms.adaptive_timestep_sampling.functional import (
     beta_grid_log_probs, f_regression_scores, grid_timesteps, grid_weights, reinforce_loss, select_timesteps,
-    sum_of_changes, tilted_log_probs)
+    sum_of_changes)
 from composer_algos.algorithms.adaptive_timestep_sampling.policy import BetaPolicy, GlobalPolicy, PolicySampler
 from composer_algos.registry import algorithms
 
@@ -12,4 +12,4 @@ algorithms.register('adaptive_timestep_sampling', func=AdaptiveTimestepSampling)
 
 __all__ = ['AdaptiveTimestepSampling', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler', 'POLICIES', 'REWARDS',
            'RewardSetting', 'beta_grid_log_probs', 'f_regression_scores', 'grid_timesteps', 'grid_weights',
-           'reinforce_loss', 'select_timesteps', 'sum_of_changes', 'tilted_log_probs']
+           'reinforce_loss', 'select_timesteps', 'sum_of_changes']

@@ -62,7 +62,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -72,12 +72,13 @@ from composer.loggers import Logger
 from composer_algos.algorithms.adaptive_timestep_sampling.functional import (grid_timesteps, grid_weights,
                                                                             nats_to_bits, reinforce_loss,
                                                                             select_timesteps, standardised,
-                                                                            sum_of_changes, tilted_log_probs)
+                                                                            sum_of_changes)
 from composer_algos.algorithms.adaptive_timestep_sampling.policy import (BetaPolicy, GlobalPolicy, PolicySampler,
                                                                         module_device)
 from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROBE_PRECISIONS, FullPrecisionReplica,
                                                                            casts_parameters, probe_math)
 from composer_algos.algorithms.common import diffusion_model
+from composer_algos.diffusion.samplers import tilt_log_probs
 from composer_algos.diffusion.utils import device_batch
 from composer_algos.distributed import all_gather, all_reduce, broadcast, global_positions, rank_world
 from composer_algos.evaluation.sampling import eval_mode
@@ -147,7 +148,7 @@ class Probe:
     grid_before: torch.Tensor = None  # the probe image's terms at this rank's grid share
     seconds: float = 0.0
     t: list[torch.Tensor] = dataclasses.field(default_factory=list)  # the timesteps drawn, per micro-batch
-    priors: Optional[list[torch.Tensor]] = None  # the curriculum priors t was drawn under
+    prior: Optional[torch.Tensor] = None  # the curriculum prior t was drawn under (from the model's draw record)
 
 
 class AdaptiveTimestepSampling(Algorithm):
@@ -377,9 +378,10 @@ class AdaptiveTimestepSampling(Algorithm):
         if not isinstance(outputs, dict) or 't' not in outputs:
             raise ValueError("AdaptiveTimestepSampling reads the drawn timesteps from the forward outputs, which must "
                              f"be a dict with key 't' (got {type(outputs).__name__}).")
-        if self._probe.priors is None:
-            # The priors in force when t was drawn (a curriculum may change them at the next batch).
-            self._probe.priors = [p.detach() for p in model.timestep_priors(module_device(self.policy))]
+        draw = outputs.get('draw')
+        if not self._probe.t and draw is not None:
+            # The prior in force when t was drawn (a curriculum may change it at the next batch).
+            self._probe.prior = None if draw.prior is None else draw.prior.detach()
         self._probe.t.append(outputs['t'].detach())
 
     def _probe_pass(self, model: Any, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,7 +425,7 @@ class AdaptiveTimestepSampling(Algorithm):
             raise RuntimeError(f'AdaptiveTimestepSampling collected {t.numel()} drawn timesteps for a batch of '
                                f'{batch_size}; the forward outputs must hold one t per sample.')
         with torch.enable_grad():
-            metrics = self.update_policy(probe.x0, t, self.rewards(probe.before - after), probe.priors or [],
+            metrics = self.update_policy(probe.x0, t, self.rewards(probe.before - after), probe.prior,
                                          _loss_is_finite(state.loss))
         self.num_probes += 1
         if self.queue_x.shape[0] >= MIN_QUEUE:
@@ -459,12 +461,13 @@ class AdaptiveTimestepSampling(Algorithm):
         self.queue_y = torch.cat([self.queue_y, total[None]])[-self.queue_size:]
 
     # -------------------------------------------------------------------------------------------- REINFORCE
-    def log_probs(self, x0: torch.Tensor, priors: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """``(B, T)`` log-probabilities of the distribution t is drawn from (the tilted policy), with grad."""
-        return tilted_log_probs(self.policy.log_probs(x0.to(module_device(self.policy)), self.num_timesteps), priors)
+    def log_probs(self, x0: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, T)`` log-probabilities of the distribution t is drawn from (the policy tilted by ``prior``), with
+        grad."""
+        return tilt_log_probs(self.policy.log_probs(x0.to(module_device(self.policy)), self.num_timesteps), prior)
 
     def update_policy(self, x0: torch.Tensor, t: torch.Tensor, reward: torch.Tensor,
-                      priors: Sequence[torch.Tensor] = (), loss_finite: bool = True) -> dict[str, float]:
+                      prior: Optional[torch.Tensor] = None, loss_finite: bool = True) -> dict[str, float]:
         """One REINFORCE step on the policy from this rank's ``(x0, t, reward)`` (collective across ranks).
 
         The advantage is the reward standardised with the mean and standard deviation over all ranks' samples, or the
@@ -488,7 +491,7 @@ class AdaptiveTimestepSampling(Algorithm):
             advantage = standardised(clean, mean, std) if self.setting.standardise else clean
 
         policy_log_probs = self.policy.log_probs(x0.to(device), self.num_timesteps)
-        sample_log_probs = tilted_log_probs(policy_log_probs, priors)
+        sample_log_probs = tilt_log_probs(policy_log_probs, prior)
         loss, entropy = reinforce_loss(sample_log_probs, t, advantage, self.entropy_coef, policy_log_probs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

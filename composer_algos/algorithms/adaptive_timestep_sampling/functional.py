@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 __all__ = ['beta_grid_log_probs', 'f_regression_scores', 'grid_timesteps', 'grid_weights', 'reinforce_loss',
-           'select_timesteps', 'standardised', 'sum_of_changes', 'tilted_log_probs']
+           'select_timesteps', 'standardised', 'sum_of_changes']
 
 
 def beta_grid_log_probs(alpha: torch.Tensor, beta: torch.Tensor, num_timesteps: int) -> torch.Tensor:
@@ -25,19 +25,6 @@ def beta_grid_log_probs(alpha: torch.Tensor, beta: torch.Tensor, num_timesteps: 
     u = (torch.arange(num_timesteps, device=alpha.device, dtype=alpha.dtype) + 0.5) / num_timesteps
     log_density = torch.stack([alpha - 1, beta - 1], dim=1) @ torch.stack([torch.log(u), torch.log1p(-u)])
     return torch.log_softmax(log_density, dim=1)
-
-
-def tilted_log_probs(log_probs: torch.Tensor, priors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Log of the normalised product ``pi(t | x) * prod_j prior_j(t)`` for ``(B, T)`` log-probabilities.
-
-    A prior with no positive mass is ignored, as the model's ``tilt`` keeps the sampler's distribution then.
-    """
-    out = log_probs
-    for prior in priors:
-        prior = prior.to(out.device, out.dtype).clamp(min=0)
-        if float(prior.sum()) > 0:
-            out = out + torch.log(prior)
-    return out - torch.logsumexp(out, dim=-1, keepdim=True)
 
 
 def f_regression_scores(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

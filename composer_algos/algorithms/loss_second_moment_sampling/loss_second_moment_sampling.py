@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from composer.core import Algorithm, Event, State
@@ -92,33 +92,46 @@ class LossSecondMomentSampler(TimestepSampler):
         num_timesteps: T.
         history: losses kept per timestep.
         uniform_prob: probability mass mixed in uniformly.
-        loss_weights: returns the model's ``(T,)`` loss weights ``w(t)`` (product of its weightings), or None.
+    The model gives it its ``(T,)`` loss weights ``w(t)`` (the product of its weightings) whenever they change, and
+    the distribution is recomputed only when the history or the weights change.
     """
 
     importance = True
 
-    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001,
-                 loss_weights: Optional[Callable[[], torch.Tensor]] = None):
+    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
         super().__init__(num_timesteps)
         self.history = int(history)
         self.uniform_prob = float(uniform_prob)
-        self.loss_weights = loss_weights
+        self.loss_weights: Optional[torch.Tensor] = None
         self.losses = torch.zeros(num_timesteps, self.history, dtype=torch.float64)
         self.counts = torch.zeros(num_timesteps, dtype=torch.long)
+        self._probs: Optional[torch.Tensor] = None
 
     def warm(self) -> bool:
         """Whether every timestep has a full history (before that, t is uniform)."""
         return bool((self.counts >= self.history).all())
 
+    def set_loss_weights(self, weights: torch.Tensor) -> None:
+        self.loss_weights = weights.detach().to(torch.float64).cpu()
+        self._probs = None
+
     def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weights = self.loss_weights() if self.loss_weights is not None and self.warm() else None
-        probs = loss_second_moment_probs(self.losses, self.counts, self.uniform_prob, weights).float()
-        return probs if x0 is None else probs.to(x0.device)
+        if self._probs is None:
+            self._probs = loss_second_moment_probs(self.losses, self.counts, self.uniform_prob,
+                                                   self.loss_weights).float()
+        return self._probs if x0 is None else self._probs.to(x0.device)
+
+    def load(self, losses: torch.Tensor, counts: torch.Tensor) -> None:
+        """Replace the history (from a checkpoint)."""
+        self.losses = losses.detach().to(torch.float64).cpu().clone()
+        self.counts = counts.detach().long().cpu().clone()
+        self._probs = None
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Append per-sample losses of timesteps ``t`` in order (non-finite ones are skipped)."""
         finite = torch.isfinite(losses)
         self.losses, self.counts = append_losses(self.losses, self.counts, t[finite], losses[finite])
+        self._probs = None
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(num_timesteps={self.num_timesteps}, history={self.history}, '
@@ -174,9 +187,7 @@ class LossSecondMomentSampling(ReprMixin, Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             model = diffusion_model(state, self)
-            grid = torch.arange(model.num_timesteps)
-            self.sampler = LossSecondMomentSampler(model.num_timesteps, self.history, self.uniform_prob,
-                                                   loss_weights=lambda: model.loss_weights(grid))
+            self.sampler = LossSecondMomentSampler(model.num_timesteps, self.history, self.uniform_prob)
             if self._loaded is not None:
                 self._restore(self._loaded)
             model.set_timestep_sampler(self.sampler, type(self).__name__)
@@ -233,5 +244,4 @@ class LossSecondMomentSampling(ReprMixin, Algorithm):
             raise ValueError(f'{type(self).__name__}: the checkpoint holds a loss history of shape '
                              f'{tuple(losses.shape)}, this run needs (num_timesteps, history) = '
                              f'{tuple(self.sampler.losses.shape)}.')
-        self.sampler.losses = losses.detach().to(torch.float64).cpu().clone()
-        self.sampler.counts = counts.detach().long().cpu().clone()
+        self.sampler.load(losses, counts)
