@@ -11,6 +11,7 @@ from composer.core import Callback, State, Time
 from composer.loggers import Logger
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
+from composer_algos.diffusion.model import timestep_bands
 from composer_algos.evaluation.fid import collect_images
 from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.distributed import all_reduce, rank_world
@@ -83,7 +84,7 @@ def band_names(num_timesteps: int, num_bands: int) -> list[str]:
     """``t000-099``-style names of the bands of :class:`~composer_algos.diffusion.DiffusionLoss`
     (``band = t * num_bands // T``)."""
     t = torch.arange(num_timesteps)
-    band = (t * num_bands // num_timesteps).clamp(max=num_bands - 1)
+    band = timestep_bands(t, num_bands, num_timesteps)
     width = len(str(num_timesteps - 1))
     names = []
     for b in range(num_bands):
