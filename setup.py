@@ -1,34 +1,41 @@
 """composer-algos: faster diffusion training as MosaicML Composer algorithms."""
 
+import re
+
 from setuptools import find_packages, setup
 
+with open('composer_algos/__init__.py') as f:
+    VERSION = re.search(r"__version__ = '([^']+)'", f.read()).group(1)
+
 install_requires = [
+    # Exact where Composer 0.32.1's own pins leave no choice; the tested set of everything is constraints.txt.
     'torch==2.7.0',
     'torchvision==0.22.0',
+    'torchmetrics[image]==1.7.4',
     'mosaicml==0.32.1',
     'mosaicml-streaming==0.13.0',
-    'torchmetrics[image]==1.7.4',
-    'diffusers==0.39.0',
-    'catalogue==2.0.10',
-    'omegaconf==2.4.0',
-    'scikit-learn==1.9.1',
-    'matplotlib==3.11.2',
-    'numpy<2.3',
+    'numpy>=1.26,<2.3',
+    'diffusers>=0.31,<1',
+    'catalogue>=2.0.10,<3',
+    'omegaconf>=2.3,<3',
+    'scikit-learn>=1.3',
+    'matplotlib>=3.7',
+    'mlxtend>=0.23',
     'pillow',
     'tqdm',
 ]
 
 extras_require = {
     'dev': [
-        'pytest==9.2.0',
-        'pytest-timeout==2.4.0',
-        'hypothesis==6.170.15',
+        'pytest>=8',
+        'pytest-timeout>=2.3',
+        'hypothesis>=6.100',
     ],
 }
 
 setup(
     name='composer-algos',
-    version='0.1.0',
+    version=VERSION,
     description='Timestep-sampling, curriculum and optimizer algorithms for diffusion training with MosaicML Composer',
     packages=find_packages(include=['composer_algos', 'composer_algos.*']),
     python_requires='>=3.10',

@@ -7,8 +7,6 @@ that names it and suggests the closest valid key.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence
@@ -16,7 +14,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import composer_algos.builtins  # noqa: F401  (registers every built-in part by name)
 from composer_algos import registry
+from composer_algos.registry import ConfigError, call_checked, check_keys, suggest
 
 __all__ = [
     'ConfigError',
@@ -33,10 +33,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A recipe that cannot be built; the message names the offending key and what is allowed."""
 
 
 # Top-level keys and their meaning. Keys passed straight to Composer's Trainer are marked 'trainer'.
@@ -77,44 +73,9 @@ TOP_LEVEL_KEYS = {
 }
 
 
-def _suggest(key: str, allowed: Sequence[str], where: str = '') -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=1)
-    return f" Did you mean '{where}{close[0]}'?" if close else ''
-
-
-def _check_keys(section: dict, allowed: Sequence[str], where: str) -> None:
-    for key in section:
-        if key not in allowed:
-            raise ConfigError(f"Unknown key '{where}{key}'.{_suggest(key, allowed, where)} "
-                              f"Allowed keys: {', '.join(sorted(allowed))}.")
-
-
-def _lookup(known: dict[str, Any], name: str, kind: str) -> Any:
-    if name not in known:
-        raise ConfigError(f"Unknown {kind} '{name}'.{_suggest(name, list(known))} Known: {', '.join(known)}.")
-    return known[name]
-
-
-def _resolve(kind_registry: Any, name: str, kind: str) -> Callable[..., Any]:
-    try:
-        return registry.resolve(kind_registry, name, kind)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-
-
 def call_with_config(fn: Callable[..., Any], kwargs: dict, where: str) -> Any:
-    """Call ``fn(**kwargs)`` after checking every key against its signature (unless it takes ``**kwargs``)."""
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    params = inspect.signature(target).parameters
-    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        allowed = [n for n, p in params.items() if n != 'self' and p.kind != inspect.Parameter.VAR_POSITIONAL]
-        _check_keys(kwargs, allowed, f'{where}.')
-    try:
-        return fn(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f'{where}: {e}') from e
+    """Call ``fn(**kwargs)`` after checking every key against its signature (see :func:`registry.call_checked`)."""
+    return call_checked(fn, kwargs, where)
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -129,7 +90,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
-    _check_keys(resolved, list(TOP_LEVEL_KEYS), '')
+    check_keys(resolved, list(TOP_LEVEL_KEYS), '')
     return resolved
 
 
@@ -176,97 +137,27 @@ def _named_items(section: Any, where: str) -> list[tuple[str, dict]]:
 # ------------------------------------------------------------------------------------------------- model
 def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
     """Build the model section: ``name`` (default ``diffusion``) from the models registry."""
-    cfg = dict(model_cfg)
-    name = cfg.pop('name', 'diffusion')
-    return call_with_config(_resolve(registry.models, name, 'model'), cfg, 'model')
-
-
-def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dict[str, Any]] = None,
-                          encoder: Optional[dict[str, Any]] = None, **kwargs: Any) -> torch.nn.Module:
-    """The ``diffusion`` model: a denoiser from the denoisers registry inside a :class:`DiffusionModel`.
-
-    ``encoder`` (optional, latent diffusion) is built from the encoders registry (default name ``vae``).
-    """
-    from composer_algos.diffusion import DiffusionModel, NoiseSchedule
-    denoiser_cfg = dict(denoiser)
-    denoiser_name = denoiser_cfg.pop('name', 'unet')
-    net = call_with_config(_resolve(registry.denoisers, denoiser_name, 'denoiser'), denoiser_cfg,
-                           'model.denoiser')
-    schedule = call_with_config(NoiseSchedule, dict(noise_schedule or {}), 'model.noise_schedule')
-    encoder_module = None
-    if encoder is not None:
-        encoder_cfg = dict(encoder)
-        encoder_name = encoder_cfg.pop('name', 'vae')
-        encoder_module = call_with_config(_resolve(registry.encoders, encoder_name, 'encoder'), encoder_cfg,
-                                          'model.encoder')
-        vae_scale = getattr(encoder_module, 'scaling_factor', None)
-        if vae_scale is not None and abs(float(kwargs.get('latent_scale', 1.0)) - vae_scale) > 1e-6:
-            log.warning('model.latent_scale=%s but the VAE was trained with scaling_factor=%s.',
-                        kwargs.get('latent_scale', 1.0), vae_scale)
-    allowed = [n for n in inspect.signature(DiffusionModel.__init__).parameters if n not in ('self', 'denoiser',
-                                                                                            'noise_schedule',
-                                                                                            'encoder')]
-    _check_keys(kwargs, allowed, 'model.')
-    return DiffusionModel(net, schedule, encoder=encoder_module, **kwargs)
-
-
-registry.models.register('diffusion', func=build_diffusion_model)
+    return registry.build(registry.models, model_cfg, 'model', 'model', default='diffusion')
 
 
 # ------------------------------------------------------------------------------------------------- data
 def build_dataloader(loader_cfg: dict[str, Any], where: str = 'train_loader') -> Any:
-    cfg = dict(loader_cfg)
-    name = cfg.pop('name', 'streaming_image')
-    return call_with_config(_resolve(registry.datasets, name, 'dataset'), cfg, where)
+    return registry.build(registry.datasets, loader_cfg, 'dataset', where, default='streaming_image')
 
 
 # ------------------------------------------------------------------------------------------------- optim
-def _optimizers() -> dict[str, Callable[..., torch.optim.Optimizer]]:
-    from composer.optim import DecoupledAdamW, DecoupledSGDW
-    return {
-        'adam': torch.optim.Adam,
-        'adamw': torch.optim.AdamW,
-        'sgd': torch.optim.SGD,
-        'decoupled_adamw': DecoupledAdamW,
-        'decoupled_sgdw': DecoupledSGDW,
-    }
-
-
 def build_optimizer(opt_cfg: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
     cfg = dict(opt_cfg)
-    name = cfg.pop('name', 'adamw')
-    optimizer_cls = _lookup(_optimizers(), name, 'optimizer')
     if 'betas' in cfg:
         cfg['betas'] = tuple(cfg['betas'])
-    params = inspect.signature(optimizer_cls.__init__).parameters
-    _check_keys(cfg, [n for n in params if n not in ('self', 'params')], 'optimizer.')
-    try:
-        return optimizer_cls([p for p in model.parameters() if p.requires_grad], **cfg)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f'optimizer: {e}') from e
-
-
-def _schedulers() -> dict[str, Any]:
-    from composer.optim import scheduler as s
-    return {
-        'constant': s.ConstantScheduler,
-        'constant_with_warmup': s.ConstantWithWarmupScheduler,
-        'cosine': s.CosineAnnealingScheduler,
-        'cosine_with_warmup': s.CosineAnnealingWithWarmupScheduler,
-        'linear': s.LinearScheduler,
-        'linear_with_warmup': s.LinearWithWarmupScheduler,
-        'multistep': s.MultiStepScheduler,
-        'multistep_with_warmup': s.MultiStepWithWarmupScheduler,
-        'polynomial_with_warmup': s.PolynomialWithWarmupScheduler,
-    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    return registry.build(registry.optimizers, cfg, 'optimizer', 'optimizer', 'adamw', params)
 
 
 def build_scheduler(sched_cfg: Optional[dict[str, Any]]) -> Any:
     if not sched_cfg:
         return None
-    cfg = dict(sched_cfg)
-    name = cfg.pop('name')
-    return call_with_config(_lookup(_schedulers(), name, 'scheduler'), cfg, 'scheduler')
+    return registry.build(registry.schedulers, sched_cfg, 'scheduler', 'scheduler')
 
 
 # ------------------------------------------------------------------------------------------------- plugins
@@ -275,27 +166,15 @@ def _build_named(section: Any, where: str, lookup: Callable[[str], Callable[...,
 
 
 def build_algorithms(section: Any) -> list[Any]:
-    return _build_named(section, 'algorithms', lambda name: _resolve(registry.algorithms, name, 'algorithm'))
+    return _build_named(section, 'algorithms', lambda name: registry.resolve(registry.algorithms, name, 'algorithm'))
 
 
 def build_callbacks(section: Any) -> list[Any]:
-    return _build_named(section, 'callbacks', lambda name: _resolve(registry.callbacks, name, 'callback'))
-
-
-def _loggers() -> dict[str, Any]:
-    from composer import loggers
-    return {
-        'file': loggers.FileLogger,
-        'tensorboard': loggers.TensorboardLogger,
-        'wandb': loggers.WandBLogger,
-        'mlflow': loggers.MLFlowLogger,
-        'in_memory': loggers.InMemoryLogger,
-    }
+    return _build_named(section, 'callbacks', lambda name: registry.resolve(registry.callbacks, name, 'callback'))
 
 
 def build_loggers(section: Any) -> list[Any]:
-    known = _loggers()
-    return _build_named(section, 'loggers', lambda name: _lookup(known, name, 'logger'))
+    return _build_named(section, 'loggers', lambda name: registry.resolve(registry.loggers, name, 'logger'))
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -318,7 +197,7 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     from composer.utils import dist, get_device, reproducibility
 
     cfg = dict(cfg)
-    _check_keys(cfg, list(TOP_LEVEL_KEYS), '')
+    check_keys(cfg, list(TOP_LEVEL_KEYS), '')
     for required in ('model', 'train_loader', 'max_duration'):
         if required not in cfg:
             raise ConfigError(f"The recipe has no '{required}' section.")

@@ -1,17 +1,20 @@
 """Name -> constructor registries, so YAML recipes and other packages can refer to parts by name.
 
-Other packages register their own parts under the entry-point groups ``composer_algos_<kind>``
-(for example ``composer_algos_algorithms``).
+This module imports nothing from the package: ``composer_algos.builtins`` registers every built-in part, and other
+packages register their own under the entry-point groups ``composer_algos_<kind>`` (for example
+``composer_algos_algorithms``), which ``catalogue`` reads when a registry is listed.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+import inspect
+from typing import Any, Callable, Sequence
 
 import catalogue
 
-__all__ = ['algorithms', 'callbacks', 'models', 'datasets', 'denoisers', 'encoders', 'resolve']
+__all__ = ['KINDS', 'ConfigError', 'algorithms', 'build', 'callbacks', 'check_keys', 'datasets', 'denoisers',
+           'encoders', 'features', 'loggers', 'models', 'optimizers', 'resolve', 'schedulers', 'suggest']
 
 algorithms = catalogue.create('composer_algos', 'algorithms', entry_points=True)
 callbacks = catalogue.create('composer_algos', 'callbacks', entry_points=True)
@@ -20,23 +23,70 @@ datasets = catalogue.create('composer_algos', 'datasets', entry_points=True)
 denoisers = catalogue.create('composer_algos', 'denoisers', entry_points=True)
 # Frozen encoders from images to latents (latent diffusion).
 encoders = catalogue.create('composer_algos', 'encoders', entry_points=True)
+optimizers = catalogue.create('composer_algos', 'optimizers', entry_points=True)
+schedulers = catalogue.create('composer_algos', 'schedulers', entry_points=True)
+loggers = catalogue.create('composer_algos', 'loggers', entry_points=True)
+# Feature extractors of FID (images in [-1, 1] -> features).
+features = catalogue.create('composer_algos', 'features', entry_points=True)
+
+KINDS = {'algorithms': algorithms, 'callbacks': callbacks, 'models': models, 'datasets': datasets,
+         'denoisers': denoisers, 'encoders': encoders, 'optimizers': optimizers, 'schedulers': schedulers,
+         'loggers': loggers, 'features': features}
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be built; the message names the offending key and what is allowed."""
+
+
+def suggest(key: str, allowed: Sequence[str], where: str = '') -> str:
+    """`` Did you mean '<where><closest>'?`` for the closest of ``allowed``, or an empty string."""
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    return f" Did you mean '{where}{close[0]}'?" if close else ''
+
+
+def check_keys(section: dict, allowed: Sequence[str], where: str) -> None:
+    """A key of ``section`` that is not in ``allowed`` is a :class:`ConfigError` naming it and the closest key."""
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"Unknown key '{where}{key}'.{suggest(key, allowed, where)} "
+                              f"Allowed keys: {', '.join(sorted(allowed))}.")
 
 
 def resolve(registry: catalogue.Registry, name: str, kind: str) -> Callable[..., Any]:
-    """Look ``name`` up in ``registry``; an unknown name is an error listing the closest known names."""
-    _ensure_builtins()
+    """Look ``name`` up in ``registry``; an unknown name is a :class:`ConfigError` listing the closest known names."""
     known_parts = registry.get_all()
     if name in known_parts:
         return known_parts[name]
     known = sorted(known_parts)
     close = difflib.get_close_matches(name, known, n=3)
     hint = f' Did you mean {", ".join(repr(c) for c in close)}?' if close else ''
-    raise ValueError(f'Unknown {kind} {name!r}.{hint} Known {kind}s: {", ".join(known)}.')
+    raise ConfigError(f'Unknown {kind} {name!r}.{hint} Known {kind}s: {", ".join(known) or "none registered"}.')
 
 
-def _ensure_builtins() -> None:
-    # Importing the package modules runs their registrations.
-    import composer_algos.algorithms  # noqa: F401
-    import composer_algos.callbacks  # noqa: F401
-    import composer_algos.data  # noqa: F401
-    import composer_algos.diffusion  # noqa: F401
+def call_checked(fn: Callable[..., Any], kwargs: dict, where: str, *args: Any) -> Any:
+    """``fn(*args, **kwargs)`` after checking every key against its signature (unless it takes ``**kwargs``).
+
+    An unknown key, or a ``TypeError``/``ValueError`` from the call, is a :class:`ConfigError` naming ``where``.
+    """
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    params = inspect.signature(target).parameters
+    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        skip = {'self'} | {n for n, _ in zip(list(p for p in params if p != 'self'), args)}
+        allowed = [n for n, p in params.items() if n not in skip and p.kind != inspect.Parameter.VAR_POSITIONAL]
+        check_keys(kwargs, allowed, f'{where}.')
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f'{where}: {e}') from e
+
+
+def build(registry: catalogue.Registry, config: dict[str, Any], kind: str, where: str, default: str = '',
+          *args: Any) -> Any:
+    """Build the part named by ``config['name']`` (or ``default``) from ``registry`` with the other keys."""
+    cfg = dict(config)
+    name = cfg.pop('name', default)
+    if not name:
+        raise ConfigError(f"{where} needs a 'name' (one of the registered {kind}s).")
+    return call_checked(resolve(registry, name, kind), cfg, where, *args)

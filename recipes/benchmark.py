@@ -51,11 +51,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Method name -> fragments of yamls/algorithms/ added to the uniform recipe.
 METHODS: dict[str, list[str]] = {
     'uniform': [],
-    'adaptive': ['adaptive'],
-    'clts': ['clts'],
+    'adaptive': ['adaptive_timestep_sampling'],
+    'clts': ['curriculum_timestep_schedule'],
     'md': ['momentum_decay'],
-    'clts_md': ['clts', 'momentum_decay'],
-    'adaptive_clts_md': ['adaptive', 'clts', 'momentum_decay'],
+    'clts_md': ['curriculum_timestep_schedule', 'momentum_decay'],
+    'adaptive_clts_md': ['adaptive_timestep_sampling', 'curriculum_timestep_schedule', 'momentum_decay'],
     'loss_second_moment': ['loss_second_moment_sampling'],
     'min_snr': ['min_snr_weighting'],
     'p2': ['p2_weighting'],

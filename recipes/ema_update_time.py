@@ -32,7 +32,7 @@ def main() -> None:
     from composer.utils import dist
     from torch.distributed.fsdp import fully_shard
 
-    from composer_algos.algorithms.ema.warmup_ema import _local_pairs
+    from composer_algos.algorithms.ema.ema import _local_pairs
     from composer_algos.config import load_config
     from composer_algos.registry import denoisers, resolve
 

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from composer_algos.config import ConfigError, load_config
+from composer_algos.config import ConfigError, build_dataloader, build_model, load_config
 from composer_algos.evaluation.report import EVALUATION_DEFAULTS, evaluate_checkpoint, split_overrides
 
 
@@ -41,11 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options, overrides = split_overrides(args.pairs)
         cfg = load_config(args.config, overrides)
+        if 'eval_loader' not in cfg:
+            raise ConfigError('The recipe has no eval_loader section: it names the real images (validation split) '
+                              'that FID and bits/dim are measured on.')
+        loader = build_dataloader(cfg['eval_loader'], 'eval_loader')
     except (ConfigError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     out = args.out or os.path.splitext(args.checkpoint)[0] + '_eval'
-    results = evaluate_checkpoint(args.checkpoint, cfg, out, compare=args.compare, **options)
+    results = evaluate_checkpoint(args.checkpoint, lambda: build_model(cfg['model']), loader, out,
+                                  compare=args.compare, **options)
     print(json.dumps(results, indent=2, sort_keys=True))
     return 0
 

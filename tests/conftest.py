@@ -9,6 +9,8 @@ import pytest
 import torch
 from composer.core import Callback
 
+import composer_algos.builtins  # noqa: F401  (the registries' built-in parts, as recipes have them)
+
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 torch.set_num_threads(1)
 

@@ -50,7 +50,7 @@ def test_default_recipe_builds_and_trains(digits_mds, tmp_path, monkeypatch):
     ('model.denoiser.name=unett', "Unknown denoiser 'unett'. Did you mean 'unet'?"),
     ('model.prediction_type=noise', 'prediction_type must be one of'),
     ('scheduler.name=cosin', "Unknown scheduler 'cosin'. Did you mean 'cosine'?"),
-    ('optimizer.name=adamm', "Unknown optimizer 'adamm'. Did you mean 'adam'?"),
+    ('optimizer.name=adamm', "Unknown optimizer 'adamm'. Did you mean 'adam'"),
     ('loggers.fille={}', "Unknown logger 'fille'. Did you mean 'file'?"),
     ('algorithms.speed.lam=5', 'lam must be in [0, 1]'),
 ])

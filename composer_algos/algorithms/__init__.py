@@ -1,22 +1,15 @@
-"""Composer Algorithms for faster diffusion training; importing this module registers them by name."""
+"""Composer Algorithms for faster diffusion training (registered by name in ``composer_algos.builtins``)."""
 
-from composer.algorithms import GradientClipping
+from composer_algos.algorithms.adaptive_timestep_sampling import AdaptiveTimestepSampling
+from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule
+from composer_algos.algorithms.ema import WarmupEMA
+from composer_algos.algorithms.log_normal_sampling import LogNormalSampling
+from composer_algos.algorithms.logit_normal_sampling import LogitNormalSampling
+from composer_algos.algorithms.loss_second_moment_sampling import LossSecondMomentSampling
+from composer_algos.algorithms.min_snr_weighting import MinSNRWeighting
+from composer_algos.algorithms.momentum_decay import MomentumDecay
+from composer_algos.algorithms.p2_weighting import P2Weighting
+from composer_algos.algorithms.speed import SpeeD
 
-from composer_algos.registry import algorithms
-
-algorithms.register('gradient_clipping', func=GradientClipping)
-
-# Each algorithm package registers itself when imported below.
-import composer_algos.algorithms.ema  # noqa: E402,F401
-from composer_algos.algorithms.adaptive_timestep_sampling import AdaptiveTimestepSampling  # noqa: E402,F401
-from composer_algos.algorithms.log_normal_sampling import LogNormalSampling  # noqa: E402,F401
-from composer_algos.algorithms.logit_normal_sampling import LogitNormalSampling  # noqa: E402,F401
-from composer_algos.algorithms.loss_second_moment_sampling import LossSecondMomentSampling  # noqa: E402,F401
-from composer_algos.algorithms.min_snr_weighting import MinSNRWeighting  # noqa: E402,F401
-from composer_algos.algorithms.p2_weighting import P2Weighting  # noqa: E402,F401
-from composer_algos.algorithms.speed import SpeeD  # noqa: E402,F401
-from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule  # noqa: E402
-from composer_algos.algorithms.momentum_decay import MomentumDecay  # noqa: E402
-
-algorithms.register('curriculum_timestep_schedule', func=CurriculumTimestepSchedule)
-algorithms.register('momentum_decay', func=MomentumDecay)
+__all__ = ['AdaptiveTimestepSampling', 'CurriculumTimestepSchedule', 'LogNormalSampling', 'LogitNormalSampling',
+           'LossSecondMomentSampling', 'MinSNRWeighting', 'MomentumDecay', 'P2Weighting', 'SpeeD', 'WarmupEMA']

@@ -12,6 +12,7 @@ from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist
 from composer.utils.misc import create_interval_scheduler
 
+from composer_algos import registry
 from composer_algos.diffusion.utils import device_batch, get_diffusion_model
 from composer_algos.evaluation.sampling import ema_weights, eval_mode
 
@@ -88,11 +89,13 @@ class PeriodicEvaluation(Callback):
         return dist.get_global_rank() == 0
 
     @staticmethod
-    def resolve_loader(state: State, loader: Optional[dict[str, Any]], where: str) -> Iterable[Any]:
-        """``loader`` built from its config (registry ``datasets``), else the Trainer's first evaluator's."""
+    def resolve_loader(state: State, loader: Any, where: str) -> Iterable[Any]:
+        """``loader`` itself (any iterable of batches), or built from its config by the ``datasets`` registry (with
+        ``composer_algos.builtins`` imported, as recipes do), else the Trainer's first evaluator's dataloader."""
+        if isinstance(loader, dict):
+            return registry.build(registry.datasets, loader, 'dataset', where, default='streaming_image')
         if loader is not None:
-            from composer_algos.config import build_dataloader
-            return build_dataloader(dict(loader), where)
+            return loader
         if not state.evaluators:
             raise ValueError(f'{where}: no loader configured and the Trainer has no eval_dataloader; set {where} '
                              'to a dataset config (e.g. the validation split) or give the Trainer an eval_dataloader.')

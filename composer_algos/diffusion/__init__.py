@@ -6,11 +6,6 @@ from composer_algos.diffusion.samplers import (FixedDistributionSampler, Timeste
                                                sample_from_probs, tilt)
 from composer_algos.diffusion.schedule import SCHEDULE_KINDS, NoiseSchedule
 from composer_algos.diffusion.utils import get_diffusion_model
-from composer_algos.registry import denoisers
-
-denoisers.register('unet', func=build_unet)
-denoisers.register('dit', func=build_dit)
-denoisers.register('conv', func=TimeConditionedConvNet)
 
 __all__ = [
     'DiffusionLoss',

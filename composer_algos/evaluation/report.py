@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -107,27 +107,23 @@ def split_overrides(pairs: list[str]) -> tuple[dict[str, Any], list[str]]:
     return options, overrides
 
 
-def evaluate_checkpoint(checkpoint: str, cfg: dict[str, Any], out_dir: str, compare: Optional[str] = None,
-                        progress: bool = True, **options: Any) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` with the model and ``eval_loader`` of the recipe ``cfg`` (see :func:`evaluate_model`);
-    with ``compare``, also run the consistency diagnostic against that second checkpoint.
+def evaluate_checkpoint(checkpoint: str, make_model: Callable[[], torch.nn.Module], real_loader: Iterable[Any],
+                        out_dir: str, compare: Optional[str] = None, progress: bool = True,
+                        **options: Any) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` loaded into ``make_model()`` against the real images of ``real_loader`` (see
+    :func:`evaluate_model`); with ``compare``, also run the consistency diagnostic against that second checkpoint.
 
     Writes ``out_dir/samples.png``, ``out_dir/consistency.png`` (with ``compare``) and ``out_dir/evaluation.json``.
     """
-    from composer_algos.config import build_dataloader, build_model
     opt = {**EVALUATION_DEFAULTS, **options}
-    if 'eval_loader' not in cfg:
-        raise ValueError('The recipe has no eval_loader section: it names the real images (validation split) that '
-                         'FID and bits/dim are measured on.')
     device = _device(opt['device'])
-    model = build_model(cfg['model']).to(device)
+    model = make_model().to(device)
     info = load_checkpoint_weights(model, checkpoint, opt['weights'])
-    loader = build_dataloader(cfg['eval_loader'], 'eval_loader')
-    real, conditioning = collect_images(loader, model, opt['max_real_samples'], with_conditioning=True)
+    real, conditioning = collect_images(real_loader, model, opt['max_real_samples'], with_conditioning=True)
     results = {'checkpoint': checkpoint, 'step': info['step'], 'weights': info['weights']}
     results.update(evaluate_model(model, real, out_dir, conditioning, progress, **options))
     if compare is not None:
-        other = build_model(cfg['model']).to(device)
+        other = make_model().to(device)
         other_info = load_checkpoint_weights(other, compare, opt['weights'])
         feature = build_feature_extractor(opt['feature'], tuple(real.shape[1:]), opt['inception_weights'],
                                           opt['classifier_cache_dir'])

@@ -6,9 +6,6 @@ from composer_algos.algorithms.adaptive_timestep_sampling.functional import (
     beta_grid_log_probs, f_regression_scores, grid_timesteps, grid_weights, reinforce_loss, select_timesteps,
     sum_of_changes)
 from composer_algos.algorithms.adaptive_timestep_sampling.policy import BetaPolicy, GlobalPolicy, PolicySampler
-from composer_algos.registry import algorithms
-
-algorithms.register('adaptive_timestep_sampling', func=AdaptiveTimestepSampling)
 
 __all__ = ['AdaptiveTimestepSampling', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler', 'POLICIES', 'REWARDS',
            'RewardSetting', 'beta_grid_log_probs', 'f_regression_scores', 'grid_timesteps', 'grid_weights',

@@ -2,8 +2,5 @@
 
 from composer_algos.algorithms.logit_normal_sampling.logit_normal_sampling import (LogitNormalSampling,
                                                                                    logit_normal_probs)
-from composer_algos.registry import algorithms
-
-algorithms.register('logit_normal_sampling', func=LogitNormalSampling)
 
 __all__ = ['LogitNormalSampling', 'logit_normal_probs']

@@ -2,8 +2,5 @@
 
 from composer_algos.algorithms.loss_second_moment_sampling.loss_second_moment_sampling import (
     LossSecondMomentSampler, LossSecondMomentSampling, append_losses, loss_second_moment_probs)
-from composer_algos.registry import algorithms
-
-algorithms.register('loss_second_moment_sampling', func=LossSecondMomentSampling)
 
 __all__ = ['LossSecondMomentSampler', 'LossSecondMomentSampling', 'append_losses', 'loss_second_moment_probs']

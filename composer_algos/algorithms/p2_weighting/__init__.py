@@ -1,8 +1,5 @@
 """P2 loss weighting (Choi et al., 2022)."""
 
 from composer_algos.algorithms.p2_weighting.p2_weighting import P2Weighting, p2_weight
-from composer_algos.registry import algorithms
-
-algorithms.register('p2_weighting', func=P2Weighting)
 
 __all__ = ['P2Weighting', 'p2_weight']

@@ -2,8 +2,5 @@
 
 from composer_algos.algorithms.speed.speed import (SpeeD, speed_epsilon_weights, speed_probs, speed_threshold,
                                                    speed_weight)
-from composer_algos.registry import algorithms
-
-algorithms.register('speed', func=SpeeD)
 
 __all__ = ['SpeeD', 'speed_epsilon_weights', 'speed_probs', 'speed_threshold', 'speed_weight']

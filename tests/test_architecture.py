@@ -1,0 +1,106 @@
+"""The package's layers: registration runs one way, library code never reads YAML, every algorithm has a folder."""
+
+from __future__ import annotations
+
+import ast
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+
+from composer_algos import registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, 'composer_algos')
+YAML_LAYER = {'composer_algos/config.py'}
+
+
+def _imports(path: str) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    tree = ast.parse(open(path).read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f'{node.module}.{alias.name}' for alias in node.names)
+    return found
+
+
+def test_the_registry_is_a_leaf():
+    code = 'import sys, composer_algos.registry; print(sorted(m for m in sys.modules if m.startswith("composer_algos")))'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['composer_algos', 'composer_algos.registry']"
+
+
+def test_only_the_yaml_layer_imports_the_config_and_only_it_imports_the_builtins():
+    for path in glob.glob(os.path.join(PACKAGE, '**', '*.py'), recursive=True):
+        rel = os.path.relpath(path, ROOT)
+        imported = _imports(path)
+        if rel not in YAML_LAYER:
+            assert 'composer_algos.config' not in imported, rel
+        if rel not in YAML_LAYER | {'composer_algos/builtins.py'}:
+            assert 'composer_algos.builtins' not in imported, rel
+
+
+def test_package_inits_only_re_export():
+    for path in glob.glob(os.path.join(PACKAGE, '**', '__init__.py'), recursive=True):
+        tree = ast.parse(open(path).read())
+        for node in tree.body:
+            allowed = (ast.Import, ast.ImportFrom, ast.Assign, ast.Expr)
+            assert isinstance(node, allowed), (path, ast.dump(node)[:80])
+            if isinstance(node, ast.Expr):
+                assert isinstance(node.value, ast.Constant), (path, 'a call at import time')
+            if isinstance(node, ast.Assign):
+                assert [t.id for t in node.targets if isinstance(t, ast.Name)] in (['__all__'], ['__version__']), path
+
+
+def test_every_registered_algorithm_lives_in_its_own_folder_with_a_readme():
+    import composer_algos.builtins  # noqa: F401
+    for name, part in registry.algorithms.get_all().items():
+        module = part.__module__
+        if not module.startswith('composer_algos.'):
+            continue  # Composer's own (gradient_clipping)
+        path = sys.modules[module].__file__
+        folder = os.path.dirname(path)
+        assert os.path.basename(folder) == os.path.splitext(os.path.basename(path))[0] == name, (name, path)
+        assert os.path.isfile(os.path.join(folder, 'README.md')), name
+        assert os.path.isfile(os.path.join(ROOT, 'yamls', 'algorithms', f'{name}.yaml')), f'{name}: no YAML fragment'
+
+
+def test_a_third_party_package_registers_an_algorithm_by_entry_point(tmp_path):
+    """An installed distribution declaring ``composer_algos_algorithms`` entry points is found by name from YAML."""
+    (tmp_path / 'my_plugin.py').write_text(textwrap.dedent('''
+        from composer.core import Algorithm
+
+        class Halve(Algorithm):
+            def __init__(self, factor: float = 0.5):
+                self.factor = factor
+
+            def match(self, event, state):
+                return False
+
+            def apply(self, event, state, logger):
+                pass
+    '''))
+    dist_info = tmp_path / 'my_plugin-0.1.dist-info'
+    dist_info.mkdir()
+    (dist_info / 'METADATA').write_text('Metadata-Version: 2.1\nName: my-plugin\nVersion: 0.1\n')
+    (dist_info / 'entry_points.txt').write_text('[composer_algos_algorithms]\nhalve = my_plugin:Halve\n')
+    code = textwrap.dedent('''
+        from composer_algos.config import build_algorithms
+        (algorithm,) = build_algorithms({'halve': {'factor': 0.25}})
+        print(type(algorithm).__module__, type(algorithm).__name__, algorithm.factor)
+    ''')
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ['my_plugin', 'Halve', '0.25']
+
+
+def test_the_version_is_the_installed_one():
+    from importlib.metadata import version
+
+    import composer_algos
+    assert composer_algos.__version__ == version('composer-algos')
