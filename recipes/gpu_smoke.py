@@ -537,6 +537,13 @@ def smoke_configs(cfg: dict, args: argparse.Namespace, space: Workspace, folder:
     callbacks['timestep_heatmap'] = dict(callbacks.get('timestep_heatmap') or {}, interval='1ba')
     cfg['callbacks'] = callbacks
 
+    scheduler = cfg.get('scheduler')
+    if isinstance(scheduler, dict) and 't_warmup' in scheduler:
+        # The recipes warm up over thousands of steps: a few steps from lr 0 would train nothing, and the adaptive
+        # sampler does not probe a step whose lr is 0.
+        cfg['scheduler'] = dict(scheduler, t_warmup='0ba')
+        notes.append('no lr warm-up')
+
     algorithms = cfg.get('algorithms') or {}
     if isinstance(algorithms, dict) and 'adaptive_timestep_sampling' in algorithms:
         algorithms['adaptive_timestep_sampling'] = dict(algorithms['adaptive_timestep_sampling'] or {},
