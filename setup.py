@@ -13,6 +13,7 @@ install_requires = [
     'omegaconf==2.4.0',
     'scikit-learn==1.9.1',
     'matplotlib==3.11.2',
+    'mlxtend==0.23.4',
     'numpy<2.3',
     'pillow',
     'tqdm',

@@ -1,4 +1,4 @@
-"""Shared fixtures: real MDS shards of the digits, a tiny DiffusionModel, and a Trainer factory."""
+"""Shared fixtures: real MDS shards of the digits and MNIST, a tiny DiffusionModel, and a Trainer factory."""
 
 from __future__ import annotations
 
@@ -52,6 +52,18 @@ def digits_mds(tmp_path_factory) -> str:
     from composer_algos.data import convert_digits
     root = str(tmp_path_factory.mktemp('digits_mds'))
     convert_digits(root)
+    return root
+
+
+MNIST_SIZE = 16  # the MNIST tier's image size (yamls/mnist/uniform.yaml)
+
+
+@pytest.fixture(scope='session')
+def mnist_mds(tmp_path_factory) -> str:
+    """``<dir>/train`` and ``<dir>/val`` MDS shards of the bundled MNIST digits at the tier's size, once a session."""
+    from composer_algos.data.convert import convert_mnist5k
+    root = str(tmp_path_factory.mktemp('mnist_mds'))
+    convert_mnist5k(root, image_size=MNIST_SIZE)
     return root
 
 
