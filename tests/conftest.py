@@ -67,6 +67,16 @@ def mnist_mds(tmp_path_factory) -> str:
     return root
 
 
+@pytest.fixture(scope='session')
+def mnist_classifier_cache(tmp_path_factory) -> str:
+    """A cache folder holding the MNIST tier's FID classifier, trained once a session (about half a minute)."""
+    from composer_algos.evaluation.features import load_or_train_digit_classifier
+    path = tmp_path_factory.getbasetemp() / 'mnist_classifier_cache'
+    path.mkdir(exist_ok=True)
+    load_or_train_digit_classifier(str(path), {'dataset': 'mnist5k', 'image_size': MNIST_SIZE})
+    return str(path)
+
+
 def tiny_model(num_timesteps: int = 100, prediction_type: str = 'epsilon', seed: int = 17, width: int = 16,
                **kwargs: Any):
     """A DiffusionModel with a small conv denoiser (fast on CPU)."""
