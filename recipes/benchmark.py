@@ -68,8 +68,9 @@ class Tier:
 
 TIERS: dict[str, Tier] = {
     'digits': Tier('yamls/digits/uniform.yaml', 'digits', 'data/digits', 8, 'digits', 1500, 150, tuple(METHODS)),
-    # Budget, model and resolution chosen by the pilot runs in docs/benchmark.md (MNIST tier).
-    'mnist': Tier('yamls/mnist/uniform.yaml', 'mnist5k', 'data/mnist5k-16', 16, 'mnist', 3000, 300,
+    # Resolution, model and budget chosen by pilot runs (docs/benchmark.md, "The MNIST tier"): 6 methods x 3 seeds in
+    # about 90 minutes on 2 cores; evaluations every 350 steps fall on 25/50/75/100% of the budget.
+    'mnist': Tier('yamls/mnist/uniform.yaml', 'mnist5k', 'data/mnist5k-16', 16, 'mnist', 2800, 350,
                   ('uniform', 'adaptive', 'clts', 'md', 'clts_md', 'adaptive_clts_md')),
 }
 # Fractions of the budget at which uniform's FID becomes a target for every method.
@@ -465,6 +466,7 @@ def write_plot(summary: dict[str, Any], path: str) -> None:
         line, = ax.plot(c['steps'], c['mean'], label=method, **style)
         ax.fill_between(c['steps'], lo, hi, alpha=0.12, color=line.get_color())
     ax.axhline(summary['target_fid'], color='grey', linestyle='--', linewidth=0.8, label='uniform final FID')
+    ax.axhline(summary['fid_floor'], color='grey', linestyle=':', linewidth=0.8, label='real-vs-real floor')
     ax.set_yscale('log')
     ax.set_xlabel('training step')
     ax.set_ylabel('FID (mean over seeds, band: ±1 sd)')
