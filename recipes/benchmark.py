@@ -373,14 +373,14 @@ def _fmt(x: Optional[float], spec: str = '.2f') -> str:
     return '—' if x is None else format(x, spec)
 
 
-def _fmt_spread(spread: dict[str, Any]) -> str:
-    """``1.52x (1.31-1.80)``: geometric mean over seeds and range; ``2/3: 1.1-1.4x`` when some seed never got there."""
+def _fmt_spread(spread: dict[str, Any], spec: str = '.2f', unit: str = 'x') -> str:
+    """``1.52x (1.31-1.80)``: geometric mean over seeds and range; ``2/3: 1.10-1.40x`` when some seed never got there."""
     n = len(spread['per_seed'])
     if spread['geomean'] is not None:
-        return (f'{spread["geomean"]:.2f}x ({spread["min"]:.2f}-{spread["max"]:.2f})' if n > 1 else
-                f'{spread["geomean"]:.2f}x')
+        mean = f'{spread["geomean"]:{spec}}{unit}'
+        return f'{mean} ({spread["min"]:{spec}}-{spread["max"]:{spec}})' if n > 1 else mean
     if spread['reached']:
-        return f'{spread["reached"]}/{n}: {spread["min"]:.2f}-{spread["max"]:.2f}x'
+        return f'{spread["reached"]}/{n}: {spread["min"]:{spec}}-{spread["max"]:{spec}}{unit}'
     return '—'
 
 
@@ -401,9 +401,7 @@ def write_markdown(summary: dict[str, Any], args: argparse.Namespace, path: str,
               '| --- |' + ' ---: |' * (len(keys) + 1) + ' --- |']
     for method, r in rows:
         cells = [_fmt_spread(r['thresholds'][k]['paired']) for k in keys]
-        area = r['log_fid_area_ratio_paired']
-        area_text = (f'{area["geomean"]:.3f} ({area["min"]:.3f}-{area["max"]:.3f})' if area['geomean'] is not None
-                     else '—')
+        area_text = _fmt_spread(r['log_fid_area_ratio_paired'], '.3f', '')
         paired.append(f'| {method} | ' + ' | '.join(cells) + f' | {area_text} | '
                       + ' / '.join(f'{v:.1f}' for v in r['final_fid_per_seed']) + ' |')
     text = (f'Command: `{command}`\n\n'
