@@ -60,7 +60,8 @@ MNIST_SIZE = 16  # the MNIST tier's image size (yamls/mnist/uniform.yaml)
 
 @pytest.fixture(scope='session')
 def mnist_mds(tmp_path_factory) -> str:
-    """``<dir>/train`` and ``<dir>/val`` MDS shards of the bundled MNIST digits at the tier's size, once a session."""
+    """``<dir>/train`` and ``<dir>/val`` MDS shards of the bundled MNIST digits at the tier's size, written once per
+    test run."""
     from composer_algos.data.convert import convert_mnist5k
     root = str(tmp_path_factory.mktemp('mnist_mds'))
     convert_mnist5k(root, image_size=MNIST_SIZE)
@@ -69,7 +70,7 @@ def mnist_mds(tmp_path_factory) -> str:
 
 @pytest.fixture(scope='session')
 def mnist_classifier_cache(tmp_path_factory) -> str:
-    """A cache folder holding the MNIST tier's FID classifier, trained once a session (about half a minute)."""
+    """A cache folder holding the MNIST tier's FID classifier, trained once per test run (about half a minute)."""
     from composer_algos.evaluation.features import load_or_train_digit_classifier
     path = tmp_path_factory.getbasetemp() / 'mnist_classifier_cache'
     path.mkdir(exist_ok=True)
