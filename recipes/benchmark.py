@@ -374,7 +374,7 @@ def _fmt(x: Optional[float], spec: str = '.2f') -> str:
 
 
 def _fmt_spread(spread: dict[str, Any], spec: str = '.2f', unit: str = 'x') -> str:
-    """``1.52x (1.31-1.80)``: geometric mean over seeds and range; ``2/3: 1.10-1.40x`` when some seed never got there."""
+    """``1.52x (1.31-1.80)``: geometric mean over seeds and range; ``2/3: 1.10-1.40x`` when a seed never got there."""
     n = len(spread['per_seed'])
     if spread['geomean'] is not None:
         mean = f'{spread["geomean"]:{spec}}{unit}'
@@ -535,9 +535,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     feature_accuracy = prepare_tier(tier, args.data)
     os.makedirs(args.out, exist_ok=True)
     jobs = [{
-        'method': m, 'seed': s, 'tier': args.tier, 'steps': args.steps, 'eval_every': args.eval_every, 'fid_samples': args.fid_samples,
+        'method': m, 'seed': s, 'steps': args.steps, 'eval_every': args.eval_every, 'fid_samples': args.fid_samples,
         'ddim_steps': args.ddim_steps, 'bpd_images': args.bpd_images, 'bpd_terms': args.bpd_terms,
-        'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out)
+        'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out), 'tier': args.tier
     } for s in seeds for m in methods]
     start = time.time()
     results = []

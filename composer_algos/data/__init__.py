@@ -9,4 +9,5 @@ datasets.register('streaming_image', func=build_streaming_image_dataloader)
 encoders.register('vae', func=build_vae_encoder)
 
 __all__ = ['PrecomputedLatents', 'StreamingImageDataset', 'VAEEncoder', 'build_streaming_image_dataloader',
-           'build_vae_encoder', 'convert_digits', 'convert_mnist5k', 'write_folder_mds', 'write_latents_mds', 'write_mds']
+           'build_vae_encoder', 'convert_digits', 'convert_mnist5k', 'write_folder_mds', 'write_latents_mds',
+           'write_mds']
