@@ -27,7 +27,7 @@ from composer_algos.callbacks import FID, BitsPerDim, LossBands, SampleGrid, Tim
 from composer_algos.data import build_streaming_image_dataloader, build_vae_encoder
 from composer_algos.diffusion.build import build_diffusion_model
 from composer_algos.diffusion.denoisers import TimeConditionedConvNet, build_dit, build_unet
-from composer_algos.evaluation.features import InceptionFeatures, load_or_train_digit_classifier
+from composer_algos.evaluation.features import FEATURE_EXTRACTORS
 
 __all__ = ['BUILTINS']
 
@@ -67,7 +67,7 @@ BUILTINS = {
     'loggers': {'file': composer_loggers.FileLogger, 'tensorboard': composer_loggers.TensorboardLogger,
                 'wandb': composer_loggers.WandBLogger, 'mlflow': composer_loggers.MLFlowLogger,
                 'in_memory': composer_loggers.InMemoryLogger},
-    'features': {'digits': load_or_train_digit_classifier, 'inception': InceptionFeatures},
+    'features': FEATURE_EXTRACTORS,
 }
 
 for _kind, _parts in BUILTINS.items():

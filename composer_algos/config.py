@@ -69,7 +69,8 @@ TOP_LEVEL_KEYS = {
     'algorithms': 'algorithms by registry name: a mapping name -> arguments, or a list',
     'callbacks': 'callbacks by registry name: a mapping name -> arguments, or a list',
     'loggers': 'loggers by name (file, tensorboard, wandb, mlflow)',
-    'prepare_data': 'convert the embedded digits dataset into train_loader.local if missing (true/false)',
+    'prepare_data': 'convert a bundled dataset into train_loader.local if missing: true (digits), digits, mnist5k '
+                    'or false',
 }
 
 
@@ -178,16 +179,26 @@ def build_loggers(section: Any) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------------- trainer
-def prepare_digits(cfg: dict[str, Any]) -> None:
-    """Convert the embedded digits into ``train_loader.local`` once (local rank 0 writes, others wait)."""
+def prepare_data(cfg: dict[str, Any], dataset: Any = True) -> None:
+    """Convert a bundled dataset into ``train_loader.local`` once (local rank 0 writes, others wait).
+
+    ``dataset``: the recipe's ``prepare_data`` value, ``true`` (the digits, as before there was a choice) or a
+    name from :data:`~composer_algos.data.convert.BUNDLED_DATASETS`. MNIST is written at ``train_loader.image_size``
+    (28 when unset).
+    """
     from composer.utils import dist
 
-    from composer_algos.data import convert_digits
-    local = cfg.get('train_loader', {}).get('local')
+    from composer_algos.data.convert import BUNDLED_DATASETS, convert_bundled
+    name = 'digits' if dataset is True else dataset
+    if name not in BUNDLED_DATASETS:
+        raise ConfigError(f"prepare_data must be true, false or one of {', '.join(BUNDLED_DATASETS)}; got "
+                          f"{dataset!r}.{suggest(str(dataset), list(BUNDLED_DATASETS))}")
+    loader = cfg.get('train_loader', {})
+    local = loader.get('local')
     if not local:
-        raise ConfigError('prepare_data: true needs train_loader.local (the folder to write the digits to).')
+        raise ConfigError(f'prepare_data: {dataset} needs train_loader.local (the folder to write the {name} to).')
     if dist.get_local_rank() == 0:
-        convert_digits(local)
+        convert_bundled(name, local, image_size=loader.get('image_size') if name == 'mnist5k' else None)
     dist.barrier()
 
 
@@ -206,8 +217,9 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     device = cfg.get('device')
     # Data conversion and the per-device batch size need the process group before the Trainer makes it.
     dist.initialize_dist(get_device(device), timeout=float(cfg.get('dist_timeout', 300.0)))
-    if cfg.pop('prepare_data', False):
-        prepare_digits(cfg)
+    dataset = cfg.pop('prepare_data', False)
+    if dataset:
+        prepare_data(cfg, dataset)
 
     model = build_model(cfg.pop('model'))
     train_loader = build_dataloader(cfg.pop('train_loader'), 'train_loader')

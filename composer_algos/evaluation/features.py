@@ -1,4 +1,4 @@
-"""Feature extractors for FID: Inception-v3 (2048) from a local weights file, and a small digit classifier.
+"""Feature extractors for FID: Inception-v3 (2048) from a local weights file, and small digit classifiers.
 
 Every extractor here is an ``nn.Module`` with a ``num_features`` attribute that takes images as floats in
 [-1, 1] of shape ``(N, C, H, W)`` and returns ``(N, num_features)``; torchmetrics'
@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
+
+from composer_algos import registry
 import torch.nn.functional as F
 
 __all__ = [
@@ -24,10 +26,15 @@ __all__ = [
     'InceptionFeatures',
     'INCEPTION_WEIGHTS_URL',
     'DEFAULT_DIGIT_CLASSIFIER_CONFIG',
+    'MNIST_CLASSIFIER_CONFIG',
+    'CLASSIFIER_CONFIGS',
     'build_feature_extractor',
+    'FEATURE_CHOICES',
+    'FEATURE_EXTRACTORS',
     'default_cache_dir',
     'digits_arrays',
     'digit_classifier_path',
+    'mnist5k_arrays',
     'load_or_train_digit_classifier',
     'train_digit_classifier',
     'to_uint8',
@@ -51,6 +58,22 @@ DEFAULT_DIGIT_CLASSIFIER_CONFIG: dict[str, Any] = {
     'max_shift': 1,
     'seed': 0,
 }
+# The MNIST tier's classifier (``recipes/convert_dataset.py --dataset mnist5k``): trained on the 4000 training
+# digits at the tier's image size (set ``image_size``; 28 is the native size).
+MNIST_CLASSIFIER_CONFIG: dict[str, Any] = {
+    'version': 1,
+    'dataset': 'mnist5k',
+    'image_size': 28,
+    'width': 32,
+    'num_features': 64,
+    'epochs': 15,
+    'batch_size': 64,
+    'lr': 3e-3,
+    'weight_decay': 1e-4,
+    'max_shift': 1,
+    'seed': 0,
+}
+CLASSIFIER_CONFIGS = {'digits': DEFAULT_DIGIT_CLASSIFIER_CONFIG, 'mnist5k': MNIST_CLASSIFIER_CONFIG}
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -100,16 +123,22 @@ class InceptionFeatures(nn.Module):
 
 # --------------------------------------------------------------------------------------------------- digits
 class DigitClassifier(nn.Module):
-    """A small CNN for 8x8 digits; :meth:`features` is the penultimate layer used as the FID feature space."""
+    """A small CNN for square grayscale digits (8x8 by default); :meth:`features` is the FID feature space.
 
-    def __init__(self, width: int = 32, num_features: int = 64, num_classes: int = 10):
+    Two 2x max-pools, so ``image_size // 4`` pixels a side reach the penultimate layer.
+    """
+
+    def __init__(self, width: int = 32, num_features: int = 64, num_classes: int = 10, image_size: int = 8):
         super().__init__()
+        if image_size < 4:
+            raise ValueError(f'image_size must be at least 4 (two 2x poolings), got {image_size}.')
         self.num_features = num_features
+        self.image_size = image_size
         self.body = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(8 * width, num_features), nn.ReLU())
+            nn.Flatten(), nn.Linear(2 * width * (image_size // 4)**2, num_features), nn.ReLU())
         self.head = nn.Linear(num_features, num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -120,9 +149,9 @@ class DigitClassifier(nn.Module):
 
 
 class DigitFeatures(nn.Module):
-    """FID features of a trained :class:`DigitClassifier` for ``(N, 1, 8, 8)`` images in [-1, 1].
+    """FID features of a trained :class:`DigitClassifier` for ``(N, 1, S, S)`` images in [-1, 1] (S its size).
 
-    ``accuracy`` is the classifier's accuracy on the digits validation split, measured when it was trained;
+    ``accuracy`` is the classifier's accuracy on its dataset's validation split, measured when it was trained;
     ``cache_path`` the file it was loaded from.
     """
 
@@ -138,33 +167,59 @@ class DigitFeatures(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[1:] == (3, 8, 8):
+        size = self.classifier.image_size
+        if images.shape[1:] == (3, size, size):
             images = images.mean(1, keepdim=True)
-        if images.shape[1:] != (1, 8, 8):
-            raise ValueError(f'The digit classifier takes (N, 1, 8, 8) images, got {tuple(images.shape)}; use '
-                             "feature='inception' for other data.")
+        if images.shape[1:] != (1, size, size):
+            raise ValueError(f'This digit classifier takes (N, 1, {size}, {size}) images, got {tuple(images.shape)}; '
+                             "use feature='inception' for other data.")
         return self.classifier.features(images.float())
+
+
+def _as_tensors(pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[(PIL image, label)]`` -> ``(N, 1, H, W)`` floats in [-1, 1] as the MDS loaders give them, and labels."""
+    import numpy as np
+    images = torch.from_numpy(np.stack([np.asarray(img, dtype=np.float32) for img, _ in pairs]))[:, None]
+    labels = torch.tensor([label for _, label in pairs], dtype=torch.long)
+    return images / 127.5 - 1.0, labels
 
 
 def digits_arrays(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits split as the MDS loaders see them: ``(N, 1, 8, 8)`` floats in [-1, 1] and labels."""
-    import numpy as np
-
     from composer_algos.data.convert import digits_images
-    pairs = digits_images(split)
-    images = torch.from_numpy(np.stack([np.asarray(img, dtype=np.float32) for img, _ in pairs]))[:, None]
-    labels = torch.tensor([label for _, label in pairs], dtype=torch.long)
-    return images / 127.5 - 1.0, labels
+    return _as_tensors(digits_images(split))
+
+
+def mnist5k_arrays(split: str, image_size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundled MNIST split (see :func:`~composer_algos.data.convert.mnist5k_images`) as the loaders see it."""
+    from composer_algos.data.convert import mnist5k_images
+    return _as_tensors(mnist5k_images(split, image_size))
+
+
+def _dataset_arrays(cfg: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if cfg.get('dataset', 'digits') == 'digits':
+        return digits_arrays(split)
+    return mnist5k_arrays(split, cfg['image_size'])
 
 
 def _config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _full_config(config: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """``config`` merged over the default of its dataset (``config['dataset']``, digits when absent)."""
+    dataset = (config or {}).get('dataset', 'digits')
+    if dataset not in CLASSIFIER_CONFIGS:
+        raise ValueError(f"The digit classifier's dataset must be one of {sorted(CLASSIFIER_CONFIGS)}, got "
+                         f'{dataset!r}.')
+    return {**CLASSIFIER_CONFIGS[dataset], **(config or {})}
+
+
 def digit_classifier_path(cache_dir: Optional[str] = None, config: Optional[dict[str, Any]] = None) -> str:
-    """Cache file of the classifier trained with ``config`` (merged over the default)."""
-    full = {**DEFAULT_DIGIT_CLASSIFIER_CONFIG, **(config or {})}
-    return os.path.join(cache_dir or default_cache_dir(), f'digit_classifier-{_config_hash(full)}.pt')
+    """Cache file of the classifier trained with ``config`` (merged over its dataset's default)."""
+    full = _full_config(config)
+    prefix = 'digit_classifier' if full.get('dataset', 'digits') == 'digits' else f'{full["dataset"]}_classifier'
+    return os.path.join(cache_dir or default_cache_dir(), f'{prefix}-{_config_hash(full)}.pt')
 
 
 @torch.no_grad()
@@ -184,17 +239,30 @@ def _random_shift(images: torch.Tensor, shift: int, gen: torch.Generator) -> tor
 
 
 def train_digit_classifier(config: Optional[dict[str, Any]] = None) -> tuple[DigitClassifier, float]:
-    """Train a :class:`DigitClassifier` on the digits training split; return it and its validation accuracy.
+    """Train a :class:`DigitClassifier` on its dataset's training split only; return it and its validation accuracy.
 
-    Deterministic for a given config and thread count: initialisation, shuffling and the random one-pixel shifts
-    (the only augmentation) come from one seeded generator.
+    ``config['dataset']`` is ``'digits'`` (the default) or ``'mnist5k'`` (at ``config['image_size']``). The
+    validation split is never trained on: it is the FID reference, and the accuracy on it says how far the
+    feature space can be trusted. Deterministic for a given config: it trains on one thread, and initialisation,
+    shuffling and the random shifts (the only augmentation) come from one seeded generator.
     """
-    cfg = {**DEFAULT_DIGIT_CLASSIFIER_CONFIG, **(config or {})}
-    train_x, train_y = digits_arrays('train')
-    val_x, val_y = digits_arrays('val')
+    cfg = _full_config(config)
+    threads = torch.get_num_threads()
+    # One thread: parallel reductions change the last bits, so the weights would depend on the machine's cores.
+    torch.set_num_threads(1)
+    try:
+        return _train_classifier(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_classifier(cfg: dict[str, Any]) -> tuple[DigitClassifier, float]:
+    train_x, train_y = _dataset_arrays(cfg, 'train')
+    val_x, val_y = _dataset_arrays(cfg, 'val')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg['seed'])
-        model = DigitClassifier(width=cfg['width'], num_features=cfg['num_features'])
+        model = DigitClassifier(width=cfg['width'], num_features=cfg['num_features'],
+                                image_size=cfg.get('image_size', 8))
     gen = torch.Generator().manual_seed(cfg['seed'])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
     steps_per_epoch = -(-len(train_x) // cfg['batch_size'])
@@ -222,15 +290,17 @@ def load_or_train_digit_classifier(cache_dir: Optional[str] = None, config: Opti
                                    min_accuracy: float = 0.95) -> DigitFeatures:
     """The digit classifier's :class:`DigitFeatures`, loaded from ``cache_dir`` or trained and cached there.
 
-    The cache file is named by a hash of the full config. Under ``composer -n N`` the local rank 0 of each node
-    trains and writes (atomically) while the others wait, then everyone loads the same file.
+    ``config`` (merged over its dataset's default; see :data:`CLASSIFIER_CONFIGS`) chooses the dataset:
+    ``{'dataset': 'mnist5k', 'image_size': 16}`` gives the MNIST classifier at 16x16. The cache file is named by a
+    hash of the full config. Under ``composer -n N`` the local rank 0 of each node trains and writes (atomically)
+    while the others wait, then everyone loads the same file.
 
     Raises:
         RuntimeError: if the trained classifier's validation accuracy is below ``min_accuracy``.
     """
     from composer.utils import dist
     path = digit_classifier_path(cache_dir, config)
-    cfg = {**DEFAULT_DIGIT_CLASSIFIER_CONFIG, **(config or {})}
+    cfg = _full_config(config)
     if not os.path.isfile(path) and dist.get_local_rank() == 0:
         log.info('Training the digit classifier for FID features (cached at %s).', path)
         model, accuracy = train_digit_classifier(cfg)
@@ -245,17 +315,48 @@ def load_or_train_digit_classifier(cache_dir: Optional[str] = None, config: Opti
     if dist.get_world_size() > 1 and dist.is_initialized():
         dist.barrier()
     saved = torch.load(path, map_location='cpu', weights_only=True)
-    model = DigitClassifier(width=saved['config']['width'], num_features=saved['config']['num_features'])
+    model = DigitClassifier(width=saved['config']['width'], num_features=saved['config']['num_features'],
+                            image_size=saved['config'].get('image_size', 8))
     model.load_state_dict(saved['state_dict'])
     return DigitFeatures(model, saved['accuracy'], path)
+
+
+def digit_features(image_shape: Optional[tuple[int, ...]] = None, inception_weights: Optional[str] = None,
+                   classifier_cache_dir: Optional[str] = None) -> nn.Module:
+    """The classifier trained on scikit-learn's 8x8 digits."""
+    return load_or_train_digit_classifier(classifier_cache_dir)
+
+
+def mnist_features(image_shape: Optional[tuple[int, ...]] = None, inception_weights: Optional[str] = None,
+                   classifier_cache_dir: Optional[str] = None) -> nn.Module:
+    """The classifier trained on the bundled MNIST digits at the images' size (``image_shape`` is needed)."""
+    if image_shape is None or len(image_shape) != 3 or image_shape[0] not in (1, 3) or \
+            image_shape[1] != image_shape[2]:
+        raise ValueError(f"feature='mnist' needs square (1 or 3, S, S) images, got shape {image_shape}.")
+    return load_or_train_digit_classifier(classifier_cache_dir, {'dataset': 'mnist5k',
+                                                                 'image_size': int(image_shape[-1])})
+
+
+def inception_features(image_shape: Optional[tuple[int, ...]] = None, inception_weights: Optional[str] = None,
+                       classifier_cache_dir: Optional[str] = None) -> nn.Module:
+    """Inception-v3's 2048 pool features (torchmetrics' FID network), from a local weights file if given."""
+    return InceptionFeatures(inception_weights)
+
+
+# The built-in feature extractors, each ``(image_shape, inception_weights, classifier_cache_dir) -> module``; other
+# names resolve through the ``features`` registry.
+FEATURE_EXTRACTORS = {'digits': digit_features, 'mnist': mnist_features, 'inception': inception_features}
+FEATURE_CHOICES = ('auto', *FEATURE_EXTRACTORS)
 
 
 def build_feature_extractor(feature: Union[str, nn.Module] = 'auto', image_shape: Optional[tuple[int, ...]] = None,
                             inception_weights: Optional[str] = None,
                             classifier_cache_dir: Optional[str] = None) -> nn.Module:
-    """Resolve a feature choice to a module: ``'digits'``, ``'inception'``, ``'auto'`` or a module.
+    """Resolve a feature choice to a module: ``'digits'``, ``'mnist'``, ``'inception'``, ``'auto'``, a name in the
+    ``features`` registry, or a module.
 
-    ``'auto'`` picks the digit classifier for ``(1, 8, 8)`` images and Inception otherwise.
+    ``'auto'`` picks the 8x8 digit classifier for ``(1, 8, 8)`` images and Inception otherwise: other grayscale
+    images are not assumed to be MNIST.
     """
     if isinstance(feature, nn.Module):
         if not hasattr(feature, 'num_features'):
@@ -263,8 +364,5 @@ def build_feature_extractor(feature: Union[str, nn.Module] = 'auto', image_shape
         return feature
     if feature == 'auto':
         feature = 'digits' if image_shape is not None and tuple(image_shape) == (1, 8, 8) else 'inception'
-    if feature == 'digits':
-        return load_or_train_digit_classifier(classifier_cache_dir)
-    if feature == 'inception':
-        return InceptionFeatures(inception_weights)
-    raise ValueError(f"feature must be 'auto', 'digits', 'inception' or an nn.Module, got {feature!r}.")
+    builder = FEATURE_EXTRACTORS.get(feature) or registry.resolve(registry.features, feature, 'feature extractor')
+    return builder(image_shape, inception_weights, classifier_cache_dir)

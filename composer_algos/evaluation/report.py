@@ -31,7 +31,7 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
     'seed': 0,  # sample i starts from the noise of (seed, i)
     'batch_size': 256,
     'num_classes': None,  # labels i % num_classes for class-conditional models
-    'feature': 'auto',  # auto | digits | inception
+    'feature': 'auto',  # auto | digits | mnist | inception
     'inception_weights': None,  # local Inception weights file (air-gapped machines)
     'classifier_cache_dir': None,  # digit classifier cache (default ~/.cache/composer_algos)
     'max_real_samples': None,  # cap on real images read from the eval loader
