@@ -18,6 +18,8 @@ from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
 from torch.utils.data import DataLoader
 
+from composer_algos.pixels import from_uint8
+
 __all__ = ['StreamingImageDataset', 'StreamingBatchLoader', 'build_streaming_image_dataloader', 'flip_mask']
 
 log = logging.getLogger(__name__)
@@ -366,7 +368,7 @@ class StreamingImageDataset(StreamingDataset):
             data = np.array(data)  # decoded samples may be read-only views of their bytes
             data[flip] = data[flip][..., ::-1]
         # require: torch refuses read-only arrays (a single decoded sample is a view of its bytes).
-        return torch.from_numpy(np.require(data, requirements=('C', 'W'))).float().div_(127.5).sub_(1.0)
+        return from_uint8(torch.from_numpy(np.require(data, requirements=('C', 'W'))))
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
