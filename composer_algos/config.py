@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
-    """A recipe that cannot be built; the message names the offending key and what is allowed."""
+    """A recipe that cannot be built, or data or a checkpoint it points at that cannot be used; the message (one
+    line) names the offending key or file and the fix. The checks beyond unknown keys are in
+    :mod:`composer_algos.validation`."""
 
 
 # Top-level keys and their meaning. Keys passed straight to Composer's Trainer are marked 'trainer'.
@@ -104,21 +106,24 @@ def _resolve(kind_registry: Any, name: str, kind: str) -> Callable[..., Any]:
 
 def call_with_config(fn: Callable[..., Any], kwargs: dict, where: str) -> Any:
     """Call ``fn(**kwargs)`` after checking every key against its signature (unless it takes ``**kwargs``)."""
+    from composer_algos import validation
     target = fn.__init__ if inspect.isclass(fn) else fn
     params = inspect.signature(target).parameters
     if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
         allowed = [n for n, p in params.items() if n != 'self' and p.kind != inspect.Parameter.VAR_POSITIONAL]
         _check_keys(kwargs, allowed, f'{where}.')
+    validation.check_arguments(fn, kwargs, where)
     try:
         return fn(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f'{where}: {e}') from e
+        raise validation.explain_failure(e, kwargs, where) from e
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a recipe, merge its ``includes`` (recursively) and ``key=value`` overrides; check top-level keys."""
+    from composer_algos import validation
     if not os.path.isfile(path):
         raise ConfigError(f'Recipe {path!r} does not exist.')
     cfg = _load_with_includes(path, seen=())
@@ -126,9 +131,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if bad:
         raise ConfigError(f'Overrides must look like key=value; got {bad}.')
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
+        cfg = validation.merge_overrides(cfg, overrides)
+    resolved = validation.to_container(cfg)
     _check_keys(resolved, list(TOP_LEVEL_KEYS), '')
     return resolved
 
@@ -137,9 +141,8 @@ def _load_with_includes(path: str, seen: tuple[str, ...]) -> DictConfig:
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f'Recipe includes form a cycle: {" -> ".join(seen + (path,))}.')
-    cfg = OmegaConf.load(path)
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f'Recipe {path!r} must be a mapping at the top level.')
+    from composer_algos import validation
+    cfg = validation.read_yaml(path)
     includes = cfg.pop('includes', None) or []
     if isinstance(includes, str):
         includes = [includes]
@@ -207,6 +210,8 @@ def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dic
                                                                                             'noise_schedule',
                                                                                             'encoder')]
     _check_keys(kwargs, allowed, 'model.')
+    from composer_algos import validation
+    validation.check_arguments(DiffusionModel, kwargs, 'model')
     return DiffusionModel(net, schedule, encoder=encoder_module, **kwargs)
 
 
@@ -215,9 +220,12 @@ registry.models.register('diffusion', func=build_diffusion_model)
 
 # ------------------------------------------------------------------------------------------------- data
 def build_dataloader(loader_cfg: dict[str, Any], where: str = 'train_loader') -> Any:
+    from composer_algos import validation
     cfg = dict(loader_cfg)
     name = cfg.pop('name', 'streaming_image')
-    return call_with_config(_resolve(registry.datasets, name, 'dataset'), cfg, where)
+    builder = _resolve(registry.datasets, name, 'dataset')
+    validation.check_loader_files(name, cfg, where)
+    return call_with_config(builder, cfg, where)
 
 
 # ------------------------------------------------------------------------------------------------- optim
@@ -236,14 +244,16 @@ def build_optimizer(opt_cfg: dict[str, Any], model: torch.nn.Module) -> torch.op
     cfg = dict(opt_cfg)
     name = cfg.pop('name', 'adamw')
     optimizer_cls = _lookup(_optimizers(), name, 'optimizer')
-    if 'betas' in cfg:
-        cfg['betas'] = tuple(cfg['betas'])
+    from composer_algos import validation
     params = inspect.signature(optimizer_cls.__init__).parameters
     _check_keys(cfg, [n for n in params if n not in ('self', 'params')], 'optimizer.')
+    validation.check_arguments(optimizer_cls, cfg, 'optimizer')
+    if 'betas' in cfg:
+        cfg['betas'] = tuple(cfg['betas'])
     try:
         return optimizer_cls([p for p in model.parameters() if p.requires_grad], **cfg)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f'optimizer: {e}') from e
+        raise validation.explain_failure(e, cfg, 'optimizer') from e
 
 
 def _schedulers() -> dict[str, Any]:
@@ -315,18 +325,20 @@ def prepare_digits(cfg: dict[str, Any]) -> None:
 def build_trainer(cfg: dict[str, Any]) -> Any:
     """Build a Composer ``Trainer`` from a loaded recipe (see :func:`load_config`)."""
     from composer import Trainer
-    from composer.utils import dist, get_device, reproducibility
+    from composer.utils import dist, reproducibility
 
+    from composer_algos import validation
     cfg = dict(cfg)
     _check_keys(cfg, list(TOP_LEVEL_KEYS), '')
     for required in ('model', 'train_loader', 'max_duration'):
         if required not in cfg:
             raise ConfigError(f"The recipe has no '{required}' section.")
+    validation.check_recipe(cfg)
     seed = int(cfg.get('seed', 17))
     reproducibility.seed_all(seed)
     device = cfg.get('device')
     # Data conversion and the per-device batch size need the process group before the Trainer makes it.
-    dist.initialize_dist(get_device(device), timeout=float(cfg.get('dist_timeout', 300.0)))
+    dist.initialize_dist(validation.check_device(device), timeout=float(cfg.get('dist_timeout', 300.0)))
     if cfg.pop('prepare_data', False):
         prepare_digits(cfg)
 
@@ -334,6 +346,8 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     train_loader = build_dataloader(cfg.pop('train_loader'), 'train_loader')
     eval_cfg = cfg.pop('eval_loader', None)
     eval_loader = build_dataloader(eval_cfg, 'eval_loader') if eval_cfg else None
+    validation.check_data_fits_model(model, train_loader, 'train_loader')
+    validation.check_data_fits_model(model, eval_loader, 'eval_loader')
     optimizer = build_optimizer(cfg.pop('optimizer', {'name': 'adamw'}), model)
     scheduler = build_scheduler(cfg.pop('scheduler', None))
     algorithms = build_algorithms(cfg.pop('algorithms', None))
@@ -342,6 +356,7 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     cfg.pop('includes', None)
     trainer_kwargs = {k: v for k, v in cfg.items() if TOP_LEVEL_KEYS.get(k) == 'trainer'}
     trainer_kwargs['seed'] = seed
+    validation.check_checkpoints(trainer_kwargs)
     return Trainer(
         model=model,
         train_dataloader=train_loader,
