@@ -14,7 +14,6 @@ import collections.abc
 import enum
 import inspect
 import json
-import logging
 import os
 import re
 import types
@@ -30,8 +29,6 @@ from composer_algos.config import TOP_LEVEL_KEYS, ConfigError
 
 __all__ = ['read_yaml', 'merge_overrides', 'to_container', 'check_arguments', 'explain_failure',
            'check_recipe', 'check_device', 'check_loader_files', 'check_data_fits_model', 'check_checkpoints']
-
-log = logging.getLogger(__name__)
 
 _DURATION = 'a duration such as 500ba, 2ep or 0.5dur'
 
