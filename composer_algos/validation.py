@@ -417,11 +417,11 @@ def check_data_fits_model(model: torch.nn.Module, loader: Any, where: str) -> No
         if value not in allowed:
             raise ConfigError(f"model.{key}={value}: the {where} batches hold the keys 'image' and 'label'; set "
                               f'model.{key}={allowed[-1]}.')
-    length = len(loader)
-    if length == 0:
-        raise ConfigError(f'{where}.global_batch_size: its per-rank batch of {dataset.batch_size} is more than the '
-                          f'{len(dataset)} examples each rank reads from {source}, so an epoch has no batch; '
-                          'lower global_batch_size.')
+    if len(loader) == 0:
+        from composer.utils import dist
+        raise ConfigError(f'{where}.global_batch_size={dataset.batch_size * dist.get_world_size()}: its per-rank batch '
+                          f'of {dataset.batch_size} is more than the {len(dataset)} examples each rank reads from '
+                          f'{source}, so an epoch has no batch; lower it.')
     _check_forward(model, (channels, *size), source, where)
 
 

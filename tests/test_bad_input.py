@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from composer_algos.data.convert import DIGITS_SHAPE, digits_images, image_array, image_columns, write_mds
+from composer_algos.data.convert import DIGITS_SHAPE, digits_images, write_mds
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fault_run import flip_tensor_byte  # noqa: E402
@@ -37,13 +37,9 @@ _spec.loader.exec_module(train_script)
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory) -> str:
-    """``<root>/train`` in three shards with sha1 hashes in the index, ``<root>/val`` in one."""
-    from streaming import MDSWriter
+    """The digits as the package writes them: ``<root>/train`` in three shards, ``<root>/val`` in one."""
     root = tmp_path_factory.mktemp('bad_input_data')
-    with MDSWriter(out=str(root / 'train'), columns=image_columns(DIGITS_SHAPE), size_limit=40_000,
-                   hashes=['sha1']) as writer:
-        for image, label in digits_images('train'):
-            writer.write({'image': image_array(image), 'label': int(label)})
+    write_mds(digits_images('train'), str(root / 'train'), size_limit=40_000, progress=False, shape=DIGITS_SHAPE)
     write_mds(digits_images('val'), str(root / 'val'), progress=False, shape=DIGITS_SHAPE)
     assert len(json.loads((root / 'train' / 'index.json').read_text())['shards']) == 3
     return str(root)
@@ -213,12 +209,12 @@ def shard_replaced_by_another(tmp_path, data, ckpt):
 def corrupt_shard_records_with_hashes(tmp_path, data, ckpt):
     root = _copy_data(data, tmp_path)
     _flip_byte(_shard(root, 1), os.path.getsize(_shard(root, 1)) - 100)  # a pixel: only the hash can tell
-    return Setup(named=[_shard(root, 1), 'sha1'], data=root, overrides=['train_loader.validate_hash=sha1'])
+    return Setup(named=[_shard(root, 1), 'xxh3_64'], data=root, overrides=['train_loader.validate_hash=xxh3_64'])
 
 
 def hash_not_recorded(tmp_path, data, ckpt):
-    return Setup(named=['validate_hash=', 'xxh64', os.path.join(data, 'train', 'index.json')],
-                 overrides=['train_loader.validate_hash=xxh64'])
+    return Setup(named=["validate_hash='sha1'", os.path.join(data, 'train', 'index.json'), 'it records: xxh3_64'],
+                 overrides=['train_loader.validate_hash=sha1'])
 
 
 def conv_denoiser_wrong_channels(tmp_path, data, ckpt):
@@ -311,7 +307,7 @@ CASES = [
     typed('train_loader.latents=true', 'set train_loader.latents=false'),
     typed('model.label_key=labels', 'model.label_key=labels'),
     typed('model.label_key=label', 'model.denoiser does not take the train_loader data'),
-    typed('train_loader.global_batch_size=4096', 'train_loader.global_batch_size'),
+    typed('train_loader.global_batch_size=4096', 'train_loader.global_batch_size=4096: its per-rank batch'),
     conv_denoiser_wrong_channels,
     load_path_truncated,
     load_path_bit_flip,
@@ -354,3 +350,10 @@ def test_the_script_exits_2_with_one_line_and_debug_shows_the_traceback(data, tm
     assert 'Traceback' not in proc.stderr
     with pytest.raises(train_script.ConfigError, match='max_duration=2bb'):
         train_script.main([*args[2:], '--debug'])
+
+
+def test_intact_shards_pass_every_check(data):
+    from composer_algos.data.integrity import SHARD_HASH, check_mds_folder
+    for split in ('train', 'val'):
+        index = check_mds_folder(os.path.join(data, split), validate_hash=SHARD_HASH)
+        assert all(SHARD_HASH in shard['raw_data']['hashes'] for shard in index['shards'])

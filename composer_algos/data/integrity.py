@@ -4,7 +4,8 @@ Cheap enough to run at every start: per shard one ``stat`` and a read of its hea
 record offsets, a few kilobytes), never of its records. A shard whose size or header disagrees with its index entry
 was truncated, overwritten or belongs to another dataset. A shard of the right size with damaged records is caught
 only by a hash: with ``validate_hash`` set (streaming's own option, which streaming applies to downloads only), every
-local shard is hashed and compared with its index, which reads the whole dataset.
+local shard is hashed and compared with its index, which reads the whole dataset. Shards written by
+``recipes/convert_dataset.py`` record :data:`SHARD_HASH`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ['DataError', 'REWRITE_HINT', 'read_index', 'check_mds_folder', 'check_shard_file', 'nonfinite_rows']
+__all__ = ['DataError', 'REWRITE_HINT', 'SHARD_HASH', 'read_index', 'check_mds_folder', 'check_shard_file',
+           'nonfinite_rows']
 
 REWRITE_HINT = 'rewrite the dataset with `python recipes/convert_dataset.py`'
+# The hash the package's writers record for every shard: fast (xxHash, several GB/s), enough to catch damage.
+SHARD_HASH = 'xxh3_64'
 
 
 class DataError(ValueError):
@@ -70,7 +74,7 @@ def check_shard_file(folder: str, shard: dict[str, Any], index_path: str,
     size = os.path.getsize(path)
     expected = info.get('bytes')
     if expected is not None and size != int(expected):
-        state = 'truncated' if size < int(expected) else 'longer than written'
+        state = 'truncated or replaced' if size < int(expected) else 'replaced or appended to'
         raise DataError(f'shard {path} has {size} bytes but {index_path} records {expected} ({state}); '
                         f'{REWRITE_HINT}')
     if path == raw_path:

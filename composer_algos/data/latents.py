@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from composer_algos.data.integrity import SHARD_HASH
+
 __all__ = ['LATENT_COLUMNS', 'VAEEncoder', 'PrecomputedLatents', 'load_vae', 'build_vae_encoder', 'write_latents_mds']
 
 LATENT_COLUMNS = {'latents': 'ndarray:float16', 'label': 'int'}
@@ -122,7 +124,8 @@ def write_latents_mds(samples: Iterable[tuple[Image.Image, int]], out: str, enco
     encoder = encoder.to(device).eval()
     count = 0
     batch: list[tuple[Image.Image, int]] = []
-    with MDSWriter(out=out, columns=LATENT_COLUMNS, size_limit=size_limit, compression=compression) as writer, \
+    with MDSWriter(out=out, columns=LATENT_COLUMNS, size_limit=size_limit, compression=compression,
+                   hashes=[SHARD_HASH]) as writer, \
             tqdm(total=total, disable=not progress, desc=f'encoding {out}', unit='img') as bar:
 
         def flush() -> None:
