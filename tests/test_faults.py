@@ -145,7 +145,9 @@ def test_one_rank_killed_others_end_in_bounded_time_then_autoresume_is_exact(tmp
         if launcher.poll() is None:
             launcher.kill()
     fault_run.release_shared_memory(prefix)
-    print(f'one rank killed: the launcher ended the other and exited {survivors_ended_after:.1f} s later')
+    how = [line.strip() for line in output.splitlines()
+           if 'closed by peer' in line or 'exited with code' in line or 'crashed' in line]
+    print(f'one rank killed: the launcher exited {survivors_ended_after:.1f} s later; {" | ".join(how)}')
     assert launcher.returncode != 0, output[-3000:]
     assert survivors_ended_after < DEAD_RANK_BOUND_SECONDS, output[-3000:]
     assert not (killed / 'rank0.pt').exists()  # rank 0 did not go on training alone

@@ -13,6 +13,10 @@ import torch
 __all__ = ['nonfinite_loss_causes']
 
 
+def _listing(values: list, limit: int = 8) -> str:
+    return str(values[:limit])[:-1] + (f', ... ({len(values)} in all)]' if len(values) > limit else ']')
+
+
 def _bad_rows(x: torch.Tensor) -> list[int]:
     x = x.detach()
     return torch.nonzero(~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).flatten().tolist()
@@ -28,14 +32,14 @@ def nonfinite_loss_causes(model: Any, outputs: dict[str, torch.Tensor], batch: A
     if x0 is not None and torch.is_tensor(x0):
         rows = _bad_rows(x0)
         if rows:
-            causes.append(f'the batch holds NaN or inf values in samples {rows} of this rank\'s batch')
+            causes.append(f'the batch holds NaN or inf values in samples {_listing(rows)} of this rank\'s batch')
     t = outputs['t']
     for owner, weighting in getattr(model, '_weightings', []):
         with torch.no_grad():
             weights = weighting(model.noise_schedule, t, model.prediction_type)
         rows = _bad_rows(weights.reshape(-1, 1))
         if rows:
-            causes.append(f'the loss weighting of {owner} is NaN or inf at t={t[rows].tolist()}')
+            causes.append(f'the loss weighting of {owner} is NaN or inf at t={_listing(t[rows].tolist())}')
     if not causes and _bad_rows(outputs['weight'].reshape(-1, 1)):
         causes.append(f'the timestep sampler of {model.timestep_sampler_owner or "the model"} gave NaN or inf '
                       'importance weights')
