@@ -146,7 +146,7 @@ def prepare_autoresume(folder: str, latest_name: str, templates: Sequence[str], 
     candidates = checkpoint_names(folder, templates, run_name)
     link = os.path.join(folder, latest_name)
     target = os.path.realpath(link) if os.path.lexists(link) else None
-    if target is not None and target not in candidates:
+    if target is not None and os.path.exists(target) and target not in candidates:
         candidates.append(target)  # a name no template gives: the oldest choice
     chosen, unreadable = newest_readable(candidates)
     if chosen is None and unreadable:
@@ -154,15 +154,24 @@ def prepare_autoresume(folder: str, latest_name: str, templates: Sequence[str], 
         raise ValueError(f'no readable checkpoint to resume from in {folder} ({listing}); move them away to start '
                          'over, or set load_path to a good copy')
     for path, why in unreadable:
-        if os.path.exists(path):
-            os.rename(path, path + UNREADABLE_SUFFIX)
+        aside = _free_name(path + UNREADABLE_SUFFIX)
+        os.rename(path, aside)
         log.warning('autoresume: %s cannot be loaded (%s); renamed it to %s and resume from %s', path, why,
-                    os.path.basename(path) + UNREADABLE_SUFFIX, chosen)
+                    os.path.basename(aside), chosen)
     if chosen is not None and target != chosen:
         if os.path.lexists(link):
             os.remove(link)
         os.symlink(os.path.relpath(chosen, os.path.dirname(link)), link)
         if not unreadable:
-            log.warning('autoresume: %s pointed at %s; the newest readable checkpoint is %s, resuming from it', link,
-                        target, chosen)
+            log.warning('autoresume: %s pointed at %s; resuming from the newest readable checkpoint, %s', link,
+                        target if target is not None and os.path.exists(target) else 'nothing', chosen)
     return chosen
+
+
+def _free_name(path: str) -> str:
+    """``path``, or ``path.1``, ``path.2``... whichever does not exist yet."""
+    candidate, number = path, 0
+    while os.path.lexists(candidate):
+        number += 1
+        candidate = f'{path}.{number}'
+    return candidate
