@@ -210,6 +210,29 @@ def test_autoresume_steps_over_truncated_and_half_written_checkpoints(tmp_path, 
     _assert_same_run(resumed, full, 'after stepping back')
 
 
+def test_autoresume_folder_edge_cases(tmp_path):
+    template = ['ep{epoch}-ba{batch}-rank{rank}.pt']
+    folder, link = tmp_path / 'ckpt', tmp_path / 'ckpt' / 'latest-rank0.pt'
+    assert checkpoints.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') is None  # no folder yet
+    folder.mkdir()
+    os.symlink('ep0-ba4-rank0.pt', link)  # left after the checkpoints were deleted: a fresh start
+    assert checkpoints.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') is None
+    # A crash between a finished save and the symlink update: the newer, readable checkpoint is the one to resume.
+    for batch in (2, 4):
+        torch.save({'batch': torch.full((3,), batch)}, folder / f'ep0-ba{batch}-rank0.pt')
+    os.remove(link)
+    os.symlink('ep0-ba2-rank0.pt', link)
+    assert checkpoints.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') == str(
+        (folder / 'ep0-ba4-rank0.pt').resolve())
+    assert os.readlink(link) == 'ep0-ba4-rank0.pt'
+    # The same name found unreadable twice keeps both copies.
+    for _ in range(2):
+        (folder / 'ep0-ba6-rank0.pt').write_bytes(b'PK\x03\x04 cut short')
+        checkpoints.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r')
+    assert {'ep0-ba6-rank0.pt.unreadable', 'ep0-ba6-rank0.pt.unreadable.1'} <= set(os.listdir(folder))
+    assert not (folder / 'ep0-ba6-rank0.pt').exists() and os.readlink(link) == 'ep0-ba4-rank0.pt'
+
+
 def test_a_bit_flip_is_found_although_torch_would_load_it(tmp_path, digits_mds):
     recipe = _recipe(tmp_path, digits_mds, autoresume=False)
     fault_run.run(recipe, str(tmp_path / 'run'), ['max_duration=4ba'])
