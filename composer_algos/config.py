@@ -351,6 +351,7 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     optimizer = build_optimizer(cfg.pop('optimizer', {'name': 'adamw'}), model)
     scheduler = build_scheduler(cfg.pop('scheduler', None))
     algorithms = build_algorithms(cfg.pop('algorithms', None))
+    validation.check_callback_loaders(cfg.get('callbacks'))
     callbacks = build_callbacks(cfg.pop('callbacks', None))
     loggers = build_loggers(cfg.pop('loggers', None))
     cfg.pop('includes', None)

@@ -28,7 +28,8 @@ from omegaconf.errors import OmegaConfBaseException
 from composer_algos.config import TOP_LEVEL_KEYS, ConfigError
 
 __all__ = ['read_yaml', 'merge_overrides', 'to_container', 'check_arguments', 'explain_failure',
-           'check_recipe', 'check_device', 'check_loader_files', 'check_data_fits_model', 'check_checkpoints']
+           'check_recipe', 'check_device', 'check_loader_files', 'check_callback_loaders', 'check_data_fits_model',
+           'check_checkpoints']
 
 _DURATION = 'a duration such as 500ba, 2ep or 0.5dur'
 
@@ -346,6 +347,17 @@ def check_loader_files(name: str, cfg: dict[str, Any], where: str) -> None:
         check_mds_folder(folder, cfg.get('validate_hash'))
     except DataError as e:
         raise ConfigError(_one_line(f'{where}: {e}')) from e
+
+
+def check_callback_loaders(section: Any) -> None:
+    """The data of loaders given inside callbacks (``callbacks.fid.real_loader``, ``callbacks.bits_per_dim.loader``),
+    which the callbacks build only at their first evaluation, checked now like ``eval_loader``."""
+    from composer_algos.config import _named_items
+    for name, kwargs in _named_items(section, 'callbacks'):
+        for key, value in kwargs.items():
+            if key.endswith('loader') and isinstance(value, dict):
+                loader = dict(value)
+                check_loader_files(loader.pop('name', 'streaming_image'), loader, f'callbacks.{name}.{key}')
 
 
 def _fixed_shape(shard: Any, column: str) -> Optional[tuple[int, ...]]:

@@ -217,6 +217,13 @@ def hash_not_recorded(tmp_path, data, ckpt):
                  overrides=['train_loader.validate_hash=sha1'])
 
 
+def callback_loader_truncated_shard(tmp_path, data, ckpt):
+    root = _copy_data(data, tmp_path)
+    _truncate(os.path.join(root, 'val', 'shard.00000.mds'), 100)
+    return Setup(named=['callbacks.fid.real_loader', os.path.join(root, 'val', 'shard.00000.mds'), 'truncated'],
+                 overrides=[f'callbacks.fid.real_loader={{local: {root}, split: val, global_batch_size: 64}}'])
+
+
 def conv_denoiser_wrong_channels(tmp_path, data, ckpt):
     def change(recipe):
         recipe['model']['denoiser'] = {'name': 'conv', 'in_channels': 3, 'width': 16}
@@ -309,6 +316,7 @@ CASES = [
     typed('model.label_key=label', 'model.denoiser does not take the train_loader data'),
     typed('train_loader.global_batch_size=4096', 'train_loader.global_batch_size=4096: its per-rank batch'),
     conv_denoiser_wrong_channels,
+    callback_loader_truncated_shard,
     load_path_truncated,
     load_path_bit_flip,
     load_path_missing,
