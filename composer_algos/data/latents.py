@@ -19,6 +19,7 @@ import torch.nn as nn
 from PIL import Image
 
 from composer_algos.pixels import from_uint8
+from composer_algos.data.integrity import SHARD_HASH
 
 __all__ = ['LATENT_COLUMNS', 'VAEEncoder', 'PrecomputedLatents', 'load_vae', 'build_vae_encoder', 'write_latents_mds']
 
@@ -124,7 +125,8 @@ def write_latents_mds(samples: Iterable[tuple[Image.Image, int]], out: str, enco
     encoder = encoder.to(device).eval()
     count = 0
     batch: list[tuple[Image.Image, int]] = []
-    with MDSWriter(out=out, columns=LATENT_COLUMNS, size_limit=size_limit, compression=compression) as writer, \
+    with MDSWriter(out=out, columns=LATENT_COLUMNS, size_limit=size_limit, compression=compression,
+                   hashes=[SHARD_HASH]) as writer, \
             tqdm(total=total, disable=not progress, desc=f'encoding {out}', unit='img') as bar:
 
         def flush() -> None:
