@@ -282,7 +282,7 @@ _SECTIONS = {
     'algorithms': (dict, list, type(None)),
     'callbacks': (dict, list, type(None)),
     'loggers': (dict, list, type(None)),
-    'prepare_data': (bool,),
+    'prepare_data': (bool, str),  # a name is checked against the bundled datasets when the data is prepared
 }
 
 
@@ -291,7 +291,8 @@ def check_recipe(cfg: dict[str, Any]) -> None:
     from composer import Trainer
     for key, kinds in _SECTIONS.items():
         if key in cfg and not isinstance(cfg[key], kinds):
-            expected = ' or '.join({dict: 'a mapping', list: 'a list', type(None): 'null', bool: 'true or false'}[k]
+            expected = ' or '.join({dict: 'a mapping', list: 'a list', type(None): 'null', bool: 'true or false',
+                                    str: 'the name of a bundled dataset'}[k]
                                    for k in kinds)
             raise ConfigError(_one_line(f'{key}={_yaml_text(cfg[key])}: expected {expected}.'))
     from composer_algos.config import TOP_LEVEL_KEYS
