@@ -4,6 +4,7 @@
     python recipes/benchmark.py --tier mnist         # the MNIST tier (16x16 MNIST digits)
     python recipes/benchmark.py --quick              # 2 methods, 1 seed, a few dozen steps: checks the harness
     python recipes/benchmark.py --loop-overhead      # the recipe's training step against a bare PyTorch loop
+    python recipes/benchmark.py --tier mnist --step-overhead --methods adaptive_loss   # a method's step / uniform's
 
 A tier fixes the uniform recipe every method builds on, its bundled dataset (converted into ``--data`` when
 missing), the image size, the FID feature extractor and the default budget: ``digits`` (8x8 scikit-learn digits,
@@ -39,6 +40,13 @@ left out of the recipe's): both sides see the same load from other processes. Ea
 times; the last line prints the median over the blocks after the warm-up ones. The line before it gives the same
 ratio for the process's CPU time, which other processes on a shared machine disturb far less than wall time (with
 no background threads, as on the digits, it is the work done for the step).
+
+``--step-overhead`` measures what each of ``--methods`` adds to the tier's training step: one Trainer per method
+(uniform included) built as the race builds it, evaluation and callbacks off, all in one process on ``--threads``
+threads, trained in turn for blocks of ``--overhead-block-steps`` steps (a multiple of the adaptive sampler's
+``update_every``, so every block holds the same share of probes). Each block's process CPU time and wall time per
+step is divided by uniform's block of the same round; the last lines print the median ratio over the rounds after
+the warm-up one (which also holds the lr warm-up, when probes wait for a non-zero lr).
 """
 
 from __future__ import annotations
@@ -595,6 +603,42 @@ def _bare_loop(cfg: dict[str, Any]) -> Any:
     return step
 
 
+def step_overhead(tier: str, methods: Sequence[str], data: str, rounds: int, block_steps: int,
+                  threads: int = 1) -> dict[str, dict[str, Any]]:
+    """Per method, the median over rounds of its block's time per step over uniform's (process CPU and wall)."""
+    import torch
+    torch.set_num_threads(threads)
+
+    from composer_algos.config import build_trainer, load_config
+
+    methods = ['uniform'] + [m for m in methods if m != 'uniform']
+    trainers, times = {}, {m: {'cpu': [], 'wall': []} for m in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            overrides = [f'max_duration={(rounds + 1) * block_steps}ba', f'run_name=overhead-{_slug(method)}',
+                         'progress_bar=false', 'save_folder=null', 'eval_loader=null', 'eval_interval=1',
+                         'device=cpu', f'train_loader.local={data}', 'callbacks=null',
+                         f'loggers.file.filename={tmp}/{_slug(method)}.txt']
+            cfg = load_config(_recipe(method, tmp, tier), overrides + split_variant(method)[1])
+            trainers[method] = build_trainer(cfg)
+        for round_ in range(rounds + 1):
+            for method in methods:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                trainers[method].fit(duration=f'{block_steps}ba')
+                if round_:  # the first round warms up (and holds the lr warm-up)
+                    times[method]['wall'].append((time.perf_counter() - start) / block_steps)
+                    times[method]['cpu'].append((time.process_time() - start_cpu) / block_steps)
+        for trainer in trainers.values():
+            trainer.close()
+    result = {}
+    for method in methods:
+        cpu = [a / b for a, b in zip(times[method]['cpu'], times['uniform']['cpu'])]
+        wall = [a / b for a, b in zip(times[method]['wall'], times['uniform']['wall'])]
+        result[method] = {'cpu_ratio': statistics.median(cpu), 'wall_ratio': statistics.median(wall),
+                          'cpu_ratios': cpu, 'uniform_cpu_step': statistics.median(times['uniform']['cpu'])}
+    return result
+
+
 def print_loop_overhead(result: dict[str, Any]) -> None:
     print(f'digits recipe step (Composer Trainer, streaming, EMA; eval and callbacks off) against a bare PyTorch '
           f'loop, {result["threads"]} thread(s) each, {result["blocks"]} interleaved blocks of '
@@ -650,11 +694,25 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help='time the recipe\'s training step against a bare PyTorch loop (see above)')
     parser.add_argument('--loop-blocks', type=int, default=30, help='--loop-overhead: measured blocks')
     parser.add_argument('--loop-block-steps', type=int, default=10, help='--loop-overhead: steps per block and side')
-    parser.add_argument('--threads', type=int, default=1, help='--loop-overhead: torch threads (both sides)')
+    parser.add_argument('--threads', type=int, default=1, help='--loop-overhead, --step-overhead: torch threads')
+    parser.add_argument('--step-overhead', action='store_true',
+                        help="each of --methods' training step against uniform's, interleaved (see above)")
+    parser.add_argument('--overhead-rounds', type=int, default=6, help='--step-overhead: measured rounds')
+    parser.add_argument('--overhead-block-steps', type=int, default=40, help='--step-overhead: steps per block')
     args = parser.parse_args(argv)
     if args.loop_overhead:
         return _main_loop_overhead(args)
     tier = _apply_tier_defaults(args)
+    if args.step_overhead:
+        prepare_tier(tier, args.data)
+        result = step_overhead(args.tier, split_methods(args.methods), os.path.abspath(args.data), args.overhead_rounds,
+                               args.overhead_block_steps, args.threads)
+        print(f'tier {args.tier}: {args.overhead_rounds} rounds of {args.overhead_block_steps} steps per method '
+              f'after a warm-up round, in turn in one process, {args.threads} thread(s)')
+        for method, r in result.items():
+            print(f'{method}: step time / uniform\'s, process CPU {r["cpu_ratio"]:.3f} (per round: '
+                  + ' '.join(f'{x:.3f}' for x in r['cpu_ratios']) + f'), wall {r["wall_ratio"]:.3f}')
+        return 0
     if args.quick:
         args.methods, args.seeds, args.steps, args.eval_every = ','.join(QUICK_METHODS), '0', 40, 20
         args.fid_samples, args.ddim_steps, args.bpd_images, args.bpd_terms = 64, 5, 32, 4
