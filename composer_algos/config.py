@@ -15,8 +15,11 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import composer_algos.builtins  # noqa: F401  (registers every built-in part by name)
-from composer_algos import registry
+from composer_algos import registry, validation
 from composer_algos.registry import ConfigError, call_checked, check_keys, suggest
+
+# Every part a recipe builds gets its arguments checked against the callee's annotations.
+registry.set_argument_hooks(validation.check_arguments, validation.explain_failure)
 
 __all__ = [
     'ConfigError',
@@ -88,9 +91,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if bad:
         raise ConfigError(f'Overrides must look like key=value; got {bad}.')
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
+        cfg = validation.merge_overrides(cfg, overrides)
+    resolved = validation.to_container(cfg)
     check_keys(resolved, list(TOP_LEVEL_KEYS), '')
     return resolved
 
@@ -99,9 +101,7 @@ def _load_with_includes(path: str, seen: tuple[str, ...]) -> DictConfig:
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f'Recipe includes form a cycle: {" -> ".join(seen + (path,))}.')
-    cfg = OmegaConf.load(path)
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f'Recipe {path!r} must be a mapping at the top level.')
+    cfg = validation.read_yaml(path)
     includes = cfg.pop('includes', None) or []
     if isinstance(includes, str):
         includes = [includes]
@@ -143,7 +143,10 @@ def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------------- data
 def build_dataloader(loader_cfg: dict[str, Any], where: str = 'train_loader') -> Any:
-    return registry.build(registry.datasets, loader_cfg, 'dataset', where, default='streaming_image')
+    cfg = dict(loader_cfg)
+    validation.check_loader_files(cfg.get('name', 'streaming_image'), {k: v for k, v in cfg.items() if k != 'name'},
+                                  where)
+    return registry.build(registry.datasets, cfg, 'dataset', where, default='streaming_image')
 
 
 # ------------------------------------------------------------------------------------------------- optim
@@ -205,18 +208,19 @@ def prepare_data(cfg: dict[str, Any], dataset: Any = True) -> None:
 def build_trainer(cfg: dict[str, Any]) -> Any:
     """Build a Composer ``Trainer`` from a loaded recipe (see :func:`load_config`)."""
     from composer import Trainer
-    from composer.utils import dist, get_device, reproducibility
+    from composer.utils import dist, reproducibility
 
     cfg = dict(cfg)
     check_keys(cfg, list(TOP_LEVEL_KEYS), '')
     for required in ('model', 'train_loader', 'max_duration'):
         if required not in cfg:
             raise ConfigError(f"The recipe has no '{required}' section.")
+    validation.check_recipe(cfg)
     seed = int(cfg.get('seed', 17))
     reproducibility.seed_all(seed)
     device = cfg.get('device')
     # Data conversion and the per-device batch size need the process group before the Trainer makes it.
-    dist.initialize_dist(get_device(device), timeout=float(cfg.get('dist_timeout', 300.0)))
+    dist.initialize_dist(validation.check_device(device), timeout=float(cfg.get('dist_timeout', 300.0)))
     dataset = cfg.pop('prepare_data', False)
     if dataset:
         prepare_data(cfg, dataset)
@@ -225,14 +229,18 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     train_loader = build_dataloader(cfg.pop('train_loader'), 'train_loader')
     eval_cfg = cfg.pop('eval_loader', None)
     eval_loader = build_dataloader(eval_cfg, 'eval_loader') if eval_cfg else None
+    validation.check_data_fits_model(model, train_loader, 'train_loader')
+    validation.check_data_fits_model(model, eval_loader, 'eval_loader')
     optimizer = build_optimizer(cfg.pop('optimizer', {'name': 'adamw'}), model)
     scheduler = build_scheduler(cfg.pop('scheduler', None))
     algorithms = build_algorithms(cfg.pop('algorithms', None))
+    validation.check_callback_loaders(cfg.get('callbacks'))
     callbacks = build_callbacks(cfg.pop('callbacks', None))
     loggers = build_loggers(cfg.pop('loggers', None))
     cfg.pop('includes', None)
     trainer_kwargs = {k: v for k, v in cfg.items() if TOP_LEVEL_KEYS.get(k) == 'trainer'}
     trainer_kwargs['seed'] = seed
+    validation.check_checkpoints(trainer_kwargs)
     return Trainer(
         model=model,
         train_dataloader=train_loader,

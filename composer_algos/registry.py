@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import catalogue
 
-__all__ = ['KINDS', 'ConfigError', 'algorithms', 'build', 'callbacks', 'check_keys', 'datasets', 'denoisers',
-           'encoders', 'features', 'loggers', 'models', 'optimizers', 'resolve', 'schedulers', 'suggest']
+__all__ = ['KINDS', 'ConfigError', 'algorithms', 'build', 'call_checked', 'callbacks', 'check_keys', 'datasets',
+           'denoisers', 'encoders', 'features', 'loggers', 'models', 'optimizers', 'resolve', 'schedulers',
+           'set_argument_hooks', 'suggest']
 
 algorithms = catalogue.create('composer_algos', 'algorithms', entry_points=True)
 callbacks = catalogue.create('composer_algos', 'callbacks', entry_points=True)
@@ -35,7 +36,20 @@ KINDS = {'algorithms': algorithms, 'callbacks': callbacks, 'models': models, 'da
 
 
 class ConfigError(ValueError):
-    """A recipe that cannot be built; the message names the offending key and what is allowed."""
+    """A recipe that cannot be built, or data or a checkpoint it points at that cannot be used; the message (one
+    line) names the offending key or file and the fix."""
+
+
+# Checks every checked call runs, added by the YAML layer (composer_algos.validation): the arguments against the
+# callee's annotations before the call, and an explanation of a call that failed all the same.
+ArgumentCheck = Callable[[Callable[..., Any], dict, str], None]
+FailureExplainer = Callable[[BaseException, dict, str], 'ConfigError']
+_HOOKS: dict[str, Any] = {'check': None, 'explain': None}
+
+
+def set_argument_hooks(check: Optional[ArgumentCheck], explain: Optional[FailureExplainer]) -> None:
+    """Install the argument check and failure explainer that :func:`call_checked` uses (``None`` removes them)."""
+    _HOOKS.update(check=check, explain=explain)
 
 
 def suggest(key: str, allowed: Sequence[str], where: str = '') -> str:
@@ -74,11 +88,15 @@ def call_checked(fn: Callable[..., Any], kwargs: dict, where: str, *args: Any) -
         skip = {'self'} | {n for n, _ in zip(list(p for p in params if p != 'self'), args)}
         allowed = [n for n, p in params.items() if n not in skip and p.kind != inspect.Parameter.VAR_POSITIONAL]
         check_keys(kwargs, allowed, f'{where}.')
+    if _HOOKS['check'] is not None:
+        _HOOKS['check'](fn, kwargs, where)
     try:
         return fn(*args, **kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
+        if _HOOKS['explain'] is not None:
+            raise _HOOKS['explain'](e, kwargs, where) from e
         raise ConfigError(f'{where}: {e}') from e
 
 

@@ -1,30 +1,58 @@
 """Train a diffusion model from a YAML recipe: ``python recipes/train.py RECIPE.yaml [key=value ...]``.
 
 Launch on several processes or nodes with Composer's launcher: ``composer -n 8 recipes/train.py RECIPE.yaml``.
+
+A mistake in the recipe, its data or the checkpoint it loads stops the run before training with one line on
+stderr, ``error: ...``, naming the key or file and the fix (exit code 2); a NaN or infinite loss or corrupt data met
+during training ends it the same way (exit code 1). ``--debug`` (or ``COMPOSER_ALGOS_DEBUG=1``) shows the traceback
+instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from composer_algos.config import ConfigError, build_trainer, load_config
+from composer_algos.data.integrity import DataError
+
+
+def _report(error: BaseException) -> None:
+    print('error: ' + ' '.join(str(error).split()), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('recipe', help='YAML recipe, e.g. yamls/digits/uniform.yaml')
     parser.add_argument('overrides', nargs='*', help='key=value overrides, e.g. max_duration=500ba optimizer.lr=1e-3')
+    parser.add_argument('--debug', action='store_true', help='show the traceback of an error instead of one line')
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get('COMPOSER_ALGOS_DEBUG') == '1'
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     try:
         cfg = load_config(args.recipe, args.overrides)
         trainer = build_trainer(cfg)
     except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
+        if debug:
+            raise
+        _report(e)
         return 2
-    trainer.fit()
+    state = trainer.state
+    if state.max_duration is not None and state.timestamp.get(state.max_duration.unit) >= state.max_duration:
+        # A relaunched job (autoresume) that had already finished: nothing to do, and not an error.
+        print(f'The run is already at {state.timestamp.get(state.max_duration.unit)} of max_duration='
+              f'{state.max_duration}; nothing to train.', file=sys.stderr)
+        trainer.close()
+        return 0
+    try:
+        trainer.fit()
+    except (ConfigError, DataError, FloatingPointError) as e:
+        if debug:
+            raise
+        _report(e)
+        return 1
     trainer.close()
     return 0
 

@@ -13,7 +13,7 @@ from composer_algos import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'composer_algos')
-YAML_LAYER = {'composer_algos/config.py'}
+YAML_LAYER = {'composer_algos/config.py', 'composer_algos/validation.py'}
 
 
 def _imports(path: str) -> set[str]:

@@ -91,6 +91,7 @@ def _strict_configs(data: str, latents: str, vae: str, folder: str) -> dict[str,
                           'eval_interval=1ba', 'eval_subset_num_batches=1', 'progress_bar=false', 'save_folder=null',
                           'train_loader.global_batch_size=16'])
     digits['model']['denoiser'] = {'name': 'conv', 'width': 16}
+    digits.pop('scheduler', None)  # no warm-up: the adaptive sampler probes only steps with a non-zero lr
     digits['model']['noise_schedule'] = {'num_timesteps': 100}
     digits['algorithms']['adaptive_timestep_sampling'].update(update_every=1, num_probe_timesteps=6)
     digits['callbacks'] = {'fid': {'num_samples': 8, 'num_steps': 2, 'folder': folder,

@@ -11,11 +11,11 @@ import torch.nn as nn
 from composer.core import State, Time
 from composer.loggers import Logger
 
-from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
+from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
 from composer_algos.evaluation.features import FEATURE_CHOICES, build_feature_extractor
 from composer_algos.evaluation.fid import fid_metric, update_fid
 from composer_algos.evaluation.plots import metric_curve_png
-from composer_algos.evaluation.sampling import generate_share, rank_world
+from composer_algos.evaluation.sampling import rank_world
 from composer_algos.seeding import keyed_generator
 
 __all__ = ['FID']
@@ -23,7 +23,7 @@ __all__ = ['FID']
 log = logging.getLogger(__name__)
 
 
-class FID(PeriodicEvaluation):
+class FID(SamplingEvaluation):
     """Generate ``num_samples`` samples with DDIM from the EMA weights and log their FID against real images.
 
     Sample ``i`` starts from the noise of ``(seed, i)``, so every evaluation scores the same noise and successive
@@ -69,27 +69,17 @@ class FID(PeriodicEvaluation):
                  max_real_samples: Optional[int] = None, num_classes: Optional[int] = None,
                  sample_shape: Optional[tuple[int, ...]] = None, use_ema: bool = True, metric_name: str = 'FID',
                  folder: str = DEFAULT_FOLDER):
-        super().__init__(interval, folder)
-        if num_samples < 2:
-            raise ValueError(f'num_samples must be at least 2 for a covariance, got {num_samples}.')
-        if num_steps < 1 or batch_size < 1:
-            raise ValueError(f'num_steps and batch_size must be positive, got {num_steps} and {batch_size}.')
+        # At least 2 samples: the features' covariance needs them.
+        super().__init__(num_samples, num_steps, eta, seed, batch_size, num_classes, sample_shape, use_ema, interval,
+                         folder, min_samples=2)
         if not isinstance(feature, (nn.Module, str)):
             raise ValueError(f"feature must be one of {', '.join(FEATURE_CHOICES)}, a name in the features registry "
                              f'or an nn.Module, got {feature!r}.')
-        self.num_samples = int(num_samples)
-        self.num_steps = int(num_steps)
-        self.eta = float(eta)
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
         self.feature = feature
         self.inception_weights = inception_weights
         self.classifier_cache_dir = classifier_cache_dir
         self.real_loader = real_loader
         self.max_real_samples = max_real_samples
-        self.num_classes = num_classes
-        self.shape = tuple(sample_shape) if sample_shape is not None else None
-        self.use_ema = use_ema
         self.metric_name = metric_name
         self.steps: list[int] = []
         self.values: list[float] = []
@@ -151,10 +141,7 @@ class FID(PeriodicEvaluation):
         model = self.diffusion_model(state)
         self._prepare(state, logger, model)
         assert self._metric is not None and self.shape is not None
-        with self.sampling_model(state, self.use_ema) as (model, _):
-            _, samples = generate_share(model, self.num_samples, self.shape, batch_size=self.batch_size,
-                                        num_steps=self.num_steps, eta=self.eta, seed=self.seed,
-                                        num_classes=self.num_classes)
+        _, samples = self.generate(state)
         self._metric.reset()
         update_fid(self._metric, samples, real=False, batch_size=self.batch_size)
         value = float(self._metric.compute())

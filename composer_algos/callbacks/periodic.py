@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any, Iterable, Optional, Union
 
+import torch
 from composer.core import Callback, Event, State, Time
 from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist
@@ -14,9 +15,9 @@ from composer.utils.misc import create_interval_scheduler
 
 from composer_algos import registry
 from composer_algos.diffusion.utils import device_batch, get_diffusion_model
-from composer_algos.evaluation.sampling import ema_weights, eval_mode
+from composer_algos.evaluation.sampling import ema_weights, eval_mode, generate_share
 
-__all__ = ['PeriodicEvaluation', 'DEFAULT_FOLDER']
+__all__ = ['PeriodicEvaluation', 'SamplingEvaluation', 'DEFAULT_FOLDER']
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +109,44 @@ class PeriodicEvaluation(Callback):
         if state.batch is None:
             raise ValueError('Cannot infer the sample shape before any batch was seen; set sample_shape.')
         return tuple(model.images(device_batch(state)).shape[1:])
+
+
+class SamplingEvaluation(PeriodicEvaluation):
+    """Base class of evaluations that generate samples (FID, sample grids): the sampling settings, in one place.
+
+    Sample ``i`` starts from the noise of ``(seed, i)`` and, for class-conditional models, has label
+    ``i % num_classes``; under ``composer -n N`` rank ``r`` generates samples ``r::N`` (see
+    :func:`~composer_algos.evaluation.sampling.generate_share`).
+
+    Args:
+        num_samples: samples per evaluation (all ranks together); ``min_samples``: the least the subclass accepts.
+        num_steps: sampler steps (DDIM); ``eta``: 0 for deterministic DDIM; ``seed``: noise seed.
+        batch_size: samples per denoiser call.
+        num_classes: for class-conditional models, sample ``i`` gets label ``i % num_classes``.
+        sample_shape: shape of one sample; ``None`` lets the subclass infer it.
+        use_ema: sample from the EMA weights when an ``EMA`` algorithm is active.
+        interval, folder: see :class:`PeriodicEvaluation`.
+    """
+
+    def __init__(self, num_samples: int, num_steps: int, eta: float, seed: int, batch_size: int,
+                 num_classes: Optional[int], sample_shape: Optional[tuple[int, ...]], use_ema: bool,
+                 interval: Optional[Union[str, Time]], folder: str, min_samples: int = 1):
+        super().__init__(interval, folder)
+        if num_samples < min_samples:
+            raise ValueError(f'num_samples must be at least {min_samples}, got {num_samples}.')
+        if num_steps < 1 or batch_size < 1:
+            raise ValueError(f'num_steps and batch_size must be positive, got {num_steps} and {batch_size}.')
+        self.num_samples = int(num_samples)
+        self.num_steps = int(num_steps)
+        self.eta = float(eta)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.num_classes = num_classes
+        self.shape = tuple(sample_shape) if sample_shape is not None else None
+        self.use_ema = use_ema
+
+    def generate(self, state: State) -> tuple[list[int], torch.Tensor]:
+        """This rank's share of the samples, from the EMA weights in eval mode: ``(indices, samples)``."""
+        with self.sampling_model(state, self.use_ema) as (model, _):
+            return generate_share(model, self.num_samples, self.shape, batch_size=self.batch_size,
+                                  num_steps=self.num_steps, eta=self.eta, seed=self.seed, num_classes=self.num_classes)

@@ -13,18 +13,18 @@ from composer.loggers import Logger
 from composer.utils import format_name_with_dist
 from composer.utils.misc import create_interval_scheduler
 
-from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
+from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
 from composer_algos.diffusion.utils import device_batch, get_diffusion_model
 from composer_algos.evaluation.plots import image_grid, save_png, timestep_heatmap_png
 from composer_algos.distributed import all_reduce
-from composer_algos.evaluation.sampling import gather_by_index, generate_share, rank_world
+from composer_algos.evaluation.sampling import gather_by_index, rank_world
 
 __all__ = ['SampleGrid', 'TimestepHeatmap']
 
 log = logging.getLogger(__name__)
 
 
-class SampleGrid(PeriodicEvaluation):
+class SampleGrid(SamplingEvaluation):
     """Write a PNG grid of samples (EMA weights, fixed seed) at each evaluation and log it as an image.
 
     Files are ``folder/samples_ba<step>.png``; the same noise is used every time, so the grids show one set of
@@ -46,19 +46,11 @@ class SampleGrid(PeriodicEvaluation):
                  batch_size: int = 256, scale: int = 4, interval: Optional[Union[str, Time]] = None,
                  num_classes: Optional[int] = None, sample_shape: Optional[tuple[int, ...]] = None,
                  use_ema: bool = True, folder: str = DEFAULT_FOLDER):
-        super().__init__(interval, folder)
-        if num_samples < 1 or num_steps < 1 or scale < 1:
-            raise ValueError(f'num_samples, num_steps and scale must be positive, got {num_samples}, {num_steps}, '
-                             f'{scale}.')
-        self.num_samples = int(num_samples)
-        self.num_steps = int(num_steps)
-        self.eta = float(eta)
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
+        super().__init__(num_samples, num_steps, eta, seed, batch_size, num_classes, sample_shape, use_ema, interval,
+                         folder)
+        if scale < 1:
+            raise ValueError(f'scale must be positive, got {scale}.')
         self.scale = int(scale)
-        self.num_classes = num_classes
-        self.shape = tuple(sample_shape) if sample_shape is not None else None
-        self.use_ema = use_ema
         self.last_path: Optional[str] = None
 
     def __repr__(self) -> str:
@@ -67,10 +59,7 @@ class SampleGrid(PeriodicEvaluation):
     def evaluate(self, state: State, logger: Logger) -> None:
         model = self.diffusion_model(state)
         self.shape = self.sample_shape(state, model, self.shape)
-        with self.sampling_model(state, self.use_ema) as (model, _):
-            indices, samples = generate_share(model, self.num_samples, self.shape, batch_size=self.batch_size,
-                                              num_steps=self.num_steps, eta=self.eta, seed=self.seed,
-                                              num_classes=self.num_classes)
+        indices, samples = self.generate(state)
         samples = gather_by_index(indices, samples)
         if samples is None:
             return

@@ -27,6 +27,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 import numpy as np
 from PIL import Image
 
+from composer_algos.data.integrity import SHARD_HASH
+
 __all__ = ['image_columns', 'image_array', 'image_encoding', 'write_mds', 'digits_images', 'cifar10_images',
            'folder_images', 'list_image_folder', 'load_image', 'center_crop', 'ordered_map', 'write_folder_mds',
            'convert_digits', 'DIGITS_TRAIN_FRACTION', 'DIGITS_SHAPE', 'CIFAR10_SHAPE', 'mnist5k_images',
@@ -77,14 +79,14 @@ def write_mds(samples: Iterable[tuple[Image.Image, int]], out: str, size_limit: 
 
     Images are stored as uint8 (C, H, W) arrays (see :func:`image_array`). With ``shape`` every image must have
     that shape (an image that does not is an error naming it); without it images may differ in size, and the
-    loader reads them one by one.
+    loader reads them one by one. The index records each shard's ``SHARD_HASH`` (loader option ``validate_hash``).
     """
     from streaming import MDSWriter
     from tqdm import tqdm
     count = 0
     expected = None if shape is None else tuple(int(d) for d in shape)
-    with MDSWriter(out=out, columns=image_columns(expected), size_limit=size_limit,
-                   compression=compression) as writer:
+    with MDSWriter(out=out, columns=image_columns(expected), size_limit=size_limit, compression=compression,
+                   hashes=[SHARD_HASH]) as writer:
         for image, label in tqdm(samples, total=total, disable=not progress, desc=f'writing {out}'):
             array = image_array(image)
             if expected is not None and array.shape != expected:

@@ -18,6 +18,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from composer_algos.pixels import from_uint8
+from composer_algos.data.integrity import SHARD_HASH
+
 __all__ = ['LATENT_COLUMNS', 'VAEEncoder', 'PrecomputedLatents', 'load_vae', 'build_vae_encoder', 'write_latents_mds']
 
 LATENT_COLUMNS = {'latents': 'ndarray:float16', 'label': 'int'}
@@ -104,9 +107,9 @@ def build_vae_encoder(pretrained_path: Optional[str] = None, config: Optional[di
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
-    # The same scaling as StreamingImageDataset: uint8 -> [-1, 1], (C, H, W).
-    array = np.asarray(image.convert('RGB'), dtype=np.float32).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array)) / 127.5 - 1.0
+    # The loaders' scaling: uint8 -> [-1, 1], (C, H, W).
+    array = np.asarray(image.convert('RGB'), dtype=np.uint8).transpose(2, 0, 1)
+    return from_uint8(torch.from_numpy(np.ascontiguousarray(array)))
 
 
 @torch.no_grad()
@@ -122,7 +125,8 @@ def write_latents_mds(samples: Iterable[tuple[Image.Image, int]], out: str, enco
     encoder = encoder.to(device).eval()
     count = 0
     batch: list[tuple[Image.Image, int]] = []
-    with MDSWriter(out=out, columns=LATENT_COLUMNS, size_limit=size_limit, compression=compression) as writer, \
+    with MDSWriter(out=out, columns=LATENT_COLUMNS, size_limit=size_limit, compression=compression,
+                   hashes=[SHARD_HASH]) as writer, \
             tqdm(total=total, disable=not progress, desc=f'encoding {out}', unit='img') as bar:
 
         def flush() -> None:

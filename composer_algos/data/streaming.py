@@ -18,6 +18,9 @@ from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
 from torch.utils.data import DataLoader
 
+from composer_algos.pixels import from_uint8
+from composer_algos.data.integrity import REWRITE_HINT, DataError, nonfinite_rows
+
 __all__ = ['StreamingImageDataset', 'StreamingBatchLoader', 'build_streaming_image_dataloader', 'flip_mask']
 
 log = logging.getLogger(__name__)
@@ -327,6 +330,8 @@ class StreamingImageDataset(StreamingDataset):
                 # Not downloaded yet, evicted, or only its compressed form is cached: prepare it (waiting for
                 # another worker that is already downloading it) and read again.
                 self.prepare_shard(shard_id)
+            except ValueError as e:  # the file is shorter than its records: truncated since the start-up check
+                raise DataError(f'shard {layout.path} is corrupt ({e}); {REWRITE_HINT}') from e
         else:
             raise RuntimeError(f'Shard {shard_id} ({layout.path}) went missing {1 + _READ_RETRIES} times while being '
                                'read; if cache_limit is set, it may be too low for this many workers.')
@@ -358,7 +363,15 @@ class StreamingImageDataset(StreamingDataset):
             if self.channels is not None and data.shape[1] != self.channels:
                 raise ValueError(f'Latents of sample {int(sample_ids[0])} have {data.shape[1]} channels but '
                                  f'channels={self.channels}.')
-            return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+            latents = np.ascontiguousarray(data, dtype=np.float32)
+            bad = nonfinite_rows(latents)
+            if bad:
+                shard_ids, _ = self._shard_ids(sample_ids[bad])
+                files = sorted({os.path.join(self.shards[s].dirname, self.shards[s].split,
+                                             self.shards[s].raw_data.basename) for s in shard_ids.tolist()})
+                raise DataError(f'latents of samples {sample_ids[bad].tolist()} (in {", ".join(files)}) hold NaN or '
+                                'inf values; recompute or drop them')
+            return torch.from_numpy(latents)
         if data.dtype != np.uint8:
             raise ValueError(f'Images are stored as {data.dtype}; expected uint8 (0..255).')
         if self.random_flip:
@@ -366,7 +379,7 @@ class StreamingImageDataset(StreamingDataset):
             data = np.array(data)  # decoded samples may be read-only views of their bytes
             data[flip] = data[flip][..., ::-1]
         # require: torch refuses read-only arrays (a single decoded sample is a view of its bytes).
-        return torch.from_numpy(np.require(data, requirements=('C', 'W'))).float().div_(127.5).sub_(1.0)
+        return from_uint8(torch.from_numpy(np.require(data, requirements=('C', 'W'))))
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

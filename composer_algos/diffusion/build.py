@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any, Optional
 
@@ -55,7 +54,6 @@ def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dic
         if vae_scale is not None and abs(float(kwargs.get('latent_scale', 1.0)) - vae_scale) > 1e-6:
             log.warning('model.latent_scale=%s but the VAE was trained with scaling_factor=%s.',
                         kwargs.get('latent_scale', 1.0), vae_scale)
-    allowed = [n for n in inspect.signature(model_class.__init__).parameters
-               if n not in ('self', 'denoiser', 'noise_schedule', 'encoder')]
-    registry.check_keys(kwargs, allowed, 'model.')
-    return model_class(net, schedule, encoder=encoder_module, **kwargs)
+    if 'encoder' in kwargs:
+        raise registry.ConfigError("model.encoder is a section (name and arguments of a registered encoder).")
+    return registry.call_checked(model_class, dict(kwargs, encoder=encoder_module), 'model', net, schedule)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
+from composer_algos.diffusion.diagnostics import nonfinite_loss_causes
 from composer_algos.diffusion.samplers import (TimestepPrior, TimestepSampler, UniformSampler, combined_prior,
                                                sample_from_probs, tilt_log_probs)
 from composer_algos.diffusion.schedule import NoiseSchedule
@@ -353,11 +354,11 @@ class DiffusionModel(ComposerModel):
     def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> torch.Tensor:
         loss = (outputs['weight'] * outputs['per_sample_loss']).mean()
         if self.check_finite_loss and not bool(torch.isfinite(loss)):
+            causes = '; '.join(nonfinite_loss_causes(self, outputs, batch)) or 'no NaN in the batch, weights or model'
             raise FloatingPointError(
-                f'The diffusion loss is {loss.item()} (per-sample losses finite: '
-                f'{bool(torch.isfinite(outputs["per_sample_loss"]).all())}, weights finite: '
-                f'{bool(torch.isfinite(outputs["weight"]).all())}). Lower the learning rate, enable gradient '
-                'clipping, or check the data for NaNs; the last saved checkpoint is intact and can be resumed.')
+                f'The diffusion loss is {loss.item()} ({causes}). Lower the learning rate, enable gradient clipping, '
+                'or check the data for NaNs; no step was taken on this loss, and the last saved checkpoint is intact '
+                'and can be resumed.')
         scale = fsdp_gradient_scale(self)
         if scale != 1.0:
             # The same value, a gradient scaled by 1/world size (see fsdp_gradient_scale).

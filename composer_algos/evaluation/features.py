@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from composer_algos import registry
+from composer_algos.pixels import from_uint8, to_uint8
 import torch.nn.functional as F
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     'mnist5k_arrays',
     'load_or_train_digit_classifier',
     'train_digit_classifier',
-    'to_uint8',
 ]
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,6 @@ MNIST_CLASSIFIER_CONFIG: dict[str, Any] = {
     'seed': 0,
 }
 CLASSIFIER_CONFIGS = {'digits': DEFAULT_DIGIT_CLASSIFIER_CONFIG, 'mnist5k': MNIST_CLASSIFIER_CONFIG}
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 in [0, 255] (the inverse of the loaders' ``x / 127.5 - 1``)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def default_cache_dir() -> str:
@@ -179,9 +174,9 @@ class DigitFeatures(nn.Module):
 def _as_tensors(pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
     """``[(PIL image, label)]`` -> ``(N, 1, H, W)`` floats in [-1, 1] as the MDS loaders give them, and labels."""
     import numpy as np
-    images = torch.from_numpy(np.stack([np.asarray(img, dtype=np.float32) for img, _ in pairs]))[:, None]
+    images = torch.from_numpy(np.stack([np.asarray(img, dtype=np.uint8) for img, _ in pairs]))[:, None]
     labels = torch.tensor([label for _, label in pairs], dtype=torch.long)
-    return images / 127.5 - 1.0, labels
+    return from_uint8(images), labels
 
 
 def digits_arrays(split: str) -> tuple[torch.Tensor, torch.Tensor]:

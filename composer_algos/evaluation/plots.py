@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from composer_algos.pixels import to_uint8
+
 __all__ = ['figure_to_array', 'image_grid', 'metric_curve_png', 'save_png', 'side_by_side_grid',
            'timestep_heatmap_png']
 
@@ -24,7 +26,7 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 
     if scale > 1:
         images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     grid = make_grid(images, nrow=nrow, padding=padding * scale, pad_value=0.0)
-    return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return to_uint8(grid).permute(1, 2, 0).numpy()
 
 
 def side_by_side_grid(left: torch.Tensor, right: torch.Tensor, nrow: Optional[int] = None, scale: int = 1,
