@@ -13,8 +13,8 @@ from conftest import LossRecorder, make_trainer
 from composer_algos import registry
 from composer_algos.algorithms import (AdaptiveTimestepSampling, CosMapSampling, CosMapWeighting,
                                        CurriculumTimestepSchedule, LogitNormalSampling, LogNormalSampling,
-                                       MinSNRWeighting, ModeSampling, MomentumDecay, P2Weighting, SigmaSqrtWeighting,
-                                       SpeeD)
+                                       LossSecondMomentSampling, MinSNRWeighting, ModeSampling, MomentumDecay,
+                                       P2Weighting, SigmaSqrtWeighting, SpeeD)
 from composer_algos.algorithms.cosmap_weighting import cosmap_weight
 from composer_algos.algorithms.sigma_sqrt_weighting import sigma_sqrt_weight
 from composer_algos.diffusion import (CosMapDensity, FlowMatchingModel, FlowSchedule, LogitNormalDensity, ModeDensity,
@@ -292,6 +292,12 @@ def check_density_sampler(algorithm, density) -> None:
     edges = unshift_sigmas(torch.arange(101, dtype=torch.float64) / 100, 3.0)
     torch.testing.assert_close(model.timestep_distribution().double(), grid_masses(density, edges), rtol=1e-5,
                                atol=1e-7)
+    # On a DDPM model the same density sits on t / T.
+    from conftest import tiny_model
+    ddpm = tiny_model(num_timesteps=100)
+    init(ddpm, type(algorithm)(**{k: v for k, v in vars(algorithm).items() if not k.startswith('_')}))
+    torch.testing.assert_close(ddpm.timestep_distribution().double(),
+                               grid_masses(density, torch.arange(101, dtype=torch.float64) / 100), rtol=1e-5, atol=1e-7)
 
 
 def test_ddpm_only_algorithms_refuse_a_flow_model_in_one_line():
@@ -313,6 +319,24 @@ def test_flow_weightings_refuse_a_ddpm_model_and_weight_by_sigma():
         init(model, algorithm)
         outputs = model({'image': torch.randn(5, 1, 8, 8)})
         torch.testing.assert_close(outputs['weight'], reference(None, outputs['sigma']).float())
+
+
+
+def test_loss_aware_sampler_and_a_weighting_train_a_flow_model(digits_mds):
+    # The importance weights of the loss-second-moment sampler correct towards the flow model's own distribution;
+    # the sigma_sqrt weighting multiplies them at each drawn sigma.
+    lsm = LossSecondMomentSampling(history=2)
+    model = flow_model(shift=3.0)
+    trainer = make_trainer(digits_mds, algorithms=[lsm, SigmaSqrtWeighting()], model=model, max_duration='4ba')
+    trainer.fit()
+    assert torch.isfinite(trainer.state.loss)
+    x0 = torch.zeros(8, 1, 8, 8)
+    draw = model.draw_timesteps(x0, torch.linspace(0.05, 0.95, 8, dtype=torch.float64))
+    own = model.default_timestep_sampler().probs(x0)
+    torch.testing.assert_close(draw.weight, (own[draw.t] / draw.probs[draw.t]).float())
+    outputs = model({'image': x0})
+    torch.testing.assert_close(outputs['weight'],
+                               (outputs['draw'].weight * sigma_sqrt_weight(None, outputs['sigma'])).float())
 
 
 def test_curriculum_over_sigma_tilts_the_draws_towards_mu():
