@@ -2,7 +2,9 @@
 weightings in closed form, the objective, ODE sampling, which algorithms refuse a flow model, and Trainer runs with
 exact resume."""
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -22,6 +24,11 @@ from composer_algos.diffusion import (CosMapDensity, FlowMatchingModel, FlowSche
 from composer_algos.diffusion.build import build_diffusion_model
 from composer_algos.diffusion.densities import grid_masses
 from composer_algos.diffusion.flow import resolution_shift, shift_sigmas, unshift_sigmas
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location('train_script', os.path.join(ROOT, 'recipes', 'train.py'))
+train_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_script)
 
 diffusers = pytest.importorskip('diffusers')
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
@@ -300,7 +307,7 @@ def check_density_sampler(algorithm, density) -> None:
                                grid_masses(density, torch.arange(101, dtype=torch.float64) / 100), rtol=1e-5, atol=1e-7)
 
 
-def test_ddpm_only_algorithms_refuse_a_flow_model_in_one_line():
+def test_ddpm_only_algorithms_refuse_a_flow_model_in_one_line(digits_mds, tmp_path, capsys, monkeypatch):
     for algorithm, fix in ((MinSNRWeighting(), 'sigma_sqrt_weighting'), (P2Weighting(), 'sigma_sqrt_weighting'),
                            (SpeeD(), 'logit_normal_sampling'), (LogNormalSampling(), 'logit_normal_sampling')):
         with pytest.raises(ValueError) as error:
@@ -308,6 +315,18 @@ def test_ddpm_only_algorithms_refuse_a_flow_model_in_one_line():
         message = str(error.value)
         assert type(algorithm).__name__ in message and fix in message and 'flow-matching' in message
         assert '\n' not in message
+    # Through a recipe: one line and exit status 2 before training; bits/dim stops the run at its start.
+    monkeypatch.chdir(tmp_path)
+    base = [os.path.join(ROOT, 'yamls', 'digits', 'flow_uniform.yaml'), 'prepare_data=false',
+            f'train_loader.local={digits_mds}', f'eval_loader.local={digits_mds}', 'max_duration=2ba',
+            'progress_bar=false', 'save_folder=null', 'loggers=null', 'callbacks=null']
+    for overrides, code, named in ((['algorithms.min_snr_weighting={gamma: 5.0}'], 2, 'MinSNRWeighting'),
+                                   (['callbacks.bits_per_dim={num_images: 8}'], 1, 'bits_per_dim')):
+        capsys.readouterr()
+        assert train_script.main(base + overrides) == code
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith('error:')]
+        assert len(errors) == 1 and named in errors[0] and 'flow' in errors[0] and 'Traceback' not in err, err
 
 
 def test_flow_weightings_refuse_a_ddpm_model_and_weight_by_sigma():

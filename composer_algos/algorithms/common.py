@@ -9,6 +9,7 @@ import torch
 from composer.core import State, Time, TimeUnit
 
 from composer_algos.diffusion.utils import get_diffusion_model
+from composer_algos.registry import ConfigError
 
 __all__ = ['diffusion_model', 'install_density', 'install_fixed_distribution', 'objective_of', 'refuse_flow_matching',
            'require_flow_matching', 'ReprMixin', 'parse_time', 'span_fraction']
@@ -26,19 +27,19 @@ def objective_of(model: Any) -> str:
 
 
 def refuse_flow_matching(model: Any, algorithm: Any, why: str, instead: str) -> None:
-    """Raise a ``ValueError`` naming ``algorithm`` when ``model`` trains flow matching: ``why`` it does not apply and
-    what to use ``instead`` (see docs/flow_matching.md)."""
+    """Raise a ``ConfigError`` (a ``ValueError``; a recipe stops on it with one line) naming ``algorithm`` when
+    ``model`` trains flow matching: ``why`` it does not apply and what to use ``instead`` (docs/flow_matching.md)."""
     if objective_of(model) == 'flow_matching':
-        raise ValueError(f'{type(algorithm).__name__} does not apply to flow-matching models: {why} Remove it, or '
-                         f'{instead} (docs/flow_matching.md lists what applies to which objective).')
+        raise ConfigError(f'{type(algorithm).__name__} does not apply to flow-matching models: {why} Remove it, or '
+                          f'{instead} (docs/flow_matching.md lists what applies to which objective).')
 
 
 def require_flow_matching(model: Any, algorithm: Any, why: str, instead: str) -> None:
-    """Raise a ``ValueError`` naming ``algorithm`` unless ``model`` trains flow matching (see
+    """Raise a ``ConfigError`` naming ``algorithm`` unless ``model`` trains flow matching (see
     :func:`refuse_flow_matching`)."""
     if objective_of(model) != 'flow_matching':
-        raise ValueError(f'{type(algorithm).__name__} applies to flow-matching models only (model.objective: '
-                         f'flow_matching): {why} Remove it, or {instead} (docs/flow_matching.md).')
+        raise ConfigError(f'{type(algorithm).__name__} applies to flow-matching models only (model.objective: '
+                          f'flow_matching): {why} Remove it, or {instead} (docs/flow_matching.md).')
 
 
 def install_density(model: Any, density: Any, owner: str) -> float:
