@@ -442,6 +442,31 @@ def test_cifar10_recipe_on_two_fsdp2_ranks_shards_each_block_and_resumes_exactly
         assert full[rank]['algorithms']['MomentumDecay'] == resumed[rank]['algorithms']['MomentumDecay']
 
 
+def test_flow_recipe_on_two_fsdp2_ranks_resumes_exactly(digits_mds, tmp_path):
+    """The flow-matching adaptive+CLTS+MD digits recipe (tiny denoiser) on 2 FSDP2 ranks with sharded checkpoints:
+    resumed at step 4, every rank repeats its losses and ends with the same sampler, curriculum and momentum state."""
+    cfg = _digits_overrides(os.path.join(ROOT, 'yamls', 'digits', 'flow_adaptive_clts_md.yaml'), digits_mds)
+    assert cfg['model']['objective'] == 'flow_matching'
+    cfg['algorithms']['adaptive_timestep_sampling'].update(update_every=2)
+    cfg.update(max_duration='8ba', eval_interval='4ba', save_folder=str(tmp_path / 'ckpt'), save_interval='4ba',
+               save_overwrite=True)
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text(yaml.safe_dump(cfg))
+    full = _launch_two_ranks(str(recipe), str(tmp_path / 'full'))
+    resumed = _launch_two_ranks(str(recipe), str(tmp_path / 'resumed'), f'load_path={tmp_path / "ckpt" / "ep0-ba4"}',
+                                f'save_folder={tmp_path / "ckpt_resumed"}')
+    assert len(full[0]['losses']) == 8 and full[0]['losses'] != full[1]['losses']
+    assert full[0]['algorithms']['AdaptiveTimestepSampling']['num_updates'] == 4
+    for rank in range(2):
+        assert resumed[rank]['losses'] == full[rank]['losses'][4:], f'rank {rank}'
+        for key in ('policy', 'queue_x', 'selected', 'num_updates'):
+            a, b = full[rank]['algorithms']['AdaptiveTimestepSampling'][key], \
+                resumed[rank]['algorithms']['AdaptiveTimestepSampling'][key]
+            assert str(a) == str(b) if not torch.is_tensor(a) else torch.equal(a, b), key
+        for name in ('CurriculumTimestepSchedule', 'MomentumDecay'):
+            assert full[rank]['algorithms'][name] == resumed[rank]['algorithms'][name], name
+
+
 def test_latent_recipe_under_fsdp2_wraps_dit_blocks_and_keeps_the_vae_whole(digits_mds, tiny_vae_dir, tmp_path,
                                                                               monkeypatch):
     """The latent recipe's FSDP2 settings (one rank, in this process): DiT blocks sharded, VAE whole, trains."""
