@@ -14,14 +14,18 @@ from torch import optim
 
 from composer_algos import registry
 from composer_algos.algorithms.adaptive_timestep_sampling import AdaptiveTimestepSampling
+from composer_algos.algorithms.cosmap_sampling import CosMapSampling
+from composer_algos.algorithms.cosmap_weighting import CosMapWeighting
 from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule
 from composer_algos.algorithms.ema import WarmupEMA
 from composer_algos.algorithms.log_normal_sampling import LogNormalSampling
 from composer_algos.algorithms.logit_normal_sampling import LogitNormalSampling
 from composer_algos.algorithms.loss_second_moment_sampling import LossSecondMomentSampling
 from composer_algos.algorithms.min_snr_weighting import MinSNRWeighting
+from composer_algos.algorithms.mode_sampling import ModeSampling
 from composer_algos.algorithms.momentum_decay import MomentumDecay
 from composer_algos.algorithms.p2_weighting import P2Weighting
+from composer_algos.algorithms.sigma_sqrt_weighting import SigmaSqrtWeighting
 from composer_algos.algorithms.speed import SpeeD
 from composer_algos.callbacks import FID, BitsPerDim, LossBands, SampleGrid, TimestepHeatmap
 from composer_algos.data import build_streaming_image_dataloader, build_vae_encoder
@@ -46,6 +50,10 @@ BUILTINS = {
         'speed': SpeeD,
         'logit_normal_sampling': LogitNormalSampling,
         'log_normal_sampling': LogNormalSampling,
+        'mode_sampling': ModeSampling,
+        'cosmap_sampling': CosMapSampling,
+        'sigma_sqrt_weighting': SigmaSqrtWeighting,
+        'cosmap_weighting': CosMapWeighting,
         'ema': WarmupEMA,
         'gradient_clipping': GradientClipping,
     },

@@ -7,7 +7,8 @@ The recipe is the one the checkpoint was trained with: its ``model`` section reb
 ``num_samples=5000 feature=inception inception_weights=/models/inception.pth bpd_terms=null``); other pairs
 override the recipe (``eval_loader.local=/data/digits``). The EMA weights are evaluated when the checkpoint has
 them (``weights=live`` for the training weights). ``--compare`` adds the consistency diagnostic: both checkpoints
-generate from the same noise with deterministic DDIM, side by side in ``consistency.png``.
+generate from the same noise with their deterministic sampler (DDIM, or the ODE of a flow-matching model), side by
+side in ``consistency.png``. Bits/dim is reported for DDPM models only (flow matching has no variational bound here).
 
 Options and defaults: see ``composer_algos.evaluation.EVALUATION_DEFAULTS``.
 """

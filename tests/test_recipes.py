@@ -19,6 +19,14 @@ DIGITS_RECIPES = sorted(glob.glob(os.path.join(ROOT, 'yamls', 'digits', '*.yaml'
 MNIST_RECIPES = sorted(glob.glob(os.path.join(ROOT, 'yamls', 'mnist', '*.yaml')))
 
 
+def _hundred_timesteps(model: dict) -> None:
+    """A schedule of 100 timesteps (DDPM) or cells of sigma (flow matching), so the tiny runs stay fast."""
+    if model.get('objective') == 'flow_matching':
+        model['flow'] = dict(model.get('flow') or {}, num_cells=100)
+    else:
+        model['noise_schedule'] = {'num_timesteps': 100}
+
+
 @pytest.mark.parametrize('recipes', [DIGITS_RECIPES, MNIST_RECIPES], ids=['digits', 'mnist'])
 def test_there_is_a_recipe_per_method(recipes):
     names = {os.path.basename(p)[:-5] for p in recipes}
@@ -33,7 +41,7 @@ def test_recipe_trains(recipe, digits_mds, tmp_path, monkeypatch):
                                'max_duration=3ba', 'eval_interval=3ba', 'progress_bar=false', 'save_folder=null',
                                'train_loader.global_batch_size=16'])
     cfg['model']['denoiser'] = {'name': 'conv', 'width': 16}
-    cfg['model']['noise_schedule'] = {'num_timesteps': 100}
+    _hundred_timesteps(cfg['model'])
     cfg['callbacks'] = {'sample_grid': {'num_samples': 4, 'num_steps': 2}}
     trainer = build_trainer(cfg)
     names = {type(a).__name__ for a in trainer.state.algorithms}
@@ -57,7 +65,7 @@ def test_mnist_recipe_trains(recipe, mnist_mds, tmp_path, monkeypatch):
                                'max_duration=3ba', 'eval_interval=3ba', 'progress_bar=false', 'save_folder=null',
                                'train_loader.global_batch_size=16'])
     cfg['model']['denoiser'] = {'name': 'conv', 'width': 16}
-    cfg['model']['noise_schedule'] = {'num_timesteps': 100}
+    _hundred_timesteps(cfg['model'])
     cfg['callbacks'] = {'sample_grid': {'num_samples': 4, 'num_steps': 2}}
     trainer = build_trainer(cfg)
     names = {type(a).__name__ for a in trainer.state.algorithms}
@@ -99,6 +107,8 @@ EXPECTED_ALGORITHMS = {
     'clts_md': {'curriculum_timestep_schedule', 'momentum_decay'},
     'adaptive_clts_md': {'adaptive_timestep_sampling', 'curriculum_timestep_schedule', 'momentum_decay'},
     'adaptive_clts_md_latents': {'adaptive_timestep_sampling', 'curriculum_timestep_schedule', 'momentum_decay'},
+    'flow_uniform': set(),
+    'flow_adaptive_clts_md': {'adaptive_timestep_sampling', 'curriculum_timestep_schedule', 'momentum_decay'},
 }
 
 
@@ -130,7 +140,7 @@ def _cpu_overrides(cfg: dict, data_root: str, vae_dir: str, **adaptive: int) -> 
         model['denoiser'] = {'name': 'conv', 'in_channels': 3, 'width': 16}
     if encoder is not None and not encoder.get('precomputed'):
         model['encoder'] = {'name': 'vae', 'pretrained_path': vae_dir}
-    model['noise_schedule'] = {'num_timesteps': 100}
+    _hundred_timesteps(model)
     for key in ('train_loader', 'eval_loader'):
         loader = cfg[key]
         loader.update(remote=None, local=data_root, num_workers=0, global_batch_size=8,
@@ -432,6 +442,31 @@ def test_cifar10_recipe_on_two_fsdp2_ranks_shards_each_block_and_resumes_exactly
         assert full[rank]['algorithms']['MomentumDecay'] == resumed[rank]['algorithms']['MomentumDecay']
 
 
+def test_flow_recipe_on_two_fsdp2_ranks_resumes_exactly(digits_mds, tmp_path):
+    """The flow-matching adaptive+CLTS+MD digits recipe (tiny denoiser) on 2 FSDP2 ranks with sharded checkpoints:
+    resumed at step 4, every rank repeats its losses and ends with the same sampler, curriculum and momentum state."""
+    cfg = _digits_overrides(os.path.join(ROOT, 'yamls', 'digits', 'flow_adaptive_clts_md.yaml'), digits_mds)
+    assert cfg['model']['objective'] == 'flow_matching'
+    cfg['algorithms']['adaptive_timestep_sampling'].update(update_every=2)
+    cfg.update(max_duration='8ba', eval_interval='4ba', save_folder=str(tmp_path / 'ckpt'), save_interval='4ba',
+               save_overwrite=True)
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text(yaml.safe_dump(cfg))
+    full = _launch_two_ranks(str(recipe), str(tmp_path / 'full'))
+    resumed = _launch_two_ranks(str(recipe), str(tmp_path / 'resumed'), f'load_path={tmp_path / "ckpt" / "ep0-ba4"}',
+                                f'save_folder={tmp_path / "ckpt_resumed"}')
+    assert len(full[0]['losses']) == 8 and full[0]['losses'] != full[1]['losses']
+    assert full[0]['algorithms']['AdaptiveTimestepSampling']['num_updates'] == 4
+    for rank in range(2):
+        assert resumed[rank]['losses'] == full[rank]['losses'][4:], f'rank {rank}'
+        for key in ('policy', 'queue_x', 'selected', 'num_updates'):
+            a, b = full[rank]['algorithms']['AdaptiveTimestepSampling'][key], \
+                resumed[rank]['algorithms']['AdaptiveTimestepSampling'][key]
+            assert str(a) == str(b) if not torch.is_tensor(a) else torch.equal(a, b), key
+        for name in ('CurriculumTimestepSchedule', 'MomentumDecay'):
+            assert full[rank]['algorithms'][name] == resumed[rank]['algorithms'][name], name
+
+
 def test_latent_recipe_under_fsdp2_wraps_dit_blocks_and_keeps_the_vae_whole(digits_mds, tiny_vae_dir, tmp_path,
                                                                               monkeypatch):
     """The latent recipe's FSDP2 settings (one rank, in this process): DiT blocks sharded, VAE whole, trains."""
@@ -479,7 +514,7 @@ def _digits_overrides(recipe: str, data_root: str) -> dict:
                                'max_duration=2ba', 'eval_interval=2ba', 'eval_subset_num_batches=1',
                                'progress_bar=false', 'save_folder=null', 'train_loader.global_batch_size=16'])
     cfg['model']['denoiser'] = {'name': 'conv', 'width': 16}
-    cfg['model']['noise_schedule'] = {'num_timesteps': 100}
+    _hundred_timesteps(cfg['model'])
     cfg['callbacks'] = {'loss_bands': {}}
     cfg.pop('scheduler', None)  # no warm-up: the adaptive sampler probes only steps with a non-zero lr
     if 'adaptive_timestep_sampling' in cfg['algorithms']:

@@ -9,13 +9,56 @@ import torch
 from composer.core import State, Time, TimeUnit
 
 from composer_algos.diffusion.utils import get_diffusion_model
+from composer_algos.registry import ConfigError
 
-__all__ = ['diffusion_model', 'install_fixed_distribution', 'ReprMixin', 'parse_time', 'span_fraction']
+__all__ = ['diffusion_model', 'install_density', 'install_fixed_distribution', 'objective_of', 'refuse_flow_matching',
+           'require_flow_matching', 'ReprMixin', 'parse_time', 'span_fraction']
 
 
 def diffusion_model(state: State, algorithm: Any) -> Any:
     """The model behind ``state.model`` that implements the diffusion contract (error naming ``algorithm`` if none)."""
     return get_diffusion_model(state.model, algorithm)
+
+
+def objective_of(model: Any) -> str:
+    """The objective a model trains: its ``objective`` (``'ddpm'`` or ``'flow_matching'``); ``'ddpm'`` for a model
+    implementing the contract without saying."""
+    return getattr(model, 'objective', 'ddpm')
+
+
+def refuse_flow_matching(model: Any, algorithm: Any, why: str, instead: str) -> None:
+    """Raise a ``ConfigError`` (a ``ValueError``; a recipe stops on it with one line) naming ``algorithm`` when
+    ``model`` trains flow matching: ``why`` it does not apply and what to use ``instead`` (docs/flow_matching.md)."""
+    if objective_of(model) == 'flow_matching':
+        raise ConfigError(f'{type(algorithm).__name__} does not apply to flow-matching models: {why} Remove it, or '
+                          f'{instead} (docs/flow_matching.md lists what applies to which objective).')
+
+
+def require_flow_matching(model: Any, algorithm: Any, why: str, instead: str) -> None:
+    """Raise a ``ConfigError`` naming ``algorithm`` unless ``model`` trains flow matching (see
+    :func:`refuse_flow_matching`)."""
+    if objective_of(model) != 'flow_matching':
+        raise ConfigError(f'{type(algorithm).__name__} applies to flow-matching models only (model.objective: '
+                          f'flow_matching): {why} Remove it, or {instead} (docs/flow_matching.md).')
+
+
+def install_density(model: Any, density: Any, owner: str) -> float:
+    """Make a closed-form density of the time ``u`` in [0, 1] (:mod:`composer_algos.diffusion.densities`) ``model``'s
+    timestep sampler, owned by ``owner``; return the density's mean ``u``.
+
+    Flow matching: a :class:`~composer_algos.diffusion.samplers.ContinuousTimestepSampler`, ``sigma = shift(u)``.
+    DDPM: ``u`` is the position ``t / T`` on the schedule, each timestep getting its cell's mass
+    ``P(t / T <= u < (t + 1) / T)`` (the distribution of ``floor(u T)``, as diffusers' training scripts index it).
+    """
+    from composer_algos.diffusion.densities import grid_masses
+    from composer_algos.diffusion.samplers import ContinuousTimestepSampler
+    if objective_of(model) == 'flow_matching':
+        model.set_timestep_sampler(ContinuousTimestepSampler(density, model.noise_schedule), owner)
+    else:
+        edges = torch.arange(model.num_timesteps + 1, dtype=torch.float64) / model.num_timesteps
+        install_fixed_distribution(model, grid_masses(density, edges), owner)
+    edges = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    return float((grid_masses(density, edges) * (edges[1:] + edges[:-1]) / 2).sum())
 
 
 def install_fixed_distribution(model: Any, probs: torch.Tensor, owner: str) -> float:

@@ -20,7 +20,8 @@ from composer.algorithms.warnings import NoEffectWarning
 
 from composer_algos.diffusion.model import PREDICTION_TYPES, LossWeighting
 
-__all__ = ['check_prediction_type', 'epsilon_loss_factor', 'from_epsilon_weight', 'install_loss_weighting']
+__all__ = ['check_prediction_type', 'epsilon_loss_factor', 'from_epsilon_weight', 'install_flow_loss_weighting',
+           'install_loss_weighting']
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,25 @@ def install_loss_weighting(model: Any, weighting: LossWeighting, owner: str) -> 
     # batch instead of recomputing the formula.
     model.add_loss_weighting(functools.partial(_table_lookup, weights.float()), owner=owner)
     log.info('%s: loss weights in [%.4g, %.4g].', owner, float(weights.min()), float(weights.max()))
+    return weights
+
+
+def install_flow_loss_weighting(model: Any, weighting: LossWeighting, owner: str) -> torch.Tensor:
+    """Add ``weighting`` (a function of sigma) to a flow-matching ``model``'s chain; return its weights at the centres
+    of the model's cells of sigma.
+
+    The weighting is evaluated at each drawn sigma (not tabulated: sigma is continuous). Non-finite or negative
+    weights at the cell centres are an error naming ``owner``.
+    """
+    sigma = model.grid_points()
+    weights = weighting(model.noise_schedule, sigma, model.prediction_type).to(torch.float64)
+    bad = ~torch.isfinite(weights) | (weights < 0)
+    if bool(bad.any()):
+        raise ValueError(f'{owner} gives loss weights that are negative or not finite at sigma '
+                         f'{sigma[bad][:5].tolist()}; choose other arguments.')
+    model.add_loss_weighting(weighting, owner=owner)
+    log.info('%s: loss weights in [%.4g, %.4g] over the cells of sigma.', owner, float(weights.min()),
+             float(weights.max()))
     return weights
 
 

@@ -16,6 +16,7 @@ from composer_algos.evaluation.fid import collect_images
 from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.distributed import all_reduce, rank_world
 from composer_algos.evaluation.sampling import all_reduce_max
+from composer_algos.registry import ConfigError
 
 __all__ = ['BitsPerDim', 'LossBands', 'band_names']
 
@@ -60,6 +61,13 @@ class BitsPerDim(PeriodicEvaluation):
 
     def __repr__(self) -> str:
         return f'BitsPerDim(num_images={self.num_images}, num_terms={self.num_terms}, interval={self.interval!r})'
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if getattr(self.diffusion_model(state), 'objective', 'ddpm') == 'flow_matching':
+            raise ConfigError('bits_per_dim sums the variational bound of a DDPM model; a flow-matching model has none '
+                             'here. Remove the bits_per_dim callback from the recipe (FID, loss bands, sample grids and '
+                             'the timestep heatmap work for flow models).')
+        super().fit_start(state, logger)
 
     def evaluate(self, state: State, logger: Logger) -> None:
         model = self.diffusion_model(state)

@@ -33,13 +33,14 @@ def nonfinite_loss_causes(model: Any, outputs: dict[str, torch.Tensor], batch: A
         rows = _bad_rows(x0)
         if rows:
             causes.append(f'the batch holds NaN or inf values in samples {_listing(rows)} of this rank\'s batch')
-    t = outputs['t']
+    # Weightings take what the objective draws: t, or sigma on a flow-matching model.
+    name, level = ('sigma', outputs['sigma']) if outputs.get('sigma') is not None else ('t', outputs['t'])
     for owner, weighting in getattr(model, '_weightings', []):
         with torch.no_grad():
-            weights = weighting(model.noise_schedule, t, model.prediction_type)
+            weights = weighting(model.noise_schedule, level, model.prediction_type)
         rows = _bad_rows(weights.reshape(-1, 1))
         if rows:
-            causes.append(f'the loss weighting of {owner} is NaN or inf at t={_listing(t[rows].tolist())}')
+            causes.append(f'the loss weighting of {owner} is NaN or inf at {name}={_listing(level[rows].tolist())}')
     if not causes and _bad_rows(outputs['weight'].reshape(-1, 1)):
         causes.append(f'the timestep sampler of {model.timestep_sampler_owner or "the model"} gave NaN or inf '
                       'importance weights')

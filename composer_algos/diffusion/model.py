@@ -49,12 +49,20 @@ class TimestepDraw:
         probs: ``(T,)`` or ``(B, T)``: the distribution they were drawn from (the sampler's, tilted by ``prior``).
         prior: ``(T,)`` the product of the curriculum priors applied, or ``None``.
         weight: ``(B,)`` the importance weight of each draw (1 unless the sampler corrects for itself).
+        sigma: ``(B,)`` the continuous noise levels of a flow-matching model (``t`` is then their grid cells);
+            ``None`` for discrete timesteps.
     """
 
     t: torch.Tensor
     probs: torch.Tensor
     prior: Optional[torch.Tensor]
     weight: torch.Tensor
+    sigma: Optional[torch.Tensor] = None
+
+    @property
+    def level(self) -> torch.Tensor:
+        """What the objective and the loss weightings take: ``sigma`` for flow matching, else ``t``."""
+        return self.t if self.sigma is None else self.sigma
 
 
 class DiffusionLoss(Metric):
@@ -112,6 +120,10 @@ class DiffusionModel(ComposerModel):
         num_loss_bands: bands of t for the validation loss metric.
     """
 
+    # Which objective the model trains (algorithms stated on DDPM schedules check it); FlowMatchingModel: flow_matching.
+    objective = 'ddpm'
+    prediction_types = PREDICTION_TYPES
+
     def __init__(
         self,
         denoiser: nn.Module,
@@ -127,8 +139,8 @@ class DiffusionModel(ComposerModel):
         num_loss_bands: int = 10,
     ):
         super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.')
+        if prediction_type not in self.prediction_types:
+            raise ValueError(f'prediction_type must be one of {self.prediction_types}, got {prediction_type!r}.')
         self.denoiser = denoiser
         self.noise_schedule = noise_schedule or NoiseSchedule()
         self.prediction_type = prediction_type
@@ -144,7 +156,7 @@ class DiffusionModel(ComposerModel):
         self.num_loss_bands = num_loss_bands
         self.seed = int(seed)
         self.num_draws = 0  # training forwards so far: the key of the next draw
-        self._sampler: TimestepSampler = UniformSampler(self.num_timesteps)
+        self._sampler: TimestepSampler = self.default_timestep_sampler()
         self._sampler_owner: Optional[str] = None
         self._priors: list[tuple[str, TimestepPrior]] = []
         self._weightings: list[tuple[str, LossWeighting]] = []
@@ -159,6 +171,14 @@ class DiffusionModel(ComposerModel):
     @property
     def timestep_sampler(self) -> TimestepSampler:
         return self._sampler
+
+    def default_timestep_sampler(self) -> TimestepSampler:
+        """The sampler in force until an algorithm installs another: uniform over the T timesteps."""
+        return UniformSampler(self.num_timesteps)
+
+    def grid_points(self) -> torch.Tensor:
+        """What the loss weightings take at each of the T cells of the sampling grid: the timesteps themselves."""
+        return torch.arange(self.num_timesteps)
 
     @property
     def timestep_sampler_owner(self) -> Optional[str]:
@@ -175,7 +195,7 @@ class DiffusionModel(ComposerModel):
                              f'{self.num_timesteps}.')
         self._sampler = sampler
         self._sampler_owner = owner
-        sampler.set_loss_weights(self.loss_weights(torch.arange(self.num_timesteps)))
+        sampler.set_loss_weights(self.loss_weights(self.grid_points()))
 
     def add_timestep_prior(self, prior: TimestepPrior, owner: str) -> None:
         """Tilt the active sampler by ``prior`` (a function ``(T, device) -> (T,)`` masses)."""
@@ -184,7 +204,7 @@ class DiffusionModel(ComposerModel):
     def add_loss_weighting(self, weighting: LossWeighting, owner: str) -> None:
         """Multiply the per-sample loss by ``weighting(schedule, t, prediction_type)``."""
         self._weightings = [(o, w) for o, w in self._weightings if o != owner] + [(owner, weighting)]
-        self._sampler.set_loss_weights(self.loss_weights(torch.arange(self.num_timesteps)))
+        self._sampler.set_loss_weights(self.loss_weights(self.grid_points()))
 
     @property
     def loss_weighting_owners(self) -> list[str]:
@@ -302,8 +322,8 @@ class DiffusionModel(ComposerModel):
         u, noise = self.draw_randoms(x0)
         draw = self.draw_timesteps(x0, u)
         with self._denoiser_rng(x0.device, index) if self.training else contextlib.nullcontext():
-            outputs = self._loss_terms(x0, draw.t, noise, self.conditioning(batch),
-                                       draw.weight * self.loss_weights(draw.t))
+            outputs = self._loss_terms(x0, draw.level, noise, self.conditioning(batch),
+                                       draw.weight * self.loss_weights(draw.level))
         outputs['draw'] = draw
         return outputs
 

@@ -1,10 +1,16 @@
 """Timestep samplers: the replaceable distribution over t that a DiffusionModel trains on.
 
-Every sampler is a distribution over the T discrete timesteps. ``probs(x0)`` returns ``(T,)`` (the same for the
+Every sampler is a distribution over the T discrete timesteps (for a flow-matching model: over the T cells of its
+grid on sigma, see :mod:`composer_algos.diffusion.flow`). ``probs(x0)`` returns ``(T,)`` (the same for the
 whole batch) or ``(B, T)`` (per sample). The model multiplies it by any curriculum priors, normalises, draws t
 by inverse CDF at its own keyed uniforms, and, for samplers that declare ``importance = True``, weights the loss by
 ``q(t) / p(t)`` where ``q`` is the prior-tilted uniform target (``1 / (T p(t))`` without priors), so the
 expected loss is that of the target distribution.
+
+Continuous time (flow matching): a distribution drawn on the grid is piecewise constant, and
+:func:`sample_within_cells` draws a cell by inverse CDF at ``u`` and the position inside it from the same ``u`` (its
+place within the cell's CDF interval), which is the exact inverse CDF of that piecewise-constant density. A
+:class:`ContinuousTimestepSampler` holds a closed-form density; untilted, the model draws from its exact inverse CDF.
 """
 
 from __future__ import annotations
@@ -13,13 +19,18 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from composer_algos.diffusion.densities import TimeDensity, grid_masses
+from composer_algos.diffusion.flow import FlowSchedule, shift_sigmas, unshift_sigmas
+
 __all__ = [
     'TimestepSampler',
     'UniformSampler',
     'FixedDistributionSampler',
     'TimestepPrior',
+    'ContinuousTimestepSampler',
     'combined_prior',
     'sample_from_probs',
+    'sample_within_cells',
     'tilt',
     'tilt_log_probs',
 ]
@@ -74,6 +85,43 @@ class FixedDistributionSampler(TimestepSampler):
         return self._probs if x0 is None else self._probs.to(x0.device)
 
 
+class ContinuousTimestepSampler(TimestepSampler):
+    """A closed-form density of the time ``u`` on [0, 1], shifted into the noise level ``sigma`` by the schedule.
+
+    ``sigma = shift(u)`` with the schedule's shift for the batch's image size, so for a fixed density the cell masses
+    on sigma depend on the shift only: ``p_k = F(shift^-1((k + 1) / K)) - F(shift^-1(k / K))``. :meth:`inverse_cdf`
+    is the exact draw ``shift(F^-1(v))``, used when no prior tilts the sampler.
+
+    Args:
+        density: the density of ``u`` (:mod:`composer_algos.diffusion.densities`).
+        schedule: the model's :class:`~composer_algos.diffusion.flow.FlowSchedule` (grid and shift).
+    """
+
+    def __init__(self, density: TimeDensity, schedule: FlowSchedule):
+        super().__init__(schedule.num_timesteps)
+        self.density = density
+        self.schedule = schedule
+        self._cache: Optional[tuple[float, torch.Tensor]] = None
+
+    def shift(self, x0: Optional[torch.Tensor]) -> float:
+        return self.schedule.shift_for(None if x0 is None else tuple(x0.shape))
+
+    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        shift = self.shift(x0)
+        if self._cache is None or self._cache[0] != shift:
+            edges = unshift_sigmas(self.schedule.cell_edges(), shift)
+            self._cache = (shift, grid_masses(self.density, edges).float())
+        probs = self._cache[1]
+        return probs if x0 is None else probs.to(x0.device)
+
+    def inverse_cdf(self, v: torch.Tensor, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The noise levels ``shift(F^-1(v))`` (float64) at uniforms ``v``."""
+        return shift_sigmas(self.density.inverse_cdf(v), self.shift(x0))
+
+    def __repr__(self) -> str:
+        return f'ContinuousTimestepSampler(density={self.density!r}, schedule={self.schedule!r})'
+
+
 def _check_probs(p: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or float(p.sum()) <= 0:
         raise ValueError(f'{name} must be finite, non-negative and not all zero.')
@@ -126,3 +174,28 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     t = torch.searchsorted(cdf, u, right=True) if p.dim() == 1 else \
         torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
     return t.clamp(max=p.shape[-1] - 1)
+
+
+def sample_within_cells(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cells drawn from ``(T,)`` or ``(B, T)`` probabilities by inverse CDF at ``u`` ``(B,)``, and the position of each
+    draw inside its cell in [0, 1): where ``u`` falls within the cell's CDF interval.
+
+    ``(cell + position) / T`` is then the exact inverse CDF of the piecewise-constant density with these cell masses:
+    one uniform gives both. Returns ``(cells, positions)``, long and float64.
+
+    Example:
+        >>> sample_within_cells(torch.tensor([0.5, 0.0, 0.5]), torch.tensor([0.25, 0.75]))
+        (tensor([0, 2]), tensor([0.5000, 0.5000], dtype=torch.float64))
+    """
+    cells = sample_from_probs(probs, u)
+    p = probs.detach().to(cells.device, torch.float64)
+    cdf = p.cumsum(-1)
+    cdf = cdf / cdf[..., -1:]
+    if p.dim() == 1:
+        upper, mass = cdf[cells], p[cells] / p.sum()
+    else:
+        upper = cdf.gather(1, cells[:, None]).squeeze(1)
+        mass = (p / p.sum(-1, keepdim=True)).gather(1, cells[:, None]).squeeze(1)
+    u = u.to(cells.device, torch.float64)
+    position = 1 - (upper - u) / mass.clamp(min=torch.finfo(torch.float64).tiny)
+    return cells, position.clamp(0, 1 - torch.finfo(torch.float64).eps)

@@ -1,4 +1,5 @@
-"""Consistency of two models: do they map the same starting noise to the same image under deterministic DDIM?
+"""Consistency of two models: do they map the same starting noise to the same image under a deterministic sampler
+(DDIM, or the ODE of a flow-matching model)?
 
 Two checkpoints (two steps of one run, or two recipes from one initialisation) generate from identical noise
 seeds. Reported in pixels and in the FID feature space: the mean distance between same-noise partners, the same
@@ -47,7 +48,8 @@ def consistency_diagnostic(model_a: Any, model_b: Any, num_samples: int, shape: 
                            feature: Optional[nn.Module] = None, num_steps: int = 50, seed: int = 0,
                            num_classes: Optional[int] = None, batch_size: int = 256,
                            progress: bool = False) -> dict[str, Any]:
-    """Generate ``num_samples`` same-noise pairs with deterministic DDIM and compare them (see module docstring).
+    """Generate ``num_samples`` same-noise pairs with the models' deterministic samplers (DDIM, or the flow ODE) and
+    compare them (see module docstring).
 
     Returns ``{'pixels': pair_statistics, 'features': pair_statistics or None, 'samples_a', 'samples_b'}``.
     """

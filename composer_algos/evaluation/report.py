@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 # Options of an evaluation (``recipes/evaluate.py`` takes them as key=value).
 EVALUATION_DEFAULTS: dict[str, Any] = {
     'num_samples': 1000,  # generated samples for FID
-    'num_steps': 50,  # DDIM steps
-    'eta': 0.0,  # 0 = deterministic DDIM
+    'num_steps': 50,  # DDIM steps (flow matching: ODE steps)
+    'eta': 0.0,  # 0 = deterministic DDIM (flow matching: must be 0)
     'seed': 0,  # sample i starts from the noise of (seed, i)
     'batch_size': 256,
     'num_classes': None,  # labels i % num_classes for class-conditional models
@@ -35,7 +35,7 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
     'inception_weights': None,  # local Inception weights file (air-gapped machines)
     'classifier_cache_dir': None,  # digit classifier cache (default ~/.cache/composer_algos)
     'max_real_samples': None,  # cap on real images read from the eval loader
-    'bpd_images': 256,  # validation images for bits/dim
+    'bpd_images': 256,  # validation images for bits/dim (DDPM models only)
     'bpd_terms': 100,  # timesteps of the stratified VLB estimate; null = all T
     'grid_samples': 64,
     'grid_scale': 4,  # pixel repeat in the PNG grid
@@ -69,8 +69,9 @@ def evaluate_model(model: Any, real_images: torch.Tensor, out_dir: str,
                                    batch_size=opt['batch_size'], progress=progress)
         results['FID'] = fid_from_samples(real_images, samples, feature, opt['batch_size'])
         results['FID_real_vs_real'] = real_vs_real_fid(real_images, feature, opt['seed'], opt['batch_size'])
+        # Bits/dim sums the DDPM variational bound; flow-matching models have none.
         n_bpd = min(int(opt['bpd_images']), real_images.shape[0])
-        if n_bpd > 0:
+        if n_bpd > 0 and getattr(model, 'objective', 'ddpm') == 'ddpm':
             cond = {k: v[:n_bpd] for k, v in (real_conditioning or {}).items()}
             bpd = bits_per_dim(model, real_images[:n_bpd], cond, num_terms=opt['bpd_terms'], seed=opt['seed'],
                                batch_size=opt['batch_size'], progress=progress)

@@ -103,7 +103,8 @@ def generate_samples(model: Any, indices: Sequence[int], shape: Sequence[int], n
                      eta: float = 0.0, seed: int = 0, num_classes: Optional[int] = None, batch_size: int = 256,
                      num_batches: Optional[int] = None, device: Optional[torch.device] = None,
                      progress: bool = False) -> torch.Tensor:
-    """Generate the samples numbered ``indices`` with ``model.generate`` (DDIM for ``eta=0``), on CPU.
+    """Generate the samples numbered ``indices`` with ``model.generate`` (DDIM for ``eta=0``; a flow-matching model's
+    ODE), on CPU.
 
     Sample ``i`` starts from :func:`sample_noise` of ``(seed, i)`` and, for class-conditional models, has label
     ``i % num_classes``; with ``eta=0`` it is therefore the same whichever rank or batch generates it. (With

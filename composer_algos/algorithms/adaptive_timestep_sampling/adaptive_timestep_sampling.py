@@ -18,6 +18,14 @@ What the reward measures is the ``reward`` setting (all share the probe, the que
 - ``'normalized'``: the paper's KL changes, each timestep's divided by its mean absolute change over the global
   batch before summing, so every timestep of S counts alike.
 
+Flow matching has no variational bound: on a flow-matching model every setting measures the reduction of the
+flow-matching loss (the unweighted velocity MSE) at the noise levels of S, the centres of the cells of the model's
+grid of sigma, with the same noise before and after the step; ``'paper'`` sums those reductions raw, ``'loss'``
+standardises them, ``'normalized'`` scales each level's by its mean absolute change first. Everything else (the Beta
+policy over the cells of sigma, its natural form; the F-test over a grid of sigma whose points are weighted by the
+cells they stand for, so the total estimates the integral over [0, 1]; entropy, concentrations, initial S) is the
+setting's.
+
 The improved rewards (``'loss'``, ``'normalized'``) are standardised over the global batch (the mean is the
 baseline), use entropy coefficient 0.1 and the discretised Beta's natural parameters (alpha - 1, beta - 1) as the
 policy's output, starting at Beta(1, 1): its log-probabilities are linear in them, so the policy cannot freeze at a
@@ -77,7 +85,7 @@ from composer_algos.algorithms.adaptive_timestep_sampling.policy import (BetaPol
                                                                         module_device)
 from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROBE_PRECISIONS, FullPrecisionReplica,
                                                                            casts_parameters, probe_math)
-from composer_algos.algorithms.common import diffusion_model
+from composer_algos.algorithms.common import diffusion_model, objective_of
 from composer_algos.diffusion.samplers import tilt_log_probs
 from composer_algos.diffusion.utils import device_batch
 from composer_algos.distributed import all_gather, all_reduce, broadcast, global_positions, rank_world
@@ -255,6 +263,7 @@ class AdaptiveTimestepSampling(Algorithm):
         self.probe_due = False  # a probe is due and waits for a step with a non-zero learning rate
         self._replica: Optional[FullPrecisionReplica] = None
         self._probe: Optional[Probe] = None
+        self._terms = setting.terms  # 'loss' on a flow-matching model, whatever the setting (no VLB there)
 
     def __repr__(self) -> str:
         return (f'AdaptiveTimestepSampling(update_every={self.update_every}, num_selected={self.num_selected}, '
@@ -295,6 +304,7 @@ class AdaptiveTimestepSampling(Algorithm):
 
     def _setup(self, model: Any, state: State) -> None:
         self.num_timesteps = int(model.num_timesteps)
+        self._terms = 'loss' if objective_of(model) == 'flow_matching' else self.setting.terms
         if self.num_probe_timesteps > self.num_timesteps:
             raise ValueError(f'num_probe_timesteps ({self.num_probe_timesteps}) must not exceed the number of '
                              f'timesteps of the noise schedule ({self.num_timesteps}).')
@@ -394,13 +404,13 @@ class AdaptiveTimestepSampling(Algorithm):
         noise = noise.to(x.device, x.dtype)
         denoiser = self._replica.refresh(model.denoiser) if self._replica is not None else None
         with eval_mode(model), probe_math(x.device, self.probe_precision):
-            if self.setting.terms == 'kl':
+            if self._terms == 'kl':
                 terms = model.vlb_terms(x, probe.timesteps, noise, probe.conditioning, denoiser=denoiser,
                                         decoder_nll=False, clip=False).double()
             else:
                 terms = model.training_losses(x, probe.timesteps, noise, probe.conditioning,
                                               denoiser=denoiser).double()
-        if self.setting.in_bits:
+        if self.setting.in_bits and self._terms == 'kl':
             terms = nats_to_bits(terms)
         num_batch_terms = len(probe.tau) * probe.x0.shape[0]
         return terms[:num_batch_terms].view(len(probe.tau), -1), terms[num_batch_terms:]

@@ -15,6 +15,10 @@ Deviations, each stated once:
   collapsing to NaN or negative values, as a public re-implementation does.
 - The curriculum never owns the sampler: it is a prior that tilts whichever sampler is active. Alone, that is the
   uniform default and the result is ``p_k`` exactly; with the adaptive sampler it is ``pi(t|x) p_k(t)``, normalised.
+
+Flow matching: the noise rate is sigma itself, so ``u`` is the centre of each cell of the model's grid on sigma
+(``coordinate: time`` gives ``k / (K - 1)``, the same up to half a cell); the prior tilts the flow model's sampler
+(uniform time, shifted) in the same way.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, parse_time, span_fraction
+from composer_algos.algorithms.common import ReprMixin, diffusion_model, objective_of, parse_time, span_fraction
 
-__all__ = ['clts_probs', 'difficulty_coordinate', 'CurriculumTimestepSchedule', 'COORDINATES']
+__all__ = ['clts_probs', 'clts_probs_on', 'difficulty_coordinate', 'CurriculumTimestepSchedule', 'COORDINATES']
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,13 @@ def clts_probs(alphas_cumprod: torch.Tensor, lam: float, mu: float = 0.3, sigma:
         >>> float(p.sum())
         1.0
     """
+    return clts_probs_on(difficulty_coordinate(alphas_cumprod, coordinate), lam, mu, sigma)
+
+
+def clts_probs_on(u: torch.Tensor, lam: float, mu: float = 0.3, sigma: float = 0.2) -> torch.Tensor:
+    """The curriculum distribution over the cells whose difficulty coordinates are ``u`` (float64, summing to 1)."""
     _validate(lam, mu, sigma)
-    u = difficulty_coordinate(alphas_cumprod, coordinate)
+    u = u.to(torch.float64)
     gaussian = torch.softmax(-0.5 * ((u - mu) / sigma)**2, dim=0)
     probs = (1.0 - lam) / u.numel() + lam * gaussian
     return probs / probs.sum()
@@ -108,7 +117,7 @@ class CurriculumTimestepSchedule(ReprMixin, Algorithm):
         if self._start.unit != self._end.unit:
             raise ValueError(f'ramp_start ({ramp_start}) and ramp_end ({ramp_end}) must use the same time unit.')
         self.lam = 0.0
-        self._alphas_cumprod: torch.Tensor | None = None
+        self._coordinates: torch.Tensor | None = None
         self._cache: tuple[float, torch.Tensor] | None = None
 
     def match(self, event: Event, state: State) -> bool:
@@ -117,7 +126,7 @@ class CurriculumTimestepSchedule(ReprMixin, Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = diffusion_model(state, self)
         if event == Event.INIT:
-            self._alphas_cumprod = model.noise_schedule.alphas_cumprod
+            self._coordinates = _model_coordinates(model, self.coordinate)
             model.add_timestep_prior(self.prior, owner=type(self).__name__)
             return
         self.lam = self.lam_max * span_fraction(state, self._start, self._end)
@@ -131,11 +140,10 @@ class CurriculumTimestepSchedule(ReprMixin, Algorithm):
 
     def probs(self) -> torch.Tensor:
         """The current ``p_k`` over the model's T timesteps (cached per value of ``lam``)."""
-        if self._alphas_cumprod is None:
+        if self._coordinates is None:
             raise RuntimeError('CurriculumTimestepSchedule has not seen Event.INIT yet.')
         if self._cache is None or self._cache[0] != self.lam:
-            self._cache = (self.lam, clts_probs(self._alphas_cumprod, self.lam, self.mu, self.sigma,
-                                                self.coordinate))
+            self._cache = (self.lam, clts_probs_on(self._coordinates, self.lam, self.mu, self.sigma))
         return self._cache[1]
 
     def prior(self, num_timesteps: int, device: torch.device) -> torch.Tensor:
@@ -149,3 +157,13 @@ class CurriculumTimestepSchedule(ReprMixin, Algorithm):
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = False) -> None:
         self.lam = float(state['lam'])
+
+
+def _model_coordinates(model: Any, coordinate: str) -> torch.Tensor:
+    """``u`` of each cell of the model's sampling grid: from ``alphas_cumprod`` (DDPM), or sigma's cells (flow)."""
+    schedule = model.noise_schedule
+    if objective_of(model) != 'flow_matching':
+        return difficulty_coordinate(schedule.alphas_cumprod, coordinate)
+    if coordinate == 'noise_rate':
+        return schedule.cell_centres()
+    return torch.arange(schedule.num_timesteps, dtype=torch.float64) / (schedule.num_timesteps - 1)

@@ -21,7 +21,8 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_fixed_distribution
+from composer_algos.algorithms.common import (ReprMixin, diffusion_model, install_fixed_distribution,
+                                             refuse_flow_matching)
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['LogNormalSampling', 'log_normal_probs', 'log_sigmas']
@@ -83,6 +84,9 @@ class LogNormalSampling(ReprMixin, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = diffusion_model(state, self)
+        refuse_flow_matching(model, self, "EDM's ln(sigma) density is mapped through the noise levels of a DDPM "
+                             'schedule; a rectified flow has no such table and no flow-matching form is derived here.',
+                             "use logit_normal_sampling (SD3's density for rectified flow)")
         probs = log_normal_probs(model.noise_schedule, self.p_mean, self.p_std)
         mean_t = install_fixed_distribution(model, probs, type(self).__name__)
         logger.log_hyperparameters({'log_normal_sampling/mean_t': mean_t})

@@ -2,7 +2,9 @@
 Synthesis" (Stable Diffusion 3), ICML 2024 (arXiv 2403.03206), section 3.1.
 
 SD3 draws its time ``u`` in (0, 1) with ``logit(u) ~ N(m, s^2)`` (``m = 0, s = 1`` by default), where u -> 1 is pure
-noise. Here ``u`` is the position ``t / T`` on the discrete schedule, with t = 0 clean and t = T-1 pure noise, so
+noise. On a flow-matching model that is the method as published: ``sigma = shift(u)``, drawn exactly by the inverse
+CDF ``sigmoid(m + s Phi^-1(v))`` at the model's keyed uniform (on the model's grid of sigma when a curriculum prior
+tilts it). On a DDPM model ``u`` is the position ``t / T`` on the discrete schedule, with t = 0 clean and t = T-1 pure noise, so
 ``m > 0`` moves mass to noisier timesteps and ``m < 0`` to cleaner ones; ``m = 0`` is symmetric about (T-1)/2.
 
 The density is evaluated on the grid of T timesteps as the mass of each timestep's cell:
@@ -10,8 +12,8 @@ The density is evaluated on the grid of T timesteps as the mass of each timestep
 distribution of ``floor(u T)`` (how diffusers' training scripts turn u into a timestep index). The masses sum to 1
 exactly and need no endpoint handling.
 
-Deviation, stated once: SD3's u is a rectified-flow time, not a DDPM index; like diffusers, we map it by position
-on the schedule, not by matching noise levels.
+Deviation, stated once (DDPM only): SD3's u is a rectified-flow time, not a DDPM index; like diffusers, we map it by
+position on the schedule, not by matching noise levels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_fixed_distribution
+from composer_algos.algorithms.common import (ReprMixin, diffusion_model, install_density, install_fixed_distribution,
+                                             objective_of)
+from composer_algos.diffusion.densities import LogitNormalDensity
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['LogitNormalSampling', 'logit_normal_probs']
@@ -52,9 +56,10 @@ def logit_normal_probs(schedule: NoiseSchedule, m: float = 0.0, s: float = 1.0) 
 
 
 class LogitNormalSampling(ReprMixin, Algorithm):
-    """Owns the timestep sampler: draws t from SD3's logit-normal density over ``t / T`` (no importance weights).
+    """Owns the timestep sampler: draws sigma = shift(u) (flow matching) or t (DDPM, ``u = t / T``) from SD3's
+    logit-normal density of ``u`` (no importance weights).
 
-    Logs the mean timestep of the density as a hyperparameter.
+    Logs the mean ``u`` (flow matching) or the mean timestep (DDPM) as a hyperparameter.
 
     Args:
         m: location of ``logit(u)``; ``m > 0`` favours noisier timesteps (0 in SD3).
@@ -75,6 +80,10 @@ class LogitNormalSampling(ReprMixin, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = diffusion_model(state, self)
+        if objective_of(model) == 'flow_matching':
+            mean_u = install_density(model, LogitNormalDensity(self.m, self.s), type(self).__name__)
+            logger.log_hyperparameters({'logit_normal_sampling/mean_u': mean_u})
+            return
         probs = logit_normal_probs(model.noise_schedule, self.m, self.s)
         mean_t = install_fixed_distribution(model, probs, type(self).__name__)
         logger.log_hyperparameters({'logit_normal_sampling/mean_t': mean_t})

@@ -26,7 +26,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model
+from composer_algos.algorithms.common import ReprMixin, diffusion_model, refuse_flow_matching
 from composer_algos.algorithms.weighting import check_prediction_type, install_loss_weighting
 from composer_algos.diffusion.schedule import NoiseSchedule
 
@@ -80,8 +80,12 @@ class MinSNRWeighting(ReprMixin, Algorithm):
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        model = diffusion_model(state, self)
+        refuse_flow_matching(model, self, 'Min-SNR-gamma caps the SNR of a DDPM timestep, with a conversion per DDPM '
+                             'prediction type; no flow-matching form is derived here.',
+                             'weight the flow-matching loss with sigma_sqrt_weighting or cosmap_weighting')
         weighting = functools.partial(min_snr_weight, gamma=self.gamma)
-        weights = install_loss_weighting(diffusion_model(state, self), weighting, type(self).__name__)
+        weights = install_loss_weighting(model, weighting, type(self).__name__)
         logger.log_hyperparameters({
             'min_snr_weighting/gamma': self.gamma,
             'min_snr_weighting/weight_min': float(weights.min()),

@@ -28,7 +28,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model
+from composer_algos.algorithms.common import ReprMixin, diffusion_model, refuse_flow_matching
 from composer_algos.algorithms.weighting import check_prediction_type, from_epsilon_weight, install_loss_weighting
 from composer_algos.diffusion.schedule import NoiseSchedule
 
@@ -86,8 +86,12 @@ class P2Weighting(ReprMixin, Algorithm):
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        model = diffusion_model(state, self)
+        refuse_flow_matching(model, self, 'P2 weights the epsilon loss of a DDPM schedule by 1 / (k + SNR)^gamma; no '
+                             'flow-matching form is derived here.',
+                             'weight the flow-matching loss with sigma_sqrt_weighting or cosmap_weighting')
         weighting = functools.partial(p2_weight, gamma=self.gamma, k=self.k)
-        weights = install_loss_weighting(diffusion_model(state, self), weighting, type(self).__name__)
+        weights = install_loss_weighting(model, weighting, type(self).__name__)
         logger.log_hyperparameters({
             'p2_weighting/gamma': self.gamma,
             'p2_weighting/k': self.k,

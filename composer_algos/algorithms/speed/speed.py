@@ -37,7 +37,8 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_fixed_distribution
+from composer_algos.algorithms.common import (ReprMixin, diffusion_model, install_fixed_distribution,
+                                             refuse_flow_matching)
 from composer_algos.algorithms.weighting import check_prediction_type, from_epsilon_weight, install_loss_weighting
 from composer_algos.diffusion.schedule import NoiseSchedule
 
@@ -145,6 +146,9 @@ class SpeeD(ReprMixin, Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         model = diffusion_model(state, self)
+        refuse_flow_matching(model, self, 'its threshold tau and change-aware weights are stated on the timesteps of a '
+                             'DDPM schedule (T = 1000) and its d(1 - alphabar_t)/dt; no flow-matching form is derived '
+                             'here.', 'draw sigma from logit_normal_sampling or mode_sampling')
         owner = type(self).__name__
         probs = speed_probs(model.noise_schedule, self.tau, self.k)
         install_fixed_distribution(model, probs, owner)

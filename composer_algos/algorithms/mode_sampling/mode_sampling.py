@@ -1,0 +1,48 @@
+"""Mode sampling with heavy tails: Esser et al., "Scaling Rectified Flow Transformers for High-Resolution Image
+Synthesis" (Stable Diffusion 3), ICML 2024 (arXiv 2403.03206), section 3.1.
+
+The time is ``u = f(w) = 1 - w - scale (cos^2(pi w / 2) - 1 + w)`` for a uniform ``w``: ``scale = 0`` is uniform,
+``scale > 0`` moves mass to the middle of [0, 1] while keeping both ends (SD3 uses 1.29), ``scale < 0`` to the ends.
+``f`` is a monotone map from [0, 1] onto itself when ``-1 <= scale <= 2 / (pi - 2)`` (see
+:class:`~composer_algos.diffusion.densities.ModeDensity`), so its inverse CDF is exact and its CDF, needed for cell
+masses, is found by bisection.
+
+Flow matching: ``sigma = shift(u)``, drawn exactly at the model's keyed uniform ``v`` as ``f(1 - v)`` (diffusers'
+``compute_density_for_timestep_sampling('mode')`` computes ``f(w)`` of its own uniform ``w``). DDPM: ``u`` is the
+position ``t / T`` on the schedule, as for :mod:`logit_normal_sampling`.
+"""
+
+from __future__ import annotations
+
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+
+from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_density
+from composer_algos.diffusion.densities import ModeDensity
+
+__all__ = ['ModeSampling']
+
+
+class ModeSampling(ReprMixin, Algorithm):
+    """Owns the timestep sampler: SD3's mode density of the time ``u`` (no importance weights).
+
+    Logs the density's mean ``u`` as a hyperparameter.
+
+    Args:
+        scale: the heavy-tail scale, in ``[-1, 2 / (pi - 2)]`` (1.29 in SD3; 0 is uniform).
+
+    Example:
+        >>> ModeSampling(scale=1.29)
+        ModeSampling(scale=1.29)
+    """
+
+    def __init__(self, scale: float = 1.29):
+        self._density = ModeDensity(scale)
+        self.scale = float(scale)
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.INIT
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        mean_u = install_density(diffusion_model(state, self), self._density, type(self).__name__)
+        logger.log_hyperparameters({'mode_sampling/mean_u': mean_u})
