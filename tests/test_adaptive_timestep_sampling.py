@@ -252,6 +252,7 @@ class ProbeSpy(AdaptiveTimestepSampling):
     """Records the global step of each probe, the timesteps it collected, and every probe forward."""
 
     def __init__(self, **kwargs):
+        kwargs.setdefault('reward', 'paper')  # it spies on the VLB terms, which the paper's reward probes
         super().__init__(**kwargs)
         self.probe_steps, self.t_counts, self.calls, self.train_mode_after_probe = [], [], [], []
         self.rewards_seen = []
