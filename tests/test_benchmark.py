@@ -73,6 +73,22 @@ def test_quick_benchmark_on_the_mnist_tier(mnist_mds, mnist_classifier_cache, tm
     assert 'Tier mnist' in (out / 'results.md').read_text()
 
 
+def test_quick_benchmark_races_the_flow_matching_recipes(digits_mds, tmp_path):
+    out = tmp_path / 'bench'
+    assert benchmark.main(['--quick', '--objective', 'flow_matching', '--workers', '1', '--data', digits_mds,
+                           '--out', str(out)]) == 0
+    results = json.loads((out / 'results.json').read_text())
+    assert results['objective'] == 'flow_matching' and results['tier'] == 'digits'
+    table = results['summary']['table']
+    assert set(table) == {'uniform', 'adaptive_clts_md'} and table['uniform']['speedup'] == 1.0
+    # No VLB, so no bits/dim; FID from Euler samples like any other run.
+    assert all(row['bits_per_dim_mean'] is None and row['final_fid_mean'] > 0 for row in table.values())
+    # The adaptive policy over sigma probed once the lr warm-up allowed (step 2), as on the DDPM recipe.
+    trace = {r['method']: r['sampler_trace'] for r in results['runs']}['adaptive_clts_md']
+    assert [step for step, _ in trace['adaptive/mean_t']] == [3]
+    assert benchmark.TIERS['digits'].recipe_for('flow_matching') == 'yamls/digits/flow_uniform.yaml'
+
+
 # Closed forms. Straight-line curves make linear interpolation exact: if a method's curve is uniform's with time
 # running r times faster, M(s) = U(r s), it reaches uniform's FID at any step s after s / r steps.
 STEPS = list(range(100, 1001, 100))
