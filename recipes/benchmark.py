@@ -154,7 +154,7 @@ def _slug(method: str) -> str:
     return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in method)
 
 
-def _recipe(method: str, directory: str, tier: str = 'digits', objective: str = 'diffusion') -> str:
+def _recipe(method: str, directory: str, tier: str = 'digits', objective: str = 'ddpm') -> str:
     base, _ = split_variant(method)
     includes = [os.path.join(ROOT, TIERS[tier].recipe_for(objective))]
     includes += [os.path.join(ROOT, 'yamls', 'algorithms', f'{f}.yaml') for f in METHODS[base]]
@@ -623,7 +623,7 @@ def _bare_loop(cfg: dict[str, Any]) -> Any:
 
 
 def step_overhead(tier: str, methods: Sequence[str], data: str, rounds: int, block_steps: int,
-                  threads: int = 1, objective: str = 'diffusion') -> dict[str, dict[str, Any]]:
+                  threads: int = 1, objective: str = 'ddpm') -> dict[str, dict[str, Any]]:
     """Per method, the median over rounds of its block's time per step over uniform's (process CPU and wall)."""
     import torch
     torch.set_num_threads(threads)
@@ -693,7 +693,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help='recipe, data, image size, FID features and default budget: ' + '; '.join(
                             f'{name}: {t.recipe}, {t.image_size}x{t.image_size}, {t.steps} steps'
                             for name, t in TIERS.items()))
-    parser.add_argument('--objective', choices=('diffusion', 'flow_matching'), default='diffusion',
+    parser.add_argument('--objective', choices=('ddpm', 'flow_matching'), default='ddpm',
                         help="the tier's DDPM recipe, or its flow-matching one (yamls/<tier>/flow_uniform.yaml: "
                         'rectified flow, Euler sampling for FID, no bits/dim); methods that refuse flow models '
                         '(docs/flow_matching.md) fail when their run starts')

@@ -146,10 +146,12 @@ def test_probes_see_fp32_weights_when_fsdp_computes_in_bf16(digits_mds, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------ rank counts
-def _cross_rank_recipe(tmp_path, data: str) -> str:
+def _cross_rank_recipe(tmp_path, data: str, objective: str = 'ddpm') -> str:
+    model = ({'objective': 'flow_matching', 'flow': {'num_cells': 100}} if objective == 'flow_matching' else
+             {'noise_schedule': {'num_timesteps': 100}})
     recipe = {
         'max_duration': '8ba', 'device': 'cpu', 'precision': 'fp32', 'seed': 5, 'progress_bar': False,
-        'model': {'denoiser': {'name': 'conv', 'width': 16}, 'noise_schedule': {'num_timesteps': 100}},
+        'model': {'denoiser': {'name': 'conv', 'width': 16}, **model},
         'train_loader': {'local': data, 'split': 'train', 'global_batch_size': 16, 'channels': 1, 'image_size': 8},
         'optimizer': {'name': 'adam', 'lr': 1e-3},
         'algorithms': {'ema': {'half_life': '2ba'},
@@ -169,9 +171,11 @@ def _global_losses(results: list[dict]) -> np.ndarray:
     return np.mean([r['losses'] for r in results], axis=0)
 
 
-def test_a_run_and_its_resumes_are_the_same_on_one_and_two_ranks(digits_mds, tmp_path):
-    """FSDP2 sharded checkpoints; t, noise and probe noise keyed by each sample's place in the global batch."""
-    recipe = _cross_rank_recipe(tmp_path, digits_mds)
+@pytest.mark.parametrize('objective', ['ddpm', 'flow_matching'])
+def test_a_run_and_its_resumes_are_the_same_on_one_and_two_ranks(digits_mds, tmp_path, objective):
+    """FSDP2 sharded checkpoints; t (or sigma), noise and probe noise keyed by each sample's place in the global
+    batch. The recipe has the adaptive policy tilted by the curriculum, with momentum decay and the EMA."""
+    recipe = _cross_rank_recipe(tmp_path, digits_mds, objective)
     runner = os.path.join(TESTS, 'distributed_run.py')
     runs = {'one': (1, []), 'two': (2, []),
             'two_to_one': (1, [f'load_path={tmp_path / "ckpt-two" / "ep0-ba4"}']),
