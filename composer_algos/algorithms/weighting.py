@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from composer.algorithms.warnings import NoEffectWarning
 
+from composer_algos.algorithms.common import diffusion_model, require_flow_matching
 from composer_algos.diffusion.model import PREDICTION_TYPES, LossWeighting
 
-__all__ = ['check_prediction_type', 'epsilon_loss_factor', 'from_epsilon_weight', 'install_flow_loss_weighting',
-           'install_loss_weighting']
+__all__ = ['apply_flow_weighting', 'check_prediction_type', 'epsilon_loss_factor', 'from_epsilon_weight',
+           'install_flow_loss_weighting', 'install_loss_weighting']
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,18 @@ def install_flow_loss_weighting(model: Any, weighting: LossWeighting, owner: str
     log.info('%s: loss weights in [%.4g, %.4g] over the cells of sigma.', owner, float(weights.min()),
              float(weights.max()))
     return weights
+
+
+def apply_flow_weighting(state: Any, logger: Any, algorithm: Any, weighting: LossWeighting, prefix: str) -> None:
+    """What a flow-matching weighting algorithm does at ``Event.INIT``: refuse a DDPM model (naming ``algorithm``),
+    install ``weighting`` in the model's chain and log the range of its weights over the cells of sigma as
+    ``<prefix>/weight_min`` and ``<prefix>/weight_max``."""
+    model = diffusion_model(state, algorithm)
+    require_flow_matching(model, algorithm, 'it weights the velocity loss by the noise level sigma of a rectified flow.',
+                          'weight a DDPM loss with min_snr_weighting or p2_weighting')
+    weights = install_flow_loss_weighting(model, weighting, type(algorithm).__name__)
+    logger.log_hyperparameters({f'{prefix}/weight_min': float(weights.min()),
+                                f'{prefix}/weight_max': float(weights.max())})
 
 
 def _table_lookup(table: torch.Tensor, schedule: Any, t: torch.Tensor, prediction_type: str) -> torch.Tensor:

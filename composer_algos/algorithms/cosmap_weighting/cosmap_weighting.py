@@ -15,8 +15,8 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, require_flow_matching
-from composer_algos.algorithms.weighting import install_flow_loss_weighting
+from composer_algos.algorithms.common import ReprMixin
+from composer_algos.algorithms.weighting import apply_flow_weighting
 
 __all__ = ['CosMapWeighting', 'cosmap_weight']
 
@@ -47,9 +47,4 @@ class CosMapWeighting(ReprMixin, Algorithm):
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        model = diffusion_model(state, self)
-        require_flow_matching(model, self, 'it weights the velocity loss by the noise level sigma of a rectified flow.',
-                              'weight a DDPM loss with min_snr_weighting or p2_weighting')
-        weights = install_flow_loss_weighting(model, cosmap_weight, type(self).__name__)
-        logger.log_hyperparameters({'cosmap_weighting/weight_min': float(weights.min()),
-                                    'cosmap_weighting/weight_max': float(weights.max())})
+        apply_flow_weighting(state, logger, self, cosmap_weight, 'cosmap_weighting')
