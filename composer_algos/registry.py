@@ -77,14 +77,30 @@ def resolve(registry: catalogue.Registry, name: str, kind: str) -> Callable[...,
     raise ConfigError(f'Unknown {kind} {name!r}.{hint} Known {kind}s: {", ".join(known) or "none registered"}.')
 
 
+def _parameters(fn: Callable[..., Any]) -> Optional[dict[str, inspect.Parameter]]:
+    """The keyword parameters ``fn`` accepts; ``None`` when it takes any (``**kwargs``). A class whose ``__init__``
+    passes ``**kwargs`` on to its base's adds the base's parameters."""
+    if not inspect.isclass(fn):
+        params = dict(inspect.signature(fn).parameters)
+        return None if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()) else params
+    params: dict[str, inspect.Parameter] = {}
+    for cls in fn.__mro__:
+        if '__init__' not in vars(cls) or cls is object:
+            continue
+        own = inspect.signature(cls.__init__).parameters
+        params.update({n: p for n, p in own.items() if n not in params and p.kind != inspect.Parameter.VAR_KEYWORD})
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            return params
+    return None
+
+
 def call_checked(fn: Callable[..., Any], kwargs: dict, where: str, *args: Any) -> Any:
     """``fn(*args, **kwargs)`` after checking every key against its signature (unless it takes ``**kwargs``).
 
     An unknown key, or a ``TypeError``/``ValueError`` from the call, is a :class:`ConfigError` naming ``where``.
     """
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    params = inspect.signature(target).parameters
-    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = _parameters(fn)
+    if params is not None:
         skip = {'self'} | {n for n, _ in zip(list(p for p in params if p != 'self'), args)}
         allowed = [n for n, p in params.items() if n not in skip and p.kind != inspect.Parameter.VAR_POSITIONAL]
         check_keys(kwargs, allowed, f'{where}.')

@@ -234,6 +234,12 @@ def test_build_from_recipe_section_and_what_a_flow_model_rejects():
         build_diffusion_model({'name': 'conv', 'in_channels': 1}, objective='flow_matching', noise_schedule={})
     with pytest.raises(registry.ConfigError, match='model.flow'):
         build_diffusion_model({'name': 'conv', 'in_channels': 1}, flow={'shift': 3.0})
+    # The flow model passes DiffusionModel's arguments on by keyword: a misspelt one is still named, with the fix.
+    model = build_diffusion_model({'name': 'conv', 'in_channels': 1}, objective='flow_matching', seed=3,
+                                  num_loss_bands=4)
+    assert model.seed == 3 and model.num_loss_bands == 4
+    with pytest.raises(registry.ConfigError, match="'model.sed'. Did you mean 'model.seed'"):
+        build_diffusion_model({'name': 'conv', 'in_channels': 1}, objective='flow_matching', sed=3)
 
 
 class PointMassVelocity(torch.nn.Module):

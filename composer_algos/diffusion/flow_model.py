@@ -49,33 +49,20 @@ class FlowMatchingModel(DiffusionModel):
         noise_schedule: the :class:`FlowSchedule` (default: no shift, 1000 cells).
         prediction_type: ``'velocity'`` (the only target here).
         solver: ``'euler'`` or ``'heun'``: the ODE solver of :meth:`generate`.
-        Others: as for :class:`DiffusionModel`.
+        kwargs: :class:`DiffusionModel`'s other arguments (``image_key``, ``label_key``, ``encoder``, ``seed`` ...),
+            by keyword.
     """
 
     objective = 'flow_matching'
     prediction_types = ('velocity',)
 
-    def __init__(
-        self,
-        denoiser: nn.Module,
-        noise_schedule: Optional[FlowSchedule] = None,
-        prediction_type: str = 'velocity',
-        image_key: Any = 'image',
-        label_key: Optional[Any] = None,
-        conditioning_kwarg: str = 'class_labels',
-        encoder: Optional[nn.Module] = None,
-        latent_scale: float = 1.0,
-        seed: int = 17,
-        check_finite_loss: bool = True,
-        num_loss_bands: int = 10,
-        solver: str = 'euler',
-    ):
+    def __init__(self, denoiser: nn.Module, noise_schedule: Optional[FlowSchedule] = None,
+                 prediction_type: str = 'velocity', *, solver: str = 'euler', **kwargs: Any):
         if noise_schedule is not None and not isinstance(noise_schedule, FlowSchedule):
             raise TypeError(f'A flow-matching model takes a FlowSchedule, got {type(noise_schedule).__name__}.')
         if solver not in SOLVERS:
             raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}.')
-        super().__init__(denoiser, noise_schedule or FlowSchedule(), prediction_type, image_key, label_key,
-                         conditioning_kwarg, encoder, latent_scale, seed, check_finite_loss, num_loss_bands)
+        super().__init__(denoiser, noise_schedule or FlowSchedule(), prediction_type, **kwargs)
         self.solver = solver
 
     # ----------------------------------------------------------------------------------------- contract
