@@ -18,7 +18,7 @@ import yaml
 
 from composer_algos.config import load_config
 from strict_devices import HostTensor, StrictDeviceError, _check_collective, strict_devices, to_host
-from test_recipes import _cpu_overrides
+from test_recipes import _cpu_overrides, write_recipe_listing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
@@ -113,16 +113,9 @@ def test_scale_out_recipes_follow_gpu_rules_on_two_ranks(digits_mds, latent_mds,
     # The FID classifier trains on the CPU once and is cached (a CPU-only job the harness cannot tell apart from
     # device work); the runs load it and move it to their device.
     load_or_train_digit_classifier(str(tmp_path / 'pictures' / 'cache'))
-    paths = []
-    for name, cfg in configs.items():
-        path = tmp_path / 'recipes' / f'{name}.yaml'
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg))
-        paths.append(str(path))
-    listing = tmp_path / 'recipes.txt'
-    listing.write_text('\n'.join(paths) + '\n')
+    listing = write_recipe_listing(tmp_path, {f'{name}.yaml': cfg for name, cfg in configs.items()})
     out = tmp_path / 'out'
-    _composer(2, os.path.join(TESTS, 'distributed_run.py'), '--each', str(listing), str(out), cwd=str(out),
+    _composer(2, os.path.join(TESTS, 'distributed_run.py'), '--each', listing, str(out), cwd=str(out),
               strict=True, timeout=1500)
     for name, cfg in configs.items():
         ranks = _results(out / f'{name}.yaml', 2)

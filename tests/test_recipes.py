@@ -34,10 +34,9 @@ def test_there_is_a_recipe_per_method(recipes):
             'min_snr_weighting', 'p2_weighting', 'speed', 'logit_normal_sampling', 'log_normal_sampling'} <= names
 
 
-@pytest.mark.parametrize('recipe', DIGITS_RECIPES, ids=lambda p: os.path.basename(p))
-def test_recipe_trains(recipe, digits_mds, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(recipe, [f'train_loader.local={digits_mds}', f'eval_loader.local={digits_mds}',
+def _small_trainer(recipe: str, data: str):
+    """The recipe with its algorithms and EMA on ``data``, with a tiny denoiser, batch 16, for 3 steps."""
+    cfg = load_config(recipe, [f'train_loader.local={data}', f'eval_loader.local={data}',
                                'max_duration=3ba', 'eval_interval=3ba', 'progress_bar=false', 'save_folder=null',
                                'train_loader.global_batch_size=16'])
     cfg['model']['denoiser'] = {'name': 'conv', 'width': 16}
@@ -46,9 +45,33 @@ def test_recipe_trains(recipe, digits_mds, tmp_path, monkeypatch):
     trainer = build_trainer(cfg)
     names = {type(a).__name__ for a in trainer.state.algorithms}
     assert 'WarmupEMA' in names and len(names) == len(cfg['algorithms'])
+    return trainer
+
+
+def _fit_three_steps(trainer) -> None:
     trainer.fit()
     assert int(trainer.state.timestamp.batch) == 3
     assert torch.isfinite(trainer.state.loss)
+
+
+def write_recipe_listing(folder, configs: dict[str, dict]) -> str:
+    """Write each config to ``folder/recipes/<name>`` and their paths, one a line, to ``folder/recipes.txt``
+    (what ``distributed_run.py --each`` reads); return the listing's path."""
+    paths = []
+    for name, cfg in configs.items():
+        path = folder / 'recipes' / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg))
+        paths.append(str(path))
+    listing = folder / 'recipes.txt'
+    listing.write_text('\n'.join(paths) + '\n')
+    return str(listing)
+
+
+@pytest.mark.parametrize('recipe', DIGITS_RECIPES, ids=lambda p: os.path.basename(p))
+def test_recipe_trains(recipe, digits_mds, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fit_three_steps(_small_trainer(recipe, digits_mds))
 
 
 # ------------------------------------------------------------------------------------------------ MNIST tier
@@ -61,20 +84,10 @@ def test_mnist_recipe_trains(recipe, mnist_mds, tmp_path, monkeypatch):
     assert as_written['prepare_data'] == 'mnist5k'
     assert as_written['model']['denoiser']['sample_size'] == as_written['train_loader']['image_size'] == MNIST_SIZE
     assert as_written['callbacks']['fid']['feature'] == 'mnist'
-    cfg = load_config(recipe, [f'train_loader.local={mnist_mds}', f'eval_loader.local={mnist_mds}',
-                               'max_duration=3ba', 'eval_interval=3ba', 'progress_bar=false', 'save_folder=null',
-                               'train_loader.global_batch_size=16'])
-    cfg['model']['denoiser'] = {'name': 'conv', 'width': 16}
-    _hundred_timesteps(cfg['model'])
-    cfg['callbacks'] = {'sample_grid': {'num_samples': 4, 'num_steps': 2}}
-    trainer = build_trainer(cfg)
-    names = {type(a).__name__ for a in trainer.state.algorithms}
-    assert 'WarmupEMA' in names and len(names) == len(cfg['algorithms'])
+    trainer = _small_trainer(recipe, mnist_mds)
     batch = next(iter(trainer.state.train_dataloader))
     assert batch['image'].shape == (16, 1, MNIST_SIZE, MNIST_SIZE)
-    trainer.fit()
-    assert int(trainer.state.timestamp.batch) == 3
-    assert torch.isfinite(trainer.state.loss)
+    _fit_three_steps(trainer)
 
 
 def test_mnist_recipe_converts_its_data_when_missing(tmp_path, monkeypatch):
@@ -544,16 +557,9 @@ def test_every_recipe_on_two_fsdp2_ranks(digits_mds, mnist_mds, latent_mds, tiny
         cfg['parallelism_config'] = fsdp
         dataset = os.path.basename(os.path.dirname(recipe))
         configs[f'{dataset}-{os.path.basename(recipe)}'] = cfg
-    paths = []
-    for name, cfg in configs.items():
-        path = tmp_path / 'recipes' / name
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg))
-        paths.append(str(path))
-    listing = tmp_path / 'recipes.txt'
-    listing.write_text('\n'.join(paths) + '\n')
+    listing = write_recipe_listing(tmp_path, configs)
     out = tmp_path / 'out'
-    _run_two_ranks(str(out), '--each', str(listing), str(out), timeout=900)
+    _run_two_ranks(str(out), '--each', listing, str(out), timeout=900)
 
     for name, cfg in configs.items():
         ranks = [torch.load(out / name / f'rank{r}.pt', weights_only=False) for r in range(2)]
