@@ -21,7 +21,9 @@ both on the mean curves over seeds and paired per seed (each seed's curve agains
 with their spread); the ratio of the areas under the log-FID curves above the real-vs-real floor; the wall time to
 uniform's final FID as a ratio, the per-step wall time against uniform, and final FID and bits/dim (mean and spread
 over seeds). Runs go to ``--workers`` processes with one thread each; every method sees the same concurrency, so
-per-step ratios compare like with like.
+per-step ratios compare like with like. Each finished run leaves ``run.json`` (its job and result) in its folder
+under ``--out``/runs: the same command run again, after an interruption or with more methods or seeds, trains only
+the runs that are missing and then summarises them all.
 
 ``--loop-overhead`` measures what the training loop costs on top of the model's own work: the digits recipe
 (``yamls/digits/uniform.yaml`` built by ``composer_algos.config.build_trainer``: the Composer Trainer, its
@@ -177,8 +179,32 @@ def method_config(method: str, tier: str, objective: str, data: str, steps: int,
                            common + list(overrides) + split_variant(method)[1])
 
 
+def _run_folder(job: dict[str, Any]) -> str:
+    return os.path.join(job['out'], 'runs', f'{_slug(job["method"])}-s{job["seed"]}')
+
+
+def finished_run(job: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The result a run of exactly this job left in its folder (``run.json``), or ``None``: a race that stopped
+    part-way is rerun with the same command and trains only what is missing."""
+    path = os.path.join(_run_folder(job), 'run.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    return record['result'] if record.get('job') == job else None
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one (method, seed) and return its FID curve, step times and final bits/dim."""
+    """Train one (method, seed) and return its FID curve, step times and final bits/dim (also written to the run's
+    folder as ``run.json`` with the job that produced it)."""
+    result = _train_one(job)
+    os.makedirs(_run_folder(job), exist_ok=True)
+    with open(os.path.join(_run_folder(job), 'run.json'), 'w') as f:
+        json.dump({'job': job, 'result': result}, f)
+    return result
+
+
+def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     torch.set_num_threads(1)
     from composer.core import Callback
@@ -207,7 +233,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     tier = TIERS[job['tier']]
     real = {'local': data, 'split': 'val', 'global_batch_size': 256, 'shuffle': False, 'drop_last': False,
             'channels': 1, 'image_size': tier.image_size}
-    folder = os.path.join(job['out'], 'runs', f'{name}-s{job["seed"]}')
+    folder = _run_folder(job)
     cfg['callbacks'] = {
         'fid': {'num_samples': job['fid_samples'], 'num_steps': job['ddim_steps'], 'interval': f'{every}ba',
                 'real_loader': real, 'folder': folder, 'feature': tier.feature},
@@ -758,9 +784,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         'objective': args.objective,
     } for s in seeds for m in methods]
     start = time.time()
-    results = []
+    results = [r for r in map(finished_run, jobs) if r is not None]
+    if results:
+        print(f'{len(results)} of {len(jobs)} runs are already in {args.out}/runs (run.json): not trained again',
+              flush=True)
+    todo = [job for job in jobs if finished_run(job) is None]
     pool = mp.get_context('spawn').Pool(args.workers, maxtasksperchild=1)
-    for r in pool.imap_unordered(run_one, jobs):
+    for r in pool.imap_unordered(run_one, todo):
         results.append(r)
         print(f'[{time.time() - start:7.0f}s] {r["method"]} seed {r["seed"]}: final FID {r["fid"][-1]:.2f}, '
               f'{r["mean_step_time"] * 1000:.1f} ms/step', flush=True)

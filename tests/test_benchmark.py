@@ -20,10 +20,17 @@ def test_steps_to_reach_interpolates():
     assert benchmark.steps_to_reach([10, 20], [3.0, 1.0], 4.0) == 10.0
 
 
-def test_quick_benchmark_writes_table_plot_and_raw_numbers(digits_mds, tmp_path):
+def test_quick_benchmark_writes_table_plot_and_raw_numbers(digits_mds, tmp_path, capsys):
     out = tmp_path / 'bench'
     assert benchmark.main(['--quick', '--workers', '1', '--data', digits_mds, '--out', str(out)]) == 0
     results = json.loads((out / 'results.json').read_text())
+    # The same command again finds every run's record and trains nothing; another budget trains again.
+    capsys.readouterr()
+    assert benchmark.main(['--quick', '--workers', '1', '--data', digits_mds, '--out', str(out)]) == 0
+    assert '2 of 2 runs are already in' in capsys.readouterr().out
+    assert json.loads((out / 'results.json').read_text())['summary'] == results['summary']
+    job = json.loads((out / 'runs' / 'uniform-s0' / 'run.json').read_text())['job']
+    assert benchmark.finished_run(job) is not None and benchmark.finished_run(dict(job, steps=80)) is None
     assert results['tier'] == 'digits'
     table = results['summary']['table']
     assert set(table) == {'uniform', 'adaptive_clts_md'}
