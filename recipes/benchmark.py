@@ -183,6 +183,12 @@ def _run_folder(job: dict[str, Any]) -> str:
     return os.path.join(job['out'], 'runs', f'{_slug(job["method"])}-s{job["seed"]}')
 
 
+def _portable(job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` with its folders inside the repository written relative to its root (as results are published)."""
+    return {k: (os.path.relpath(v, ROOT) if k in ('data', 'out') and os.path.abspath(v).startswith(ROOT + os.sep)
+                else v) for k, v in job.items()}
+
+
 def finished_run(job: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The result a run of exactly this job left in its folder (``run.json``), or ``None``: a race that stopped
     part-way is rerun with the same command and trains only what is missing."""
@@ -191,7 +197,7 @@ def finished_run(job: dict[str, Any]) -> Optional[dict[str, Any]]:
         return None
     with open(path) as f:
         record = json.load(f)
-    return record['result'] if record.get('job') == job else None
+    return record['result'] if record.get('job') == _portable(job) else None
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +206,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     result = _train_one(job)
     os.makedirs(_run_folder(job), exist_ok=True)
     with open(os.path.join(_run_folder(job), 'run.json'), 'w') as f:
-        json.dump({'job': job, 'result': result}, f)
+        json.dump({'job': _portable(job), 'result': result}, f)
     return result
 
 
@@ -800,7 +806,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = summarize(results, budget=args.steps)
     command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
-        json.dump({'command': command, 'args': vars(args), 'tier': args.tier, 'objective': args.objective,
+        json.dump({'command': command, 'args': _portable(vars(args)), 'tier': args.tier, 'objective': args.objective,
                    'uniform_final_fid': summary['target_fid'], 'fid_floor': summary['fid_floor'],
                    'feature_val_accuracy': feature_accuracy, 'runs': results, 'summary': summary}, f, indent=1)
     write_markdown(summary, args, os.path.join(args.out, 'results.md'), command.strip())
