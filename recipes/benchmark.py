@@ -185,8 +185,8 @@ def _run_folder(job: dict[str, Any]) -> str:
 
 def _portable(job: dict[str, Any]) -> dict[str, Any]:
     """``job`` with its folders inside the repository written relative to its root (as results are published)."""
-    return {k: (os.path.relpath(v, ROOT) if k in ('data', 'out') and os.path.abspath(v).startswith(ROOT + os.sep)
-                else v) for k, v in job.items()}
+    return {k: (os.path.relpath(v, ROOT) if k in ('data', 'out') and isinstance(v, str)
+                and os.path.abspath(v).startswith(ROOT + os.sep) else v) for k, v in job.items()}
 
 
 def finished_run(job: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -754,7 +754,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="each of --methods' training step against uniform's, interleaved (see above)")
     parser.add_argument('--overhead-rounds', type=int, default=6, help='--step-overhead: measured rounds')
     parser.add_argument('--overhead-block-steps', type=int, default=40, help='--step-overhead: steps per block')
+    parser.add_argument('--combine', default=None, metavar='DIR,DIR,...',
+                        help='summarise the races in these --out folders as one (same settings, and uniform runs '
+                        'that agree FID for FID), into --out (default: the first)')
     args = parser.parse_args(argv)
+    if args.combine:
+        return _main_combine(args, 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
     if args.loop_overhead:
         return _main_loop_overhead(args)
     tier = _apply_tier_defaults(args)
@@ -818,6 +823,70 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_plot(summary, os.path.join(args.out, 'fid.png'))
     print(open(os.path.join(args.out, 'results.md')).read())
     print(f'total wall time {time.time() - start:.0f}s')
+    return 0
+
+
+def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The runs of several races' ``results.json`` as one race: the first race's settings, every method's runs.
+
+    Only races of the same tier, objective, budget, evaluations and sampling settings combine, and only when their
+    uniform runs are the same runs: the same seeds with the same FID at every evaluation (training and FID are
+    deterministic per seed, so a rerun repeats them; anything else means the races differ). A method in several
+    races keeps the first race's runs. Per-step and wall-time ratios across races compare runs that did not share
+    the machine at the same time.
+    """
+    races = []
+    for folder in folders:
+        with open(os.path.join(folder, 'results.json')) as f:
+            races.append(json.load(f))
+    first = races[0]
+    keys = ('steps', 'eval_every', 'fid_samples', 'ddim_steps', 'bpd_images', 'bpd_terms')
+    uniform = {r['seed']: r['fid'] for r in first['runs'] if r['method'] == 'uniform'}
+    runs, methods = [], set()
+    for folder, race in zip(folders, races):
+        differs = [k for k in keys if race['args'].get(k) != first['args'].get(k)]
+        differs += [k for k in ('tier', 'objective') if race.get(k, 'ddpm') != first.get(k, 'ddpm')]
+        if differs:
+            raise ValueError(f'{folder}: the race differs from {folders[0]} in {differs}; only races of the same '
+                             'settings combine.')
+        own = {r['seed']: r['fid'] for r in race['runs'] if r['method'] == 'uniform'}
+        if own != uniform:
+            raise ValueError(f'{folder}: its uniform runs are not those of {folders[0]} (seeds {sorted(own)} against '
+                             f'{sorted(uniform)}, or other FID values); only races that repeat the same uniform runs '
+                             'combine.')
+        new = {r['method'] for r in race['runs']} - methods
+        runs += [r for r in race['runs'] if r['method'] in new]
+        methods |= new
+    return first, runs
+
+
+def _main_combine(args: argparse.Namespace, command: str) -> int:
+    folders = args.combine.split(',')
+    first, runs = combine_races(folders)
+    for key in ('tier', 'steps', 'eval_every', 'fid_samples', 'ddim_steps', 'seeds'):
+        setattr(args, key, first.get(key) if key == 'tier' else first['args'][key])
+    args.methods = ','.join(dict.fromkeys(r['method'] for r in runs))
+    out = args.out = args.out or folders[0]
+    os.makedirs(out, exist_ok=True)
+    summary = summarize(runs, budget=args.steps)
+    with open(os.path.join(out, 'results.json'), 'w') as f:
+        json.dump({'command': command, 'combines': [_portable({'out': race})['out'] for race in folders], 'args': _portable(vars(args)),
+                   'tier': first['tier'], 'objective': first.get('objective', 'ddpm'),
+                   'uniform_final_fid': summary['target_fid'], 'fid_floor': summary['fid_floor'],
+                   'feature_val_accuracy': first.get('feature_val_accuracy'), 'runs': runs, 'summary': summary},
+                  f, indent=1)
+    write_markdown(summary, args, os.path.join(out, 'results.md'), command)
+    with open(os.path.join(out, 'results.md'), 'a') as f:
+        f.write(f'\nCombined from {", ".join(folders)}, whose uniform runs agree FID for FID. The wall speed-up and '
+                'step time ratio columns compare runs of different races, which did not share the machine at the '
+                'same time: they are not a cost measurement.\n')
+    trace = sampler_trace_table(runs)
+    if trace:
+        with open(os.path.join(out, 'results.md'), 'a') as f:
+            f.write('\nThe adaptive sampler over training (logged at each policy update; per-run heatmaps in the '
+                    'combined races\' `runs/<method>-s<seed>/timestep_heatmap.png`):\n\n' + trace + '\n')
+    write_plot(summary, os.path.join(out, 'fid.png'))
+    print(open(os.path.join(out, 'results.md')).read())
     return 0
 
 

@@ -196,3 +196,35 @@ def test_loop_overhead_quick_prints_a_ratio_last(digits_mds, capsys):
     assert match and math.isfinite(float(match.group(1))) and float(match.group(1)) > 0
     per_block = next(line for line in lines if line.startswith('per-block ratios'))
     assert len(per_block.split(':')[1].split()) == 2  # --quick: 2 measured blocks
+
+
+def _race(folder, runs, **args):
+    folder.mkdir()
+    settings = {'steps': 1000, 'eval_every': 100, 'fid_samples': 500, 'ddim_steps': 25, 'bpd_images': 128,
+                'bpd_terms': 50, 'seeds': '0,1', **args}
+    (folder / 'results.json').write_text(json.dumps({'tier': 'mnist', 'args': settings, 'runs': runs}))
+    return str(folder)
+
+
+def test_races_with_the_same_uniform_runs_combine_and_others_refuse(tmp_path):
+    uniform = [_run('uniform', s, _line(100 + s, 0.05)) for s in (0, 1)]
+    fast = [_run('fast', s, [v / 2 for v in _line(100 + s, 0.05)]) for s in (0, 1)]
+    slow = [_run('slow', s, _line(200, 0.05)) for s in (0, 1)]
+    a = _race(tmp_path / 'a', uniform + fast)
+    b = _race(tmp_path / 'b', uniform + slow + [_run('fast', 0, _line(1, 0))])
+    first, runs = benchmark.combine_races([a, b])
+    # uniform once, each method from the first race that has it.
+    assert [(r['method'], r['seed']) for r in runs] == [('uniform', 0), ('uniform', 1), ('fast', 0), ('fast', 1),
+                                                         ('slow', 0), ('slow', 1)]
+    assert runs[2]['fid'] == fast[0]['fid']
+    out = tmp_path / 'combined'
+    assert benchmark.main(['--combine', f'{a},{b}', '--out', str(out)]) == 0
+    combined = json.loads((out / 'results.json').read_text())
+    assert set(combined['summary']['table']) == {'uniform', 'fast', 'slow'}
+    assert combined['uniform_final_fid'] == pytest.approx((50 + 51) / 2)
+    other = _race(tmp_path / 'c', [_run('uniform', 0, _line(100, 0.05)), _run('uniform', 1, _line(99, 0.05))])
+    with pytest.raises(ValueError, match='uniform runs are not those'):
+        benchmark.combine_races([a, other])
+    longer = _race(tmp_path / 'd', uniform, steps=2000)
+    with pytest.raises(ValueError, match=r"differs .* in \['steps'\]"):
+        benchmark.combine_races([a, longer])
