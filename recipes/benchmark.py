@@ -121,7 +121,7 @@ TIERS: dict[str, Tier] = {
     # Resolution, model and budget chosen by pilot runs (docs/benchmark.md, "The MNIST tier"): 6 methods x 3 seeds in
     # about 90 minutes on 2 cores; evaluations every 350 steps fall on 25/50/75/100% of the budget.
     'mnist': Tier('yamls/mnist/uniform.yaml', 'mnist5k', 'data/mnist5k-16', 16, 'mnist', 2800, 350,
-                  ('uniform', 'adaptive', 'clts', 'md', 'clts_md', 'adaptive_clts_md'),
+                  ('uniform', 'adaptive', 'clts', 'clts_md', 'adaptive_clts_md', 'log_normal'),
                   flow_recipe='yamls/mnist/flow_uniform.yaml'),
 }
 # Fractions of the budget at which uniform's FID becomes a target for every method.
