@@ -527,8 +527,9 @@ def sampler_trace_table(results: list[dict[str, Any]], points: int = 6) -> str:
             return values[-1] if values else None
 
         lines = [f'**{method}** (mean over {len(runs)} seeds; S from the first seed)', '',
-                 '| step | mean t | entropy of the batch marginal (nats; uniform: ln T) | '
-                 'reward (batch-mean KL reduction) | S |',
+                 '| step | mean t (flow: cell of sigma) | entropy of the batch marginal (nats; uniform: ln T) | '
+                 'reward (batch mean; KL reductions for `paper` and `normalized`, loss reductions for `loss` and on '
+                 'flow models) | S |',
                  '| ---: | ---: | ---: | ---: | --- |']
         for step in picks:
             cells = []
