@@ -494,10 +494,11 @@ def write_markdown(summary: dict[str, Any], args: argparse.Namespace, path: str,
         area_text = _fmt_spread(r['log_fid_area_ratio_paired'], '.3f', '')
         paired.append(f'| {method} | ' + ' | '.join(cells) + f' | {area_text} | '
                       + ' / '.join(f'{v:.1f}' for v in r['final_fid_per_seed']) + ' |')
+    sampler = 'Euler' if getattr(args, 'objective', 'ddpm') == 'flow_matching' else 'DDIM'
     text = (f'Command: `{command}`\n\n'
             f'Tier {args.tier}; seeds {args.seeds}; {args.steps} steps; FID every {args.eval_every} steps from '
-            f'{args.fid_samples} DDIM-{args.ddim_steps} samples (EMA weights, digit-classifier features) against the '
-            f'validation split. Real-vs-real floor: {_fmt(summary["fid_floor"])}. Uniform\'s final mean FID: '
+            f'{args.fid_samples} {sampler}-{args.ddim_steps} samples (EMA weights, digit-classifier features) against '
+            f'the validation split. Real-vs-real floor: {_fmt(summary["fid_floor"])}. Uniform\'s final mean FID: '
             f'{summary["target_fid"]:.2f}.\n\n'
             f'**Mean curves.** "Speed-up to U@p": steps uniform\'s mean curve needs to reach its own FID at p of the '
             f'budget ({targets}), divided by the steps the method\'s mean curve needs (linear interpolation '
@@ -760,7 +761,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         'that agree FID for FID), into --out (default: the first)')
     args = parser.parse_args(argv)
     if args.combine:
-        return _main_combine(args, 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
+        command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+        return _main_combine(args, command)
     if args.loop_overhead:
         return _main_loop_overhead(args)
     tier = _apply_tier_defaults(args)
@@ -864,15 +866,16 @@ def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str
 def _main_combine(args: argparse.Namespace, command: str) -> int:
     folders = args.combine.split(',')
     first, runs = combine_races(folders)
-    for key in ('tier', 'steps', 'eval_every', 'fid_samples', 'ddim_steps', 'seeds'):
-        setattr(args, key, first.get(key) if key == 'tier' else first['args'][key])
+    for key in ('steps', 'eval_every', 'fid_samples', 'ddim_steps', 'seeds'):
+        setattr(args, key, first['args'][key])
+    args.tier, args.objective = first['tier'], first.get('objective', 'ddpm')
     args.methods = ','.join(dict.fromkeys(r['method'] for r in runs))
     out = args.out = args.out or folders[0]
     os.makedirs(out, exist_ok=True)
     summary = summarize(runs, budget=args.steps)
     with open(os.path.join(out, 'results.json'), 'w') as f:
-        json.dump({'command': command, 'combines': [_portable({'out': race})['out'] for race in folders], 'args': _portable(vars(args)),
-                   'tier': first['tier'], 'objective': first.get('objective', 'ddpm'),
+        json.dump({'command': command, 'combines': [_portable({'out': race})['out'] for race in folders],
+                   'args': _portable(vars(args)), 'tier': first['tier'], 'objective': args.objective,
                    'uniform_final_fid': summary['target_fid'], 'fid_floor': summary['fid_floor'],
                    'feature_val_accuracy': first.get('feature_val_accuracy'), 'runs': runs, 'summary': summary},
                   f, indent=1)
