@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule, clts_probs, difficulty_coordinate
-from composer_algos.algorithms.momentum_decay import MomentumDecay, decayed_momentum, demon_momentum
+from composer_algos.algorithms.momentum_decay import MomentumDecay, compensation, decayed_momentum, demon_momentum
 from composer_algos.diffusion import NoiseSchedule
 
 
@@ -117,18 +117,47 @@ def _lrs_and_betas_used(digits_mds, algorithms, sgd: bool = False):
 
 
 @pytest.mark.parametrize('sgd', [False, True])
-def test_lr_used_is_scheduler_lr_times_compensation(digits_mds, sgd):
+@pytest.mark.parametrize('mode', [True, 'noise'])
+def test_lr_used_is_scheduler_lr_times_compensation(digits_mds, sgd, mode):
     reference = _lrs_and_betas_used(digits_mds, [], sgd)
-    decayed = _lrs_and_betas_used(digits_mds, [MomentumDecay(beta_end=0.0, end='1.0dur')], sgd)
+    decayed = _lrs_and_betas_used(digits_mds, [MomentumDecay(beta_end=0.0, end='1.0dur', compensate_lr=mode)], sgd)
     assert len(reference) == len(decayed) == 8
     assert len({lr for lr, _ in reference}) > 3  # the schedule really moves the lr
     for step, ((scheduled, _), (lr, beta)) in enumerate(zip(reference, decayed)):
-        expected_beta = demon_momentum(0.9, step / 8)
-        assert beta == pytest.approx(expected_beta)
-        # SGD's momentum buffer moves the parameters by lr g / (1 - b) in all: the compensation keeps that at its
-        # starting value (larger steps as b decays); Adam's average needs none.
-        factor = (1 - expected_beta) / (1 - 0.9) if sgd else 1.0
+        b = demon_momentum(0.9, step / 8)
+        assert beta == pytest.approx(b)
+        if mode is True:
+            # SGD's momentum buffer moves the parameters by lr g / (1 - b) in all: the compensation keeps that at its
+            # starting value (larger steps as b decays); Adam's average needs none.
+            factor = (1 - b) / (1 - 0.9) if sgd else 1.0
+        else:
+            # The spread of a step made of independent gradients: sqrt((1 - b) / (1 + b)) for Adam's average,
+            # 1 / sqrt(1 - b^2) for SGD's buffer, kept at its value for 0.9.
+            factor = math.sqrt((1 - b**2) / (1 - 0.81)) if sgd else math.sqrt((0.1 / 1.9) / ((1 - b) / (1 + b)))
         assert lr == pytest.approx(scheduled * factor, rel=1e-9)
+
+
+@pytest.mark.parametrize('key', ['betas', 'momentum'])
+def test_noise_compensation_keeps_the_spread_of_noisy_steps(key):
+    """Simulated: the stationary step of Adam's average (or SGD's buffer) of independent gradients, times the lr
+    factor, has the same spread at beta 0.5 as at 0.9."""
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(3000, 4000, generator=gen, dtype=torch.float64)
+
+    def step_spread(beta: float) -> float:
+        buf = torch.zeros(4000, dtype=torch.float64)
+        for g in grads:
+            buf = beta * buf + ((1 - beta) * g if key == 'betas' else g)
+        return float(buf.std())
+
+    spread_start = step_spread(0.9)
+    scaled = compensation(key, 0.9, 0.5, 'noise') * step_spread(0.5)
+    assert scaled == pytest.approx(spread_start, rel=0.03)
+    # The total-contribution compensation does not keep it: Adam's steps grow 2.5x as beta1 falls to 0.5.
+    assert compensation(key, 0.9, 0.5) * step_spread(0.5) / spread_start == pytest.approx(
+        2.52 if key == 'betas' else 5 * math.sqrt(0.19 / 0.75), rel=0.03)
+    with pytest.raises(ValueError, match='compensate_lr must be true, false or one of'):
+        MomentumDecay(compensate_lr='nois')
 
 
 def test_a_retried_batch_is_not_compensated_twice():

@@ -13,6 +13,13 @@ contribution is spread over the following steps, not its size:
 - Adam-style averages (``m = b m + (1 - b) g``) already weigh each gradient by ``1 - b`` and move the parameters by
   ``lr g / sqrt(v)`` in all, whatever ``b``: the factor is 1, and for Adam the method is momentum decay itself.
 
+A second compensation, ``compensate_lr: noise``, keeps instead the size of each step where gradients are mostly
+noise (late in training): the average of independent gradients of spread ``s`` has spread
+``s sqrt((1 - b) / (1 + b))`` for Adam-style averages and ``s / sqrt(1 - b^2)`` for SGD-style buffers, so lowering
+``b`` makes Adam's steps larger (2.5x at 0.9 -> 0.5) even though each gradient's total contribution is unchanged. The
+factor ``sqrt(((1 - b0) / (1 + b0)) / ((1 - b) / (1 + b)))`` (Adam; 0.40 at 0.9 -> 0.5) or
+``sqrt((1 - b^2) / (1 - b0^2))`` (SGD) undoes that growth.
+
 Deviations, each stated once:
 - Adam's bias correction ``1 - beta1^k`` uses the current beta1, as PyTorch computes it; Demon's paper does too.
 - The compensation multiplies whatever learning rate the scheduler set for the step and is undone after the
@@ -21,7 +28,7 @@ Deviations, each stated once:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from composer.core import Algorithm, Event, State
@@ -29,7 +36,7 @@ from composer.loggers import Logger
 
 from composer_algos.algorithms.common import ReprMixin, parse_time, span_fraction
 
-__all__ = ['demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum', 'compensation',
+__all__ = ['COMPENSATIONS', 'demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum', 'compensation',
            'MomentumDecay', 'RULES']
 
 RULES = ('demon', 'linear')
@@ -65,17 +72,31 @@ def momentum_key(optimizer: torch.optim.Optimizer) -> str:
                     f'DecoupledSGDW); {type(optimizer).__name__} has neither.')
 
 
-def compensation(key: str, beta0: float, beta: float) -> float:
-    """The lr factor that keeps a gradient's total contribution to the parameters at its value for ``beta0``.
+COMPENSATIONS = ('total', 'noise', 'none')
 
-    ``(1 - beta) / (1 - beta0)`` for SGD-style momentum (``key='momentum'``); 1 for Adam-style averages
-    (``key='betas'``), whose total contribution does not depend on beta1.
+
+def compensation(key: str, beta0: float, beta: float, mode: str = 'total') -> float:
+    """The lr factor for momentum ``beta`` in place of ``beta0`` (see the module docstring).
+
+    ``mode='total'`` keeps a gradient's total contribution to the parameters: ``(1 - beta) / (1 - beta0)`` for
+    SGD-style momentum (``key='momentum'``), 1 for Adam-style averages (``key='betas'``). ``mode='noise'`` keeps the
+    spread of a step made of independent noisy gradients. ``mode='none'``: 1.
 
     Example:
-        >>> compensation('momentum', 0.9, 0.5), compensation('betas', 0.9, 0.5)
+        >>> round(compensation('momentum', 0.9, 0.5), 4), compensation('betas', 0.9, 0.5)
         (5.0, 1.0)
+        >>> round(compensation('betas', 0.9, 0.5, 'noise'), 4), round(compensation('momentum', 0.9, 0.5, 'noise'), 4)
+        (0.3974, 1.9868)
     """
-    return (1.0 - beta) / (1.0 - beta0) if key == 'momentum' else 1.0
+    if mode == 'none':
+        return 1.0
+    if mode == 'noise':
+        if key == 'momentum':
+            return ((1.0 - beta**2) / (1.0 - beta0**2))**0.5
+        return (((1.0 - beta0) / (1.0 + beta0)) / ((1.0 - beta) / (1.0 + beta)))**0.5
+    if mode == 'total':
+        return (1.0 - beta) / (1.0 - beta0) if key == 'momentum' else 1.0
+    raise ValueError(f'compensation mode must be one of {COMPENSATIONS}, got {mode!r}.')
 
 
 def get_momentum(group: dict[str, Any], key: str) -> float:
@@ -110,8 +131,10 @@ class MomentumDecay(ReprMixin, Algorithm):
         rule: ``'demon'`` or ``'linear'``.
         start: when the decay starts (``'0.0dur'``, ``'1000ba'``, ...).
         end: when it reaches ``beta_end``.
-        compensate_lr: the learning-rate compensation (see the module docstring): ``(1 - b) / (1 - b0)`` for
-            SGD-style momentum, 1 for Adam-style averages.
+        compensate_lr: the learning-rate compensation (see the module docstring): ``True`` or ``'total'`` keeps each
+            gradient's total contribution (``(1 - b) / (1 - b0)`` for SGD-style momentum, 1 for Adam-style
+            averages); ``'noise'`` keeps the spread of noise-dominated steps; ``False`` or ``'none'``: no
+            compensation.
 
     Example:
         >>> MomentumDecay(beta_end=0.5)
@@ -119,7 +142,7 @@ class MomentumDecay(ReprMixin, Algorithm):
     """
 
     def __init__(self, beta_end: float = 0.5, beta0: Optional[float] = None, rule: str = 'demon',
-                 start: str = '0.0dur', end: str = '1.0dur', compensate_lr: bool = True):
+                 start: str = '0.0dur', end: str = '1.0dur', compensate_lr: Union[bool, str] = True):
         if not 0.0 <= beta_end < 1.0:
             raise ValueError(f'beta_end must be in [0, 1), got {beta_end}.')
         if beta0 is not None and not 0.0 <= beta0 < 1.0:
@@ -131,7 +154,13 @@ class MomentumDecay(ReprMixin, Algorithm):
         self.rule = rule
         self.start = start
         self.end = end
-        self.compensate_lr = bool(compensate_lr)
+        if isinstance(compensate_lr, bool):
+            self._compensation = 'total' if compensate_lr else 'none'
+        elif compensate_lr in COMPENSATIONS:
+            self._compensation = compensate_lr
+        else:
+            raise ValueError(f'compensate_lr must be true, false or one of {COMPENSATIONS}, got {compensate_lr!r}.')
+        self.compensate_lr = compensate_lr
         self._start = parse_time(start, 'start')
         self._end = parse_time(end, 'end')
         if self._start.unit != self._end.unit:
@@ -168,8 +197,7 @@ class MomentumDecay(ReprMixin, Algorithm):
             ]
         tau = span_fraction(state, self._start, self._end)
         momenta = [decayed_momentum(self.rule, b0, tau, min(self.beta_end, b0)) for b0 in self.initial_momenta]
-        scales = [compensation(key, b0, b) if self.compensate_lr else 1.0
-                  for b0, b in zip(self.initial_momenta, momenta)]
+        scales = [compensation(key, b0, b, self._compensation) for b0, b in zip(self.initial_momenta, momenta)]
         self._lrs_scheduled = [g['lr'] for g in optimizer.param_groups]
         self._lrs_set = apply_momentum(optimizer, momenta, scales)
         logger.log_metrics({'momentum/beta1': momenta[0], 'momentum/lr_scale': scales[0]})
