@@ -167,7 +167,7 @@ def test_a_retried_batch_is_not_compensated_twice():
     state = State(model=model, rank_zero_seed=0, run_name='x', device='cpu', optimizers=opt, max_duration='10ba',
                   dataloader=[None], dataloader_label='train')
     state.timestamp = state.timestamp.to_next_batch(samples=1).to_next_batch(samples=1).to_next_batch(samples=1)
-    md = MomentumDecay(beta_end=0.0, end='1.0dur')
+    md = MomentumDecay(beta_end=0.0, end='1.0dur', compensate_lr=True)
     logger = Logger(state)
     md.apply(Event.BEFORE_TRAIN_BATCH, state, logger)
     once = opt.param_groups[0]['lr']
@@ -180,8 +180,9 @@ def test_a_retried_batch_is_not_compensated_twice():
     assert opt.param_groups[0]['lr'] == pytest.approx(0.1)
 
 
-def test_compensation_does_not_compound_without_a_scheduler(digits_mds):
-    md = MomentumDecay(beta_end=0.5, compensate_lr=True)
+@pytest.mark.parametrize('mode', [True, 'noise'])
+def test_compensation_does_not_compound_without_a_scheduler(digits_mds, mode):
+    md = MomentumDecay(beta_end=0.5, compensate_lr=mode)
     trainer = make_trainer(digits_mds, algorithms=[md], max_duration='5ba')
     trainer.fit()
     assert trainer.state.optimizers[0].param_groups[0]['lr'] == pytest.approx(1e-3)
