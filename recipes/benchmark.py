@@ -798,11 +798,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         'objective': args.objective,
     } for s in seeds for m in methods]
     start = time.time()
-    results = [r for r in map(finished_run, jobs) if r is not None]
+    finished = [finished_run(job) for job in jobs]
+    results = [r for r in finished if r is not None]
     if results:
         print(f'{len(results)} of {len(jobs)} runs are already in {args.out}/runs (run.json): not trained again',
               flush=True)
-    todo = [job for job in jobs if finished_run(job) is None]
+    todo = [job for job, r in zip(jobs, finished) if r is None]
     pool = mp.get_context('spawn').Pool(args.workers, maxtasksperchild=1)
     for r in pool.imap_unordered(run_one, todo):
         results.append(r)
@@ -811,22 +812,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     # close + join lets the workers exit normally (terminate would interrupt their cleanup).
     pool.close()
     pool.join()
-    summary = summarize(results, budget=args.steps)
     command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    with open(os.path.join(args.out, 'results.json'), 'w') as f:
-        json.dump({'command': command, 'args': _portable(vars(args)), 'tier': args.tier, 'objective': args.objective,
-                   'uniform_final_fid': summary['target_fid'], 'fid_floor': summary['fid_floor'],
-                   'feature_val_accuracy': feature_accuracy, 'runs': results, 'summary': summary}, f, indent=1)
-    write_markdown(summary, args, os.path.join(args.out, 'results.md'), command.strip())
-    trace = sampler_trace_table(results)
-    if trace:
-        with open(os.path.join(args.out, 'results.md'), 'a') as f:
-            f.write('\nThe adaptive sampler over training (logged at each policy update; per-run heatmaps in '
-                    '`runs/<method>-s<seed>/timestep_heatmap.png`):\n\n' + trace + '\n')
-    write_plot(summary, os.path.join(args.out, 'fid.png'))
-    print(open(os.path.join(args.out, 'results.md')).read())
+    publish_race(args, command.strip(), results, feature_accuracy)
     print(f'total wall time {time.time() - start:.0f}s')
     return 0
+
+
+def publish_race(args: argparse.Namespace, command: str, runs: list[dict[str, Any]],
+                 feature_accuracy: Optional[float], record: Optional[dict[str, Any]] = None, note: str = '',
+                 heatmaps: str = '`runs/<method>-s<seed>/timestep_heatmap.png`') -> None:
+    """Summarise ``runs`` and write ``results.json`` (with ``record``'s keys added), ``results.md`` (with ``note``
+    and the adaptive sampler's trace appended) and ``fid.png`` into ``args.out``; print the markdown."""
+    summary = summarize(runs, budget=args.steps)
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+        json.dump({'command': command, **(record or {}), 'args': _portable(vars(args)), 'tier': args.tier,
+                   'objective': args.objective, 'uniform_final_fid': summary['target_fid'],
+                   'fid_floor': summary['fid_floor'], 'feature_val_accuracy': feature_accuracy, 'runs': runs,
+                   'summary': summary}, f, indent=1)
+    markdown = os.path.join(args.out, 'results.md')
+    write_markdown(summary, args, markdown, command)
+    trace = sampler_trace_table(runs)
+    with open(markdown, 'a') as f:
+        f.write(note)
+        if trace:
+            f.write('\nThe adaptive sampler over training (logged at each policy update; per-run heatmaps in '
+                    f'{heatmaps}):\n\n' + trace + '\n')
+    write_plot(summary, os.path.join(args.out, 'fid.png'))
+    print(open(markdown).read())
 
 
 def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -870,27 +882,14 @@ def _main_combine(args: argparse.Namespace, command: str) -> int:
         setattr(args, key, first['args'][key])
     args.tier, args.objective = first['tier'], first.get('objective', 'ddpm')
     args.methods = ','.join(dict.fromkeys(r['method'] for r in runs))
-    out = args.out = args.out or folders[0]
-    os.makedirs(out, exist_ok=True)
-    summary = summarize(runs, budget=args.steps)
-    with open(os.path.join(out, 'results.json'), 'w') as f:
-        json.dump({'command': command, 'combines': [_portable({'out': race})['out'] for race in folders],
-                   'args': _portable(vars(args)), 'tier': first['tier'], 'objective': args.objective,
-                   'uniform_final_fid': summary['target_fid'], 'fid_floor': summary['fid_floor'],
-                   'feature_val_accuracy': first.get('feature_val_accuracy'), 'runs': runs, 'summary': summary},
-                  f, indent=1)
-    write_markdown(summary, args, os.path.join(out, 'results.md'), command)
-    with open(os.path.join(out, 'results.md'), 'a') as f:
-        f.write(f'\nCombined from {", ".join(folders)}, whose uniform runs agree FID for FID. The wall speed-up and '
-                'step time ratio columns compare runs of different races, which did not share the machine at the '
-                'same time: they are not a cost measurement.\n')
-    trace = sampler_trace_table(runs)
-    if trace:
-        with open(os.path.join(out, 'results.md'), 'a') as f:
-            f.write('\nThe adaptive sampler over training (logged at each policy update; per-run heatmaps in the '
-                    'combined races\' `runs/<method>-s<seed>/timestep_heatmap.png`):\n\n' + trace + '\n')
-    write_plot(summary, os.path.join(out, 'fid.png'))
-    print(open(os.path.join(out, 'results.md')).read())
+    args.out = args.out or folders[0]
+    os.makedirs(args.out, exist_ok=True)
+    note = (f'\nCombined from {", ".join(folders)}, whose uniform runs agree FID for FID. The wall speed-up and step '
+            'time ratio columns compare runs of different races, which did not share the machine at the same time: '
+            'they are not a cost measurement.\n')
+    publish_race(args, command, runs, first.get('feature_val_accuracy'),
+                 {'combines': [_portable({'out': race})['out'] for race in folders]}, note,
+                 "the combined races' `runs/<method>-s<seed>/timestep_heatmap.png`")
     return 0
 
 

@@ -40,8 +40,8 @@ from composer.loggers import Logger
 
 from composer_algos.algorithms.common import ReprMixin, parse_time, span_fraction
 
-__all__ = ['COMPENSATIONS', 'demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum', 'compensation',
-           'MomentumDecay', 'RULES']
+__all__ = ['COMPENSATIONS', 'demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum',
+           'compensation', 'MomentumDecay', 'RULES']
 
 RULES = ('demon', 'linear')
 
