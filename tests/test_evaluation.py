@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,12 +19,13 @@ from composer_algos.evaluation import (InceptionFeatures, bits_per_dim, consiste
                                        rank_indices, real_vs_real_fid, side_by_side_grid, timestep_heatmap_png,
                                        update_fid, vlb_timesteps)
 from composer_algos.evaluation import features as features_module
-from composer_algos.evaluation.features import digits_arrays
+from composer_algos.evaluation.features import digits_arrays, weights_sha256
+from composer_algos.evaluation.fid import floor_at
 
 
 @pytest.fixture(scope='session')
 def classifier_cache(tmp_path_factory) -> str:
-    # One folder per test session, shared with test_evaluation_trainer.py so the classifier is trained once.
+    # The shipped classifier needs no cache; classifiers of other configs are trained into this one folder.
     path = tmp_path_factory.getbasetemp() / 'digit_classifier_cache'
     path.mkdir(exist_ok=True)
     return str(path)
@@ -38,23 +41,59 @@ def val_images() -> torch.Tensor:
     return digits_arrays('val')[0]
 
 
-def test_digit_classifier_accuracy_and_cache_reuse(digit_features, classifier_cache, monkeypatch):
-    assert digit_features.accuracy >= 0.95
-    path = digit_classifier_path(classifier_cache)
-    assert digit_features.cache_path == path
+def test_shipped_digit_classifier_is_loaded_not_trained(classifier_cache, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError('the shipped classifier should have been loaded, not trained')
+
+    monkeypatch.setattr(features_module, 'train_digit_classifier', no_training)
+    features = load_or_train_digit_classifier(classifier_cache)
+    entry = features_module.shipped_classifiers()['digits']
+    assert features.shipped and features.sha256 == entry['sha256'] == weights_sha256(features.classifier.state_dict())
+    assert features.accuracy == entry['accuracy'] >= 0.95
+    assert features.cache_path == os.path.join(features_module.SHIPPED_WEIGHTS_DIR, 'digits.pt')
+    assert not os.listdir(classifier_cache)  # nothing trained, nothing cached
+
+
+def test_shipped_classifier_whose_weights_changed_is_refused(tmp_path, monkeypatch):
+    shutil.copytree(features_module.SHIPPED_WEIGHTS_DIR, tmp_path / 'weights')
+    monkeypatch.setattr(features_module, 'SHIPPED_WEIGHTS_DIR', str(tmp_path / 'weights'))
+    path = tmp_path / 'weights' / 'digits.pt'
+    saved = torch.load(path, weights_only=True)
+    next(iter(saved['state_dict'].values())).view(-1)[0] += 1e-6
+    torch.save(saved, path)
+    with pytest.raises(RuntimeError, match=r'digits\.pt holds weights of sha256 .* the file was changed'):
+        load_or_train_digit_classifier(str(tmp_path / 'cache'))
+
+
+def test_weights_sha256_names_the_tensors_not_the_file():
+    weights = {'b': torch.arange(3.0), 'a': torch.ones(2, 2)}
+    same = {'a': torch.ones(2, 2), 'b': torch.arange(3.0).clone()}
+    assert weights_sha256(weights) == weights_sha256(same)
+    assert weights_sha256(weights) != weights_sha256({**weights, 'b': torch.arange(3.0) + 1e-7})
+    assert weights_sha256(weights) != weights_sha256({**weights, 'a': torch.ones(4)})  # same bytes, other shape
+
+
+def test_unshipped_classifier_is_trained_once_and_cached(classifier_cache, monkeypatch):
+    config = {'epochs': 3, 'width': 8}  # not a shipped config: trained on first use
+    first = load_or_train_digit_classifier(classifier_cache, config, min_accuracy=0.5)
+    assert not first.shipped and first.cache_path == digit_classifier_path(classifier_cache, config)
 
     def no_training(*args, **kwargs):
         raise AssertionError('the cached classifier should have been loaded, not retrained')
 
     monkeypatch.setattr(features_module, 'train_digit_classifier', no_training)
-    again = load_or_train_digit_classifier(classifier_cache)
-    assert again.accuracy == digit_features.accuracy
-    for a, b in zip(again.state_dict().values(), digit_features.state_dict().values()):
-        assert torch.equal(a, b)
+    again = load_or_train_digit_classifier(classifier_cache, config, min_accuracy=0.5)
+    assert again.sha256 == first.sha256 and again.accuracy == first.accuracy
     # Another config is another file, so it would be trained, never confused with this one.
-    assert digit_classifier_path(classifier_cache, {'epochs': 31}) != path
+    assert digit_classifier_path(classifier_cache, {**config, 'epochs': 4}) != first.cache_path
     with pytest.raises(AssertionError, match='cached classifier'):
-        load_or_train_digit_classifier(classifier_cache, {'epochs': 31})
+        load_or_train_digit_classifier(classifier_cache, {**config, 'epochs': 4})
+
+
+def test_floor_at_scales_with_the_sample_sizes():
+    # Halves of 500 and 500 (FID 20): 2000 samples against 1000 real images have 1.5e-3 / 4e-3 of the excess.
+    assert floor_at(20.0, 500, 500, 2000, 1000) == pytest.approx(7.5)
+    assert floor_at(20.0, 500, 500, 500, 500) == pytest.approx(20.0)
 
 
 def test_digit_classifier_classifies_val_split(digit_features, val_images):

@@ -3,6 +3,11 @@
 Every extractor here is an ``nn.Module`` with a ``num_features`` attribute that takes images as floats in
 [-1, 1] of shape ``(N, C, H, W)`` and returns ``(N, num_features)``; torchmetrics'
 ``FrechetInceptionDistance(feature=module)`` accepts it as is.
+
+The digit classifiers of the digits and MNIST tiers ship with the package (``weights/``, written by
+``recipes/train_feature_extractors.py``), like Inception's released weights: training them again on another machine
+gives other weights (CPU kernels round differently on other instruction sets), and with them another FID scale.
+A classifier of any other configuration is trained on first use and cached.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from composer_algos import registry
 from composer_algos.pixels import from_uint8, to_uint8
-import torch.nn.functional as F
 
 __all__ = [
     'DigitClassifier',
@@ -29,6 +34,9 @@ __all__ = [
     'DEFAULT_DIGIT_CLASSIFIER_CONFIG',
     'MNIST_CLASSIFIER_CONFIG',
     'CLASSIFIER_CONFIGS',
+    'SHIPPED_WEIGHTS_DIR',
+    'shipped_classifiers',
+    'weights_sha256',
     'build_feature_extractor',
     'FEATURE_CHOICES',
     'FEATURE_EXTRACTORS',
@@ -37,6 +45,7 @@ __all__ = [
     'digit_classifier_path',
     'mnist5k_arrays',
     'load_or_train_digit_classifier',
+    'train_and_save_classifier',
     'train_digit_classifier',
 ]
 
@@ -147,15 +156,19 @@ class DigitFeatures(nn.Module):
     """FID features of a trained :class:`DigitClassifier` for ``(N, 1, S, S)`` images in [-1, 1] (S its size).
 
     ``accuracy`` is the classifier's accuracy on its dataset's validation split, measured when it was trained;
-    ``cache_path`` the file it was loaded from.
+    ``cache_path`` the file it was loaded from; ``sha256`` names its weights (:func:`weights_sha256`), the FID scale
+    a run was measured on; ``shipped`` tells whether they are the package's own.
     """
 
-    def __init__(self, classifier: DigitClassifier, accuracy: float = float('nan'), cache_path: Optional[str] = None):
+    def __init__(self, classifier: DigitClassifier, accuracy: float = float('nan'), cache_path: Optional[str] = None,
+                 sha256: Optional[str] = None, shipped: bool = False):
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)
         self.num_features = classifier.num_features
         self.accuracy = float(accuracy)
         self.cache_path = cache_path
+        self.sha256 = sha256 or weights_sha256(classifier.state_dict())
+        self.shipped = shipped
 
     def train(self, mode: bool = True) -> 'DigitFeatures':
         # The extractor is fixed: a parent's .train() must not switch it out of evaluation mode.
@@ -281,39 +294,107 @@ def _train_classifier(cfg: dict[str, Any]) -> tuple[DigitClassifier, float]:
     return model.eval().requires_grad_(False), accuracy
 
 
-def load_or_train_digit_classifier(cache_dir: Optional[str] = None, config: Optional[dict[str, Any]] = None,
-                                   min_accuracy: float = 0.95) -> DigitFeatures:
-    """The digit classifier's :class:`DigitFeatures`, loaded from ``cache_dir`` or trained and cached there.
+SHIPPED_WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+_MANIFEST = 'manifest.json'
 
-    ``config`` (merged over its dataset's default; see :data:`CLASSIFIER_CONFIGS`) chooses the dataset:
-    ``{'dataset': 'mnist5k', 'image_size': 16}`` gives the MNIST classifier at 16x16. The cache file is named by a
-    hash of the full config. Under ``composer -n N`` the local rank 0 of each node trains and writes (atomically)
-    while the others wait, then everyone loads the same file.
 
-    Raises:
-        RuntimeError: if the trained classifier's validation accuracy is below ``min_accuracy``.
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's tensors (names, dtypes, shapes and bytes, in name order).
+
+    Unlike a file's hash it does not change with how torch pickles, so it names the weights themselves.
     """
-    from composer.utils import dist
-    path = digit_classifier_path(cache_dir, config)
-    cfg = _full_config(config)
-    if not os.path.isfile(path) and dist.get_local_rank() == 0:
-        log.info('Training the digit classifier for FID features (cached at %s).', path)
-        model, accuracy = train_digit_classifier(cfg)
-        if accuracy < min_accuracy:
-            raise RuntimeError(f'The digit classifier reached {accuracy:.3f} validation accuracy, below '
-                               f'{min_accuracy}; its features would make a poor FID. Config: {cfg}.')
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-        os.close(fd)
-        torch.save({'config': cfg, 'state_dict': model.state_dict(), 'accuracy': accuracy}, tmp)
-        os.replace(tmp, path)
-    if dist.get_world_size() > 1 and dist.is_initialized():
-        dist.barrier()
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f'{name}|{tensor.dtype}|{tuple(tensor.shape)}|'.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def shipped_classifiers(folder: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """The shipped classifiers' manifest (in ``folder``, default :data:`SHIPPED_WEIGHTS_DIR`): name ->
+    ``{'file', 'config', 'sha256', 'accuracy', 'trained_on'}``."""
+    path = os.path.join(folder or SHIPPED_WEIGHTS_DIR, _MANIFEST)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _shipped_entry(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
+    return next((e for e in shipped_classifiers().values() if e['config'] == cfg), None)
+
+
+def _save_classifier(model: DigitClassifier, accuracy: float, cfg: dict[str, Any], path: str) -> None:
+    """Write atomically: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
+    os.close(fd)
+    torch.save({'config': cfg, 'state_dict': model.state_dict(), 'accuracy': accuracy}, tmp)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide shipped weights from other users of an installed package
+    os.replace(tmp, path)
+
+
+def _load_classifier(path: str, expected_sha256: Optional[str] = None) -> DigitFeatures:
     saved = torch.load(path, map_location='cpu', weights_only=True)
+    sha256 = weights_sha256(saved['state_dict'])
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise RuntimeError(
+            f'The shipped FID classifier {path} holds weights of sha256 {sha256[:16]}..., not the '
+            f'{expected_sha256[:16]}... its manifest records: the file was changed. Restore it (reinstall the package '
+            'or check it out again); FIDs on other weights are on another scale.')
     model = DigitClassifier(width=saved['config']['width'], num_features=saved['config']['num_features'],
                             image_size=saved['config'].get('image_size', 8))
     model.load_state_dict(saved['state_dict'])
-    return DigitFeatures(model, saved['accuracy'], path)
+    return DigitFeatures(model, saved['accuracy'], path, sha256=sha256, shipped=expected_sha256 is not None)
+
+
+def train_and_save_classifier(config: Optional[dict[str, Any]], path: str,
+                              min_accuracy: float = 0.95) -> tuple[DigitClassifier, float]:
+    """Train the classifier of ``config`` (see :func:`train_digit_classifier`) and save it to ``path``.
+
+    Raises:
+        RuntimeError: if its validation accuracy is below ``min_accuracy``.
+    """
+    cfg = _full_config(config)
+    model, accuracy = train_digit_classifier(cfg)
+    if accuracy < min_accuracy:
+        raise RuntimeError(f'The digit classifier reached {accuracy:.3f} validation accuracy, below '
+                           f'{min_accuracy}; its features would make a poor FID. Config: {cfg}.')
+    _save_classifier(model, accuracy, cfg, path)
+    return model, accuracy
+
+
+def load_or_train_digit_classifier(cache_dir: Optional[str] = None, config: Optional[dict[str, Any]] = None,
+                                   min_accuracy: float = 0.95) -> DigitFeatures:
+    """The digit classifier's :class:`DigitFeatures`: the shipped weights when ``config`` is one of theirs, else
+    loaded from ``cache_dir`` or trained and cached there.
+
+    ``config`` (merged over its dataset's default; see :data:`CLASSIFIER_CONFIGS`) chooses the dataset:
+    ``{'dataset': 'mnist5k', 'image_size': 16}`` gives the MNIST tier's classifier. Shipped weights are checked
+    against their recorded sha256 and never retrained here (``recipes/train_feature_extractors.py`` does that on
+    request). Another config is trained on first use; its cache file is named by a hash of the full config, and
+    under ``composer -n N`` the local rank 0 of each node trains and writes while the others wait. Its FIDs compare
+    only with runs that used the same weights (``DigitFeatures.sha256``): trained on another machine, the weights
+    differ.
+
+    Raises:
+        RuntimeError: if a trained classifier's validation accuracy is below ``min_accuracy``, or shipped weights
+            do not match their sha256.
+    """
+    from composer.utils import dist
+    cfg = _full_config(config)
+    entry = _shipped_entry(cfg)
+    if entry is not None:
+        return _load_classifier(os.path.join(SHIPPED_WEIGHTS_DIR, entry['file']), entry['sha256'])
+    path = digit_classifier_path(cache_dir, config)
+    if not os.path.isfile(path) and dist.get_local_rank() == 0:
+        log.warning('No shipped FID classifier has this config; training one (cached at %s). Its FIDs compare only '
+                    'with runs on the same weights.', path)
+        train_and_save_classifier(cfg, path, min_accuracy)
+    if dist.get_world_size() > 1 and dist.is_initialized():
+        dist.barrier()
+    return _load_classifier(path)
 
 
 def digit_features(image_shape: Optional[tuple[int, ...]] = None, inception_weights: Optional[str] = None,
