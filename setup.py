@@ -1,5 +1,7 @@
 """composer-algos: faster diffusion training as MosaicML Composer algorithms."""
 
+import ast
+import os
 import re
 
 from setuptools import find_packages, setup
@@ -33,12 +35,37 @@ extras_require = {
     ],
 }
 
+
+
+def entry_points() -> dict[str, list[str]]:
+    """The package's own ``composer_algos_<kind>`` entry points: the table in composer_algos/builtins.py, and every
+    folder of composer_algos/algorithms/ under its name (the first name in its ``__init__``'s ``__all__``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, 'composer_algos', 'builtins.py')) as f:
+        table = next(ast.literal_eval(node.value) for node in ast.parse(f.read()).body
+                     if isinstance(node, ast.Assign) and node.targets[0].id == 'BUILTINS')
+    algorithms = os.path.join(here, 'composer_algos', 'algorithms')
+    for name in sorted(os.listdir(algorithms)):
+        init = os.path.join(algorithms, name, '__init__.py')
+        if not os.path.isfile(init):
+            continue
+        with open(init) as f:
+            exported = next(ast.literal_eval(node.value) for node in ast.parse(f.read()).body
+                            if isinstance(node, ast.Assign) and node.targets[0].id == '__all__')
+        table['algorithms'][name] = f'composer_algos.algorithms.{name}:{exported[0]}'
+    return {f'composer_algos_{kind}': [f'{name} = {target}' for name, target in sorted(parts.items())]
+            for kind, parts in table.items()}
+
+
 setup(
     name='composer-algos',
     version=VERSION,
     description='Timestep-sampling, curriculum and optimizer algorithms for diffusion training with MosaicML Composer',
     packages=find_packages(include=['composer_algos', 'composer_algos.*']),
+    # The FID feature extractors' weights (composer_algos/evaluation/features.py).
+    package_data={'composer_algos.evaluation': ['weights/*.pt', 'weights/manifest.json']},
     python_requires='>=3.10',
     install_requires=install_requires,
     extras_require=extras_require,
+    entry_points=entry_points(),
 )

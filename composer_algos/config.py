@@ -14,7 +14,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-import composer_algos.builtins  # noqa: F401  (registers every built-in part by name)
 from composer_algos import registry, validation
 from composer_algos.registry import ConfigError, call_checked, check_keys, suggest
 

@@ -1,8 +1,9 @@
 """Name -> constructor registries, so YAML recipes and other packages can refer to parts by name.
 
-This module imports nothing from the package: ``composer_algos.builtins`` registers every built-in part, and other
-packages register their own under the entry-point groups ``composer_algos_<kind>`` (for example
-``composer_algos_algorithms``), which ``catalogue`` reads when a registry is listed.
+This module imports nothing from the package. Every part is registered through the entry-point groups
+``composer_algos_<kind>`` (for example ``composer_algos_algorithms``), which ``catalogue`` reads when a registry is
+looked up: the package declares its built-ins there (``setup.py``, from ``composer_algos/builtins.py`` and the
+algorithm folders) as other packages declare theirs, so a name resolves with no other module imported first.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Composer Algorithms for faster diffusion training (registered by name in ``composer_algos.builtins``)."""
+"""Composer Algorithms for faster diffusion training (each registered by its folder's name)."""
 
 from composer_algos.algorithms.adaptive_timestep_sampling import AdaptiveTimestepSampling
 from composer_algos.algorithms.cosmap_sampling import CosMapSampling

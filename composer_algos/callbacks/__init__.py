@@ -1,6 +1,6 @@
 """Monitoring callbacks: FID, bits/dim, loss per timestep band, sample grids and the timestep heatmap.
 
-``composer_algos.builtins`` registers them by name.
+The package's entry points register them by name (``composer_algos/builtins.py``).
 """
 
 from composer_algos.callbacks.fid import FID

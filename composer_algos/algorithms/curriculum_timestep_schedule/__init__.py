@@ -3,4 +3,5 @@
 from composer_algos.algorithms.curriculum_timestep_schedule.curriculum_timestep_schedule import (
     COORDINATES, CurriculumTimestepSchedule, clts_probs, difficulty_coordinate)
 
-__all__ = ['COORDINATES', 'CurriculumTimestepSchedule', 'clts_probs', 'difficulty_coordinate']
+# The algorithm first: it is what the folder's name registers.
+__all__ = ['CurriculumTimestepSchedule', 'COORDINATES', 'clts_probs', 'difficulty_coordinate']
