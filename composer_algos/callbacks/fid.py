@@ -12,8 +12,9 @@ from composer.core import State, Time
 from composer.loggers import Logger
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
+from composer_algos.distributed import all_reduce
 from composer_algos.evaluation.features import FEATURE_CHOICES, build_feature_extractor
-from composer_algos.evaluation.fid import fid_metric, update_fid
+from composer_algos.evaluation.fid import fid_metric, floor_at, update_fid
 from composer_algos.evaluation.plots import metric_curve_png
 from composer_algos.evaluation.sampling import rank_world
 from composer_algos.seeding import keyed_generator
@@ -29,10 +30,14 @@ class FID(SamplingEvaluation):
     Sample ``i`` starts from the noise of ``(seed, i)``, so every evaluation scores the same noise and successive
     FIDs are comparable; under ``composer -n N`` rank ``r`` generates samples ``r::N`` and torchmetrics sums the
     feature statistics over ranks, so the value equals the one-process FID (with ``eta=0``). Real features are
-    computed once from the real loader and kept. The FID of two halves of the real images (the floor a model can
-    reach at that sample size) is logged once as ``<metric_name>_real_vs_real``, with the digit classifier's
-    validation accuracy as ``<metric_name>_classifier_val_accuracy`` when it is the feature extractor. At the end of training a plot of
-    FID against step is written to ``folder/fid.png`` and logged as an image.
+    computed once from the real loader and kept. The real-vs-real floor, the FID a perfect model would score at
+    these sample sizes, is logged once as ``<metric_name>_real_vs_real``: the FID of two random halves of the real
+    images, scaled to ``num_samples`` samples against all the real images (see
+    :func:`~composer_algos.evaluation.fid.floor_at`); the halves' own value is logged as
+    ``<metric_name>_real_vs_real_halves``. The feature extractor's weights are named in the hyperparameters
+    (``<metric_name>/feature_sha256``, when it has one), with the digit classifier's validation accuracy as
+    ``<metric_name>_classifier_val_accuracy``. At the end of training a plot of FID against step is written to
+    ``folder/fid.png`` and logged as an image.
 
     Composer's ``EMA`` algorithm swaps its weights in only during evaluation; this callback swaps them in for
     sampling itself (and back), so it works at any interval. Without an ``EMA`` algorithm, or before it starts,
@@ -84,6 +89,7 @@ class FID(SamplingEvaluation):
         self.steps: list[int] = []
         self.values: list[float] = []
         self.floor: Optional[float] = None
+        self.feature_sha256: Optional[str] = None
         self._metric = None
 
     def __repr__(self) -> str:
@@ -103,7 +109,7 @@ class FID(SamplingEvaluation):
         rank, world_size = rank_world()
         cap = None if self.max_real_samples is None else math.ceil(self.max_real_samples / world_size)
         metric = floor = accuracy = None
-        count = 0
+        count = halves = 0
         gen = keyed_generator(self.seed, rank)
         for batch in loader:
             images = model.images(batch).detach().float()
@@ -114,6 +120,7 @@ class FID(SamplingEvaluation):
                 feature = build_feature_extractor(self.feature, tuple(images.shape[1:]), self.inception_weights,
                                                   self.classifier_cache_dir)
                 accuracy = getattr(feature, 'accuracy', None)
+                self.feature_sha256 = getattr(feature, 'sha256', None)
                 metric, floor = fid_metric(feature, device), fid_metric(feature, device)
             update_fid(metric, images, real=True, batch_size=self.batch_size)
             # Split each batch at random between the two halves of the real-vs-real floor (datasets are often
@@ -122,14 +129,21 @@ class FID(SamplingEvaluation):
             half = images.shape[0] // 2
             update_fid(floor, images[order[:half]], real=True, batch_size=self.batch_size)
             update_fid(floor, images[order[half:]], real=False, batch_size=self.batch_size)
+            halves += half
             count += images.shape[0]
             if cap is not None and count >= cap:
                 break
         if metric is None:
             raise ValueError('The FID real-image loader yielded no images.')
         if self.floor is None:
-            self.floor = float(floor.compute())
-            once = {f'{self.metric_name}_real_vs_real': self.floor}
+            halves_fid = float(floor.compute())
+            # The sizes of all ranks together, as torchmetrics sums the statistics over ranks.
+            n_real, n_half = all_reduce(torch.tensor([count, halves], dtype=torch.float64)).tolist()
+            self.floor = floor_at(halves_fid, n_half, n_real - n_half, self.num_samples, n_real)
+            once = {f'{self.metric_name}_real_vs_real': self.floor,
+                    f'{self.metric_name}_real_vs_real_halves': halves_fid}
+            if self.feature_sha256 is not None:
+                logger.log_hyperparameters({f'{self.metric_name}/feature_sha256': self.feature_sha256})
             if accuracy is not None:
                 # The digit classifier's validation accuracy: how much its feature space can be trusted.
                 once[f'{self.metric_name}_classifier_val_accuracy'] = float(accuracy)
@@ -137,14 +151,25 @@ class FID(SamplingEvaluation):
         self._metric = metric
 
     # ------------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, state: State, logger: Logger) -> None:
+    def score(self, state: State, logger: Logger, noise_seed: Optional[int] = None) -> float:
+        """FID of the current (EMA) weights' samples, from the noise of ``noise_seed`` (default: the callback's
+        seed), without logging or recording it: another noise seed on the same weights measures FID's sampling
+        noise."""
         model = self.diffusion_model(state)
         self._prepare(state, logger, model)
         assert self._metric is not None and self.shape is not None
-        _, samples = self.generate(state)
+        seed = self.seed
+        self.seed = self.seed if noise_seed is None else int(noise_seed)
+        try:
+            _, samples = self.generate(state)
+        finally:
+            self.seed = seed
         self._metric.reset()
         update_fid(self._metric, samples, real=False, batch_size=self.batch_size)
-        value = float(self._metric.compute())
+        return float(self._metric.compute())
+
+    def evaluate(self, state: State, logger: Logger) -> None:
+        value = self.score(state, logger)
         step = self.step(state)
         if self.steps and self.steps[-1] == step:
             self.values[-1] = value

@@ -63,12 +63,15 @@ def evaluate_model(model: Any, real_images: torch.Tensor, out_dir: str,
     results: dict[str, Any] = {'num_real': int(real_images.shape[0]), 'num_samples': int(opt['num_samples'])}
     if hasattr(feature, 'accuracy'):
         results['feature_classifier_val_accuracy'] = feature.accuracy
+    if getattr(feature, 'sha256', None):
+        results['feature_sha256'] = feature.sha256
     with eval_mode(model):
         samples = generate_samples(model, range(opt['num_samples']), shape, num_steps=opt['num_steps'],
                                    eta=opt['eta'], seed=opt['seed'], num_classes=opt['num_classes'],
                                    batch_size=opt['batch_size'], progress=progress)
         results['FID'] = fid_from_samples(real_images, samples, feature, opt['batch_size'])
-        results['FID_real_vs_real'] = real_vs_real_fid(real_images, feature, opt['seed'], opt['batch_size'])
+        results['FID_real_vs_real'] = real_vs_real_fid(real_images, feature, opt['seed'], opt['batch_size'],
+                                                       num_samples=opt['num_samples'])
         # Bits/dim sums the DDPM variational bound; flow-matching models have none.
         n_bpd = min(int(opt['bpd_images']), real_images.shape[0])
         if n_bpd > 0 and getattr(model, 'objective', 'ddpm') == 'ddpm':
