@@ -68,6 +68,9 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
+from composer_algos.evaluation.speedup import (geomean_ci, log_fid_area, min_detectable_speedup, paired_speedup,
+                                               speedup_at, steps_to_reach, value_at)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Method name -> fragments of yamls/algorithms/ added to the uniform recipe.
@@ -87,6 +90,10 @@ METHODS: dict[str, list[str]] = {
     'adaptive_paper': ['adaptive_timestep_sampling'],
     'adaptive_loss': ['adaptive_timestep_sampling'],
     'adaptive_normalized': ['adaptive_timestep_sampling'],
+    'mode': ['mode_sampling'],
+    'cosmap': ['cosmap_sampling'],
+    # Uniform again with its timesteps and noise keyed apart (model.seed): the A/A null of a race.
+    'uniform_aa': [],
 }
 # Methods that are a setting of another: recipe overrides applied with their fragments.
 METHOD_SETTINGS: dict[str, list[str]] = {
@@ -94,6 +101,16 @@ METHOD_SETTINGS: dict[str, list[str]] = {
     for reward in ('paper', 'loss', 'normalized')
 }
 QUICK_METHODS = ['uniform', 'adaptive_clts_md']
+# The A/A method's model.seed is the training seed plus this: the same weights' initialisation and data order as
+# uniform, other timesteps and noise.
+AA_KEY_OFFSET = 1000
+
+
+def seed_overrides(method: str, seed: int) -> list[str]:
+    """A run's seeds: the Trainer's (initialisation), the data order's and the model's timestep/noise key, all
+    ``seed`` except the A/A method's key (:data:`AA_KEY_OFFSET`)."""
+    key = seed + AA_KEY_OFFSET if split_variant(method)[0] == 'uniform_aa' else seed
+    return [f'seed={seed}', f'model.seed={key}', f'train_loader.seed={seed}']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +127,25 @@ class Tier:
     methods: tuple[str, ...]  # default --methods
     flow_recipe: str = ''  # the uniform recipe of the flow-matching objective (--objective flow_matching)
     flow_methods: tuple[str, ...] = ('uniform', 'logit_normal', 'adaptive', 'clts_md')  # default --methods for it
+    fid_samples: int = 500  # default --fid-samples
+    # sha256 of the shipped FID feature weights (composer_algos/evaluation/weights/manifest.json): races measure on
+    # these and refuse others, so every FID of a tier is on one scale.
+    feature_sha256: str = ''
 
     def recipe_for(self, objective: str) -> str:
         return self.flow_recipe if objective == 'flow_matching' else self.recipe
 
 
 TIERS: dict[str, Tier] = {
-    'digits': Tier('yamls/digits/uniform.yaml', 'digits', 'data/digits', 8, 'digits', 1500, 150, tuple(METHODS),
-                   flow_recipe='yamls/digits/flow_uniform.yaml'),
-    # Resolution, model and budget chosen by pilot runs (docs/benchmark.md, "The MNIST tier"): 6 methods x 3 seeds in
-    # about 90 minutes on 2 cores; evaluations every 350 steps fall on 25/50/75/100% of the budget.
+    'digits': Tier('yamls/digits/uniform.yaml', 'digits', 'data/digits', 8, 'digits', 1500, 150,
+                   tuple(m for m in METHODS if m != 'uniform_aa'), flow_recipe='yamls/digits/flow_uniform.yaml',
+                   feature_sha256='1b774b1b0707dbe3bb0c3a26ba897efb0baa687a776bc2249fcfa48d79189ff3'),
+    # Resolution, model and budget chosen by pilot runs (docs/benchmark.md, "The MNIST tier"); evaluations every 350
+    # steps fall on 25/50/75/100% of the budget. FID from 2000 samples (docs/benchmark.md, "Resolution").
     'mnist': Tier('yamls/mnist/uniform.yaml', 'mnist5k', 'data/mnist5k-16', 16, 'mnist', 2800, 350,
                   ('uniform', 'adaptive', 'clts', 'clts_md', 'adaptive_clts_md', 'log_normal'),
-                  flow_recipe='yamls/mnist/flow_uniform.yaml'),
+                  flow_recipe='yamls/mnist/flow_uniform.yaml', fid_samples=2000,
+                  feature_sha256='eb0418d07f6858d5084c4a49acaaef778cdeaf89196be9b965260190d4859e9d'),
 }
 # Fractions of the budget at which uniform's FID becomes a target for every method.
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -179,8 +202,15 @@ def method_config(method: str, tier: str, objective: str, data: str, steps: int,
                            common + list(overrides) + split_variant(method)[1])
 
 
-def _run_folder(job: dict[str, Any]) -> str:
-    return os.path.join(job['out'], 'runs', f'{_slug(job["method"])}-s{job["seed"]}')
+def current_fingerprint() -> dict[str, Any]:
+    """The fingerprint a run of this machine records (runs train on one thread)."""
+    from composer_algos.machine import machine_fingerprint
+    return {**machine_fingerprint(), 'threads': 1}
+
+
+def _run_folder(job: dict[str, Any], fingerprint_key: str) -> str:
+    """A run's folder: one per method, seed and machine fingerprint, so runs of several machines live side by side."""
+    return os.path.join(job['out'], 'runs', f'{_slug(job["method"])}-s{job["seed"]}-{fingerprint_key}')
 
 
 def _portable(job: dict[str, Any]) -> dict[str, Any]:
@@ -189,23 +219,79 @@ def _portable(job: dict[str, Any]) -> dict[str, Any]:
                 and os.path.abspath(v).startswith(ROOT + os.sep) else v) for k, v in job.items()}
 
 
+def finished_runs(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The results that runs of exactly this job left in their folders (``run.json``), by machine fingerprint key:
+    a race that stopped part-way is rerun with the same command and trains only what is missing. A run measured on
+    other FID feature weights than the tier's shipped ones does not count."""
+    pinned = TIERS[job['tier']].feature_sha256
+    found = {}
+    prefix = f'{_slug(job["method"])}-s{job["seed"]}-'
+    runs = os.path.join(job['out'], 'runs')
+    for folder in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        path = os.path.join(runs, folder, 'run.json')
+        if not folder.startswith(prefix) or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            record = json.load(f)
+        result = record['result']
+        if record.get('job') == _portable(job) and result.get('feature_sha256') == pinned:
+            found[result['fingerprint_key']] = result
+    return found
+
+
 def finished_run(job: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The result a run of exactly this job left in its folder (``run.json``), or ``None``: a race that stopped
-    part-way is rerun with the same command and trains only what is missing."""
-    path = os.path.join(_run_folder(job), 'run.json')
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        record = json.load(f)
-    return record['result'] if record.get('job') == _portable(job) else None
+    """This machine's finished run of ``job`` (see :func:`finished_runs`), or ``None``."""
+    from composer_algos.machine import fingerprint_key
+    return finished_runs(job).get(fingerprint_key(current_fingerprint()))
+
+
+def plan_runs(jobs: Sequence[dict[str, Any]],
+              current: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Which runs to train here and which finished ones to summarise, pairing only runs of one fingerprint.
+
+    A method's seed counts as done when a finished run of it shares a machine fingerprint with a finished uniform
+    run of that seed (this machine's preferred). Otherwise the method is trained here (fingerprint ``current``), and
+    uniform of that seed too unless this machine already has it: a race that spans machines pairs each run with the
+    uniform run of its own machine. Returns ``(jobs to train, finished results to use)``.
+    """
+    done = {(job['method'], job['seed']): finished_runs(job) for job in jobs}
+    by_key = {(job['method'], job['seed']): job for job in jobs}
+    todo: dict[tuple[str, int], dict[str, Any]] = {}
+    chosen: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for (method, seed), runs in done.items():
+        if method == 'uniform':
+            continue
+        uniform = done.get(('uniform', seed), {})
+        common = sorted((fp for fp in runs if fp in uniform), key=lambda fp: fp != current)
+        if common:
+            chosen[(method, seed, common[0])] = runs[common[0]]
+            chosen[('uniform', seed, common[0])] = uniform[common[0]]
+            continue
+        todo[(method, seed)] = by_key[(method, seed)]
+        if current in uniform:
+            chosen[('uniform', seed, current)] = uniform[current]
+        else:
+            todo[('uniform', seed)] = by_key[('uniform', seed)]
+    for (method, seed), runs in done.items():  # a uniform-only race
+        if method == 'uniform' and not any(k[1] == seed for k in chosen) and ('uniform', seed) not in todo:
+            if current in runs:
+                chosen[('uniform', seed, current)] = runs[current]
+            elif runs:
+                fp = sorted(runs)[0]
+                chosen[('uniform', seed, fp)] = runs[fp]
+            else:
+                todo[('uniform', seed)] = by_key[('uniform', seed)]
+    order = {key: i for i, key in enumerate(by_key)}
+    return (sorted(todo.values(), key=lambda j: order[(j['method'], j['seed'])]),
+            [chosen[k] for k in sorted(chosen, key=lambda k: (order[k[:2]], k[2]))])
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train one (method, seed) and return its FID curve, step times and final bits/dim (also written to the run's
-    folder as ``run.json`` with the job that produced it)."""
+    folder as ``run.json`` with the job that produced it and the machine it ran on)."""
     result = _train_one(job)
-    os.makedirs(_run_folder(job), exist_ok=True)
-    with open(os.path.join(_run_folder(job), 'run.json'), 'w') as f:
+    folder = _run_folder(job, result['fingerprint_key'])
+    with open(os.path.join(folder, 'run.json'), 'w') as f:
         json.dump({'job': _portable(job), 'result': result}, f)
     return result
 
@@ -230,16 +316,20 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
         def batch_end(self, state, logger):
             self.times.append(time.perf_counter() - self._start)
 
+    from composer_algos.machine import fingerprint_key, machine_fingerprint
+
+    fingerprint = machine_fingerprint()
     data = job['data']
     steps, every = job['steps'], job['eval_every']
     name = _slug(job['method'])
     seed = job['seed']
     cfg = method_config(job['method'], job['tier'], job['objective'], data, steps, f'bench-{name}-s{seed}',
-                        [f'seed={seed}', f'model.seed={seed}', f'train_loader.seed={seed}'])
+                        seed_overrides(job['method'], seed) + list(job.get('overrides', [])))
     tier = TIERS[job['tier']]
     real = {'local': data, 'split': 'val', 'global_batch_size': 256, 'shuffle': False, 'drop_last': False,
             'channels': 1, 'image_size': tier.image_size}
-    folder = _run_folder(job)
+    folder = _run_folder(job, fingerprint_key(fingerprint))
+    os.makedirs(folder, exist_ok=True)
     cfg['callbacks'] = {
         'fid': {'num_samples': job['fid_samples'], 'num_steps': job['ddim_steps'], 'interval': f'{every}ba',
                 'real_loader': real, 'folder': folder, 'feature': tier.feature},
@@ -267,6 +357,8 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit()
     total = time.perf_counter() - start
+    # FID's sampling noise: the final weights scored again from other starting noise.
+    noise_fids = {int(k): fid.score(trainer.state, trainer.logger, k) for k in job.get('fid_noise_seeds', [])}
     trainer.close()
     memory = next(d for d in trainer.logger.destinations if type(d).__name__ == 'InMemoryLogger')
     # The adaptive sampler's own record (mean t, entropy, S, reward... at each policy update).
@@ -279,6 +371,10 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
         'fid_steps': list(fid.steps),
         'fid': list(fid.values),
         'fid_floor': fid.floor,
+        'fid_noise_seeds': noise_fids,
+        'feature_sha256': fid.feature_sha256,
+        'fingerprint': fingerprint,
+        'fingerprint_key': fingerprint_key(fingerprint),
         'bits_per_dim': _last_value(bpd),
         'mean_step_time': sum(step_times) / len(step_times),
         'train_time': sum(timer.times),
@@ -293,17 +389,6 @@ def _last_value(callback: Any) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------------------------------- analysis
-def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float) -> Optional[float]:
-    """First step where the curve is at or below ``target``, linearly interpolated between evaluations."""
-    for i, (s, v) in enumerate(zip(steps, values)):
-        if v <= target:
-            if i == 0:
-                return float(s)
-            s0, v0 = steps[i - 1], values[i - 1]
-            return s0 + (s - s0) * (v0 - target) / (v0 - v) if v0 != v else float(s)
-    return None
-
-
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -313,50 +398,6 @@ def _std(xs: Sequence[float]) -> float:
         return 0.0
     m = _mean(xs)
     return math.sqrt(sum((x - m)**2 for x in xs) / (len(xs) - 1))
-
-
-def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> Optional[float]:
-    """The curve's value at ``step``, linearly interpolated between evaluations; ``None`` outside them."""
-    if not steps or step < steps[0] or step > steps[-1]:
-        return None
-    for i in range(1, len(steps)):
-        if step <= steps[i]:
-            s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
-            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
-    return float(values[0])
-
-
-def speedup_at(ref_steps: Sequence[int], ref: Sequence[float], steps: Sequence[int], values: Sequence[float],
-               step: float) -> dict[str, Optional[float]]:
-    """How much sooner a curve reaches the reference curve's value at ``step``.
-
-    Returns the target (the reference's FID at ``step``), the first step at which each curve reaches it (the same
-    rule for both, so a noisy reference that dips early is matched against itself) and their ratio
-    ``reference steps / curve steps`` (``None`` when the curve never reaches it, or ``step`` is outside the
-    reference's evaluations).
-    """
-    target = value_at(ref_steps, ref, step)
-    if target is None:
-        return {'target': None, 'reference_steps': None, 'steps': None, 'speedup': None}
-    ref_reach = steps_to_reach(ref_steps, ref, target)
-    reach = steps_to_reach(steps, values, target)
-    return {'target': target, 'reference_steps': ref_reach, 'steps': reach,
-            'speedup': (ref_reach / reach) if (reach and ref_reach) else None}
-
-
-def log_fid_area(steps: Sequence[int], values: Sequence[float], floor: float = 1.0) -> float:
-    """Area under ``ln(FID / floor)`` from the first to the last evaluation (trapezoid rule), per step.
-
-    With the real-vs-real floor as ``floor`` this is the mean log-distance of the curve above what real data
-    reaches, so a ratio of two areas does not depend on the feature space's scale (``ln FID`` alone would carry
-    the constant ``ln floor``, which hides differences between methods). Divided by the span, so curves of the
-    same evaluations compare directly.
-    """
-    if len(steps) < 2:
-        return math.log(values[0] / floor)
-    logs = [math.log(v / floor) for v in values]
-    area = sum((s1 - s0) * (a + b) / 2 for s0, s1, a, b in zip(steps, steps[1:], logs, logs[1:]))
-    return area / (steps[-1] - steps[0])
 
 
 def _area_ratio(area: float, reference: float) -> Optional[float]:
@@ -373,6 +414,10 @@ def _spread(ratios: Sequence[Optional[float]]) -> dict[str, Any]:
         'max': max(known) if known else None,
         'reached': len(known),
     }
+
+
+def _pair_key(run: dict[str, Any]) -> tuple[int, Optional[str]]:
+    return run['seed'], run.get('fingerprint_key')
 
 
 def _fraction_key(fraction: float) -> str:
@@ -402,7 +447,8 @@ def summarize(results: list[dict[str, Any]], budget: Optional[int] = None, floor
     if 'uniform' not in curves:
         raise ValueError('The benchmark needs the uniform method as its reference.')
     uniform = by_method['uniform']
-    uniform_by_seed = {r['seed']: r for r in uniform}
+    # Pairs are formed within one machine fingerprint (runs without one, from before it was recorded, pair by seed).
+    uniform_by_seed = {_pair_key(r): r for r in uniform}
     u = curves['uniform']
     budget = budget or u['steps'][-1]
     if floor is None:
@@ -431,8 +477,8 @@ def summarize(results: list[dict[str, Any]], budget: Optional[int] = None, floor
         thresholds = {}
         for fraction in fractions:
             mean = speedup_at(u['steps'], u['mean'], c['steps'], c['mean'], fraction * budget)
-            paired = [speedup_at(uniform_by_seed[r['seed']]['fid_steps'], uniform_by_seed[r['seed']]['fid'],
-                                 r['fid_steps'], r['fid'], fraction * budget) if r['seed'] in uniform_by_seed else
+            paired = [speedup_at(uniform_by_seed[_pair_key(r)]['fid_steps'], uniform_by_seed[_pair_key(r)]['fid'],
+                                 r['fid_steps'], r['fid'], fraction * budget) if _pair_key(r) in uniform_by_seed else
                       {'speedup': None, 'steps': None, 'target': None} for r in runs]
             thresholds[_fraction_key(fraction)] = {
                 'step': fraction * budget, **mean,
@@ -452,8 +498,8 @@ def summarize(results: list[dict[str, Any]], budget: Optional[int] = None, floor
         row['log_fid_area_ratio'] = _area_ratio(log_fid_area(c['steps'], c['mean'], floor), uniform_area)
         row['log_fid_area_ratio_paired'] = _spread([
             _area_ratio(log_fid_area(r['fid_steps'], r['fid'], floor),
-                        log_fid_area(uniform_by_seed[r['seed']]['fid_steps'], uniform_by_seed[r['seed']]['fid'],
-                                     floor)) if r['seed'] in uniform_by_seed else None for r in runs])
+                        log_fid_area(uniform_by_seed[_pair_key(r)]['fid_steps'], uniform_by_seed[_pair_key(r)]['fid'],
+                                     floor)) if _pair_key(r) in uniform_by_seed else None for r in runs])
         table[method] = row
     return {'target_fid': target, 'fid_floor': floor, 'budget': budget, 'fractions': list(fractions),
             'curves': curves, 'table': table}
@@ -704,6 +750,7 @@ def _apply_tier_defaults(args: argparse.Namespace) -> Tier:
     args.methods = args.methods if args.methods is not None else ','.join(default_methods)
     args.steps = args.steps or tier.steps
     args.eval_every = args.eval_every or tier.eval_every
+    args.fid_samples = args.fid_samples or tier.fid_samples
     args.data = args.data or os.path.join(ROOT, tier.data)
     folder = [] if args.tier == 'digits' and not flow else [args.tier + ('_flow' if flow else '')]
     args.out = args.out or os.path.join(ROOT, 'docs', 'benchmark', *folder)
@@ -711,12 +758,17 @@ def _apply_tier_defaults(args: argparse.Namespace) -> Tier:
 
 
 def prepare_tier(tier: Tier, data: str) -> Optional[float]:
-    """Convert the tier's data into ``data`` if missing and train (or load) its FID feature extractor once, before
-    the workers start (so two workers do not both train it); return the extractor's validation accuracy."""
+    """Convert the tier's data into ``data`` if missing and load its FID feature extractor, checking that its
+    weights are the ones the tier pins; return the extractor's validation accuracy."""
     from composer_algos.data.convert import convert_bundled
     from composer_algos.evaluation.features import build_feature_extractor
     convert_bundled(tier.dataset, data, image_size=tier.image_size)
     feature = build_feature_extractor(tier.feature, (1, tier.image_size, tier.image_size))
+    if tier.feature_sha256 and getattr(feature, 'sha256', None) != tier.feature_sha256:
+        raise SystemExit(f'error: the FID feature extractor {tier.feature!r} has weights of sha256 '
+                         f'{getattr(feature, "sha256", None)}, not the shipped {tier.feature_sha256} this tier pins: '
+                         'FIDs on other weights are on another scale and would not compare with the published races. '
+                         'Restore composer_algos/evaluation/weights/ (git checkout) or reinstall the package.')
     accuracy = getattr(feature, 'accuracy', None)
     return None if accuracy is None else float(accuracy)
 
@@ -734,10 +786,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--methods', default=None,
                         help='comma-separated, from: ' + ', '.join(METHODS) + '; METHOD@key=value[;key=value] is a '
                         "variant of METHOD with recipe overrides (default: the tier's methods)")
-    parser.add_argument('--seeds', default='0,1,2')
+    parser.add_argument('--seeds', default=None, help='default 0,1,2; --leaderboard: 0,1,2,3,4; --tune: 100,101')
     parser.add_argument('--steps', type=int, default=None, help="default: the tier's budget")
     parser.add_argument('--eval-every', type=int, default=None, help="default: the tier's")
-    parser.add_argument('--fid-samples', type=int, default=500)
+    parser.add_argument('--fid-samples', type=int, default=None, help="default: the tier's (digits 500, mnist 2000)")
     parser.add_argument('--ddim-steps', type=int, default=25, help='sampling steps for FID (Euler steps for flow)')
     parser.add_argument('--bpd-images', type=int, default=128, help='bits/dim (DDPM only)')
     parser.add_argument('--bpd-terms', type=int, default=50)
@@ -756,6 +808,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="each of --methods' training step against uniform's, interleaved (see above)")
     parser.add_argument('--overhead-rounds', type=int, default=6, help='--step-overhead: measured rounds')
     parser.add_argument('--overhead-block-steps', type=int, default=40, help='--step-overhead: steps per block')
+    parser.add_argument('--tune', action='store_true',
+                        help='tune uniform (lr, EMA) and each method of the tuning grid at half the budget on the '
+                        'tuning seeds (--seeds, default 100,101); writes the table and winners to --out')
+    parser.add_argument('--leaderboard', action='store_true',
+                        help='race every leaderboard method (or --methods) with the winners of --tuning on --seeds '
+                        '(default 0-4), paired per seed, with bootstrap intervals and an A/A null')
+    parser.add_argument('--tuning', default=None, help='--leaderboard: the --out folder of a --tune run')
     parser.add_argument('--combine', default=None, metavar='DIR,DIR,...',
                         help='summarise the races in these --out folders as one (same settings, and uniform runs '
                         'that agree FID for FID), into --out (default: the first)')
@@ -765,13 +824,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _main_combine(args, command)
     if args.loop_overhead:
         return _main_loop_overhead(args)
+    command = ('python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.tune or args.leaderboard:
+        return _main_tune_or_leaderboard(parser, args, command)
+    args.seeds = args.seeds or '0,1,2'
     tier = _apply_tier_defaults(args)
     if args.step_overhead:
         prepare_tier(tier, args.data)
         result = step_overhead(args.tier, split_methods(args.methods), os.path.abspath(args.data), args.overhead_rounds,
                                args.overhead_block_steps, args.threads, args.objective)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, 'step_overhead.json'), 'w') as f:
+            json.dump({'command': command, 'fingerprint': current_fingerprint(), 'methods': result}, f, indent=1)
         print(f'tier {args.tier}: {args.overhead_rounds} rounds of {args.overhead_block_steps} steps per method '
-              f'after a warm-up round, in turn in one process, {args.threads} thread(s)')
+              f'after a warm-up round, in turn in one process, {args.threads} thread(s); written to '
+              f'{args.out}/step_overhead.json')
         for method, r in result.items():
             print(f'{method}: step time / uniform\'s, process CPU {r["cpu_ratio"]:.3f} (per round: '
                   + ' '.join(f'{x:.3f}' for x in r['cpu_ratios']) + f'), wall {r["wall_ratio"]:.3f}')
@@ -791,31 +858,61 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     feature_accuracy = prepare_tier(tier, args.data)
     os.makedirs(args.out, exist_ok=True)
-    jobs = [{
-        'method': m, 'seed': s, 'steps': args.steps, 'eval_every': args.eval_every, 'fid_samples': args.fid_samples,
-        'ddim_steps': args.ddim_steps, 'bpd_images': args.bpd_images, 'bpd_terms': args.bpd_terms,
-        'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out), 'tier': args.tier,
-        'objective': args.objective,
-    } for s in seeds for m in methods]
+    jobs = [make_job(args, m, s) for s in seeds for m in methods]
     start = time.time()
-    finished = [finished_run(job) for job in jobs]
-    results = [r for r in finished if r is not None]
-    if results:
-        print(f'{len(results)} of {len(jobs)} runs are already in {args.out}/runs (run.json): not trained again',
-              flush=True)
-    todo = [job for job, r in zip(jobs, finished) if r is None]
-    pool = mp.get_context('spawn').Pool(args.workers, maxtasksperchild=1)
-    for r in pool.imap_unordered(run_one, todo):
-        results.append(r)
-        print(f'[{time.time() - start:7.0f}s] {r["method"]} seed {r["seed"]}: final FID {r["fid"][-1]:.2f}, '
-              f'{r["mean_step_time"] * 1000:.1f} ms/step', flush=True)
-    # close + join lets the workers exit normally (terminate would interrupt their cleanup).
-    pool.close()
-    pool.join()
-    command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    publish_race(args, command.strip(), results, feature_accuracy)
+    results = run_jobs(jobs, args.workers, args.out)
+    publish_race(args, command, results, feature_accuracy)
     print(f'total wall time {time.time() - start:.0f}s')
     return 0
+
+
+def make_job(args: argparse.Namespace, method: str, seed: int, steps: Optional[int] = None,
+             overrides: Sequence[str] = (), fid_noise_seeds: Sequence[int] = ()) -> dict[str, Any]:
+    """One run of a race: ``method`` on ``seed`` with the race's settings, recipe ``overrides`` after the method's
+    own, and the final weights' FID also from the noise of ``fid_noise_seeds``."""
+    job = {
+        'method': method, 'seed': seed, 'steps': steps or args.steps, 'eval_every': args.eval_every,
+        'fid_samples': args.fid_samples, 'ddim_steps': args.ddim_steps, 'bpd_images': args.bpd_images,
+        'bpd_terms': args.bpd_terms, 'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out),
+        'tier': args.tier, 'objective': args.objective,
+    }
+    if overrides:
+        job['overrides'] = list(overrides)
+    if fid_noise_seeds:
+        job['fid_noise_seeds'] = list(fid_noise_seeds)
+    return job
+
+
+def run_jobs(jobs: Sequence[dict[str, Any]], workers: int, out: str, paired: bool = True) -> list[dict[str, Any]]:
+    """Train what is missing on ``workers`` processes and return every result to summarise: with ``paired``, what
+    :func:`plan_runs` says (runs paired with uniform within one machine fingerprint); else each job once, from any
+    machine (this one's first)."""
+    from composer_algos.machine import fingerprint_key
+    start = time.time()
+    current = fingerprint_key(current_fingerprint())
+    if paired:
+        todo, results = plan_runs(jobs, current)
+    else:
+        todo, results = [], []
+        for job in jobs:
+            runs = finished_runs(job)
+            if runs:
+                results.append(runs.get(current) or runs[sorted(runs)[0]])
+            else:
+                todo.append(job)
+    if results:
+        print(f'{len(results)} finished runs in {out}/runs (run.json) are used, not trained again; {len(todo)} to '
+              'train', flush=True)
+    if todo:
+        pool = mp.get_context('spawn').Pool(workers, maxtasksperchild=1)
+        for r in pool.imap_unordered(run_one, todo):
+            results.append(r)
+            print(f'[{time.time() - start:7.0f}s] {r["method"]} seed {r["seed"]}: final FID {r["fid"][-1]:.2f}, '
+                  f'{r["mean_step_time"] * 1000:.1f} ms/step', flush=True)
+        # close + join lets the workers exit normally (terminate would interrupt their cleanup).
+        pool.close()
+        pool.join()
+    return results
 
 
 def publish_race(args: argparse.Namespace, command: str, runs: list[dict[str, Any]],
@@ -844,9 +941,10 @@ def publish_race(args: argparse.Namespace, command: str, runs: list[dict[str, An
 def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The runs of several races' ``results.json`` as one race: the first race's settings, every method's runs.
 
-    Only races of the same tier, objective, budget, evaluations and sampling settings combine, and only when their
-    uniform runs are the same runs: the same seeds with the same FID at every evaluation (training and FID are
-    deterministic per seed, so a rerun repeats them; anything else means the races differ). A method in several
+    Only races of the same tier, objective, budget, evaluations and sampling settings combine, all of whose runs come
+    from one machine fingerprint, and only when their uniform runs are the same runs: the same seeds with the same
+    FID at every evaluation (training and FID are deterministic per seed on one fingerprint, so a rerun repeats them;
+    anything else means the races differ). A method in several
     races keeps the first race's runs. Per-step and wall-time ratios across races compare runs that did not share
     the machine at the same time.
     """
@@ -864,6 +962,11 @@ def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str
         if differs:
             raise ValueError(f'{folder}: the race differs from {folders[0]} in {differs}; only races of the same '
                              'settings combine.')
+        machines = {r.get('fingerprint_key') for r in race['runs']} | {r.get('fingerprint_key') for r in first['runs']}
+        if len(machines) > 1:
+            raise ValueError(f'{folder}: its runs come from other machines than those of {folders[0]} (fingerprints '
+                             f'{sorted(map(str, machines))}); runs pair only within one machine fingerprint, so '
+                             'only races of one machine combine.')
         own = {r['seed']: r['fid'] for r in race['runs'] if r['method'] == 'uniform'}
         if own != uniform:
             raise ValueError(f'{folder}: its uniform runs are not those of {folders[0]} (seeds {sorted(own)} against '
@@ -873,6 +976,346 @@ def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str
         runs += [r for r in race['runs'] if r['method'] in new]
         methods |= new
     return first, runs
+
+
+# ------------------------------------------------------------------------------------------- tuning, leaderboard
+TUNING_SEEDS = (100, 101)  # never used by a leaderboard race (seeds 0-4)
+# Uniform's own settings, tuned first at half the budget; its winners then hold for every method: the learning rate
+# at the recipe's EMA half-life, then the half-life at the best learning rate.
+TUNING_LR = ('optimizer.lr=1.0e-3', 'optimizer.lr=2.0e-3', 'optimizer.lr=4.0e-3')
+TUNING_EMA = ('algorithms.ema.half_life=50ba', 'algorithms.ema.half_life=25ba', 'algorithms.ema.half_life=100ba')
+# Each method's settings (recipe overrides) tried on top of uniform's winners; the published default first, so a
+# tie keeps it. A method with one setting runs as published.
+TUNING_GRID: dict[str, tuple[tuple[str, ...], ...]] = {
+    'min_snr': tuple((f'algorithms.min_snr_weighting.gamma={g}',) for g in ('5.0', '2.0', '1.0')),
+    'p2': tuple((f'algorithms.p2_weighting.gamma={g}',) for g in ('1.0', '0.5')),
+    'speed': tuple((f'algorithms.speed.tau={t}',) for t in (700, 650, 500)),
+    'logit_normal': tuple((f'algorithms.logit_normal_sampling.m={m}',) for m in ('0.0', '-0.5', '0.5')),
+    'log_normal': tuple((f'algorithms.log_normal_sampling.p_mean={m}',) for m in ('-1.2', '-0.6', '0.0')),
+    'mode': ((),),
+    'clts': tuple((f'algorithms.curriculum_timestep_schedule.mu={m}',) for m in ('0.3', '0.2', '0.5')),
+    'md': (('algorithms.momentum_decay.beta_end=0.5',), ('algorithms.momentum_decay.beta_end=0.7',),
+           ('algorithms.momentum_decay.beta_end=0.5', 'algorithms.momentum_decay.compensate_lr=true')),
+    'loss_second_moment': ((),),
+    'cosmap': ((),),
+}
+# The MNIST leaderboard's methods: uniform, its A/A null, every method that applies to DDPM, and the curriculum with
+# momentum decay as the papers compose them.
+LEADERBOARD_METHODS = ('uniform', 'uniform_aa', 'min_snr', 'p2', 'speed', 'loss_second_moment', 'logit_normal',
+                       'log_normal', 'mode', 'cosmap', 'clts', 'md', 'clts_md')
+# Extra noise seeds of FID on uniform's final weights (the race's own is 0): FID's sampling noise.
+NOISE_SEEDS = (1, 2, 3, 4)
+
+
+def _variant(method: str, overrides: Sequence[str]) -> str:
+    return f'{method}@{";".join(overrides)}' if overrides else method
+
+
+def leaderboard_name(method: str) -> str:
+    """The registry names of what a method adds to uniform, joined with ``+`` (``clts_md`` ->
+    ``curriculum_timestep_schedule+momentum_decay``); a setting of a method adds ``_<setting>``."""
+    base, _ = split_variant(method)
+    if not METHODS[base]:
+        return base
+    name = '+'.join(METHODS[base])
+    return f'{name}_{base.split("_", 1)[1]}' if base in METHOD_SETTINGS else name
+
+
+def components(method: str) -> list[str]:
+    """The single-fragment methods a method is made of (``clts_md`` -> ``['clts', 'md']``)."""
+    single = {frags[0]: m for m, frags in METHODS.items() if len(frags) == 1 and m not in METHOD_SETTINGS}
+    return [single[f] for f in METHODS[split_variant(method)[0]]]
+
+
+def geomean(values: Sequence[float]) -> float:
+    return math.exp(_mean([math.log(v) for v in values]))
+
+
+def _pick(scores: dict[str, Optional[float]]) -> str:
+    """The setting of the lowest score; the first (the published default) among ties or when none has one."""
+    best = min((v, i) for i, v in enumerate(scores.values()) if v is not None) if any(
+        v is not None for v in scores.values()) else (None, 0)
+    return list(scores)[best[1]]
+
+
+def _tuning_rows(runs: list[dict[str, Any]], jobs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per setting: the final FID of each tuning seed and their geometric mean (the score)."""
+    by_job = {(r['method'], r['seed']): r for r in runs}
+    rows = {}
+    for setting, setting_jobs in jobs.items():
+        finals = [by_job[(j['method'], j['seed'])]['fid'][-1] for j in setting_jobs]
+        rows[setting] = {'seeds': [j['seed'] for j in setting_jobs], 'final_fid': finals, 'score': geomean(finals)}
+    return rows
+
+
+def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Tune uniform (learning rate, then EMA half-life) and every method of :data:`TUNING_GRID` on
+    :data:`TUNING_SEEDS` at half the budget, scored by the geometric mean of the final FIDs; write the table and
+    the winners (``results.json``, ``results.md``) into ``args.out`` and return the winners."""
+    steps = args.steps // 2
+    args.eval_every = steps  # the score needs the final FID only
+    seeds = [int(s) for s in args.seeds.split(',')] if args.seeds else list(TUNING_SEEDS)
+    stages: dict[str, dict[str, Any]] = {}
+    finished: list[dict[str, Any]] = []
+
+    def stage(name: str, settings: dict[str, tuple[str, Sequence[str]]]) -> str:
+        jobs = {label: [make_job(args, method, s, steps, overrides) for s in seeds]
+                for label, (method, overrides) in settings.items()}
+        finished.extend(run_jobs([j for js in jobs.values() for j in js], args.workers, args.out, paired=False))
+        rows = _tuning_rows(finished, jobs)
+        winner = _pick({label: row['score'] for label, row in rows.items()})
+        stages[name] = {'settings': rows, 'winner': winner}
+        print(f'{name}: ' + ', '.join(f'{k} {v["score"]:.2f}' for k, v in rows.items()) + f' -> {winner}', flush=True)
+        return winner
+
+    default_ema = TUNING_EMA[0]
+    lr = stage('uniform: learning rate',
+               {lr: (_variant('uniform', (lr, default_ema)), ()) for lr in TUNING_LR})
+    ema = stage('uniform: EMA half-life', {ema: (_variant('uniform', (lr, ema)), ()) for ema in TUNING_EMA})
+    base = [lr, ema]
+    winners: dict[str, list[str]] = {'base': base}
+    grid = {m: settings for m, settings in TUNING_GRID.items() if len(settings) > 1}
+    settings = {f'{m}: {"; ".join(o)}': (_variant(m, o), base) for m, options in grid.items() for o in options}
+    jobs = {label: [make_job(args, method, s, steps, overrides) for s in seeds]
+            for label, (method, overrides) in settings.items()}
+    finished.extend(run_jobs([j for js in jobs.values() for j in js], args.workers, args.out, paired=False))
+    rows = _tuning_rows(finished, jobs)
+    for method, options in TUNING_GRID.items():
+        labels = [f'{method}: {"; ".join(o)}' for o in options]
+        if len(options) == 1:
+            winners[method] = list(options[0])
+            continue
+        winner = _pick({label: rows[label]['score'] for label in labels})
+        stages[method] = {'settings': {label: rows[label] for label in labels}, 'winner': winner}
+        winners[method] = list(options[labels.index(winner)])
+    record = {'command': command, 'tier': args.tier, 'objective': args.objective, 'steps': steps, 'seeds': seeds,
+              'fid_samples': args.fid_samples, 'stages': stages, 'winners': winners,
+              'fingerprints': sorted({r['fingerprint_key'] for r in finished}),
+              'runs': finished}
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+        json.dump(record, f, indent=1)
+    write_tuning_markdown(record, os.path.join(args.out, 'results.md'))
+    print(open(os.path.join(args.out, 'results.md')).read())
+    return winners
+
+
+def write_tuning_markdown(record: dict[str, Any], path: str) -> None:
+    lines = [f'Command: `{record["command"]}`', '',
+             f'Tier {record["tier"]} ({record["objective"]}); tuning seeds {record["seeds"]} (never raced on the '
+             f'leaderboard); {record["steps"]} steps (half the budget); FID of the final EMA weights from '
+             f'{record["fid_samples"]} samples. Score: geometric mean of the seeds\' final FIDs (lower is better); '
+             'uniform\'s learning rate first, then its EMA half-life at the winning rate; every method is tuned on '
+             'top of uniform\'s winners, its published default listed first (a tie keeps it).', '',
+             '| stage / method | setting | final FID per seed | score | |', '| --- | --- | --- | ---: | --- |']
+    for stage, block in record['stages'].items():
+        for label, row in block['settings'].items():
+            setting = label.split(': ', 1)[1] if label.startswith(stage + ': ') else label
+            mark = '**winner**' if label == block['winner'] else ''
+            lines.append(f'| {stage} | `{setting or "as published"}` | '
+                         + ' / '.join(f'{v:.2f}' for v in row['final_fid']) + f' | {row["score"]:.2f} | {mark} |')
+    lines += ['', 'Winners (recipe overrides): ' + '; '.join(
+        f'{m}: `{" ".join(o) or "as published"}`' for m, o in record['winners'].items()), '']
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines))
+
+
+def leaderboard_jobs(args: argparse.Namespace, winners: dict[str, list[str]],
+                     methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Every method on every seed with uniform's tuned settings and its components' winners; uniform's final
+    weights also scored from :data:`NOISE_SEEDS`."""
+    seeds = [int(s) for s in args.seeds.split(',')]
+    jobs = []
+    for seed in seeds:
+        for method in methods:
+            overrides = list(winners['base'])
+            if METHODS[split_variant(method)[0]]:
+                for component in components(method):
+                    overrides += winners.get(component, [])
+            noise = NOISE_SEEDS if method == 'uniform' else ()
+            jobs.append(make_job(args, method, seed, overrides=overrides, fid_noise_seeds=noise))
+    return jobs
+
+
+def _ratio_block(ratios: Sequence[float], reached: Optional[Sequence[bool]] = None) -> dict[str, Any]:
+    point, low, high = geomean_ci(ratios)
+    block = {'geomean': point, 'ci95': [low, high], 'per_seed': list(ratios)}
+    if reached is not None:
+        block['reached'] = sum(reached)
+    return block
+
+
+def leaderboard(runs: list[dict[str, Any]], budget: int, configs: dict[str, Any],
+                step_times: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """The leaderboard of a race: per method, paired per seed against uniform of the same seed and machine, the
+    speed-up to uniform's final FID and to its FID at 75% of the budget (a seed that never gets there counts as
+    reaching it at the budget's end, conservative, and is counted in ``reached``), their geometric means with 95%
+    bootstrap intervals, the log-FID area ratio, and the per-step time ratio of ``step_times`` (from
+    ``--step-overhead``); the A/A null's interval; and what the A/A spread lets 5 seeds detect."""
+    uniform = {_pair_key(r): r for r in runs if r['method'] == 'uniform'}
+    floors = [r['fid_floor'] for r in uniform.values() if r.get('fid_floor')]
+    floor = _mean(floors) if floors else 1.0
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_method.setdefault(r['method'], []).append(r)
+    methods = {}
+    for method, method_runs in by_method.items():
+        method_runs = sorted(method_runs, key=lambda r: r['seed'])
+        paired = [(r, uniform[_pair_key(r)]) for r in method_runs if _pair_key(r) in uniform]
+        row: dict[str, Any] = {'method': method, 'config': configs.get(method, {}),
+                               'seeds': [r['seed'] for r, _ in paired], 'final_fid': [r['fid'][-1] for r, _ in paired],
+                               'fingerprints': sorted({str(r.get('fingerprint_key')) for r, _ in paired})}
+        for key, fraction in (('speedup_u100', 1.0), ('speedup_u75', 0.75)):
+            pairs = [paired_speedup(u['fid_steps'], u['fid'], r['fid_steps'], r['fid'], fraction * budget, budget)
+                     for r, u in paired]
+            row[key] = _ratio_block([p[0] for p in pairs], [p[1] for p in pairs])
+        row['log_fid_area_ratio'] = _ratio_block([
+            log_fid_area(r['fid_steps'], r['fid'], floor) / log_fid_area(u['fid_steps'], u['fid'], floor)
+            for r, u in paired])
+        row['step_time_ratio'] = (step_times or {}).get(method)
+        methods[leaderboard_name(method)] = row
+    board: dict[str, Any] = {'fid_floor': floor, 'methods': methods,
+                             'uniform_final_fid': _mean([u['fid'][-1] for u in uniform.values()])}
+    if 'uniform_aa' in methods:
+        null = methods['uniform_aa']['speedup_u100']
+        board['null_speedup_ci'] = null['ci95']
+        logs = [math.log(r) for r in null['per_seed']]
+        if len(logs) > 1:
+            sd = _std(logs)
+            board['power'] = {'aa_sd_log_speedup_u100': sd, 'seeds': len(logs),
+                              'min_detectable_speedup_u100': min_detectable_speedup(sd, len(logs))}
+    noise = [list(u['fid_noise_seeds'].values()) + [u['fid'][-1]] for u in uniform.values()
+             if u.get('fid_noise_seeds')]
+    if noise:
+        board['fid_noise'] = {
+            'noise_sd_relative': _mean([_std(v) / _mean(v) for v in noise]),
+            'seed_sd_relative': _std([u['fid'][-1] for u in uniform.values()]) / board['uniform_final_fid'],
+            'checkpoints': len(noise), 'noise_seeds': len(noise[0])}
+    return board
+
+
+def publish_leaderboard(args: argparse.Namespace, command: str, runs: list[dict[str, Any]],
+                        winners: dict[str, list[str]], jobs: Sequence[dict[str, Any]],
+                        feature_accuracy: Optional[float]) -> dict[str, Any]:
+    """Write the leaderboard (``results.json`` in the shape of :func:`leaderboard` plus the race's settings and
+    runs, ``results.md``, ``fid.png``) into ``args.out``; return the record."""
+    configs = {}
+    for job in jobs:
+        if job['method'] not in configs:
+            overrides = list(job.get('overrides', [])) + split_variant(job['method'])[1]
+            cfg = method_config(job['method'], args.tier, args.objective, args.data, args.steps, 'config', overrides)
+            configs[job['method']] = {'overrides': overrides, 'algorithms': cfg.get('algorithms', {}),
+                                      'optimizer': cfg.get('optimizer', {})}
+    overhead_path = os.path.join(args.out, 'step_overhead.json')
+    step_times = None
+    if os.path.exists(overhead_path):
+        with open(overhead_path) as f:
+            step_times = {m: r['cpu_ratio'] for m, r in json.load(f)['methods'].items()}
+    board = leaderboard(runs, args.steps, configs, step_times)
+    summary = summarize(runs, budget=args.steps, floor=board['fid_floor'])
+    record = {'command': command, 'tier': args.tier, 'objective': args.objective, 'steps': args.steps,
+              'fid_samples': args.fid_samples, 'seeds': [int(s) for s in args.seeds.split(',')],
+              'uniform_final_fid': board['uniform_final_fid'], 'fid_floor': board['fid_floor'],
+              'null_speedup_ci': board.get('null_speedup_ci'), 'methods': board['methods'],
+              'power': board.get('power'), 'fid_noise': board.get('fid_noise'), 'tuning': args.tuning,
+              'winners': winners, 'feature_sha256': TIERS[args.tier].feature_sha256,
+              'feature_val_accuracy': feature_accuracy,
+              'fingerprints': {r['fingerprint_key']: r['fingerprint'] for r in runs},
+              'args': _portable(vars(args)), 'runs': runs, 'summary': summary}
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+        json.dump(record, f, indent=1)
+    write_leaderboard_markdown(record, os.path.join(args.out, 'results.md'))
+    write_plot(summary, os.path.join(args.out, 'fid.png'))
+    print(open(os.path.join(args.out, 'results.md')).read())
+    return record
+
+
+def _fmt_ratio(block: dict[str, Any]) -> str:
+    low, high = block['ci95']
+    return f'{block["geomean"]:.2f}x ({low:.2f}-{high:.2f})'
+
+
+def write_leaderboard_markdown(record: dict[str, Any], path: str) -> None:
+    sampler = 'Euler' if record['objective'] == 'flow_matching' else 'DDIM'
+    args = record['args']
+    rows = sorted(record['methods'].items(),
+                  key=lambda kv: (kv[0] != 'uniform', -kv[1]['speedup_u100']['geomean']))
+    null = record.get('null_speedup_ci')
+    power = record.get('power') or {}
+    noise = record.get('fid_noise') or {}
+    lines = [
+        f'Command: `{record["command"]}`', '',
+        f'Tier {record["tier"]} ({record["objective"]}); seeds {record["seeds"]}; {record["steps"]} steps; FID every '
+        f'{args["eval_every"]} steps from {record["fid_samples"]} {sampler}-{args["ddim_steps"]} samples (EMA weights; '
+        'the same starting noise for every method and evaluation) on the shipped feature weights '
+        f'(sha256 {record["feature_sha256"][:12]}...) against the validation split. Uniform\'s final FID '
+        f'{record["uniform_final_fid"]:.2f} (mean over seeds); real-vs-real floor at these sizes '
+        f'{record["fid_floor"]:.2f}. Settings tuned on other seeds: {record["tuning"]}.', '',
+        'Speed-ups are paired per seed (each run against uniform of the same seed on the same machine), a seed that '
+        'never reaches the target counted at the budget\'s end; geometric mean over seeds with a 95% bootstrap '
+        'interval (BCa). U@100%: uniform\'s final FID; U@75%: its FID at 75% of the budget. Step time ratio: '
+        '`--step-overhead` (process CPU per step against uniform, interleaved in one process).', '']
+    if null:
+        lines.append(f'A/A null (uniform against uniform with other timesteps and noise): speed-up 95% interval '
+                     f'{null[0]:.2f}-{null[1]:.2f}' + (
+                         f'; from its per-seed spread (sd of the log speed-up {power["aa_sd_log_speedup_u100"]:.3f}), '
+                         f'{power["seeds"]} seeds detect a speed-up of {power["min_detectable_speedup_u100"]:.2f}x '
+                         '(two-sided 5%, 80% power)' if power else '') + '.')
+    if noise:
+        lines.append(f'FID noise at the final step: {100 * noise["noise_sd_relative"]:.1f}% sd from the sampling '
+                     f'noise alone ({noise["noise_seeds"]} noise seeds on each of {noise["checkpoints"]} uniform '
+                     f'checkpoints), {100 * noise["seed_sd_relative"]:.1f}% from seed to seed.')
+    lines += ['', '| method | speed-up to U@100% (95% CI) | reached | to U@75% (95% CI) | log-FID area ratio | '
+              'step time ratio | final FID (mean ± sd) | settings |', '| --- |' + ' ---: |' * 6 + ' --- |']
+    for name, row in rows:
+        finals = row['final_fid']
+        settings = ' '.join(o for o in row['config'].get('overrides', []))
+        lines.append(
+            f'| {name} | {_fmt_ratio(row["speedup_u100"])} | {row["speedup_u100"]["reached"]}/{len(finals)} | '
+            f'{_fmt_ratio(row["speedup_u75"])} | {_fmt_ratio(row["log_fid_area_ratio"])} | '
+            f'{_fmt(row["step_time_ratio"], ".3f")} | {_mean(finals):.2f} ± {_std(finals):.2f} | `{settings}` |')
+    lines += ['', '| method | per-seed speed-up to U@100% | per-seed final FID |', '| --- | --- | --- |']
+    for name, row in rows:
+        lines.append(f'| {name} | ' + ' / '.join(f'{v:.2f}' for v in row['speedup_u100']['per_seed']) + ' | '
+                     + ' / '.join(f'{v:.1f}' for v in row['final_fid']) + ' |')
+    trace = sampler_trace_table(record['runs'])
+    if trace:
+        lines += ['', 'The adaptive sampler over training (heatmaps: `runs/<method>-s<seed>-<machine>/'
+                  'timestep_heatmap.png`):', '', trace]
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+def _main_tune_or_leaderboard(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
+    explicit_methods = args.methods
+    args.seeds = args.seeds or ('' if args.tune else '0,1,2,3,4')
+    suffix = '_tuning' if args.tune else '_leaderboard'
+    if args.out is None:
+        args.out = os.path.join(ROOT, 'docs', 'benchmark',
+                                args.tier + ('_flow' if args.objective == 'flow_matching' else '') + suffix)
+    tier = _apply_tier_defaults(args)
+    if args.steps % args.eval_every or (args.tune and (args.steps // 2) % args.eval_every):
+        parser.error('--steps (and half of it, for --tune) must be a multiple of --eval-every')
+    feature_accuracy = prepare_tier(tier, args.data)
+    os.makedirs(args.out, exist_ok=True)
+    if args.tune:
+        tune(args, command)
+        return 0
+    if not args.tuning:
+        parser.error('--leaderboard needs --tuning DIR, the --out folder of a --tune run')
+    with open(os.path.join(args.tuning, 'results.json')) as f:
+        winners = json.load(f)['winners']
+    args.tuning = _portable({'out': os.path.abspath(args.tuning)})['out']
+    methods = split_methods(explicit_methods) if explicit_methods else list(LEADERBOARD_METHODS)
+    unknown = [m for m in methods if split_variant(m)[0] not in METHODS]
+    if unknown:
+        parser.error(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
+    methods = ['uniform'] + [m for m in methods if m != 'uniform']
+    jobs = leaderboard_jobs(args, winners, methods)
+    start = time.time()
+    results = run_jobs(jobs, args.workers, args.out)
+    publish_leaderboard(args, command, results, winners, jobs, feature_accuracy)
+    print(f'total wall time {time.time() - start:.0f}s')
+    return 0
 
 
 def _main_combine(args: argparse.Namespace, command: str) -> int:

@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.join(ROOT, 'recipes'))
 import benchmark  # noqa: E402
 import pytest  # noqa: E402
 
+from composer_algos.machine import fingerprint_key  # noqa: E402
+
 
 def test_steps_to_reach_interpolates():
     assert benchmark.steps_to_reach([10, 20, 30], [9.0, 5.0, 3.0], 4.0) == 25.0
@@ -27,10 +29,14 @@ def test_quick_benchmark_writes_table_plot_and_raw_numbers(digits_mds, tmp_path,
     # The same command again finds every run's record and trains nothing; another budget trains again.
     capsys.readouterr()
     assert benchmark.main(['--quick', '--workers', '1', '--data', digits_mds, '--out', str(out)]) == 0
-    assert '2 of 2 runs are already in' in capsys.readouterr().out
+    assert '2 finished runs in' in capsys.readouterr().out
     assert json.loads((out / 'results.json').read_text())['summary'] == results['summary']
-    job = json.loads((out / 'runs' / 'uniform-s0' / 'run.json').read_text())['job']
+    machine = fingerprint_key(benchmark.current_fingerprint())
+    job = json.loads((out / 'runs' / f'uniform-s0-{machine}' / 'run.json').read_text())['job']
     assert benchmark.finished_run(job) is not None and benchmark.finished_run(dict(job, steps=80)) is None
+    # Each run names its machine and the FID weights it was measured on.
+    assert {r['fingerprint_key'] for r in results['runs']} == {machine}
+    assert {r['feature_sha256'] for r in results['runs']} == {benchmark.TIERS['digits'].feature_sha256}
     assert results['tier'] == 'digits'
     table = results['summary']['table']
     assert set(table) == {'uniform', 'adaptive_clts_md'}
@@ -55,14 +61,13 @@ def test_quick_benchmark_writes_table_plot_and_raw_numbers(digits_mds, tmp_path,
     assert [step for step, _ in mean_t] == [3] and 0 < mean_t[0][1] < 1000
     assert 'The adaptive sampler over training' in (out / 'results.md').read_text()
     for run in ('uniform-s0', 'adaptive_clts_md-s0'):
-        assert (out / 'runs' / run / 'timestep_heatmap.png').stat().st_size > 0
+        assert (out / 'runs' / f'{run}-{machine}' / 'timestep_heatmap.png').stat().st_size > 0
 
 
-def test_quick_benchmark_on_the_mnist_tier(mnist_mds, mnist_classifier_cache, tmp_path, monkeypatch):
+def test_quick_benchmark_on_the_mnist_tier(mnist_mds, mnist_classifier_cache, tmp_path):
     from conftest import MNIST_SIZE
 
     from composer_algos.evaluation.features import load_or_train_digit_classifier
-    monkeypatch.setenv('COMPOSER_ALGOS_CACHE', mnist_classifier_cache)  # the workers inherit it: trained once
     assert benchmark.TIERS['mnist'].image_size == MNIST_SIZE
     out = tmp_path / 'bench'
     assert benchmark.main(['--tier', 'mnist', '--quick', '--workers', '1', '--data', mnist_mds,
@@ -228,3 +233,126 @@ def test_races_with_the_same_uniform_runs_combine_and_others_refuse(tmp_path):
     longer = _race(tmp_path / 'd', uniform, steps=2000)
     with pytest.raises(ValueError, match=r"differs .* in \['steps'\]"):
         benchmark.combine_races([a, longer])
+
+
+def test_paired_speedup_counts_a_miss_at_the_budgets_end():
+    uniform = _line(100, 0.05)  # ends at 50 at step 1000
+    assert benchmark.paired_speedup(STEPS, uniform, STEPS, _line(100, 0.1), 1000, 1000) == (pytest.approx(2.0), True)
+    # Never reaches 50: counted as reaching it at step 1000, so at most 1000 / 1000.
+    assert benchmark.paired_speedup(STEPS, uniform, STEPS, _line(100, 0.01), 1000, 1000) == (1.0, False)
+    # Uniform's FID at 75% of the budget (62.5) is reached at step 750 by uniform, 375 by the method.
+    assert benchmark.paired_speedup(STEPS, uniform, STEPS, _line(100, 0.1), 750, 1000) == (pytest.approx(2.0), True)
+
+
+def test_geomean_interval_and_the_detectable_speedup():
+    from composer_algos.evaluation.speedup import geomean_ci, min_detectable_speedup
+    point, low, high = geomean_ci([1.1, 1.2, 1.3, 1.25, 1.15])
+    assert point == pytest.approx(math.exp(sum(math.log(r) for r in (1.1, 1.2, 1.3, 1.25, 1.15)) / 5))
+    assert 1.1 <= low < point < high <= 1.3
+    assert geomean_ci([1.5, 1.5, 1.5]) == pytest.approx((1.5, 1.5, 1.5))
+    # (t_0.975,4 + t_0.8,4) sd / sqrt(5) = (2.7764 + 0.9410) * 0.1 / 2.2361 on the log scale.
+    assert math.log(min_detectable_speedup(0.1, 5)) == pytest.approx((2.7764 + 0.9410) * 0.1 / math.sqrt(5), rel=1e-3)
+    assert min_detectable_speedup(0.1, 10) < min_detectable_speedup(0.1, 5)
+
+
+def test_leaderboard_pairs_each_seed_and_reports_the_aa_null():
+    runs = []
+    for seed, (start, slope) in enumerate([(150, 0.05), (170, 0.06), (160, 0.055)]):
+        runs += [_run('uniform', seed, _line(start, slope)), _run('min_snr', seed, _line(start, 2 * slope)),
+                 _run('uniform_aa', seed, _line(start, slope * (1 + 0.02 * (seed - 1)))),
+                 _run('clts_md', seed, _line(start, slope * 0.5))]
+    board = benchmark.leaderboard(runs, 1000, {'min_snr': {'overrides': ['g=2']}}, {'min_snr': 1.01})
+    methods = board['methods']
+    assert set(methods) == {'uniform', 'uniform_aa', 'min_snr_weighting',
+                            'curriculum_timestep_schedule+momentum_decay'}
+    fast = methods['min_snr_weighting']
+    assert fast['speedup_u100']['per_seed'] == pytest.approx([2.0, 2.0, 2.0])
+    assert fast['speedup_u100']['reached'] == 3 and fast['speedup_u100']['ci95'] == pytest.approx([2.0, 2.0])
+    assert fast['speedup_u75']['geomean'] == pytest.approx(2.0) and fast['step_time_ratio'] == 1.01
+    assert fast['config'] == {'overrides': ['g=2']} and fast['seeds'] == [0, 1, 2]
+    # Half as fast never reaches uniform's final FID: counted at the budget's end, so 1.0, none reached.
+    slow = methods['curriculum_timestep_schedule+momentum_decay']['speedup_u100']
+    assert slow['per_seed'] == pytest.approx([1.0, 1.0, 1.0]) and slow['reached'] == 0
+    low, high = board['null_speedup_ci']
+    assert low <= 1.0 <= high and board['power']['seeds'] == 3
+    assert board['power']['min_detectable_speedup_u100'] > 1.0
+    assert board['uniform_final_fid'] == pytest.approx((100 + 110 + 105) / 3)
+
+
+def _finished(out, method, seed, machine, fid, job_args):
+    job = benchmark.make_job(job_args, method, seed)
+    folder = out / 'runs' / f'{method}-s{seed}-{machine}'
+    folder.mkdir(parents=True)
+    result = dict(_run(method, seed, fid), fingerprint_key=machine,
+                  feature_sha256=benchmark.TIERS['digits'].feature_sha256)
+    (folder / 'run.json').write_text(json.dumps({'job': benchmark._portable(job), 'result': result}))
+    return job
+
+
+def test_runs_pair_only_within_one_machine_fingerprint(tmp_path):
+    import argparse
+    args = argparse.Namespace(steps=1000, eval_every=100, fid_samples=64, ddim_steps=5, bpd_images=8, bpd_terms=4,
+                              data=str(tmp_path / 'data'), out=str(tmp_path), tier='digits', objective='ddpm')
+    # Another machine ran uniform and min_snr on seed 0, and only min_snr on seed 1.
+    _finished(tmp_path, 'uniform', 0, 'aaaa0000', _line(100, 0.05), args)
+    _finished(tmp_path, 'min_snr', 0, 'aaaa0000', _line(100, 0.1), args)
+    _finished(tmp_path, 'min_snr', 1, 'aaaa0000', _line(100, 0.1), args)
+    jobs = [benchmark.make_job(args, m, s) for s in (0, 1) for m in ('uniform', 'min_snr', 'p2')]
+    todo, chosen = benchmark.plan_runs(jobs, 'bbbb1111')
+    # Seed 0's min_snr pairs with that machine's uniform; p2 is new, so it trains here with uniform seed 0 again.
+    # Seed 1's min_snr has no uniform of its machine: it trains here, with uniform, as does p2.
+    assert [(j['method'], j['seed']) for j in todo] == [('uniform', 0), ('p2', 0), ('uniform', 1), ('min_snr', 1),
+                                                        ('p2', 1)]
+    assert [(r['method'], r['seed'], r['fingerprint_key']) for r in chosen] == [
+        ('uniform', 0, 'aaaa0000'), ('min_snr', 0, 'aaaa0000')]
+    # Other FID weights do not count as a finished run.
+    record = json.loads((tmp_path / 'runs' / 'min_snr-s0-aaaa0000' / 'run.json').read_text())
+    record['result']['feature_sha256'] = 'retrained'
+    (tmp_path / 'runs' / 'min_snr-s0-aaaa0000' / 'run.json').write_text(json.dumps(record))
+    assert benchmark.finished_runs(jobs[1]) == {}
+
+
+def test_combining_races_of_two_machines_is_refused(tmp_path):
+    here = [dict(_run('uniform', s, _line(100 + s, 0.05)), fingerprint_key='aaaa0000') for s in (0, 1)]
+    there = [dict(r, fingerprint_key='bbbb1111') for r in here]
+    a = _race(tmp_path / 'a', here)
+    b = _race(tmp_path / 'b', there + [dict(_run('fast', 0, _line(50, 0.01)), fingerprint_key='bbbb1111')])
+    with pytest.raises(ValueError, match='other machines'):
+        benchmark.combine_races([a, b])
+
+
+def test_tuning_then_leaderboard_end_to_end(digits_mds, tmp_path, monkeypatch, capsys):
+    # A grid of two settings per stage, one seed, 40 steps: the harness, not the numbers.
+    monkeypatch.setattr(benchmark, 'TUNING_LR', benchmark.TUNING_LR[:2])
+    monkeypatch.setattr(benchmark, 'TUNING_EMA', benchmark.TUNING_EMA[:2])
+    monkeypatch.setattr(benchmark, 'TUNING_GRID', {'min_snr': benchmark.TUNING_GRID['min_snr'][:2],
+                                                   'md': benchmark.TUNING_GRID['md'][:1]})
+    common = ['--tier', 'digits', '--steps', '40', '--eval-every', '20', '--fid-samples', '48', '--ddim-steps', '4',
+              '--bpd-images', '16', '--bpd-terms', '4', '--workers', '1', '--data', digits_mds]
+    tuning = tmp_path / 'tuning'
+    assert benchmark.main(['--tune', *common, '--seeds', '100', '--out', str(tuning)]) == 0
+    record = json.loads((tuning / 'results.json').read_text())
+    assert record['steps'] == 20 and record['seeds'] == [100]
+    lr_stage = record['stages']['uniform: learning rate']
+    assert set(lr_stage['settings']) == set(benchmark.TUNING_LR[:2])
+    best = min(lr_stage['settings'].items(), key=lambda kv: kv[1]['score'])[0]
+    assert lr_stage['winner'] == best and record['winners']['base'][0] == best
+    assert record['winners']['md'] == ['algorithms.momentum_decay.beta_end=0.5']
+    assert '**winner**' in (tuning / 'results.md').read_text()
+    board = tmp_path / 'board'
+    assert benchmark.main(['--leaderboard', *common, '--tuning', str(tuning), '--seeds', '0',
+                           '--methods', 'uniform_aa,min_snr', '--out', str(board)]) == 0
+    result = json.loads((board / 'results.json').read_text())
+    assert set(result['methods']) == {'uniform', 'uniform_aa', 'min_snr_weighting'}
+    assert result['methods']['min_snr_weighting']['config']['overrides'][:2] == record['winners']['base']
+    assert result['methods']['min_snr_weighting']['config']['overrides'][2:] == record['winners']['min_snr']
+    for key in ('tier', 'objective', 'steps', 'fid_samples', 'seeds', 'uniform_final_fid', 'fid_floor',
+                'null_speedup_ci'):
+        assert key in result, key
+    # Uniform's final weights were scored from 4 more noise seeds; the A/A run keyed its draws apart.
+    uniform = next(r for r in result['runs'] if r['method'] == 'uniform')
+    assert sorted(uniform['fid_noise_seeds']) == ['1', '2', '3', '4']
+    aa = next(r for r in result['runs'] if r['method'] == 'uniform_aa')
+    assert aa['fid'] != uniform['fid']
+    assert result['fid_noise']['noise_seeds'] == 5 and result['fid_noise']['noise_sd_relative'] > 0
+    assert (board / 'fid.png').stat().st_size > 0 and '| min_snr_weighting |' in (board / 'results.md').read_text()
