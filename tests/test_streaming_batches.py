@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from streaming.base.dataset import _ShardState
 from torch.utils.data import DataLoader
 
 from composer_algos.data import StreamingImageDataset, build_streaming_image_dataloader, convert_digits
@@ -151,6 +152,40 @@ def test_shards_evicted_under_cache_limit_are_downloaded_again(tmp_path):
         torch.testing.assert_close(images, expected[:len(images), None] / 127.5 - 1, rtol=0, atol=0)
         assert len(images) == 1437 // 64 * 64
         assert loader.dataset.cache_usage <= 6 * 4096
+
+
+def test_a_download_that_starts_during_another_leaves_room_for_both(tmp_path, monkeypatch):
+    # Streaming counts a shard's bytes when its download ends: a download that started in between made room for
+    # itself alone, and the cache ended a shard over its limit. Here the first download waits until the second has
+    # started (at most a second, which it spends when the downloads take turns).
+    from streaming.base.stream import Stream
+    remote = tmp_path / 'remote'
+    write_mds(digits_images('train'), str(remote / 'train'), size_limit=4096, progress=False, shape=DIGITS_SHAPE)
+    dataset = StreamingImageDataset(remote=str(remote), local=str(tmp_path / 'cache'), split='train', batch_size=64,
+                                    shuffle=False, cache_limit=6 * 4096, yield_batches=True)
+    download = Stream.prepare_shard
+    second_started = threading.Event()
+
+    def first_waits_for_second(stream, shard):
+        if threading.current_thread().name == 'first':
+            second_started.wait(1.0)
+        else:
+            second_started.set()
+        return download(stream, shard)
+
+    for shard_id in range(3):  # beside the index, the cache holds three of these shards
+        dataset.prepare_shard(shard_id)
+    monkeypatch.setattr(Stream, 'prepare_shard', first_waits_for_second)
+    first = threading.Thread(target=dataset.prepare_shard, args=(3,), name='first')
+    first.start()
+    while dataset._shard_states[3] == _ShardState.REMOTE:  # until the first has taken its shard
+        time.sleep(0.001)
+    second = threading.Thread(target=dataset.prepare_shard, args=(4,), name='second')
+    second.start()
+    first.join()
+    second.join()
+    assert dataset._shard_states[3] == dataset._shard_states[4] == _ShardState.LOCAL
+    assert dataset.cache_usage <= 6 * 4096
 
 
 def _waits_for_lock(path: str) -> bool:

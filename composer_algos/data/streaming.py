@@ -252,12 +252,32 @@ class StreamingImageDataset(StreamingDataset):
         self._layouts: dict[int, Optional[_FixedRecords]] = {}
         self._prefetch: Optional[_Prefetch] = None
         self._warned_per_sample = False
+        self._preparing = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers get a copy without the (unpicklable, per-process) prefetch thread.
+        # DataLoader workers get a copy without the (unpicklable, per-process) prefetch thread and lock.
         state = dict(self.__dict__)
         state['_prefetch'] = None
+        del state['_preparing']
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._preparing = threading.Lock()
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """Streaming's ``prepare_shard`` (download a shard, evicting others to stay under ``cache_limit``), one call
+        at a time in this process.
+
+        Streaming evicts until the cache has room for this shard, releases its cache lock, downloads, and counts the
+        shard's bytes only when the download ends. A second download that starts meanwhile (the prefetch thread's
+        next shard while a batch read fetches one that is missing) sees the cache without the first shard, makes
+        room for itself alone, and the two leave the cache one shard over the limit until the next eviction.
+        DataLoader workers are processes with a lock each, so with workers the cache can still pass the limit by a
+        shard for each further worker downloading at once, as it can with streaming's own iteration.
+        """
+        with self._preparing:
+            super().prepare_shard(shard_id, blocking)
 
     # ------------------------------------------------------------------------------------------- one sample
     def __getitem__(self, index: int) -> dict[str, Any]:
