@@ -15,8 +15,8 @@ from streaming.base.dataset import _ShardState
 from torch.utils.data import DataLoader
 
 from composer_algos.data import StreamingImageDataset, build_streaming_image_dataloader, convert_digits
-from composer_algos.data.convert import DIGITS_SHAPE, digits_images, image_encoding, write_mds
 from composer_algos.data import streaming as streaming_module
+from composer_algos.data.convert import DIGITS_SHAPE, digits_images, image_encoding, write_mds
 from composer_algos.data.streaming import flip_mask
 
 
@@ -178,7 +178,7 @@ def test_a_download_that_starts_during_another_leaves_room_for_both(tmp_path, mo
     monkeypatch.setattr(Stream, 'prepare_shard', first_waits_for_second)
     first = threading.Thread(target=dataset.prepare_shard, args=(3,), name='first')
     first.start()
-    while dataset._shard_states[3] == _ShardState.REMOTE:  # until the first has taken its shard
+    while first.is_alive() and dataset._shard_states[3] == _ShardState.REMOTE:  # until the first takes its shard
         time.sleep(0.001)
     second = threading.Thread(target=dataset.prepare_shard, args=(4,), name='second')
     second.start()
@@ -247,7 +247,7 @@ def test_datasets_built_at_once_take_different_shared_memory_prefixes(digits_mds
         results = _build_at_once(digits_mds)
         errors = [r for r in results if isinstance(r, Exception)]
         assert len(errors) == 1 and isinstance(errors[0], FileExistsError) and '_locals' in str(errors[0])
-        del results, errors
+        del results, errors  # frees the built one's shared memory
     first, second = _build_at_once(digits_mds)
     assert isinstance(first, StreamingImageDataset) and isinstance(second, StreamingImageDataset)
     assert first._shm_prefix_int != second._shm_prefix_int
