@@ -340,16 +340,7 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
         cfg['callbacks']['bits_per_dim'] = {'num_images': job['bpd_images'], 'num_terms': job['bpd_terms'],
                                             'interval': f'{steps}ba', 'loader': real}
     cfg['loggers'] = {'in_memory': {}}
-    for attempt in range(5):
-        try:
-            trainer = build_trainer(cfg)
-            break
-        except FileExistsError:
-            # Two workers starting together can pick the same shared-memory prefix for their streaming datasets
-            # (streaming allocates it without a lock across unrelated processes): wait a moment and retry.
-            if attempt == 4:
-                raise
-            time.sleep(1.0 + job['seed'] + attempt)
+    trainer = build_trainer(cfg)
     timer = StepTimer()
     trainer.state.callbacks.insert(0, timer)
     fid = next(c for c in trainer.state.callbacks if type(c).__name__ == 'FID')

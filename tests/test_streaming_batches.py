@@ -1,13 +1,21 @@
 """The batch-level streaming loader: the batches the model expects, in streaming's order, resumable mid-epoch; shards
-of the earlier PNG format, channel conversion and shard eviction."""
+of the earlier PNG format, channel conversion, shard eviction, and datasets built at the same moment."""
+
+import contextlib
+import os
+import tempfile
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from streaming.base.dataset import _ShardState
 from torch.utils.data import DataLoader
 
 from composer_algos.data import StreamingImageDataset, build_streaming_image_dataloader, convert_digits
+from composer_algos.data import streaming as streaming_module
 from composer_algos.data.convert import DIGITS_SHAPE, digits_images, image_encoding, write_mds
 from composer_algos.data.streaming import flip_mask
 
@@ -144,3 +152,108 @@ def test_shards_evicted_under_cache_limit_are_downloaded_again(tmp_path):
         torch.testing.assert_close(images, expected[:len(images), None] / 127.5 - 1, rtol=0, atol=0)
         assert len(images) == 1437 // 64 * 64
         assert loader.dataset.cache_usage <= 6 * 4096
+
+
+def test_a_download_that_starts_during_another_leaves_room_for_both(tmp_path, monkeypatch):
+    # Streaming counts a shard's bytes when its download ends: a download that started in between made room for
+    # itself alone, and the cache ended a shard over its limit. Here the first download waits until the second has
+    # started (at most a second, which it spends when the downloads take turns).
+    from streaming.base.stream import Stream
+    remote = tmp_path / 'remote'
+    write_mds(digits_images('train'), str(remote / 'train'), size_limit=4096, progress=False, shape=DIGITS_SHAPE)
+    dataset = StreamingImageDataset(remote=str(remote), local=str(tmp_path / 'cache'), split='train', batch_size=64,
+                                    shuffle=False, cache_limit=6 * 4096, yield_batches=True)
+    download = Stream.prepare_shard
+    second_started = threading.Event()
+
+    def first_waits_for_second(stream, shard):
+        if threading.current_thread().name == 'first':
+            second_started.wait(1.0)
+        else:
+            second_started.set()
+        return download(stream, shard)
+
+    for shard_id in range(3):  # beside the index, the cache holds three of these shards
+        dataset.prepare_shard(shard_id)
+    monkeypatch.setattr(Stream, 'prepare_shard', first_waits_for_second)
+    first = threading.Thread(target=dataset.prepare_shard, args=(3,), name='first')
+    first.start()
+    while first.is_alive() and dataset._shard_states[3] == _ShardState.REMOTE:  # until the first takes its shard
+        time.sleep(0.001)
+    second = threading.Thread(target=dataset.prepare_shard, args=(4,), name='second')
+    second.start()
+    first.join()
+    second.join()
+    assert dataset._shard_states[3] == dataset._shard_states[4] == _ShardState.LOCAL
+    assert dataset.cache_usage <= 6 * 4096
+
+
+def _waits_for_lock(path: str) -> bool:
+    """Whether some process or thread is blocked waiting for a lock on the file ``path`` (Linux's /proc/locks marks
+    a waiter with ``->``)."""
+    inode = f':{os.stat(path).st_ino} '
+    with open('/proc/locks') as f:
+        return any('->' in line and inode in line for line in f)
+
+
+def _build_at_once(root: str) -> list:
+    """Two unshuffled datasets of ``root`` built on two threads, each scan for a free shared-memory prefix held open
+    until the other construction has scanned too or is waiting for the lock around construction. Returns what each
+    thread got: a dataset or the exception it raised."""
+    from streaming.base.shared import prefix
+
+    lock_path = os.path.join(tempfile.gettempdir(), streaming_module._SHM_PREFIX_LOCK_NAME)
+    scanned = []
+    scan = prefix._check_and_find
+
+    def scan_held_open(streams_local, streams_remote, shm_name):
+        found = scan(streams_local, streams_remote, shm_name)
+        if shm_name == prefix.SHM_TO_CLEAN[-1]:  # the scan is over every name; creation comes next
+            scanned.append(found)
+            deadline = time.monotonic() + 60
+            while len(scanned) < 2 and not (os.path.exists(lock_path) and _waits_for_lock(lock_path)):
+                assert time.monotonic() < deadline, 'the other construction neither scanned nor waited for the lock'
+                time.sleep(0.01)
+        return found
+
+    results = [None, None]
+
+    def build(i):
+        try:
+            results[i] = StreamingImageDataset(local=root, split='train', shuffle=False, batch_size=16, channels=1,
+                                               image_size=8, yield_batches=True)
+        except Exception as e:  # the test inspects it
+            results[i] = e
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prefix, '_check_and_find', scan_held_open)
+        threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return results
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/locks'), reason='finds a waiting lock in /proc/locks (Linux)')
+def test_datasets_built_at_once_take_different_shared_memory_prefixes(digits_mds, monkeypatch):
+    from multiprocessing import resource_tracker
+    # Streaming swaps resource_tracker.register while attaching to shared memory; two constructions at once could
+    # leave the swapped one behind for the rest of the session.
+    monkeypatch.setattr(resource_tracker, 'register', resource_tracker.register)
+    with monkeypatch.context() as unlocked:
+        # Without the lock both scans find the same free prefix, and the second to create it fails.
+        unlocked.setattr(streaming_module, '_shm_prefix_lock', contextlib.nullcontext)
+        results = _build_at_once(digits_mds)
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert len(errors) == 1 and isinstance(errors[0], FileExistsError) and '_locals' in str(errors[0])
+        del results, errors  # frees the built one's shared memory
+    first, second = _build_at_once(digits_mds)
+    assert isinstance(first, StreamingImageDataset) and isinstance(second, StreamingImageDataset)
+    assert first._shm_prefix_int != second._shm_prefix_int
+    digits = digits_images('train')[:16]
+    expected = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image, _ in digits]))[:, None]
+    for dataset in (first, second):
+        batch = next(iter(dataset))
+        torch.testing.assert_close(batch['image'], expected / 127.5 - 1.0, rtol=0, atol=0)
+        assert batch['label'].tolist() == [label for _, label in digits]

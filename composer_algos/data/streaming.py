@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import mmap
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from time import time_ns
@@ -15,7 +18,9 @@ import torch
 from composer.utils import dist
 from streaming import StreamingDataset
 from streaming.base.dataset import _ShardState
+from streaming.base.distributed import maybe_init_dist
 from streaming.base.format.mds.reader import MDSReader
+from streaming.base.world import World
 from torch.utils.data import DataLoader
 
 from composer_algos.pixels import from_uint8
@@ -24,6 +29,10 @@ from composer_algos.data.integrity import REWRITE_HINT, DataError, nonfinite_row
 __all__ = ['StreamingImageDataset', 'StreamingBatchLoader', 'build_streaming_image_dataloader', 'flip_mask']
 
 log = logging.getLogger(__name__)
+
+# The file in the temp dir (where streaming keeps its own lock files) that a node's local leader holds while its
+# datasets take their shared-memory prefix; see _shm_prefix_lock.
+_SHM_PREFIX_LOCK_NAME = 'composer_algos_streaming_prefix.lock'
 
 # How many times a batch read prepares (downloads) a shard that went missing before giving up; as streaming's
 # own ``get_item``, which retries when a shard is evicted between being prepared and being read.
@@ -42,6 +51,50 @@ def flip_mask(seed: int, indices: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * mix2
         x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(63)).astype(bool)
+
+
+def _open_lock_file(path: str) -> int:
+    try:
+        # Read-only is enough for flock; an existing file of another user opens where O_CREAT would be refused
+        # (fs.protected_regular in a sticky temp dir).
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+
+
+@contextlib.contextmanager
+def _shm_prefix_lock() -> Iterator[None]:
+    """A context to build a StreamingDataset in, so that it takes its shared-memory prefix atomically machine-wide.
+
+    Streaming names a dataset's shared memory ``NNNNNN_*`` with the first prefix no running dataset uses: every rank
+    of a node scans for it, then (after a barrier across ranks) the local leader creates ``NNNNNN_locals``. Nothing
+    stops another job from scanning in between, so two jobs starting together can both pick the same prefix, and
+    the second to create it fails with ``FileExistsError: ... /NNNNNN_locals``. Here the node's local leader holds an
+    exclusive ``flock`` on a file in the temp dir through the construction, and the other ranks of its job wait at a
+    barrier until it has it, so their scans too fall inside it. Only the leader takes the lock: a rank waiting for it
+    while another rank of its job held it inside streaming's barrier would wait forever.
+    """
+    # The other ranks' wait needs the process group, which streaming would otherwise make itself.
+    destroy_dist = maybe_init_dist()
+    fd = None
+    try:
+        if World.detect().is_local_leader:
+            path = os.path.join(tempfile.gettempdir(), _SHM_PREFIX_LOCK_NAME)
+            fd = _open_lock_file(path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info('Waiting for another process to finish building its streaming dataset (it holds %s).', path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        dist.barrier()
+        yield
+    finally:
+        if fd is not None:
+            # Unlocked before closing: a process forked meanwhile would keep a closed-only lock held.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        if destroy_dist:
+            torch.distributed.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -184,9 +237,10 @@ class StreamingImageDataset(StreamingDataset):
                              'flipped image. Encode images on the fly (model.encoder) to train with flips.')
         if yield_batches and batch_size is None:
             raise ValueError('yield_batches needs batch_size (the per-device batch size).')
-        super().__init__(local=local, remote=remote, split=split, shuffle=shuffle, batch_size=batch_size,
-                         shuffle_seed=shuffle_seed if shuffle_seed is not None else seed, cache_limit=cache_limit,
-                         **streaming_kwargs)
+        with _shm_prefix_lock():
+            super().__init__(local=local, remote=remote, split=split, shuffle=shuffle, batch_size=batch_size,
+                             shuffle_seed=shuffle_seed if shuffle_seed is not None else seed, cache_limit=cache_limit,
+                             **streaming_kwargs)
         self.random_flip = random_flip
         self.channels = channels
         self.image_size = image_size
@@ -198,12 +252,32 @@ class StreamingImageDataset(StreamingDataset):
         self._layouts: dict[int, Optional[_FixedRecords]] = {}
         self._prefetch: Optional[_Prefetch] = None
         self._warned_per_sample = False
+        self._preparing = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers get a copy without the (unpicklable, per-process) prefetch thread.
+        # DataLoader workers get a copy without the (unpicklable, per-process) prefetch thread and lock.
         state = dict(self.__dict__)
         state['_prefetch'] = None
+        del state['_preparing']
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._preparing = threading.Lock()
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """Streaming's ``prepare_shard`` (download a shard, evicting others to stay under ``cache_limit``), one call
+        at a time in this process.
+
+        Streaming evicts until the cache has room for this shard, releases its cache lock, downloads, and counts the
+        shard's bytes only when the download ends. A second download that starts meanwhile (the prefetch thread's
+        next shard while a batch read fetches one that is missing) sees the cache without the first shard, makes
+        room for itself alone, and the two leave the cache one shard over the limit until the next eviction.
+        DataLoader workers are processes with a lock each, so with workers the cache can still pass the limit by a
+        shard for each further worker downloading at once, as it can with streaming's own iteration.
+        """
+        with self._preparing:
+            super().prepare_shard(shard_id, blocking)
 
     # ------------------------------------------------------------------------------------------- one sample
     def __getitem__(self, index: int) -> dict[str, Any]:
