@@ -18,6 +18,7 @@ from PIL import Image
 
 from composer_algos import registry
 from composer_algos.callbacks import FID, BitsPerDim, LossBands, SampleGrid, TimestepHeatmap
+from composer_algos.callbacks.summary import run_summary
 from composer_algos.evaluation import ema_weights, load_checkpoint_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +78,14 @@ def test_evaluation_callbacks_in_trainer_fit(digits_mds, classifier_cache, tmp_p
         assert np.allclose(record['probs'].sum(1), 1.0, atol=1e-5)
     with Image.open(os.path.join(run_folder, 'timestep_heatmap.png')) as image:
         assert image.size == (700, 450)
+    # The end-of-run summary: the last and best FID against the floor, and where the pictures are.
+    summary = run_summary(trainer)
+    assert summary[0] == f'Run {trainer.state.run_name!r} finished at step 6.'
+    assert summary[1].startswith(f'FID {fids[-1][1]:.2f} at step 6 (best ') and f'floor at these sample sizes ' \
+        f'{floor[0][1]:.2f}' in summary[1]
+    assert any(line == f'Bits/dim {bits[-1][1]:.3f} at step 6.' for line in summary)
+    assert f'samples: {os.path.join(run_folder, "samples_ba0000006.png")}' in summary  # outside the working dir: whole
+    assert any(line.startswith('timestep distribution: ') and line.endswith('timestep_heatmap.png') for line in summary)
 
     # The callbacks sample from the EMA weights: swapped in for the block, swapped back after.
     model = trainer.state.model

@@ -91,7 +91,8 @@ class PeriodicEvaluation(Callback):
 
     @staticmethod
     def resolve_loader(state: State, loader: Any, where: str) -> Iterable[Any]:
-        """``loader`` itself (any iterable of batches), or built from its config by the ``datasets`` registry, else the Trainer's first evaluator's dataloader."""
+        """``loader`` itself (any iterable of batches), or built from its config by the ``datasets`` registry, else
+        the Trainer's first evaluator's dataloader."""
         if isinstance(loader, dict):
             return registry.build(registry.datasets, loader, 'dataset', where, default='streaming_image')
         if loader is not None:

@@ -1,0 +1,56 @@
+"""What a finished run measured and where it left its files, in a few lines for the end of a training script."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from composer.utils import format_name_with_dist
+
+__all__ = ['run_summary']
+
+
+def _here(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to read and to copy)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith('..') else relative
+
+
+def run_summary(trainer: Any) -> list[str]:
+    """Lines that say what ``trainer``'s run reached and where its files are: the last and best FID against the
+    real-vs-real floor at the same sample sizes (what a perfect model would score), bits/dim, and the paths of the
+    latest sample grid, the FID curve, the timestep heatmap, the checkpoints and the log."""
+    from composer.loggers import FileLogger
+
+    from composer_algos.callbacks.fid import FID
+    from composer_algos.callbacks.likelihood import BitsPerDim
+    from composer_algos.callbacks.pictures import SampleGrid, TimestepHeatmap
+    state = trainer.state
+    lines = [f'Run {state.run_name!r} finished at step {int(state.timestamp.batch)}.']
+    files = []
+    for callback in state.callbacks:
+        if isinstance(callback, FID) and callback.values:
+            best = min(range(len(callback.values)), key=callback.values.__getitem__)
+            text = f'FID {callback.values[-1]:.2f} at step {callback.steps[-1]} (best {callback.values[best]:.2f} at ' \
+                   f'step {callback.steps[best]}, {callback.num_samples} samples)'
+            if callback.floor is not None:
+                text += f'; real-vs-real floor at these sample sizes {callback.floor:.2f} (a perfect model scores ' \
+                        'about that)'
+            lines.append(text + '.')
+            curve = callback.output_path(state, 'fid.png')
+            if os.path.exists(curve):
+                files.append(f'FID curve: {_here(curve)}')
+        elif isinstance(callback, BitsPerDim) and callback.values:
+            lines.append(f'Bits/dim {callback.values[-1]:.3f} at step {callback.steps[-1]}.')
+        elif isinstance(callback, SampleGrid) and getattr(callback, 'last_path', None):
+            files.append(f'samples: {_here(callback.last_path)}')
+        elif isinstance(callback, TimestepHeatmap) and getattr(callback, 'last_path', None):
+            files.append(f'timestep distribution: {_here(callback.last_path)}')
+    saver = getattr(trainer, '_checkpoint_saver', None)
+    if saver is not None:
+        folder = format_name_with_dist(saver.folder, state.run_name)
+        files.append(f'checkpoints: {_here(folder)}' if '://' not in folder else f'checkpoints: {folder}')
+    for destination in trainer.logger.destinations:
+        if isinstance(destination, FileLogger):
+            files.append(f'log: {_here(destination.filename)}')
+    return lines + files
