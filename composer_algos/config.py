@@ -12,11 +12,11 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import composer_algos.builtins  # noqa: F401  (registers every built-in part by name)
 from composer_algos import registry, validation
-from composer_algos.registry import ConfigError, call_checked, check_keys, suggest
+from composer_algos.registry import ConfigError, call_checked, check_keys, named_items, suggest
 
 # Every part a recipe builds gets its arguments checked against the callee's annotations.
 registry.set_argument_hooks(validation.check_arguments, validation.explain_failure)
@@ -114,27 +114,6 @@ def _load_with_includes(path: str, seen: tuple[str, ...]) -> DictConfig:
     return OmegaConf.merge(merged, cfg)
 
 
-def _named_items(section: Any, where: str) -> list[tuple[str, dict]]:
-    """``{name: kwargs}`` or ``[name, {name: kwargs}, ...]`` -> ``[(name, kwargs)]``; ``None`` kwargs -> ``{}``."""
-    if section is None:
-        return []
-    if isinstance(section, dict):
-        return [(name, dict(kwargs or {})) for name, kwargs in section.items()]
-    if isinstance(section, (list, ListConfig)):
-        items = []
-        for entry in section:
-            if isinstance(entry, str):
-                items.append((entry, {}))
-            elif isinstance(entry, dict) and len(entry) == 1:
-                (name, kwargs), = entry.items()
-                items.append((name, dict(kwargs or {})))
-            else:
-                raise ConfigError(f'{where}: each list entry must be a name or a one-key mapping name -> arguments, '
-                                  f'got {entry!r}.')
-        return items
-    raise ConfigError(f'{where} must be a mapping of name -> arguments or a list, got {type(section).__name__}.')
-
-
 # ------------------------------------------------------------------------------------------------- model
 def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
     """Build the model section: ``name`` (default ``diffusion``) from the models registry."""
@@ -166,7 +145,7 @@ def build_scheduler(sched_cfg: Optional[dict[str, Any]]) -> Any:
 
 # ------------------------------------------------------------------------------------------------- plugins
 def _build_named(section: Any, where: str, lookup: Callable[[str], Callable[..., Any]]) -> list[Any]:
-    return [call_with_config(lookup(name), kwargs, f'{where}.{name}') for name, kwargs in _named_items(section, where)]
+    return [call_with_config(lookup(name), kwargs, f'{where}.{name}') for name, kwargs in named_items(section, where)]
 
 
 def build_algorithms(section: Any) -> list[Any]:

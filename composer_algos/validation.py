@@ -25,7 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from composer_algos.registry import ConfigError, check_keys
+from composer_algos.registry import ConfigError, check_keys, named_items
 
 __all__ = ['read_yaml', 'merge_overrides', 'to_container', 'check_arguments', 'explain_failure',
            'check_recipe', 'check_device', 'check_loader_files', 'check_callback_loaders', 'check_data_fits_model',
@@ -353,8 +353,7 @@ def check_loader_files(name: str, cfg: dict[str, Any], where: str) -> None:
 def check_callback_loaders(section: Any) -> None:
     """The data of loaders given inside callbacks (``callbacks.fid.real_loader``, ``callbacks.bits_per_dim.loader``),
     which the callbacks build only at their first evaluation, checked now like ``eval_loader``."""
-    from composer_algos.config import _named_items
-    for name, kwargs in _named_items(section, 'callbacks'):
+    for name, kwargs in named_items(section, 'callbacks'):
         for key, value in kwargs.items():
             if key.endswith('loader') and isinstance(value, dict):
                 loader = dict(value)
