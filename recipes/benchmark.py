@@ -68,6 +68,8 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
+from composer_algos import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Method name -> fragments of yamls/algorithms/ added to the uniform recipe.
@@ -759,7 +761,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--combine', default=None, metavar='DIR,DIR,...',
                         help='summarise the races in these --out folders as one (same settings, and uniform runs '
                         'that agree FID for FID), into --out (default: the first)')
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return cli.run_guarded(lambda stage: _main(parser, args, argv, stage), cli.debug_requested(args))
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional[list[str]],
+          stage: cli.Stage) -> int:
+    stage.started()
     if args.combine:
         command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
         return _main_combine(args, command)

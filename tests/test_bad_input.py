@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from composer_algos.data.convert import DIGITS_SHAPE, digits_images, write_mds
+from composer_algos.registry import ConfigError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fault_run import flip_tensor_byte  # noqa: E402
@@ -356,7 +357,7 @@ def test_the_script_exits_2_with_one_line_and_debug_shows_the_traceback(data, tm
     assert proc.stderr.rstrip().splitlines()[-1] == ('error: max_duration=2bb: expected an integer or a duration such '
                                                      'as 500ba, 2ep or 0.5dur or null.')
     assert 'Traceback' not in proc.stderr
-    with pytest.raises(train_script.ConfigError, match='max_duration=2bb'):
+    with pytest.raises(ConfigError, match='max_duration=2bb'):
         train_script.main([*args[2:], '--debug'])
 
 

@@ -18,6 +18,7 @@ from composer_algos.evaluation.fid import fid_from_samples, real_vs_real_fid
 from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.evaluation.plots import image_grid, save_png, side_by_side_grid
 from composer_algos.evaluation.sampling import eval_mode, generate_samples
+from composer_algos.registry import ConfigError
 
 __all__ = ['EVALUATION_DEFAULTS', 'evaluate_checkpoint', 'evaluate_model', 'split_overrides', 'write_json']
 
@@ -100,7 +101,7 @@ def split_overrides(pairs: list[str]) -> tuple[dict[str, Any], list[str]]:
     for pair in pairs:
         key, sep, value = pair.partition('=')
         if not sep:
-            raise ValueError(f'Expected key=value, got {pair!r}.')
+            raise ConfigError(f'Expected key=value, got {pair!r}.')
         if key in EVALUATION_DEFAULTS:
             options[key] = yaml.safe_load(value)
         else:
