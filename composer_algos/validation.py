@@ -2,10 +2,10 @@
 
 :mod:`composer_algos.config` calls these while it builds the parts of a run: the YAML syntax (file, line, column),
 every value against the type annotations of the function or class it is passed to (durations parsed as Composer
-``Time`` strings, enumerations against their values), the MDS files a loader points at
-(:mod:`composer_algos.data.integrity`), the data's shape against the denoiser (its ``in_channels`` and
-``sample_size``, then one no-grad forward of a single example), and the checkpoint a run would load
-(:mod:`composer_algos.checkpoints`). Each failure is a :class:`~composer_algos.registry.ConfigError`.
+``Time`` strings, enumerations against their values), the algorithms' declared roles (one owner of the timestep
+sampler), the MDS files a loader points at (:mod:`composer_algos.data.integrity`), the data's shape against the
+denoiser (its ``in_channels`` and ``sample_size``, then one no-grad forward of a single example), and the checkpoint
+a run would load (:mod:`composer_algos.checkpoints`). Each failure is a :class:`~composer_algos.registry.ConfigError`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from composer_algos.registry import ConfigError, check_keys, named_items
+from composer_algos.registry import ConfigError, algorithms, check_keys, named_items, resolve
 
 __all__ = ['read_yaml', 'merge_overrides', 'to_container', 'check_arguments', 'explain_failure',
            'check_recipe', 'check_device', 'check_loader_files', 'check_callback_loaders', 'check_data_fits_model',
@@ -302,6 +302,14 @@ def check_recipe(cfg: dict[str, Any]) -> None:
         raise ConfigError('autoresume=true needs save_folder (where checkpoints are written and looked for).')
     if cfg.get('autoresume') and not cfg.get('run_name'):
         raise ConfigError('autoresume=true needs run_name (it names the run whose checkpoints are resumed).')
+    _check_algorithm_roles(cfg.get('algorithms'))
+
+
+def _check_algorithm_roles(section: Any) -> None:
+    """Algorithms that cannot run together, told from their classes' declared roles before any model is built."""
+    from composer_algos.algorithms.common import check_timestep_sampler_roles
+    check_timestep_sampler_roles([(f'algorithms.{name}', resolve(algorithms, name, 'algorithm'))
+                                  for name, _ in named_items(section, 'algorithms')])
 
 
 def check_device(device: Optional[str]) -> Any:

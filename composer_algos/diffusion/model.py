@@ -20,6 +20,7 @@ from composer_algos.diffusion.schedule import NoiseSchedule
 from composer_algos.diffusion.utils import reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
 from composer_algos.distributed import fsdp_gradient_scale, global_positions, rank_world
+from composer_algos.registry import ConfigError
 from composer_algos.seeding import derive_seed, keyed_generator, keyed_uniform_and_normal
 
 __all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES', 'TimestepDraw', 'timestep_bands']
@@ -187,9 +188,11 @@ class DiffusionModel(ComposerModel):
     def set_timestep_sampler(self, sampler: TimestepSampler, owner: str) -> None:
         """Install ``sampler`` on behalf of ``owner``. A second, different owner is an error naming both."""
         if self._sampler_owner is not None and self._sampler_owner != owner:
-            raise ValueError(f'{owner} and {self._sampler_owner} both set the timestep sampler; only one '
-                             'algorithm may own it. Remove one of them (a curriculum such as '
-                             'CurriculumTimestepSchedule composes with any owner as a prior).')
+            # Recipes are checked before this (check_timestep_sampler_roles, from the classes' declared roles);
+            # this catches algorithms built in Python or that declare no role.
+            raise ConfigError(f'{owner} and {self._sampler_owner} both set the timestep sampler; only one '
+                              'algorithm may own it. Remove one of them (a curriculum such as '
+                              'CurriculumTimestepSchedule composes with any owner as a prior).')
         if sampler.num_timesteps != self.num_timesteps:
             raise ValueError(f'{owner}: sampler has {sampler.num_timesteps} timesteps but the noise schedule has '
                              f'{self.num_timesteps}.')
