@@ -2,10 +2,11 @@
 
 :mod:`composer_algos.config` calls these while it builds the parts of a run: the YAML syntax (file, line, column),
 every value against the type annotations of the function or class it is passed to (durations parsed as Composer
-``Time`` strings, enumerations against their values), the algorithms' declared roles (one owner of the timestep
-sampler), the MDS files a loader points at (:mod:`composer_algos.data.integrity`), the data's shape against the
-denoiser (its ``in_channels`` and ``sample_size``, then one no-grad forward of a single example), and the checkpoint
-a run would load (:mod:`composer_algos.checkpoints`). Each failure is a :class:`~composer_algos.registry.ConfigError`.
+``Time`` strings, enumerations against their values), counts (batch sizes positive and divisible by the world size,
+``max_duration`` positive), the algorithms' declared roles (one owner of the timestep sampler), the MDS files a
+loader points at (:mod:`composer_algos.data.integrity`), the data's shape against the denoiser (its ``in_channels``
+and ``sample_size``, then one no-grad forward of a single example), and the checkpoint a run would load
+(:mod:`composer_algos.checkpoints`). Each failure is a :class:`~composer_algos.registry.ConfigError`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ __all__ = ['read_yaml', 'merge_overrides', 'to_container', 'check_arguments', 'e
            'check_checkpoints']
 
 _DURATION = 'a duration such as 500ba, 2ep or 0.5dur'
+# A sensible max_duration in each unit, for messages.
+_DURATION_EXAMPLES = {'ba': '2000ba', 'ep': '10ep', 'sp': '256000sp', 'tok': '1000000tok'}
 
 
 def _one_line(text: str) -> str:
@@ -302,7 +305,34 @@ def check_recipe(cfg: dict[str, Any]) -> None:
         raise ConfigError('autoresume=true needs save_folder (where checkpoints are written and looked for).')
     if cfg.get('autoresume') and not cfg.get('run_name'):
         raise ConfigError('autoresume=true needs run_name (it names the run whose checkpoints are resumed).')
+    _check_max_duration(cfg)
+    _check_microbatch_size(cfg.get('device_train_microbatch_size'))
     _check_algorithm_roles(cfg.get('algorithms'))
+
+
+def _check_max_duration(cfg: dict[str, Any]) -> None:
+    """``max_duration`` is a positive time in batches, epochs, samples or tokens: anything else never trains."""
+    from composer.core import Time, TimeUnit
+    if 'max_duration' not in cfg:
+        return
+    value = cfg['max_duration']
+    # Composer reads a bare integer as epochs.
+    duration = Time.from_input(value, TimeUnit.EPOCH) if value is not None else None
+    if duration is None or duration.unit == TimeUnit.DURATION:
+        why = ('it is a fraction of max_duration itself' if duration is not None else
+               'a recipe trains for a set time')
+        raise ConfigError(f'max_duration={_yaml_text(value)}: {why}; give batches, epochs, samples or tokens, e.g. '
+                          'max_duration=2000ba.')
+    if duration.value <= 0:
+        raise ConfigError(f'max_duration={_yaml_text(value)}: it must be positive (a run of {duration} trains '
+                          f'nothing), e.g. max_duration={_DURATION_EXAMPLES.get(duration.unit.value, "2000ba")}.')
+
+
+def _check_microbatch_size(size: Any) -> None:
+    """A numeric ``device_train_microbatch_size`` splits each device batch: it must be positive."""
+    if isinstance(size, (int, float)) and not isinstance(size, bool) and size <= 0:
+        raise ConfigError(f'device_train_microbatch_size={size}: it must be positive (examples per forward pass on '
+                          'each device), or auto; e.g. device_train_microbatch_size=auto.')
 
 
 def _check_algorithm_roles(section: Any) -> None:
@@ -341,6 +371,12 @@ def check_loader_files(name: str, cfg: dict[str, Any], where: str) -> None:
     check_keys(cfg, sorted({n for part in parts for n, p in inspect.signature(part).parameters.items()
                              if p.kind in kinds and n not in ('self', 'batch_size', 'yield_batches')}), f'{where}.')
     check_arguments(build_streaming_image_dataloader, cfg, where, also=parts[1:])
+    if 'global_batch_size' in cfg:
+        from composer_algos.data.streaming import global_batch_size_problem
+        from composer_algos.distributed import rank_world
+        problem = global_batch_size_problem(cfg['global_batch_size'], rank_world()[1])
+        if problem is not None:
+            raise ConfigError(f"{where}.global_batch_size={cfg['global_batch_size']}: {problem}.")
     if cfg.get('remote'):
         return
     local, split = cfg.get('local'), cfg.get('split')
