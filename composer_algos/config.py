@@ -7,6 +7,7 @@ that names it and suggests the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence
@@ -204,7 +205,8 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     if dataset:
         prepare_data(cfg, dataset)
 
-    model = build_model(cfg.pop('model'))
+    model_cfg = cfg.pop('model')
+    model = build_model(copy.deepcopy(model_cfg))
     train_loader = build_dataloader(cfg.pop('train_loader'), 'train_loader')
     eval_cfg = cfg.pop('eval_loader', None)
     eval_loader = build_dataloader(eval_cfg, 'eval_loader') if eval_cfg else None
@@ -219,8 +221,8 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     cfg.pop('includes', None)
     trainer_kwargs = {k: v for k, v in cfg.items() if TOP_LEVEL_KEYS.get(k) == 'trainer'}
     trainer_kwargs['seed'] = seed
-    validation.check_checkpoints(trainer_kwargs)
-    return Trainer(
+    validation.check_checkpoints(trainer_kwargs, model, model_cfg)
+    trainer = Trainer(
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,
@@ -231,3 +233,9 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
         loggers=loggers,
         **trainer_kwargs,
     )
+    if hasattr(model, 'recipe'):
+        # Saved in every checkpoint from now on, so that a checkpoint that does not fit a model can say what wrote
+        # it. Set after the Trainer loaded any checkpoint: a sharded one is read into the shape of the model's
+        # state, and one written before models recorded their recipe has no entry for it.
+        model.recipe = {'run_name': trainer.state.run_name, 'model': model_cfg}
+    return trainer

@@ -5,8 +5,9 @@ every value against the type annotations of the function or class it is passed t
 ``Time`` strings, enumerations against their values), counts (batch sizes positive and divisible by the world size,
 ``max_duration`` positive), the algorithms' declared roles (one owner of the timestep sampler), the MDS files a
 loader points at (:mod:`composer_algos.data.integrity`), the data's shape against the denoiser (its ``in_channels``
-and ``sample_size``, then one no-grad forward of a single example), and the checkpoint a run would load
-(:mod:`composer_algos.checkpoints`). Each failure is a :class:`~composer_algos.registry.ConfigError`.
+and ``sample_size``, then one no-grad forward of a single example), and the checkpoint a run would load, readable and
+fitting the model tensor for tensor (:mod:`composer_algos.checkpoints`). Each failure is a
+:class:`~composer_algos.registry.ConfigError`.
 """
 
 from __future__ import annotations
@@ -535,9 +536,12 @@ def _compare_config(config: Any, shape: tuple[int, ...], source: str, where: str
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def check_checkpoints(cfg: dict[str, Any]) -> None:
+def check_checkpoints(cfg: dict[str, Any], model: Optional[torch.nn.Module] = None,
+                      model_config: Optional[dict[str, Any]] = None) -> None:
     """The checkpoint a run would load: ``load_path`` must be readable; with ``autoresume``, the newest readable
-    checkpoint in ``save_folder`` is made the one Composer resumes from (see :mod:`composer_algos.checkpoints`).
+    checkpoint in ``save_folder`` is made the one Composer resumes from (see :mod:`composer_algos.checkpoints`); and
+    the one that will be loaded must fit ``model`` (the model built from ``model_config``, the recipe's section),
+    tensor for tensor.
 
     Global rank 0 inspects and repairs the folder; every rank then raises the same error, if any.
     """
@@ -547,7 +551,7 @@ def check_checkpoints(cfg: dict[str, Any]) -> None:
     problem: Optional[str] = None
     if dist.get_global_rank() == 0:
         try:
-            _check_checkpoints_here(cfg, checkpoints, format_name_with_dist)
+            _check_checkpoints_here(cfg, checkpoints, format_name_with_dist, model, model_config)
         except ConfigError as e:
             problem = str(e)
     shared = [problem]
@@ -557,19 +561,25 @@ def check_checkpoints(cfg: dict[str, Any]) -> None:
         raise ConfigError(shared[0])
 
 
-def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: Callable[..., str]) -> None:
+def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: Callable[..., str],
+                            model: Optional[torch.nn.Module], model_config: Optional[dict[str, Any]]) -> None:
     run_name = cfg.get('run_name') or ''
     save_folder = cfg.get('save_folder')
     sharded_dir = ((cfg.get('parallelism_config') or {}).get('fsdp') or {}).get('sharded_ckpt_prefix_dir',
                                                                                   'ep{epoch}-ba{batch}')
     templates = [os.path.basename(cfg.get('save_filename', 'ep{epoch}-ba{batch}-rank{rank}.pt')), sharded_dir]
+    # The checkpoint Composer will load, and what to change to load another: autoresume's wins over load_path.
+    loaded: Optional[tuple[str, str, str]] = None
     if cfg.get('autoresume') and save_folder and not checkpoints.is_remote(save_folder):
         folder = format_name(save_folder, run_name)
         latest = format_name(cfg.get('save_latest_filename') or 'latest-rank{rank}.pt', run_name)
         try:
-            checkpoints.prepare_autoresume(folder, latest, templates, run_name)
+            chosen = checkpoints.prepare_autoresume(folder, latest, templates, run_name)
         except ValueError as e:
             raise ConfigError(_one_line(f'autoresume: {e}')) from e
+        if chosen is not None:
+            loaded = (chosen, f'autoresume: the checkpoint this run resumes from, {chosen},',
+                      f'or move the checkpoints in {folder} away to start over')
     load_path = cfg.get('load_path')
     if load_path and not checkpoints.is_remote(load_path):
         path = format_name(load_path, run_name)
@@ -582,3 +592,25 @@ def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: 
             hint = f'set load_path={good} (the newest readable checkpoint there)' if good else \
                 'point load_path at a readable checkpoint'
             raise ConfigError(_one_line(f'load_path={load_path}: cannot be loaded, {problem}; {hint}.'))
+        if loaded is None:
+            loaded = (path, f'load_path={load_path}: the checkpoint',
+                      'or point load_path at a checkpoint of this model')
+    if loaded is not None and model is not None:
+        _check_checkpoint_fits(*loaded, model, model_config)
+
+
+def _check_checkpoint_fits(path: str, where: str, other_fix: str, model: torch.nn.Module,
+                           model_config: Optional[dict[str, Any]]) -> None:
+    """The model tensors saved at ``path`` against ``model``'s: the first that differs, with both shapes."""
+    from composer_algos import checkpoints
+    saved = checkpoints.saved_model_state(path)
+    if saved is None:
+        return
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    problem = checkpoints.model_misfit(shapes, saved.shapes)
+    if problem is None:
+        return
+    origin = checkpoints.written_by(saved.extra, model_config)
+    raise ConfigError(_one_line(f'{where} does not fit the model this recipe builds: {problem}'
+                                f'{"; " + origin if origin else ""}; set the model section to match it, '
+                                f'{other_fix}.'))

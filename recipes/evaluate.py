@@ -11,8 +11,9 @@ generate from the same noise with their deterministic sampler (DDIM, or the ODE 
 side in ``consistency.png``. Bits/dim is reported for DDPM models only (flow matching has no variational bound here).
 
 Options and defaults: see ``composer_algos.evaluation.EVALUATION_DEFAULTS``. An error is one line on stderr,
-``error: ...`` (exit code 2 for a recipe that cannot be used, 1 for an evaluation that failed; see
-:mod:`composer_algos.cli`); ``--debug`` (or ``COMPOSER_ALGOS_DEBUG=1``) shows the traceback instead.
+``error: ...`` (exit code 2 for a recipe that cannot be used, a checkpoint of another model included; 1 for an
+evaluation that failed; see :mod:`composer_algos.cli`); ``--debug`` (or ``COMPOSER_ALGOS_DEBUG=1``) shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _evaluate(args: argparse.Namespace, stage: cli.Stage) -> int:
     out = args.out or os.path.splitext(args.checkpoint)[0] + '_eval'
     stage.started(out)
     results = evaluate_checkpoint(args.checkpoint, lambda: build_model(cfg['model']), loader, out,
-                                  compare=args.compare, **options)
+                                  compare=args.compare, model_config=cfg['model'], **options)
     print(json.dumps(results, indent=2, sort_keys=True))
     return 0
 

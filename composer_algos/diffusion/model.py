@@ -119,6 +119,12 @@ class DiffusionModel(ComposerModel):
         seed: seed of the training draws (t, noise, the denoiser's dropout) and of the evaluation loss's draws.
         check_finite_loss: raise a clear error when the loss becomes NaN or infinite.
         num_loss_bands: bands of t for the validation loss metric.
+
+    Attributes:
+        recipe: what built the model, saved in every checkpoint (plain data, ``None`` for none): the YAML layer sets
+            ``{'run_name': ..., 'model': <the recipe's model section>}``, so that a checkpoint loaded into a model
+            it does not fit can name the run and the settings that wrote it
+            (:func:`composer_algos.checkpoints.written_by`).
     """
 
     # Which objective the model trains (algorithms stated on DDPM schedules check it); FlowMatchingModel: flow_matching.
@@ -157,6 +163,7 @@ class DiffusionModel(ComposerModel):
         self.num_loss_bands = num_loss_bands
         self.seed = int(seed)
         self.num_draws = 0  # training forwards so far: the key of the next draw
+        self.recipe: Optional[dict[str, Any]] = None
         self._sampler: TimestepSampler = self.default_timestep_sampler()
         self._sampler_owner: Optional[str] = None
         self._priors: list[tuple[str, TimestepPrior]] = []
@@ -491,9 +498,13 @@ class DiffusionModel(ComposerModel):
     # ----------------------------------------------------------------------------------------- checkpointing
     def get_extra_state(self) -> dict[str, Any]:
         # The same on every rank and on any number of ranks: all training randomness is keyed by these two.
-        return {'seed': self.seed, 'num_draws': self.num_draws}
+        state: dict[str, Any] = {'seed': self.seed, 'num_draws': self.num_draws}
+        if self.recipe is not None:
+            state['recipe'] = self.recipe
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the seed and the draw count; ``recipe`` stays this run's (a resumed run records what built it)."""
         if int(state['seed']) != self.seed:
             log.warning('The checkpoint was trained with model seed %s; it continues with that seed, not %s.',
                         state['seed'], self.seed)
