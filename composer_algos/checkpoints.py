@@ -14,19 +14,27 @@ Hence, with ``autoresume``, :func:`prepare_autoresume` resumes from the newest c
 out of Composer's way) and points ``latest`` at the chosen one; a folder holding checkpoints none of which can be
 read is an error, never a silent restart from step 0. An explicit ``load_path`` is never replaced by another
 checkpoint: an unreadable one is an error naming it and the newest readable checkpoint beside it.
+
+A readable checkpoint may still not fit the model it is loaded into (a recipe whose model changed since):
+:func:`saved_model_state` reads the shapes of its model tensors without loading them, :func:`model_misfit` names
+the first that differs, and :func:`written_by` names the run and the model settings that wrote it, which
+:class:`~composer_algos.diffusion.model.DiffusionModel` records in every checkpoint (its ``recipe``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 import logging
 import os
 import re
 import tarfile
 import zipfile
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 __all__ = ['verify_checkpoint', 'checkpoint_names', 'newest_readable', 'prepare_autoresume', 'is_remote',
-           'UNREADABLE_SUFFIX']
+           'UNREADABLE_SUFFIX', 'SavedModelState', 'saved_model_state', 'model_misfit', 'written_by']
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +183,175 @@ def _free_name(path: str) -> str:
         number += 1
         candidate = f'{path}.{number}'
     return candidate
+
+
+# ------------------------------------------------------------------------------------------------- fit
+# Where Composer keeps the model's state: ``state['model']`` in a file, ``state.model.<key>`` in a sharded folder.
+_SHARDED_MODEL_PREFIX = 'state.model.'
+# A module's non-tensor state in a state dict (DiffusionModel keeps its seed, draw count and recipe there).
+_EXTRA_STATE = '_extra_state'
+# Differences between two recipes' model settings listed in a message before the rest is counted.
+_MAX_DIFFERENCES = 4
+
+
+@dataclasses.dataclass
+class SavedModelState:
+    """What a checkpoint holds of a model, as far as loading it into another goes.
+
+    Attributes:
+        shapes: the shape of each model tensor, by state-dict key.
+        extra: the model's extra state (a dict for a :class:`~composer_algos.diffusion.model.DiffusionModel`), or
+            ``None`` if it has none or it could not be read.
+    """
+    shapes: dict[str, tuple[int, ...]]
+    extra: Any = None
+
+
+def _strip_module(key: str) -> str:
+    # DDP's wrapper prefixes every key; checkpoints written through it may keep the prefix.
+    return key[len('module.'):] if key.startswith('module.') else key
+
+
+def saved_model_state(path: str) -> Optional[SavedModelState]:
+    """The model tensors' shapes (and the model's extra state) saved in the checkpoint at ``path``, or ``None`` when
+    they cannot be read here (a remote, compressed or tar checkpoint, or not a Composer one).
+
+    A ``.pt`` file is memory-mapped, so its tensors' data is not read; a sharded checkpoint's shapes come from its
+    ``.metadata``, and its extra state from the bytes the metadata points at.
+    """
+    import torch
+    if os.path.isdir(path):
+        return _saved_sharded_model_state(path)
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+    except Exception as e:  # a checkpoint this cannot open is left to the loader, which says why
+        log.debug('%s: cannot be memory-mapped (%s)', path, e)
+        return None
+    state = checkpoint.get('state', checkpoint) if isinstance(checkpoint, dict) else None
+    model = state.get('model') if isinstance(state, dict) else None
+    if not isinstance(model, Mapping):
+        return None
+    shapes = {_strip_module(k): tuple(v.shape) for k, v in model.items() if isinstance(v, torch.Tensor)}
+    extra = next((v for k, v in model.items() if _strip_module(k) == _EXTRA_STATE), None)
+    return SavedModelState(shapes, extra)
+
+
+def _saved_sharded_model_state(folder: str) -> Optional[SavedModelState]:
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+    except Exception as e:  # verify_checkpoint has already said why, if it matters
+        log.debug('%s: no readable metadata (%s)', folder, e)
+        return None
+    shapes = {_strip_module(fqn[len(_SHARDED_MODEL_PREFIX):]): tuple(item.size)
+              for fqn, item in metadata.state_dict_metadata.items()
+              if fqn.startswith(_SHARDED_MODEL_PREFIX) and isinstance(item, TensorStorageMetadata)}
+    if not shapes:
+        return None
+    # Each non-tensor leaf of the extra state is an object of its own, at the path the planner recorded for it.
+    extra: Any = None
+    paths = metadata.planner_data if isinstance(metadata.planner_data, Mapping) else {}
+    for index, info in (metadata.storage_data or {}).items():
+        path = paths.get(index.fqn)
+        if not isinstance(path, tuple) or path[:3] != ('state', 'model', _EXTRA_STATE):
+            continue
+        if getattr(info, 'transform_descriptors', None):
+            return SavedModelState(shapes)
+        try:
+            with open(os.path.join(folder, info.relative_path), 'rb') as f:
+                f.seek(info.offset)
+                value = torch.load(io.BytesIO(f.read(info.length)), weights_only=False)
+        except Exception as e:  # the shapes still say what does not fit
+            log.debug('%s: its model extra state cannot be read (%s)', folder, e)
+            return SavedModelState(shapes)
+        if len(path) == 3:
+            extra = value
+            continue
+        node = extra if isinstance(extra, dict) else {}
+        extra = node
+        for key in path[3:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return SavedModelState(shapes, _lists_back(extra))
+
+
+def _lists_back(node: Any) -> Any:
+    """Nested dicts rebuilt from flattened paths, with the lists (numbered keys) turned back into lists."""
+    if not isinstance(node, dict):
+        return node
+    node = {k: _lists_back(v) for k, v in node.items()}
+    if node and all(isinstance(k, int) for k in node) and set(node) == set(range(len(node))):
+        return [node[i] for i in range(len(node))]
+    return node
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return '[' + ', '.join(str(d) for d in shape) + ']'
+
+
+def model_misfit(model_shapes: Mapping[str, Sequence[int]], saved: Mapping[str, Sequence[int]]) -> Optional[str]:
+    """Why tensors of the shapes ``saved`` do not load into a model whose tensors have ``model_shapes``, or ``None``.
+
+    Names the first tensor (in the model's order) whose shape differs, with both shapes, else the first the
+    checkpoint lacks, else the first the model lacks; and how many differ in all.
+
+    Example:
+        >>> model_misfit({'w': (4, 2), 'b': (4,)}, {'w': (8, 2), 'b': (4,)})
+        'its tensor w has shape [8, 2] where the model has [4, 2]'
+    """
+    wrong = [k for k in model_shapes if k in saved and tuple(saved[k]) != tuple(model_shapes[k])]
+    missing = [k for k in model_shapes if k not in saved]
+    extra = [k for k in saved if k not in model_shapes]
+    count = len(wrong) + len(missing) + len(extra)
+    if wrong:
+        first = wrong[0]
+        problem = (f'its tensor {first} has shape {_shape(saved[first])} where the model has '
+                   f'{_shape(model_shapes[first])}')
+    elif missing:
+        problem = f'it has no tensor {missing[0]} (shape {_shape(model_shapes[missing[0]])} in the model)'
+    elif extra:
+        problem = f'its tensor {extra[0]} (shape {_shape(saved[extra[0]])}) is not in the model'
+    else:
+        return None
+    return problem + (f' ({count - 1} more tensors differ)' if count > 1 else '')
+
+
+def written_by(extra: Any, model_config: Optional[Mapping[str, Any]] = None) -> str:
+    """Which run wrote a checkpoint whose model recorded ``extra`` (its extra state), and how that run's model
+    settings differ from ``model_config`` (the ``model`` section of the recipe at hand); ``''`` when it recorded
+    no recipe (checkpoints written before models recorded one, or by other models).
+
+    Example:
+        >>> written_by({'recipe': {'run_name': 'a', 'model': {'width': 16}}}, {'width': 32})
+        "it was written by run 'a', whose recipe had model.width=16 (this one: 32)"
+    """
+    recipe = extra.get('recipe') if isinstance(extra, Mapping) else None
+    if not isinstance(recipe, Mapping):
+        return ''
+    run = f"run '{recipe['run_name']}'" if recipe.get('run_name') else 'a run'
+    differences = _differences(recipe.get('model'), model_config, 'model') if model_config is not None else []
+    if not differences:
+        return f'it was written by {run}'
+    listed = ', '.join(differences[:_MAX_DIFFERENCES])
+    more = f' and {len(differences) - _MAX_DIFFERENCES} more' if len(differences) > _MAX_DIFFERENCES else ''
+    return f'it was written by {run}, whose recipe had {listed}{more}'
+
+
+def _differences(recorded: Any, current: Any, key: str) -> list[str]:
+    """``key=recorded value (this one: current value)`` for each setting where two recipe sections differ."""
+    if isinstance(recorded, Mapping) and isinstance(current, Mapping):
+        found = []
+        for name in list(recorded) + [n for n in current if n not in recorded]:
+            found += _differences(recorded.get(name), current.get(name), f'{key}.{name}')
+        return found
+    if recorded == current:
+        return []
+    return [f'{key}={_text(recorded)} (this one: {_text(current)})']
+
+
+def _text(value: Any) -> str:
+    return 'null' if value is None else value if isinstance(value, str) else json.dumps(value, default=str)

@@ -7,15 +7,16 @@ that names it and suggests the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from composer_algos import registry, validation
-from composer_algos.registry import ConfigError, call_checked, check_keys, suggest
+from composer_algos.registry import ConfigError, call_checked, check_keys, named_items, suggest
 
 # Every part a recipe builds gets its arguments checked against the callee's annotations.
 registry.set_argument_hooks(validation.check_arguments, validation.explain_failure)
@@ -113,27 +114,6 @@ def _load_with_includes(path: str, seen: tuple[str, ...]) -> DictConfig:
     return OmegaConf.merge(merged, cfg)
 
 
-def _named_items(section: Any, where: str) -> list[tuple[str, dict]]:
-    """``{name: kwargs}`` or ``[name, {name: kwargs}, ...]`` -> ``[(name, kwargs)]``; ``None`` kwargs -> ``{}``."""
-    if section is None:
-        return []
-    if isinstance(section, dict):
-        return [(name, dict(kwargs or {})) for name, kwargs in section.items()]
-    if isinstance(section, (list, ListConfig)):
-        items = []
-        for entry in section:
-            if isinstance(entry, str):
-                items.append((entry, {}))
-            elif isinstance(entry, dict) and len(entry) == 1:
-                (name, kwargs), = entry.items()
-                items.append((name, dict(kwargs or {})))
-            else:
-                raise ConfigError(f'{where}: each list entry must be a name or a one-key mapping name -> arguments, '
-                                  f'got {entry!r}.')
-        return items
-    raise ConfigError(f'{where} must be a mapping of name -> arguments or a list, got {type(section).__name__}.')
-
-
 # ------------------------------------------------------------------------------------------------- model
 def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
     """Build the model section: ``name`` (default ``diffusion``) from the models registry."""
@@ -165,7 +145,7 @@ def build_scheduler(sched_cfg: Optional[dict[str, Any]]) -> Any:
 
 # ------------------------------------------------------------------------------------------------- plugins
 def _build_named(section: Any, where: str, lookup: Callable[[str], Callable[..., Any]]) -> list[Any]:
-    return [call_with_config(lookup(name), kwargs, f'{where}.{name}') for name, kwargs in _named_items(section, where)]
+    return [call_with_config(lookup(name), kwargs, f'{where}.{name}') for name, kwargs in named_items(section, where)]
 
 
 def build_algorithms(section: Any) -> list[Any]:
@@ -224,7 +204,8 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     if dataset:
         prepare_data(cfg, dataset)
 
-    model = build_model(cfg.pop('model'))
+    model_cfg = cfg.pop('model')
+    model = build_model(copy.deepcopy(model_cfg))
     train_loader = build_dataloader(cfg.pop('train_loader'), 'train_loader')
     eval_cfg = cfg.pop('eval_loader', None)
     eval_loader = build_dataloader(eval_cfg, 'eval_loader') if eval_cfg else None
@@ -239,8 +220,8 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     cfg.pop('includes', None)
     trainer_kwargs = {k: v for k, v in cfg.items() if TOP_LEVEL_KEYS.get(k) == 'trainer'}
     trainer_kwargs['seed'] = seed
-    validation.check_checkpoints(trainer_kwargs)
-    return Trainer(
+    validation.check_checkpoints(trainer_kwargs, model, model_cfg)
+    trainer = Trainer(
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,
@@ -251,3 +232,9 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
         loggers=loggers,
         **trainer_kwargs,
     )
+    if hasattr(model, 'recipe'):
+        # Saved in every checkpoint from now on, so that a checkpoint that does not fit a model can say what wrote
+        # it. Set after the Trainer loaded any checkpoint: a sharded one is read into the shape of the model's
+        # state, and one written before models recorded their recipe has no entry for it.
+        model.recipe = {'run_name': trainer.state.run_name, 'model': model_cfg}
+    return trainer

@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 import catalogue
 
 __all__ = ['KINDS', 'ConfigError', 'algorithms', 'build', 'call_checked', 'callbacks', 'check_keys', 'datasets',
-           'denoisers', 'encoders', 'features', 'loggers', 'models', 'optimizers', 'resolve', 'schedulers',
-           'set_argument_hooks', 'suggest']
+           'denoisers', 'encoders', 'features', 'loggers', 'models', 'named_items', 'optimizers', 'resolve',
+           'schedulers', 'set_argument_hooks', 'suggest']
 
 algorithms = catalogue.create('composer_algos', 'algorithms', entry_points=True)
 callbacks = catalogue.create('composer_algos', 'callbacks', entry_points=True)
@@ -65,6 +65,27 @@ def check_keys(section: dict, allowed: Sequence[str], where: str) -> None:
         if key not in allowed:
             raise ConfigError(f"Unknown key '{where}{key}'.{suggest(key, allowed, where)} "
                               f"Allowed keys: {', '.join(sorted(allowed))}.")
+
+
+def named_items(section: Any, where: str) -> list[tuple[str, dict]]:
+    """``{name: kwargs}`` or ``[name, {name: kwargs}, ...]`` -> ``[(name, kwargs)]``; ``None`` kwargs -> ``{}``."""
+    if section is None:
+        return []
+    if isinstance(section, dict):
+        return [(name, dict(kwargs or {})) for name, kwargs in section.items()]
+    if isinstance(section, (list, tuple)):
+        items = []
+        for entry in section:
+            if isinstance(entry, str):
+                items.append((entry, {}))
+            elif isinstance(entry, dict) and len(entry) == 1:
+                (name, kwargs), = entry.items()
+                items.append((name, dict(kwargs or {})))
+            else:
+                raise ConfigError(f'{where}: each list entry must be a name or a one-key mapping name -> arguments, '
+                                  f'got {entry!r}.')
+        return items
+    raise ConfigError(f'{where} must be a mapping of name -> arguments or a list, got {type(section).__name__}.')
 
 
 def resolve(registry: catalogue.Registry, name: str, kind: str) -> Callable[..., Any]:

@@ -2,10 +2,12 @@
 
 :mod:`composer_algos.config` calls these while it builds the parts of a run: the YAML syntax (file, line, column),
 every value against the type annotations of the function or class it is passed to (durations parsed as Composer
-``Time`` strings, enumerations against their values), the MDS files a loader points at
-(:mod:`composer_algos.data.integrity`), the data's shape against the denoiser (its ``in_channels`` and
-``sample_size``, then one no-grad forward of a single example), and the checkpoint a run would load
-(:mod:`composer_algos.checkpoints`). Each failure is a :class:`~composer_algos.registry.ConfigError`.
+``Time`` strings, enumerations against their values), counts (batch sizes positive and divisible by the world size,
+``max_duration`` positive), the algorithms' declared roles (one owner of the timestep sampler), the MDS files a
+loader points at (:mod:`composer_algos.data.integrity`), the data's shape against the denoiser (its ``in_channels``
+and ``sample_size``, then one no-grad forward of a single example), and the checkpoint a run would load, readable and
+fitting the model tensor for tensor (:mod:`composer_algos.checkpoints`). Each failure is a
+:class:`~composer_algos.registry.ConfigError`.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from composer_algos.registry import ConfigError, check_keys
+from composer_algos.registry import ConfigError, algorithms, check_keys, named_items, resolve
 
 __all__ = ['read_yaml', 'merge_overrides', 'to_container', 'check_arguments', 'explain_failure',
            'check_recipe', 'check_device', 'check_loader_files', 'check_callback_loaders', 'check_data_fits_model',
            'check_checkpoints']
 
 _DURATION = 'a duration such as 500ba, 2ep or 0.5dur'
+# A sensible max_duration in each unit, for messages.
+_DURATION_EXAMPLES = {'ba': '2000ba', 'ep': '10ep', 'sp': '256000sp', 'tok': '1000000tok'}
 
 
 def _one_line(text: str) -> str:
@@ -302,6 +306,41 @@ def check_recipe(cfg: dict[str, Any]) -> None:
         raise ConfigError('autoresume=true needs save_folder (where checkpoints are written and looked for).')
     if cfg.get('autoresume') and not cfg.get('run_name'):
         raise ConfigError('autoresume=true needs run_name (it names the run whose checkpoints are resumed).')
+    _check_max_duration(cfg)
+    _check_microbatch_size(cfg.get('device_train_microbatch_size'))
+    _check_algorithm_roles(cfg.get('algorithms'))
+
+
+def _check_max_duration(cfg: dict[str, Any]) -> None:
+    """``max_duration`` is a positive time in batches, epochs, samples or tokens: anything else never trains."""
+    from composer.core import Time, TimeUnit
+    if 'max_duration' not in cfg:
+        return
+    value = cfg['max_duration']
+    # Composer reads a bare integer as epochs.
+    duration = Time.from_input(value, TimeUnit.EPOCH) if value is not None else None
+    if duration is None or duration.unit == TimeUnit.DURATION:
+        why = ('it is a fraction of max_duration itself' if duration is not None else
+               'a recipe trains for a set time')
+        raise ConfigError(f'max_duration={_yaml_text(value)}: {why}; give batches, epochs, samples or tokens, e.g. '
+                          'max_duration=2000ba.')
+    if duration.value <= 0:
+        raise ConfigError(f'max_duration={_yaml_text(value)}: it must be positive (a run of {duration} trains '
+                          f'nothing), e.g. max_duration={_DURATION_EXAMPLES.get(duration.unit.value, "2000ba")}.')
+
+
+def _check_microbatch_size(size: Any) -> None:
+    """A numeric ``device_train_microbatch_size`` splits each device batch: it must be positive."""
+    if isinstance(size, (int, float)) and not isinstance(size, bool) and size <= 0:
+        raise ConfigError(f'device_train_microbatch_size={size}: it must be positive (examples per forward pass on '
+                          'each device), or auto; e.g. device_train_microbatch_size=auto.')
+
+
+def _check_algorithm_roles(section: Any) -> None:
+    """Algorithms that cannot run together, told from their classes' declared roles before any model is built."""
+    from composer_algos.algorithms.common import check_timestep_sampler_roles
+    check_timestep_sampler_roles([(f'algorithms.{name}', resolve(algorithms, name, 'algorithm'))
+                                  for name, _ in named_items(section, 'algorithms')])
 
 
 def check_device(device: Optional[str]) -> Any:
@@ -333,6 +372,12 @@ def check_loader_files(name: str, cfg: dict[str, Any], where: str) -> None:
     check_keys(cfg, sorted({n for part in parts for n, p in inspect.signature(part).parameters.items()
                              if p.kind in kinds and n not in ('self', 'batch_size', 'yield_batches')}), f'{where}.')
     check_arguments(build_streaming_image_dataloader, cfg, where, also=parts[1:])
+    if 'global_batch_size' in cfg:
+        from composer_algos.data.streaming import global_batch_size_problem
+        from composer_algos.distributed import rank_world
+        problem = global_batch_size_problem(cfg['global_batch_size'], rank_world()[1])
+        if problem is not None:
+            raise ConfigError(f"{where}.global_batch_size={cfg['global_batch_size']}: {problem}.")
     if cfg.get('remote'):
         return
     local, split = cfg.get('local'), cfg.get('split')
@@ -353,8 +398,7 @@ def check_loader_files(name: str, cfg: dict[str, Any], where: str) -> None:
 def check_callback_loaders(section: Any) -> None:
     """The data of loaders given inside callbacks (``callbacks.fid.real_loader``, ``callbacks.bits_per_dim.loader``),
     which the callbacks build only at their first evaluation, checked now like ``eval_loader``."""
-    from composer_algos.config import _named_items
-    for name, kwargs in _named_items(section, 'callbacks'):
+    for name, kwargs in named_items(section, 'callbacks'):
         for key, value in kwargs.items():
             if key.endswith('loader') and isinstance(value, dict):
                 loader = dict(value)
@@ -492,9 +536,12 @@ def _compare_config(config: Any, shape: tuple[int, ...], source: str, where: str
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def check_checkpoints(cfg: dict[str, Any]) -> None:
+def check_checkpoints(cfg: dict[str, Any], model: Optional[torch.nn.Module] = None,
+                      model_config: Optional[dict[str, Any]] = None) -> None:
     """The checkpoint a run would load: ``load_path`` must be readable; with ``autoresume``, the newest readable
-    checkpoint in ``save_folder`` is made the one Composer resumes from (see :mod:`composer_algos.checkpoints`).
+    checkpoint in ``save_folder`` is made the one Composer resumes from (see :mod:`composer_algos.checkpoints`); and
+    the one that will be loaded must fit ``model`` (the model built from ``model_config``, the recipe's section),
+    tensor for tensor.
 
     Global rank 0 inspects and repairs the folder; every rank then raises the same error, if any.
     """
@@ -504,7 +551,7 @@ def check_checkpoints(cfg: dict[str, Any]) -> None:
     problem: Optional[str] = None
     if dist.get_global_rank() == 0:
         try:
-            _check_checkpoints_here(cfg, checkpoints, format_name_with_dist)
+            _check_checkpoints_here(cfg, checkpoints, format_name_with_dist, model, model_config)
         except ConfigError as e:
             problem = str(e)
     shared = [problem]
@@ -514,19 +561,25 @@ def check_checkpoints(cfg: dict[str, Any]) -> None:
         raise ConfigError(shared[0])
 
 
-def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: Callable[..., str]) -> None:
+def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: Callable[..., str],
+                            model: Optional[torch.nn.Module], model_config: Optional[dict[str, Any]]) -> None:
     run_name = cfg.get('run_name') or ''
     save_folder = cfg.get('save_folder')
     sharded_dir = ((cfg.get('parallelism_config') or {}).get('fsdp') or {}).get('sharded_ckpt_prefix_dir',
                                                                                   'ep{epoch}-ba{batch}')
     templates = [os.path.basename(cfg.get('save_filename', 'ep{epoch}-ba{batch}-rank{rank}.pt')), sharded_dir]
+    # The checkpoint Composer will load, and what to change to load another: autoresume's wins over load_path.
+    loaded: Optional[tuple[str, str, str]] = None
     if cfg.get('autoresume') and save_folder and not checkpoints.is_remote(save_folder):
         folder = format_name(save_folder, run_name)
         latest = format_name(cfg.get('save_latest_filename') or 'latest-rank{rank}.pt', run_name)
         try:
-            checkpoints.prepare_autoresume(folder, latest, templates, run_name)
+            chosen = checkpoints.prepare_autoresume(folder, latest, templates, run_name)
         except ValueError as e:
             raise ConfigError(_one_line(f'autoresume: {e}')) from e
+        if chosen is not None:
+            loaded = (chosen, f'autoresume: the checkpoint this run resumes from, {chosen},',
+                      f'or move the checkpoints in {folder} away to start over')
     load_path = cfg.get('load_path')
     if load_path and not checkpoints.is_remote(load_path):
         path = format_name(load_path, run_name)
@@ -539,3 +592,25 @@ def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: 
             hint = f'set load_path={good} (the newest readable checkpoint there)' if good else \
                 'point load_path at a readable checkpoint'
             raise ConfigError(_one_line(f'load_path={load_path}: cannot be loaded, {problem}; {hint}.'))
+        if loaded is None:
+            loaded = (path, f'load_path={load_path}: the checkpoint',
+                      'or point load_path at a checkpoint of this model')
+    if loaded is not None and model is not None:
+        _check_checkpoint_fits(*loaded, model, model_config)
+
+
+def _check_checkpoint_fits(path: str, where: str, other_fix: str, model: torch.nn.Module,
+                           model_config: Optional[dict[str, Any]]) -> None:
+    """The model tensors saved at ``path`` against ``model``'s: the first that differs, with both shapes."""
+    from composer_algos import checkpoints
+    saved = checkpoints.saved_model_state(path)
+    if saved is None:
+        return
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    problem = checkpoints.model_misfit(shapes, saved.shapes)
+    if problem is None:
+        return
+    origin = checkpoints.written_by(saved.extra, model_config)
+    raise ConfigError(_one_line(f'{where} does not fit the model this recipe builds: {problem}'
+                                f'{"; " + origin if origin else ""}; set the model section to match it, '
+                                f'{other_fix}.'))

@@ -68,6 +68,7 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
+from composer_algos import cli
 from composer_algos.evaluation.speedup import (geomean_ci, log_fid_area, min_detectable_speedup, paired_speedup,
                                                speedup_at, steps_to_reach, value_at)
 
@@ -756,7 +757,8 @@ def prepare_tier(tier: Tier, data: str) -> Optional[float]:
     convert_bundled(tier.dataset, data, image_size=tier.image_size)
     feature = build_feature_extractor(tier.feature, (1, tier.image_size, tier.image_size))
     if tier.feature_sha256 and getattr(feature, 'sha256', None) != tier.feature_sha256:
-        raise SystemExit(f'error: the FID feature extractor {tier.feature!r} has weights of sha256 '
+        from composer_algos.registry import ConfigError
+        raise ConfigError(f'The FID feature extractor {tier.feature!r} has weights of sha256 '
                          f'{getattr(feature, "sha256", None)}, not the shipped {tier.feature_sha256} this tier pins: '
                          'FIDs on other weights are on another scale and would not compare with the published races. '
                          'Restore composer_algos/evaluation/weights/ (git checkout) or reinstall the package.')
@@ -809,7 +811,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--combine', default=None, metavar='DIR,DIR,...',
                         help='summarise the races in these --out folders as one (same settings, and uniform runs '
                         'that agree FID for FID), into --out (default: the first)')
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return cli.run_guarded(lambda stage: _main(parser, args, argv, stage), cli.debug_requested(args))
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional[list[str]],
+          stage: cli.Stage) -> int:
+    stage.started()
     if args.combine:
         command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
         return _main_combine(args, command)

@@ -21,7 +21,8 @@ shape for all (digits, CIFAR-10, ``--resize``) the loader reads a batch in one p
 image. Raw images take more space than PNGs; ``--compression zstd`` shrinks what is uploaded and downloaded
 (streaming decompresses each shard once, when it caches it). ``--encode-latents VAE_PATH`` instead stores the VAE's latents (column ``latents``,
 float16, unscaled; read them with ``latents: true`` in the loader): images are decoded by ``--workers`` threads and
-encoded in batches on one ``--device``.
+encoded in batches on one ``--device``. An error is one line on stderr, ``error: ...``, with its traceback in a
+temporary file (exit code 1; :mod:`composer_algos.cli`); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import os
 import sys
 
+from composer_algos import cli
 from composer_algos.data.convert import (CIFAR10_SHAPE, cifar10_images, convert_digits, convert_mnist5k, folder_images,
                                          write_folder_mds, write_mds)
 
@@ -55,12 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', default='cpu', help='device of the VAE (--encode-latents), e.g. cuda')
     parser.add_argument('--batch-size', type=int, default=32, help='images per VAE batch (--encode-latents)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar (e.g. for batch-job logs)')
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
 
     if args.dataset != 'folder' and (args.resize or args.encode_latents or args.src):
         parser.error('--src, --resize and --encode-latents apply to --dataset folder')
     if args.dataset != 'mnist5k' and args.image_size != 28:
         parser.error('--image-size applies to --dataset mnist5k (use --resize for a folder)')
+    if args.dataset == 'folder' and not args.src:
+        parser.error('--dataset folder needs --src PATH')
+    if args.encode_latents and not args.resize:
+        parser.error('--encode-latents needs --resize N: a batch of images must share one size')
+    return cli.run_guarded(lambda stage: _convert(args, stage), cli.debug_requested(args))
+
+
+def _convert(args: argparse.Namespace, stage: cli.Stage) -> int:
+    stage.started()
     if args.dataset == 'digits':
         convert_digits(args.out, progress=not args.no_progress)
     elif args.dataset == 'mnist5k':
@@ -70,12 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             write_mds(cifar10_images(args.download_root, split), os.path.join(args.out, split),
                       size_limit=args.size_limit, total=50000 if split == 'train' else 10000,
                       compression=args.compression, progress=not args.no_progress, shape=CIFAR10_SHAPE)
-    elif not args.src:
-        parser.error('--dataset folder needs --src PATH')
     elif args.encode_latents:
         from composer_algos.data.latents import build_vae_encoder, write_latents_mds
-        if not args.resize:
-            parser.error('--encode-latents needs --resize N: a batch of images must share one size')
         encoder = build_vae_encoder(args.encode_latents, subfolder=args.vae_subfolder)
         images, count, classes = folder_images(args.src, workers=args.workers, resize=args.resize)
         print(f'{count} images in {len(classes)} classes under {args.src}')

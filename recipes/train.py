@@ -3,42 +3,39 @@
 Launch on several processes or nodes with Composer's launcher: ``composer -n 8 recipes/train.py RECIPE.yaml``.
 
 A mistake in the recipe, its data or the checkpoint it loads stops the run before training with one line on
-stderr, ``error: ...``, naming the key or file and the fix (exit code 2); a NaN or infinite loss or corrupt data met
-during training ends it the same way (exit code 1). ``--debug`` (or ``COMPOSER_ALGOS_DEBUG=1``) shows the traceback
-instead.
+stderr, ``error: ...``, naming the key or file and the fix (exit code 2); a NaN or infinite loss, corrupt data or
+any other error met during training ends it the same way (exit code 1), with the traceback of an unexpected error
+in ``runs/<run_name>/error.log`` (:mod:`composer_algos.cli`). ``--debug`` (or ``COMPOSER_ALGOS_DEBUG=1``) shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-from composer_algos.config import ConfigError, build_trainer, load_config
-from composer_algos.data.integrity import DataError
+from composer_algos import cli
+from composer_algos.config import build_trainer, load_config
 
-
-def _report(error: BaseException) -> None:
-    print('error: ' + ' '.join(str(error).split()), file=sys.stderr, flush=True)
+__all__ = ['main']
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('recipe', help='YAML recipe, e.g. yamls/digits/uniform.yaml')
     parser.add_argument('overrides', nargs='*', help='key=value overrides, e.g. max_duration=500ba optimizer.lr=1e-3')
-    parser.add_argument('--debug', action='store_true', help='show the traceback of an error instead of one line')
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
-    debug = args.debug or os.environ.get('COMPOSER_ALGOS_DEBUG') == '1'
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-        trainer = build_trainer(cfg)
-    except ConfigError as e:
-        if debug:
-            raise
-        _report(e)
-        return 2
+    return cli.run_guarded(lambda stage: _train(args, stage), cli.debug_requested(args))
+
+
+def _train(args: argparse.Namespace, stage: cli.Stage) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    stage.recipe = cfg
+    trainer = build_trainer(cfg)
+    stage.training(trainer.state)
     state = trainer.state
     if state.max_duration is not None and state.timestamp.get(state.max_duration.unit) >= state.max_duration:
         # A relaunched job (autoresume) that had already finished: nothing to do, and not an error.
@@ -46,13 +43,7 @@ def main(argv: list[str] | None = None) -> int:
               f'{state.max_duration}; nothing to train.', file=sys.stderr)
         trainer.close()
         return 0
-    try:
-        trainer.fit()
-    except (ConfigError, DataError, FloatingPointError) as e:
-        if debug:
-            raise
-        _report(e)
-        return 1
+    trainer.fit()
     trainer.close()
     return 0
 

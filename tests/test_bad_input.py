@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from composer_algos.data.convert import DIGITS_SHAPE, digits_images, write_mds
+from composer_algos.registry import ConfigError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fault_run import flip_tensor_byte  # noqa: E402
@@ -261,6 +262,32 @@ def autoresume_nothing_readable(tmp_path, data, ckpt):
                  overrides=['autoresume=true'])
 
 
+def two_sampler_owners(tmp_path, data, ckpt):
+    return Setup(named=['algorithms.log_normal_sampling and algorithms.logit_normal_sampling both own the timestep '
+                        'sampler', 'curriculum_timestep_schedule'],
+                 overrides=['algorithms.log_normal_sampling={}', 'algorithms.logit_normal_sampling={}'])
+
+
+def load_path_of_another_model(tmp_path, data, ckpt):
+    path = os.path.join(ckpt, 'ep0-ba2-rank0.pt')
+    return Setup(named=[f'load_path={path}: the checkpoint does not fit the model',
+                        'its tensor denoiser.down_blocks.1.resnets.0.conv1.weight has shape [32, 16, 3, 3] where the '
+                        'model has [48, 16, 3, 3]',
+                        "written by run 'bad-input', whose recipe had model.denoiser.block_out_channels=[16, 32] "
+                        '(this one: [16, 48])'],
+                 overrides=[f'load_path={path}', 'model.denoiser.block_out_channels=[16, 48]'])
+
+
+def autoresume_of_another_model(tmp_path, data, ckpt):
+    folder = tmp_path / 'ckpt'
+    folder.mkdir()
+    shutil.copy(os.path.join(ckpt, 'ep0-ba1-rank0.pt'), folder / 'ep0-ba1-rank0.pt')
+    os.symlink('ep0-ba1-rank0.pt', folder / 'latest-rank0.pt')
+    return Setup(named=[f'autoresume: the checkpoint this run resumes from, {folder}/ep0-ba1-rank0.pt, does not fit',
+                        'where the model has [48, 16, 3, 3]', f'or move the checkpoints in {folder} away'],
+                 overrides=['autoresume=true', 'model.denoiser.block_out_channels=[16, 48]'])
+
+
 CASES = [
     yaml_syntax,
     yaml_syntax_in_include,
@@ -321,7 +348,24 @@ CASES = [
     load_path_bit_flip,
     load_path_missing,
     autoresume_nothing_readable,
+    two_sampler_owners,
+    typed('train_loader.global_batch_size=0', 'train_loader.global_batch_size=0: it must be positive'),
+    typed('eval_loader.global_batch_size=-64', 'eval_loader.global_batch_size=-64: it must be positive'),
+    typed('callbacks.fid.real_loader={local: /nowhere, global_batch_size: 0}',
+          'callbacks.fid.real_loader.global_batch_size=0: it must be positive'),
+    typed('device_train_microbatch_size=0', 'device_train_microbatch_size=0: it must be positive'),
+    typed('max_duration=0ba', 'max_duration=0ba: it must be positive'),
+    typed('max_duration=0', 'max_duration=0: it must be positive (a run of 0ep trains nothing), e.g. '
+          'max_duration=10ep'),
+    typed('max_duration=0.5dur', 'max_duration=0.5dur: it is a fraction of max_duration itself'),
+    load_path_of_another_model,
+    autoresume_of_another_model,
 ]
+
+# The cases that once escaped as a traceback (from set_timestep_sampler, the loader's length, load_state_dict) or
+# trained nothing and exited 0, run as a user runs them.
+SCRIPT_CASES = [two_sampler_owners, typed('train_loader.global_batch_size=0', 'train_loader.global_batch_size=0'),
+                load_path_of_another_model, typed('max_duration=0ba', 'max_duration=0ba')]
 
 
 @pytest.mark.parametrize('case', CASES, ids=lambda c: c.__name__)
@@ -343,6 +387,47 @@ def test_bad_input_is_one_line_before_training(case, data, checkpoints, tmp_path
     assert after == before or (before is None and after == []), after
 
 
+@pytest.mark.parametrize('case', SCRIPT_CASES, ids=lambda c: c.__name__)
+def test_the_script_ends_with_one_error_line(case, data, checkpoints, tmp_path):
+    setup = case(tmp_path, data, checkpoints)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env.pop('COMPOSER_ALGOS_DEBUG', None)
+    proc = subprocess.run([sys.executable, TRAIN_SCRIPT, setup.recipe, *_base(data, str(tmp_path / 'ckpt')),
+                           *setup.overrides], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last.startswith('error: ') and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    for named in [setup.named] if isinstance(setup.named, str) else setup.named:
+        assert named in last, last
+
+
+def test_a_finished_run_relaunched_has_nothing_to_train(data, tmp_path, capsys):
+    args = [UNIFORM, *_base(data, str(tmp_path / 'ckpt')), 'autoresume=true']
+    assert train_script.main(args) == 0
+    capsys.readouterr()
+    assert train_script.main(args) == 0
+    err = capsys.readouterr().err
+    assert 'The run is already at 2ba of max_duration=2ba; nothing to train.' in err and 'error:' not in err, err
+
+
+def test_evaluate_names_the_run_that_wrote_a_checkpoint_of_another_model(data, checkpoints, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location('evaluate_script', os.path.join(ROOT, 'recipes', 'evaluate.py'))
+    evaluate_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_script)
+    path = os.path.join(checkpoints, 'ep0-ba2-rank0.pt')
+    capsys.readouterr()
+    code = evaluate_script.main([path, '--config', UNIFORM, f'eval_loader.local={data}',
+                                 'model.denoiser.block_out_channels=[16, 48]', '--out', str(tmp_path / 'eval')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'Traceback' not in err, err
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith(f'error: {path} does not fit the model: its tensor '
+                           'denoiser.down_blocks.1.resnets.0.conv1.weight has shape [32, 16, 3, 3] where the model has '
+                           '[48, 16, 3, 3]'), last
+    assert "written by run 'bad-input', whose recipe had model.denoiser.block_out_channels=[16, 32] (this one: [16, 48])" \
+        in last, last
+
+
 def test_enough_cases():
     assert len(CASES) >= 30 and len({c.__name__ for c in CASES}) == len(CASES)
 
@@ -356,7 +441,7 @@ def test_the_script_exits_2_with_one_line_and_debug_shows_the_traceback(data, tm
     assert proc.stderr.rstrip().splitlines()[-1] == ('error: max_duration=2bb: expected an integer or a duration such '
                                                      'as 500ba, 2ep or 0.5dur or null.')
     assert 'Traceback' not in proc.stderr
-    with pytest.raises(train_script.ConfigError, match='max_duration=2bb'):
+    with pytest.raises(ConfigError, match='max_duration=2bb'):
         train_script.main([*args[2:], '--debug'])
 
 

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from composer_algos import checkpoints
-from composer_algos.config import build_trainer, load_config
+from composer_algos.config import build_model, build_trainer, load_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fault_run  # noqa: E402
@@ -170,6 +170,13 @@ def test_one_rank_killed_others_end_in_bounded_time_then_autoresume_is_exact(tmp
     # The sharded checkpoints this run wrote, damaged as a crash or a disk would: each is found unreadable, and
     # autoresume steps back to the newest readable one.
     assert checkpoints.verify_checkpoint(str(folder / 'ep0-ba12')) is None
+    # What they hold of the model is read without loading it: every tensor's full shape, and the recipe that wrote it.
+    saved = checkpoints.saved_model_state(str(folder / 'ep0-ba12'))
+    with open(recipe) as f:
+        model_cfg = yaml.safe_load(f)['model']
+    assert saved.extra['recipe'] == {'run_name': 'faults', 'model': model_cfg}
+    model = build_model(model_cfg)
+    assert saved.shapes == {k: tuple(v.shape) for k, v in model.state_dict().items() if torch.is_tensor(v)}
     copy = tmp_path / 'damaged'
     shutil.copytree(folder, copy, symlinks=True)
     shard = copy / 'ep0-ba12' / '__1_0.distcp'

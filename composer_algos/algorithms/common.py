@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from composer.core import State, Time, TimeUnit
@@ -11,8 +11,37 @@ from composer.core import State, Time, TimeUnit
 from composer_algos.diffusion.utils import get_diffusion_model
 from composer_algos.registry import ConfigError
 
-__all__ = ['diffusion_model', 'install_density', 'install_fixed_distribution', 'objective_of', 'refuse_flow_matching',
-           'require_flow_matching', 'ReprMixin', 'parse_time', 'span_fraction']
+__all__ = ['SAMPLER_OWNER', 'SAMPLER_PRIOR', 'check_timestep_sampler_roles', 'diffusion_model', 'install_density',
+           'install_fixed_distribution', 'objective_of', 'refuse_flow_matching', 'require_flow_matching', 'ReprMixin',
+           'parse_time', 'span_fraction']
+
+# What an algorithm does to the model's timestep sampler, declared by its class as ``timestep_sampler_role`` so that a
+# combination is checked from the names in a recipe, before any model is built (check_timestep_sampler_roles).
+# The owner installs the sampler (set_timestep_sampler), one per run: the model refuses a second owner too, as a
+# backstop for algorithms that do not declare.
+SAMPLER_OWNER = 'owner'
+# A prior tilts whichever sampler is active (add_timestep_prior). Alone, it tilts the uniform default, so its own
+# distribution is the one t is drawn from and it owns the sampler in effect; beside an owner it tilts the owner's
+# sampler. Either way it never competes with an owner.
+SAMPLER_PRIOR = 'prior'
+
+
+def check_timestep_sampler_roles(algorithms: Sequence[tuple[str, Any]]) -> None:
+    """Refuse two owners of the timestep sampler among ``algorithms``: ``(name, class or instance)`` pairs, named as
+    the error should name them (``algorithms.log_normal_sampling`` for a recipe).
+
+    Raises:
+        ConfigError: naming the first two owners.
+
+    Example:
+        >>> from composer_algos.algorithms import CurriculumTimestepSchedule, SpeeD
+        >>> check_timestep_sampler_roles([('speed', SpeeD), ('clts', CurriculumTimestepSchedule)])
+    """
+    owners = [name for name, part in algorithms if getattr(part, 'timestep_sampler_role', None) == SAMPLER_OWNER]
+    if len(owners) > 1:
+        raise ConfigError(f'{owners[0]} and {owners[1]} both own the timestep sampler (each draws t from its own '
+                          'distribution); keep one of them. A curriculum (curriculum_timestep_schedule) composes with '
+                          'either: it tilts whichever sampler is active.')
 
 
 def diffusion_model(state: State, algorithm: Any) -> Any:

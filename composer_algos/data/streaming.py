@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from composer_algos.pixels import from_uint8
 from composer_algos.data.integrity import REWRITE_HINT, DataError, nonfinite_rows
 
-__all__ = ['StreamingImageDataset', 'StreamingBatchLoader', 'build_streaming_image_dataloader', 'flip_mask']
+__all__ = ['StreamingImageDataset', 'StreamingBatchLoader', 'build_streaming_image_dataloader', 'flip_mask',
+           'global_batch_size_problem']
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +494,18 @@ class StreamingBatchLoader(DataLoader):
         return samples // size if self.dataset.drop_last else -(-samples // size)
 
 
+def global_batch_size_problem(global_batch_size: int, world_size: int) -> Optional[str]:
+    """Why ``global_batch_size`` cannot be dealt to ``world_size`` ranks, or ``None`` if it can: each rank gets
+    ``global_batch_size // world_size`` images, which must be a positive whole number."""
+    if global_batch_size < 1:
+        return f'it must be positive (a multiple of the world size, {world_size})'
+    if global_batch_size % world_size:
+        lower = global_batch_size - global_batch_size % world_size
+        nearest = f'{lower} or {lower + world_size}' if lower else str(world_size)
+        return f'it must be a multiple of the world size, {world_size}, such as {nearest}'
+    return None
+
+
 def build_streaming_image_dataloader(global_batch_size: int, local: Optional[str] = None,
                                      remote: Optional[str] = None, split: Optional[str] = None,
                                      num_workers: int = 0, drop_last: bool = True, shuffle: bool = True,
@@ -503,8 +516,9 @@ def build_streaming_image_dataloader(global_batch_size: int, local: Optional[str
     whether CUDA is available (pinned batches copy to the GPU asynchronously).
     """
     world_size = dist.get_world_size()
-    if global_batch_size % world_size != 0:
-        raise ValueError(f'Global batch size {global_batch_size} is not divisible by the world size {world_size}.')
+    problem = global_batch_size_problem(global_batch_size, world_size)
+    if problem is not None:
+        raise ValueError(f'global_batch_size={global_batch_size}: {problem}.')
     device_batch_size = global_batch_size // world_size
     dataset = StreamingImageDataset(local=local, remote=remote, split=split, batch_size=device_batch_size,
                                     shuffle=shuffle, yield_batches=True, drop_last=drop_last, **dataset_kwargs)

@@ -20,6 +20,7 @@ from composer_algos.diffusion.schedule import NoiseSchedule
 from composer_algos.diffusion.utils import reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
 from composer_algos.distributed import fsdp_gradient_scale, global_positions, rank_world
+from composer_algos.registry import ConfigError
 from composer_algos.seeding import derive_seed, keyed_generator, keyed_uniform_and_normal
 
 __all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES', 'TimestepDraw', 'timestep_bands']
@@ -118,6 +119,12 @@ class DiffusionModel(ComposerModel):
         seed: seed of the training draws (t, noise, the denoiser's dropout) and of the evaluation loss's draws.
         check_finite_loss: raise a clear error when the loss becomes NaN or infinite.
         num_loss_bands: bands of t for the validation loss metric.
+
+    Attributes:
+        recipe: what built the model, saved in every checkpoint (plain data, ``None`` for none): the YAML layer sets
+            ``{'run_name': ..., 'model': <the recipe's model section>}``, so that a checkpoint loaded into a model
+            it does not fit can name the run and the settings that wrote it
+            (:func:`composer_algos.checkpoints.written_by`).
     """
 
     # Which objective the model trains (algorithms stated on DDPM schedules check it); FlowMatchingModel: flow_matching.
@@ -156,6 +163,7 @@ class DiffusionModel(ComposerModel):
         self.num_loss_bands = num_loss_bands
         self.seed = int(seed)
         self.num_draws = 0  # training forwards so far: the key of the next draw
+        self.recipe: Optional[dict[str, Any]] = None
         self._sampler: TimestepSampler = self.default_timestep_sampler()
         self._sampler_owner: Optional[str] = None
         self._priors: list[tuple[str, TimestepPrior]] = []
@@ -187,9 +195,11 @@ class DiffusionModel(ComposerModel):
     def set_timestep_sampler(self, sampler: TimestepSampler, owner: str) -> None:
         """Install ``sampler`` on behalf of ``owner``. A second, different owner is an error naming both."""
         if self._sampler_owner is not None and self._sampler_owner != owner:
-            raise ValueError(f'{owner} and {self._sampler_owner} both set the timestep sampler; only one '
-                             'algorithm may own it. Remove one of them (a curriculum such as '
-                             'CurriculumTimestepSchedule composes with any owner as a prior).')
+            # Recipes are checked before this (check_timestep_sampler_roles, from the classes' declared roles);
+            # this catches algorithms built in Python or that declare no role.
+            raise ConfigError(f'{owner} and {self._sampler_owner} both set the timestep sampler; only one '
+                              'algorithm may own it. Remove one of them (a curriculum such as '
+                              'CurriculumTimestepSchedule composes with any owner as a prior).')
         if sampler.num_timesteps != self.num_timesteps:
             raise ValueError(f'{owner}: sampler has {sampler.num_timesteps} timesteps but the noise schedule has '
                              f'{self.num_timesteps}.')
@@ -488,9 +498,13 @@ class DiffusionModel(ComposerModel):
     # ----------------------------------------------------------------------------------------- checkpointing
     def get_extra_state(self) -> dict[str, Any]:
         # The same on every rank and on any number of ranks: all training randomness is keyed by these two.
-        return {'seed': self.seed, 'num_draws': self.num_draws}
+        state: dict[str, Any] = {'seed': self.seed, 'num_draws': self.num_draws}
+        if self.recipe is not None:
+            state['recipe'] = self.recipe
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the seed and the draw count; ``recipe`` stays this run's (a resumed run records what built it)."""
         if int(state['seed']) != self.seed:
             log.warning('The checkpoint was trained with model seed %s; it continues with that seed, not %s.',
                         state['seed'], self.seed)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
+
+from composer_algos.checkpoints import model_misfit, written_by
+from composer_algos.registry import ConfigError
 
 __all__ = ['load_checkpoint_weights']
 
@@ -20,7 +23,8 @@ def _strip_prefix(state_dict: dict[str, Any], prefix: str = 'module.') -> dict[s
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
-def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema') -> dict[str, Any]:
+def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema',
+                            model_config: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Load ``path`` (a monolithic Composer checkpoint file) into ``model``; return ``{'weights', 'step'}``.
 
     Composer's EMA (0.32.1), and :class:`~composer_algos.algorithms.ema.WarmupEMA` built on it, swaps the averaged weights into the model at checkpoint time, keeping the training
@@ -29,7 +33,10 @@ def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema') -
     the live ones, with a warning), ``weights='live'`` the training weights.
 
     The file is unpickled with ``weights_only=False`` (Composer checkpoints hold timestamps and other objects):
-    load only checkpoints you trust.
+    load only checkpoints you trust. A checkpoint whose tensors do not fit ``model`` is a
+    :class:`~composer_algos.registry.ConfigError` naming the file, the first tensor that differs and both shapes,
+    and the run that wrote it with its model settings that differ from ``model_config`` (the settings ``model``
+    was built from), when the checkpoint records them.
     """
     if weights not in WEIGHTS:
         raise ValueError(f'weights must be one of {WEIGHTS}, got {weights!r}.')
@@ -55,6 +62,13 @@ def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema') -
         used = weights
     elif weights == 'ema':
         log.warning('%s has no started EMA: evaluating the live weights.', path)
+    saved = {k: tuple(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
+    problem = model_misfit({k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+                           saved)
+    if problem is not None:
+        origin = written_by(model_state.get('_extra_state'), model_config)
+        raise ConfigError(f'{path} does not fit the model: {problem}{"; " + origin if origin else ""}; evaluate it '
+                          'with the recipe it was trained with.')
     model.load_state_dict(model_state)
     timestamp = state.get('timestamp', {})
     timestamp = timestamp.get('Timestamp', timestamp)

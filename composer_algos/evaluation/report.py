@@ -18,6 +18,7 @@ from composer_algos.evaluation.fid import fid_from_samples, real_vs_real_fid
 from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.evaluation.plots import image_grid, save_png, side_by_side_grid
 from composer_algos.evaluation.sampling import eval_mode, generate_samples
+from composer_algos.registry import ConfigError
 
 __all__ = ['EVALUATION_DEFAULTS', 'evaluate_checkpoint', 'evaluate_model', 'split_overrides', 'write_json']
 
@@ -103,7 +104,7 @@ def split_overrides(pairs: list[str]) -> tuple[dict[str, Any], list[str]]:
     for pair in pairs:
         key, sep, value = pair.partition('=')
         if not sep:
-            raise ValueError(f'Expected key=value, got {pair!r}.')
+            raise ConfigError(f'Expected key=value, got {pair!r}.')
         if key in EVALUATION_DEFAULTS:
             options[key] = yaml.safe_load(value)
         else:
@@ -113,22 +114,24 @@ def split_overrides(pairs: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 def evaluate_checkpoint(checkpoint: str, make_model: Callable[[], torch.nn.Module], real_loader: Iterable[Any],
                         out_dir: str, compare: Optional[str] = None, progress: bool = True,
-                        **options: Any) -> dict[str, Any]:
+                        model_config: Optional[dict[str, Any]] = None, **options: Any) -> dict[str, Any]:
     """Evaluate ``checkpoint`` loaded into ``make_model()`` against the real images of ``real_loader`` (see
     :func:`evaluate_model`); with ``compare``, also run the consistency diagnostic against that second checkpoint.
+    ``model_config``: the settings ``make_model`` builds from, named in the error when a checkpoint does not fit
+    (see :func:`load_checkpoint_weights`).
 
     Writes ``out_dir/samples.png``, ``out_dir/consistency.png`` (with ``compare``) and ``out_dir/evaluation.json``.
     """
     opt = {**EVALUATION_DEFAULTS, **options}
     device = _device(opt['device'])
     model = make_model().to(device)
-    info = load_checkpoint_weights(model, checkpoint, opt['weights'])
+    info = load_checkpoint_weights(model, checkpoint, opt['weights'], model_config)
     real, conditioning = collect_images(real_loader, model, opt['max_real_samples'], with_conditioning=True)
     results = {'checkpoint': checkpoint, 'step': info['step'], 'weights': info['weights']}
     results.update(evaluate_model(model, real, out_dir, conditioning, progress, **options))
     if compare is not None:
         other = make_model().to(device)
-        other_info = load_checkpoint_weights(other, compare, opt['weights'])
+        other_info = load_checkpoint_weights(other, compare, opt['weights'], model_config)
         feature = build_feature_extractor(opt['feature'], tuple(real.shape[1:]), opt['inception_weights'],
                                           opt['classifier_cache_dir'])
         diag = consistency_diagnostic(model, other, opt['consistency_samples'], tuple(real.shape[1:]), feature,

@@ -88,7 +88,7 @@ from composer_algos.algorithms.adaptive_timestep_sampling.policy import (BetaPol
                                                                         module_device)
 from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROBE_PRECISIONS, FullPrecisionReplica,
                                                                            casts_parameters, probe_math)
-from composer_algos.algorithms.common import diffusion_model, objective_of
+from composer_algos.algorithms.common import SAMPLER_OWNER, diffusion_model, objective_of
 from composer_algos.diffusion.samplers import tilt_log_probs
 from composer_algos.diffusion.utils import device_batch
 from composer_algos.distributed import all_gather, all_reduce, broadcast, global_positions, rank_world
@@ -210,6 +210,8 @@ class AdaptiveTimestepSampling(Algorithm):
         >>> adaptive.update_every, adaptive.entropy_coef
         (40, 0.1)
     """
+
+    timestep_sampler_role = SAMPLER_OWNER
 
     def __init__(self, update_every: int = 40, num_selected: int = 3, queue_size: int = 20,
                  num_probe_timesteps: int = 32, reward: str = 'loss', policy: str = 'beta', width: int = 32,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_density
+from composer_algos.algorithms.common import SAMPLER_OWNER, ReprMixin, diffusion_model, install_density
 from composer_algos.diffusion.densities import CosMapDensity
 
 __all__ = ['CosMapSampling']
@@ -28,6 +28,8 @@ class CosMapSampling(ReprMixin, Algorithm):
         >>> CosMapSampling()
         CosMapSampling()
     """
+
+    timestep_sampler_role = SAMPLER_OWNER
 
     def match(self, event: Event, state: State) -> bool:
         return event == Event.INIT

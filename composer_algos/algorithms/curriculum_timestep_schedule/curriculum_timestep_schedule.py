@@ -31,7 +31,8 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, objective_of, parse_time, span_fraction
+from composer_algos.algorithms.common import (SAMPLER_PRIOR, ReprMixin, diffusion_model, objective_of, parse_time,
+                                             span_fraction)
 
 __all__ = ['clts_probs', 'clts_probs_on', 'difficulty_coordinate', 'CurriculumTimestepSchedule', 'COORDINATES']
 
@@ -100,6 +101,8 @@ class CurriculumTimestepSchedule(ReprMixin, Algorithm):
         >>> CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, ramp_end='0.5dur')
         CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, coordinate='noise_rate', ramp_start='0.0dur', ramp_end='0.5dur')
     """
+
+    timestep_sampler_role = SAMPLER_PRIOR
 
     def __init__(self, mu: float = 0.3, sigma: float = 0.2, lam_max: float = 0.5, coordinate: str = 'noise_rate',
                  ramp_start: str = '0.0dur', ramp_end: str = '0.5dur'):

@@ -21,7 +21,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import (ReprMixin, diffusion_model, install_fixed_distribution,
+from composer_algos.algorithms.common import (SAMPLER_OWNER, ReprMixin, diffusion_model, install_fixed_distribution,
                                              refuse_flow_matching)
 from composer_algos.diffusion.schedule import NoiseSchedule
 
@@ -73,6 +73,8 @@ class LogNormalSampling(ReprMixin, Algorithm):
         >>> LogNormalSampling(p_mean=-1.2, p_std=1.2)
         LogNormalSampling(p_mean=-1.2, p_std=1.2)
     """
+
+    timestep_sampler_role = SAMPLER_OWNER
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
         _check(p_mean, p_std)

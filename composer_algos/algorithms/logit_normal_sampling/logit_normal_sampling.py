@@ -24,8 +24,8 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import (ReprMixin, diffusion_model, install_density, install_fixed_distribution,
-                                             objective_of)
+from composer_algos.algorithms.common import (SAMPLER_OWNER, ReprMixin, diffusion_model, install_density,
+                                             install_fixed_distribution, objective_of)
 from composer_algos.diffusion.densities import LogitNormalDensity
 from composer_algos.diffusion.schedule import NoiseSchedule
 
@@ -69,6 +69,8 @@ class LogitNormalSampling(ReprMixin, Algorithm):
         >>> LogitNormalSampling(m=0.0, s=1.0)
         LogitNormalSampling(m=0.0, s=1.0)
     """
+
+    timestep_sampler_role = SAMPLER_OWNER
 
     def __init__(self, m: float = 0.0, s: float = 1.0):
         _check(m, s)

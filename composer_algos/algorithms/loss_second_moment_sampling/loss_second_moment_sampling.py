@@ -30,7 +30,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model
+from composer_algos.algorithms.common import SAMPLER_OWNER, ReprMixin, diffusion_model
 from composer_algos.diffusion.samplers import TimestepSampler
 from composer_algos.distributed import all_gather, is_distributed
 
@@ -169,6 +169,8 @@ class LossSecondMomentSampling(ReprMixin, Algorithm):
         >>> LossSecondMomentSampling(history=10, uniform_prob=0.001)
         LossSecondMomentSampling(history=10, uniform_prob=0.001)
     """
+
+    timestep_sampler_role = SAMPLER_OWNER
 
     def __init__(self, history: int = 10, uniform_prob: float = 0.001):
         if isinstance(history, bool) or int(history) != history or history < 1:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_density
+from composer_algos.algorithms.common import SAMPLER_OWNER, ReprMixin, diffusion_model, install_density
 from composer_algos.diffusion.densities import ModeDensity
 
 __all__ = ['ModeSampling']
@@ -35,6 +35,8 @@ class ModeSampling(ReprMixin, Algorithm):
         >>> ModeSampling(scale=1.29)
         ModeSampling(scale=1.29)
     """
+
+    timestep_sampler_role = SAMPLER_OWNER
 
     def __init__(self, scale: float = 1.29):
         self._density = ModeDensity(scale)

@@ -37,7 +37,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import (ReprMixin, diffusion_model, install_fixed_distribution,
+from composer_algos.algorithms.common import (SAMPLER_OWNER, ReprMixin, diffusion_model, install_fixed_distribution,
                                              refuse_flow_matching)
 from composer_algos.algorithms.weighting import check_prediction_type, from_epsilon_weight, install_loss_weighting
 from composer_algos.diffusion.schedule import NoiseSchedule
@@ -132,6 +132,8 @@ class SpeeD(ReprMixin, Algorithm):
         >>> SpeeD(tau=700, k=2.0, lam=0.6)
         SpeeD(tau=700, k=2.0, lam=0.6)
     """
+
+    timestep_sampler_role = SAMPLER_OWNER
 
     def __init__(self, tau: int = 700, k: float = 2.0, lam: float = 0.6):
         _check_tau(tau)
