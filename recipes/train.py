@@ -15,7 +15,10 @@ import argparse
 import logging
 import sys
 
+from composer.utils import dist
+
 from composer_algos import cli
+from composer_algos.callbacks.summary import run_summary
 from composer_algos.config import build_trainer, load_config
 
 __all__ = ['main']
@@ -45,6 +48,9 @@ def _train(args: argparse.Namespace, stage: cli.Stage) -> int:
         return 0
     trainer.fit()
     trainer.close()
+    if dist.get_global_rank() == 0:
+        # After the progress bar: what the run reached and where its files are.
+        print('\n' + '\n'.join(run_summary(trainer)), flush=True)
     return 0
 
 

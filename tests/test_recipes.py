@@ -576,3 +576,24 @@ def test_every_recipe_on_two_fsdp2_ranks(digits_mds, mnist_mds, latent_mds, tiny
             assert adaptive[0]['num_updates'] == 2, name
             for key in ('policy', 'queue_x', 'selected'):
                 torch.testing.assert_close(adaptive[0][key], adaptive[1][key], msg=f'{name}: ranks differ in {key}')
+
+
+def test_the_main_job_ends_with_what_it_reached_and_where_its_files_are(digits_mds, tmp_path):
+    recipe = os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml')
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'recipes', 'train.py'), recipe, 'max_duration=4ba', 'eval_interval=2ba',
+         f'train_loader.local={digits_mds}', f'eval_loader.local={digits_mds}', 'callbacks.fid.num_samples=32',
+         'callbacks.fid.num_steps=3', 'callbacks.bits_per_dim.num_images=8', 'callbacks.bits_per_dim.num_terms=3',
+         'callbacks.sample_grid.num_samples=4', 'callbacks.sample_grid.num_steps=3', 'save_interval=2ba',
+         'progress_bar=false', 'run_name=main-job'], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    summary = lines[lines.index("Run 'main-job' finished at step 4."):]
+    assert summary[1].startswith('FID ') and 'real-vs-real floor at these sample sizes' in summary[1]
+    assert summary[2].startswith('Bits/dim ')
+    files = dict(line.split(': ', 1) for line in summary[3:])
+    assert files['samples'] == os.path.join('runs', 'main-job', 'eval', 'samples_ba0000004.png')
+    assert files['checkpoints'] == os.path.join('runs', 'main-job', 'checkpoints')
+    assert files['log'] == os.path.join('runs', 'main-job', 'log.txt')
+    for path in (files['samples'], files['FID curve'], files['timestep distribution'], files['log']):
+        assert (tmp_path / path).is_file(), path
