@@ -808,6 +808,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help='race every leaderboard method (or --methods) with the winners of --tuning on --seeds '
                         '(default 0-4), paired per seed, with bootstrap intervals and an A/A null')
     parser.add_argument('--tuning', default=None, help='--leaderboard: the --out folder of a --tune run')
+    parser.add_argument('--versus-ddpm', default=None, metavar='DIR',
+                        help='--leaderboard --objective flow_matching: the DDPM leaderboard of the same tier, whose '
+                        'uniform runs the flow uniform runs are paired with (the objective as a row)')
     parser.add_argument('--combine', default=None, metavar='DIR,DIR,...',
                         help='summarise the races in these --out folders as one (same settings, and uniform runs '
                         'that agree FID for FID), into --out (default: the first)')
@@ -984,25 +987,39 @@ TUNING_SEEDS = (100, 101)  # never used by a leaderboard race (seeds 0-4)
 # at the recipe's EMA half-life, then the half-life at the best learning rate.
 TUNING_LR = ('optimizer.lr=1.0e-3', 'optimizer.lr=2.0e-3', 'optimizer.lr=4.0e-3')
 TUNING_EMA = ('algorithms.ema.half_life=50ba', 'algorithms.ema.half_life=25ba', 'algorithms.ema.half_life=100ba')
-# Each method's settings (recipe overrides) tried on top of uniform's winners; the published default first, so a
-# tie keeps it. A method with one setting runs as published.
-TUNING_GRID: dict[str, tuple[tuple[str, ...], ...]] = {
-    'min_snr': tuple((f'algorithms.min_snr_weighting.gamma={g}',) for g in ('5.0', '2.0', '1.0')),
-    'p2': tuple((f'algorithms.p2_weighting.gamma={g}',) for g in ('1.0', '0.5')),
-    'speed': tuple((f'algorithms.speed.tau={t}',) for t in (700, 650, 500)),
-    'logit_normal': tuple((f'algorithms.logit_normal_sampling.m={m}',) for m in ('0.0', '-0.5', '0.5')),
-    'log_normal': tuple((f'algorithms.log_normal_sampling.p_mean={m}',) for m in ('-1.2', '-0.6', '0.0')),
-    'mode': ((),),
+# Each method's settings (recipe overrides) tried on top of uniform's winners, per objective; the published default
+# first, so a tie keeps it. A method with one setting runs as published.
+_SCHEDULE_SETTINGS = {
     'clts': tuple((f'algorithms.curriculum_timestep_schedule.mu={m}',) for m in ('0.3', '0.2', '0.5')),
     'md': (('algorithms.momentum_decay.beta_end=0.5',), ('algorithms.momentum_decay.beta_end=0.7',),
            ('algorithms.momentum_decay.beta_end=0.5', 'algorithms.momentum_decay.compensate_lr=true')),
-    'loss_second_moment': ((),),
-    'cosmap': ((),),
 }
-# The MNIST leaderboard's methods: uniform, its A/A null, every method that applies to DDPM, and the curriculum with
-# momentum decay as the papers compose them.
-LEADERBOARD_METHODS = ('uniform', 'uniform_aa', 'min_snr', 'p2', 'speed', 'loss_second_moment', 'logit_normal',
-                       'log_normal', 'mode', 'cosmap', 'clts', 'md', 'clts_md')
+TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
+    'ddpm': {
+        'min_snr': tuple((f'algorithms.min_snr_weighting.gamma={g}',) for g in ('5.0', '2.0', '1.0')),
+        'p2': tuple((f'algorithms.p2_weighting.gamma={g}',) for g in ('1.0', '0.5')),
+        'speed': tuple((f'algorithms.speed.tau={t}',) for t in (700, 650, 500)),
+        'logit_normal': tuple((f'algorithms.logit_normal_sampling.m={m}',) for m in ('0.0', '-0.5', '0.5')),
+        'log_normal': tuple((f'algorithms.log_normal_sampling.p_mean={m}',) for m in ('-1.2', '-0.6', '0.0')),
+        'mode': ((),),
+        **_SCHEDULE_SETTINGS,
+        'loss_second_moment': ((),),
+        'cosmap': ((),),
+    },
+    'flow_matching': {
+        'logit_normal': tuple((f'algorithms.logit_normal_sampling.m={m}',) for m in ('0.0', '0.5', '-0.5')),
+        'mode': tuple((f'algorithms.mode_sampling.scale={c}',) for c in ('1.29', '0.5')),
+        'cosmap': ((),),
+        **_SCHEDULE_SETTINGS,
+    },
+}
+# The leaderboards' methods: uniform, its A/A null, every method that applies to the objective, and the curriculum
+# with momentum decay as the papers compose them.
+LEADERBOARD_METHODS = {
+    'ddpm': ('uniform', 'uniform_aa', 'min_snr', 'p2', 'speed', 'loss_second_moment', 'logit_normal', 'log_normal',
+             'mode', 'cosmap', 'clts', 'md', 'clts_md'),
+    'flow_matching': ('uniform', 'uniform_aa', 'logit_normal', 'mode', 'cosmap', 'clts', 'md', 'clts_md'),
+}
 # Extra noise seeds of FID on uniform's final weights (the race's own is 0): FID's sampling noise.
 NOISE_SEEDS = (1, 2, 3, 4)
 
@@ -1049,7 +1066,7 @@ def _tuning_rows(runs: list[dict[str, Any]], jobs: dict[str, list[dict[str, Any]
 
 
 def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Tune uniform (learning rate, then EMA half-life) and every method of :data:`TUNING_GRID` on
+    """Tune uniform (learning rate, then EMA half-life) and every method of the objective's :data:`TUNING_GRIDS` on
     :data:`TUNING_SEEDS` at half the budget, scored by the geometric mean of the final FIDs; write the table and
     the winners (``results.json``, ``results.md``) into ``args.out`` and return the winners."""
     steps = args.steps // 2
@@ -1074,13 +1091,14 @@ def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
     ema = stage('uniform: EMA half-life', {ema: (_variant('uniform', (lr, ema)), ()) for ema in TUNING_EMA})
     base = [lr, ema]
     winners: dict[str, list[str]] = {'base': base}
-    grid = {m: settings for m, settings in TUNING_GRID.items() if len(settings) > 1}
+    full_grid = TUNING_GRIDS[args.objective]
+    grid = {m: settings for m, settings in full_grid.items() if len(settings) > 1}
     settings = {f'{m}: {"; ".join(o)}': (_variant(m, o), base) for m, options in grid.items() for o in options}
     jobs = {label: [make_job(args, method, s, steps, overrides) for s in seeds]
             for label, (method, overrides) in settings.items()}
     finished.extend(run_jobs([j for js in jobs.values() for j in js], args.workers, args.out, paired=False))
     rows = _tuning_rows(finished, jobs)
-    for method, options in TUNING_GRID.items():
+    for method, options in full_grid.items():
         labels = [f'{method}: {"; ".join(o)}' for o in options]
         if len(options) == 1:
             winners[method] = list(options[0])
@@ -1191,6 +1209,33 @@ def leaderboard(runs: list[dict[str, Any]], budget: int, configs: dict[str, Any]
             'seed_sd_relative': _std([u['fid'][-1] for u in uniform.values()]) / board['uniform_final_fid'],
             'checkpoints': len(noise), 'noise_seeds': len(noise[0])}
     return board
+
+
+def objective_comparison(ddpm_runs: list[dict[str, Any]], flow_runs: list[dict[str, Any]],
+                         budget: int) -> dict[str, Any]:
+    """Flow-matching uniform against DDPM uniform on the same tier, seeds and FID scale, paired per seed within one
+    machine fingerprint: the speed-up of flow to DDPM's final FID and the ratio of the final FIDs."""
+    ddpm = {_pair_key(r): r for r in ddpm_runs if r['method'] == 'uniform'}
+    pairs = [(r, ddpm[_pair_key(r)]) for r in flow_runs if r['method'] == 'uniform' and _pair_key(r) in ddpm]
+    if not pairs:
+        return {'seeds': [], 'note': 'no DDPM uniform run shares a seed and a machine with the flow uniform runs'}
+    speedups = [paired_speedup(d['fid_steps'], d['fid'], f['fid_steps'], f['fid'], budget, budget) for f, d in pairs]
+    return {'seeds': [f['seed'] for f, _ in pairs],
+            'flow_speedup_to_ddpm_final': _ratio_block([s for s, _ in speedups], [r for _, r in speedups]),
+            'final_fid_ratio_flow_over_ddpm': _ratio_block([f['fid'][-1] / d['fid'][-1] for f, d in pairs]),
+            'ddpm_final_fid': [d['fid'][-1] for _, d in pairs], 'flow_final_fid': [f['fid'][-1] for f, _ in pairs]}
+
+
+def objective_markdown(comparison: dict[str, Any]) -> str:
+    if not comparison['seeds']:
+        return f'\nThe objective as a row: {comparison["note"]}.\n'
+    speed = comparison['flow_speedup_to_ddpm_final']
+    ratio = comparison['final_fid_ratio_flow_over_ddpm']
+    return ('\n**The objective as a row** (uniform sampling both; the same model, data, seeds, budget, 25 sampling steps '
+            f'and FID scale; DDPM runs from `{comparison["ddpm_leaderboard"]}`): flow matching reaches DDPM\'s final FID '
+            f'{_fmt_ratio(speed)} as fast ({speed["reached"]}/{len(comparison["seeds"])} seeds reach it); final FID '
+            f'flow / DDPM {_fmt_ratio(ratio)} (flow ' + ' / '.join(f'{v:.1f}' for v in comparison['flow_final_fid'])
+            + ', DDPM ' + ' / '.join(f'{v:.1f}' for v in comparison['ddpm_final_fid']) + ').\n')
 
 
 def publish_leaderboard(args: argparse.Namespace, command: str, runs: list[dict[str, Any]],
@@ -1305,7 +1350,7 @@ def _main_tune_or_leaderboard(parser: argparse.ArgumentParser, args: argparse.Na
     with open(os.path.join(args.tuning, 'results.json')) as f:
         winners = json.load(f)['winners']
     args.tuning = _portable({'out': os.path.abspath(args.tuning)})['out']
-    methods = split_methods(explicit_methods) if explicit_methods else list(LEADERBOARD_METHODS)
+    methods = split_methods(explicit_methods) if explicit_methods else list(LEADERBOARD_METHODS[args.objective])
     unknown = [m for m in methods if split_variant(m)[0] not in METHODS]
     if unknown:
         parser.error(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
@@ -1313,7 +1358,16 @@ def _main_tune_or_leaderboard(parser: argparse.ArgumentParser, args: argparse.Na
     jobs = leaderboard_jobs(args, winners, methods)
     start = time.time()
     results = run_jobs(jobs, args.workers, args.out)
-    publish_leaderboard(args, command, results, winners, jobs, feature_accuracy)
+    record = publish_leaderboard(args, command, results, winners, jobs, feature_accuracy)
+    if args.versus_ddpm:
+        with open(os.path.join(args.versus_ddpm, 'results.json')) as f:
+            ddpm = json.load(f)
+        record['objective_comparison'] = objective_comparison(ddpm['runs'], results, args.steps)
+        record['objective_comparison']['ddpm_leaderboard'] = _portable({'out': os.path.abspath(args.versus_ddpm)})['out']
+        with open(os.path.join(args.out, 'results.json'), 'w') as f:
+            json.dump(record, f, indent=1)
+        with open(os.path.join(args.out, 'results.md'), 'a') as f:
+            f.write(objective_markdown(record['objective_comparison']))
     print(f'total wall time {time.time() - start:.0f}s')
     return 0
 

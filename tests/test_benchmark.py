@@ -325,8 +325,8 @@ def test_tuning_then_leaderboard_end_to_end(digits_mds, tmp_path, monkeypatch, c
     # A grid of two settings per stage, one seed, 40 steps: the harness, not the numbers.
     monkeypatch.setattr(benchmark, 'TUNING_LR', benchmark.TUNING_LR[:2])
     monkeypatch.setattr(benchmark, 'TUNING_EMA', benchmark.TUNING_EMA[:2])
-    monkeypatch.setattr(benchmark, 'TUNING_GRID', {'min_snr': benchmark.TUNING_GRID['min_snr'][:2],
-                                                   'md': benchmark.TUNING_GRID['md'][:1]})
+    grid = benchmark.TUNING_GRIDS['ddpm']
+    monkeypatch.setitem(benchmark.TUNING_GRIDS, 'ddpm', {'min_snr': grid['min_snr'][:2], 'md': grid['md'][:1]})
     common = ['--tier', 'digits', '--steps', '40', '--eval-every', '20', '--fid-samples', '48', '--ddim-steps', '4',
               '--bpd-images', '16', '--bpd-terms', '4', '--workers', '1', '--data', digits_mds]
     tuning = tmp_path / 'tuning'
@@ -356,3 +356,14 @@ def test_tuning_then_leaderboard_end_to_end(digits_mds, tmp_path, monkeypatch, c
     assert aa['fid'] != uniform['fid']
     assert result['fid_noise']['noise_seeds'] == 5 and result['fid_noise']['noise_sd_relative'] > 0
     assert (board / 'fid.png').stat().st_size > 0 and '| min_snr_weighting |' in (board / 'results.md').read_text()
+
+
+def test_the_objective_as_a_row_pairs_flow_and_ddpm_uniform_by_seed():
+    ddpm = [dict(_run('uniform', s, _line(150, 0.05)), fingerprint_key='m') for s in (0, 1)]
+    flow = [dict(_run('uniform', s, _line(150, 0.1)), fingerprint_key='m') for s in (0, 1)]
+    flow.append(dict(_run('uniform', 2, _line(150, 0.1)), fingerprint_key='m'))  # no DDPM partner: left out
+    comparison = benchmark.objective_comparison(ddpm, flow, 1000)
+    assert comparison['seeds'] == [0, 1]
+    assert comparison['flow_speedup_to_ddpm_final']['per_seed'] == pytest.approx([2.0, 2.0])
+    assert comparison['final_fid_ratio_flow_over_ddpm']['geomean'] == pytest.approx(50 / 100)
+    assert benchmark.objective_comparison(ddpm, [dict(flow[0], fingerprint_key='other')], 1000)['seeds'] == []
