@@ -1067,13 +1067,26 @@ def _tuning_rows(runs: list[dict[str, Any]], jobs: dict[str, list[dict[str, Any]
 
 def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Tune uniform (learning rate, then EMA half-life) and every method of the objective's :data:`TUNING_GRIDS` on
-    :data:`TUNING_SEEDS` at half the budget, scored by the geometric mean of the final FIDs; write the table and
-    the winners (``results.json``, ``results.md``) into ``args.out`` and return the winners."""
+    :data:`TUNING_SEEDS` at half the budget, scored by the geometric mean of the final FIDs; return the winners.
+
+    The table and the winners so far (``results.json``, ``results.md`` in ``args.out``) are written after each stage
+    (``complete`` says whether all are done), so a leaderboard can race the methods tuned so far meanwhile.
+    """
     steps = args.steps // 2
     args.eval_every = steps  # the score needs the final FID only
     seeds = [int(s) for s in args.seeds.split(',')] if args.seeds else list(TUNING_SEEDS)
     stages: dict[str, dict[str, Any]] = {}
+    winners: dict[str, list[str]] = {}
     finished: list[dict[str, Any]] = []
+
+    def publish(complete: bool) -> None:
+        record = {'command': command, 'tier': args.tier, 'objective': args.objective, 'steps': steps,
+                  'seeds': seeds, 'fid_samples': args.fid_samples, 'complete': complete, 'stages': stages,
+                  'winners': winners, 'fingerprints': sorted({r['fingerprint_key'] for r in finished}),
+                  'runs': finished}
+        with open(os.path.join(args.out, 'results.json'), 'w') as f:
+            json.dump(record, f, indent=1)
+        write_tuning_markdown(record, os.path.join(args.out, 'results.md'))
 
     def stage(name: str, settings: dict[str, tuple[str, Sequence[str]]]) -> str:
         jobs = {label: [make_job(args, method, s, steps, overrides) for s in seeds]
@@ -1090,29 +1103,20 @@ def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
                {lr: (_variant('uniform', (lr, default_ema)), ()) for lr in TUNING_LR})
     ema = stage('uniform: EMA half-life', {ema: (_variant('uniform', (lr, ema)), ()) for ema in TUNING_EMA})
     base = [lr, ema]
-    winners: dict[str, list[str]] = {'base': base}
-    full_grid = TUNING_GRIDS[args.objective]
-    grid = {m: settings for m, settings in full_grid.items() if len(settings) > 1}
-    settings = {f'{m}: {"; ".join(o)}': (_variant(m, o), base) for m, options in grid.items() for o in options}
-    jobs = {label: [make_job(args, method, s, steps, overrides) for s in seeds]
-            for label, (method, overrides) in settings.items()}
-    finished.extend(run_jobs([j for js in jobs.values() for j in js], args.workers, args.out, paired=False))
-    rows = _tuning_rows(finished, jobs)
-    for method, options in full_grid.items():
-        labels = [f'{method}: {"; ".join(o)}' for o in options]
+    winners['base'] = base
+    grid = TUNING_GRIDS[args.objective]
+    for method, options in grid.items():
         if len(options) == 1:
             winners[method] = list(options[0])
+    publish(False)
+    for method, options in grid.items():
+        if len(options) == 1:
             continue
-        winner = _pick({label: rows[label]['score'] for label in labels})
-        stages[method] = {'settings': {label: rows[label] for label in labels}, 'winner': winner}
+        labels = [f'{method}: {"; ".join(o)}' for o in options]
+        winner = stage(method, {label: (_variant(method, o), base) for label, o in zip(labels, options)})
         winners[method] = list(options[labels.index(winner)])
-    record = {'command': command, 'tier': args.tier, 'objective': args.objective, 'steps': steps, 'seeds': seeds,
-              'fid_samples': args.fid_samples, 'stages': stages, 'winners': winners,
-              'fingerprints': sorted({r['fingerprint_key'] for r in finished}),
-              'runs': finished}
-    with open(os.path.join(args.out, 'results.json'), 'w') as f:
-        json.dump(record, f, indent=1)
-    write_tuning_markdown(record, os.path.join(args.out, 'results.md'))
+        publish(False)
+    publish(True)
     print(open(os.path.join(args.out, 'results.md')).read())
     return winners
 
@@ -1125,6 +1129,8 @@ def write_tuning_markdown(record: dict[str, Any], path: str) -> None:
              'uniform\'s learning rate first, then its EMA half-life at the winning rate; every method is tuned on '
              'top of uniform\'s winners, its published default listed first (a tie keeps it).', '',
              '| stage / method | setting | final FID per seed | score | |', '| --- | --- | --- | ---: | --- |']
+    if not record.get('complete', True):
+        lines.insert(3, 'In progress: the stages done so far (the same command resumes the rest).\n')
     for stage, block in record['stages'].items():
         for label, row in block['settings'].items():
             setting = label.split(': ', 1)[1] if label.startswith(stage + ': ') else label
@@ -1355,6 +1361,10 @@ def _main_tune_or_leaderboard(parser: argparse.ArgumentParser, args: argparse.Na
     if unknown:
         parser.error(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
     methods = ['uniform'] + [m for m in methods if m != 'uniform']
+    untuned = sorted({c for m in methods if METHODS[split_variant(m)[0]] for c in components(m) if c not in winners})
+    if 'base' not in winners or untuned:
+        parser.error(f'{args.tuning} has no tuning winner yet for {untuned or "uniform"}: wait for its --tune run to '
+                     'reach them, or race the methods it has tuned (--methods)')
     jobs = leaderboard_jobs(args, winners, methods)
     start = time.time()
     results = run_jobs(jobs, args.workers, args.out)

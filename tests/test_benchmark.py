@@ -332,7 +332,7 @@ def test_tuning_then_leaderboard_end_to_end(digits_mds, tmp_path, monkeypatch, c
     tuning = tmp_path / 'tuning'
     assert benchmark.main(['--tune', *common, '--seeds', '100', '--out', str(tuning)]) == 0
     record = json.loads((tuning / 'results.json').read_text())
-    assert record['steps'] == 20 and record['seeds'] == [100]
+    assert record['steps'] == 20 and record['seeds'] == [100] and record['complete']
     lr_stage = record['stages']['uniform: learning rate']
     assert set(lr_stage['settings']) == set(benchmark.TUNING_LR[:2])
     best = min(lr_stage['settings'].items(), key=lambda kv: kv[1]['score'])[0]
@@ -340,6 +340,10 @@ def test_tuning_then_leaderboard_end_to_end(digits_mds, tmp_path, monkeypatch, c
     assert record['winners']['md'] == ['algorithms.momentum_decay.beta_end=0.5']
     assert '**winner**' in (tuning / 'results.md').read_text()
     board = tmp_path / 'board'
+    # A method whose tuning has not finished is refused by name.
+    with pytest.raises(SystemExit):
+        benchmark.main(['--leaderboard', *common, '--tuning', str(tuning), '--methods', 'speed', '--out', str(board)])
+    assert 'no tuning winner yet for [\'speed\']' in capsys.readouterr().err
     assert benchmark.main(['--leaderboard', *common, '--tuning', str(tuning), '--seeds', '0',
                            '--methods', 'uniform_aa,min_snr', '--out', str(board)]) == 0
     result = json.loads((board / 'results.json').read_text())
