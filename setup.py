@@ -23,6 +23,9 @@ install_requires = [
     'scikit-learn>=1.3',
     'matplotlib>=3.7',
     'mlxtend>=0.23',
+    # The schedulefree_adamw optimizer is a built-in name; the switching between its weights reads the optimizer's
+    # own state ('train_mode', 'k', 'z'), so minor versions, which may rename them, are not taken unseen.
+    'schedulefree>=1.4.1,<1.5',
     'pillow',
     'tqdm',
 ]

@@ -22,7 +22,8 @@ BUILTINS = {
                   'timestep_heatmap': 'composer_algos.callbacks.pictures:TimestepHeatmap'},
     'optimizers': {'adam': 'torch.optim:Adam', 'adamw': 'torch.optim:AdamW', 'sgd': 'torch.optim:SGD',
                    'decoupled_adamw': 'composer.optim:DecoupledAdamW',
-                   'decoupled_sgdw': 'composer.optim:DecoupledSGDW'},
+                   'decoupled_sgdw': 'composer.optim:DecoupledSGDW',
+                   'schedulefree_adamw': 'composer_algos.algorithms.schedule_free:schedulefree_adamw'},
     'schedulers': {
         'constant': 'composer.optim.scheduler:ConstantScheduler',
         'constant_with_warmup': 'composer.optim.scheduler:ConstantWithWarmupScheduler',

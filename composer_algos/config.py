@@ -189,6 +189,7 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     from composer import Trainer
     from composer.utils import dist, reproducibility
 
+    from composer_algos.algorithms.schedule_free import add_schedule_free
     cfg = dict(cfg)
     check_keys(cfg, list(TOP_LEVEL_KEYS), '')
     for required in ('model', 'train_loader', 'max_duration'):
@@ -214,6 +215,8 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     optimizer = build_optimizer(cfg.pop('optimizer', {'name': 'adamw'}), model)
     scheduler = build_scheduler(cfg.pop('scheduler', None))
     algorithms = build_algorithms(cfg.pop('algorithms', None))
+    # A schedule-free optimizer trains at other weights than it evaluates: the switching comes with it.
+    algorithms = add_schedule_free(optimizer, algorithms)
     validation.check_callback_loaders(cfg.get('callbacks'))
     callbacks = build_callbacks(cfg.pop('callbacks', None))
     loggers = build_loggers(cfg.pop('loggers', None))
