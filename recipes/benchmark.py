@@ -152,6 +152,21 @@ TIERS: dict[str, Tier] = {
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
+def fragments(method: str) -> list[str]:
+    """The algorithm fragments a method adds to uniform: its own (:data:`METHODS`), or, for a composition of methods
+    joined with ``+`` (``log_normal+min_snr``), theirs in order.
+
+    Raises:
+        KeyError: for a name that is neither.
+    """
+    base = split_variant(method)[0]
+    return [f for part in base.split('+') for f in METHODS[part]]
+
+
+def known_method(method: str) -> bool:
+    return all(part in METHODS for part in split_variant(method)[0].split('+'))
+
+
 def split_variant(method: str) -> tuple[str, list[str]]:
     """``'adaptive@algorithms.adaptive_timestep_sampling.entropy_coef=0.5'`` -> the base method and its overrides.
 
@@ -159,7 +174,8 @@ def split_variant(method: str) -> tuple[str, list[str]]:
     side-by-side runs of a setting against the defaults; a method of :data:`METHOD_SETTINGS` brings its own first.
     """
     base, _, rest = method.partition('@')
-    return base, METHOD_SETTINGS.get(base, []) + [o for o in rest.split(';') if o]
+    settings = [o for part in base.split('+') for o in METHOD_SETTINGS.get(part, [])]
+    return base, settings + [o for o in rest.split(';') if o]
 
 
 def split_methods(text: str) -> list[str]:
@@ -183,7 +199,7 @@ def _slug(method: str) -> str:
 def _recipe(method: str, directory: str, tier: str = 'digits', objective: str = 'ddpm') -> str:
     base, _ = split_variant(method)
     includes = [os.path.join(ROOT, TIERS[tier].recipe_for(objective))]
-    includes += [os.path.join(ROOT, 'yamls', 'algorithms', f'{f}.yaml') for f in METHODS[base]]
+    includes += [os.path.join(ROOT, 'yamls', 'algorithms', f'{f}.yaml') for f in fragments(base)]
     path = os.path.join(directory, f'{_slug(method)}.yaml')
     with open(path, 'w') as f:
         f.write('includes:\n' + ''.join(f'  - {i}\n' for i in includes))
@@ -778,7 +794,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         '(docs/flow_matching.md) fail when their run starts')
     parser.add_argument('--methods', default=None,
                         help='comma-separated, from: ' + ', '.join(METHODS) + '; METHOD@key=value[;key=value] is a '
-                        "variant of METHOD with recipe overrides (default: the tier's methods)")
+                        'variant of METHOD with recipe overrides, A+B a composition of methods (default: the tier\'s '
+                        'methods)')
     parser.add_argument('--seeds', default=None, help='default 0,1,2; --leaderboard: 0,1,2,3,4; --tune: 100,101')
     parser.add_argument('--steps', type=int, default=None, help="default: the tier's budget")
     parser.add_argument('--eval-every', type=int, default=None, help="default: the tier's")
@@ -850,7 +867,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optio
         args.methods, args.seeds, args.steps, args.eval_every = ','.join(QUICK_METHODS), '0', 40, 20
         args.fid_samples, args.ddim_steps, args.bpd_images, args.bpd_terms = 64, 5, 32, 4
     methods = split_methods(args.methods)
-    unknown = [m for m in methods if split_variant(m)[0] not in METHODS]
+    unknown = [m for m in methods if not known_method(m)]
     if unknown:
         parser.error(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
     if 'uniform' not in methods:
@@ -1032,8 +1049,10 @@ def leaderboard_name(method: str) -> str:
     """The registry names of what a method adds to uniform, joined with ``+`` (``clts_md`` ->
     ``curriculum_timestep_schedule+momentum_decay``); a setting of a method adds ``_<setting>``."""
     base, _ = split_variant(method)
-    if not METHODS[base]:
+    if not fragments(base):
         return base
+    if '+' in base:
+        return '+'.join(leaderboard_name(part) for part in base.split('+'))
     name = '+'.join(METHODS[base])
     return f'{name}_{base.split("_", 1)[1]}' if base in METHOD_SETTINGS else name
 
@@ -1041,7 +1060,7 @@ def leaderboard_name(method: str) -> str:
 def components(method: str) -> list[str]:
     """The single-fragment methods a method is made of (``clts_md`` -> ``['clts', 'md']``)."""
     single = {frags[0]: m for m, frags in METHODS.items() if len(frags) == 1 and m not in METHOD_SETTINGS}
-    return [single[f] for f in METHODS[split_variant(method)[0]]]
+    return [single[f] for f in fragments(method)]
 
 
 def geomean(values: Sequence[float]) -> float:
@@ -1152,7 +1171,7 @@ def leaderboard_jobs(args: argparse.Namespace, winners: dict[str, list[str]],
     for seed in seeds:
         for method in methods:
             overrides = list(winners['base'])
-            if METHODS[split_variant(method)[0]]:
+            if fragments(method):
                 for component in components(method):
                     overrides += winners.get(component, [])
             noise = NOISE_SEEDS if method == 'uniform' else ()
@@ -1357,11 +1376,11 @@ def _main_tune_or_leaderboard(parser: argparse.ArgumentParser, args: argparse.Na
         winners = json.load(f)['winners']
     args.tuning = _portable({'out': os.path.abspath(args.tuning)})['out']
     methods = split_methods(explicit_methods) if explicit_methods else list(LEADERBOARD_METHODS[args.objective])
-    unknown = [m for m in methods if split_variant(m)[0] not in METHODS]
+    unknown = [m for m in methods if not known_method(m)]
     if unknown:
         parser.error(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
     methods = ['uniform'] + [m for m in methods if m != 'uniform']
-    untuned = sorted({c for m in methods if METHODS[split_variant(m)[0]] for c in components(m) if c not in winners})
+    untuned = sorted({c for m in methods if fragments(m) for c in components(m) if c not in winners})
     if 'base' not in winners or untuned:
         parser.error(f'{args.tuning} has no tuning winner yet for {untuned or "uniform"}: wait for its --tune run to '
                      'reach them, or race the methods it has tuned (--methods)')

@@ -371,3 +371,16 @@ def test_the_objective_as_a_row_pairs_flow_and_ddpm_uniform_by_seed():
     assert comparison['flow_speedup_to_ddpm_final']['per_seed'] == pytest.approx([2.0, 2.0])
     assert comparison['final_fid_ratio_flow_over_ddpm']['geomean'] == pytest.approx(50 / 100)
     assert benchmark.objective_comparison(ddpm, [dict(flow[0], fingerprint_key='other')], 1000)['seeds'] == []
+
+
+def test_a_composition_of_methods_adds_every_fragment():
+    method = 'log_normal+min_snr@algorithms.min_snr_weighting.gamma=2.0'
+    assert benchmark.known_method(method) and not benchmark.known_method('log_normal+nothing')
+    assert benchmark.fragments(method) == ['log_normal_sampling', 'min_snr_weighting']
+    assert benchmark.leaderboard_name(method) == 'log_normal_sampling+min_snr_weighting'
+    assert benchmark.components(method) == ['log_normal', 'min_snr']
+    assert benchmark.split_variant('adaptive_paper+min_snr')[1] == ['algorithms.adaptive_timestep_sampling.reward=paper']
+    with tempfile.TemporaryDirectory() as tmp:
+        from composer_algos.config import load_config
+        cfg = load_config(benchmark._recipe(method, tmp), benchmark.split_variant(method)[1])
+    assert cfg['algorithms']['min_snr_weighting']['gamma'] == 2.0 and 'log_normal_sampling' in cfg['algorithms']
