@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from composer_algos import registry, validation
 from composer_algos.registry import ConfigError, call_checked, check_keys, named_items, suggest
+from composer_algos.validation import TOP_LEVEL_KEYS
 
 # Every part a recipe builds gets its arguments checked against the callee's annotations.
 registry.set_argument_hooks(validation.check_arguments, validation.explain_failure)
@@ -38,43 +39,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-# Top-level keys and their meaning. Keys passed straight to Composer's Trainer are marked 'trainer'.
-TOP_LEVEL_KEYS = {
-    'includes': 'YAML fragments merged before this file (paths relative to it)',
-    'run_name': 'trainer',
-    'seed': 'trainer',
-    'max_duration': 'trainer',
-    'device': 'trainer',
-    'precision': 'trainer',
-    'device_train_microbatch_size': 'trainer',
-    'eval_interval': 'trainer',
-    'eval_subset_num_batches': 'trainer',
-    'save_folder': 'trainer',
-    'save_interval': 'trainer',
-    'save_filename': 'trainer',
-    'save_latest_filename': 'trainer',
-    'save_overwrite': 'trainer',
-    'save_num_checkpoints_to_keep': 'trainer',
-    'autoresume': 'trainer',
-    'load_path': 'trainer',
-    'load_weights_only': 'trainer',
-    'progress_bar': 'trainer',
-    'log_to_console': 'trainer',
-    'console_log_interval': 'trainer',
-    'python_log_level': 'trainer',
-    'dist_timeout': 'trainer',
-    'parallelism_config': 'trainer',
-    'model': 'the DiffusionModel: denoiser, noise_schedule, prediction_type, ...',
-    'train_loader': 'training data (registry: datasets)',
-    'eval_loader': 'evaluation data (registry: datasets)',
-    'optimizer': 'optimizer: name and its arguments',
-    'scheduler': 'learning-rate scheduler: name and its arguments',
-    'algorithms': 'algorithms by registry name: a mapping name -> arguments, or a list',
-    'callbacks': 'callbacks by registry name: a mapping name -> arguments, or a list',
-    'loggers': 'loggers by name (file, tensorboard, wandb, mlflow)',
-    'prepare_data': 'convert a bundled dataset into train_loader.local if missing: true (digits), digits, mnist5k '
-                    'or false',
-}
 
 
 def call_with_config(fn: Callable[..., Any], kwargs: dict, where: str) -> Any:

@@ -29,9 +29,47 @@ from omegaconf.errors import OmegaConfBaseException
 
 from composer_algos.registry import ConfigError, algorithms, check_keys, named_items, resolve
 
-__all__ = ['read_yaml', 'merge_overrides', 'to_container', 'check_arguments', 'explain_failure',
+__all__ = ['TOP_LEVEL_KEYS', 'read_yaml', 'merge_overrides', 'to_container', 'check_arguments', 'explain_failure',
            'check_recipe', 'check_device', 'check_loader_files', 'check_callback_loaders', 'check_data_fits_model',
            'check_checkpoints']
+
+# Top-level keys and their meaning. Keys passed straight to Composer's Trainer are marked 'trainer'.
+TOP_LEVEL_KEYS = {
+    'includes': 'YAML fragments merged before this file (paths relative to it)',
+    'run_name': 'trainer',
+    'seed': 'trainer',
+    'max_duration': 'trainer',
+    'device': 'trainer',
+    'precision': 'trainer',
+    'device_train_microbatch_size': 'trainer',
+    'eval_interval': 'trainer',
+    'eval_subset_num_batches': 'trainer',
+    'save_folder': 'trainer',
+    'save_interval': 'trainer',
+    'save_filename': 'trainer',
+    'save_latest_filename': 'trainer',
+    'save_overwrite': 'trainer',
+    'save_num_checkpoints_to_keep': 'trainer',
+    'autoresume': 'trainer',
+    'load_path': 'trainer',
+    'load_weights_only': 'trainer',
+    'progress_bar': 'trainer',
+    'log_to_console': 'trainer',
+    'console_log_interval': 'trainer',
+    'python_log_level': 'trainer',
+    'dist_timeout': 'trainer',
+    'parallelism_config': 'trainer',
+    'model': 'the DiffusionModel: denoiser, noise_schedule, prediction_type, ...',
+    'train_loader': 'training data (registry: datasets)',
+    'eval_loader': 'evaluation data (registry: datasets)',
+    'optimizer': 'optimizer: name and its arguments',
+    'scheduler': 'learning-rate scheduler: name and its arguments',
+    'algorithms': 'algorithms by registry name: a mapping name -> arguments, or a list',
+    'callbacks': 'callbacks by registry name: a mapping name -> arguments, or a list',
+    'loggers': 'loggers by name (file, tensorboard, wandb, mlflow)',
+    'prepare_data': 'convert a bundled dataset into train_loader.local if missing: true (digits), digits, mnist5k '
+                    'or false',
+}
 
 _DURATION = 'a duration such as 500ba, 2ep or 0.5dur'
 # A sensible max_duration in each unit, for messages.
@@ -299,7 +337,6 @@ def check_recipe(cfg: dict[str, Any]) -> None:
                                     str: 'the name of a bundled dataset'}[k]
                                    for k in kinds)
             raise ConfigError(_one_line(f'{key}={_yaml_text(cfg[key])}: expected {expected}.'))
-    from composer_algos.config import TOP_LEVEL_KEYS
     trainer_args = {k: v for k, v in cfg.items() if TOP_LEVEL_KEYS.get(k) == 'trainer'}
     check_arguments(Trainer, trainer_args, '')
     if cfg.get('autoresume') and not cfg.get('save_folder'):
