@@ -8,16 +8,24 @@ from typing import Any
 import torch
 from composer.core import State, Time, TimeUnit
 
-from composer_algos.diffusion.utils import get_diffusion_model
+from composer_algos.diffusion.contract import get_diffusion_model, record_of
+from composer_algos.diffusion.draw import DrawRecord
 from composer_algos.registry import ConfigError
 
-__all__ = ['diffusion_model', 'install_density', 'install_fixed_distribution', 'objective_of', 'refuse_flow_matching',
+__all__ = ['diffusion_model', 'draw_record', 'install_density', 'install_fixed_distribution', 'objective_of', 'refuse_flow_matching',
            'require_flow_matching', 'ReprMixin', 'parse_time', 'span_fraction']
 
 
 def diffusion_model(state: State, algorithm: Any) -> Any:
     """The model behind ``state.model`` that implements the diffusion contract (error naming ``algorithm`` if none)."""
     return get_diffusion_model(state.model, algorithm)
+
+
+def draw_record(state: State, algorithm: Any) -> DrawRecord:
+    """The :class:`~composer_algos.diffusion.DrawRecord` the model's forward published for the current micro-batch
+    (``state.outputs['draw']``): what was drawn, from which distribution, and the per-sample loss there. An error
+    naming ``algorithm`` when the outputs hold none."""
+    return record_of(state.outputs, type(algorithm).__name__)
 
 
 def objective_of(model: Any) -> str:

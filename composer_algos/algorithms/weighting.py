@@ -19,17 +19,13 @@ import torch
 from composer.algorithms.warnings import NoEffectWarning
 
 from composer_algos.algorithms.common import diffusion_model, require_flow_matching
-from composer_algos.diffusion.model import PREDICTION_TYPES, LossWeighting
+from composer_algos.diffusion.model import LossWeighting
+from composer_algos.diffusion.schedule import check_prediction_type
 
 __all__ = ['apply_flow_weighting', 'check_prediction_type', 'epsilon_loss_factor', 'from_epsilon_weight',
            'install_flow_loss_weighting', 'install_loss_weighting']
 
 log = logging.getLogger(__name__)
-
-
-def check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.')
 
 
 def epsilon_loss_factor(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -84,13 +84,12 @@ from composer_algos.algorithms.adaptive_timestep_sampling.functional import (gri
                                                                             nats_to_bits, reinforce_loss,
                                                                             select_timesteps, standardised,
                                                                             sum_of_changes)
-from composer_algos.algorithms.adaptive_timestep_sampling.policy import (BetaPolicy, GlobalPolicy, PolicySampler,
-                                                                        module_device)
+from composer_algos.algorithms.adaptive_timestep_sampling.policy import BetaPolicy, GlobalPolicy, PolicySampler
 from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROBE_PRECISIONS, FullPrecisionReplica,
                                                                            casts_parameters, probe_math)
-from composer_algos.algorithms.common import diffusion_model, objective_of
+from composer_algos.algorithms.common import diffusion_model, draw_record, objective_of
 from composer_algos.diffusion.samplers import tilt_log_probs
-from composer_algos.diffusion.utils import device_batch
+from composer_algos.diffusion.utils import device_batch, module_device
 from composer_algos.distributed import all_gather, all_reduce, broadcast, global_positions, rank_world
 from composer_algos.evaluation.sampling import eval_mode
 from composer_algos.seeding import derive_seed, keyed_uniform_and_normal
@@ -292,7 +291,7 @@ class AdaptiveTimestepSampling(Algorithm):
         if event == Event.INIT:
             self._setup(model, state)
         elif event == Event.FIT_START:
-            device = _module_device(model)
+            device = module_device(model)
             self._place(device)
             if self._replica is not None:
                 self._replica.to(device)
@@ -388,15 +387,11 @@ class AdaptiveTimestepSampling(Algorithm):
         self.probe_due = False
 
     def _collect_timesteps(self, state: State, model: Any) -> None:
-        outputs = state.outputs
-        if not isinstance(outputs, dict) or 't' not in outputs:
-            raise ValueError("AdaptiveTimestepSampling reads the drawn timesteps from the forward outputs, which must "
-                             f"be a dict with key 't' (got {type(outputs).__name__}).")
-        draw = outputs.get('draw')
-        if not self._probe.t and draw is not None:
+        record = draw_record(state, self)
+        if not self._probe.t:
             # The prior in force when t was drawn (a curriculum may change it at the next batch).
-            self._probe.prior = None if draw.prior is None else draw.prior.detach()
-        self._probe.t.append(outputs['t'].detach())
+            self._probe.prior = None if record.prior is None else record.prior.detach()
+        self._probe.t.append(record.t.detach())
 
     def _probe_pass(self, model: Any, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
         """Every term of a probe in one batched denoiser forward, eval mode, with the probe's keyed noise.
@@ -591,11 +586,6 @@ def _learning_rate(state: State) -> float:
     """The largest learning rate the optimizers will use in this step."""
     return max((float(group['lr']) for optimizer in state.optimizers for group in optimizer.param_groups),
                default=1.0)
-
-
-def _module_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device('cpu')
 
 
 def _loss_is_finite(loss: Any) -> bool:

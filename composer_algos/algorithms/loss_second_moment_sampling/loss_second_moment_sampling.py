@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model
+from composer_algos.algorithms.common import ReprMixin, diffusion_model, draw_record
 from composer_algos.diffusion.samplers import TimestepSampler
 from composer_algos.distributed import all_gather, is_distributed
 
@@ -154,7 +154,7 @@ def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
 class LossSecondMomentSampling(ReprMixin, Algorithm):
     """Owns the timestep sampler: Improved DDPM's importance sampling by ``sqrt(E[L_t^2])``, weights ``1 / (T p)``.
 
-    Reads ``t`` and the unweighted ``per_sample_loss`` from ``state.outputs`` at every ``Event.AFTER_LOSS`` (once
+    Reads ``t`` and the unweighted ``per_sample_loss`` from the model's draw record at every ``Event.AFTER_LOSS`` (once
     per micro-batch), all-gathers them at ``Event.AFTER_TRAIN_BATCH`` and appends them to the history, which is
     therefore the same on every rank. The history (``losses``, ``counts``) is saved in checkpoints. Logs
     ``loss_second_moment/filled`` (fraction of timesteps with a full history) and, once warm,
@@ -196,14 +196,10 @@ class LossSecondMomentSampling(ReprMixin, Algorithm):
             # attempt's losses must not be recorded.
             self._pending = []
         elif event == Event.AFTER_LOSS:
-            outputs = state.outputs
-            if not (isinstance(outputs, Mapping) and 't' in outputs and 'per_sample_loss' in outputs):
-                found = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
-                raise KeyError(f'{type(self).__name__} reads `t` and `per_sample_loss` from the forward outputs '
-                               f'(the diffusion contract); the model returned {found}.')
+            record = draw_record(state, self)
             self._pending.append(
-                torch.stack([outputs['t'].detach().to(torch.float64),
-                             outputs['per_sample_loss'].detach().to(torch.float64)], dim=1))
+                torch.stack([record.t.detach().to(torch.float64),
+                             record.per_sample_loss.detach().to(torch.float64)], dim=1))
         else:
             self._record(logger)
 
