@@ -1,4 +1,5 @@
-"""Mechanisms every algorithm here shares: finding the model, clean reprs, spans of training time."""
+"""Mechanisms every algorithm here shares: the draw record, the objective, installing a sampler, clean reprs, spans of
+training time."""
 
 from __future__ import annotations
 
@@ -8,17 +9,14 @@ from typing import Any
 import torch
 from composer.core import State, Time, TimeUnit
 
-from composer_algos.diffusion.contract import get_diffusion_model, record_of
+from composer_algos.diffusion.contract import record_of
 from composer_algos.diffusion.draw import DrawRecord
-from composer_algos.registry import ConfigError
 
-__all__ = ['diffusion_model', 'draw_record', 'install_density', 'install_fixed_distribution', 'objective_of', 'refuse_flow_matching',
-           'require_flow_matching', 'ReprMixin', 'parse_time', 'span_fraction']
+__all__ = ['SAMPLER_NEEDS', 'draw_record', 'install_density', 'install_fixed_distribution', 'objective_of',
+           'ReprMixin', 'parse_time', 'span_fraction']
 
-
-def diffusion_model(state: State, algorithm: Any) -> Any:
-    """The model behind ``state.model`` that implements the diffusion contract (error naming ``algorithm`` if none)."""
-    return get_diffusion_model(state.model, algorithm)
+# The contract members install_density and install_fixed_distribution use.
+SAMPLER_NEEDS = ('noise_schedule', 'num_timesteps', 'set_timestep_sampler')
 
 
 def draw_record(state: State, algorithm: Any) -> DrawRecord:
@@ -32,22 +30,6 @@ def objective_of(model: Any) -> str:
     """The objective a model trains: its ``objective`` (``'ddpm'`` or ``'flow_matching'``); ``'ddpm'`` for a model
     implementing the contract without saying."""
     return getattr(model, 'objective', 'ddpm')
-
-
-def refuse_flow_matching(model: Any, algorithm: Any, why: str, instead: str) -> None:
-    """Raise a ``ConfigError`` (a ``ValueError``; a recipe stops on it with one line) naming ``algorithm`` when
-    ``model`` trains flow matching: ``why`` it does not apply and what to use ``instead`` (docs/flow_matching.md)."""
-    if objective_of(model) == 'flow_matching':
-        raise ConfigError(f'{type(algorithm).__name__} does not apply to flow-matching models: {why} Remove it, or '
-                          f'{instead} (docs/flow_matching.md lists what applies to which objective).')
-
-
-def require_flow_matching(model: Any, algorithm: Any, why: str, instead: str) -> None:
-    """Raise a ``ConfigError`` naming ``algorithm`` unless ``model`` trains flow matching (see
-    :func:`refuse_flow_matching`)."""
-    if objective_of(model) != 'flow_matching':
-        raise ConfigError(f'{type(algorithm).__name__} applies to flow-matching models only (model.objective: '
-                          f'flow_matching): {why} Remove it, or {instead} (docs/flow_matching.md).')
 
 
 def install_density(model: Any, density: Any, owner: str) -> float:

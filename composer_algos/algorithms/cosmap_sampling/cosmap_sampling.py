@@ -12,16 +12,19 @@ Flow matching: ``sigma = shift(u)``. DDPM: ``u`` is the position ``t / T`` on th
 
 from __future__ import annotations
 
-from composer.core import Algorithm, Event, State
+from typing import Any
+
+from composer.core import State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_density
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.common import SAMPLER_NEEDS, install_density
 from composer_algos.diffusion.densities import CosMapDensity
 
 __all__ = ['CosMapSampling']
 
 
-class CosMapSampling(ReprMixin, Algorithm):
+class CosMapSampling(DiffusionAlgorithm):
     """Owns the timestep sampler: SD3's CosMap density of the time ``u`` (no importance weights).
 
     Example:
@@ -29,9 +32,8 @@ class CosMapSampling(ReprMixin, Algorithm):
         CosMapSampling()
     """
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
+    needs = SAMPLER_NEEDS
+    owns_timestep_sampler = True
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        mean_u = install_density(diffusion_model(state, self), CosMapDensity(), type(self).__name__)
-        logger.log_hyperparameters({'cosmap_sampling/mean_u': mean_u})
+    def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
+        return {'cosmap_sampling/mean_u': install_density(model, CosMapDensity(), self.owner)}

@@ -14,16 +14,19 @@ position ``t / T`` on the schedule, as for :mod:`logit_normal_sampling`.
 
 from __future__ import annotations
 
-from composer.core import Algorithm, Event, State
+from typing import Any
+
+from composer.core import State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, install_density
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.common import SAMPLER_NEEDS, install_density
 from composer_algos.diffusion.densities import ModeDensity
 
 __all__ = ['ModeSampling']
 
 
-class ModeSampling(ReprMixin, Algorithm):
+class ModeSampling(DiffusionAlgorithm):
     """Owns the timestep sampler: SD3's mode density of the time ``u`` (no importance weights).
 
     Logs the density's mean ``u`` as a hyperparameter.
@@ -36,13 +39,12 @@ class ModeSampling(ReprMixin, Algorithm):
         ModeSampling(scale=1.29)
     """
 
+    needs = SAMPLER_NEEDS
+    owns_timestep_sampler = True
+
     def __init__(self, scale: float = 1.29):
         self._density = ModeDensity(scale)
         self.scale = float(scale)
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        mean_u = install_density(diffusion_model(state, self), self._density, type(self).__name__)
-        logger.log_hyperparameters({'mode_sampling/mean_u': mean_u})
+    def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
+        return {'mode_sampling/mean_u': install_density(model, self._density, self.owner)}
