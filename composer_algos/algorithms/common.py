@@ -1,22 +1,16 @@
-"""Mechanisms every algorithm here shares: the draw record, the objective, installing a sampler, clean reprs, spans of
-training time."""
+"""Mechanisms every algorithm here shares: the draw record, the objective, clean reprs, spans of training time."""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
-import torch
 from composer.core import State, Time, TimeUnit
 
 from composer_algos.diffusion.contract import record_of
 from composer_algos.diffusion.draw import DrawRecord
 
-__all__ = ['SAMPLER_NEEDS', 'draw_record', 'install_density', 'install_fixed_distribution', 'objective_of',
-           'ReprMixin', 'parse_time', 'span_fraction']
-
-# The contract members install_density and install_fixed_distribution use.
-SAMPLER_NEEDS = ('noise_schedule', 'num_timesteps', 'set_timestep_sampler')
+__all__ = ['draw_record', 'objective_of', 'ReprMixin', 'parse_time', 'span_fraction']
 
 
 def draw_record(state: State, algorithm: Any) -> DrawRecord:
@@ -30,32 +24,6 @@ def objective_of(model: Any) -> str:
     """The objective a model trains: its ``objective`` (``'ddpm'`` or ``'flow_matching'``); ``'ddpm'`` for a model
     implementing the contract without saying."""
     return getattr(model, 'objective', 'ddpm')
-
-
-def install_density(model: Any, density: Any, owner: str) -> float:
-    """Make a closed-form density of the time ``u`` in [0, 1] (:mod:`composer_algos.diffusion.densities`) ``model``'s
-    timestep sampler, owned by ``owner``; return the density's mean ``u``.
-
-    Flow matching: a :class:`~composer_algos.diffusion.samplers.ContinuousTimestepSampler`, ``sigma = shift(u)``.
-    DDPM: ``u`` is the position ``t / T`` on the schedule, each timestep getting its cell's mass
-    ``P(t / T <= u < (t + 1) / T)`` (the distribution of ``floor(u T)``, as diffusers' training scripts index it).
-    """
-    from composer_algos.diffusion.densities import grid_masses
-    from composer_algos.diffusion.samplers import ContinuousTimestepSampler
-    if objective_of(model) == 'flow_matching':
-        model.set_timestep_sampler(ContinuousTimestepSampler(density, model.noise_schedule), owner)
-    else:
-        edges = torch.arange(model.num_timesteps + 1, dtype=torch.float64) / model.num_timesteps
-        install_fixed_distribution(model, grid_masses(density, edges), owner)
-    edges = torch.linspace(0, 1, 1001, dtype=torch.float64)
-    return float((grid_masses(density, edges) * (edges[1:] + edges[:-1]) / 2).sum())
-
-
-def install_fixed_distribution(model: Any, probs: torch.Tensor, owner: str) -> float:
-    """Make a fixed ``(T,)`` distribution ``model``'s timestep sampler (owned by ``owner``); return its mean t."""
-    from composer_algos.diffusion.samplers import FixedDistributionSampler
-    model.set_timestep_sampler(FixedDistributionSampler(probs), owner)
-    return float((probs.double() * torch.arange(probs.numel(), dtype=torch.float64)).sum())
 
 
 class ReprMixin:

@@ -12,19 +12,13 @@ Flow matching: ``sigma = shift(u)``. DDPM: ``u`` is the position ``t / T`` on th
 
 from __future__ import annotations
 
-from typing import Any
-
-from composer.core import State
-from composer.loggers import Logger
-
-from composer_algos.algorithms.base import DiffusionAlgorithm
-from composer_algos.algorithms.common import SAMPLER_NEEDS, install_density
-from composer_algos.diffusion.densities import CosMapDensity
+from composer_algos.algorithms.sampling import DensitySampling
+from composer_algos.diffusion.densities import CosMapDensity, TimeDensity
 
 __all__ = ['CosMapSampling']
 
 
-class CosMapSampling(DiffusionAlgorithm):
+class CosMapSampling(DensitySampling):
     """Owns the timestep sampler: SD3's CosMap density of the time ``u`` (no importance weights).
 
     Example:
@@ -32,8 +26,7 @@ class CosMapSampling(DiffusionAlgorithm):
         CosMapSampling()
     """
 
-    needs = SAMPLER_NEEDS
-    owns_timestep_sampler = True
+    prefix = 'cosmap_sampling'
 
-    def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
-        return {'cosmap_sampling/mean_u': install_density(model, CosMapDensity(), self.owner)}
+    def density(self) -> TimeDensity:
+        return CosMapDensity()

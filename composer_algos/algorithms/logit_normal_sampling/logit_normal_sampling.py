@@ -25,9 +25,9 @@ import torch
 from composer.core import State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.base import DiffusionAlgorithm
-from composer_algos.algorithms.common import SAMPLER_NEEDS, install_density, install_fixed_distribution, objective_of
-from composer_algos.diffusion.densities import LogitNormalDensity
+from composer_algos.algorithms.common import objective_of
+from composer_algos.algorithms.sampling import DensitySampling, install_fixed_distribution
+from composer_algos.diffusion.densities import LogitNormalDensity, TimeDensity
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['LogitNormalSampling', 'logit_normal_probs']
@@ -56,7 +56,7 @@ def logit_normal_probs(schedule: NoiseSchedule, m: float = 0.0, s: float = 1.0) 
     return probs / probs.sum()
 
 
-class LogitNormalSampling(DiffusionAlgorithm):
+class LogitNormalSampling(DensitySampling):
     """Owns the timestep sampler: draws sigma = shift(u) (flow matching) or t (DDPM, ``u = t / T``) from SD3's
     logit-normal density of ``u`` (no importance weights).
 
@@ -71,17 +71,18 @@ class LogitNormalSampling(DiffusionAlgorithm):
         LogitNormalSampling(m=0.0, s=1.0)
     """
 
-    needs = SAMPLER_NEEDS
-    owns_timestep_sampler = True
+    prefix = 'logit_normal_sampling'
 
     def __init__(self, m: float = 0.0, s: float = 1.0):
         _check(m, s)
         self.m = float(m)
         self.s = float(s)
 
+    def density(self) -> TimeDensity:
+        return LogitNormalDensity(self.m, self.s)
+
     def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
         if objective_of(model) == 'flow_matching':
-            return {'logit_normal_sampling/mean_u': install_density(model, LogitNormalDensity(self.m, self.s),
-                                                                    self.owner)}
+            return super().install(model, state, logger)
         probs = logit_normal_probs(model.noise_schedule, self.m, self.s)
         return {'logit_normal_sampling/mean_t': install_fixed_distribution(model, probs, self.owner)}

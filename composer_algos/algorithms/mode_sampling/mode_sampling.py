@@ -14,19 +14,13 @@ position ``t / T`` on the schedule, as for :mod:`logit_normal_sampling`.
 
 from __future__ import annotations
 
-from typing import Any
-
-from composer.core import State
-from composer.loggers import Logger
-
-from composer_algos.algorithms.base import DiffusionAlgorithm
-from composer_algos.algorithms.common import SAMPLER_NEEDS, install_density
-from composer_algos.diffusion.densities import ModeDensity
+from composer_algos.algorithms.sampling import DensitySampling
+from composer_algos.diffusion.densities import ModeDensity, TimeDensity
 
 __all__ = ['ModeSampling']
 
 
-class ModeSampling(DiffusionAlgorithm):
+class ModeSampling(DensitySampling):
     """Owns the timestep sampler: SD3's mode density of the time ``u`` (no importance weights).
 
     Logs the density's mean ``u`` as a hyperparameter.
@@ -39,12 +33,11 @@ class ModeSampling(DiffusionAlgorithm):
         ModeSampling(scale=1.29)
     """
 
-    needs = SAMPLER_NEEDS
-    owns_timestep_sampler = True
+    prefix = 'mode_sampling'
 
     def __init__(self, scale: float = 1.29):
         self._density = ModeDensity(scale)
         self.scale = float(scale)
 
-    def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
-        return {'mode_sampling/mean_u': install_density(model, self._density, self.owner)}
+    def density(self) -> TimeDensity:
+        return self._density
