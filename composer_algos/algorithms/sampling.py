@@ -1,5 +1,4 @@
-"""What every timestep-sampler algorithm here shares: installing a density of the time, or a fixed distribution, as
-the model's sampler."""
+"""What the timestep-sampler algorithms share: installing a density of the time or a fixed distribution as sampler."""
 
 from __future__ import annotations
 
