@@ -375,8 +375,8 @@ def _check_microbatch_size(size: Any) -> None:
 
 def _check_algorithm_roles(section: Any) -> None:
     """Algorithms that cannot run together, told from their classes' declared roles before any model is built."""
-    from composer_algos.algorithms.common import check_timestep_sampler_roles
-    check_timestep_sampler_roles([(f'algorithms.{name}', resolve(algorithms, name, 'algorithm'))
+    from composer_algos.algorithms.base import check_timestep_sampler_owners
+    check_timestep_sampler_owners([(f'algorithms.{name}', resolve(algorithms, name, 'algorithm'))
                                   for name, _ in named_items(section, 'algorithms')])
 
 

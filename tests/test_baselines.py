@@ -298,14 +298,14 @@ def test_importance_weights_are_one_over_t_p_through_the_model():
     sampler = LossSecondMomentSampler(50, history=2, uniform_prob=0.2)
     model.set_timestep_sampler(sampler, owner='test')
     draw = model.draw_timesteps(torch.zeros(256, 1, 8, 8))
-    t, w = draw.t, draw.weight
+    t, w = draw.t, draw.importance_weight
     assert bool((w == 1).all())  # not warm: uniform, weight 1
     sampler.update(torch.arange(50).repeat(2), torch.linspace(0.1, 5.0, 50, dtype=torch.float64).repeat(2))
     assert sampler.warm()
     probs = sampler.probs()
     assert float(probs.max() / probs.min()) > 5
     draw = model.draw_timesteps(torch.zeros(4096, 1, 8, 8))
-    t, w = draw.t, draw.weight
+    t, w = draw.t, draw.importance_weight
     torch.testing.assert_close(w, 1.0 / (50 * probs[t]))
     # The draws follow p: far more draws of the high-loss timesteps.
     assert int((t >= 40).sum()) > 3 * int((t < 10).sum())
@@ -427,7 +427,8 @@ class OutputRecorder(Callback):
         self.outputs = []
 
     def after_loss(self, state, logger):
-        self.outputs.append({k: state.outputs[k].detach().clone() for k in ('t', 'per_sample_loss', 'weight')})
+        record = state.outputs['draw']
+        self.outputs.append({k: getattr(record, k).detach().clone() for k in ('t', 'per_sample_loss', 'loss_weight')})
 
 
 def test_weightings_multiply_in_training(digits_mds):
@@ -439,7 +440,7 @@ def test_weightings_multiply_in_training(digits_mds):
     for out in rec.outputs:
         t = out['t']
         expected = min_snr_weight(s, t) * p2_weight(s, t) * speed_weight(s, t)
-        torch.testing.assert_close(out['weight'], expected.float())
+        torch.testing.assert_close(out['loss_weight'], expected.float())
     assert len(rec.outputs) == 2
 
 

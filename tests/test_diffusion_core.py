@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from composer_algos.diffusion import (DiffusionModel, FixedDistributionSampler, NoiseSchedule, TimeConditionedConvNet,
-                                      UniformSampler, build_unet, sample_from_probs, tilt)
+from composer_algos.diffusion import (DiffusionModel, DrawRecord, FixedDistributionSampler, FlowMatchingModel,
+                                      FlowSchedule, NoiseSchedule, TimeConditionedConvNet, UniformSampler, build_unet,
+                                      sample_from_probs, tilt)
+from composer_algos.diffusion.contract import CONTRACT_MEMBERS, DiffusionContract, missing_members
 
 
 def test_linear_schedule_matches_ddpm_closed_form():
@@ -96,7 +98,7 @@ def test_importance_weight_is_target_over_sampler():
     p = torch.tensor([0.1, 0.2, 0.3, 0.4])
     model.set_timestep_sampler(FixedDistributionSampler(p, importance=True), owner='A')
     draw = model.draw_timesteps(torch.zeros(64, 1, 8, 8))
-    t, w = draw.t, draw.weight
+    t, w = draw.t, draw.importance_weight
     torch.testing.assert_close(w, 1.0 / (4 * p[t]))
     with pytest.raises(ValueError, match='B and A both set the timestep sampler'):
         model.set_timestep_sampler(UniformSampler(4), owner='B')
@@ -107,14 +109,36 @@ def test_loss_weightings_multiply_and_loss_is_weighted_mean():
     model.add_loss_weighting(lambda s, t, p: t.float() + 1, owner='a')
     model.add_loss_weighting(lambda s, t, p: torch.full_like(t, 0.5, dtype=torch.float), owner='b')
     out = model({'image': torch.zeros(8, 1, 8, 8)})
-    torch.testing.assert_close(out['weight'], (out['t'].float() + 1) * 0.5)
-    torch.testing.assert_close(model.loss(out, None), (out['weight'] * out['per_sample_loss']).mean())
+    record = out['draw']
+    torch.testing.assert_close(record.loss_weight, (record.t.float() + 1) * 0.5)
+    torch.testing.assert_close(model.loss(out, None), (record.loss_weight * record.per_sample_loss).mean())
+
+
+def test_both_models_provide_the_contract_and_publish_one_draw_record():
+    members = [name for name in vars(DiffusionContract) if not name.startswith('_')]
+    assert CONTRACT_MEMBERS == tuple(members) and all(vars(DiffusionContract)[m].__doc__ for m in members)
+    flow = FlowMatchingModel(TimeConditionedConvNet(in_channels=1, width=16), FlowSchedule(num_cells=100))
+    for model in (tiny_model(), flow):
+        assert missing_members(model) == [] and all(hasattr(model, name) for name in CONTRACT_MEMBERS)
+        x0 = torch.randn(5, 1, 8, 8)
+        for outputs in (model({'image': x0}), model.eval_forward({'image': x0})):
+            assert list(outputs) == ['draw']
+            record = outputs['draw']
+            assert isinstance(record, DrawRecord) and record.per_sample_loss.shape == record.t.shape == (5,)
+            assert (record.sigma is None) == (model is not flow) and record.noise.shape == x0.shape
+            torch.testing.assert_close(model.loss(outputs, None), (record.loss_weight * record.per_sample_loss).mean())
+        # The evaluation draw depends on the batch only: the same batch, the same levels, noise and losses.
+        again = model.eval_forward({'image': x0})['draw']
+        torch.testing.assert_close(again.level, record.level)
+        torch.testing.assert_close(again.per_sample_loss, record.per_sample_loss)
+    with pytest.raises(ValueError, match="DrawRecord under 'draw'.*returned \\['t'\\]"):
+        tiny_model().loss({'t': torch.zeros(2)}, None)
 
 
 def test_nan_loss_is_a_clear_error():
     model = tiny_model()
     out = model({'image': torch.zeros(4, 1, 8, 8)})
-    out['per_sample_loss'] = out['per_sample_loss'] * float('nan')
+    out['draw'].per_sample_loss = out['draw'].per_sample_loss * float('nan')
     with pytest.raises(FloatingPointError, match='Lower the learning rate'):
         model.loss(out, None)
 

@@ -196,10 +196,10 @@ def check_objective(shift: float) -> None:
     net = Recorder()
     model = flow_model(shift=shift, denoiser=net)
     x0 = torch.randn(6, 1, 8, 8)
-    outputs = model({'image': x0})
+    record = model({'image': x0})['draw']
     model.num_draws = 0
     u, noise = model.draw_randoms(x0)
-    sigma = outputs['sigma']
+    sigma = record.sigma
     # Uniform time, shifted.
     torch.testing.assert_close(sigma, shift_sigmas(u, shift))
     x_t, t = net.calls[-1]
@@ -207,9 +207,9 @@ def check_objective(shift: float) -> None:
     torch.testing.assert_close(x_t, (1 - s) * x0 + s * noise)
     torch.testing.assert_close(t, sigma.float() * 1000)
     target = noise - x0
-    torch.testing.assert_close(outputs['per_sample_loss'], (0.5 * x_t - target).pow(2).flatten(1).mean(1))
-    assert outputs['t'].tolist() == torch.floor(sigma * 100).long().tolist()
-    assert outputs['draw'].sigma is sigma
+    torch.testing.assert_close(record.per_sample_loss, (0.5 * x_t - target).pow(2).flatten(1).mean(1))
+    assert record.t.tolist() == torch.floor(sigma * 100).long().tolist()
+    torch.testing.assert_close(record.noise, noise)
     # training_losses at given cells uses their centres.
     cells = torch.tensor([0, 49, 99])
     losses = model.training_losses(x0[:3], cells, noise[:3])
@@ -300,7 +300,7 @@ def check_density_sampler(algorithm, density) -> None:
     u = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     draw = model.draw_timesteps(x0, u)
     torch.testing.assert_close(draw.sigma, shift_sigmas(density.inverse_cdf(u), 3.0))
-    assert bool((draw.weight == 1).all())
+    assert bool((draw.importance_weight == 1).all())
     # The cell masses it reports are the density's, moved by the shift.
     edges = unshift_sigmas(torch.arange(101, dtype=torch.float64) / 100, 3.0)
     torch.testing.assert_close(model.timestep_distribution().double(), grid_masses(density, edges), rtol=1e-5,
@@ -342,8 +342,8 @@ def test_flow_weightings_refuse_a_ddpm_model_and_weight_by_sigma():
             init(tiny_model(), algorithm)
         model = flow_model()
         init(model, algorithm)
-        outputs = model({'image': torch.randn(5, 1, 8, 8)})
-        torch.testing.assert_close(outputs['weight'], reference(None, outputs['sigma']).float())
+        record = model({'image': torch.randn(5, 1, 8, 8)})['draw']
+        torch.testing.assert_close(record.loss_weight, reference(None, record.sigma).float())
 
 
 
@@ -358,10 +358,10 @@ def test_loss_aware_sampler_and_a_weighting_train_a_flow_model(digits_mds):
     x0 = torch.zeros(8, 1, 8, 8)
     draw = model.draw_timesteps(x0, torch.linspace(0.05, 0.95, 8, dtype=torch.float64))
     own = model.default_timestep_sampler().probs(x0)
-    torch.testing.assert_close(draw.weight, (own[draw.t] / draw.probs[draw.t]).float())
-    outputs = model({'image': x0})
-    torch.testing.assert_close(outputs['weight'],
-                               (outputs['draw'].weight * sigma_sqrt_weight(None, outputs['sigma'])).float())
+    torch.testing.assert_close(draw.importance_weight, (own[draw.t] / draw.probs[draw.t]).float())
+    record = model({'image': x0})['draw']
+    torch.testing.assert_close(record.loss_weight,
+                               (record.importance_weight * sigma_sqrt_weight(None, record.sigma)).float())
 
 
 def test_curriculum_over_sigma_tilts_the_draws_towards_mu():

@@ -1,100 +1,29 @@
-"""Mechanisms every algorithm here shares: finding the model, clean reprs, spans of training time."""
+"""Mechanisms every algorithm here shares: the draw record, the objective, clean reprs, spans of training time."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 from composer.core import State, Time, TimeUnit
 
-from composer_algos.diffusion.utils import get_diffusion_model
-from composer_algos.registry import ConfigError
+from composer_algos.diffusion.contract import record_of
+from composer_algos.diffusion.draw import DrawRecord
 
-__all__ = ['SAMPLER_OWNER', 'SAMPLER_PRIOR', 'check_timestep_sampler_roles', 'diffusion_model', 'install_density',
-           'install_fixed_distribution', 'objective_of', 'refuse_flow_matching', 'require_flow_matching', 'ReprMixin',
-           'parse_time', 'span_fraction']
-
-# What an algorithm does to the model's timestep sampler, declared by its class as ``timestep_sampler_role`` so that a
-# combination is checked from the names in a recipe, before any model is built (check_timestep_sampler_roles).
-# The owner installs the sampler (set_timestep_sampler), one per run: the model refuses a second owner too, as a
-# backstop for algorithms that do not declare.
-SAMPLER_OWNER = 'owner'
-# A prior tilts whichever sampler is active (add_timestep_prior). Alone, it tilts the uniform default, so its own
-# distribution is the one t is drawn from and it owns the sampler in effect; beside an owner it tilts the owner's
-# sampler. Either way it never competes with an owner.
-SAMPLER_PRIOR = 'prior'
+__all__ = ['draw_record', 'objective_of', 'ReprMixin', 'parse_time', 'span_fraction']
 
 
-def check_timestep_sampler_roles(algorithms: Sequence[tuple[str, Any]]) -> None:
-    """Refuse two owners of the timestep sampler among ``algorithms``: ``(name, class or instance)`` pairs, named as
-    the error should name them (``algorithms.log_normal_sampling`` for a recipe).
-
-    Raises:
-        ConfigError: naming the first two owners.
-
-    Example:
-        >>> from composer_algos.algorithms import CurriculumTimestepSchedule, SpeeD
-        >>> check_timestep_sampler_roles([('speed', SpeeD), ('clts', CurriculumTimestepSchedule)])
-    """
-    owners = [name for name, part in algorithms if getattr(part, 'timestep_sampler_role', None) == SAMPLER_OWNER]
-    if len(owners) > 1:
-        raise ConfigError(f'{owners[0]} and {owners[1]} both own the timestep sampler (each draws t from its own '
-                          'distribution); keep one of them. A curriculum (curriculum_timestep_schedule) composes with '
-                          'either: it tilts whichever sampler is active.')
-
-
-def diffusion_model(state: State, algorithm: Any) -> Any:
-    """The model behind ``state.model`` that implements the diffusion contract (error naming ``algorithm`` if none)."""
-    return get_diffusion_model(state.model, algorithm)
+def draw_record(state: State, algorithm: Any) -> DrawRecord:
+    """The :class:`~composer_algos.diffusion.DrawRecord` the model's forward published for the current micro-batch
+    (``state.outputs['draw']``): what was drawn, from which distribution, and the per-sample loss there. An error
+    naming ``algorithm`` when the outputs hold none."""
+    return record_of(state.outputs, type(algorithm).__name__)
 
 
 def objective_of(model: Any) -> str:
     """The objective a model trains: its ``objective`` (``'ddpm'`` or ``'flow_matching'``); ``'ddpm'`` for a model
     implementing the contract without saying."""
     return getattr(model, 'objective', 'ddpm')
-
-
-def refuse_flow_matching(model: Any, algorithm: Any, why: str, instead: str) -> None:
-    """Raise a ``ConfigError`` (a ``ValueError``; a recipe stops on it with one line) naming ``algorithm`` when
-    ``model`` trains flow matching: ``why`` it does not apply and what to use ``instead`` (docs/flow_matching.md)."""
-    if objective_of(model) == 'flow_matching':
-        raise ConfigError(f'{type(algorithm).__name__} does not apply to flow-matching models: {why} Remove it, or '
-                          f'{instead} (docs/flow_matching.md lists what applies to which objective).')
-
-
-def require_flow_matching(model: Any, algorithm: Any, why: str, instead: str) -> None:
-    """Raise a ``ConfigError`` naming ``algorithm`` unless ``model`` trains flow matching (see
-    :func:`refuse_flow_matching`)."""
-    if objective_of(model) != 'flow_matching':
-        raise ConfigError(f'{type(algorithm).__name__} applies to flow-matching models only (model.objective: '
-                          f'flow_matching): {why} Remove it, or {instead} (docs/flow_matching.md).')
-
-
-def install_density(model: Any, density: Any, owner: str) -> float:
-    """Make a closed-form density of the time ``u`` in [0, 1] (:mod:`composer_algos.diffusion.densities`) ``model``'s
-    timestep sampler, owned by ``owner``; return the density's mean ``u``.
-
-    Flow matching: a :class:`~composer_algos.diffusion.samplers.ContinuousTimestepSampler`, ``sigma = shift(u)``.
-    DDPM: ``u`` is the position ``t / T`` on the schedule, each timestep getting its cell's mass
-    ``P(t / T <= u < (t + 1) / T)`` (the distribution of ``floor(u T)``, as diffusers' training scripts index it).
-    """
-    from composer_algos.diffusion.densities import grid_masses
-    from composer_algos.diffusion.samplers import ContinuousTimestepSampler
-    if objective_of(model) == 'flow_matching':
-        model.set_timestep_sampler(ContinuousTimestepSampler(density, model.noise_schedule), owner)
-    else:
-        edges = torch.arange(model.num_timesteps + 1, dtype=torch.float64) / model.num_timesteps
-        install_fixed_distribution(model, grid_masses(density, edges), owner)
-    edges = torch.linspace(0, 1, 1001, dtype=torch.float64)
-    return float((grid_masses(density, edges) * (edges[1:] + edges[:-1]) / 2).sum())
-
-
-def install_fixed_distribution(model: Any, probs: torch.Tensor, owner: str) -> float:
-    """Make a fixed ``(T,)`` distribution ``model``'s timestep sampler (owned by ``owner``); return its mean t."""
-    from composer_algos.diffusion.samplers import FixedDistributionSampler
-    model.set_timestep_sampler(FixedDistributionSampler(probs), owner)
-    return float((probs.double() * torch.arange(probs.numel(), dtype=torch.float64)).sum())
 
 
 class ReprMixin:

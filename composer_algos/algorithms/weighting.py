@@ -13,23 +13,24 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from composer.algorithms.warnings import NoEffectWarning
+from composer.core import State
+from composer.loggers import Logger
 
-from composer_algos.algorithms.common import diffusion_model, require_flow_matching
-from composer_algos.diffusion.model import PREDICTION_TYPES, LossWeighting
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.diffusion.model import LossWeighting
+from composer_algos.diffusion.schedule import check_prediction_type
 
-__all__ = ['apply_flow_weighting', 'check_prediction_type', 'epsilon_loss_factor', 'from_epsilon_weight',
-           'install_flow_loss_weighting', 'install_loss_weighting']
+__all__ = ['FlowLossWeighting', 'WEIGHTING_NEEDS', 'check_prediction_type', 'epsilon_loss_factor',
+           'from_epsilon_weight', 'install_flow_loss_weighting', 'install_loss_weighting', 'weight_range']
 
 log = logging.getLogger(__name__)
 
-
-def check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.')
+# The contract members install_loss_weighting uses.
+WEIGHTING_NEEDS = ('add_loss_weighting', 'noise_schedule', 'num_timesteps', 'prediction_type')
 
 
 def epsilon_loss_factor(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -100,16 +101,29 @@ def install_flow_loss_weighting(model: Any, weighting: LossWeighting, owner: str
     return weights
 
 
-def apply_flow_weighting(state: Any, logger: Any, algorithm: Any, weighting: LossWeighting, prefix: str) -> None:
-    """What a flow-matching weighting algorithm does at ``Event.INIT``: refuse a DDPM model (naming ``algorithm``),
-    install ``weighting`` in the model's chain and log the range of its weights over the cells of sigma as
-    ``<prefix>/weight_min`` and ``<prefix>/weight_max``."""
-    model = diffusion_model(state, algorithm)
-    require_flow_matching(model, algorithm, 'it weights the velocity loss by the noise level sigma of a rectified flow.',
-                          'weight a DDPM loss with min_snr_weighting or p2_weighting')
-    weights = install_flow_loss_weighting(model, weighting, type(algorithm).__name__)
-    logger.log_hyperparameters({f'{prefix}/weight_min': float(weights.min()),
-                                f'{prefix}/weight_max': float(weights.max())})
+def weight_range(prefix: str, weights: torch.Tensor) -> dict[str, float]:
+    """The range of installed weights as hyperparameters ``<prefix>/weight_min`` and ``<prefix>/weight_max``."""
+    return {f'{prefix}/weight_min': float(weights.min()), f'{prefix}/weight_max': float(weights.max())}
+
+
+class FlowLossWeighting(DiffusionAlgorithm):
+    """Base of the flow-matching loss weightings: installs :meth:`weighting`, a function of sigma, in a flow-matching
+    model's chain at ``Event.INIT`` and logs the range of its weights over the cells of sigma as
+    ``<prefix>/weight_min`` and ``<prefix>/weight_max``; a DDPM model is an error."""
+
+    needs = ('add_loss_weighting', 'grid_points', 'noise_schedule', 'prediction_type')
+    objectives = ('flow_matching',)
+    why = 'it weights the velocity loss by the noise level sigma of a rectified flow.'
+    instead = 'weight a DDPM loss with min_snr_weighting or p2_weighting'
+    adds_loss_weighting = True
+    prefix: ClassVar[str] = ''
+
+    def weighting(self) -> LossWeighting:
+        """The weighting ``(schedule, sigma, prediction_type) -> (B,)`` weights."""
+        raise NotImplementedError
+
+    def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
+        return weight_range(self.prefix, install_flow_loss_weighting(model, self.weighting(), self.owner))
 
 
 def _table_lookup(table: torch.Tensor, schedule: Any, t: torch.Tensor, prediction_type: str) -> torch.Tensor:

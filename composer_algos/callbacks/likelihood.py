@@ -40,6 +40,8 @@ class BitsPerDim(PeriodicEvaluation):
         metric_name: the logged name.
     """
 
+    needs = ('images', 'conditioning', 'noise_schedule', 'vlb_terms', 'prior_term')
+
     def __init__(self, num_images: int = 256, num_terms: Optional[int] = 100, seed: int = 0, batch_size: int = 256,
                  interval: Optional[Union[str, Time]] = None, loader: Optional[dict[str, Any]] = None,
                  use_ema: bool = True, metric_name: str = 'bits_per_dim'):

@@ -14,7 +14,8 @@ from composer.utils import dist, format_name_with_dist
 from composer.utils.misc import create_interval_scheduler
 
 from composer_algos import registry
-from composer_algos.diffusion.utils import device_batch, get_diffusion_model
+from composer_algos.diffusion.contract import get_diffusion_model
+from composer_algos.diffusion.utils import device_batch
 from composer_algos.evaluation.sampling import ema_weights, eval_mode, generate_share
 
 __all__ = ['PeriodicEvaluation', 'SamplingEvaluation', 'DEFAULT_FOLDER']
@@ -33,6 +34,9 @@ class PeriodicEvaluation(Callback):
             on that interval during training and at its end, with or without evaluators.
         folder: where PNGs are written (rank 0); ``{run_name}`` is filled in.
     """
+
+    # The members of the model contract (composer_algos.diffusion.contract) the evaluation uses.
+    needs: tuple[str, ...] = ('images',)
 
     def __init__(self, interval: Optional[Union[str, Time]] = None, folder: str = DEFAULT_FOLDER):
         self.interval = interval
@@ -66,9 +70,9 @@ class PeriodicEvaluation(Callback):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- helpers
-    @staticmethod
-    def diffusion_model(state: State) -> Any:
-        return get_diffusion_model(state.model)
+    def diffusion_model(self, state: State) -> Any:
+        """The diffusion model behind ``state.model``, checked for the contract members this evaluation ``needs``."""
+        return get_diffusion_model(state.model, self, self.needs)
 
     @staticmethod
     def step(state: State) -> int:
@@ -127,6 +131,8 @@ class SamplingEvaluation(PeriodicEvaluation):
         use_ema: sample from the EMA weights when an ``EMA`` algorithm is active.
         interval, folder: see :class:`PeriodicEvaluation`.
     """
+
+    needs = ('images', 'generate')
 
     def __init__(self, num_samples: int, num_steps: int, eta: float, seed: int, batch_size: int,
                  num_classes: Optional[int], sample_shape: Optional[tuple[int, ...]], use_ema: bool,

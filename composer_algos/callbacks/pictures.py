@@ -14,7 +14,8 @@ from composer.utils import format_name_with_dist
 from composer.utils.misc import create_interval_scheduler
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
-from composer_algos.diffusion.utils import device_batch, get_diffusion_model
+from composer_algos.diffusion.contract import get_diffusion_model
+from composer_algos.diffusion.utils import device_batch
 from composer_algos.evaluation.plots import image_grid, save_png, timestep_heatmap_png
 from composer_algos.distributed import all_reduce
 from composer_algos.evaluation.sampling import gather_by_index, rank_world
@@ -84,6 +85,9 @@ class TimestepHeatmap(Callback):
         folder: output folder (``{run_name}`` is filled in).
     """
 
+    # The members of the model contract (composer_algos.diffusion.contract) the heatmap uses.
+    needs = ('images', 'timestep_distribution', 'timestep_sampler', 'timestep_sampler_owner')
+
     def __init__(self, interval: Union[str, Time] = '100ba', max_images: int = 64, folder: str = DEFAULT_FOLDER):
         if max_images < 1:
             raise ValueError(f'max_images must be positive, got {max_images}.')
@@ -107,7 +111,7 @@ class TimestepHeatmap(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if not self._due(state, Event.BATCH_END):
             return
-        model = get_diffusion_model(state.model)
+        model = get_diffusion_model(state.model, self, self.needs)
         x0 = model.images(device_batch(state))[:self.max_images]
         _, world_size = rank_world()
         probs = (all_reduce(model.timestep_distribution(x0).detach().double()) / world_size).cpu()
@@ -126,7 +130,7 @@ class TimestepHeatmap(Callback):
         np.savez(os.path.join(folder, 'timestep_heatmap.npz'), steps=np.asarray(self.steps),
                  probs=self.probs.numpy())
         path = os.path.join(folder, 'timestep_heatmap.png')
-        model = get_diffusion_model(state.model)
+        model = get_diffusion_model(state.model, self, self.needs)
         owner = getattr(model, 'timestep_sampler_owner', None)
         sampler = owner or type(getattr(model, 'timestep_sampler', None)).__name__
         image = timestep_heatmap_png(self.steps, self.probs, path, title=f'timestep distribution ({sampler})')

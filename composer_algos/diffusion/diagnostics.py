@@ -22,8 +22,11 @@ def _bad_rows(x: torch.Tensor) -> list[int]:
     return torch.nonzero(~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).flatten().tolist()
 
 
-def nonfinite_loss_causes(model: Any, outputs: dict[str, torch.Tensor], batch: Any) -> list[str]:
-    """Each cause found, in words, with where to look; empty if none of the checked ones is the cause."""
+def nonfinite_loss_causes(model: Any, record: Any, batch: Any) -> list[str]:
+    """Each cause found, in words, with where to look; empty if none of the checked ones is the cause.
+
+    ``record`` is the forward's :class:`~composer_algos.diffusion.draw.DrawRecord`.
+    """
     causes = []
     try:
         x0 = model.images(batch)
@@ -34,14 +37,14 @@ def nonfinite_loss_causes(model: Any, outputs: dict[str, torch.Tensor], batch: A
         if rows:
             causes.append(f'the batch holds NaN or inf values in samples {_listing(rows)} of this rank\'s batch')
     # Weightings take what the objective draws: t, or sigma on a flow-matching model.
-    name, level = ('sigma', outputs['sigma']) if outputs.get('sigma') is not None else ('t', outputs['t'])
+    name, level = ('t', record.t) if record.sigma is None else ('sigma', record.sigma)
     for owner, weighting in getattr(model, '_weightings', []):
         with torch.no_grad():
             weights = weighting(model.noise_schedule, level, model.prediction_type)
         rows = _bad_rows(weights.reshape(-1, 1))
         if rows:
             causes.append(f'the loss weighting of {owner} is NaN or inf at {name}={_listing(level[rows].tolist())}')
-    if not causes and _bad_rows(outputs['weight'].reshape(-1, 1)):
+    if not causes and _bad_rows(record.loss_weight.reshape(-1, 1)):
         causes.append(f'the timestep sampler of {model.timestep_sampler_owner or "the model"} gave NaN or inf '
                       'importance weights')
     for name, param in model.named_parameters():
@@ -49,6 +52,6 @@ def nonfinite_loss_causes(model: Any, outputs: dict[str, torch.Tensor], batch: A
         if not bool(torch.isfinite(local.detach()).all()):
             causes.append(f'the weights hold NaN or inf ({name}, ...): training diverged')
             break
-    if not causes and _bad_rows(outputs['per_sample_loss'].reshape(-1, 1)):
+    if not causes and _bad_rows(record.per_sample_loss.reshape(-1, 1)):
         causes.append('the denoiser\'s prediction overflowed: training is diverging')
     return causes

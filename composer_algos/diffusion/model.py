@@ -3,34 +3,31 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
+from composer_algos.diffusion.contract import DRAW_KEY, record_of
 from composer_algos.diffusion.diagnostics import nonfinite_loss_causes
-from composer_algos.diffusion.samplers import (TimestepPrior, TimestepSampler, UniformSampler, combined_prior,
-                                               sample_from_probs, tilt_log_probs)
-from composer_algos.diffusion.schedule import NoiseSchedule
-from composer_algos.diffusion.utils import reshard_fsdp2
+from composer_algos.diffusion.draw import (DROPOUT_STREAM, DrawRecord, draw_levels, evaluation_draw,
+                                           tilted_distribution, training_randoms)
+from composer_algos.diffusion.flow import FlowSchedule
+from composer_algos.diffusion.samplers import TimestepPrior, TimestepSampler, UniformSampler
+from composer_algos.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule, check_prediction_type
+from composer_algos.diffusion.utils import module_device, reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
-from composer_algos.distributed import fsdp_gradient_scale, global_positions, rank_world
+from composer_algos.distributed import fsdp_gradient_scale, rank_world
 from composer_algos.registry import ConfigError
-from composer_algos.seeding import derive_seed, keyed_generator, keyed_uniform_and_normal
+from composer_algos.seeding import derive_seed
 
-__all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES', 'TimestepDraw', 'timestep_bands']
+__all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES', 'timestep_bands']
 
 log = logging.getLogger(__name__)
-
-# Keys of the model's random streams (see composer_algos.seeding).
-_TRAIN_STREAM, _DROPOUT_STREAM, _EVAL_STREAM = 0, 1, 2
-
-PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 
 # A loss weighting maps (schedule, t, prediction_type) to per-sample weights of shape (B,).
 LossWeighting = Callable[[NoiseSchedule, torch.Tensor, str], torch.Tensor]
@@ -39,31 +36,6 @@ LossWeighting = Callable[[NoiseSchedule, torch.Tensor, str], torch.Tensor]
 def timestep_bands(t: torch.Tensor, num_bands: int, num_timesteps: int) -> torch.Tensor:
     """The band of each timestep when [0, T) is cut into ``num_bands`` equal bands: ``t * num_bands // T``."""
     return (t * num_bands // num_timesteps).clamp(max=num_bands - 1)
-
-
-@dataclasses.dataclass
-class TimestepDraw:
-    """What a batch's timesteps were drawn from, returned in the forward outputs (key ``'draw'``).
-
-    Attributes:
-        t: ``(B,)`` the timesteps.
-        probs: ``(T,)`` or ``(B, T)``: the distribution they were drawn from (the sampler's, tilted by ``prior``).
-        prior: ``(T,)`` the product of the curriculum priors applied, or ``None``.
-        weight: ``(B,)`` the importance weight of each draw (1 unless the sampler corrects for itself).
-        sigma: ``(B,)`` the continuous noise levels of a flow-matching model (``t`` is then their grid cells);
-            ``None`` for discrete timesteps.
-    """
-
-    t: torch.Tensor
-    probs: torch.Tensor
-    prior: Optional[torch.Tensor]
-    weight: torch.Tensor
-    sigma: Optional[torch.Tensor] = None
-
-    @property
-    def level(self) -> torch.Tensor:
-        """What the objective and the loss weightings take: ``sigma`` for flow matching, else ``t``."""
-        return self.t if self.sigma is None else self.sigma
 
 
 class DiffusionLoss(Metric):
@@ -99,7 +71,8 @@ class DiffusionModel(ComposerModel):
     * a replaceable ``timestep_sampler`` owned by at most one algorithm (:meth:`set_timestep_sampler`), plus
       curriculum priors that tilt it (:meth:`add_timestep_prior`);
     * a chain of loss weightings that multiply (:meth:`add_loss_weighting`);
-    * forward outputs holding the drawn ``t``, the unweighted ``per_sample_loss`` and the total ``weight``;
+    * forward outputs ``{'draw': DrawRecord}``: the drawn ``t``, the distribution it came from, the noise, the
+      unweighted ``per_sample_loss`` and the total ``loss_weight`` (:class:`~composer_algos.diffusion.draw.DrawRecord`);
     * :meth:`vlb_terms`, per-sample variational-bound terms at given ``(x0, t, noise)`` without grad;
     * :meth:`draw_randoms`: t and noise keyed by the sample's position in the global batch and a draw index that
       checkpoints save, so a run draws the same numbers resumed or not, on any number of ranks.
@@ -146,8 +119,7 @@ class DiffusionModel(ComposerModel):
         num_loss_bands: int = 10,
     ):
         super().__init__()
-        if prediction_type not in self.prediction_types:
-            raise ValueError(f'prediction_type must be one of {self.prediction_types}, got {prediction_type!r}.')
+        check_prediction_type(prediction_type, self.prediction_types)
         self.denoiser = denoiser
         self.noise_schedule = noise_schedule or NoiseSchedule()
         self.prediction_type = prediction_type
@@ -195,7 +167,7 @@ class DiffusionModel(ComposerModel):
     def set_timestep_sampler(self, sampler: TimestepSampler, owner: str) -> None:
         """Install ``sampler`` on behalf of ``owner``. A second, different owner is an error naming both."""
         if self._sampler_owner is not None and self._sampler_owner != owner:
-            # Recipes are checked before this (check_timestep_sampler_roles, from the classes' declared roles);
+            # Recipes are checked before this (check_timestep_sampler_owners, from what the classes declare);
             # this catches algorithms built in Python or that declare no role.
             raise ConfigError(f'{owner} and {self._sampler_owner} both set the timestep sampler; only one '
                               'algorithm may own it. Remove one of them (a curriculum such as '
@@ -226,7 +198,7 @@ class DiffusionModel(ComposerModel):
     def timestep_probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The distribution t is drawn from: the sampler's, tilted by the priors. ``(T,)`` or ``(B, T)``."""
         probs = self._sampler.probs(x0)
-        return tilt_log_probs(torch.log(probs), combined_prior(self.timestep_priors(probs.device), probs)).exp()
+        return tilted_distribution(probs, self.timestep_priors(probs.device))[0]
 
     def timestep_distribution(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The marginal ``(T,)`` distribution over t (averaged over the batch for per-sample samplers)."""
@@ -237,33 +209,41 @@ class DiffusionModel(ComposerModel):
     def draw_randoms(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This training draw's ``(u, noise)`` for the batch ``x0``: a uniform (for t) and the noise, per sample.
 
-        Sample ``i`` of this rank's batch is sample ``i * world_size + rank`` of the global batch (StreamingDataset
-        deals a global batch to the ranks in turn), and its numbers are keyed by ``(seed, draw index, that
-        position)`` (:mod:`composer_algos.seeding`): with one micro-batch per step the same sample gets the same t
-        and noise on any number of ranks, and a resumed run repeats them. Each call moves to the next draw index.
+        Keyed by ``(seed, draw index, position in the global batch)``
+        (:func:`~composer_algos.diffusion.draw.training_randoms`): with one micro-batch per step the same sample gets
+        the same t and noise on any number of ranks, and a resumed run repeats them. Each call moves to the next
+        draw index.
         """
-        keys = [(_TRAIN_STREAM, self.num_draws, position) for position in global_positions(x0.shape[0])]
-        u, noise = keyed_uniform_and_normal(self.seed, keys, x0.shape[1:])
+        u, noise = training_randoms(self.seed, self.num_draws, x0)
         self.num_draws += 1
-        return u.to(x0.device, non_blocking=True), noise.to(x0.device, x0.dtype, non_blocking=True)
+        return u, noise
 
-    def draw_timesteps(self, x0: torch.Tensor, u: Optional[torch.Tensor] = None) -> TimestepDraw:
-        """Draw t for a batch by inverse CDF at the uniforms ``u`` (default: the next draw's), with its record."""
+    def draw_timesteps(self, x0: torch.Tensor, u: Optional[torch.Tensor] = None) -> DrawRecord:
+        """Draw the batch's noise levels by inverse CDF at the uniforms ``u`` (default: the next draw's), with their
+        record (:func:`~composer_algos.diffusion.draw.draw_levels`)."""
         if u is None:
             u, _ = self.draw_randoms(x0)
-        with torch.no_grad():
-            sampler_probs = self._sampler.probs(x0)
-            prior = combined_prior(self.timestep_priors(x0.device), sampler_probs)
-            probs = tilt_log_probs(torch.log(sampler_probs), prior).exp()
-            t = sample_from_probs(probs, u).to(x0.device)
-            weight = torch.ones(x0.shape[0], device=x0.device)
-            if self._sampler.importance:
-                # Towards the prior-tilted uniform target: q(t) / p(t).
-                uniform = torch.full((self.num_timesteps,), -math.log(self.num_timesteps), device=x0.device)
-                target = tilt_log_probs(uniform, prior).exp()
-                p_t = probs[t] if probs.dim() == 1 else probs.gather(1, t[:, None]).squeeze(1)
-                weight = (target[t] / p_t.to(target.dtype)).float()
-        return TimestepDraw(t=t, probs=probs, prior=prior, weight=weight)
+        return draw_levels(self._sampler, self.timestep_priors(x0.device), x0, u, self.importance_target_log_probs,
+                           self.sigma_grid)
+
+    # ----------------------------------------------------------------------------------------- objective
+    @property
+    def sigma_grid(self) -> Optional[FlowSchedule]:
+        """The grid whose cells hold continuous noise levels (flow matching); ``None``: discrete timesteps."""
+        return None
+
+    def importance_target_log_probs(self, x0: torch.Tensor) -> torch.Tensor:
+        """``(T,)`` log-probabilities of the objective's own distribution, which importance weights correct towards
+        (before the priors tilt it): uniform over the T timesteps."""
+        return torch.full((self.num_timesteps,), -math.log(self.num_timesteps), device=x0.device)
+
+    def denoiser_timesteps(self, level: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is given for the noise levels ``level``: the timesteps themselves."""
+        return level
+
+    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """The regression target of ``prediction_type`` at ``level``."""
+        return self.noise_schedule.target(x0, noise, level, self.prediction_type)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         weight = torch.ones(t.shape[0], device=t.device)
@@ -326,16 +306,25 @@ class DiffusionModel(ComposerModel):
                              'must match its input (check sample_size and channels).')
         return out
 
-    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any) -> dict[str, DrawRecord]:
         x0 = self.images(batch)
         index = self.num_draws
         u, noise = self.draw_randoms(x0)
-        draw = self.draw_timesteps(x0, u)
-        with self._denoiser_rng(x0.device, index) if self.training else contextlib.nullcontext():
-            outputs = self._loss_terms(x0, draw.level, noise, self.conditioning(batch),
-                                       draw.weight * self.loss_weights(draw.level))
-        outputs['draw'] = draw
-        return outputs
+        record = self.draw_timesteps(x0, u)
+        record.noise = noise
+        weight = record.importance_weight * self.loss_weights(record.level)
+        context = self._denoiser_rng(x0.device, index) if self.training else contextlib.nullcontext()
+        return self._publish(record, x0, batch, weight, context)
+
+    def _publish(self, record: DrawRecord, x0: torch.Tensor, batch: Any, loss_weight: torch.Tensor,
+                 context: ContextManager) -> dict[str, DrawRecord]:
+        """Complete ``record`` with the conditioning, the loss weight and the per-sample loss (computed in
+        ``context``), as the forward outputs."""
+        record.conditioning = self.conditioning(batch)
+        record.loss_weight = loss_weight
+        with context:
+            record.per_sample_loss = self.per_sample_losses(x0, record.level, record.noise, record.conditioning)
+        return {DRAW_KEY: record}
 
     @contextlib.contextmanager
     def _denoiser_rng(self, device: torch.device, draw: int) -> Iterator[None]:
@@ -345,7 +334,7 @@ class DiffusionModel(ComposerModel):
         drawn from it would differ after a resume; seeded from the checkpointed draw index it repeats exactly.
         Activation checkpointing replays the same state (it saves the RNG state at the forward).
         """
-        seed = derive_seed(self.seed, _DROPOUT_STREAM, draw, rank_world()[0])
+        seed = derive_seed(self.seed, DROPOUT_STREAM, draw, rank_world()[0])
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' \
             else []
         with torch.random.fork_rng(devices=cuda):
@@ -354,17 +343,19 @@ class DiffusionModel(ComposerModel):
                 torch.cuda.manual_seed(seed)
             yield
 
-    def _loss_terms(self, x0, t, noise, conditioning, weight) -> dict[str, torch.Tensor]:
-        x_t = self.noise_schedule.add_noise(x0, noise, t)
-        prediction = self.denoise(x_t, t, conditioning)
-        target = self.noise_schedule.target(x0, noise, t, self.prediction_type)
-        per_sample_loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-        return {'t': t, 'per_sample_loss': per_sample_loss, 'weight': weight}
+    def per_sample_losses(self, x0: torch.Tensor, level: torch.Tensor, noise: torch.Tensor,
+                          conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+        """``(B,)`` unweighted losses, the MSE between the prediction and the target at noise levels ``level``."""
+        x_t = self.noise_schedule.add_noise(x0, noise, level)
+        prediction = self.denoise(x_t, self.denoiser_timesteps(level), conditioning, denoiser).float()
+        target = self.prediction_target(x0.float(), noise.float(), level)
+        return (prediction - target).pow(2).flatten(1).mean(1)
 
-    def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> torch.Tensor:
-        loss = (outputs['weight'] * outputs['per_sample_loss']).mean()
+    def loss(self, outputs: dict[str, DrawRecord], batch: Any, *args, **kwargs) -> torch.Tensor:
+        record = record_of(outputs, type(self).__name__)
+        loss = (record.loss_weight * record.per_sample_loss).mean()
         if self.check_finite_loss and not bool(torch.isfinite(loss)):
-            causes = '; '.join(nonfinite_loss_causes(self, outputs, batch)) or 'no NaN in the batch, weights or model'
+            causes = '; '.join(nonfinite_loss_causes(self, record, batch)) or 'no NaN in the batch, weights or model'
             raise FloatingPointError(
                 f'The diffusion loss is {loss.item()} ({causes}). Lower the learning rate, enable gradient clipping, '
                 'or check the data for NaNs; no step was taken on this loss, and the last saved checkpoint is intact '
@@ -376,17 +367,14 @@ class DiffusionModel(ComposerModel):
         return loss
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def eval_forward(self, batch: Any, outputs: Optional[Any] = None) -> dict[str, torch.Tensor]:
+    def eval_forward(self, batch: Any, outputs: Optional[Any] = None) -> dict[str, DrawRecord]:
         if outputs is not None:
             return outputs
         x0 = self.images(batch)
-        # Evaluation never touches the training draws: it draws from a generator seeded by the batch's content, so
-        # the same validation batch gets the same t and noise at every evaluation and resume stays exact.
-        gen = keyed_generator(self.seed, _EVAL_STREAM, int(x0.detach().float().abs().sum().item() * 1000))
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=gen).to(x0.device)
-        noise = torch.randn(tuple(x0.shape), generator=gen).to(x0.device, x0.dtype)
-        with torch.no_grad():
-            outputs = self._loss_terms(x0, t, noise, self.conditioning(batch), torch.ones_like(t, dtype=torch.float))
+        # Levels and noise from the objective's own distribution, seeded by the batch's content (never the training
+        # draws), so every evaluation of a batch draws the same ones and a resume stays exact.
+        record = evaluation_draw(self.seed, x0, self.default_timestep_sampler(), self.sigma_grid)
+        outputs = self._publish(record, x0, batch, record.importance_weight, torch.no_grad())
         reshard_fsdp2(self)
         return outputs
 
@@ -396,7 +384,8 @@ class DiffusionModel(ComposerModel):
         return {'DiffusionLoss': self.val_loss, 'DiffusionLossBands': self.val_loss_bands}
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        metric.update(outputs['per_sample_loss'], outputs['t'])
+        record = record_of(outputs, type(self).__name__)
+        metric.update(record.per_sample_loss, record.t)
 
     # ----------------------------------------------------------------------------------------- VLB
     @torch.no_grad()
@@ -431,13 +420,11 @@ class DiffusionModel(ComposerModel):
     @torch.no_grad()
     def training_losses(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                         conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
-        """Per-sample unweighted training losses (the MSE to the prediction target) at given (x0, t, noise), no grad."""
-        s = self.noise_schedule
-        x_t = s.add_noise(x0, noise, t)
-        output = self.denoise(x_t, t, conditioning, denoiser).float()
-        target = s.target(x0.float(), noise.float(), t, self.prediction_type)
+        """Per-sample unweighted training losses (the MSE to the prediction target) at the grid cells ``t`` (their
+        :meth:`grid_points`) with the given noise, no grad."""
+        losses = self.per_sample_losses(x0, self.grid_points().to(t.device)[t], noise, conditioning, denoiser)
         reshard_fsdp2(self)
-        return (output - target).pow(2).flatten(1).mean(1)
+        return losses
 
     def _model_log_variance(self) -> torch.Tensor:
         s = self.noise_schedule
@@ -465,21 +452,33 @@ class DiffusionModel(ComposerModel):
         device: Optional[torch.device] = None,
         clip: Optional[bool] = None,
         noise: Optional[torch.Tensor] = None,
+        solver: Optional[str] = None,
     ) -> torch.Tensor:
-        """Sample with DDIM (``eta=0``, deterministic) or ancestral DDPM steps (``eta=1``) from ``seed``.
+        """``(num_samples, *shape)`` samples from the noise of ``seed`` (or the given starting ``noise``).
 
-        ``num_steps`` timesteps are spaced evenly over [0, T-1]; ``num_steps=T, eta=1`` is the original DDPM
-        sampler. Returns ``(num_samples, *shape)``; pixel models clip the predicted x0 to [-1, 1].
+        ``labels`` condition a class-conditional model; ``clip`` (default: pixel models) clamps the predicted x0 to
+        [-1, 1] at each step. DDPM samples with DDIM (``eta=0``, deterministic) or ancestral DDPM steps
+        (``eta=1``), ``num_steps`` timesteps spaced evenly over [0, T-1] (``num_steps=T, eta=1`` is the original
+        DDPM sampler); ``solver`` is a flow-matching model's (:meth:`FlowMatchingModel.generate`).
         """
-        device = device or next(self.denoiser.parameters()).device
+        device = device or module_device(self.denoiser)
         gen = torch.Generator().manual_seed(seed)
-        s = self.noise_schedule
-        steps = torch.linspace(self.num_timesteps - 1, 0, min(num_steps, self.num_timesteps)).round().long()
         x = noise.to(device) if noise is not None else torch.randn((num_samples, *shape), generator=gen).to(device)
         clip = self.encoder is None if clip is None else clip
         cond = {} if labels is None else {self.conditioning_kwarg: labels.to(device)}
+        x = self._sample(x, cond, num_steps, eta, clip, gen, solver)
+        reshard_fsdp2(self)
+        return x
+
+    def _sample(self, x: torch.Tensor, cond: dict, num_steps: int, eta: float, clip: bool, gen: torch.Generator,
+                solver: Optional[str]) -> torch.Tensor:
+        if solver is not None:
+            raise ValueError(f'solver applies to flow-matching models; a DDPM model samples with DDIM (eta=0) or '
+                             f'ancestral steps (eta=1), got solver={solver!r}.')
+        s = self.noise_schedule
+        steps = torch.linspace(self.num_timesteps - 1, 0, min(num_steps, self.num_timesteps)).round().long()
         for i, step in enumerate(steps.tolist()):
-            t = torch.full((num_samples,), step, device=device, dtype=torch.long)
+            t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
             out = self.denoise(x, t, cond).float()
             x0, eps = s.predict_x0_eps(x, out, t, self.prediction_type)
             if clip:
@@ -491,8 +490,7 @@ class DiffusionModel(ComposerModel):
             sigma = eta * math.sqrt(max((1 - ac_prev) / (1 - ac_t) * (1 - ac_t / ac_prev), 0.0))
             x = math.sqrt(ac_prev) * x0 + math.sqrt(max(1 - ac_prev - sigma**2, 0.0)) * eps
             if sigma > 0 and i + 1 < len(steps):
-                x = x + sigma * torch.randn(x.shape, generator=gen).to(device)
-        reshard_fsdp2(self)
+                x = x + sigma * torch.randn(x.shape, generator=gen).to(x.device)
         return x
 
     # ----------------------------------------------------------------------------------------- checkpointing

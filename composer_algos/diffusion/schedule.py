@@ -6,9 +6,16 @@ import math
 
 import torch
 
-__all__ = ['NoiseSchedule', 'SCHEDULE_KINDS']
+__all__ = ['NoiseSchedule', 'PREDICTION_TYPES', 'SCHEDULE_KINDS', 'check_prediction_type']
 
 SCHEDULE_KINDS = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
+PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
+
+
+def check_prediction_type(prediction_type: str, allowed: tuple[str, ...] = PREDICTION_TYPES) -> None:
+    """Raise a ``ValueError`` naming the allowed values unless ``prediction_type`` is one of ``allowed``."""
+    if prediction_type not in allowed:
+        raise ValueError(f'prediction_type must be one of {allowed}, got {prediction_type!r}.')
 
 
 def _betas(kind: str, num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -107,18 +114,18 @@ class NoiseSchedule:
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
         """The regression target for ``prediction_type`` in {epsilon, v_prediction, sample}."""
+        check_prediction_type(prediction_type)
         if prediction_type == 'epsilon':
             return noise
         if prediction_type == 'sample':
             return x0
-        if prediction_type == 'v_prediction':
-            ac = self.gather(self.alphas_cumprod, t, x0.dim(), x0.dtype)
-            return ac.sqrt() * noise - (1.0 - ac).sqrt() * x0
-        raise ValueError(f'Unknown prediction_type {prediction_type!r}; choose epsilon, v_prediction or sample.')
+        ac = self.gather(self.alphas_cumprod, t, x0.dim(), x0.dtype)
+        return ac.sqrt() * noise - (1.0 - ac).sqrt() * x0
 
     def predict_x0_eps(self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor,
                        prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Convert a model output into the implied ``(x0, eps)`` pair."""
+        check_prediction_type(prediction_type)
         ac = self.gather(self.alphas_cumprod, t, x_t.dim(), x_t.dtype)
         a, s = ac.sqrt(), (1.0 - ac).sqrt()
         if prediction_type == 'epsilon':
@@ -128,11 +135,9 @@ class NoiseSchedule:
         elif prediction_type == 'sample':
             x0 = output
             eps = (x_t - a * x0) / s.clamp(min=1e-8)
-        elif prediction_type == 'v_prediction':
+        else:
             x0 = a * x_t - s * output
             eps = s * x_t + a * output
-        else:
-            raise ValueError(f'Unknown prediction_type {prediction_type!r}; choose epsilon, v_prediction or sample.')
         return x0, eps
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,31 +1,19 @@
-"""Finding the diffusion model behind Composer's wrappers."""
+"""Where a model's tensors are: a module's device, FSDP2's resharding after a forward, the batch on the device."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-__all__ = ['get_diffusion_model', 'CONTRACT_METHODS', 'device_batch', 'reshard_fsdp2']
-
-CONTRACT_METHODS = ('set_timestep_sampler', 'add_timestep_prior', 'add_loss_weighting', 'timestep_probs',
-                    'vlb_terms', 'noise_schedule', 'prediction_type')
+__all__ = ['device_batch', 'module_device', 'reshard_fsdp2']
 
 
-def get_diffusion_model(model: nn.Module, algorithm: Any = None) -> Any:
-    """Return the module implementing the diffusion contract, unwrapping DDP's ``.module``.
-
-    Raises a ``TypeError`` naming the missing members when the model does not implement the contract.
-    """
-    seen = model
-    while not all(hasattr(seen, name) for name in CONTRACT_METHODS) and hasattr(seen, 'module'):
-        seen = seen.module
-    missing = [name for name in CONTRACT_METHODS if not hasattr(seen, name)]
-    if missing:
-        who = f'{type(algorithm).__name__} needs' if algorithm is not None else 'Need'
-        raise TypeError(f'{who} a model implementing the diffusion contract (composer_algos.DiffusionModel or '
-                        f'a ComposerModel with the same members); {type(model).__name__} lacks {missing}.')
-    return seen
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter; the CPU for a module without parameters."""
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device('cpu')
 
 
 def reshard_fsdp2(model: nn.Module) -> None:

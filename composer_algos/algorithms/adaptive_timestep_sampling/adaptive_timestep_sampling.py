@@ -77,20 +77,20 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from composer.core import Algorithm, Event, State
+from composer.core import Event, State
 from composer.loggers import Logger
 
 from composer_algos.algorithms.adaptive_timestep_sampling.functional import (grid_timesteps, grid_weights,
                                                                             nats_to_bits, reinforce_loss,
                                                                             select_timesteps, standardised,
                                                                             sum_of_changes)
-from composer_algos.algorithms.adaptive_timestep_sampling.policy import (BetaPolicy, GlobalPolicy, PolicySampler,
-                                                                        module_device)
+from composer_algos.algorithms.adaptive_timestep_sampling.policy import BetaPolicy, GlobalPolicy, PolicySampler
 from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROBE_PRECISIONS, FullPrecisionReplica,
                                                                            casts_parameters, probe_math)
-from composer_algos.algorithms.common import SAMPLER_OWNER, diffusion_model, objective_of
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.common import draw_record, objective_of
 from composer_algos.diffusion.samplers import tilt_log_probs
-from composer_algos.diffusion.utils import device_batch
+from composer_algos.diffusion.utils import device_batch, module_device
 from composer_algos.distributed import all_gather, all_reduce, broadcast, global_positions, rank_world
 from composer_algos.evaluation.sampling import eval_mode
 from composer_algos.seeding import derive_seed, keyed_uniform_and_normal
@@ -162,7 +162,7 @@ class Probe:
     prior: Optional[torch.Tensor] = None  # the curriculum prior t was drawn under (from the model's draw record)
 
 
-class AdaptiveTimestepSampling(Algorithm):
+class AdaptiveTimestepSampling(DiffusionAlgorithm):
     """Learns which timesteps to train on, per sample (Kim et al., CVPR 2025, arXiv 2411.09998).
 
     On every ``update_every``-th optimizer step (counted globally, from step 0; deferred while the learning rate is 0)
@@ -211,7 +211,8 @@ class AdaptiveTimestepSampling(Algorithm):
         (40, 0.1)
     """
 
-    timestep_sampler_role = SAMPLER_OWNER
+    events = (Event.FIT_START, Event.BEFORE_TRAIN_BATCH, Event.AFTER_FORWARD, Event.BATCH_END)
+    owns_timestep_sampler = True
 
     def __init__(self, update_every: int = 40, num_selected: int = 3, queue_size: int = 20,
                  num_probe_timesteps: int = 32, reward: str = 'loss', policy: str = 'beta', width: int = 32,
@@ -261,12 +262,7 @@ class AdaptiveTimestepSampling(Algorithm):
         self.probe_timesteps = torch.empty(0, dtype=torch.long)  # the grid of the feature-selection probe
         self.probe_weights = torch.empty(0, dtype=torch.float64)  # the timesteps each grid point stands for
         self.selected = torch.empty(0, dtype=torch.long)  # S, as timesteps
-        self.queue_x = torch.empty(0, num_probe_timesteps, dtype=torch.float64)
-        self.queue_y = torch.empty(0, dtype=torch.float64)
-        self.num_probes = 0
-        self.num_updates = 0
-        self.num_skipped = 0
-        self.probe_due = False  # a probe is due and waits for a step with a non-zero learning rate
+        self._clear_history()
         self._replica: Optional[FullPrecisionReplica] = None
         self._probe: Optional[Probe] = None
         self._terms = setting.terms  # 'loss' on a flow-matching model, whatever the setting (no VLB there)
@@ -279,22 +275,26 @@ class AdaptiveTimestepSampling(Algorithm):
                 f'entropy_coef={self.entropy_coef}, seed={self.seed}, probe_precision={self.probe_precision!r})')
 
     @property
+    def needs(self) -> tuple[str, ...]:
+        """The contract members it uses: the probes' terms are VLB terms or training losses."""
+        terms = 'vlb_terms' if self.setting.terms == 'kl' else 'training_losses'
+        return ('conditioning', 'denoiser', 'images', 'num_timesteps', 'set_timestep_sampler', terms)
+
+    @property
     def selected_timesteps(self) -> list[int]:
         """The current set S, as timesteps."""
         return self.selected.tolist()
 
     # -------------------------------------------------------------------------------------------- events
     def match(self, event: Event, state: State) -> bool:
-        if event in (Event.INIT, Event.FIT_START, Event.BEFORE_TRAIN_BATCH):
-            return True
-        return self._probe is not None and event in (Event.AFTER_FORWARD, Event.BATCH_END)
+        # The draws and the step are collected only while a probe is under way.
+        probing = self._probe is not None or event not in (Event.AFTER_FORWARD, Event.BATCH_END)
+        return super().match(event, state) and probing
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        model = diffusion_model(state, self)
-        if event == Event.INIT:
-            self._setup(model, state)
-        elif event == Event.FIT_START:
-            device = _module_device(model)
+    def act(self, event: Event, state: State, logger: Logger) -> None:
+        model = self.diffusion_model(state)
+        if event == Event.FIT_START:
+            device = module_device(model)
             self._place(device)
             if self._replica is not None:
                 self._replica.to(device)
@@ -308,15 +308,22 @@ class AdaptiveTimestepSampling(Algorithm):
         elif event == Event.BATCH_END:
             self._probe_after(state, model, logger)
 
-    def _setup(self, model: Any, state: State) -> None:
-        self.num_timesteps = int(model.num_timesteps)
-        self._terms = 'loss' if objective_of(model) == 'flow_matching' else self.setting.terms
-        if self.num_probe_timesteps > self.num_timesteps:
+    def install(self, model: Any, state: State, logger: Logger) -> None:
+        if self.num_probe_timesteps > model.num_timesteps:
             raise ValueError(f'num_probe_timesteps ({self.num_probe_timesteps}) must not exceed the number of '
-                             f'timesteps of the noise schedule ({self.num_timesteps}).')
-        if casts_parameters(state):
-            # Made from the bare denoiser, before FSDP wraps it (see precision.py).
-            self._replica = FullPrecisionReplica(model.denoiser)
+                             f'timesteps of the noise schedule ({model.num_timesteps}).')
+        self._terms = 'loss' if objective_of(model) == 'flow_matching' else self.setting.terms
+        # Made from the bare denoiser, before FSDP wraps it (see precision.py).
+        self._replica = FullPrecisionReplica(model.denoiser) if casts_parameters(state) else None
+        # Built once: installing again (a rebuilt Trainer) keeps the policy, its optimizer, the queue and S.
+        if self.policy is None or self.num_timesteps != model.num_timesteps:
+            self._build(int(model.num_timesteps))
+        model.set_timestep_sampler(self.sampler, owner=self.owner)
+
+    def _build(self, num_timesteps: int) -> None:
+        """The policy, its optimizer and sampler, the probe grid, the initial S and an empty queue for
+        ``num_timesteps``: what it learns belongs to one T."""
+        self.num_timesteps = num_timesteps
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # the same initial policy on every rank
             if self.policy_kind == 'beta':
@@ -326,13 +333,22 @@ class AdaptiveTimestepSampling(Algorithm):
                 self.policy = GlobalPolicy(self.num_timesteps)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.lr)
         self.sampler = PolicySampler(self.policy, self.num_timesteps)
-        model.set_timestep_sampler(self.sampler, owner=type(self).__name__)
         self.probe_timesteps = grid_timesteps(self.num_timesteps, self.num_probe_timesteps)
         self.probe_weights = grid_weights(self.probe_timesteps, self.num_timesteps)
         if self.setting.initial_selection == 'first':
             self.selected = torch.arange(self.num_selected)
         else:
             self.selected = self.probe_timesteps[_evenly_spaced(self.num_probe_timesteps, self.num_selected)]
+        self._clear_history()
+
+    def _clear_history(self) -> None:
+        """An empty queue and no probes yet."""
+        self.queue_x = torch.empty(0, self.num_probe_timesteps, dtype=torch.float64)
+        self.queue_y = torch.empty(0, dtype=torch.float64)
+        self.num_probes = 0
+        self.num_updates = 0
+        self.num_skipped = 0
+        self.probe_due = False  # a probe is due and waits for a step with a non-zero learning rate
 
     def _place(self, device: torch.device) -> None:
         """Move the policy and its Adam state to ``device``, in place (the sampler keeps the same objects)."""
@@ -390,15 +406,11 @@ class AdaptiveTimestepSampling(Algorithm):
         self.probe_due = False
 
     def _collect_timesteps(self, state: State, model: Any) -> None:
-        outputs = state.outputs
-        if not isinstance(outputs, dict) or 't' not in outputs:
-            raise ValueError("AdaptiveTimestepSampling reads the drawn timesteps from the forward outputs, which must "
-                             f"be a dict with key 't' (got {type(outputs).__name__}).")
-        draw = outputs.get('draw')
-        if not self._probe.t and draw is not None:
+        record = draw_record(state, self)
+        if not self._probe.t:
             # The prior in force when t was drawn (a curriculum may change it at the next batch).
-            self._probe.prior = None if draw.prior is None else draw.prior.detach()
-        self._probe.t.append(outputs['t'].detach())
+            self._probe.prior = None if record.prior is None else record.prior.detach()
+        self._probe.t.append(record.t.detach())
 
     def _probe_pass(self, model: Any, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
         """Every term of a probe in one batched denoiser forward, eval mode, with the probe's keyed noise.
@@ -593,11 +605,6 @@ def _learning_rate(state: State) -> float:
     """The largest learning rate the optimizers will use in this step."""
     return max((float(group['lr']) for optimizer in state.optimizers for group in optimizer.param_groups),
                default=1.0)
-
-
-def _module_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device('cpu')
 
 
 def _loss_is_finite(loss: Any) -> bool:

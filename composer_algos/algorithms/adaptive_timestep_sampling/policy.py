@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from composer_algos.algorithms.adaptive_timestep_sampling.functional import beta_grid_log_probs
 from composer_algos.diffusion.samplers import TimestepSampler
+from composer_algos.diffusion.utils import module_device
 
-__all__ = ['CONCENTRATIONS', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler', 'module_device']
+__all__ = ['CONCENTRATIONS', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler']
 
 # How the Beta policy's head maps to the Beta's parameters: softplus above a floor (the paper's code), or the
 # discretised Beta's natural parameters alpha - 1 and beta - 1 themselves.
@@ -21,10 +22,6 @@ CONCENTRATIONS = ('softplus', 'natural')
 
 def _softplus_inverse(y: float) -> float:
     return y + math.log(-math.expm1(-y))
-
-
-def module_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 class BetaPolicy(nn.Module):

@@ -12,16 +12,13 @@ Flow matching: ``sigma = shift(u)``. DDPM: ``u`` is the position ``t / T`` on th
 
 from __future__ import annotations
 
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
-
-from composer_algos.algorithms.common import SAMPLER_OWNER, ReprMixin, diffusion_model, install_density
-from composer_algos.diffusion.densities import CosMapDensity
+from composer_algos.algorithms.sampling import DensitySampling
+from composer_algos.diffusion.densities import CosMapDensity, TimeDensity
 
 __all__ = ['CosMapSampling']
 
 
-class CosMapSampling(ReprMixin, Algorithm):
+class CosMapSampling(DensitySampling):
     """Owns the timestep sampler: SD3's CosMap density of the time ``u`` (no importance weights).
 
     Example:
@@ -29,11 +26,7 @@ class CosMapSampling(ReprMixin, Algorithm):
         CosMapSampling()
     """
 
-    timestep_sampler_role = SAMPLER_OWNER
+    prefix = 'cosmap_sampling'
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        mean_u = install_density(diffusion_model(state, self), CosMapDensity(), type(self).__name__)
-        logger.log_hyperparameters({'cosmap_sampling/mean_u': mean_u})
+    def density(self) -> TimeDensity:
+        return CosMapDensity()

@@ -12,11 +12,9 @@ import math
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin
-from composer_algos.algorithms.weighting import apply_flow_weighting
+from composer_algos.algorithms.weighting import FlowLossWeighting
+from composer_algos.diffusion.model import LossWeighting
 
 __all__ = ['CosMapWeighting', 'cosmap_weight']
 
@@ -32,7 +30,7 @@ def cosmap_weight(schedule: Any, sigma: torch.Tensor, prediction_type: str = 've
     return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
 
 
-class CosMapWeighting(ReprMixin, Algorithm):
+class CosMapWeighting(FlowLossWeighting):
     """Multiplies a flow-matching model's per-sample loss by the CosMap density at its sigma (diffusers' ``cosmap``).
 
     Installs :func:`cosmap_weight` in the model's chain of loss weightings at ``Event.INIT`` (it multiplies with the
@@ -43,8 +41,7 @@ class CosMapWeighting(ReprMixin, Algorithm):
         CosMapWeighting()
     """
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
+    prefix = 'cosmap_weighting'
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        apply_flow_weighting(state, logger, self, cosmap_weight, 'cosmap_weighting')
+    def weighting(self) -> LossWeighting:
+        return cosmap_weight

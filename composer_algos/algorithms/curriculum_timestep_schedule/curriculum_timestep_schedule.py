@@ -28,11 +28,11 @@ import math
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import (SAMPLER_PRIOR, ReprMixin, diffusion_model, objective_of, parse_time,
-                                             span_fraction)
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.common import objective_of, parse_time, span_fraction
 
 __all__ = ['clts_probs', 'clts_probs_on', 'difficulty_coordinate', 'CurriculumTimestepSchedule', 'COORDINATES']
 
@@ -82,7 +82,7 @@ def _validate(lam: float, mu: float, sigma: float) -> None:
         raise ValueError(f'sigma must be positive and finite, got {sigma}.')
 
 
-class CurriculumTimestepSchedule(ReprMixin, Algorithm):
+class CurriculumTimestepSchedule(DiffusionAlgorithm):
     """Tilts the timestep distribution by the CLTS curriculum ``p_k(t)`` (arXiv 2404.07946).
 
     ``lam_k`` ramps linearly from 0 at ``ramp_start`` to ``lam_max`` at ``ramp_end`` (Composer times such as
@@ -102,7 +102,9 @@ class CurriculumTimestepSchedule(ReprMixin, Algorithm):
         CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, coordinate='noise_rate', ramp_start='0.0dur', ramp_end='0.5dur')
     """
 
-    timestep_sampler_role = SAMPLER_PRIOR
+    needs = ('add_timestep_prior', 'noise_schedule')
+    events = (Event.BATCH_START,)
+    adds_timestep_prior = True
 
     def __init__(self, mu: float = 0.3, sigma: float = 0.2, lam_max: float = 0.5, coordinate: str = 'noise_rate',
                  ramp_start: str = '0.0dur', ramp_end: str = '0.5dur'):
@@ -123,15 +125,12 @@ class CurriculumTimestepSchedule(ReprMixin, Algorithm):
         self._coordinates: torch.Tensor | None = None
         self._cache: tuple[float, torch.Tensor] | None = None
 
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.BATCH_START)
+    def install(self, model: Any, state: State, logger: Logger) -> None:
+        self._coordinates = _model_coordinates(model, self.coordinate)
+        self._cache = None  # p_k of the previous model's grid, if installed before
+        model.add_timestep_prior(self.prior, owner=self.owner)
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        model = diffusion_model(state, self)
-        if event == Event.INIT:
-            self._coordinates = _model_coordinates(model, self.coordinate)
-            model.add_timestep_prior(self.prior, owner=type(self).__name__)
-            return
+    def act(self, event: Event, state: State, logger: Logger) -> None:
         self.lam = self.lam_max * span_fraction(state, self._start, self._end)
         probs = self.probs()
         t = torch.arange(probs.numel(), dtype=torch.float64)

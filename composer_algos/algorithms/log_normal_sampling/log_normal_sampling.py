@@ -16,13 +16,14 @@ gets no mass, since every finite sigma is nearer to a neighbour.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import (SAMPLER_OWNER, ReprMixin, diffusion_model, install_fixed_distribution,
-                                             refuse_flow_matching)
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.sampling import SAMPLER_NEEDS, install_fixed_distribution
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['LogNormalSampling', 'log_normal_probs', 'log_sigmas']
@@ -60,7 +61,7 @@ def log_normal_probs(schedule: NoiseSchedule, p_mean: float = -1.2, p_std: float
     return probs / probs.sum()
 
 
-class LogNormalSampling(ReprMixin, Algorithm):
+class LogNormalSampling(DiffusionAlgorithm):
     """Owns the timestep sampler: draws t from EDM's log-normal sigma density mapped onto the schedule.
 
     No importance weights. Logs the mean timestep of the distribution as a hyperparameter.
@@ -74,21 +75,18 @@ class LogNormalSampling(ReprMixin, Algorithm):
         LogNormalSampling(p_mean=-1.2, p_std=1.2)
     """
 
-    timestep_sampler_role = SAMPLER_OWNER
+    needs = SAMPLER_NEEDS
+    objectives = ('ddpm',)
+    why = ("EDM's ln(sigma) density is mapped through the noise levels of a DDPM schedule; a rectified flow has no "
+           'such table and no flow-matching form is derived here.')
+    instead = "use logit_normal_sampling (SD3's density for rectified flow)"
+    owns_timestep_sampler = True
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
         _check(p_mean, p_std)
         self.p_mean = float(p_mean)
         self.p_std = float(p_std)
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        model = diffusion_model(state, self)
-        refuse_flow_matching(model, self, "EDM's ln(sigma) density is mapped through the noise levels of a DDPM "
-                             'schedule; a rectified flow has no such table and no flow-matching form is derived here.',
-                             "use logit_normal_sampling (SD3's density for rectified flow)")
+    def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
         probs = log_normal_probs(model.noise_schedule, self.p_mean, self.p_std)
-        mean_t = install_fixed_distribution(model, probs, type(self).__name__)
-        logger.log_hyperparameters({'log_normal_sampling/mean_t': mean_t})
+        return {'log_normal_sampling/mean_t': install_fixed_distribution(model, probs, self.owner)}

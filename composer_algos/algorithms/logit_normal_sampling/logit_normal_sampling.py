@@ -19,14 +19,15 @@ position on the schedule, not by matching noise levels.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import (SAMPLER_OWNER, ReprMixin, diffusion_model, install_density,
-                                             install_fixed_distribution, objective_of)
-from composer_algos.diffusion.densities import LogitNormalDensity
+from composer_algos.algorithms.common import objective_of
+from composer_algos.algorithms.sampling import DensitySampling, install_fixed_distribution
+from composer_algos.diffusion.densities import LogitNormalDensity, TimeDensity
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['LogitNormalSampling', 'logit_normal_probs']
@@ -55,7 +56,7 @@ def logit_normal_probs(schedule: NoiseSchedule, m: float = 0.0, s: float = 1.0) 
     return probs / probs.sum()
 
 
-class LogitNormalSampling(ReprMixin, Algorithm):
+class LogitNormalSampling(DensitySampling):
     """Owns the timestep sampler: draws sigma = shift(u) (flow matching) or t (DDPM, ``u = t / T``) from SD3's
     logit-normal density of ``u`` (no importance weights).
 
@@ -70,22 +71,18 @@ class LogitNormalSampling(ReprMixin, Algorithm):
         LogitNormalSampling(m=0.0, s=1.0)
     """
 
-    timestep_sampler_role = SAMPLER_OWNER
+    prefix = 'logit_normal_sampling'
 
     def __init__(self, m: float = 0.0, s: float = 1.0):
         _check(m, s)
         self.m = float(m)
         self.s = float(s)
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
+    def density(self) -> TimeDensity:
+        return LogitNormalDensity(self.m, self.s)
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        model = diffusion_model(state, self)
+    def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
         if objective_of(model) == 'flow_matching':
-            mean_u = install_density(model, LogitNormalDensity(self.m, self.s), type(self).__name__)
-            logger.log_hyperparameters({'logit_normal_sampling/mean_u': mean_u})
-            return
+            return super().install(model, state, logger)
         probs = logit_normal_probs(model.noise_schedule, self.m, self.s)
-        mean_t = install_fixed_distribution(model, probs, type(self).__name__)
-        logger.log_hyperparameters({'logit_normal_sampling/mean_t': mean_t})
+        return {'logit_normal_sampling/mean_t': install_fixed_distribution(model, probs, self.owner)}

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import SAMPLER_OWNER, ReprMixin, diffusion_model
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.common import draw_record
 from composer_algos.diffusion.samplers import TimestepSampler
 from composer_algos.distributed import all_gather, is_distributed
 
@@ -151,10 +152,10 @@ def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes)])
 
 
-class LossSecondMomentSampling(ReprMixin, Algorithm):
+class LossSecondMomentSampling(DiffusionAlgorithm):
     """Owns the timestep sampler: Improved DDPM's importance sampling by ``sqrt(E[L_t^2])``, weights ``1 / (T p)``.
 
-    Reads ``t`` and the unweighted ``per_sample_loss`` from ``state.outputs`` at every ``Event.AFTER_LOSS`` (once
+    Reads ``t`` and the unweighted ``per_sample_loss`` from the model's draw record at every ``Event.AFTER_LOSS`` (once
     per micro-batch), all-gathers them at ``Event.AFTER_TRAIN_BATCH`` and appends them to the history, which is
     therefore the same on every rank. The history (``losses``, ``counts``) is saved in checkpoints. Logs
     ``loss_second_moment/filled`` (fraction of timesteps with a full history) and, once warm,
@@ -170,7 +171,9 @@ class LossSecondMomentSampling(ReprMixin, Algorithm):
         LossSecondMomentSampling(history=10, uniform_prob=0.001)
     """
 
-    timestep_sampler_role = SAMPLER_OWNER
+    needs = ('num_timesteps', 'set_timestep_sampler')
+    events = (Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS, Event.AFTER_TRAIN_BATCH)
+    owns_timestep_sampler = True
 
     def __init__(self, history: int = 10, uniform_prob: float = 0.001):
         if isinstance(history, bool) or int(history) != history or history < 1:
@@ -183,29 +186,25 @@ class LossSecondMomentSampling(ReprMixin, Algorithm):
         self._pending: list[torch.Tensor] = []
         self._loaded: Optional[dict[str, Any]] = None
 
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS, Event.AFTER_TRAIN_BATCH)
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.INIT:
-            model = diffusion_model(state, self)
+    def install(self, model: Any, state: State, logger: Logger) -> None:
+        # Built once: installing again (a rebuilt Trainer) keeps the history.
+        if self.sampler is None or self.sampler.num_timesteps != model.num_timesteps:
             self.sampler = LossSecondMomentSampler(model.num_timesteps, self.history, self.uniform_prob)
-            if self._loaded is not None:
-                self._restore(self._loaded)
-            model.set_timestep_sampler(self.sampler, type(self).__name__)
-        elif event == Event.BEFORE_TRAIN_BATCH:
+        if self._loaded is not None:
+            self._restore(self._loaded)
+            self._loaded = None
+        model.set_timestep_sampler(self.sampler, self.owner)
+
+    def act(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.BEFORE_TRAIN_BATCH:
             # Fires again when automatic micro-batching retries a batch after running out of memory: the failed
             # attempt's losses must not be recorded.
             self._pending = []
         elif event == Event.AFTER_LOSS:
-            outputs = state.outputs
-            if not (isinstance(outputs, Mapping) and 't' in outputs and 'per_sample_loss' in outputs):
-                found = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
-                raise KeyError(f'{type(self).__name__} reads `t` and `per_sample_loss` from the forward outputs '
-                               f'(the diffusion contract); the model returned {found}.')
+            record = draw_record(state, self)
             self._pending.append(
-                torch.stack([outputs['t'].detach().to(torch.float64),
-                             outputs['per_sample_loss'].detach().to(torch.float64)], dim=1))
+                torch.stack([record.t.detach().to(torch.float64),
+                             record.per_sample_loss.detach().to(torch.float64)], dim=1))
         else:
             self._record(logger)
 

@@ -22,12 +22,15 @@ from __future__ import annotations
 import functools
 import math
 
+from typing import Any
+
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, refuse_flow_matching
-from composer_algos.algorithms.weighting import check_prediction_type, install_loss_weighting
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.weighting import (WEIGHTING_NEEDS, check_prediction_type, install_loss_weighting,
+                                                weight_range)
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['MinSNRWeighting', 'min_snr_weight']
@@ -58,7 +61,7 @@ def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: st
     return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
 
 
-class MinSNRWeighting(ReprMixin, Algorithm):
+class MinSNRWeighting(DiffusionAlgorithm):
     """Multiplies the per-sample loss by the Min-SNR-gamma weight for the model's prediction type.
 
     Installs :func:`min_snr_weight` in the model's chain of loss weightings at ``Event.INIT`` (it multiplies with
@@ -72,22 +75,17 @@ class MinSNRWeighting(ReprMixin, Algorithm):
         MinSNRWeighting(gamma=5.0)
     """
 
+    needs = WEIGHTING_NEEDS
+    objectives = ('ddpm',)
+    why = ('Min-SNR-gamma caps the SNR of a DDPM timestep, with a conversion per DDPM prediction type; no '
+           'flow-matching form is derived here.')
+    instead = 'weight the flow-matching loss with sigma_sqrt_weighting or cosmap_weighting'
+    adds_loss_weighting = True
+
     def __init__(self, gamma: float = 5.0):
         _check_gamma(gamma)
         self.gamma = float(gamma)
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        model = diffusion_model(state, self)
-        refuse_flow_matching(model, self, 'Min-SNR-gamma caps the SNR of a DDPM timestep, with a conversion per DDPM '
-                             'prediction type; no flow-matching form is derived here.',
-                             'weight the flow-matching loss with sigma_sqrt_weighting or cosmap_weighting')
-        weighting = functools.partial(min_snr_weight, gamma=self.gamma)
-        weights = install_loss_weighting(model, weighting, type(self).__name__)
-        logger.log_hyperparameters({
-            'min_snr_weighting/gamma': self.gamma,
-            'min_snr_weighting/weight_min': float(weights.min()),
-            'min_snr_weighting/weight_max': float(weights.max()),
-        })
+    def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
+        weights = install_loss_weighting(model, functools.partial(min_snr_weight, gamma=self.gamma), self.owner)
+        return {'min_snr_weighting/gamma': self.gamma, **weight_range('min_snr_weighting', weights)}

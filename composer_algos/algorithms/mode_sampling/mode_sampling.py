@@ -14,16 +14,13 @@ position ``t / T`` on the schedule, as for :mod:`logit_normal_sampling`.
 
 from __future__ import annotations
 
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
-
-from composer_algos.algorithms.common import SAMPLER_OWNER, ReprMixin, diffusion_model, install_density
-from composer_algos.diffusion.densities import ModeDensity
+from composer_algos.algorithms.sampling import DensitySampling
+from composer_algos.diffusion.densities import ModeDensity, TimeDensity
 
 __all__ = ['ModeSampling']
 
 
-class ModeSampling(ReprMixin, Algorithm):
+class ModeSampling(DensitySampling):
     """Owns the timestep sampler: SD3's mode density of the time ``u`` (no importance weights).
 
     Logs the density's mean ``u`` as a hyperparameter.
@@ -36,15 +33,11 @@ class ModeSampling(ReprMixin, Algorithm):
         ModeSampling(scale=1.29)
     """
 
-    timestep_sampler_role = SAMPLER_OWNER
+    prefix = 'mode_sampling'
 
     def __init__(self, scale: float = 1.29):
         self._density = ModeDensity(scale)
         self.scale = float(scale)
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        mean_u = install_density(diffusion_model(state, self), self._density, type(self).__name__)
-        logger.log_hyperparameters({'mode_sampling/mean_u': mean_u})
+    def density(self) -> TimeDensity:
+        return self._density

@@ -35,10 +35,11 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, parse_time, span_fraction
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.common import parse_time, span_fraction
 
 __all__ = ['COMPENSATIONS', 'demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum',
            'compensation', 'MomentumDecay', 'RULES']
@@ -121,7 +122,7 @@ def apply_momentum(optimizer: torch.optim.Optimizer, momentum: list[float], lr_s
     return lrs
 
 
-class MomentumDecay(ReprMixin, Algorithm):
+class MomentumDecay(DiffusionAlgorithm):
     """Decays the optimizer's momentum over a span of training (arXiv 2404.07946; Demon rule).
 
     Before each batch the momentum for that step is set from the fraction ``tau`` of the span elapsed; the
@@ -144,6 +145,9 @@ class MomentumDecay(ReprMixin, Algorithm):
         >>> MomentumDecay(beta_end=0.5)
         MomentumDecay(beta_end=0.5, beta0=None, rule='demon', start='0.0dur', end='1.0dur', compensate_lr='noise')
     """
+
+    # It acts on the optimizer alone: it needs nothing of the model and installs nothing there.
+    events = (Event.BEFORE_TRAIN_BATCH, Event.BATCH_END)
 
     def __init__(self, beta_end: float = 0.5, beta0: Optional[float] = None, rule: str = 'demon',
                  start: str = '0.0dur', end: str = '1.0dur', compensate_lr: Union[bool, str] = 'noise'):
@@ -173,16 +177,13 @@ class MomentumDecay(ReprMixin, Algorithm):
         self._lrs_set: Optional[list[float]] = None
         self._lrs_scheduled: Optional[list[float]] = None
 
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.BEFORE_TRAIN_BATCH, Event.BATCH_END)
-
     def _optimizer(self, state: State) -> torch.optim.Optimizer:
         optimizers = state.optimizers
         if not optimizers:
             raise ValueError('MomentumDecay needs an optimizer.')
         return optimizers[0]
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
+    def act(self, event: Event, state: State, logger: Logger) -> None:
         optimizer = self._optimizer(state)
         key = momentum_key(optimizer)
         # Undo this step's compensation at BATCH_END (unless a scheduler already wrote the next step's lr), and

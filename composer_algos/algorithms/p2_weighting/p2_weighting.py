@@ -24,12 +24,15 @@ from __future__ import annotations
 import functools
 import math
 
+from typing import Any
+
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin, diffusion_model, refuse_flow_matching
-from composer_algos.algorithms.weighting import check_prediction_type, from_epsilon_weight, install_loss_weighting
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.weighting import (WEIGHTING_NEEDS, check_prediction_type, from_epsilon_weight,
+                                                install_loss_weighting, weight_range)
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['P2Weighting', 'p2_weight']
@@ -62,7 +65,7 @@ def p2_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str = '
     return weight
 
 
-class P2Weighting(ReprMixin, Algorithm):
+class P2Weighting(DiffusionAlgorithm):
     """Multiplies the per-sample loss by the P2 weight ``1 / (k + SNR)^gamma`` (converted for v and x0 targets).
 
     Installs :func:`p2_weight` in the model's chain of loss weightings at ``Event.INIT`` (it multiplies with the
@@ -77,24 +80,18 @@ class P2Weighting(ReprMixin, Algorithm):
         P2Weighting(gamma=1.0, k=1.0)
     """
 
+    needs = WEIGHTING_NEEDS
+    objectives = ('ddpm',)
+    why = ('P2 weights the epsilon loss of a DDPM schedule by 1 / (k + SNR)^gamma; no flow-matching form is derived '
+           'here.')
+    instead = 'weight the flow-matching loss with sigma_sqrt_weighting or cosmap_weighting'
+    adds_loss_weighting = True
+
     def __init__(self, gamma: float = 1.0, k: float = 1.0):
         _check(gamma, k)
         self.gamma = float(gamma)
         self.k = float(k)
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        model = diffusion_model(state, self)
-        refuse_flow_matching(model, self, 'P2 weights the epsilon loss of a DDPM schedule by 1 / (k + SNR)^gamma; no '
-                             'flow-matching form is derived here.',
-                             'weight the flow-matching loss with sigma_sqrt_weighting or cosmap_weighting')
-        weighting = functools.partial(p2_weight, gamma=self.gamma, k=self.k)
-        weights = install_loss_weighting(model, weighting, type(self).__name__)
-        logger.log_hyperparameters({
-            'p2_weighting/gamma': self.gamma,
-            'p2_weighting/k': self.k,
-            'p2_weighting/weight_min': float(weights.min()),
-            'p2_weighting/weight_max': float(weights.max()),
-        })
+    def install(self, model: Any, state: State, logger: Logger) -> dict[str, float]:
+        weights = install_loss_weighting(model, functools.partial(p2_weight, gamma=self.gamma, k=self.k), self.owner)
+        return {'p2_weighting/gamma': self.gamma, 'p2_weighting/k': self.k, **weight_range('p2_weighting', weights)}

@@ -14,11 +14,9 @@ import math
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
 
-from composer_algos.algorithms.common import ReprMixin
-from composer_algos.algorithms.weighting import apply_flow_weighting
+from composer_algos.algorithms.weighting import FlowLossWeighting
+from composer_algos.diffusion.model import LossWeighting
 
 __all__ = ['SigmaSqrtWeighting', 'sigma_sqrt_weight']
 
@@ -40,7 +38,7 @@ def sigma_sqrt_weight(schedule: Any, sigma: torch.Tensor, prediction_type: str =
     return sigma.to(torch.float64).clamp(min=min_sigma)**-2
 
 
-class SigmaSqrtWeighting(ReprMixin, Algorithm):
+class SigmaSqrtWeighting(FlowLossWeighting):
     """Multiplies a flow-matching model's per-sample loss by ``sigma^-2`` (diffusers' ``sigma_sqrt``).
 
     Installs :func:`sigma_sqrt_weight` in the model's chain of loss weightings at ``Event.INIT`` (it multiplies with
@@ -54,13 +52,11 @@ class SigmaSqrtWeighting(ReprMixin, Algorithm):
         SigmaSqrtWeighting(min_sigma=0.001)
     """
 
+    prefix = 'sigma_sqrt_weighting'
+
     def __init__(self, min_sigma: float = 1e-3):
         _check(min_sigma)
         self.min_sigma = float(min_sigma)
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        weighting = functools.partial(sigma_sqrt_weight, min_sigma=self.min_sigma)
-        apply_flow_weighting(state, logger, self, weighting, 'sigma_sqrt_weighting')
+    def weighting(self) -> LossWeighting:
+        return functools.partial(sigma_sqrt_weight, min_sigma=self.min_sigma)

@@ -33,13 +33,16 @@ from __future__ import annotations
 import functools
 import math
 
+from typing import Any
+
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.common import (SAMPLER_OWNER, ReprMixin, diffusion_model, install_fixed_distribution,
-                                             refuse_flow_matching)
-from composer_algos.algorithms.weighting import check_prediction_type, from_epsilon_weight, install_loss_weighting
+from composer_algos.algorithms.base import DiffusionAlgorithm
+from composer_algos.algorithms.sampling import install_fixed_distribution
+from composer_algos.algorithms.weighting import (WEIGHTING_NEEDS, check_prediction_type, from_epsilon_weight,
+                                                install_loss_weighting, weight_range)
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['SpeeD', 'speed_threshold', 'speed_probs', 'speed_epsilon_weights', 'speed_weight']
@@ -115,7 +118,7 @@ def speed_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str 
     return from_epsilon_weight(weights, schedule.snr(t), prediction_type)
 
 
-class SpeeD(ReprMixin, Algorithm):
+class SpeeD(DiffusionAlgorithm):
     """SpeeD: owns the timestep sampler (asymmetric sampling) and adds the change-aware loss weighting.
 
     At ``Event.INIT`` it installs :func:`speed_probs` as the model's timestep sampler (no importance correction:
@@ -133,7 +136,13 @@ class SpeeD(ReprMixin, Algorithm):
         SpeeD(tau=700, k=2.0, lam=0.6)
     """
 
-    timestep_sampler_role = SAMPLER_OWNER
+    needs = WEIGHTING_NEEDS + ('set_timestep_sampler',)
+    objectives = ('ddpm',)
+    why = ('its threshold tau and change-aware weights are stated on the timesteps of a DDPM schedule (T = 1000) and '
+           'its d(1 - alphabar_t)/dt; no flow-matching form is derived here.')
+    instead = 'draw sigma from logit_normal_sampling or mode_sampling'
+    owns_timestep_sampler = True
+    adds_loss_weighting = True
 
     def __init__(self, tau: int = 700, k: float = 2.0, lam: float = 0.6):
         _check_tau(tau)
@@ -143,23 +152,10 @@ class SpeeD(ReprMixin, Algorithm):
         self.k = float(k)
         self.lam = float(lam)
 
-    def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        model = diffusion_model(state, self)
-        refuse_flow_matching(model, self, 'its threshold tau and change-aware weights are stated on the timesteps of a '
-                             'DDPM schedule (T = 1000) and its d(1 - alphabar_t)/dt; no flow-matching form is derived '
-                             'here.', 'draw sigma from logit_normal_sampling or mode_sampling')
-        owner = type(self).__name__
+    def install(self, model: Any, state: State, logger: Logger) -> dict[str, Any]:
         probs = speed_probs(model.noise_schedule, self.tau, self.k)
-        install_fixed_distribution(model, probs, owner)
-        weighting = functools.partial(speed_weight, tau=self.tau, lam=self.lam)
-        weights = install_loss_weighting(model, weighting, owner)
+        install_fixed_distribution(model, probs, self.owner)
+        weights = install_loss_weighting(model, functools.partial(speed_weight, tau=self.tau, lam=self.lam), self.owner)
         threshold = speed_threshold(model.num_timesteps, self.tau)
-        logger.log_hyperparameters({
-            'speed/threshold': threshold,
-            'speed/mass_below_threshold': float(probs[:threshold].sum()),
-            'speed/weight_min': float(weights.min()),
-            'speed/weight_max': float(weights.max()),
-        })
+        return {'speed/threshold': threshold, 'speed/mass_below_threshold': float(probs[:threshold].sum()),
+                **weight_range('speed', weights)}
