@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from composer_algos import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,16 +70,82 @@ def test_every_algorithm_folder_is_registered_under_its_name_as_an_algorithm():
         assert isinstance(parts[name], type) and issubclass(parts[name], Algorithm), (name, parts[name])
 
 
+# The one function a package __init__ may define: PEP 562's lazy export of the names in its _LAZY_EXPORTS.
+_LAZY_GETATTR = ast.parse(textwrap.dedent("""
+    def __getattr__(name: str) -> type:
+        if name in _LAZY_EXPORTS:
+            return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+""")).body[0]
+
+
+def _without_docstring(function: ast.FunctionDef) -> str:
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return ast.dump(ast.FunctionDef(function.name, function.args, body, [], function.returns))
+
+
+def init_problems(source: str) -> list[str]:
+    """What keeps a package ``__init__`` (its ``source``) from only re-exporting: anything but imports, a docstring,
+    ``__all__``, ``__version__``, and a lazy export (a ``_LAZY_EXPORTS`` table of names to modules of the package with
+    exactly :data:`_LAZY_GETATTR` to read it)."""
+    problems = []
+    for node in ast.parse(source).body:
+        line = f'line {node.lineno}'
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, ast.Expr):
+            if not isinstance(node.value, ast.Constant):
+                problems.append(f'{line}: runs code at import time')
+        elif isinstance(node, ast.Assign):
+            names = [getattr(t, 'id', None) for t in node.targets]
+            if names == ['_LAZY_EXPORTS']:
+                table = ast.literal_eval(node.value) if isinstance(node.value, ast.Dict) else None
+                if not (isinstance(table, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                        and v.startswith('composer_algos.') for k, v in table.items())):
+                    problems.append(f'{line}: _LAZY_EXPORTS must map names to modules of the package')
+            elif names not in (['__all__'], ['__version__']):
+                problems.append(f'{line}: assigns {names}')
+        elif isinstance(node, ast.FunctionDef) and node.name == '__getattr__':
+            if _without_docstring(node) != _without_docstring(_LAZY_GETATTR):
+                problems.append(f'{line}: __getattr__ does more than the lazy export of _LAZY_EXPORTS')
+        else:
+            problems.append(f'{line}: {type(node).__name__}')
+    return problems
+
+
 def test_package_inits_only_re_export():
     for path in glob.glob(os.path.join(PACKAGE, '**', '__init__.py'), recursive=True):
-        tree = ast.parse(open(path).read())
-        for node in tree.body:
-            allowed = (ast.Import, ast.ImportFrom, ast.Assign, ast.Expr)
-            assert isinstance(node, allowed), (path, ast.dump(node)[:80])
-            if isinstance(node, ast.Expr):
-                assert isinstance(node.value, ast.Constant), (path, 'a call at import time')
-            if isinstance(node, ast.Assign):
-                assert [t.id for t in node.targets if isinstance(t, ast.Name)] in (['__all__'], ['__version__']), path
+        assert init_problems(open(path).read()) == [], path
+
+
+@pytest.mark.parametrize('source, problem', [
+    ('from composer_algos import registry\nregistry.algorithms.register("x", func=object)\n',
+     'line 2: runs code at import time'),
+    ('_LAZY_EXPORTS = {"X": "composer_algos.x"}\n\n\ndef __getattr__(name: str) -> type:\n'
+     '    import composer_algos.algorithms\n    return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)\n',
+     'line 4: __getattr__ does more than the lazy export of _LAZY_EXPORTS'),
+    ('_LAZY_EXPORTS = {"X": "torch.nn"}\n', 'line 1: _LAZY_EXPORTS must map names to modules of the package'),
+    ('_LAZY_EXPORTS = dict(X="composer_algos.x")\n', 'line 1: _LAZY_EXPORTS must map names to modules of the package'),
+    ('def helper():\n    pass\n', 'line 1: FunctionDef'),
+    ('NAMES = ["x"]\n', "line 1: assigns ['NAMES']"),
+])
+def test_the_init_check_refuses_anything_but_re_exports_and_the_lazy_export(source, problem):
+    assert init_problems(source) == [problem]
+
+
+def test_the_package_root_exports_the_models_lazily_in_a_fresh_interpreter():
+    code = textwrap.dedent('''
+        import sys
+        import composer_algos
+        before = 'composer_algos.diffusion.model' in sys.modules
+        from composer_algos import DiffusionModel, FlowMatchingModel
+        print(before, DiffusionModel.__module__, FlowMatchingModel.__module__, sorted(composer_algos.__all__))
+    ''')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ['False', 'composer_algos.diffusion.model', 'composer_algos.diffusion.flow_model',
+                           "['DiffusionModel',", "'FlowMatchingModel']"]
 
 
 def test_every_registered_algorithm_lives_in_its_own_folder_with_a_readme():
