@@ -7,6 +7,7 @@ cases below and saves what it received to ``OUT_DIR/rank{r}.pt``.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,9 +42,15 @@ def test_one_process_returns_the_tensor_itself():
 
 def test_two_gloo_ranks_gather_every_rank_trimmed_to_its_length(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run([COMPOSER, '-n', '2', os.path.abspath(__file__), str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # In a session of its own, so that a hung run's ranks are stopped with the launcher rather than left behind.
+    proc = subprocess.Popen([COMPOSER, '-n', '2', os.path.abspath(__file__), str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
     expected = _expected(2)
     for rank in range(2):
         received = torch.load(tmp_path / f'rank{rank}.pt')
@@ -66,6 +73,8 @@ def _rank_main(out_dir: str) -> None:
         rank = torch_dist.get_rank()
         received = {name: all_gather_variable(tensor) for name, tensor in _cases(rank).items()}
         torch.save(received, os.path.join(out_dir, f'rank{rank}.pt'))
+        # Tearing the group down while the other rank is still gathering can leave rank 0 waiting forever.
+        torch_dist.barrier()
     finally:
         torch_dist.destroy_process_group()
 
