@@ -24,7 +24,7 @@ YAML_LAYER = {'composer_algos/config.py', 'composer_algos/validation.py'}
 # the package; the classes it exports lazily count as imports of the modules that define them.
 LAYERS = (
     ('leaves', ('composer_algos.registry', 'composer_algos.distributed', 'composer_algos.seeding',
-                'composer_algos.machine', 'composer_algos.pixels', 'composer_algos.checkpoints',
+                'composer_algos.machine', 'composer_algos.pixels', 'composer_algos.checkpoint_integrity',
                 'composer_algos.builtins')),
     ('diffusion', ('composer_algos.diffusion',)),
     ('data and evaluation', ('composer_algos.data', 'composer_algos.evaluation')),

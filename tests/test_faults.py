@@ -205,10 +205,10 @@ def test_autoresume_steps_over_truncated_and_half_written_checkpoints(tmp_path, 
     shutil.copy(folder / 'ep0-ba6-rank0.pt', folder / 'ep0-ba10-rank0.pt')
     with open(folder / 'ep0-ba10-rank0.pt', 'r+b') as f:
         f.truncate(1000)
-    with caplog.at_level(logging.WARNING, logger='composer_algos.checkpoints'):
+    with caplog.at_level(logging.WARNING, logger='composer_algos.checkpoint_integrity'):
         resumed = fault_run.run(recipe, str(tmp_path / 'resumed'), [])
     assert resumed['start'] == 6
-    messages = [r.getMessage() for r in caplog.records if r.name == 'composer_algos.checkpoints']
+    messages = [r.getMessage() for r in caplog.records if r.name == 'composer_algos.checkpoint_integrity']
     assert len(messages) == 2 and all('resume from' in m and 'ep0-ba6-rank0.pt' in m for m in messages)
     assert 'ep0-ba10-rank0.pt' in messages[0] and 'ep0-ba8-rank0.pt' in messages[1]
     assert (folder / 'ep0-ba8-rank0.pt.unreadable').exists() and (folder / 'ep0-ba10-rank0.pt.unreadable').exists()

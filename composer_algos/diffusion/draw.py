@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from composer_algos.diffusion.flow import FlowSchedule
-from composer_algos.diffusion.samplers import (ContinuousTimestepSampler, TimestepSampler, combined_prior,
+from composer_algos.diffusion.timestep_samplers import (ContinuousTimestepSampler, TimestepSampler, combined_prior,
                                                sample_from_probs, sample_within_cells, tilt_log_probs)
 from composer_algos.distributed import global_positions
 from composer_algos.seeding import keyed_generator, keyed_uniform_and_normal

@@ -17,7 +17,7 @@ from composer_algos.diffusion.diagnostics import nonfinite_loss_causes
 from composer_algos.diffusion.draw import (DROPOUT_STREAM, DrawRecord, draw_levels, evaluation_draw,
                                            tilted_distribution, training_randoms)
 from composer_algos.diffusion.flow import FlowSchedule
-from composer_algos.diffusion.samplers import TimestepPrior, TimestepSampler, UniformSampler
+from composer_algos.diffusion.timestep_samplers import TimestepPrior, TimestepSampler, UniformSampler
 from composer_algos.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule, check_prediction_type
 from composer_algos.diffusion.utils import module_device, reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
@@ -97,7 +97,7 @@ class DiffusionModel(ComposerModel):
         recipe: what built the model, saved in every checkpoint (plain data, ``None`` for none): the YAML layer sets
             ``{'run_name': ..., 'model': <the recipe's model section>}``, so that a checkpoint loaded into a model
             it does not fit can name the run and the settings that wrote it
-            (:func:`composer_algos.checkpoints.written_by`).
+            (:func:`composer_algos.checkpoint_integrity.written_by`).
     """
 
     # Which objective the model trains (algorithms stated on DDPM schedules check it); FlowMatchingModel: flow_matching.

@@ -89,10 +89,10 @@ from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROB
                                                                            casts_parameters, probe_math)
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.common import draw_record, objective_of
-from composer_algos.diffusion.samplers import tilt_log_probs
+from composer_algos.diffusion.timestep_samplers import tilt_log_probs
 from composer_algos.diffusion.utils import device_batch, module_device
 from composer_algos.distributed import all_gather, all_reduce, broadcast, global_positions, rank_world
-from composer_algos.evaluation.sampling import eval_mode
+from composer_algos.evaluation.generation import eval_mode
 from composer_algos.seeding import derive_seed, keyed_uniform_and_normal
 
 __all__ = ['AdaptiveTimestepSampling', 'POLICIES', 'REWARDS', 'RewardSetting']

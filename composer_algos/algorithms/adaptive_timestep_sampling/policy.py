@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from composer_algos.algorithms.adaptive_timestep_sampling.functional import beta_grid_log_probs
-from composer_algos.diffusion.samplers import TimestepSampler
+from composer_algos.diffusion.timestep_samplers import TimestepSampler
 from composer_algos.diffusion.utils import module_device
 
 __all__ = ['CONCENTRATIONS', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler']

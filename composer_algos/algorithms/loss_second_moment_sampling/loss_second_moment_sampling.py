@@ -32,7 +32,7 @@ from composer.loggers import Logger
 
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.common import draw_record
-from composer_algos.diffusion.samplers import TimestepSampler
+from composer_algos.diffusion.timestep_samplers import TimestepSampler
 from composer_algos.distributed import all_gather_variable
 
 __all__ = ['LossSecondMomentSampler', 'LossSecondMomentSampling', 'append_losses', 'loss_second_moment_probs']
