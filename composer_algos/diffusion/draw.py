@@ -7,11 +7,22 @@ matching) a cell and the position inside it, which is the exact inverse CDF of t
 untilted closed-form density is drawn exactly instead. Samplers that declare ``importance`` get the weights
 ``q(t) / p(t)`` towards the objective's own distribution tilted by the same priors. Evaluation draws come from a
 generator seeded by the batch's content, so every evaluation of a batch draws the same numbers.
+
+An option of a training draw, off by default (and then nothing above changes):
+
+* **Low discrepancy** (Kingma et al., "Variational Diffusion Models", NeurIPS 2021, arXiv 2107.00630, appendix: the
+  low-discrepancy sampler): the uniforms of a global batch of B samples are ``u_i = (u0 + i / B) mod 1`` over the
+  sample's position ``i``, with one offset ``u0`` keyed by ``(seed, draw index)``: each of the B equal bins of
+  [0, 1) holds exactly one u, and each u alone is still uniform, so every sampler's inverse CDF keeps its marginal
+  and only the batch's spread over it changes (:func:`low_discrepancy_uniforms`). The sample's noise is the one it
+  draws without the option. Deviation: VDM draws the continuous time from these u; here they enter the active
+  sampler's inverse CDF (on the grid of T, or in closed form), so the method composes with every sampler.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -19,14 +30,15 @@ import torch
 from composer_algos.diffusion.flow import FlowSchedule
 from composer_algos.diffusion.samplers import (ContinuousTimestepSampler, TimestepSampler, combined_prior,
                                                sample_from_probs, sample_within_cells, tilt_log_probs)
-from composer_algos.distributed import global_positions
+from composer_algos.distributed import global_positions, rank_world
 from composer_algos.seeding import keyed_generator, keyed_uniform_and_normal
 
-__all__ = ['DROPOUT_STREAM', 'DrawRecord', 'EVAL_STREAM', 'TRAIN_STREAM', 'draw_levels', 'evaluation_draw',
-           'tilted_distribution', 'training_randoms']
+__all__ = ['DROPOUT_STREAM', 'DrawRecord', 'EVAL_STREAM', 'OFFSET_STREAM', 'TRAIN_STREAM', 'draw_levels',
+           'evaluation_draw', 'low_discrepancy_uniforms', 'tilted_distribution', 'training_randoms']
 
-# Keys of the model's random streams (see composer_algos.seeding).
-TRAIN_STREAM, DROPOUT_STREAM, EVAL_STREAM = 0, 1, 2
+# Keys of the model's random streams (see composer_algos.seeding): a sample's uniform and noise, the denoiser's own
+# randomness, evaluation draws and the low-discrepancy offset of a draw.
+TRAIN_STREAM, DROPOUT_STREAM, EVAL_STREAM, OFFSET_STREAM = 0, 1, 2, 3
 # A drawn position stays this far inside its cell, so that float64 rounding of (cell + position) / T never moves it to
 # a neighbouring cell (which may have no probability).
 _INSIDE = 1e-9
@@ -66,15 +78,45 @@ class DrawRecord:
         return self.t if self.sigma is None else self.sigma
 
 
-def training_randoms(seed: int, index: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def training_randoms(seed: int, index: int, x0: torch.Tensor,
+                     low_discrepancy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Training draw ``index``'s ``(u, noise)`` for this rank's batch ``x0``: a float64 uniform and the noise.
 
     Sample ``i`` of this rank's batch is sample ``i * world_size + rank`` of the global batch (StreamingDataset deals
-    a global batch to the ranks in turn); its numbers depend only on ``(seed, index, that position)``.
+    a global batch to the ranks in turn); its numbers depend only on ``(seed, index, that position)``. With
+    ``low_discrepancy`` the uniforms are :func:`low_discrepancy_uniforms` over the global batch of
+    ``len(x0) * world_size`` samples; the noise stays the same.
     """
-    keys = [(TRAIN_STREAM, index, position) for position in global_positions(x0.shape[0])]
-    u, noise = keyed_uniform_and_normal(seed, keys, x0.shape[1:])
+    positions = global_positions(x0.shape[0])
+    u, noise = keyed_uniform_and_normal(seed, [(TRAIN_STREAM, index, position) for position in positions],
+                                        x0.shape[1:])
+    if low_discrepancy:
+        u = low_discrepancy_uniforms(seed, index, positions, x0.shape[0] * rank_world()[1])
     return u.to(x0.device, non_blocking=True), noise.to(x0.device, x0.dtype, non_blocking=True)
+
+
+def low_discrepancy_uniforms(seed: int, index: int, positions: Sequence[int], global_batch_size: int) -> torch.Tensor:
+    """VDM's low-discrepancy uniforms ``(u0 + i / B) mod 1`` (float64) at the global ``positions`` ``i`` of draw
+    ``index``, ``u0`` keyed by ``(seed, index)``.
+
+    Computed as bin ``(floor(u0 B) + i) mod B`` plus the offset's place ``u0 B - floor(u0 B)`` inside its bin, so the
+    B positions fill the B bins exactly once whatever the rounding; the same numbers on any number of ranks.
+
+    Example:
+        >>> u = low_discrepancy_uniforms(17, 0, range(8), 8)
+        >>> sorted((u * 8).floor().long().tolist())
+        [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    if global_batch_size < 1:
+        raise ValueError(f'global_batch_size must be positive, got {global_batch_size}.')
+    offset = float(torch.rand((), generator=keyed_generator(seed, OFFSET_STREAM, index), dtype=torch.float64))
+    scaled = offset * global_batch_size
+    first = math.floor(scaled)
+    within = scaled - first
+    bins = (torch.as_tensor(list(positions), dtype=torch.float64) + first).remainder(global_batch_size)
+    # Rounding may carry (bin + within) up to the next bin's edge; stay inside the bin.
+    return torch.minimum((bins + within) / global_batch_size,
+                         torch.nextafter((bins + 1) / global_batch_size, torch.zeros((), dtype=torch.float64)))
 
 
 def tilted_distribution(sampler_probs: torch.Tensor,

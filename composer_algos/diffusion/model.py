@@ -92,6 +92,9 @@ class DiffusionModel(ComposerModel):
         seed: seed of the training draws (t, noise, the denoiser's dropout) and of the evaluation loss's draws.
         check_finite_loss: raise a clear error when the loss becomes NaN or infinite.
         num_loss_bands: bands of t for the validation loss metric.
+        low_discrepancy: draw each global batch's noise levels from VDM's low-discrepancy uniforms, one keyed offset
+            per batch (:func:`~composer_algos.diffusion.draw.low_discrepancy_uniforms`): every batch covers [0, 1)
+            evenly before the active sampler's inverse CDF, whose marginal is unchanged. Off: independent uniforms.
 
     Attributes:
         recipe: what built the model, saved in every checkpoint (plain data, ``None`` for none): the YAML layer sets
@@ -117,6 +120,7 @@ class DiffusionModel(ComposerModel):
         seed: int = 17,
         check_finite_loss: bool = True,
         num_loss_bands: int = 10,
+        low_discrepancy: bool = False,
     ):
         super().__init__()
         check_prediction_type(prediction_type, self.prediction_types)
@@ -134,6 +138,7 @@ class DiffusionModel(ComposerModel):
         self.check_finite_loss = check_finite_loss
         self.num_loss_bands = num_loss_bands
         self.seed = int(seed)
+        self.low_discrepancy = bool(low_discrepancy)
         self.num_draws = 0  # training forwards so far: the key of the next draw
         self.recipe: Optional[dict[str, Any]] = None
         self._sampler: TimestepSampler = self.default_timestep_sampler()
@@ -211,10 +216,10 @@ class DiffusionModel(ComposerModel):
 
         Keyed by ``(seed, draw index, position in the global batch)``
         (:func:`~composer_algos.diffusion.draw.training_randoms`): with one micro-batch per step the same sample gets
-        the same t and noise on any number of ranks, and a resumed run repeats them. Each call moves to the next
-        draw index.
+        the same t and noise on any number of ranks, and a resumed run repeats them. With ``low_discrepancy`` the
+        uniforms are the batch's low-discrepancy ones. Each call moves to the next draw index.
         """
-        u, noise = training_randoms(self.seed, self.num_draws, x0)
+        u, noise = training_randoms(self.seed, self.num_draws, x0, self.low_discrepancy)
         self.num_draws += 1
         return u, noise
 
