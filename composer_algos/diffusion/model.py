@@ -14,8 +14,8 @@ from torchmetrics import Metric
 
 from composer_algos.diffusion.contract import DRAW_KEY, record_of
 from composer_algos.diffusion.diagnostics import nonfinite_loss_causes
-from composer_algos.diffusion.draw import (DROPOUT_STREAM, DrawRecord, draw_levels, evaluation_draw,
-                                           tilted_distribution, training_randoms)
+from composer_algos.diffusion.draw import (DROPOUT_STREAM, DrawRecord, NoiseCoupling, NoiseDraw, couple_noise,
+                                           draw_levels, evaluation_draw, tilted_distribution, training_randoms)
 from composer_algos.diffusion.flow import FlowSchedule
 from composer_algos.diffusion.samplers import TimestepPrior, TimestepSampler, UniformSampler
 from composer_algos.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule, check_prediction_type
@@ -75,7 +75,8 @@ class DiffusionModel(ComposerModel):
       unweighted ``per_sample_loss`` and the total ``loss_weight`` (:class:`~composer_algos.diffusion.draw.DrawRecord`);
     * :meth:`vlb_terms`, per-sample variational-bound terms at given ``(x0, t, noise)`` without grad;
     * :meth:`draw_randoms`: t and noise keyed by the sample's position in the global batch and a draw index that
-      checkpoints save, so a run draws the same numbers resumed or not, on any number of ranks.
+      checkpoints save, so a run draws the same numbers resumed or not, on any number of ranks;
+    * a noise coupling (:meth:`set_noise_coupling`) that may pair each training batch's keyed noise with its data.
 
     Args:
         denoiser: any module called as ``denoiser(x_t, t, **conditioning)``; an output with a ``.sample``
@@ -145,6 +146,7 @@ class DiffusionModel(ComposerModel):
         self._sampler_owner: Optional[str] = None
         self._priors: list[tuple[str, TimestepPrior]] = []
         self._weightings: list[tuple[str, LossWeighting]] = []
+        self._noise_coupling: Optional[tuple[str, NoiseCoupling]] = None
         self.val_loss = DiffusionLoss(self.num_timesteps, num_bands=1)
         self.val_loss_bands = DiffusionLoss(self.num_timesteps, num_bands=num_loss_bands)
 
@@ -230,6 +232,20 @@ class DiffusionModel(ComposerModel):
             u, _ = self.draw_randoms(x0)
         return draw_levels(self._sampler, self.timestep_priors(x0.device), x0, u, self.importance_target_log_probs,
                            self.sigma_grid)
+
+    def set_noise_coupling(self, coupling: NoiseCoupling, owner: str) -> None:
+        """Let ``coupling`` pair each training batch's keyed noise with its data (``coupling(NoiseDraw) -> (noise,
+        NoisePairing)``, :mod:`composer_algos.diffusion.draw`), on behalf of ``owner``; evaluation and generation
+        keep their own noise. A second, different owner is an error naming both."""
+        if self._noise_coupling is not None and self._noise_coupling[0] != owner:
+            raise ConfigError(f'{owner} and {self._noise_coupling[0]} both pair the noise with the data; only one '
+                              'algorithm may. Remove one of them.')
+        self._noise_coupling = (owner, coupling)
+
+    @property
+    def noise_coupling_owner(self) -> Optional[str]:
+        """The name of the algorithm whose coupling pairs the noise with the data, ``None`` for none."""
+        return None if self._noise_coupling is None else self._noise_coupling[0]
 
     # ----------------------------------------------------------------------------------------- objective
     @property
@@ -317,6 +333,10 @@ class DiffusionModel(ComposerModel):
         u, noise = self.draw_randoms(x0)
         record = self.draw_timesteps(x0, u)
         record.noise = noise
+        if self._noise_coupling is not None:
+            labels = None if self.label_key is None else self._get(batch, self.label_key)
+            draw = NoiseDraw(x0, noise, labels, self.seed, index)
+            record.noise, record.noise_pairing = couple_noise(self._noise_coupling[1], draw)
         weight = record.importance_weight * self.loss_weights(record.level)
         context = self._denoiser_rng(x0.device, index) if self.training else contextlib.nullcontext()
         return self._publish(record, x0, batch, weight, context)
