@@ -58,7 +58,7 @@ def test_a_model_lacking_members_is_refused_in_one_line_naming_them():
 def test_every_algorithm_needs_only_contract_members_and_declares_what_it_owns():
     classes = {name: kind for name, kind in algorithm_registry.get_all().items()
                if isinstance(kind, type) and issubclass(kind, DiffusionAlgorithm)}
-    assert len(classes) == 13  # every algorithm but WarmupEMA, which is Composer's EMA
+    assert len(classes) == 14  # every algorithm but WarmupEMA, which is Composer's EMA
     for kind in classes.values():
         instance = kind()
         assert set(instance.needs) <= set(CONTRACT_MEMBERS), kind
