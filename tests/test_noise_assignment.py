@@ -132,10 +132,14 @@ def test_the_model_trains_on_a_permutation_of_its_drawn_noise_and_labels_stay():
 
 
 def test_by_condition_needs_class_labels():
-    model = tiny_model(width=8)
+    with pytest.raises(ConfigError, match='by_condition assigns noise within each class, but the model is '
+                                          'unconditional'):
+        init(NoiseAssignment(by_condition=True), tiny_model(width=8))
+    # Labels that are no class labels (a float tensor, as an embedding would be) are refused at the first batch.
+    model = tiny_model(width=8, label_key='label')
     init(NoiseAssignment(by_condition=True), model)
     with pytest.raises(ConfigError, match='by_condition assigns noise within each class and needs integer class'):
-        model({'image': torch.randn(4, 1, 8, 8)})
+        model({'image': torch.randn(4, 1, 8, 8), 'label': torch.randn(4, 3)})
 
 
 def test_a_degenerate_batch_keeps_its_noise_and_says_so(caplog):

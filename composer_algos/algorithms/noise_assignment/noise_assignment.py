@@ -247,6 +247,10 @@ class NoiseAssignment(DiffusionAlgorithm):
 
     # ----------------------------------------------------------------------------------------- the algorithm
     def install(self, model: Any, state: State, logger: Logger) -> dict[str, Any]:
+        if self.by_condition and getattr(model, 'label_key', None) is None:
+            raise ConfigError(f'{self.owner}: by_condition assigns noise within each class, but the model is '
+                              'unconditional (no model.label_key). Set by_condition: false, or give the model its '
+                              'class labels.')
         model.set_noise_coupling(self, self.owner)
         return {'noise_assignment/mode': self.mode, 'noise_assignment/cost': self.cost,
                 'noise_assignment/scope': self.scope, 'noise_assignment/by_condition': self.by_condition,
