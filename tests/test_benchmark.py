@@ -384,3 +384,28 @@ def test_a_composition_of_methods_adds_every_fragment():
         from composer_algos.config import load_config
         cfg = load_config(benchmark._recipe(method, tmp), benchmark.split_variant(method)[1])
     assert cfg['algorithms']['min_snr_weighting']['gamma'] == 2.0 and 'log_normal_sampling' in cfg['algorithms']
+
+
+def test_the_noise_methods_and_the_low_discrepancy_draw_race_under_their_names():
+    assert benchmark.leaderboard_name('noise_assignment') == 'noise_assignment'
+    assert benchmark.leaderboard_name('noise_assignment_knn') == 'noise_assignment_knn'
+    assert benchmark.leaderboard_name('low_discrepancy') == 'low_discrepancy'
+    assert benchmark.leaderboard_name('adaptive_paper') == 'adaptive_timestep_sampling_paper'
+    # KNN is tuned on its own grid (k), not on the assignment's cost.
+    assert benchmark.components('noise_assignment_knn') == ['noise_assignment_knn']
+    assert benchmark.components('low_discrepancy') == [] and benchmark.components('clts_md') == ['clts', 'md']
+    for objective in ('ddpm', 'flow_matching'):
+        grid = benchmark.TUNING_GRIDS[objective]
+        assert grid['noise_assignment'][0] == ('algorithms.noise_assignment.cost=l2',)
+        assert len(grid['noise_assignment_knn']) == 3
+        assert {'noise_assignment', 'noise_assignment_knn'} <= set(benchmark.LEADERBOARD_METHODS[objective])
+    assert 'low_discrepancy' in benchmark.LEADERBOARD_METHODS['ddpm']
+    knn = benchmark.method_config('noise_assignment_knn@algorithms.noise_assignment.k=16', 'digits', 'ddpm', 'data',
+                                  10, 'x')
+    assert knn['algorithms']['noise_assignment'] == {'mode': 'knn', 'cost': 'l2', 'scope': 'global',
+                                                     'by_condition': False, 'k': 16}
+    drawn = benchmark.method_config('low_discrepancy', 'mnist', 'ddpm', 'data', 10, 'x')
+    assert drawn['model']['low_discrepancy'] is True and set(drawn['algorithms']) == {'ema'}
+    flow = benchmark.method_config('noise_assignment', 'mnist', 'flow_matching', 'data', 10, 'x')
+    assert flow['model']['objective'] == 'flow_matching'
+    assert flow['algorithms']['noise_assignment']['mode'] == 'hungarian'
