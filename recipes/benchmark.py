@@ -99,6 +99,8 @@ METHODS: dict[str, list[str]] = {
     'noise_assignment_knn': ['noise_assignment'],
     # Uniform with VDM's low-discrepancy draw of the timesteps (a model option, no algorithm).
     'low_discrepancy': [],
+    # Schedule-free AdamW in place of AdamW and its schedule (the fragment sets the optimizer).
+    'schedule_free': ['schedule_free'],
 }
 # Methods that are a setting of another, or of the model: recipe overrides applied with their fragments.
 METHOD_SETTINGS: dict[str, list[str]] = {
@@ -1023,6 +1025,11 @@ _NOISE_SETTINGS = {
     'noise_assignment': tuple((f'algorithms.noise_assignment.cost={c}',) for c in ('l2', 'sq_l2')),
     'noise_assignment_knn': tuple((f'algorithms.noise_assignment.k={k}',) for k in (4, 16, 64)),
 }
+# Schedule-free AdamW's own learning rate (the package's default first): the paper finds it wants the same as AdamW's
+# or larger, so uniform's tuned rate does not carry over.
+_OPTIMIZER_SETTINGS = {
+    'schedule_free': tuple((f'optimizer.lr={lr}',) for lr in ('2.5e-3', '5.0e-3', '1.0e-2')),
+}
 TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
     'ddpm': {
         'min_snr': tuple((f'algorithms.min_snr_weighting.gamma={g}',) for g in ('5.0', '2.0', '1.0')),
@@ -1035,6 +1042,7 @@ TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
         'loss_second_moment': ((),),
         'cosmap': ((),),
         **_NOISE_SETTINGS,
+        **_OPTIMIZER_SETTINGS,
     },
     'flow_matching': {
         'logit_normal': tuple((f'algorithms.logit_normal_sampling.m={m}',) for m in ('0.0', '0.5', '-0.5')),
@@ -1042,6 +1050,7 @@ TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
         'cosmap': ((),),
         **_SCHEDULE_SETTINGS,
         **_NOISE_SETTINGS,
+        **_OPTIMIZER_SETTINGS,
     },
 }
 # The leaderboards' methods: uniform, its A/A null, every method that applies to the objective, and the curriculum
@@ -1049,9 +1058,9 @@ TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
 LEADERBOARD_METHODS = {
     'ddpm': ('uniform', 'uniform_aa', 'min_snr', 'p2', 'speed', 'loss_second_moment', 'logit_normal', 'log_normal',
              'mode', 'cosmap', 'clts', 'md', 'clts_md', 'noise_assignment', 'noise_assignment_knn',
-             'low_discrepancy'),
+             'low_discrepancy', 'schedule_free'),
     'flow_matching': ('uniform', 'uniform_aa', 'logit_normal', 'mode', 'cosmap', 'clts', 'md', 'clts_md',
-                      'noise_assignment', 'noise_assignment_knn'),
+                      'noise_assignment', 'noise_assignment_knn', 'schedule_free'),
 }
 # Extra noise seeds of FID on uniform's final weights (the race's own is 0): FID's sampling noise.
 NOISE_SEEDS = (1, 2, 3, 4)

@@ -409,3 +409,19 @@ def test_the_noise_methods_and_the_low_discrepancy_draw_race_under_their_names()
     flow = benchmark.method_config('noise_assignment', 'mnist', 'flow_matching', 'data', 10, 'x')
     assert flow['model']['objective'] == 'flow_matching'
     assert flow['algorithms']['noise_assignment']['mode'] == 'hungarian'
+
+
+def test_schedule_free_races_with_its_own_learning_rate_over_the_tuned_base():
+    # Uniform's tuned AdamW rate comes first in a race's overrides; schedule-free's own setting must win over it.
+    base = ['optimizer.lr=4.0e-3', 'algorithms.ema.half_life=50ba']
+    for objective in ('ddpm', 'flow_matching'):
+        grid = benchmark.TUNING_GRIDS[objective]['schedule_free']
+        assert grid[0] == ('optimizer.lr=2.5e-3',) and len(grid) == 3
+        assert 'schedule_free' in benchmark.LEADERBOARD_METHODS[objective]
+        cfg = benchmark.method_config(benchmark._variant('schedule_free', grid[2]), 'mnist', objective, 'data', 10,
+                                      'x', base)
+        assert cfg['optimizer']['name'] == 'schedulefree_adamw' and cfg['optimizer']['lr'] == 1.0e-2
+        assert cfg['scheduler'] is None and cfg['algorithms']['ema']['half_life'] == '50ba'
+        assert 'schedule_free' in cfg['algorithms']
+    assert benchmark.leaderboard_name('schedule_free') == 'schedule_free'
+    assert benchmark.components('schedule_free') == ['schedule_free']
