@@ -321,13 +321,14 @@ def test_ddpm_only_algorithms_refuse_a_flow_model_in_one_line(digits_mds, tmp_pa
         message = str(error.value)
         assert type(algorithm).__name__ in message and fix in message and 'flow-matching' in message
         assert '\n' not in message
-    # Through a recipe: one line and exit status 2 before training; bits/dim stops the run at its start.
+    # Through a recipe: one line and exit status 2 (a recipe that cannot be used), whether validation or the callback
+    # at the run's start finds it.
     monkeypatch.chdir(tmp_path)
     base = [os.path.join(ROOT, 'yamls', 'digits', 'flow_uniform.yaml'), 'prepare_data=false',
             f'train_loader.local={digits_mds}', f'eval_loader.local={digits_mds}', 'max_duration=2ba',
             'progress_bar=false', 'save_folder=null', 'loggers=null', 'callbacks=null']
     for overrides, code, named in ((['algorithms.min_snr_weighting={gamma: 5.0}'], 2, 'MinSNRWeighting'),
-                                   (['callbacks.bits_per_dim={num_images: 8}'], 1, 'bits_per_dim')):
+                                   (['callbacks.bits_per_dim={num_images: 8}'], 2, 'bits_per_dim')):
         capsys.readouterr()
         assert train_script.main(base + overrides) == code
         err = capsys.readouterr().err
