@@ -80,29 +80,21 @@ import torch.nn as nn
 from composer.core import Event, State
 from composer.loggers import Logger
 
-from composer_algos.algorithms.adaptive_timestep_sampling.functional import (grid_timesteps, grid_weights,
-                                                                            nats_to_bits, reinforce_loss,
-                                                                            select_timesteps, standardised,
-                                                                            sum_of_changes)
-from composer_algos.algorithms.adaptive_timestep_sampling.policy import BetaPolicy, GlobalPolicy, PolicySampler
+from composer_algos.algorithms.adaptive_timestep_sampling.policy import (BetaPolicy, GlobalPolicy, PolicyLearner,
+                                                                        PolicySampler)
 from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROBE_PRECISIONS, FullPrecisionReplica,
-                                                                           casts_parameters, probe_math)
+                                                                           casts_parameters)
+from composer_algos.algorithms.adaptive_timestep_sampling.probe import Probe, Prober
+from composer_algos.algorithms.adaptive_timestep_sampling.selection import MIN_QUEUE, TimestepSelection
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.common import draw_record, objective_of
-from composer_algos.diffusion.samplers import tilt_log_probs
 from composer_algos.diffusion.utils import device_batch, module_device
-from composer_algos.distributed import all_gather, all_reduce, broadcast, global_positions, rank_world
-from composer_algos.evaluation.sampling import eval_mode
-from composer_algos.seeding import derive_seed, keyed_uniform_and_normal
 
 __all__ = ['AdaptiveTimestepSampling', 'POLICIES', 'REWARDS', 'RewardSetting']
 
 log = logging.getLogger(__name__)
 
 POLICIES = ('beta', 'global')
-MIN_QUEUE = 3  # the F statistic has n - 2 degrees of freedom
-# Keys of the probes' random streams (see composer_algos.seeding).
-_IMAGE_STREAM, _BATCH_STREAM, _GRID_STREAM = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,25 +133,6 @@ REWARDS = {
                                 entropy_coef=0.1, concentration='natural', initial_concentration=1.0,
                                 initial_selection='spread'),
 }
-
-
-@dataclasses.dataclass
-class Probe:
-    """One probe, from its first pass (before the optimizer step) to its second (after it)."""
-
-    step: int
-    x0: torch.Tensor  # this rank's batch, on the device
-    tau: torch.Tensor  # S
-    inputs: torch.Tensor  # |S| copies of the batch, then the grid's copies of the probe image
-    timesteps: torch.Tensor  # the timestep of each input
-    conditioning: dict[str, torch.Tensor]
-    noise_keys: list[tuple[int, ...]]
-    num_real: int  # this rank's real (not padding) grid entries
-    before: torch.Tensor = None  # (|S|, B) terms of the batch
-    grid_before: torch.Tensor = None  # the probe image's terms at this rank's grid share
-    seconds: float = 0.0
-    t: list[torch.Tensor] = dataclasses.field(default_factory=list)  # the timesteps drawn, per micro-batch
-    prior: Optional[torch.Tensor] = None  # the curriculum prior t was drawn under (from the model's draw record)
 
 
 class AdaptiveTimestepSampling(DiffusionAlgorithm):
@@ -255,17 +228,15 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         self.seed = seed
         self.probe_precision = probe_precision
 
-        self.policy: Optional[nn.Module] = None
-        self.optimizer: Optional[torch.optim.Adam] = None
+        # What it learns, built at Event.INIT for the model's T: the policy with its optimizer, and S with its queue.
+        self.learner: Optional[PolicyLearner] = None
+        self.selection: Optional[TimestepSelection] = None
         self.sampler: Optional[PolicySampler] = None
         self.num_timesteps = 0
-        self.probe_timesteps = torch.empty(0, dtype=torch.long)  # the grid of the feature-selection probe
-        self.probe_weights = torch.empty(0, dtype=torch.float64)  # the timesteps each grid point stands for
-        self.selected = torch.empty(0, dtype=torch.long)  # S, as timesteps
-        self._clear_history()
-        self._replica: Optional[FullPrecisionReplica] = None
+        self.prober = Prober(seed, setting.terms, setting.in_bits, setting.per_timestep_scale, probe_precision)
+        self.num_probes = 0
+        self.probe_due = False  # a probe is due and waits for a step with a non-zero learning rate
         self._probe: Optional[Probe] = None
-        self._terms = setting.terms  # 'loss' on a flow-matching model, whatever the setting (no VLB there)
 
     def __repr__(self) -> str:
         return (f'AdaptiveTimestepSampling(update_every={self.update_every}, num_selected={self.num_selected}, '
@@ -280,10 +251,50 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         terms = 'vlb_terms' if self.setting.terms == 'kl' else 'training_losses'
         return ('conditioning', 'denoiser', 'images', 'num_timesteps', 'set_timestep_sampler', terms)
 
+    # What the learner and the selection hold, under the names the checkpoint and the logs use.
+    @property
+    def policy(self) -> Optional[nn.Module]:
+        return None if self.learner is None else self.learner.policy
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Adam]:
+        return None if self.learner is None else self.learner.optimizer
+
+    @property
+    def num_updates(self) -> int:
+        return 0 if self.learner is None else self.learner.num_updates
+
+    @property
+    def num_skipped(self) -> int:
+        return 0 if self.learner is None else self.learner.num_skipped
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """S, as a tensor of timesteps."""
+        return torch.empty(0, dtype=torch.long) if self.selection is None else self.selection.selected
+
     @property
     def selected_timesteps(self) -> list[int]:
         """The current set S, as timesteps."""
         return self.selected.tolist()
+
+    @property
+    def queue_x(self) -> torch.Tensor:
+        return self.selection.queue_x
+
+    @property
+    def queue_y(self) -> torch.Tensor:
+        return self.selection.queue_y
+
+    @property
+    def probe_timesteps(self) -> torch.Tensor:
+        """The grid of the feature-selection probe."""
+        return self.selection.probe_timesteps
+
+    @property
+    def probe_weights(self) -> torch.Tensor:
+        """The timesteps each grid point stands for."""
+        return self.selection.probe_weights
 
     # -------------------------------------------------------------------------------------------- events
     def match(self, event: Event, state: State) -> bool:
@@ -295,16 +306,16 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         model = self.diffusion_model(state)
         if event == Event.FIT_START:
             device = module_device(model)
-            self._place(device)
-            if self._replica is not None:
-                self._replica.to(device)
+            self.learner.place(device)
+            if self.prober.replica is not None:
+                self.prober.replica.to(device)
         elif event == Event.BEFORE_TRAIN_BATCH:
             if int(state.timestamp.batch) % self.update_every == 0:
                 self.probe_due = True
             if self.probe_due and _learning_rate(state) > 0:
                 self._probe_before(state, model)
         elif event == Event.AFTER_FORWARD:
-            self._collect_timesteps(state, model)
+            self._collect_timesteps(state)
         elif event == Event.BATCH_END:
             self._probe_after(state, model, logger)
 
@@ -312,11 +323,12 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         if self.num_probe_timesteps > model.num_timesteps:
             raise ValueError(f'num_probe_timesteps ({self.num_probe_timesteps}) must not exceed the number of '
                              f'timesteps of the noise schedule ({model.num_timesteps}).')
-        self._terms = 'loss' if objective_of(model) == 'flow_matching' else self.setting.terms
+        # No variational bound on a flow-matching model: every setting probes the training loss there.
+        self.prober.terms = 'loss' if objective_of(model) == 'flow_matching' else self.setting.terms
         # Made from the bare denoiser, before FSDP wraps it (see precision.py).
-        self._replica = FullPrecisionReplica(model.denoiser) if casts_parameters(state) else None
+        self.prober.replica = FullPrecisionReplica(model.denoiser) if casts_parameters(state) else None
         # Built once: installing again (a rebuilt Trainer) keeps the policy, its optimizer, the queue and S.
-        if self.policy is None or self.num_timesteps != model.num_timesteps:
+        if self.learner is None or self.num_timesteps != model.num_timesteps:
             self._build(int(model.num_timesteps))
         model.set_timestep_sampler(self.sampler, owner=self.owner)
 
@@ -327,38 +339,17 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # the same initial policy on every rank
             if self.policy_kind == 'beta':
-                self.policy = BetaPolicy(self.width, self.policy_resolution, self.setting.concentration,
-                                         self.setting.initial_concentration)
+                policy = BetaPolicy(self.width, self.policy_resolution, self.setting.concentration,
+                                    self.setting.initial_concentration)
             else:
-                self.policy = GlobalPolicy(self.num_timesteps)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.lr)
-        self.sampler = PolicySampler(self.policy, self.num_timesteps)
-        self.probe_timesteps = grid_timesteps(self.num_timesteps, self.num_probe_timesteps)
-        self.probe_weights = grid_weights(self.probe_timesteps, self.num_timesteps)
-        if self.setting.initial_selection == 'first':
-            self.selected = torch.arange(self.num_selected)
-        else:
-            self.selected = self.probe_timesteps[_evenly_spaced(self.num_probe_timesteps, self.num_selected)]
-        self._clear_history()
-
-    def _clear_history(self) -> None:
-        """An empty queue and no probes yet."""
-        self.queue_x = torch.empty(0, self.num_probe_timesteps, dtype=torch.float64)
-        self.queue_y = torch.empty(0, dtype=torch.float64)
+                policy = GlobalPolicy(self.num_timesteps)
+        self.learner = PolicyLearner(policy, self.num_timesteps, self.lr, self.grad_clip, self.setting.standardise,
+                                     self.entropy_coef)
+        self.sampler = PolicySampler(policy, self.num_timesteps)
+        self.selection = TimestepSelection(self.num_timesteps, self.num_probe_timesteps, self.num_selected,
+                                           self.queue_size, self.setting.initial_selection)
         self.num_probes = 0
-        self.num_updates = 0
-        self.num_skipped = 0
-        self.probe_due = False  # a probe is due and waits for a step with a non-zero learning rate
-
-    def _place(self, device: torch.device) -> None:
-        """Move the policy and its Adam state to ``device``, in place (the sampler keeps the same objects)."""
-        if module_device(self.policy) == device:
-            return
-        self.policy.to(device)
-        for param_state in self.optimizer.state.values():
-            for key, value in param_state.items():
-                if torch.is_tensor(value) and key != 'step':
-                    param_state[key] = value.to(device)
+        self.probe_due = False
 
     # -------------------------------------------------------------------------------------------- probe
     def _probe_before(self, state: State, model: Any) -> None:
@@ -371,236 +362,82 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         start = time.perf_counter()
         batch = device_batch(state)
         x0 = model.images(batch).detach()
-        self._place(x0.device)
-        conditioning = model.conditioning(batch)
+        self.learner.place(x0.device)
         tau = self.selected.to(x0.device)
-        _, world_size = rank_world()
-        batch_size = x0.shape[0]
-        # The feature probe: one image of the global batch, chosen by the probe's key; its owner broadcasts it and
-        # every rank takes its share of the grid.
-        index, owner = divmod(derive_seed(self.seed, _IMAGE_STREAM, self.num_probes) % (batch_size * world_size),
-                              world_size)
-        image = broadcast(x0[index:index + 1].clone(), src=owner)
-        image_cond = {k: broadcast(v[index:index + 1].clone(), src=owner) for k, v in conditioning.items()}
-        grid_index, num_real = self._grid_share()
-        grid = self.probe_timesteps[grid_index].to(x0.device)
-        num_selected = len(tau)
-
-        def stack(batch_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
-            # |S| copies of the batch (tau-major), then the grid's copies of the probe image.
-            return torch.cat([batch_part.repeat((num_selected,) + (1,) * (batch_part.dim() - 1)),
-                              image_part.expand(len(grid), *image_part.shape[1:])])
-
-        # Noise keyed by (probe, tau, position in the global batch) and (probe, grid timestep): the pass after the
-        # step draws the same numbers (common random numbers) on any number of ranks, and nothing is stored.
-        positions = global_positions(batch_size)
-        noise_keys = [(_BATCH_STREAM, self.num_probes, i, p) for i in range(num_selected) for p in positions]
-        noise_keys += [(_GRID_STREAM, self.num_probes, int(g)) for g in grid_index]
-        probe = Probe(step=step, x0=x0, tau=tau, inputs=stack(x0, image),
-                      timesteps=torch.cat([tau.repeat_interleave(batch_size), grid]),
-                      conditioning={k: stack(v, image_cond[k]) for k, v in conditioning.items()},
-                      noise_keys=noise_keys, num_real=num_real)
-        probe.before, probe.grid_before = self._probe_pass(model, probe)
+        probe = self.prober.before(model, x0, model.conditioning(batch), tau, self.selection, self.num_probes, step)
         probe.seconds = time.perf_counter() - start
         self._probe = probe
         self.probe_due = False
 
-    def _collect_timesteps(self, state: State, model: Any) -> None:
+    def _collect_timesteps(self, state: State) -> None:
         record = draw_record(state, self)
         if not self._probe.t:
             # The prior in force when t was drawn (a curriculum may change it at the next batch).
             self._probe.prior = None if record.prior is None else record.prior.detach()
         self._probe.t.append(record.t.detach())
 
-    def _probe_pass(self, model: Any, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every term of a probe in one batched denoiser forward, eval mode, with the probe's keyed noise.
-
-        Returns the ``(|S|, B)`` terms of the batch and the grid share's terms of the probe image.
-        """
-        x = probe.inputs
-        _, noise = keyed_uniform_and_normal(self.seed, probe.noise_keys, x.shape[1:])
-        noise = noise.to(x.device, x.dtype)
-        denoiser = self._replica.refresh(model.denoiser) if self._replica is not None else None
-        with eval_mode(model), probe_math(x.device, self.probe_precision):
-            if self._terms == 'kl':
-                terms = model.vlb_terms(x, probe.timesteps, noise, probe.conditioning, denoiser=denoiser,
-                                        decoder_nll=False, clip=False).double()
-            else:
-                terms = model.training_losses(x, probe.timesteps, noise, probe.conditioning,
-                                              denoiser=denoiser).double()
-        if self.setting.in_bits and self._terms == 'kl':
-            terms = nats_to_bits(terms)
-        num_batch_terms = len(probe.tau) * probe.x0.shape[0]
-        return terms[:num_batch_terms].view(len(probe.tau), -1), terms[num_batch_terms:]
-
-    def _grid_share(self) -> tuple[torch.Tensor, int]:
-        """This rank's equal-sized share of the probe grid (indices, padded by repeats) and its number of real
-        entries."""
-        rank, world = rank_world()
-        per_rank = math.ceil(self.num_probe_timesteps / world)
-        index = torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=self.num_probe_timesteps - 1)
-        num_real = max(0, min(per_rank, self.num_probe_timesteps - rank * per_rank))
-        return index, num_real
-
     def _probe_after(self, state: State, model: Any, logger: Logger) -> None:
         probe, self._probe = self._probe, None
         start = time.perf_counter()
-        after, grid_after = self._probe_pass(model, probe)
-        self._push_queue((probe.grid_before - grid_after)[:probe.num_real])
+        changes, grid_changes = self.prober.after(model, probe)
+        self.selection.push(grid_changes)
         batch_size = probe.x0.shape[0]
         t = torch.cat(probe.t) if probe.t else torch.empty(0, dtype=torch.long)
         if t.numel() != batch_size:
             raise RuntimeError(f'AdaptiveTimestepSampling collected {t.numel()} drawn timesteps for a batch of '
                                f'{batch_size}; the forward outputs must hold one t per sample.')
         with torch.enable_grad():
-            metrics = self.update_policy(probe.x0, t, self.rewards(probe.before - after), probe.prior,
-                                         _loss_is_finite(state.loss))
+            metrics = self.update_policy(probe.x0, t, self.rewards(changes), probe.prior, _loss_is_finite(state.loss))
         self.num_probes += 1
-        if self.queue_x.shape[0] >= MIN_QUEUE:
-            self.selected = self.probe_timesteps[select_timesteps(self.queue_x, self.queue_y, self.num_selected)]
+        self.selection.reselect()
         metrics['adaptive/probe_seconds'] = probe.seconds + time.perf_counter() - start
         for i, step in enumerate(self.selected_timesteps):
             metrics[f'adaptive/S{i}'] = step
         logger.log_metrics(metrics)
 
     def rewards(self, changes: torch.Tensor) -> torch.Tensor:
-        """Per-sample rewards from this rank's ``(|S|, B)`` changes (before minus after) at the selected timesteps.
-
-        With a per-timestep scale, each timestep's scale is its mean absolute change over all ranks' samples.
-        """
-        scale = None
-        if self.setting.per_timestep_scale:
-            clean = torch.where(torch.isfinite(changes), changes, torch.zeros_like(changes))
-            totals = all_reduce(torch.cat([clean.abs().sum(1), clean.new_tensor([float(changes.shape[1])])]))
-            scale = totals[:-1] / totals[-1].clamp(min=1)
-        return sum_of_changes(changes, self.setting.per_timestep_scale, scale)
-
-    def _push_queue(self, local_change: torch.Tensor) -> None:
-        """All-gather the probe image's changes and append them, and their weighted total, to the FIFO queue."""
-        per_rank = math.ceil(self.num_probe_timesteps / rank_world()[1])
-        padded = torch.zeros(per_rank, dtype=torch.float64, device=local_change.device)
-        padded[:local_change.numel()] = local_change
-        row = torch.cat(all_gather(padded)).cpu()[:self.num_probe_timesteps]
-        if not bool(torch.isfinite(row).all()):
-            log.warning('AdaptiveTimestepSampling: non-finite change in the feature probe; the queue is unchanged.')
-            return
-        self.queue_x = torch.cat([self.queue_x, row[None]])[-self.queue_size:]
-        total = (row * self.probe_weights).sum()  # estimates the change summed over all T timesteps
-        self.queue_y = torch.cat([self.queue_y, total[None]])[-self.queue_size:]
+        """Per-sample rewards from this rank's ``(|S|, B)`` changes at the selected timesteps (see ``probe.py``)."""
+        return self.prober.rewards(changes)
 
     # -------------------------------------------------------------------------------------------- REINFORCE
     def log_probs(self, x0: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, T)`` log-probabilities of the distribution t is drawn from (the policy tilted by ``prior``), with
         grad."""
-        return tilt_log_probs(self.policy.log_probs(x0.to(module_device(self.policy)), self.num_timesteps), prior)
+        return self.learner.log_probs(x0, prior)
 
     def update_policy(self, x0: torch.Tensor, t: torch.Tensor, reward: torch.Tensor,
                       prior: Optional[torch.Tensor] = None, loss_finite: bool = True) -> dict[str, float]:
-        """One REINFORCE step on the policy from this rank's ``(x0, t, reward)`` (collective across ranks).
-
-        The advantage is the reward standardised with the mean and standard deviation over all ranks' samples, or the
-        raw reward (``'paper'``). A non-finite loss, reward or averaged gradient on any rank skips the step on every
-        rank. Returns the metrics to log.
-        """
-        device = module_device(self.policy)
-        reward = reward.to(device, torch.float64)
-        finite = torch.isfinite(reward)
-        clean = torch.where(finite, reward, torch.zeros_like(reward))
-        bad = float(not (loss_finite and bool(finite.all())))
-        stats = all_reduce(torch.stack([clean.sum(), (clean * clean).sum(), clean.new_tensor(float(clean.numel())),
-                                        clean.new_tensor(bad)]))
-        ok = float(stats[3]) == 0
-        count = max(float(stats[2]), 1.0)
-        mean = float(stats[0]) / count
-        std = math.sqrt(max(float(stats[1]) / count - mean * mean, 0.0))
-        if not ok:
-            advantage = torch.zeros_like(clean)
-        else:
-            advantage = standardised(clean, mean, std) if self.setting.standardise else clean
-
-        policy_log_probs = self.policy.log_probs(x0.to(device), self.num_timesteps)
-        sample_log_probs = tilt_log_probs(policy_log_probs, prior)
-        loss, entropy = reinforce_loss(sample_log_probs, t, advantage, self.entropy_coef, policy_log_probs)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = list(self.policy.parameters())
-        flat = all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                                     for p in params])) / rank_world()[1]
-        ok = ok and bool(torch.isfinite(flat).all())
-        if ok:
-            offset = 0
-            for p in params:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            self.optimizer.step()
-            self.num_updates += 1
-        else:
-            self.num_skipped += 1
-            log.warning('AdaptiveTimestepSampling: non-finite loss, reward or policy gradient at probe %d; the policy '
-                        'update was skipped (policy and optimizer unchanged).', self.num_probes)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            marginal = sample_log_probs.exp().mean(0)
-            steps = torch.arange(self.num_timesteps, device=device, dtype=marginal.dtype)
-            return {
-                'adaptive/reward': mean if ok else float('nan'),
-                'adaptive/reward_std': std if ok else float('nan'),
-                'adaptive/mean_t': float((marginal * steps).sum()),
-                'adaptive/entropy': float(-torch.special.xlogy(marginal, marginal).sum()),
-                'adaptive/policy_entropy': float(entropy),
-                'adaptive/policy_loss': float(loss),
-                'adaptive/updates': self.num_updates,
-                'adaptive/skipped': self.num_skipped,
-            }
+        """One REINFORCE step on the policy from this rank's ``(x0, t, reward)`` (collective across ranks; see
+        :meth:`PolicyLearner.update`). Returns the metrics to log."""
+        return self.learner.update(x0, t, reward, prior, loss_finite, self.num_probes)
 
     # -------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        if self.policy is None:
+        if self.learner is None:
             raise RuntimeError('AdaptiveTimestepSampling has no state before Event.INIT.')
+        learner = self.learner.state_dict()
         return {
             **super().state_dict(),
-            'policy': _to_cpu(self.policy.state_dict()),
-            'optimizer': _to_cpu(self.optimizer.state_dict()),
-            'selected': self.selected.clone(),
-            'queue_x': self.queue_x.clone(),
-            'queue_y': self.queue_y.clone(),
+            'policy': learner['policy'],
+            'optimizer': learner['optimizer'],
+            **self.selection.state_dict(),
             'num_probes': self.num_probes,
-            'num_updates': self.num_updates,
-            'num_skipped': self.num_skipped,
+            'num_updates': learner['num_updates'],
+            'num_skipped': learner['num_skipped'],
             'probe_due': self.probe_due,
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = False) -> None:
-        if self.policy is None:
+        if self.learner is None:
             raise RuntimeError('AdaptiveTimestepSampling must see Event.INIT before its state is loaded.')
-        if state['queue_x'].shape[1:] != (self.num_probe_timesteps,):
-            raise ValueError(f'The checkpoint was written with num_probe_timesteps={state["queue_x"].shape[1]}; this '
-                             f'run has num_probe_timesteps={self.num_probe_timesteps}.')
-        if state['selected'].numel() != self.num_selected:
-            raise ValueError(f'The checkpoint was written with num_selected={state["selected"].numel()}; this run has '
-                             f'num_selected={self.num_selected}.')
-        # In place: the sampler installed in the model keeps using these very objects.
-        device = module_device(self.policy)
-        self.policy.load_state_dict(state['policy'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self._place(device)
-        self.selected = state['selected'].clone().long()
-        self.queue_x = state['queue_x'].clone()[-self.queue_size:]
-        self.queue_y = state['queue_y'].clone()[-self.queue_size:]
+        self.selection.load_state_dict(state)
+        self.learner.load_state_dict(state)
         self.num_probes = int(state['num_probes'])
-        self.num_updates = int(state['num_updates'])
-        self.num_skipped = int(state['num_skipped'])
         self.probe_due = bool(state.get('probe_due', False))
         self._probe = None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _evenly_spaced(n: int, k: int) -> torch.Tensor:
-    """``k`` evenly spaced interior indices of ``range(n)``."""
-    return torch.linspace(0, n - 1, k + 2)[1:-1].round().long().clamp(0, n - 1)
-
-
 def _learning_rate(state: State) -> float:
     """The largest learning rate the optimizers will use in this step."""
     return max((float(group['lr']) for optimizer in state.optimizers for group in optimizer.param_groups),
@@ -615,14 +452,3 @@ def _loss_is_finite(loss: Any) -> bool:
     if isinstance(loss, (list, tuple)):
         return all(_loss_is_finite(v) for v in loss)
     return bool(torch.isfinite(torch.as_tensor(loss).detach()).all())
-
-
-def _to_cpu(value: Any) -> Any:
-    """A copy of a nested state with every tensor on the CPU (tensors and Python primitives only)."""
-    if torch.is_tensor(value):
-        return value.detach().cpu().clone()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value

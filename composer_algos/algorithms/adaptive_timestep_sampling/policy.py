@@ -1,19 +1,24 @@
-"""The adaptive sampler's policies over timesteps and the sampler that installs one in the model."""
+"""The adaptive sampler's policies over timesteps (arXiv 2411.09998), their REINFORCE update and their sampler."""
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from composer_algos.algorithms.adaptive_timestep_sampling.functional import beta_grid_log_probs
-from composer_algos.diffusion.samplers import TimestepSampler
+from composer_algos.algorithms.adaptive_timestep_sampling.functional import (beta_grid_log_probs, reinforce_loss,
+                                                                            standardised)
+from composer_algos.diffusion.samplers import TimestepSampler, tilt_log_probs
 from composer_algos.diffusion.utils import module_device
+from composer_algos.distributed import all_reduce, rank_world
 
-__all__ = ['CONCENTRATIONS', 'BetaPolicy', 'GlobalPolicy', 'PolicySampler']
+__all__ = ['CONCENTRATIONS', 'BetaPolicy', 'GlobalPolicy', 'PolicyLearner', 'PolicySampler']
+
+log = logging.getLogger(__name__)
 
 # How the Beta policy's head maps to the Beta's parameters: softplus above a floor (the paper's code), or the
 # discretised Beta's natural parameters alpha - 1 and beta - 1 themselves.
@@ -114,3 +119,129 @@ class PolicySampler(TimestepSampler):
 
     def __repr__(self) -> str:
         return f'PolicySampler(policy={type(self.policy).__name__}, num_timesteps={self.num_timesteps})'
+
+
+class PolicyLearner:
+    """A policy over timesteps with its own Adam, updated by REINFORCE from per-sample rewards.
+
+    Every rank holds the same policy and optimizer state: each update averages the gradients over ranks, so they
+    stay equal.
+
+    Args:
+        policy: a :class:`BetaPolicy` or :class:`GlobalPolicy`.
+        num_timesteps: T.
+        lr: the Adam learning rate.
+        grad_clip: maximum norm of the (rank-averaged) gradient.
+        standardise: standardise the rewards over the global batch (else raw rewards, no baseline).
+        entropy_coef: weight of the entropy bonus.
+    """
+
+    def __init__(self, policy: nn.Module, num_timesteps: int, lr: float, grad_clip: float, standardise: bool,
+                 entropy_coef: float):
+        self.policy = policy
+        self.num_timesteps = int(num_timesteps)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self.grad_clip = float(grad_clip)
+        self.standardise = standardise
+        self.entropy_coef = float(entropy_coef)
+        self.num_updates = 0
+        self.num_skipped = 0
+
+    def place(self, device: torch.device) -> None:
+        """Move the policy and its Adam state to ``device``, in place (the sampler keeps the same objects)."""
+        if module_device(self.policy) == device:
+            return
+        self.policy.to(device)
+        for param_state in self.optimizer.state.values():
+            for key, value in param_state.items():
+                if torch.is_tensor(value) and key != 'step':
+                    param_state[key] = value.to(device)
+
+    def log_probs(self, x0: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, T)`` log-probabilities of the distribution t is drawn from (the policy tilted by ``prior``), with
+        grad."""
+        return tilt_log_probs(self.policy.log_probs(x0.to(module_device(self.policy)), self.num_timesteps), prior)
+
+    def update(self, x0: torch.Tensor, t: torch.Tensor, reward: torch.Tensor, prior: Optional[torch.Tensor] = None,
+               loss_finite: bool = True, number: int = 0) -> dict[str, float]:
+        """One REINFORCE step on the policy from this rank's ``(x0, t, reward)`` (collective across ranks).
+
+        The advantage is the reward standardised with the mean and standard deviation over all ranks' samples, or the
+        raw reward. A non-finite loss, reward or averaged gradient on any rank skips the step on every rank (probe
+        ``number`` is named in the warning). Returns the metrics to log.
+        """
+        device = module_device(self.policy)
+        reward = reward.to(device, torch.float64)
+        finite = torch.isfinite(reward)
+        clean = torch.where(finite, reward, torch.zeros_like(reward))
+        bad = float(not (loss_finite and bool(finite.all())))
+        stats = all_reduce(torch.stack([clean.sum(), (clean * clean).sum(), clean.new_tensor(float(clean.numel())),
+                                        clean.new_tensor(bad)]))
+        ok = float(stats[3]) == 0
+        count = max(float(stats[2]), 1.0)
+        mean = float(stats[0]) / count
+        std = math.sqrt(max(float(stats[1]) / count - mean * mean, 0.0))
+        if not ok:
+            advantage = torch.zeros_like(clean)
+        else:
+            advantage = standardised(clean, mean, std) if self.standardise else clean
+
+        policy_log_probs = self.policy.log_probs(x0.to(device), self.num_timesteps)
+        sample_log_probs = tilt_log_probs(policy_log_probs, prior)
+        loss, entropy = reinforce_loss(sample_log_probs, t, advantage, self.entropy_coef, policy_log_probs)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(self.policy.parameters())
+        flat = all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                     for p in params])) / rank_world()[1]
+        ok = ok and bool(torch.isfinite(flat).all())
+        if ok:
+            offset = 0
+            for p in params:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            self.optimizer.step()
+            self.num_updates += 1
+        else:
+            self.num_skipped += 1
+            log.warning('AdaptiveTimestepSampling: non-finite loss, reward or policy gradient at probe %d; the policy '
+                        'update was skipped (policy and optimizer unchanged).', number)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            marginal = sample_log_probs.exp().mean(0)
+            steps = torch.arange(self.num_timesteps, device=device, dtype=marginal.dtype)
+            return {
+                'adaptive/reward': mean if ok else float('nan'),
+                'adaptive/reward_std': std if ok else float('nan'),
+                'adaptive/mean_t': float((marginal * steps).sum()),
+                'adaptive/entropy': float(-torch.special.xlogy(marginal, marginal).sum()),
+                'adaptive/policy_entropy': float(entropy),
+                'adaptive/policy_loss': float(loss),
+                'adaptive/updates': self.num_updates,
+                'adaptive/skipped': self.num_skipped,
+            }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'policy': _to_cpu(self.policy.state_dict()), 'optimizer': _to_cpu(self.optimizer.state_dict()),
+                'num_updates': self.num_updates, 'num_skipped': self.num_skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load in place: the sampler installed in the model keeps using the same policy object."""
+        device = module_device(self.policy)
+        self.policy.load_state_dict(state['policy'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.place(device)
+        self.num_updates = int(state['num_updates'])
+        self.num_skipped = int(state['num_skipped'])
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of a nested state with every tensor on the CPU (tensors and Python primitives only)."""
+    if torch.is_tensor(value):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
