@@ -14,8 +14,8 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
-__all__ = ['all_gather', 'all_reduce', 'backend_device', 'broadcast', 'fsdp_gradient_scale', 'global_positions',
-           'is_distributed', 'rank_world']
+__all__ = ['all_gather', 'all_gather_variable', 'all_reduce', 'backend_device', 'broadcast', 'fsdp_gradient_scale',
+           'global_positions', 'is_distributed', 'rank_world']
 
 
 def rank_world() -> tuple[int, int]:
@@ -71,6 +71,35 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     gathered = [torch.empty_like(work) for _ in range(torch_dist.get_world_size())]
     torch_dist.all_gather(gathered, work)
     return [g.to(tensor.device) for g in gathered]
+
+
+def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` in rank order, on the caller's device, where ranks may hold different lengths.
+
+    Only the first dimension may differ between ranks; the others, and the dtype, must agree. The lengths are
+    gathered first, every tensor is padded with zeros to the longest and gathered, and each rank's part is trimmed
+    back to its own length (``torch.distributed.all_gather`` needs equal shapes).
+
+    Args:
+        tensor: this rank's ``(n_r, ...)`` tensor; ``n_r`` may be 0.
+
+    Returns:
+        ``world_size`` tensors, the ``r``-th of shape ``(n_r, ...)``; ``[tensor]`` on one process.
+
+    Example:
+        >>> rows = torch.tensor([[0.0, 1.5], [3.0, 2.5]])
+        >>> torch.cat(all_gather_variable(rows)).shape  # one process: this rank's rows
+        torch.Size([2, 2])
+    """
+    if not is_distributed():
+        return [tensor]
+    lengths = [int(n) for n in all_gather(torch.tensor([tensor.shape[0]], dtype=torch.long))]
+    longest = max(lengths)
+    if longest == 0:
+        return [tensor[:0] for _ in lengths]
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]), device=backend_device())
+    padded[:tensor.shape[0]] = tensor
+    return [part[:n].to(tensor.device) for part, n in zip(all_gather(padded), lengths)]
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

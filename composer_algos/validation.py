@@ -6,7 +6,7 @@ every value against the type annotations of the function or class it is passed t
 ``max_duration`` positive), the algorithms' declared roles (one owner of the timestep sampler), the MDS files a
 loader points at (:mod:`composer_algos.data.integrity`), the data's shape against the denoiser (its ``in_channels``
 and ``sample_size``, then one no-grad forward of a single example), and the checkpoint a run would load, readable and
-fitting the model tensor for tensor (:mod:`composer_algos.checkpoints`). Each failure is a
+fitting the model tensor for tensor (:mod:`composer_algos.checkpoint_integrity`). Each failure is a
 :class:`~composer_algos.registry.ConfigError`.
 """
 
@@ -576,7 +576,7 @@ def _compare_config(config: Any, shape: tuple[int, ...], source: str, where: str
 def check_checkpoints(cfg: dict[str, Any], model: Optional[torch.nn.Module] = None,
                       model_config: Optional[dict[str, Any]] = None) -> None:
     """The checkpoint a run would load: ``load_path`` must be readable; with ``autoresume``, the newest readable
-    checkpoint in ``save_folder`` is made the one Composer resumes from (see :mod:`composer_algos.checkpoints`); and
+    checkpoint in ``save_folder`` is made the one Composer resumes from (see :mod:`composer_algos.checkpoint_integrity`); and
     the one that will be loaded must fit ``model`` (the model built from ``model_config``, the recipe's section),
     tensor for tensor.
 
@@ -584,7 +584,7 @@ def check_checkpoints(cfg: dict[str, Any], model: Optional[torch.nn.Module] = No
     """
     from composer.utils import dist, format_name_with_dist
 
-    from composer_algos import checkpoints
+    from composer_algos import checkpoint_integrity as checkpoints
     problem: Optional[str] = None
     if dist.get_global_rank() == 0:
         try:
@@ -639,7 +639,7 @@ def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: 
 def _check_checkpoint_fits(path: str, where: str, other_fix: str, model: torch.nn.Module,
                            model_config: Optional[dict[str, Any]]) -> None:
     """The model tensors saved at ``path`` against ``model``'s: the first that differs, with both shapes."""
-    from composer_algos import checkpoints
+    from composer_algos import checkpoint_integrity as checkpoints
     saved = checkpoints.saved_model_state(path)
     if saved is None:
         return

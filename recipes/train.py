@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from composer.utils import dist
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    # Composer warns at every evaluation whose last batch is smaller than the microbatch size; nothing is wrong then.
+    warnings.filterwarnings('ignore', message='Cannot split tensor of length')
     return cli.run_guarded(lambda stage: _train(args, stage), cli.debug_requested(args))
 
 

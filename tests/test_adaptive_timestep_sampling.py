@@ -15,7 +15,7 @@ from composer_algos.algorithms.adaptive_timestep_sampling import (
     read_time_averaged_distribution, reinforce_loss, select_timesteps, sum_of_changes, time_averaged_distribution)
 from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule
 from composer_algos.diffusion import FixedDistributionSampler
-from composer_algos.diffusion.samplers import tilt, tilt_log_probs
+from composer_algos.diffusion.timestep_samplers import tilt, tilt_log_probs
 
 # ------------------------------------------------------------------------------------------------ closed forms
 
@@ -189,7 +189,7 @@ def test_tilted_log_probs_is_the_normalised_product():
 
 
 def test_per_sample_draws_follow_each_row():
-    from composer_algos.diffusion.samplers import sample_from_probs
+    from composer_algos.diffusion.timestep_samplers import sample_from_probs
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0]], dtype=torch.float64)
     u = torch.rand((4000, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     draws = torch.stack([sample_from_probs(probs, row) for row in u])

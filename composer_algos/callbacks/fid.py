@@ -16,7 +16,7 @@ from composer_algos.distributed import all_reduce
 from composer_algos.evaluation.features import FEATURE_CHOICES, build_feature_extractor
 from composer_algos.evaluation.fid import fid_metric, floor_at, update_fid
 from composer_algos.evaluation.plots import metric_curve_png
-from composer_algos.evaluation.sampling import rank_world
+from composer_algos.evaluation.generation import rank_world
 from composer_algos.seeding import keyed_generator
 
 __all__ = ['FID']

@@ -15,7 +15,7 @@ from composer_algos.diffusion.model import timestep_bands
 from composer_algos.evaluation.fid import collect_images
 from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.distributed import all_reduce, rank_world
-from composer_algos.evaluation.sampling import all_reduce_max
+from composer_algos.evaluation.generation import all_reduce_max
 from composer_algos.registry import ConfigError
 
 __all__ = ['BitsPerDim', 'LossBands', 'band_names']

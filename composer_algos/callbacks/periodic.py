@@ -16,7 +16,7 @@ from composer.utils.misc import create_interval_scheduler
 from composer_algos import registry
 from composer_algos.diffusion.contract import get_diffusion_model
 from composer_algos.diffusion.utils import device_batch
-from composer_algos.evaluation.sampling import ema_weights, eval_mode, generate_share
+from composer_algos.evaluation.generation import ema_weights, eval_mode, generate_share
 
 __all__ = ['PeriodicEvaluation', 'SamplingEvaluation', 'DEFAULT_FOLDER']
 
@@ -120,7 +120,7 @@ class SamplingEvaluation(PeriodicEvaluation):
 
     Sample ``i`` starts from the noise of ``(seed, i)`` and, for class-conditional models, has label
     ``i % num_classes``; under ``composer -n N`` rank ``r`` generates samples ``r::N`` (see
-    :func:`~composer_algos.evaluation.sampling.generate_share`).
+    :func:`~composer_algos.evaluation.generation.generate_share`).
 
     Args:
         num_samples: samples per evaluation (all ranks together); ``min_samples``: the least the subclass accepts.

@@ -18,7 +18,7 @@ from composer_algos.diffusion.contract import get_diffusion_model
 from composer_algos.diffusion.utils import device_batch
 from composer_algos.evaluation.plots import image_grid, save_png, timestep_heatmap_png
 from composer_algos.distributed import all_reduce
-from composer_algos.evaluation.sampling import gather_by_index, rank_world
+from composer_algos.evaluation.generation import gather_by_index, rank_world
 
 __all__ = ['SampleGrid', 'TimestepHeatmap']
 

@@ -8,7 +8,7 @@ from composer_algos.diffusion.draw import DrawRecord
 from composer_algos.diffusion.flow import FlowSchedule
 from composer_algos.diffusion.flow_model import FlowMatchingModel
 from composer_algos.diffusion.model import PREDICTION_TYPES, DiffusionLoss, DiffusionModel, LossWeighting
-from composer_algos.diffusion.samplers import (ContinuousTimestepSampler, FixedDistributionSampler, TimestepSampler,
+from composer_algos.diffusion.timestep_samplers import (ContinuousTimestepSampler, FixedDistributionSampler, TimestepSampler,
                                                UniformSampler, sample_from_probs, sample_within_cells, tilt)
 from composer_algos.diffusion.schedule import SCHEDULE_KINDS, NoiseSchedule
 

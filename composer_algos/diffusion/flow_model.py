@@ -11,7 +11,7 @@ import torch.nn as nn
 from composer_algos.diffusion.densities import UniformDensity
 from composer_algos.diffusion.flow import FlowSchedule
 from composer_algos.diffusion.model import DiffusionModel
-from composer_algos.diffusion.samplers import ContinuousTimestepSampler, TimestepSampler
+from composer_algos.diffusion.timestep_samplers import ContinuousTimestepSampler, TimestepSampler
 
 __all__ = ['FlowMatchingModel', 'SOLVERS']
 
@@ -32,7 +32,7 @@ class FlowMatchingModel(DiffusionModel):
     * a draw: untilted, a closed-form sampler (:class:`ContinuousTimestepSampler`) gives sigma exactly by its inverse
       CDF at the keyed uniform; otherwise (curriculum priors, the adaptive policy, loss-aware samplers) the cell comes
       by inverse CDF of the tilted cell masses and the position inside it from the same uniform
-      (:func:`~composer_algos.diffusion.samplers.sample_within_cells`), exact for the piecewise-constant density
+      (:func:`~composer_algos.diffusion.timestep_samplers.sample_within_cells`), exact for the piecewise-constant density
       (:func:`~composer_algos.diffusion.draw.draw_levels`);
     * the forward's draw record holds ``sigma`` and its cell ``t``; loss weightings are functions of sigma;
     * :meth:`training_losses` at given cells (their centre sigmas); there is no variational bound;

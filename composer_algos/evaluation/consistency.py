@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from composer_algos.evaluation.sampling import eval_mode, generate_samples
+from composer_algos.evaluation.generation import eval_mode, generate_samples
 
 __all__ = ['consistency_diagnostic', 'pair_statistics']
 

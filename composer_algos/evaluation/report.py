@@ -10,14 +10,14 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from composer_algos.evaluation.checkpoint import load_checkpoint_weights
+from composer_algos.evaluation.checkpoint_weights import load_checkpoint_weights
 from composer_algos.evaluation.consistency import consistency_diagnostic
 from composer_algos.evaluation.features import build_feature_extractor
 from composer_algos.evaluation.fid import collect_images
 from composer_algos.evaluation.fid import fid_from_samples, real_vs_real_fid
 from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.evaluation.plots import image_grid, save_png, side_by_side_grid
-from composer_algos.evaluation.sampling import eval_mode, generate_samples
+from composer_algos.evaluation.generation import eval_mode, generate_samples
 from composer_algos.registry import ConfigError
 
 __all__ = ['EVALUATION_DEFAULTS', 'evaluate_checkpoint', 'evaluate_model', 'split_overrides', 'write_json']

@@ -14,7 +14,7 @@ from composer_algos.algorithms.adaptive_timestep_sampling.functional import (bet
                                                                             clipped_importance_weights, kl_divergence,
                                                                             mix_with_uniform, reinforce_loss,
                                                                             standardised)
-from composer_algos.diffusion.samplers import FixedDistributionSampler, TimestepSampler, tilt_log_probs
+from composer_algos.diffusion.timestep_samplers import FixedDistributionSampler, TimestepSampler, tilt_log_probs
 from composer_algos.diffusion.utils import module_device
 from composer_algos.distributed import all_reduce, rank_world
 

@@ -11,7 +11,7 @@ from composer_algos.algorithms.adaptive_timestep_sampling.functional import nats
 from composer_algos.algorithms.adaptive_timestep_sampling.precision import FullPrecisionReplica, probe_math
 from composer_algos.algorithms.adaptive_timestep_sampling.selection import TimestepSelection
 from composer_algos.distributed import all_reduce, broadcast, global_positions, rank_world
-from composer_algos.evaluation.sampling import eval_mode
+from composer_algos.evaluation.generation import eval_mode
 from composer_algos.seeding import derive_seed, keyed_uniform_and_normal
 
 __all__ = ['TERMS', 'Probe', 'Prober']

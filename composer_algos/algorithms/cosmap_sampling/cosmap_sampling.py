@@ -12,7 +12,7 @@ Flow matching: ``sigma = shift(u)``. DDPM: ``u`` is the position ``t / T`` on th
 
 from __future__ import annotations
 
-from composer_algos.algorithms.sampling import DensitySampling
+from composer_algos.algorithms.density_sampling import DensitySampling
 from composer_algos.diffusion.densities import CosMapDensity, TimeDensity
 
 __all__ = ['CosMapSampling']

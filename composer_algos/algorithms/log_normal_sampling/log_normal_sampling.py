@@ -23,7 +23,7 @@ from composer.core import State
 from composer.loggers import Logger
 
 from composer_algos.algorithms.base import DiffusionAlgorithm
-from composer_algos.algorithms.sampling import SAMPLER_NEEDS, install_fixed_distribution
+from composer_algos.algorithms.density_sampling import SAMPLER_NEEDS, install_fixed_distribution
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['LogNormalSampling', 'log_normal_probs', 'log_sigmas']

@@ -26,7 +26,7 @@ from composer.core import State
 from composer.loggers import Logger
 
 from composer_algos.algorithms.common import objective_of
-from composer_algos.algorithms.sampling import DensitySampling, install_fixed_distribution
+from composer_algos.algorithms.density_sampling import DensitySampling, install_fixed_distribution
 from composer_algos.diffusion.densities import LogitNormalDensity, TimeDensity
 from composer_algos.diffusion.schedule import NoiseSchedule
 

@@ -32,8 +32,8 @@ from composer.loggers import Logger
 
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.common import draw_record
-from composer_algos.diffusion.samplers import TimestepSampler
-from composer_algos.distributed import all_gather, is_distributed
+from composer_algos.diffusion.timestep_samplers import TimestepSampler
+from composer_algos.distributed import all_gather_variable
 
 __all__ = ['LossSecondMomentSampler', 'LossSecondMomentSampling', 'append_losses', 'loss_second_moment_probs']
 
@@ -139,19 +139,6 @@ class LossSecondMomentSampler(TimestepSampler):
                 f'uniform_prob={self.uniform_prob})')
 
 
-def _all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``(n_r, d)`` rows in rank order; ``n_r`` may differ between ranks."""
-    if not is_distributed():
-        return rows
-    size = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
-    sizes = [int(s.item()) for s in all_gather(size)]
-    if max(sizes) == 0:
-        return rows
-    padded = torch.zeros((max(sizes), rows.shape[1]), dtype=rows.dtype, device=rows.device)
-    padded[:rows.shape[0]] = rows
-    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes)])
-
-
 class LossSecondMomentSampling(DiffusionAlgorithm):
     """Owns the timestep sampler: Improved DDPM's importance sampling by ``sqrt(E[L_t^2])``, weights ``1 / (T p)``.
 
@@ -212,7 +199,7 @@ class LossSecondMomentSampling(DiffusionAlgorithm):
         assert self.sampler is not None
         rows = torch.cat(self._pending) if self._pending else torch.zeros((0, 2), dtype=torch.float64)
         self._pending = []
-        rows = _all_gather_rows(rows).cpu()
+        rows = torch.cat(all_gather_variable(rows)).cpu()
         was_warm = self.sampler.warm()
         self.sampler.update(rows[:, 0].long(), rows[:, 1])
         if self.sampler.warm() and not was_warm:

@@ -14,7 +14,7 @@ position ``t / T`` on the schedule, as for :mod:`logit_normal_sampling`.
 
 from __future__ import annotations
 
-from composer_algos.algorithms.sampling import DensitySampling
+from composer_algos.algorithms.density_sampling import DensitySampling
 from composer_algos.diffusion.densities import ModeDensity, TimeDensity
 
 __all__ = ['ModeSampling']

@@ -40,7 +40,7 @@ from composer.core import State
 from composer.loggers import Logger
 
 from composer_algos.algorithms.base import DiffusionAlgorithm
-from composer_algos.algorithms.sampling import install_fixed_distribution
+from composer_algos.algorithms.density_sampling import install_fixed_distribution
 from composer_algos.algorithms.weighting import (WEIGHTING_NEEDS, check_prediction_type, from_epsilon_weight,
                                                 install_loss_weighting, weight_range)
 from composer_algos.diffusion.schedule import NoiseSchedule

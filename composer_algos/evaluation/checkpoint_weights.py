@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from composer_algos.checkpoints import model_misfit, written_by
+from composer_algos.checkpoint_integrity import model_misfit, written_by
 from composer_algos.registry import ConfigError
 
 __all__ = ['load_checkpoint_weights']

@@ -11,7 +11,7 @@ from composer.loggers import Logger
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.common import objective_of
 from composer_algos.diffusion.densities import TimeDensity, grid_masses
-from composer_algos.diffusion.samplers import ContinuousTimestepSampler, FixedDistributionSampler
+from composer_algos.diffusion.timestep_samplers import ContinuousTimestepSampler, FixedDistributionSampler
 
 __all__ = ['DensitySampling', 'SAMPLER_NEEDS', 'install_density', 'install_fixed_distribution']
 
@@ -23,7 +23,7 @@ def install_density(model: Any, density: TimeDensity, owner: str) -> float:
     """Make a closed-form density of the time ``u`` in [0, 1] (:mod:`composer_algos.diffusion.densities`) ``model``'s
     timestep sampler, owned by ``owner``; return the density's mean ``u``.
 
-    Flow matching: a :class:`~composer_algos.diffusion.samplers.ContinuousTimestepSampler`, ``sigma = shift(u)``.
+    Flow matching: a :class:`~composer_algos.diffusion.timestep_samplers.ContinuousTimestepSampler`, ``sigma = shift(u)``.
     DDPM: ``u`` is the position ``t / T`` on the schedule, each timestep getting its cell's mass
     ``P(t / T <= u < (t + 1) / T)`` (the distribution of ``floor(u T)``, as diffusers' training scripts index it).
     """
