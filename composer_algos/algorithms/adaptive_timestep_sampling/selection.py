@@ -10,7 +10,7 @@ import torch
 
 from composer_algos.algorithms.adaptive_timestep_sampling.functional import (grid_timesteps, grid_weights,
                                                                             select_timesteps)
-from composer_algos.distributed import all_gather, rank_world
+from composer_algos.distributed import all_gather_variable, rank_world
 
 __all__ = ['INITIAL_SELECTIONS', 'MIN_QUEUE', 'TimestepSelection']
 
@@ -67,10 +67,8 @@ class TimestepSelection:
     def push(self, local_change: torch.Tensor) -> None:
         """All-gather the probe image's changes (this rank's real share) and append them, and their weighted total,
         to the queue (collective across ranks)."""
-        per_rank = math.ceil(self.num_probe_timesteps / rank_world()[1])
-        padded = torch.zeros(per_rank, dtype=torch.float64, device=local_change.device)
-        padded[:local_change.numel()] = local_change
-        row = torch.cat(all_gather(padded)).cpu()[:self.num_probe_timesteps]
+        # The ranks' shares are consecutive slices of the grid, so their concatenation in rank order is the grid.
+        row = torch.cat(all_gather_variable(local_change.to(torch.float64))).cpu()
         if not bool(torch.isfinite(row).all()):
             log.warning('AdaptiveTimestepSampling: non-finite change in the feature probe; the queue is unchanged.')
             return
