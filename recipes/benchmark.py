@@ -91,6 +91,8 @@ METHODS: dict[str, list[str]] = {
     'adaptive_paper': ['adaptive_timestep_sampling'],
     'adaptive_loss': ['adaptive_timestep_sampling'],
     'adaptive_normalized': ['adaptive_timestep_sampling'],
+    'adaptive_importance': ['adaptive_timestep_sampling'],
+    'adaptive_frozen_average': ['adaptive_timestep_sampling'],
     'mode': ['mode_sampling'],
     'cosmap': ['cosmap_sampling'],
     # Uniform again with its timesteps and noise keyed apart (model.seed): the A/A null of a race.
@@ -106,8 +108,18 @@ METHODS: dict[str, list[str]] = {
 METHOD_SETTINGS: dict[str, list[str]] = {
     **{f'adaptive_{reward}': [f'algorithms.adaptive_timestep_sampling.reward={reward}']
        for reward in ('paper', 'loss', 'normalized')},
+    # The default setting with importance weights: uniform's objective, the sampler's gradient variance.
+    'adaptive_importance': ['algorithms.adaptive_timestep_sampling.importance_weighted=true'],
+    # A fixed sampler at the time-averaged distribution of the same race's adaptive run (DEPENDS_ON gives the file).
+    'adaptive_frozen_average': [],
     'noise_assignment_knn': ['algorithms.noise_assignment.mode=knn'],
     'low_discrepancy': ['model.low_discrepancy=true'],
+}
+# Methods that train from another method's run of the same race, seed and machine: that run's folder is filled into
+# the override, and the race trains it first (a dependent method whose run is missing is refused before any training).
+DEPENDS_ON: dict[str, tuple[str, str]] = {
+    'adaptive_frozen_average': ('adaptive', 'algorithms.adaptive_timestep_sampling.frozen_average='
+                                '{folder}/timestep_heatmap.npz'),
 }
 QUICK_METHODS = ['uniform', 'adaptive_clts_md']
 # The A/A method's model.seed is the training seed plus this: the same weights' initialisation and data order as
@@ -238,6 +250,35 @@ def _run_folder(job: dict[str, Any], fingerprint_key: str) -> str:
     return os.path.join(job['out'], 'runs', f'{_slug(job["method"])}-s{job["seed"]}-{fingerprint_key}')
 
 
+def dependencies(method: str) -> list[str]:
+    """The methods whose runs ``method`` trains from (:data:`DEPENDS_ON`), for each of its parts."""
+    return [DEPENDS_ON[part][0] for part in split_variant(method)[0].split('+') if part in DEPENDS_ON]
+
+
+def dependency_overrides(job: dict[str, Any], fingerprint_key: str) -> list[str]:
+    """The recipe overrides that point ``job`` at the runs it depends on: the same race's (``out``) runs of the same
+    seed on the machine of ``fingerprint_key``.
+
+    Raises:
+        ConfigError: when such a run has not finished.
+    """
+    from composer_algos.registry import ConfigError
+    overrides = []
+    for part in split_variant(job['method'])[0].split('+'):
+        if part not in DEPENDS_ON:
+            continue
+        source, template = DEPENDS_ON[part]
+        folder = _run_folder(dict(job, method=source), fingerprint_key)
+        if not (os.path.exists(os.path.join(folder, 'run.json'))
+                and os.path.exists(os.path.join(folder, 'timestep_heatmap.npz'))):
+            raise ConfigError(f'{job["method"]} seed {job["seed"]} trains from the {source} run of seed {job["seed"]} '
+                              f'of this race on this machine ({os.path.relpath(folder)}), which has not finished: '
+                              f'race {source} with it (--methods {source},{job["method"]}) or before it, into the '
+                              'same --out.')
+        overrides.append(template.format(folder=folder))
+    return overrides
+
+
 def _portable(job: dict[str, Any]) -> dict[str, Any]:
     """``job`` with its folders inside the repository written relative to its root (as results are published)."""
     return {k: (os.path.relpath(v, ROOT) if k in ('data', 'out') and isinstance(v, str)
@@ -348,8 +389,9 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     steps, every = job['steps'], job['eval_every']
     name = _slug(job['method'])
     seed = job['seed']
+    depends = dependency_overrides(job, fingerprint_key(fingerprint))
     cfg = method_config(job['method'], job['tier'], job['objective'], data, steps, f'bench-{name}-s{seed}',
-                        seed_overrides(job['method'], seed) + list(job.get('overrides', [])))
+                        seed_overrides(job['method'], seed) + list(job.get('overrides', [])) + depends)
     tier = TIERS[job['tier']]
     real = {'local': data, 'split': 'val', 'global_batch_size': 256, 'shuffle': False, 'drop_last': False,
             'channels': 1, 'image_size': tier.image_size}
@@ -396,6 +438,7 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
         'train_time': sum(timer.times),
         'total_time': total,
         'sampler_trace': sampler_trace,
+        'dependency_overrides': depends,
     }
 
 
@@ -727,6 +770,11 @@ def step_overhead(tier: str, methods: Sequence[str], data: str, rounds: int, blo
     from composer_algos.config import build_trainer
 
     methods = ['uniform'] + [m for m in methods if m != 'uniform']
+    dependent = [m for m in methods if dependencies(m)]
+    if dependent:
+        from composer_algos.registry import ConfigError
+        raise ConfigError(f'{", ".join(dependent)} trains from another run of a race (DEPENDS_ON); its step is that '
+                          'of a fixed sampler, which --step-overhead does not measure.')
     trainers, times = {}, {m: {'cpu': [], 'wall': []} for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
@@ -931,9 +979,9 @@ def run_jobs(jobs: Sequence[dict[str, Any]], workers: int, out: str, paired: boo
     if results:
         print(f'{len(results)} finished runs in {out}/runs (run.json) are used, not trained again; {len(todo)} to '
               'train', flush=True)
-    if todo:
+    for stage in dependency_stages(todo, current):
         pool = mp.get_context('spawn').Pool(workers, maxtasksperchild=1)
-        for r in pool.imap_unordered(run_one, todo):
+        for r in pool.imap_unordered(run_one, stage):
             results.append(r)
             print(f'[{time.time() - start:7.0f}s] {r["method"]} seed {r["seed"]}: final FID {r["fid"][-1]:.2f}, '
                   f'{r["mean_step_time"] * 1000:.1f} ms/step', flush=True)
@@ -941,6 +989,25 @@ def run_jobs(jobs: Sequence[dict[str, Any]], workers: int, out: str, paired: boo
         pool.close()
         pool.join()
     return results
+
+
+def dependency_stages(todo: Sequence[dict[str, Any]], current: str) -> list[list[dict[str, Any]]]:
+    """``todo`` in the order :data:`DEPENDS_ON` needs: first the runs that depend on none, then the others.
+
+    Checked before anything trains: each dependent run's source (the same seed's run of the method it depends on)
+    must be among the first stage or have finished in this race on this machine (fingerprint ``current``).
+
+    Raises:
+        ConfigError: naming the dependent run and the missing one.
+    """
+    first = [j for j in todo if not dependencies(j['method'])]
+    second = [j for j in todo if dependencies(j['method'])]
+    training = {(j['method'], j['seed']) for j in first}
+    for job in second:
+        missing = [m for m in dependencies(job['method']) if (m, job['seed']) not in training]
+        if missing:
+            dependency_overrides(job, current)  # raises unless the runs finished earlier
+    return [stage for stage in (first, second) if stage]
 
 
 def publish_race(args: argparse.Namespace, command: str, runs: list[dict[str, Any]],
@@ -1041,6 +1108,13 @@ TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
         **_SCHEDULE_SETTINGS,
         'loss_second_moment': ((),),
         'cosmap': ((),),
+        # The adaptive sampler's default (improved) setting: how strongly the entropy bonus holds the policy back.
+        'adaptive': tuple((f'algorithms.adaptive_timestep_sampling.entropy_coef={c}',) for c in ('0.1', '0.03', '0.3')),
+        # As published. The importance-weighted variant races at the default setting's published values (not at its
+        # tuning winner: the grid would have to be run again with the weights), the frozen average has no policy.
+        'adaptive_paper': ((),),
+        'adaptive_importance': ((),),
+        'adaptive_frozen_average': ((),),
         **_NOISE_SETTINGS,
         **_OPTIMIZER_SETTINGS,
     },
@@ -1057,7 +1131,8 @@ TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
 # with momentum decay as the papers compose them.
 LEADERBOARD_METHODS = {
     'ddpm': ('uniform', 'uniform_aa', 'min_snr', 'p2', 'speed', 'loss_second_moment', 'logit_normal', 'log_normal',
-             'mode', 'cosmap', 'clts', 'md', 'clts_md', 'noise_assignment', 'noise_assignment_knn',
+             'mode', 'cosmap', 'clts', 'md', 'clts_md', 'adaptive_paper', 'adaptive', 'adaptive_importance',
+             'adaptive_frozen_average', 'adaptive_clts_md', 'noise_assignment', 'noise_assignment_knn',
              'low_discrepancy', 'schedule_free'),
     'flow_matching': ('uniform', 'uniform_aa', 'logit_normal', 'mode', 'cosmap', 'clts', 'md', 'clts_md',
                       'noise_assignment', 'noise_assignment_knn', 'schedule_free'),
@@ -1089,7 +1164,8 @@ def leaderboard_name(method: str) -> str:
 
 def components(method: str) -> list[str]:
     """The methods whose tuned settings a method takes: its single-fragment methods (``clts_md`` -> ``['clts',
-    'md']``), or itself for a setting of a method (``noise_assignment_knn``), which is tuned on its own."""
+    'md']``), or itself for a setting of a method (``adaptive_paper``, ``noise_assignment_knn``), so that each setting
+    is tuned on its own (the published one is not tuned on another's winners)."""
     single = {frags[0]: m for m, frags in METHODS.items() if len(frags) == 1 and m not in METHOD_SETTINGS}
     found = []
     for part in split_variant(method)[0].split('+'):

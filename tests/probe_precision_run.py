@@ -51,12 +51,12 @@ def main() -> None:
     noise = torch.randn(x0.shape, generator=gen)
     model.eval()
     with torch.no_grad():
-        replica = model.vlb_terms(x0, t, noise, denoiser=adaptive._replica.refresh(model.denoiser))
+        replica = model.vlb_terms(x0, t, noise, denoiser=adaptive.prober.replica.refresh(model.denoiser))
         live = model.vlb_terms(x0, t, noise)
         ref = reference.vlb_terms(x0, t, noise)
     os.makedirs(out_dir, exist_ok=True)
     torch.save({'replica': replica, 'live': live, 'reference': ref, 'num_updates': adaptive.num_updates,
-                'has_replica': adaptive._replica is not None},
+                'has_replica': adaptive.prober.replica is not None},
                os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))
     trainer.close()
 

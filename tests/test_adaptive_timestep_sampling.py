@@ -9,10 +9,10 @@ import torch
 from composer.loggers import InMemoryLogger
 from conftest import LossRecorder, make_trainer, tiny_model
 
-from composer_algos.algorithms.adaptive_timestep_sampling import (AdaptiveTimestepSampling, BetaPolicy, GlobalPolicy,
-                                                                  beta_grid_log_probs, f_regression_scores,
-                                                                  grid_timesteps, grid_weights, reinforce_loss,
-                                                                  select_timesteps, sum_of_changes)
+from composer_algos.algorithms.adaptive_timestep_sampling import (
+    AdaptiveTimestepSampling, BetaPolicy, GlobalPolicy, PolicyLearner, PolicySampler, beta_grid_log_probs,
+    clipped_importance_weights, f_regression_scores, grid_timesteps, grid_weights, kl_divergence, mix_with_uniform,
+    read_time_averaged_distribution, reinforce_loss, select_timesteps, sum_of_changes, time_averaged_distribution)
 from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule
 from composer_algos.diffusion import FixedDistributionSampler
 from composer_algos.diffusion.timestep_samplers import tilt, tilt_log_probs
@@ -214,26 +214,295 @@ def test_policy_gradient_uses_the_tilted_normalised_log_prob():
     torch.testing.assert_close(policy.logits.grad, 2.0 * (p_tilt - torch.nn.functional.one_hot(torch.tensor(3), 6)))
 
 
-def test_entropy_bonus_is_in_the_loss():
+def test_entropy_bonus_is_in_the_reward_as_the_code_computes_it():
+    # loss = -mean[log(T p(t)) (A + c (H - ln T))], the entropy not detached: a hand-computable categorical case.
+    policy = GlobalPolicy(4)
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    with torch.no_grad():
+        policy.logits.copy_(p.log())
+    log_probs = policy.log_probs(torch.zeros(1, 1, 1, 1), 4)
+    c, advantage = 0.5, 1.0
+    loss, h = reinforce_loss(log_probs, torch.tensor([0]), torch.tensor([advantage]), entropy_coef=c)
+    entropy = float(-(p * p.log()).sum())  # 1.2799
+    log_density = math.log(4 * 0.4)  # log(T p(t)): 0.4700
+    expected = -log_density * (advantage + c * (entropy - math.log(4)))
+    assert math.isclose(float(h), entropy, rel_tol=1e-6) and math.isclose(float(loss), expected, rel_tol=1e-5)
+    loss.backward()
+    # d/dz: -(A + c (H - ln T)) (onehot(t) - p) - c log(T p(t)) dH/dz, with dH/dz_i = -p_i (log p_i + H).
+    grad_h = -p * (p.log() + entropy)
+    onehot = torch.nn.functional.one_hot(torch.tensor(0), 4).float()
+    closed = -(advantage + c * (entropy - math.log(4))) * (onehot - p) - c * log_density * grad_h
+    torch.testing.assert_close(policy.logits.grad, closed, rtol=1e-5, atol=1e-7)
+    # Near uniform the bonus vanishes: log(T p) = 0 and H = ln T, so only the advantage moves the policy.
+    uniform = GlobalPolicy(4)
+    loss, h = reinforce_loss(uniform.log_probs(torch.zeros(1, 1, 1, 1), 4), torch.tensor([2]), torch.tensor([0.3]),
+                             entropy_coef=10.0)
+    loss.backward()
+    assert abs(float(loss)) < 1e-6 and math.isclose(float(h), math.log(4), rel_tol=1e-6)
+    torch.testing.assert_close(uniform.logits.grad, -0.3 * (torch.eye(4)[2] - 0.25))
+
+
+def test_grid_log_density_and_entropy_are_the_continuous_betas():
+    # log(T p(t)) and H - ln T of the discretised Beta are the log-density of u = (t + 0.5) / T and the differential
+    # entropy of torch.distributions.Beta (the code's log_prob and entropy), up to the discretisation.
+    alpha, beta = torch.tensor([2.0, 0.97, 1.0]), torch.tensor([5.0, 0.97, 1.0])
+    log_probs = beta_grid_log_probs(alpha.double(), beta.double(), 1000)
+    u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+    continuous = torch.distributions.Beta(alpha.double()[:, None], beta.double()[:, None])
+    interior = slice(10, 990)  # the density of Beta(0.97, 0.97) is unbounded at the ends
+    torch.testing.assert_close((log_probs + math.log(1000))[:, interior], continuous.log_prob(u)[:, interior],
+                               atol=2e-3, rtol=0)
+    entropy = -(log_probs.exp() * log_probs).sum(1)
+    torch.testing.assert_close(entropy - math.log(1000), continuous.entropy().squeeze(1), atol=2e-3, rtol=0)
+
+
+def test_tilted_policy_bonus_uses_the_product_log_prob_and_the_policys_entropy():
     policy = GlobalPolicy(5)
     with torch.no_grad():
-        policy.logits.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0]))
-    log_probs = policy.log_probs(torch.zeros(2, 1, 1, 1), 5)
-    p = log_probs.exp()[0]
-    entropy = float(-(p * p.log()).sum())
-    loss, h = reinforce_loss(log_probs, torch.tensor([0, 1]), torch.tensor([1.0, -1.0]), entropy_coef=0.5)
-    expected = -(1.0 * float(log_probs[0, 0]) - 1.0 * float(log_probs[1, 1])) / 2 - 0.5 * entropy
-    assert math.isclose(float(h), entropy, rel_tol=1e-6) and math.isclose(float(loss), expected, rel_tol=1e-6)
-    # With zero advantages the step raises the entropy (the bonus is minimised as part of the loss).
-    loss, _ = reinforce_loss(log_probs, torch.tensor([0, 1]), torch.zeros(2), entropy_coef=0.5)
+        policy.logits.copy_(torch.tensor([0.3, -0.2, 0.5, 0.0, 0.1]))
+    prior = torch.tensor([0.1, 0.3, 0.3, 0.2, 0.1])
+    own = policy.log_probs(torch.zeros(1, 1, 1, 1), 5)
+    loss, _ = reinforce_loss(tilt_log_probs(own, prior), torch.tensor([1]), torch.tensor([0.7]), 0.4, own)
     loss.backward()
-    assert float(policy.logits.grad[0]) > 0  # gradient descent lowers the dominant logit
+    pi = torch.softmax(policy.logits.detach(), 0)
+    q = pi * prior / (pi * prior).sum()
+    entropy = float(-(pi * pi.log()).sum())
+    log_density = math.log(5 * float(q[1]))
+    closed = (-(0.7 + 0.4 * (entropy - math.log(5))) * (torch.eye(5)[1] - q)
+              - 0.4 * log_density * (-pi * (pi.log() + entropy)))
+    torch.testing.assert_close(policy.logits.grad, closed, rtol=1e-5, atol=1e-7)
+
+
+def test_uniform_mix_floors_every_timestep():
+    log_p = torch.log(torch.tensor([[0.7, 0.3, 0.0, 0.0]]))
+    mixed = mix_with_uniform(log_p, 0.2).exp()
+    torch.testing.assert_close(mixed, torch.tensor([[0.61, 0.29, 0.05, 0.05]]))
+    assert mix_with_uniform(log_p, 0.0) is log_p
+    sampler = PolicySampler(GlobalPolicy(4), 4, uniform_mix=0.2)
+    with torch.no_grad():
+        sampler.policy.logits.copy_(torch.tensor([30.0, 0.0, 0.0, 0.0]))
+    assert float(sampler.probs(torch.zeros(3, 1, 2, 2)).min()) >= 0.05 - 1e-7
+
+
+def test_importance_weights_are_clipped_then_normalised_to_mean_one():
+    ratios = torch.tensor([0.5, 1.0, 2.0, 30.0])
+    weights = clipped_importance_weights(ratios, 10.0)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 1.0, 2.0, 10.0]) / 3.375)
+    assert math.isclose(float(weights.mean()), 1.0, rel_tol=1e-6)
+    # Unclipped, the weights 1 / (T p) make the expected weighted loss uniform's, whatever p is.
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(50, dtype=torch.float64) * 0.5, 0)
+    loss = torch.rand(50, dtype=torch.float64)
+    assert float((1 / (50 * p)).max()) < 10
+    assert math.isclose(float((p * (1 / (50 * p)) * loss).sum()), float(loss.mean()), rel_tol=1e-12)
+    # Normalised over a batch, the estimate is consistent: its mean over many batches is uniform's objective.
+    gen = torch.Generator().manual_seed(1)
+    estimates = []
+    for _ in range(2000):
+        t = torch.multinomial(p, 64, replacement=True, generator=gen)
+        w = clipped_importance_weights(1 / (50 * p[t]), 10.0)
+        estimates.append(float((w * loss[t]).mean()))
+    assert abs(np.mean(estimates) - float(loss.mean())) < 3e-3
+    # Plain draws from p train E_p[L] instead, the uniform objective with the weighting T p(t).
+    assert abs(float((p * loss).sum()) - float(loss.mean())) > 1e-2
+
+
+def test_importance_weights_reach_the_loss_through_the_draw_record(digits_mds):
+    adaptive = AdaptiveTimestepSampling(update_every=2, num_probe_timesteps=8, policy='global',
+                                        importance_weighted=True, importance_clip=4.0)
+    trainer = make_trainer(digits_mds, algorithms=[adaptive], max_duration='4ba')
+    model = trainer.state.model
+    with torch.no_grad():
+        adaptive.policy.logits.copy_(torch.linspace(-3, 3, 100))
+    x0 = torch.rand(32, 1, 8, 8) * 2 - 1
+    record = model({'image': x0})['draw']
+    p_t = record.probs.gather(1, record.t[:, None]).squeeze(1)
+    ratios = 1 / (100 * p_t)
+    assert float(ratios.max()) > 4.0  # the clip binds
+    torch.testing.assert_close(record.importance_weight, clipped_importance_weights(ratios, 4.0))
+    torch.testing.assert_close(record.loss_weight, record.importance_weight)
+    assert math.isclose(float(record.importance_weight.mean()), 1.0, rel_tol=1e-5)
+    trainer.fit()
+    assert adaptive.num_updates == 2
+    # Without the setting, every weight is 1 (the paper's sampler).
+    plain = AdaptiveTimestepSampling(num_probe_timesteps=8, policy='global')
+    other = make_trainer(digits_mds, algorithms=[plain], max_duration='1ba')
+    assert bool((other.state.model({'image': x0})['draw'].importance_weight == 1).all())
+
+
+def test_time_averaged_distribution_weights_rows_by_the_steps_they_cover(tmp_path):
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])  # rows are normalised
+    average = time_averaged_distribution(torch.tensor([100, 200, 400]), rows)
+    # Step 0 to 150 is the first record's, 150 to 300 the second's, 300 to 400 the third's.
+    torch.testing.assert_close(average, torch.tensor([150.0, 150.0, 100.0], dtype=torch.float64) / 400)
+    path = tmp_path / 'timestep_heatmap.npz'
+    np.savez(path, steps=np.array([100, 200, 400]), probs=rows.numpy())
+    torch.testing.assert_close(read_time_averaged_distribution(str(path)), average)
+    with pytest.raises(ValueError, match='no such file'):
+        AdaptiveTimestepSampling(frozen_average=str(tmp_path / 'missing.npz'))
+    with pytest.raises(ValueError, match='increasing'):
+        time_averaged_distribution(torch.tensor([200, 100]), rows[:2])
+
+
+def test_frozen_average_is_a_fixed_sampler_without_probes(digits_mds, tmp_path):
+    probs = torch.softmax(torch.linspace(-2, 2, 100), 0)
+    path = tmp_path / 'timestep_heatmap.npz'
+    np.savez(path, steps=np.array([3, 6]), probs=torch.stack([probs, probs]).numpy())
+    frozen = AdaptiveTimestepSampling(frozen_average=str(path), update_every=1)
+    assert frozen.needs == ('num_timesteps', 'set_timestep_sampler') and 'frozen_average=' in repr(frozen)
+    recorder = InMemoryLogger()
+    trainer = make_trainer(digits_mds, algorithms=[frozen], max_duration='3ba', loggers=[recorder])
+    model = trainer.state.model
+    assert model.timestep_sampler_owner == 'AdaptiveTimestepSampling' and frozen.policy is None
+    torch.testing.assert_close(model.timestep_distribution(torch.zeros(2, 1, 8, 8)), probs)
+    trainer.fit()
+    assert not any(key.startswith('adaptive/') for key in recorder.data)  # no probes, no policy updates
+    draw = model({'image': torch.zeros(4, 1, 8, 8)})['draw']
+    assert bool((draw.importance_weight == 1).all())
+    with pytest.raises(ValueError, match='timesteps'):
+        make_trainer(digits_mds, algorithms=[AdaptiveTimestepSampling(frozen_average=str(path))],
+                     model=tiny_model(num_timesteps=50))
+    with pytest.raises(ValueError, match='exclude'):
+        AdaptiveTimestepSampling(frozen_average=str(path), importance_weighted=True)
+
+
+def test_trust_region_bounds_each_update():
+    torch.manual_seed(0)
+    x0 = torch.randn(64, 1, 8, 8)
+    t = torch.randint(600, 800, (64,))
+    reward = torch.ones(64, dtype=torch.float64)
+    kls = {}
+    for max_kl in (0.0, 0.01):
+        torch.manual_seed(0)
+        learner = PolicyLearner(BetaPolicy(), 1000, lr=0.5, grad_clip=1.0, normalize='none', entropy_coef=0.0,
+                                max_kl=max_kl)
+        before = learner.policy.log_probs(x0, 1000).detach()
+        metrics = learner.update(x0, t, reward)
+        kls[max_kl] = float(kl_divergence(before, learner.policy.log_probs(x0, 1000).detach()).mean())
+        if max_kl:
+            assert math.isclose(metrics['adaptive/step_kl'], kls[max_kl], rel_tol=1e-4)
+    assert kls[0.0] > 0.1 and 0.001 < kls[0.01] <= 0.01
+
+
+def test_running_normalisation_uses_bias_corrected_moments():
+    learner = PolicyLearner(GlobalPolicy(10), 10, lr=1e-2, grad_clip=1.0, normalize='running', entropy_coef=0.0)
+    first = learner.advantages(torch.tensor([1.0, 3.0], dtype=torch.float64), 2.0, 5.0)
+    torch.testing.assert_close(first, torch.tensor([-1.0, 1.0], dtype=torch.float64))  # the batch's own, at first
+    second = learner.advantages(torch.tensor([4.0, 6.0], dtype=torch.float64), 5.0, 26.0)
+    weight = 0.9 * 0.1 + 0.1
+    mean = (0.9 * 0.1 * 2.0 + 0.1 * 5.0) / weight
+    var = (0.9 * 0.1 * 5.0 + 0.1 * 26.0) / weight - mean**2
+    torch.testing.assert_close(second, (torch.tensor([4.0, 6.0], dtype=torch.float64) - mean) / math.sqrt(var))
+
+
+# ------------------------------------------------------------------------------------------------ a toy problem
+
+
+def installed(adaptive, num_timesteps=1000):
+    """``adaptive`` installed at Event.INIT on a tiny model (a minimal State, no Trainer); returns the model."""
+    from composer.core import Event, State
+    from composer.loggers import Logger
+    model = tiny_model(num_timesteps=num_timesteps)
+    state = State(model=model, rank_zero_seed=0, run_name='toy', device='cpu', max_duration='10ba',
+                  optimizers=torch.optim.Adam(model.parameters(), lr=1e-3), dataloader=[None],
+                  dataloader_label='train')
+    adaptive.apply(Event.INIT, state, Logger(state, []))
+    return model
+
+
+BAND = (600, 800)  # the timesteps the toy's reward favours: uniform puts 20% of its mass there
+
+
+def toy_race(adaptive, updates=200, height=1e-2, noise=1.5e-2, shift=2e-2, seed=0):
+    """The algorithm's own draw, reward and update on a reward that is a known function of t.
+
+    Each update draws a batch of 128 timesteps from the model's installed sampler, makes the ``(|S|, B)`` changes at
+    S from the band's reward (``height`` for t in BAND, else 0, in the paper's unit: bits), per-sample noise and a shift
+    common to the batch (their sizes are those measured on the MNIST tier's paper-mode probes: per-sample spread 0.015
+    bits, batch means within +-0.05), and passes them through ``rewards`` and ``update_policy``. Returns, per update,
+    the mass of the batch's marginal distribution in BAND and its entropy.
+    """
+    model = installed(adaptive)
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.rand(256, 1, 8, 8, generator=gen) * 2 - 1
+    size = len(adaptive.selected_timesteps)
+    masses, entropies = [], []
+    for _ in range(updates):
+        x0 = pool[torch.randint(0, 256, (128,), generator=gen)]
+        record = model.draw_timesteps(x0)
+        marginal = record.probs.mean(0).double()
+        masses.append(float(marginal[BAND[0]:BAND[1]].sum()))
+        entropies.append(float(-torch.special.xlogy(marginal, marginal).sum()))
+        in_band = ((record.t >= BAND[0]) & (record.t < BAND[1])).double()
+        changes = (height * in_band / size + noise / math.sqrt(size) * torch.randn(size, 128, generator=gen,
+                                                                                     dtype=torch.float64)
+                   + shift / size * float(torch.randn(1, generator=gen)))
+        adaptive.update_policy(x0, record.t, adaptive.rewards(changes), record.prior)
+    return masses, entropies
+
+
+POLICY_MOVES = {
+    'paper': {'reward': 'paper'},
+    'loss': {'reward': 'loss'},
+    'normalized': {'reward': 'normalized'},
+    'loss, running normalisation': {'reward': 'loss', 'normalize': 'running'},
+    'loss, no uniform mix': {'reward': 'loss', 'uniform_mix': 0.0},
+    'loss, no trust region': {'reward': 'loss', 'max_kl': 0.0},
+}
+
+
+@pytest.mark.parametrize('name', list(POLICY_MOVES))
+def test_policy_moves_to_a_rewarded_band_and_does_not_collapse(name):
+    masses, entropies = toy_race(AdaptiveTimestepSampling(**POLICY_MOVES[name]))
+    first = next((i for i, m in enumerate(masses) if m >= 0.4), None)
+    print(f'{name}: band mass {masses[0]:.3f} -> {masses[-1]:.3f} (max {max(masses):.3f}, first at twice uniform: '
+          f'update {first}); batch entropy min {min(entropies):.2f}, last {entropies[-1]:.2f}')
+    assert first is not None and first < 200  # at least twice uniform's 20% within 200 updates
+    assert min(entropies) >= 4.0  # about 55 effective timesteps or more, at every update
+
+
+@pytest.mark.parametrize('name', list(POLICY_MOVES))
+def test_policy_moves_nowhere_without_reward_or_bonus(name):
+    adaptive = AdaptiveTimestepSampling(**POLICY_MOVES[name], entropy_coef=0.0)
+    installed(adaptive)
+    before = [p.detach().clone() for p in adaptive.policy.parameters()]
+    x0 = torch.rand(64, 1, 8, 8) * 2 - 1
+    for _ in range(3):
+        t = torch.randint(0, 1000, (64,))
+        adaptive.update_policy(x0, t, adaptive.rewards(torch.zeros(len(adaptive.selected_timesteps), 64,
+                                                                   dtype=torch.float64)))
+    assert adaptive.num_updates == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, adaptive.policy.parameters()))
+
+
+def test_policy_update_has_zero_expectation_for_a_reward_independent_of_t():
+    # The score-function identity behind "no reward, no move": sum_t p(t) d/dz[-log(T p(t)) A] = -A d/dz sum_t p = 0,
+    # for the tilted, mixed distribution the algorithm differentiates.
+    policy = GlobalPolicy(6)
+    with torch.no_grad():
+        policy.logits.copy_(torch.tensor([0.5, -1.0, 0.2, 0.0, 1.5, -0.3]))
+    prior = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.1, 0.1])
+    learner = PolicyLearner(policy, 6, lr=1e-2, grad_clip=1.0, normalize='none', entropy_coef=0.0, uniform_mix=0.1)
+    x0 = torch.zeros(1, 1, 2, 2)
+    p = learner.log_probs(x0, prior).exp().detach()[0]
+    expected = torch.zeros(6)
+    for t in range(6):
+        policy.logits.grad = None
+        loss, _ = reinforce_loss(learner.log_probs(x0, prior), torch.tensor([t]), torch.tensor([0.8]), 0.0)
+        loss.backward()
+        expected += p[t] * policy.logits.grad
+    torch.testing.assert_close(expected, torch.zeros(6), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize('kwargs, name', [({'update_every': 0}, 'update_every'), ({'policy': 'gauss'}, 'policy'),
                                           ({'num_selected': 40}, 'num_selected'), ({'lr': -1.0}, 'lr'),
                                           ({'queue_size': 2}, 'queue_size'), ({'entropy_coef': float('nan')},
-                                                                              'entropy_coef')])
+                                                                              'entropy_coef'),
+                                          ({'uniform_mix': 1.0}, 'uniform_mix'), ({'max_kl': -0.1}, 'max_kl'),
+                                          ({'normalize': 'z'}, 'normalize'), ({'importance_clip': 0.5},
+                                                                              'importance_clip'),
+                                          ({'num_probe_timesteps': 1}, 'num_probe_timesteps'),
+                                          ({'importance_weighted': 'yes'}, 'importance_weighted')])
 def test_arguments_are_validated(kwargs, name):
     with pytest.raises(ValueError, match=name):
         AdaptiveTimestepSampling(**kwargs)
@@ -306,6 +575,19 @@ def test_probes_at_global_optimizer_steps(digits_mds, microbatch):
     assert spy.probe_weights.sum() == 100
     # Three queued probes and more: S is the F-test's choice.
     assert spy.selected.tolist() == spy.probe_timesteps[select_timesteps(spy.queue_x, spy.queue_y, 3)].tolist()
+
+
+def test_paper_mode_probes_all_timesteps_as_the_code(digits_mds):
+    spy = ProbeSpy(update_every=3)  # reward: paper, the probe grid left to the setting
+    make_trainer(digits_mds, algorithms=[spy], max_duration='10ba').fit()
+    assert spy.num_probe_timesteps is None and spy.probe_timesteps.tolist() == list(range(100))
+    # Two forwards per probe, each of |S| copies of the batch and all T = 100 timesteps of one probe image.
+    t0 = spy.calls[0][2]
+    assert t0.shape == (3 * 32 + 100,) and t0[96:].tolist() == list(range(100))
+    # The F-test target is the plain sum of the image's changes over all T, and S is chosen among all T.
+    assert bool((spy.probe_weights == 1).all()) and spy.queue_x.shape == (4, 100)
+    torch.testing.assert_close(spy.queue_y, spy.queue_x.sum(1))
+    assert spy.selected.tolist() == select_timesteps(spy.queue_x, spy.queue_y, 3).tolist()
 
 
 def test_fit_learns_a_per_sample_policy_and_logs(digits_mds):
@@ -410,12 +692,22 @@ def test_non_finite_reward_or_loss_skips_the_update(digits_mds, caplog):
     assert any(not torch.equal(p, q) for p, q in zip(params, adaptive.policy.parameters()))
 
 
-@pytest.mark.parametrize('policy,reward', [('beta', 'paper'), ('global', 'paper'), ('beta', 'loss'),
-                                           ('beta', 'normalized')])
-def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, policy, reward):
+RESUMED = {
+    'beta, paper': {'reward': 'paper', 'num_probe_timesteps': 8},
+    'beta, paper, all T probed': {'reward': 'paper'},
+    'global, paper': {'reward': 'paper', 'policy': 'global', 'num_probe_timesteps': 8},
+    'beta, loss': {'reward': 'loss', 'num_probe_timesteps': 8},
+    'beta, normalized': {'reward': 'normalized', 'num_probe_timesteps': 8},
+    'beta, loss, running normalisation': {'reward': 'loss', 'normalize': 'running', 'num_probe_timesteps': 8},
+    'beta, loss, importance weighted': {'reward': 'loss', 'importance_weighted': True, 'num_probe_timesteps': 8},
+}
+
+
+@pytest.mark.parametrize('name', list(RESUMED))
+def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, name):
 
     def algorithm():
-        return AdaptiveTimestepSampling(update_every=2, policy=policy, num_probe_timesteps=8, reward=reward)
+        return AdaptiveTimestepSampling(update_every=2, **RESUMED[name])
 
     rec = LossRecorder()
     full = make_trainer(digits_mds, algorithms=[algorithm()], max_duration='8ba', callbacks=[rec],
@@ -433,7 +725,7 @@ def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, po
     assert a.num_updates == b.num_updates == 4
     sa, sb = a.state_dict(), b.state_dict()
     assert set(sa) == set(sb)
-    for key in ('policy', 'queue_x', 'queue_y', 'selected'):
+    for key in ('policy', 'queue_x', 'queue_y', 'selected', 'reward_moments'):
         value, got = sa[key], sb[key]
         pairs = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [
             (None, value)]
@@ -444,6 +736,7 @@ def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, po
     for k, state in sa['optimizer']['state'].items():
         assert all(torch.equal(state[n], sb['optimizer']['state'][k][n]) for n in state), k
     assert (sa['num_probes'], sa['num_skipped']) == (sb['num_probes'], sb['num_skipped']) == (4, 0)
+    assert (float(sa['reward_moments'][0]) > 0) == (a.normalize == 'running')
     # Tensors and primitives only: the state loads with weights_only=True into a fresh algorithm after INIT.
     torch.save(sa, tmp_path / 'adaptive.pt')
     reloaded = torch.load(tmp_path / 'adaptive.pt', weights_only=True)
@@ -452,3 +745,25 @@ def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, po
     fresh.load_state_dict(reloaded)
     assert torch.equal(fresh.queue_x, a.queue_x) and fresh.selected_timesteps == a.selected_timesteps
     assert all(torch.equal(p, q) for p, q in zip(fresh.policy.parameters(), a.policy.parameters()))
+
+
+def test_frozen_average_resumes_with_the_distribution_it_trained_with(digits_mds, tmp_path):
+    path = tmp_path / 'timestep_heatmap.npz'
+    rows = torch.softmax(torch.randn(3, 100, generator=torch.Generator().manual_seed(0)), 1)
+    np.savez(path, steps=np.array([2, 4, 8]), probs=rows.numpy())
+    rec = LossRecorder()
+    full = make_trainer(digits_mds, algorithms=[AdaptiveTimestepSampling(frozen_average=str(path))],
+                        max_duration='8ba', callbacks=[rec], save_folder=str(tmp_path / 'a'), save_interval='4ba')
+    full.fit()
+    trained_with = full.state.algorithms[0].frozen_distribution.clone()
+    # The file changes after the checkpoint: the resumed run still draws from the distribution it trained with.
+    np.savez(path, steps=np.array([2]), probs=rows[:1].numpy())
+    rec2 = LossRecorder()
+    resumed = make_trainer(digits_mds, algorithms=[AdaptiveTimestepSampling(frozen_average=str(path))],
+                           max_duration='8ba', callbacks=[rec2], model=tiny_model(seed=4),
+                           load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'))
+    b = resumed.state.algorithms[0]
+    assert torch.equal(b.frozen_distribution, trained_with)
+    assert resumed.state.model.timestep_sampler is b.sampler
+    resumed.fit()
+    assert len(rec.losses) == 8 and rec2.losses == rec.losses[4:]

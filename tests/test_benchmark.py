@@ -386,6 +386,55 @@ def test_a_composition_of_methods_adds_every_fragment():
     assert cfg['algorithms']['min_snr_weighting']['gamma'] == 2.0 and 'log_normal_sampling' in cfg['algorithms']
 
 
+def test_each_adaptive_setting_is_its_own_leaderboard_method_with_its_own_tuning():
+    assert benchmark.leaderboard_name('adaptive_frozen_average') == 'adaptive_timestep_sampling_frozen_average'
+    assert benchmark.leaderboard_name('adaptive_importance') == 'adaptive_timestep_sampling_importance'
+    assert benchmark.leaderboard_name('adaptive') == 'adaptive_timestep_sampling'
+    # A setting takes its own winners: the published one is not tuned on the default setting's.
+    assert benchmark.components('adaptive_paper') == ['adaptive_paper']
+    assert benchmark.components('adaptive_clts_md') == ['adaptive', 'clts', 'md']
+    for objective, methods in benchmark.LEADERBOARD_METHODS.items():
+        for method in methods:
+            if benchmark.fragments(method):
+                assert all(c in benchmark.TUNING_GRIDS[objective] for c in benchmark.components(method)), method
+    assert 1 < len(benchmark.TUNING_GRIDS['ddpm']['adaptive']) <= 3
+    with tempfile.TemporaryDirectory() as tmp:
+        from composer_algos.config import load_config
+        method = 'adaptive_importance'
+        cfg = load_config(benchmark._recipe(method, tmp), benchmark.split_variant(method)[1])
+    assert cfg['algorithms']['adaptive_timestep_sampling']['importance_weighted'] is True
+
+
+def test_the_frozen_average_trains_after_the_adaptive_run_it_averages(tmp_path):
+    import argparse
+
+    from composer_algos.registry import ConfigError
+    args = argparse.Namespace(steps=1000, eval_every=100, fid_samples=64, ddim_steps=5, bpd_images=8, bpd_terms=4,
+                              data=str(tmp_path / 'data'), out=str(tmp_path), tier='digits', objective='ddpm')
+    machine = 'aaaa0000'
+    jobs = [benchmark.make_job(args, m, s) for s in (0, 1) for m in ('uniform', 'adaptive_frozen_average', 'adaptive')]
+    stages = benchmark.dependency_stages(jobs, machine)
+    assert [[(j['method'], j['seed']) for j in stage] for stage in stages] == [
+        [('uniform', 0), ('adaptive', 0), ('uniform', 1), ('adaptive', 1)],
+        [('adaptive_frozen_average', 0), ('adaptive_frozen_average', 1)]]
+    # Without the adaptive run of its seed, in the race or finished on this machine, it is refused before training.
+    frozen = [j for j in jobs if j['method'] == 'adaptive_frozen_average']
+    with pytest.raises(ConfigError, match='adaptive run of seed 0 of this race on this machine'):
+        benchmark.dependency_stages(frozen, machine)
+    # Finished earlier on this machine (its run.json and heatmap): the override points at its heatmap.
+    _finished(tmp_path, 'adaptive', 0, machine, _line(100, 0.05), args)
+    folder = tmp_path / 'runs' / f'adaptive-s0-{machine}'
+    (folder / 'timestep_heatmap.npz').write_bytes(b'')
+    assert benchmark.dependency_overrides(frozen[0], machine) == [
+        f'algorithms.adaptive_timestep_sampling.frozen_average={folder}/timestep_heatmap.npz']
+    with pytest.raises(ConfigError, match='seed 0'):
+        benchmark.dependency_overrides(frozen[0], 'bbbb1111')  # another machine's run does not count
+    with pytest.raises(ConfigError, match='adaptive run of seed 1'):
+        benchmark.dependency_stages(frozen, machine)
+    with pytest.raises(ConfigError, match='fixed sampler'):
+        benchmark.step_overhead('digits', ['adaptive_frozen_average'], str(tmp_path), 1, 1)
+
+
 def test_the_noise_methods_and_the_low_discrepancy_draw_race_under_their_names():
     assert benchmark.leaderboard_name('noise_assignment') == 'noise_assignment'
     assert benchmark.leaderboard_name('noise_assignment_knn') == 'noise_assignment_knn'

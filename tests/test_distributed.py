@@ -22,7 +22,10 @@ COMPOSER = os.path.join(os.path.dirname(sys.executable), 'composer')
 ALGORITHM_SETS = {
     'adaptive_clts_md_ema': {
         'ema': {'half_life': '2ba'},
-        'adaptive_timestep_sampling': {'update_every': 3, 'num_probe_timesteps': 7},
+        # The default setting's trust region and uniform mix, with running reward moments and importance weights:
+        # every rank must take the same decisions from global sums.
+        'adaptive_timestep_sampling': {'update_every': 3, 'num_probe_timesteps': 7, 'normalize': 'running',
+                                       'importance_weighted': True},
         'curriculum_timestep_schedule': {'ramp_end': '6ba', 'ramp_start': '0ba'},
         'momentum_decay': {'beta_end': 0.5, 'compensate_lr': True},
     },
@@ -108,7 +111,7 @@ def test_two_rank_resume_is_exact(tmp_path, digits_mds, name, strategy):
     adaptive = [r['algorithms'].get('AdaptiveTimestepSampling') for r in full]
     if adaptive[0] is not None:
         # Every rank holds the same policy, queue and S; the probe ran (3 updates in 8 steps).
-        for key in ('policy', 'queue_x', 'selected', 'num_updates'):
+        for key in ('policy', 'queue_x', 'selected', 'num_updates', 'reward_moments'):
             _assert_same_state(adaptive[0][key], adaptive[1][key], f'ranks differ in {key}')
         assert adaptive[0]['num_updates'] == 3 and adaptive[0]['queue_x'].shape == (3, 7)
     lsm = [r['algorithms'].get('LossSecondMomentSampling') for r in full]

@@ -388,7 +388,7 @@ def test_adaptive_policy_rewards_the_flow_matching_loss_reduction(digits_mds):
     trainer = make_trainer(digits_mds, algorithms=[adaptive], model=model, max_duration='6ba')
     before = {k: v.clone() for k, v in adaptive.policy.state_dict().items()}
     trainer.fit()
-    assert adaptive._terms == 'loss' and adaptive.num_updates == 3
+    assert adaptive.prober.terms == 'loss' and adaptive.num_updates == 3
     assert any(not torch.equal(before[k], v) for k, v in adaptive.policy.state_dict().items())
     # The probe's terms are the flow-matching loss at the cell centres, with the same keyed noise each pass.
     x0 = torch.randn(4, 1, 8, 8)

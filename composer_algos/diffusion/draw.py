@@ -164,7 +164,7 @@ def draw_levels(sampler: TimestepSampler, priors: Sequence[torch.Tensor], x0: to
     if sampler.importance:
         target = tilt_log_probs(target_log_probs(x0), prior).exp()
         p_t = probs[t] if probs.dim() == 1 else probs.gather(1, t[:, None]).squeeze(1)
-        weight = (target[t] / p_t.to(target.dtype)).float()
+        weight = sampler.importance_weights((target[t] / p_t.to(target.dtype)).float())
     return DrawRecord(t=t, probs=probs, prior=prior, importance_weight=weight, sigma=sigma)
 
 

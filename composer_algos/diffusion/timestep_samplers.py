@@ -54,6 +54,13 @@ class TimestepSampler:
     def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def importance_weights(self, ratios: torch.Tensor) -> torch.Tensor:
+        """The loss weights of a batch's draws from their ratios ``q(t) / p(t)`` (samplers with ``importance``).
+
+        The default uses the ratios themselves; a sampler may clip or normalise them over the batch.
+        """
+        return ratios
+
     def set_loss_weights(self, weights: torch.Tensor) -> None:
         """The model's loss weight ``w(t)`` of every timestep ``(T,)``, given whenever its weightings change.
 

@@ -7,8 +7,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ['beta_grid_log_probs', 'f_regression_scores', 'grid_timesteps', 'grid_weights', 'reinforce_loss',
-           'select_timesteps', 'standardised', 'sum_of_changes']
+__all__ = ['beta_grid_log_probs', 'clipped_importance_weights', 'f_regression_scores', 'grid_timesteps',
+           'grid_weights', 'kl_divergence', 'mix_with_uniform', 'nats_to_bits', 'reinforce_loss', 'select_timesteps',
+           'standardised', 'sum_of_changes', 'time_averaged_distribution']
 
 
 def beta_grid_log_probs(alpha: torch.Tensor, beta: torch.Tensor, num_timesteps: int) -> torch.Tensor:
@@ -96,24 +97,105 @@ def standardised(reward: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 def reinforce_loss(sample_log_probs: torch.Tensor, t: torch.Tensor, advantage: torch.Tensor, entropy_coef: float,
                    policy_log_probs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """REINFORCE loss with an entropy bonus: ``-mean_n(A_n log p(t_n | x_n)) - entropy_coef * H``.
+    """REINFORCE with the entropy bonus in the reward, as the paper's code computes it on a continuous Beta.
+
+    ``loss = -mean_n[ log(T p(t_n | x_n)) * (A_n + entropy_coef * (H(pi_n) - ln T)) ]``, with ``A_n`` a constant
+    and the entropy not detached. On the grid of T timesteps ``log(T p(t))`` is the continuous log-density of
+    ``u = t / T`` and ``H - ln T`` its differential entropy (up to the discretisation), so the bonus has the scale it
+    has in the code: about 0 near uniform, where both vanish, and in expectation ``entropy_coef * KL(p || U)`` times
+    the entropy's gradient once the policy has sharpened. (With ``log p`` instead, the term would carry an offset
+    ``-ln T * entropy_coef * dH`` that pulls towards uniform with a strength independent of the reward.) ``ln T``
+    times ``A_n`` adds nothing to the gradient: ``A_n`` is a constant.
 
     Args:
         sample_log_probs: ``(B, T)`` log-probabilities of the distribution ``t`` was drawn from (with grad).
         t: ``(B,)`` drawn timesteps.
         advantage: ``(B,)`` advantages (treated as constants).
         entropy_coef: weight of the entropy bonus.
-        policy_log_probs: ``(B, T)`` log-probabilities whose mean entropy ``H`` is the bonus (default:
-            ``sample_log_probs``).
+        policy_log_probs: ``(B, T)`` log-probabilities whose entropy makes the bonus (default: ``sample_log_probs``):
+            the policy's own when a prior tilts it, so that the bonus does not push the policy to undo the prior.
 
     Returns:
-        The loss and the mean entropy ``H``.
+        The loss and the mean entropy ``H`` (in nats, of the discrete distribution).
+
+    Example:
+        >>> log_p = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+        >>> loss, h = reinforce_loss(log_p, torch.tensor([0]), torch.tensor([2.0]), 0.0)
+        >>> round(float(loss), 4), round(float(h), 4)  # -log(3 * 0.5) * 2
+        (-0.8109, 1.0397)
     """
     policy_log_probs = sample_log_probs if policy_log_probs is None else policy_log_probs
+    num_timesteps = sample_log_probs.shape[1]
     chosen = sample_log_probs.gather(1, t.to(sample_log_probs.device).long()[:, None]).squeeze(1)
-    entropy = -(policy_log_probs.exp() * policy_log_probs).sum(1).mean()
-    loss = -(advantage.detach().to(chosen) * chosen).mean() - entropy_coef * entropy
-    return loss, entropy
+    # p log p from the log-probabilities: finite with a finite gradient where p underflows to 0.
+    entropy = -(policy_log_probs.exp() * policy_log_probs).sum(1)
+    reward = advantage.detach().to(chosen) + entropy_coef * (entropy - math.log(num_timesteps))
+    loss = -((chosen + math.log(num_timesteps)) * reward).mean()
+    return loss, entropy.mean()
+
+
+def mix_with_uniform(log_probs: torch.Tensor, uniform_mix: float) -> torch.Tensor:
+    """``log((1 - eps) p + eps / T)`` for ``(B, T)`` or ``(T,)`` log-probabilities ``log p``; ``eps = 0`` returns them.
+
+    Every timestep keeps at least ``eps / T``: the distribution's importance weights ``1 / (T p)`` stay below
+    ``1 / eps`` and no timestep is ever left out of training.
+    """
+    if uniform_mix == 0:
+        return log_probs
+    floor = torch.full_like(log_probs, math.log(uniform_mix / log_probs.shape[-1]))
+    return torch.logaddexp(log_probs + math.log1p(-uniform_mix), floor)
+
+
+def clipped_importance_weights(ratios: torch.Tensor, clip: float) -> torch.Tensor:
+    """Importance weights ``min(r, clip)`` divided by their mean over the batch, from ratios ``r = q(t) / p(t)``.
+
+    Without the clip, ``E_p[r(t) L(t)] = E_q[L(t)]``: the loss of the target distribution ``q`` (uniform, or uniform
+    tilted by a curriculum's prior), with a variance that depends on ``p``. The clip bounds the variance where
+    ``p < q / clip`` (and biases the objective there); the division by the batch's mean keeps the loss's scale that of
+    unweighted draws, so the learning rate means the same.
+
+    Example:
+        >>> clipped_importance_weights(torch.tensor([0.5, 1.5, 40.0]), 10.0)
+        tensor([0.1250, 0.3750, 2.5000])
+    """
+    clipped = ratios.clamp(max=clip)
+    return clipped / clipped.mean().clamp(min=torch.finfo(clipped.dtype).tiny)
+
+
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` over the last dimension of ``(B, T)`` log-probabilities, per row (zero-probability terms of
+    ``p`` count 0)."""
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))).sum(-1)
+
+
+def time_averaged_distribution(steps: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The average of distributions ``probs`` ``(R, T)`` recorded at training ``steps`` ``(R,)``, each weighted by the
+    steps it covers: those nearer to its record than to any other, from step 0 to the last record. ``(T,)`` float64.
+
+    Between records the distribution is taken to be the nearest record's, so the average is what the sampler drew
+    from over the run (a row of the first record also stands for the steps before it).
+
+    Example:
+        >>> time_averaged_distribution(torch.tensor([10, 20, 40]), torch.eye(3))
+        tensor([0.3750, 0.3750, 0.2500], dtype=torch.float64)
+    """
+    steps = torch.as_tensor(steps).double().flatten()
+    probs = torch.as_tensor(probs).double()
+    if probs.dim() != 2 or probs.shape[0] != steps.numel() or probs.shape[0] == 0:
+        raise ValueError(f'Expected one distribution row per step, got steps {tuple(steps.shape)} and probs '
+                         f'{tuple(probs.shape)}.')
+    if bool((steps[1:] <= steps[:-1]).any()) or float(steps[0]) < 0:
+        raise ValueError('The steps of the records must be non-negative and increasing.')
+    edges = torch.cat([steps.new_zeros(1), (steps[1:] + steps[:-1]) / 2, steps[-1:]])
+    weights = edges[1:] - edges[:-1]
+    if float(weights.sum()) <= 0:  # one record at step 0
+        weights = torch.ones_like(weights)
+    rows = probs / probs.sum(1, keepdim=True)
+    average = (weights[:, None] * rows).sum(0) / weights.sum()
+    if not bool(torch.isfinite(average).all()) or bool((average < 0).any()):
+        raise ValueError('The recorded distributions must be finite and non-negative.')
+    return average
 
 
 def nats_to_bits(value: torch.Tensor) -> torch.Tensor:
