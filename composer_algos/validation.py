@@ -584,7 +584,7 @@ def check_checkpoints(cfg: dict[str, Any], model: Optional[torch.nn.Module] = No
     """
     from composer.utils import dist, format_name_with_dist
 
-    from composer_algos import checkpoints
+    from composer_algos import checkpoint_integrity as checkpoints
     problem: Optional[str] = None
     if dist.get_global_rank() == 0:
         try:
@@ -639,7 +639,7 @@ def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: 
 def _check_checkpoint_fits(path: str, where: str, other_fix: str, model: torch.nn.Module,
                            model_config: Optional[dict[str, Any]]) -> None:
     """The model tensors saved at ``path`` against ``model``'s: the first that differs, with both shapes."""
-    from composer_algos import checkpoints
+    from composer_algos import checkpoint_integrity as checkpoints
     saved = checkpoints.saved_model_state(path)
     if saved is None:
         return

@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from composer_algos import checkpoints
+from composer_algos import checkpoint_integrity as checkpoints
 from composer_algos.config import build_model, build_trainer, load_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
