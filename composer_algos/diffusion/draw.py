@@ -27,6 +27,9 @@ __all__ = ['DROPOUT_STREAM', 'DrawRecord', 'EVAL_STREAM', 'TRAIN_STREAM', 'draw_
 
 # Keys of the model's random streams (see composer_algos.seeding).
 TRAIN_STREAM, DROPOUT_STREAM, EVAL_STREAM = 0, 1, 2
+# Which samples train on the empty caption (composer_algos.diffusion.conditioning.caption_drop_mask): a key no other
+# stream uses.
+CAPTION_STREAM = 5
 # A drawn position stays this far inside its cell, so that float64 rounding of (cell + position) / T never moves it to
 # a neighbouring cell (which may have no probability).
 _INSIDE = 1e-9
