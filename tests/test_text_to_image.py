@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -285,3 +286,98 @@ def test_the_t2i_recipe_trains_on_its_captioned_digits_and_scores_prompts(captio
     scorer = next(c for c in trainer.state.callbacks if isinstance(c, PromptAccuracy))
     assert scorer.steps == [3] and set(scorer.values) == {1.0, 3.0}
     assert all(0.0 <= v[0] <= 1.0 for v in scorer.values.values())
+
+
+T2I_RECIPES = sorted(glob.glob(os.path.join(ROOT, 'yamls', '*', 't2i_*.yaml')))
+
+
+@pytest.mark.parametrize('recipe', T2I_RECIPES, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, 'yamls')))
+def test_each_t2i_recipe_resolves_to_a_trainer_and_trains(recipe, captions_mds, tiny_clip_dir, tiny_vae_dir, tmp_path,
+                                                          monkeypatch):
+    """Digits recipes as written on the captioned digits; the 256px ones with a tiny VAE, UNet and CLIP of random
+    weights, on CPU without FSDP; 2 steps each."""
+    from diffusers import UNet2DConditionModel
+
+    from composer_algos.config import build_trainer, load_config
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(recipe)
+    model, conditioner = cfg['model'], cfg['model']['conditioner']
+    assert conditioner['name'] == 'text' and conditioner['caption_drop_prob'] > 0
+    assert model['denoiser']['name'] == 'unet_condition'
+    if 'latent256' in recipe:
+        fsdp = cfg.pop('parallelism_config')['fsdp']
+        assert fsdp['state_dict_type'] == 'sharded' and cfg['precision'] == 'amp_bf16'
+        assert model['encoder']['name'] == 'vae' and not conditioner.get('trainable', False)
+        assert model['denoiser']['cross_attention_dim'] == 768
+        cfg.update(device='cpu', precision='fp32', device_train_microbatch_size=4, autoresume=False)
+        model['denoiser'] = {'name': 'unet_condition', 'sample_size': 8, 'in_channels': 4,
+                             'block_out_channels': [16, 32], 'cross_attention_dim': 32, 'norm_num_groups': 8}
+        model['encoder']['pretrained_path'] = tiny_vae_dir
+        conditioner.update(pretrained_path=tiny_clip_dir, max_length=16)
+    else:
+        assert conditioner['trainable'] is True and cfg['prepare_data'] == 'digits_captions'
+        conditioner['pretrained_path'] = os.path.join(captions_mds, 'text_encoder')
+        cfg['prepare_data'] = False
+    model['noise_schedule']['num_timesteps'] = 100
+    for key in ('train_loader', 'eval_loader'):
+        cfg[key].update(remote=None, local=captions_mds, num_workers=0, global_batch_size=8, image_size=8)
+    if 'adaptive_timestep_sampling' in cfg.get('algorithms', {}):
+        cfg['algorithms']['adaptive_timestep_sampling'].update(update_every=1, num_probe_timesteps=6)
+    cfg.update(max_duration='2ba', eval_interval='2ba', eval_subset_num_batches=1, progress_bar=False,
+               log_to_console=False, save_folder=None, loggers={}, callbacks={'loss_bands': {}})
+    cfg.pop('scheduler', None)
+    trainer = build_trainer(cfg)
+    assert isinstance(trainer.state.model.denoiser, UNet2DConditionModel)
+    trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 2 and torch.isfinite(trainer.state.loss)
+
+
+# ------------------------------------------------------------------------------------------------ every algorithm
+def conv_text_model(path: str, objective: str, seed: int = 17):
+    """A small conv denoiser that takes the text (its masked mean), DDPM or flow matching, with caption dropout."""
+    from composer_algos.diffusion import DiffusionModel, FlowMatchingModel, FlowSchedule, TimeConditionedConvNet
+    conditioner = text_conditioner(path, trainable=True, caption_drop_prob=0.2)
+    torch.manual_seed(seed)
+    net = TimeConditionedConvNet(in_channels=1, width=16, context_dim=conditioner.hidden_size)
+    if objective == 'flow_matching':
+        return FlowMatchingModel(net, FlowSchedule(num_cells=100), seed=seed, conditioner=conditioner)
+    return DiffusionModel(net, NoiseSchedule('linear', 100), seed=seed, conditioner=conditioner)
+
+
+def _algorithm_cases():
+    from composer_algos.algorithms.base import DiffusionAlgorithm
+    from composer_algos.registry import algorithms
+    classes = {name: kind for name, kind in algorithms.get_all().items()
+               if isinstance(kind, type) and issubclass(kind, DiffusionAlgorithm)}
+    return [(name, objective) for name, kind in sorted(classes.items()) for objective in ('ddpm', 'flow_matching')
+            if objective in kind.objectives]
+
+
+@pytest.mark.parametrize('name,objective', _algorithm_cases())
+def test_every_algorithm_trains_the_text_conditioned_model(name, objective, tiny_clip_dir, captions_mds):
+    from composer_algos.registry import algorithms
+    kind = algorithms.get(name)
+    algorithm = kind(update_every=1, num_probe_timesteps=6) if name == 'adaptive_timestep_sampling' else kind()
+    model = conv_text_model(tiny_clip_dir, objective)
+    trainer = make_trainer(captions_mds, [algorithm], max_duration='2ba', batch_size=16, model=model)
+    trainer.fit()
+    assert torch.isfinite(trainer.state.loss)
+
+
+@pytest.mark.parametrize('objective', ['ddpm', 'flow_matching'])
+def test_adaptive_curriculum_and_momentum_decay_resume_exactly_on_text(objective, tiny_clip_dir, captions_mds,
+                                                                       tmp_path):
+    from composer_algos.algorithms import AdaptiveTimestepSampling, CurriculumTimestepSchedule, MomentumDecay
+
+    def algorithms():
+        return [AdaptiveTimestepSampling(update_every=1, num_probe_timesteps=6),
+                CurriculumTimestepSchedule(), MomentumDecay()]
+
+    save = str(tmp_path / 'ckpt')
+    full = LossRecorder()
+    make_trainer(captions_mds, algorithms(), max_duration='4ba', batch_size=16, callbacks=[full], save_folder=save,
+                 save_interval='2ba', save_filename='ba{batch}.pt', model=conv_text_model(tiny_clip_dir, objective)).fit()
+    resumed = LossRecorder()
+    make_trainer(captions_mds, algorithms(), max_duration='4ba', batch_size=16, callbacks=[resumed],
+                 load_path=f'{save}/ba2.pt', model=conv_text_model(tiny_clip_dir, objective, seed=99)).fit()
+    assert len(full.losses) == 4 and resumed.losses == full.losses[2:]
