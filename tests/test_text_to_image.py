@@ -381,3 +381,74 @@ def test_adaptive_curriculum_and_momentum_decay_resume_exactly_on_text(objective
     make_trainer(captions_mds, algorithms(), max_duration='4ba', batch_size=16, callbacks=[resumed],
                  load_path=f'{save}/ba2.pt', model=conv_text_model(tiny_clip_dir, objective, seed=99)).fit()
     assert len(full.losses) == 4 and resumed.losses == full.losses[2:]
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+class AlwaysSeven(torch.nn.Module):
+    """A classifier that answers 7 whatever the image: prompt accuracy is then the share of prompts naming 7."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(10))
+
+    def forward(self, images):
+        return torch.nn.functional.one_hot(torch.full((images.shape[0],), 7), 10).float() + self.bias
+
+
+def test_prompt_accuracy_scores_each_sample_against_its_prompts_class(captions_mds, tiny_clip_dir, tmp_path):
+    from composer_algos.callbacks.prompt_accuracy import PromptAccuracy
+    from composer_algos.data.convert import digit_prompts
+    prompts, labels = digit_prompts()
+    assert len(prompts) == 60 and labels[:10] == list(range(10)) and prompts[7] == 'a handwritten seven'
+    scorer = PromptAccuracy(num_samples=40, num_steps=2, guidance_scales=[1.0, 3.0], classifier=AlwaysSeven(), interval='2ba',
+                            folder=str(tmp_path))
+    assert scorer.targets(12).tolist() == list(range(10)) + [0, 1]
+    model = conv_text_model(tiny_clip_dir, 'ddpm')
+    make_trainer(captions_mds, max_duration='2ba', batch_size=16, model=model, callbacks=[scorer]).fit()
+    assert scorer.steps == [2] and scorer.values == {1.0: [0.1], 3.0: [0.1]}
+    again = PromptAccuracy(guidance_scales=[1.0, 3.0])
+    again.load_state_dict(scorer.state_dict())
+    assert again.values == scorer.values and again.steps == [2]
+
+
+def test_prompt_accuracy_refuses_a_model_without_text(digits_mds, tmp_path):
+    from composer_algos.callbacks.prompt_accuracy import PromptAccuracy
+    with pytest.raises(ConfigError, match=r'callbacks.prompt_accuracy .*conditioned on nothing.*model.conditioner'):
+        make_trainer(digits_mds, max_duration='1ba', callbacks=[PromptAccuracy(interval='1ba', folder=str(tmp_path))]).fit()
+
+
+@pytest.fixture(scope='session')
+def tiny_full_clip_dir(tmp_path_factory) -> str:
+    """A CLIPModel (text and vision) and its CLIPProcessor with random weights, saved like a downloaded one: a BPE
+    tokenizer of single characters (no merges) and an image processor at 32 pixels."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTokenizer, CLIPVisionConfig)
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    folder = tmp_path_factory.mktemp('tiny_full_clip')
+    chars = list(bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(chars + [c + '</w>' for c in chars]
+                                                 + ['<|startoftext|>', '<|endoftext|>'])}
+    (folder / 'vocab.json').write_text(json.dumps(vocab))
+    (folder / 'merges.txt').write_text('#version: 0.2\n')
+    tokenizer = CLIPTokenizer(str(folder / 'vocab.json'), str(folder / 'merges.txt'), model_max_length=32)
+    images = CLIPImageProcessor(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32})
+    torch.manual_seed(0)
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=32, eos_token_id=vocab['<|endoftext|>'],
+                          bos_token_id=vocab['<|startoftext|>'], pad_token_id=vocab['<|endoftext|>'])
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).save_pretrained(
+        str(folder))
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_clip_score_reads_a_local_clip_through_torchmetrics_callable_form(tiny_full_clip_dir, tmp_path):
+    from composer_algos.evaluation.conditioning import clip_score, load_clip_score_model
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    score = clip_score(images, ['a handwritten seven', 'the digit 1', 'two'], tiny_full_clip_dir)
+    assert 0.0 <= score <= 100.0
+    assert score == clip_score(images, ['a handwritten seven', 'the digit 1', 'two'], tiny_full_clip_dir)
+    with pytest.raises(ConfigError, match=r'clip_score_model=.*save_pretrained'):
+        load_clip_score_model(str(tmp_path / 'absent'))

@@ -78,9 +78,10 @@ class PromptAccuracy(SamplingEvaluation):
     def fit_start(self, state: State, logger: Logger) -> None:
         super(SamplingEvaluation, self).fit_start(state, logger)
         conditioner = getattr(self.diffusion_model(state), 'conditioner', None)
-        if getattr(conditioner, 'kind', None) != 'text':
+        kind = getattr(conditioner, 'kind', None)
+        if kind != 'text':
             raise ConfigError(f'callbacks.prompt_accuracy scores samples generated from prompts; this model is '
-                              f'conditioned on {getattr(conditioner, "kind", None) or "nothing"}: remove the callback, '
+                              f'conditioned on {"nothing" if kind in (None, "", "none") else kind}: remove the callback, '
                               'or condition the model on text (model.conditioner.name: text).')
         for scale in self.guidance_scales:
             check_guidance_scale(scale, conditioner, 'callbacks.prompt_accuracy.guidance_scales')
