@@ -95,11 +95,19 @@ METHODS: dict[str, list[str]] = {
     'cosmap': ['cosmap_sampling'],
     # Uniform again with its timesteps and noise keyed apart (model.seed): the A/A null of a race.
     'uniform_aa': [],
+    'noise_assignment': ['noise_assignment'],
+    'noise_assignment_knn': ['noise_assignment'],
+    # Uniform with VDM's low-discrepancy draw of the timesteps (a model option, no algorithm).
+    'low_discrepancy': [],
+    # Schedule-free AdamW in place of AdamW and its schedule (the fragment sets the optimizer).
+    'schedule_free': ['schedule_free'],
 }
-# Methods that are a setting of another: recipe overrides applied with their fragments.
+# Methods that are a setting of another, or of the model: recipe overrides applied with their fragments.
 METHOD_SETTINGS: dict[str, list[str]] = {
-    f'adaptive_{reward}': [f'algorithms.adaptive_timestep_sampling.reward={reward}']
-    for reward in ('paper', 'loss', 'normalized')
+    **{f'adaptive_{reward}': [f'algorithms.adaptive_timestep_sampling.reward={reward}']
+       for reward in ('paper', 'loss', 'normalized')},
+    'noise_assignment_knn': ['algorithms.noise_assignment.mode=knn'],
+    'low_discrepancy': ['model.low_discrepancy=true'],
 }
 QUICK_METHODS = ['uniform', 'adaptive_clts_md']
 # The A/A method's model.seed is the training seed plus this: the same weights' initialisation and data order as
@@ -1011,6 +1019,17 @@ _SCHEDULE_SETTINGS = {
     'md': (('algorithms.momentum_decay.beta_end=0.5',), ('algorithms.momentum_decay.beta_end=0.7',),
            ('algorithms.momentum_decay.beta_end=0.5', 'algorithms.momentum_decay.compensate_lr=true')),
 }
+# Noise assignment's cost (Immiscible Diffusion's distance, OT-CFM's squared distance), and KNN's candidates per image
+# (4 in the flow-matching code, 64 in the Stable Diffusion code); the low-discrepancy draw has no setting.
+_NOISE_SETTINGS = {
+    'noise_assignment': tuple((f'algorithms.noise_assignment.cost={c}',) for c in ('l2', 'sq_l2')),
+    'noise_assignment_knn': tuple((f'algorithms.noise_assignment.k={k}',) for k in (4, 16, 64)),
+}
+# Schedule-free AdamW's own learning rate (the package's default first): the paper finds it wants the same as AdamW's
+# or larger, so uniform's tuned rate does not carry over.
+_OPTIMIZER_SETTINGS = {
+    'schedule_free': tuple((f'optimizer.lr={lr}',) for lr in ('2.5e-3', '5.0e-3', '1.0e-2')),
+}
 TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
     'ddpm': {
         'min_snr': tuple((f'algorithms.min_snr_weighting.gamma={g}',) for g in ('5.0', '2.0', '1.0')),
@@ -1022,20 +1041,26 @@ TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
         **_SCHEDULE_SETTINGS,
         'loss_second_moment': ((),),
         'cosmap': ((),),
+        **_NOISE_SETTINGS,
+        **_OPTIMIZER_SETTINGS,
     },
     'flow_matching': {
         'logit_normal': tuple((f'algorithms.logit_normal_sampling.m={m}',) for m in ('0.0', '0.5', '-0.5')),
         'mode': tuple((f'algorithms.mode_sampling.scale={c}',) for c in ('1.29', '0.5')),
         'cosmap': ((),),
         **_SCHEDULE_SETTINGS,
+        **_NOISE_SETTINGS,
+        **_OPTIMIZER_SETTINGS,
     },
 }
 # The leaderboards' methods: uniform, its A/A null, every method that applies to the objective, and the curriculum
 # with momentum decay as the papers compose them.
 LEADERBOARD_METHODS = {
     'ddpm': ('uniform', 'uniform_aa', 'min_snr', 'p2', 'speed', 'loss_second_moment', 'logit_normal', 'log_normal',
-             'mode', 'cosmap', 'clts', 'md', 'clts_md'),
-    'flow_matching': ('uniform', 'uniform_aa', 'logit_normal', 'mode', 'cosmap', 'clts', 'md', 'clts_md'),
+             'mode', 'cosmap', 'clts', 'md', 'clts_md', 'noise_assignment', 'noise_assignment_knn',
+             'low_discrepancy', 'schedule_free'),
+    'flow_matching': ('uniform', 'uniform_aa', 'logit_normal', 'mode', 'cosmap', 'clts', 'md', 'clts_md',
+                      'noise_assignment', 'noise_assignment_knn', 'schedule_free'),
 }
 # Extra noise seeds of FID on uniform's final weights (the race's own is 0): FID's sampling noise.
 NOISE_SEEDS = (1, 2, 3, 4)
@@ -1047,20 +1072,29 @@ def _variant(method: str, overrides: Sequence[str]) -> str:
 
 def leaderboard_name(method: str) -> str:
     """The registry names of what a method adds to uniform, joined with ``+`` (``clts_md`` ->
-    ``curriculum_timestep_schedule+momentum_decay``); a setting of a method adds ``_<setting>``."""
+    ``curriculum_timestep_schedule+momentum_decay``); a setting of a method adds ``_<setting>``, the setting's name
+    after the method's (``adaptive_paper`` -> ``adaptive_timestep_sampling_paper``, ``noise_assignment_knn`` ->
+    ``noise_assignment_knn``); a method that adds no algorithm is its own name (``low_discrepancy``)."""
     base, _ = split_variant(method)
     if not fragments(base):
         return base
     if '+' in base:
         return '+'.join(leaderboard_name(part) for part in base.split('+'))
     name = '+'.join(METHODS[base])
-    return f'{name}_{base.split("_", 1)[1]}' if base in METHOD_SETTINGS else name
+    if base not in METHOD_SETTINGS:
+        return name
+    plain = next(m for m, frags in METHODS.items() if frags == METHODS[base] and m not in METHOD_SETTINGS)
+    return f'{name}_{base[len(plain) + 1:] if base.startswith(plain + "_") else base.split("_", 1)[1]}'
 
 
 def components(method: str) -> list[str]:
-    """The single-fragment methods a method is made of (``clts_md`` -> ``['clts', 'md']``)."""
+    """The methods whose tuned settings a method takes: its single-fragment methods (``clts_md`` -> ``['clts',
+    'md']``), or itself for a setting of a method (``noise_assignment_knn``), which is tuned on its own."""
     single = {frags[0]: m for m, frags in METHODS.items() if len(frags) == 1 and m not in METHOD_SETTINGS}
-    return [single[f] for f in fragments(method)]
+    found = []
+    for part in split_variant(method)[0].split('+'):
+        found += [part] if part in METHOD_SETTINGS and METHODS[part] else [single[f] for f in METHODS[part]]
+    return found
 
 
 def geomean(values: Sequence[float]) -> float:

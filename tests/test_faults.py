@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from composer_algos import checkpoint_integrity as checkpoints
+from composer_algos import checkpoint_integrity
 from composer_algos.config import build_model, build_trainer, load_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -169,9 +169,9 @@ def test_one_rank_killed_others_end_in_bounded_time_then_autoresume_is_exact(tmp
 
     # The sharded checkpoints this run wrote, damaged as a crash or a disk would: each is found unreadable, and
     # autoresume steps back to the newest readable one.
-    assert checkpoints.verify_checkpoint(str(folder / 'ep0-ba12')) is None
+    assert checkpoint_integrity.verify_checkpoint(str(folder / 'ep0-ba12')) is None
     # What they hold of the model is read without loading it: every tensor's full shape, and the recipe that wrote it.
-    saved = checkpoints.saved_model_state(str(folder / 'ep0-ba12'))
+    saved = checkpoint_integrity.saved_model_state(str(folder / 'ep0-ba12'))
     with open(recipe) as f:
         model_cfg = yaml.safe_load(f)['model']
     assert saved.extra['recipe'] == {'run_name': 'faults', 'model': model_cfg}
@@ -182,10 +182,10 @@ def test_one_rank_killed_others_end_in_bounded_time_then_autoresume_is_exact(tmp
     shard = copy / 'ep0-ba12' / '__1_0.distcp'
     with open(shard, 'r+b') as f:
         f.truncate(os.path.getsize(shard) // 2)
-    assert 'truncated' in checkpoints.verify_checkpoint(str(copy / 'ep0-ba12'))
+    assert 'truncated' in checkpoint_integrity.verify_checkpoint(str(copy / 'ep0-ba12'))
     os.remove(copy / 'ep0-ba10' / '.metadata')  # a save that did not finish
-    assert '.metadata' in checkpoints.verify_checkpoint(str(copy / 'ep0-ba10'))
-    chosen = checkpoints.prepare_autoresume(str(copy), 'latest-rank0.pt', ['ep{epoch}-ba{batch}'], 'faults')
+    assert '.metadata' in checkpoint_integrity.verify_checkpoint(str(copy / 'ep0-ba10'))
+    chosen = checkpoint_integrity.prepare_autoresume(str(copy), 'latest-rank0.pt', ['ep{epoch}-ba{batch}'], 'faults')
     assert chosen == str((copy / 'ep0-ba8').resolve())
     assert os.readlink(copy / 'latest-rank0.pt') == 'ep0-ba8'
     assert (copy / 'ep0-ba12.unreadable').is_dir() and (copy / 'ep0-ba10.unreadable').is_dir()
@@ -220,22 +220,22 @@ def test_autoresume_steps_over_truncated_and_half_written_checkpoints(tmp_path, 
 def test_autoresume_folder_edge_cases(tmp_path):
     template = ['ep{epoch}-ba{batch}-rank{rank}.pt']
     folder, link = tmp_path / 'ckpt', tmp_path / 'ckpt' / 'latest-rank0.pt'
-    assert checkpoints.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') is None  # no folder yet
+    assert checkpoint_integrity.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') is None  # no folder yet
     folder.mkdir()
     os.symlink('ep0-ba4-rank0.pt', link)  # left after the checkpoints were deleted: a fresh start
-    assert checkpoints.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') is None
+    assert checkpoint_integrity.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') is None
     # A crash between a finished save and the symlink update: the newer, readable checkpoint is the one to resume.
     for batch in (2, 4):
         torch.save({'batch': torch.full((3,), batch)}, folder / f'ep0-ba{batch}-rank0.pt')
     os.remove(link)
     os.symlink('ep0-ba2-rank0.pt', link)
-    assert checkpoints.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') == str(
+    assert checkpoint_integrity.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') == str(
         (folder / 'ep0-ba4-rank0.pt').resolve())
     assert os.readlink(link) == 'ep0-ba4-rank0.pt'
     # The same name found unreadable twice keeps both copies.
     for _ in range(2):
         (folder / 'ep0-ba6-rank0.pt').write_bytes(b'PK\x03\x04 cut short')
-        checkpoints.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r')
+        checkpoint_integrity.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r')
     assert {'ep0-ba6-rank0.pt.unreadable', 'ep0-ba6-rank0.pt.unreadable.1'} <= set(os.listdir(folder))
     assert not (folder / 'ep0-ba6-rank0.pt').exists() and os.readlink(link) == 'ep0-ba4-rank0.pt'
 
@@ -244,10 +244,10 @@ def test_a_bit_flip_is_found_although_torch_would_load_it(tmp_path, digits_mds):
     recipe = _recipe(tmp_path, digits_mds, autoresume=False)
     fault_run.run(recipe, str(tmp_path / 'run'), ['max_duration=4ba'])
     path = str(tmp_path / 'ckpt' / 'ep0-ba4-rank0.pt')
-    assert checkpoints.verify_checkpoint(path) is None
+    assert checkpoint_integrity.verify_checkpoint(path) is None
     fault_run.flip_tensor_byte(path)
     torch.load(path, weights_only=False)  # loads without complaint: the damage would go unnoticed
-    assert 'CRC' in checkpoints.verify_checkpoint(path)
+    assert 'CRC' in checkpoint_integrity.verify_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------------------------ NaN and inf

@@ -29,11 +29,13 @@ def _hundred_timesteps(model: dict) -> None:
         model['noise_schedule'] = {'num_timesteps': 100}
 
 
-@pytest.mark.parametrize('recipes', [DIGITS_RECIPES, MNIST_RECIPES], ids=['digits', 'mnist'])
-def test_there_is_a_recipe_per_method(recipes):
+@pytest.mark.parametrize('recipes, tier_only', [(DIGITS_RECIPES, set()), (MNIST_RECIPES, {'low_discrepancy'})],
+                         ids=['digits', 'mnist'])
+def test_there_is_a_recipe_per_method(recipes, tier_only):
     names = {os.path.basename(p)[:-5] for p in recipes}
     assert {'uniform', 'adaptive', 'clts', 'md', 'clts_md', 'adaptive_clts_md', 'loss_second_moment_sampling',
-            'min_snr_weighting', 'p2_weighting', 'speed', 'logit_normal_sampling', 'log_normal_sampling'} <= names
+            'min_snr_weighting', 'p2_weighting', 'speed', 'logit_normal_sampling', 'log_normal_sampling',
+            'noise_assignment', 'flow_noise_assignment'} | tier_only <= names
 
 
 def _small_trainer(recipe: str, data: str):
@@ -89,6 +91,9 @@ def test_mnist_recipe_trains(recipe, mnist_mds, tmp_path, monkeypatch):
     trainer = _small_trainer(recipe, mnist_mds)
     batch = next(iter(trainer.state.train_dataloader))
     assert batch['image'].shape == (16, 1, MNIST_SIZE, MNIST_SIZE)
+    assert trainer.state.model.low_discrepancy == (os.path.basename(recipe) == 'low_discrepancy.yaml')
+    if 'noise_assignment' in as_written['algorithms']:
+        assert trainer.state.model.noise_coupling_owner == 'NoiseAssignment'
     _fit_three_steps(trainer)
 
 
@@ -543,12 +548,12 @@ def test_every_recipe_on_two_fsdp2_ranks(digits_mds, mnist_mds, latent_mds, tiny
     """Every YAML of yamls/ (CPU overrides) trains on 2 ranks with FSDP2, in one process group: the denoiser is
     sharded, every algorithm of the recipe runs on the sharded model, and the adaptive policy stays the same on both
     ranks. The scale-out recipes keep their own FSDP settings (activation checkpointing as written). Of the MNIST
-    tier, uniform and adaptive + CLTS + MD (16x16 images through the policy network); its other recipes differ from
-    their digits twins only in the data."""
+    tier, uniform, adaptive + CLTS + MD (16x16 images through the policy network) and the low-discrepancy draw (its
+    batch spans both ranks); its other recipes differ from their digits twins only in the data."""
     configs = {}
     for recipe in DIGITS_RECIPES:
         configs[f'digits-{os.path.basename(recipe)}'] = _digits_overrides(recipe, digits_mds)
-    for name in ('uniform', 'adaptive_clts_md'):
+    for name in ('uniform', 'adaptive_clts_md', 'low_discrepancy'):
         configs[f'mnist-{name}.yaml'] = _digits_overrides(os.path.join(ROOT, 'yamls', 'mnist', f'{name}.yaml'),
                                                           mnist_mds)
     for recipe in SCALE_RECIPES:

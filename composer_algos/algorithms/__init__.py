@@ -11,10 +11,11 @@ from composer_algos.algorithms.loss_second_moment_sampling import LossSecondMome
 from composer_algos.algorithms.min_snr_weighting import MinSNRWeighting
 from composer_algos.algorithms.mode_sampling import ModeSampling
 from composer_algos.algorithms.momentum_decay import MomentumDecay
+from composer_algos.algorithms.noise_assignment import NoiseAssignment
 from composer_algos.algorithms.p2_weighting import P2Weighting
 from composer_algos.algorithms.sigma_sqrt_weighting import SigmaSqrtWeighting
 from composer_algos.algorithms.speed import SpeeD
 
 __all__ = ['AdaptiveTimestepSampling', 'CosMapSampling', 'CosMapWeighting', 'CurriculumTimestepSchedule',
            'LogNormalSampling', 'LogitNormalSampling', 'LossSecondMomentSampling', 'MinSNRWeighting', 'ModeSampling',
-           'MomentumDecay', 'P2Weighting', 'SigmaSqrtWeighting', 'SpeeD', 'WarmupEMA']
+           'MomentumDecay', 'NoiseAssignment', 'P2Weighting', 'SigmaSqrtWeighting', 'SpeeD', 'WarmupEMA']

@@ -86,6 +86,12 @@ class DiffusionContract(Protocol):
     def timestep_distribution(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The marginal ``(T,)`` distribution over t (averaged over the batch for per-sample samplers), no grad."""
 
+    # ------------------------------------------------------------------------------------------- the noise
+    def set_noise_coupling(self, coupling: Any, owner: str) -> None:
+        """Let ``coupling(NoiseDraw) -> (noise, NoisePairing)`` pair each training batch's keyed noise with its
+        data (``draw.py``; the record's ``noise_pairing`` says what it did); a second, different owner is an
+        error naming both."""
+
     # ------------------------------------------------------------------------------------------- the loss
     def add_loss_weighting(self, weighting: Any, owner: str) -> None:
         """Multiply the per-sample loss by ``weighting(schedule, level, prediction_type)`` (replacing ``owner``'s)."""

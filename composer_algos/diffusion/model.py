@@ -17,8 +17,8 @@ from composer_algos.diffusion.conditioning import (ClassLabelConditioner, Condit
                                                    check_guidance_scale)
 from composer_algos.diffusion.contract import DRAW_KEY, record_of
 from composer_algos.diffusion.diagnostics import nonfinite_loss_causes
-from composer_algos.diffusion.draw import (DROPOUT_STREAM, DrawRecord, draw_levels, evaluation_draw,
-                                           tilted_distribution, training_randoms)
+from composer_algos.diffusion.draw import (DROPOUT_STREAM, DrawRecord, NoiseCoupling, NoiseDraw, couple_noise,
+                                           draw_levels, evaluation_draw, tilted_distribution, training_randoms)
 from composer_algos.diffusion.flow import FlowSchedule
 from composer_algos.diffusion.timestep_samplers import TimestepPrior, TimestepSampler, UniformSampler
 from composer_algos.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule, check_prediction_type
@@ -78,7 +78,8 @@ class DiffusionModel(ComposerModel):
       unweighted ``per_sample_loss`` and the total ``loss_weight`` (:class:`~composer_algos.diffusion.draw.DrawRecord`);
     * :meth:`vlb_terms`, per-sample variational-bound terms at given ``(x0, t, noise)`` without grad;
     * :meth:`draw_randoms`: t and noise keyed by the sample's position in the global batch and a draw index that
-      checkpoints save, so a run draws the same numbers resumed or not, on any number of ranks.
+      checkpoints save, so a run draws the same numbers resumed or not, on any number of ranks;
+    * a noise coupling (:meth:`set_noise_coupling`) that may pair each training batch's keyed noise with its data.
 
     Args:
         denoiser: any module called as ``denoiser(x_t, t, **conditioning)``; an output with a ``.sample``
@@ -95,6 +96,9 @@ class DiffusionModel(ComposerModel):
         seed: seed of the training draws (t, noise, the denoiser's dropout) and of the evaluation loss's draws.
         check_finite_loss: raise a clear error when the loss becomes NaN or infinite.
         num_loss_bands: bands of t for the validation loss metric.
+        low_discrepancy: draw each global batch's noise levels from VDM's low-discrepancy uniforms, one keyed offset
+            per batch (:func:`~composer_algos.diffusion.draw.low_discrepancy_uniforms`): every batch covers [0, 1)
+            evenly before the active sampler's inverse CDF, whose marginal is unchanged. Off: independent uniforms.
         conditioner: what the denoiser is told about each sample
             (:mod:`composer_algos.diffusion.conditioning`: none, a class label, a caption through a text encoder);
             with ``drop_prob > 0`` a training sample gets the unconditional input with that probability, keyed by the
@@ -124,6 +128,7 @@ class DiffusionModel(ComposerModel):
         seed: int = 17,
         check_finite_loss: bool = True,
         num_loss_bands: int = 10,
+        low_discrepancy: bool = False,
         conditioner: Optional[Conditioner] = None,
     ):
         super().__init__()
@@ -149,12 +154,14 @@ class DiffusionModel(ComposerModel):
         self.check_finite_loss = check_finite_loss
         self.num_loss_bands = num_loss_bands
         self.seed = int(seed)
+        self.low_discrepancy = bool(low_discrepancy)
         self.num_draws = 0  # training forwards so far: the key of the next draw
         self.recipe: Optional[dict[str, Any]] = None
         self._sampler: TimestepSampler = self.default_timestep_sampler()
         self._sampler_owner: Optional[str] = None
         self._priors: list[tuple[str, TimestepPrior]] = []
         self._weightings: list[tuple[str, LossWeighting]] = []
+        self._noise_coupling: Optional[tuple[str, NoiseCoupling]] = None
         self.val_loss = DiffusionLoss(self.num_timesteps, num_bands=1)
         self.val_loss_bands = DiffusionLoss(self.num_timesteps, num_bands=num_loss_bands)
 
@@ -226,10 +233,10 @@ class DiffusionModel(ComposerModel):
 
         Keyed by ``(seed, draw index, position in the global batch)``
         (:func:`~composer_algos.diffusion.draw.training_randoms`): with one micro-batch per step the same sample gets
-        the same t and noise on any number of ranks, and a resumed run repeats them. Each call moves to the next
-        draw index.
+        the same t and noise on any number of ranks, and a resumed run repeats them. With ``low_discrepancy`` the
+        uniforms are the batch's low-discrepancy ones. Each call moves to the next draw index.
         """
-        u, noise = training_randoms(self.seed, self.num_draws, x0)
+        u, noise = training_randoms(self.seed, self.num_draws, x0, self.low_discrepancy)
         self.num_draws += 1
         return u, noise
 
@@ -240,6 +247,20 @@ class DiffusionModel(ComposerModel):
             u, _ = self.draw_randoms(x0)
         return draw_levels(self._sampler, self.timestep_priors(x0.device), x0, u, self.importance_target_log_probs,
                            self.sigma_grid)
+
+    def set_noise_coupling(self, coupling: NoiseCoupling, owner: str) -> None:
+        """Let ``coupling`` pair each training batch's keyed noise with its data (``coupling(NoiseDraw) -> (noise,
+        NoisePairing)``, :mod:`composer_algos.diffusion.draw`), on behalf of ``owner``; evaluation and generation
+        keep their own noise. A second, different owner is an error naming both."""
+        if self._noise_coupling is not None and self._noise_coupling[0] != owner:
+            raise ConfigError(f'{owner} and {self._noise_coupling[0]} both pair the noise with the data; only one '
+                              'algorithm may. Remove one of them.')
+        self._noise_coupling = (owner, coupling)
+
+    @property
+    def noise_coupling_owner(self) -> Optional[str]:
+        """The name of the algorithm whose coupling pairs the noise with the data, ``None`` for none."""
+        return None if self._noise_coupling is None else self._noise_coupling[0]
 
     # ----------------------------------------------------------------------------------------- objective
     @property
@@ -320,6 +341,10 @@ class DiffusionModel(ComposerModel):
         u, noise = self.draw_randoms(x0)
         record = self.draw_timesteps(x0, u)
         record.noise = noise
+        if self._noise_coupling is not None:
+            labels = None if self.label_key is None else self._get(batch, self.label_key)
+            draw = NoiseDraw(x0, noise, labels, self.seed, index)
+            record.noise, record.noise_pairing = couple_noise(self._noise_coupling[1], draw)
         weight = record.importance_weight * self.loss_weights(record.level)
         context = self._denoiser_rng(x0.device, index) if self.training else contextlib.nullcontext()
         drop = caption_drop_mask(self.seed, index, x0.shape[0], self.conditioner.drop_prob) \
