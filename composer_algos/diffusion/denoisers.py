@@ -35,10 +35,7 @@ def build_unet(
     Under FSDP each down, mid and up block is its own unit (see :class:`BlockPolicy`).
     """
     from diffusers import UNet2DModel
-    levels = set(attention_levels)
-    n = len(block_out_channels)
-    down = tuple('AttnDownBlock2D' if i in levels else 'DownBlock2D' for i in range(n))
-    up = tuple('AttnUpBlock2D' if (n - 1 - i) in levels else 'UpBlock2D' for i in range(n))
+    down, up = _unet_block_types(len(block_out_channels), attention_levels, 'Attn')
     unet = UNet2DModel(
         sample_size=sample_size,
         in_channels=in_channels,
@@ -53,6 +50,20 @@ def build_unet(
         attention_head_dim=attention_head_dim,
         **kwargs,
     )
+    return _shard_by_block(unet)
+
+
+def _unet_block_types(n: int, levels: Sequence[int], attention: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The down and up block types of a UNet of ``n`` resolutions: ``<attention>DownBlock2D`` (and up) at the
+    resolutions ``levels`` lists (by index, highest first), plain blocks elsewhere."""
+    levels = set(levels)
+    down = tuple(f'{attention}DownBlock2D' if i in levels else 'DownBlock2D' for i in range(n))
+    up = tuple(f'{attention}UpBlock2D' if (n - 1 - i) in levels else 'UpBlock2D' for i in range(n))
+    return down, up
+
+
+def _shard_by_block(unet: nn.Module) -> nn.Module:
+    """``unet`` with each down, mid and up block its own FSDP (and activation checkpointing) unit."""
     blocks = [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
     unet.fsdp_wrap_fn = unet.activation_checkpointing_fn = BlockPolicy(blocks)
     return unet
@@ -134,22 +145,17 @@ def build_unet_condition(
     else set. Under FSDP each down, mid and up block is its own unit (see :class:`BlockPolicy`).
     """
     from diffusers import UNet2DConditionModel
-    levels = set(cross_attention_levels)
-    n = len(block_out_channels)
+    down, up = _unet_block_types(len(block_out_channels), cross_attention_levels, 'CrossAttn')
     config = dict(
         sample_size=sample_size, in_channels=in_channels, out_channels=out_channels or in_channels,
         block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-        down_block_types=tuple('CrossAttnDownBlock2D' if i in levels else 'DownBlock2D' for i in range(n)),
-        up_block_types=tuple('CrossAttnUpBlock2D' if (n - 1 - i) in levels else 'UpBlock2D' for i in range(n)),
-        mid_block_type='UNetMidBlock2DCrossAttn' if mid_block else None, cross_attention_dim=cross_attention_dim,
+        down_block_types=down, up_block_types=up, mid_block_type='UNetMidBlock2DCrossAttn' if mid_block else None, cross_attention_dim=cross_attention_dim,
         attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups, **kwargs)
     if pretrained_path is not None and kwargs:
         from composer_algos.registry import ConfigError
         raise ConfigError(f'model.denoiser.pretrained_path loads a saved UNet; remove {sorted(kwargs)}.')
-    unet = _pretrained_or_config(UNet2DConditionModel, pretrained_path, subfolder, config, 'model.denoiser')
-    blocks = [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
-    unet.fsdp_wrap_fn = unet.activation_checkpointing_fn = BlockPolicy(blocks)
-    return unet
+    return _shard_by_block(_pretrained_or_config(UNet2DConditionModel, pretrained_path, subfolder, config,
+                                                 'model.denoiser'))
 
 
 def build_sd3_transformer(
@@ -182,9 +188,7 @@ def build_sd3_transformer(
                   caption_projection_dim=caption_projection_dim or inner, pooled_projection_dim=pooled_projection_dim,
                   pos_embed_max_size=pos_embed_max_size or sample_size // patch_size, **kwargs)
     model = _pretrained_or_config(SD3Transformer2DModel, pretrained_path, subfolder, config, 'model.denoiser')
-    adapter = KeywordDenoiser(model)
-    adapter.fsdp_wrap_fn = adapter.activation_checkpointing_fn = BlockPolicy(list(model.transformer_blocks))
-    return adapter
+    return KeywordDenoiser(model)
 
 
 def build_pixart_transformer(
@@ -212,9 +216,7 @@ def build_pixart_transformer(
                   num_attention_heads=num_attention_heads, cross_attention_dim=inner,
                   caption_channels=caption_channels, use_additional_conditions=False, **kwargs)
     model = _pretrained_or_config(PixArtTransformer2DModel, pretrained_path, subfolder, config, 'model.denoiser')
-    adapter = KeywordDenoiser(model, added_cond_kwargs={'resolution': None, 'aspect_ratio': None})
-    adapter.fsdp_wrap_fn = adapter.activation_checkpointing_fn = BlockPolicy(list(model.transformer_blocks))
-    return adapter
+    return KeywordDenoiser(model, added_cond_kwargs={'resolution': None, 'aspect_ratio': None})
 
 
 class KeywordDenoiser(nn.Module):
@@ -226,6 +228,8 @@ class KeywordDenoiser(nn.Module):
         super().__init__()
         self.model = model
         self.extra = extra
+        # Under FSDP each transformer block is its own unit.
+        self.fsdp_wrap_fn = self.activation_checkpointing_fn = BlockPolicy(list(model.transformer_blocks))
 
     @property
     def config(self) -> Any:
