@@ -376,7 +376,8 @@ def test_adaptive_curriculum_and_momentum_decay_resume_exactly_on_text(objective
     save = str(tmp_path / 'ckpt')
     full = LossRecorder()
     make_trainer(captions_mds, algorithms(), max_duration='4ba', batch_size=16, callbacks=[full], save_folder=save,
-                 save_interval='2ba', save_filename='ba{batch}.pt', model=conv_text_model(tiny_clip_dir, objective)).fit()
+                 save_interval='2ba', save_filename='ba{batch}.pt',
+                 model=conv_text_model(tiny_clip_dir, objective)).fit()
     resumed = LossRecorder()
     make_trainer(captions_mds, algorithms(), max_duration='4ba', batch_size=16, callbacks=[resumed],
                  load_path=f'{save}/ba2.pt', model=conv_text_model(tiny_clip_dir, objective, seed=99)).fit()
@@ -400,7 +401,8 @@ def test_prompt_accuracy_scores_each_sample_against_its_prompts_class(captions_m
     from composer_algos.data.convert import digit_prompts
     prompts, labels = digit_prompts()
     assert len(prompts) == 60 and labels[:10] == list(range(10)) and prompts[7] == 'a handwritten seven'
-    scorer = PromptAccuracy(num_samples=40, num_steps=2, guidance_scales=[1.0, 3.0], classifier=AlwaysSeven(), interval='2ba',
+    scorer = PromptAccuracy(num_samples=40, num_steps=2, guidance_scales=[1.0, 3.0], classifier=AlwaysSeven(),
+                            interval='2ba',
                             folder=str(tmp_path))
     assert scorer.targets(12).tolist() == list(range(10)) + [0, 1]
     model = conv_text_model(tiny_clip_dir, 'ddpm')
@@ -414,7 +416,8 @@ def test_prompt_accuracy_scores_each_sample_against_its_prompts_class(captions_m
 def test_prompt_accuracy_refuses_a_model_without_text(digits_mds, tmp_path):
     from composer_algos.callbacks.prompt_accuracy import PromptAccuracy
     with pytest.raises(ConfigError, match=r'callbacks.prompt_accuracy .*conditioned on nothing.*model.conditioner'):
-        make_trainer(digits_mds, max_duration='1ba', callbacks=[PromptAccuracy(interval='1ba', folder=str(tmp_path))]).fit()
+        make_trainer(digits_mds, max_duration='1ba',
+                     callbacks=[PromptAccuracy(interval='1ba', folder=str(tmp_path))]).fit()
 
 
 @pytest.fixture(scope='session')
@@ -438,8 +441,8 @@ def tiny_full_clip_dir(tmp_path_factory) -> str:
                           bos_token_id=vocab['<|startoftext|>'], pad_token_id=vocab['<|endoftext|>'])
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=32, patch_size=8)
-    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).save_pretrained(
-        str(folder))
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    CLIPModel(config).save_pretrained(str(folder))
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(folder))
     return str(folder)
 

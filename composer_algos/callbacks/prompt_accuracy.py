@@ -81,8 +81,8 @@ class PromptAccuracy(SamplingEvaluation):
         kind = getattr(conditioner, 'kind', None)
         if kind != 'text':
             raise ConfigError(f'callbacks.prompt_accuracy scores samples generated from prompts; this model is '
-                              f'conditioned on {"nothing" if kind in (None, "", "none") else kind}: remove the callback, '
-                              'or condition the model on text (model.conditioner.name: text).')
+                              f'conditioned on {"nothing" if kind in (None, "", "none") else kind}: remove the '
+                              'callback, or condition the model on text (model.conditioner.name: text).')
         for scale in self.guidance_scales:
             check_guidance_scale(scale, conditioner, 'callbacks.prompt_accuracy.guidance_scales')
 

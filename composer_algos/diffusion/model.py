@@ -498,7 +498,8 @@ class DiffusionModel(ComposerModel):
         input only), ``uncond + s (cond - uncond)`` on every denoiser output, DDPM and flow alike. ``clip`` (default:
         pixel models) clamps the predicted x0 to [-1, 1] at each step. DDPM samples with DDIM (``eta=0``,
         deterministic) or ancestral DDPM steps (``eta=1``), ``num_steps`` timesteps spaced evenly over [0, T-1]
-        (``num_steps=T, eta=1`` is the original DDPM sampler); ``solver`` is a flow-matching model's (:meth:`FlowMatchingModel.generate`).
+        (``num_steps=T, eta=1`` is the original DDPM sampler); ``solver`` is a flow-matching model's
+        (:meth:`FlowMatchingModel.generate`).
         """
         device = device or module_device(self.denoiser)
         gen = torch.Generator().manual_seed(seed)
