@@ -30,11 +30,21 @@ install_requires = [
     'tqdm',
 ]
 
+# Text-to-image: a text encoder and tokenizer (model.conditioner.name: text) and CLIPScore; the package imports
+# without them.
+text = [
+    'transformers>=4.40,<5',
+    'tokenizers>=0.19',
+]
+
 extras_require = {
+    'text': text,
+    # The tests build a small CLIP text encoder and tokenizer.
     'dev': [
         'pytest>=8',
         'pytest-timeout>=2.3',
         'hypothesis>=6.100',
+        *text,
     ],
 }
 

@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import catalogue
 
-__all__ = ['KINDS', 'ConfigError', 'algorithms', 'build', 'call_checked', 'callbacks', 'check_keys', 'datasets',
-           'denoisers', 'encoders', 'features', 'loggers', 'models', 'named_items', 'optimizers', 'resolve',
+__all__ = ['KINDS', 'ConfigError', 'algorithms', 'build', 'call_checked', 'callbacks', 'check_keys', 'conditioners',
+           'datasets', 'denoisers', 'encoders', 'features', 'loggers', 'models', 'named_items', 'optimizers', 'resolve',
            'schedulers', 'set_argument_hooks', 'suggest']
 
 algorithms = catalogue.create('composer_algos', 'algorithms', entry_points=True)
@@ -25,6 +25,8 @@ datasets = catalogue.create('composer_algos', 'datasets', entry_points=True)
 denoisers = catalogue.create('composer_algos', 'denoisers', entry_points=True)
 # Frozen encoders from images to latents (latent diffusion).
 encoders = catalogue.create('composer_algos', 'encoders', entry_points=True)
+# What the denoiser is told about each sample: nothing, a class label, a caption through a text encoder.
+conditioners = catalogue.create('composer_algos', 'conditioners', entry_points=True)
 optimizers = catalogue.create('composer_algos', 'optimizers', entry_points=True)
 schedulers = catalogue.create('composer_algos', 'schedulers', entry_points=True)
 loggers = catalogue.create('composer_algos', 'loggers', entry_points=True)
@@ -32,8 +34,8 @@ loggers = catalogue.create('composer_algos', 'loggers', entry_points=True)
 features = catalogue.create('composer_algos', 'features', entry_points=True)
 
 KINDS = {'algorithms': algorithms, 'callbacks': callbacks, 'models': models, 'datasets': datasets,
-         'denoisers': denoisers, 'encoders': encoders, 'optimizers': optimizers, 'schedulers': schedulers,
-         'loggers': loggers, 'features': features}
+         'denoisers': denoisers, 'encoders': encoders, 'conditioners': conditioners, 'optimizers': optimizers,
+         'schedulers': schedulers, 'loggers': loggers, 'features': features}
 
 
 class ConfigError(ValueError):

@@ -67,8 +67,8 @@ TOP_LEVEL_KEYS = {
     'algorithms': 'algorithms by registry name: a mapping name -> arguments, or a list',
     'callbacks': 'callbacks by registry name: a mapping name -> arguments, or a list',
     'loggers': 'loggers by name (file, tensorboard, wandb, mlflow)',
-    'prepare_data': 'convert a bundled dataset into train_loader.local if missing: true (digits), digits, mnist5k '
-                    'or false',
+    'prepare_data': 'convert a bundled dataset into train_loader.local if missing: true (digits), digits, mnist5k, '
+                    'digits_captions or false',
 }
 
 _DURATION = 'a duration such as 500ba, 2ep or 0.5dur'
@@ -511,6 +511,7 @@ def check_data_fits_model(model: torch.nn.Module, loader: Any, where: str) -> No
         if value not in allowed:
             raise ConfigError(f"model.{key}={value}: the {where} batches hold the keys 'image' and 'label'; set "
                               f'model.{key}={allowed[-1]}.')
+    _check_conditioning_columns(model, dataset, source, where)
     if len(loader) == 0:
         from composer.utils import dist
         raise ConfigError(f'{where}.global_batch_size={dataset.batch_size * dist.get_world_size()}: its per-rank batch '
@@ -519,10 +520,32 @@ def check_data_fits_model(model: torch.nn.Module, loader: Any, where: str) -> No
     _check_forward(model, (channels, *size), source, where)
 
 
+def _check_conditioning_columns(model: torch.nn.Module, dataset: Any, source: str, where: str) -> None:
+    """The batch keys the model's conditioner reads (captions, stored text embeddings) against what the loader
+    gives."""
+    conditioner = getattr(model, 'conditioner', None)
+    gives = {'image', 'label', *getattr(dataset, 'text_columns', ())}
+    missing = [key for key in getattr(conditioner, 'batch_keys', ()) if key not in gives]
+    if not missing:
+        return
+    in_shards = all(missing[0] in shard.column_names for shard in dataset.shards)
+    fix = (f'set {where}.caption_embeddings=true to read it' if in_shards else
+           'write shards with captions (`python recipes/convert_dataset.py --dataset folder --captions ...`, or '
+           '--dataset digits_captions)' + (' and their text embeddings (--encode-captions)'
+                                          if missing[0] != 'caption' else ''))
+    raise ConfigError(_one_line(f'model.conditioner ({conditioner.kind}) reads the batch key {missing[0]!r}, but the '
+                                f'{where} batches from {source} have none (columns: '
+                                f'{", ".join(dataset.shards[0].column_names)}); {fix}, or change '
+                                'model.conditioner.'))
+
+
 def _check_forward(model: torch.nn.Module, shape: tuple[int, ...], source: str, where: str) -> None:
     # Where the model is now (the Trainer moves it later): on its device the example is an ordinary batch.
     device = next(model.parameters(), torch.zeros(0)).device
     batch = {'image': torch.zeros(1, *shape).to(device), 'label': torch.zeros(1, dtype=torch.long).to(device)}
+    conditioner = getattr(model, 'conditioner', None)
+    if conditioner is not None:
+        batch.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in conditioner.example_batch(1).items()})
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:

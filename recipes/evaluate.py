@@ -10,6 +10,11 @@ them (``weights=live`` for the training weights). ``--compare`` adds the consist
 generate from the same noise with their deterministic sampler (DDIM, or the ODE of a flow-matching model), side by
 side in ``consistency.png``. Bits/dim is reported for DDPM models only (flow matching has no variational bound here).
 
+A text-conditioned model samples from the evaluation captions (or ``prompts=[...]``), guided by ``guidance_scale``
+(classifier-free, Ho & Salimans 2022); its grid shows each row's prompt, and it also gets prompt accuracy (the
+digits' prompts at each of ``prompt_accuracy_guidance``) and, with ``clip_score_model=FOLDER`` (a CLIP model and
+processor saved with ``save_pretrained``), torchmetrics' CLIPScore.
+
 Options and defaults: see ``composer_algos.evaluation.EVALUATION_DEFAULTS``. An error is one line on stderr,
 ``error: ...`` (exit code 2 for a recipe that cannot be used, a checkpoint of another model included; 1 for an
 evaluation that failed; see :mod:`composer_algos.cli`); ``--debug`` (or ``COMPOSER_ALGOS_DEBUG=1``) shows the

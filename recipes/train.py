@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     # Composer warns at every evaluation whose last batch is smaller than the microbatch size; nothing is wrong then.
-    warnings.filterwarnings('ignore', message='Cannot split tensor of length')
+    warnings.filterwarnings('ignore', message='Cannot split (tensor|list) of length')
     return cli.run_guarded(lambda stage: _train(args, stage), cli.debug_requested(args))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -65,7 +65,12 @@ class FID(SamplingEvaluation):
         use_ema: sample from the EMA weights when an ``EMA`` algorithm is active.
         metric_name: the logged name.
         folder: where the FID curve is written.
+        prompts: a text-conditioned model's prompts, sample ``i`` getting ``prompts[i % len(prompts)]``; ``None``:
+            the captions of the first ``num_samples`` real images, so that the samples follow the real data's mix.
+        guidance_scale: classifier-free guidance of the samples (1: none).
     """
+
+    recipe_name = 'fid'
 
     def __init__(self, num_samples: int = 1000, num_steps: int = 50, eta: float = 0.0, seed: int = 0,
                  batch_size: int = 256, interval: Optional[Union[str, Time]] = None,
@@ -73,10 +78,10 @@ class FID(SamplingEvaluation):
                  classifier_cache_dir: Optional[str] = None, real_loader: Optional[dict[str, Any]] = None,
                  max_real_samples: Optional[int] = None, num_classes: Optional[int] = None,
                  sample_shape: Optional[tuple[int, ...]] = None, use_ema: bool = True, metric_name: str = 'FID',
-                 folder: str = DEFAULT_FOLDER):
+                 folder: str = DEFAULT_FOLDER, prompts: Optional[Sequence[str]] = None, guidance_scale: float = 1.0):
         # At least 2 samples: the features' covariance needs them.
         super().__init__(num_samples, num_steps, eta, seed, batch_size, num_classes, sample_shape, use_ema, interval,
-                         folder, min_samples=2)
+                         folder, min_samples=2, prompts=prompts, guidance_scale=guidance_scale)
         if not isinstance(feature, (nn.Module, str)):
             raise ValueError(f"feature must be one of {', '.join(FEATURE_CHOICES)}, a name in the features registry "
                              f'or an nn.Module, got {feature!r}.')
@@ -94,8 +99,12 @@ class FID(SamplingEvaluation):
 
     def __repr__(self) -> str:
         feature = self.feature if isinstance(self.feature, str) else type(self.feature).__name__
+        guidance = f', guidance_scale={self.guidance_scale}' if self.guidance_scale != 1.0 else ''
         return (f'FID(num_samples={self.num_samples}, num_steps={self.num_steps}, eta={self.eta}, seed={self.seed}, '
-                f'interval={self.interval!r}, feature={feature!r})')
+                f'interval={self.interval!r}, feature={feature!r}{guidance})')
+
+    def prompt_loader(self) -> Any:
+        return self.real_loader
 
     # ------------------------------------------------------------------------------------------- real images
     def _prepare(self, state: State, logger: Logger, model: Any) -> None:

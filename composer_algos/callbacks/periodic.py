@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterable, Optional, Union
+from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
 
 import torch
 from composer.core import Callback, Event, State, Time
@@ -14,8 +14,10 @@ from composer.utils import dist, format_name_with_dist
 from composer.utils.misc import create_interval_scheduler
 
 from composer_algos import registry
+from composer_algos.diffusion.conditioning import check_guidance_scale
 from composer_algos.diffusion.contract import get_diffusion_model
 from composer_algos.diffusion.utils import device_batch
+from composer_algos.evaluation.conditioning import collect_captions
 from composer_algos.evaluation.generation import ema_weights, eval_mode, generate_share
 
 __all__ = ['PeriodicEvaluation', 'SamplingEvaluation', 'DEFAULT_FOLDER']
@@ -119,8 +121,8 @@ class SamplingEvaluation(PeriodicEvaluation):
     """Base class of evaluations that generate samples (FID, sample grids): the sampling settings, in one place.
 
     Sample ``i`` starts from the noise of ``(seed, i)`` and, for class-conditional models, has label
-    ``i % num_classes``; under ``composer -n N`` rank ``r`` generates samples ``r::N`` (see
-    :func:`~composer_algos.evaluation.generation.generate_share`).
+    ``i % num_classes``, for text-conditioned ones prompt ``i % len(prompts)``; under ``composer -n N`` rank ``r``
+    generates samples ``r::N`` (see :func:`~composer_algos.evaluation.generation.generate_share`).
 
     Args:
         num_samples: samples per evaluation (all ranks together); ``min_samples``: the least the subclass accepts.
@@ -130,13 +132,19 @@ class SamplingEvaluation(PeriodicEvaluation):
         sample_shape: shape of one sample; ``None`` lets the subclass infer it.
         use_ema: sample from the EMA weights when an ``EMA`` algorithm is active.
         interval, folder: see :class:`PeriodicEvaluation`.
+        prompts: the prompts of a text-conditioned model; ``None`` takes the captions of the real (or evaluation)
+            data's first examples (:meth:`resolve_prompts`).
+        guidance_scale: classifier-free guidance of the samples (1: none).
     """
 
     needs = ('images', 'generate')
+    # The callback's name in recipes (registry), for messages.
+    recipe_name: ClassVar[str] = ''
 
     def __init__(self, num_samples: int, num_steps: int, eta: float, seed: int, batch_size: int,
                  num_classes: Optional[int], sample_shape: Optional[tuple[int, ...]], use_ema: bool,
-                 interval: Optional[Union[str, Time]], folder: str, min_samples: int = 1):
+                 interval: Optional[Union[str, Time]], folder: str, min_samples: int = 1,
+                 prompts: Optional[Sequence[str]] = None, guidance_scale: float = 1.0):
         super().__init__(interval, folder)
         if num_samples < min_samples:
             raise ValueError(f'num_samples must be at least {min_samples}, got {num_samples}.')
@@ -150,9 +158,45 @@ class SamplingEvaluation(PeriodicEvaluation):
         self.num_classes = num_classes
         self.shape = tuple(sample_shape) if sample_shape is not None else None
         self.use_ema = use_ema
+        if prompts is not None and (isinstance(prompts, str) or not prompts):
+            raise ValueError(f'prompts must be a non-empty list of strings, got {prompts!r}.')
+        self.prompts = None if prompts is None else [str(p) for p in prompts]
+        if not guidance_scale >= 1:
+            raise ValueError(f'guidance_scale must be at least 1 (1: no guidance), got {guidance_scale}.')
+        self.guidance_scale = float(guidance_scale)
+        self._data_prompts: Optional[list[str]] = None
 
-    def generate(self, state: State) -> tuple[list[int], torch.Tensor]:
-        """This rank's share of the samples, from the EMA weights in eval mode: ``(indices, samples)``."""
+    def fit_start(self, state: State, logger: Logger) -> None:
+        super().fit_start(state, logger)
+        # Before the first step, not at the first evaluation: guidance on a model without an unconditional input.
+        check_guidance_scale(self.guidance_scale, getattr(self.diffusion_model(state), 'conditioner', None),
+                             f'callbacks.{self.recipe_name}.guidance_scale')
+
+    def prompt_count(self) -> int:
+        """How many captions of the data a text-conditioned model's samples cycle through, without ``prompts``."""
+        return self.num_samples
+
+    def prompt_loader(self) -> Any:
+        """The loader (or its config) whose captions are the default prompts; ``None``: the Trainer's eval loader."""
+        return None
+
+    def resolve_prompts(self, state: State, model: Any) -> Optional[list[str]]:
+        """The prompts of the samples: ``prompts`` as given; for a text-conditioned model without them, the captions
+        of the first :meth:`prompt_count` examples of :meth:`prompt_loader` (read once); ``None`` otherwise."""
+        if self.prompts is not None or getattr(getattr(model, 'conditioner', None), 'kind', None) != 'text':
+            return self.prompts
+        if self._data_prompts is None:
+            loader = self.resolve_loader(state, self.prompt_loader(), f'callbacks.{self.recipe_name}.prompts')
+            self._data_prompts = collect_captions(loader, self.prompt_count(), model.conditioner.caption_key)
+        return self._data_prompts
+
+    def generate(self, state: State, guidance_scale: Optional[float] = None,
+                 prompts: Optional[Sequence[str]] = None) -> tuple[list[int], torch.Tensor]:
+        """This rank's share of the samples, from the EMA weights in eval mode: ``(indices, samples)``
+        (``guidance_scale`` and ``prompts``: others than the callback's)."""
         with self.sampling_model(state, self.use_ema) as (model, _):
+            scale = check_guidance_scale(self.guidance_scale if guidance_scale is None else guidance_scale,
+                                         getattr(model, 'conditioner', None))
             return generate_share(model, self.num_samples, self.shape, batch_size=self.batch_size,
-                                  num_steps=self.num_steps, eta=self.eta, seed=self.seed, num_classes=self.num_classes)
+                                  num_steps=self.num_steps, eta=self.eta, seed=self.seed, num_classes=self.num_classes,
+                                  prompts=prompts or self.resolve_prompts(state, model), guidance_scale=scale)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Union
+import math
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from composer.utils.misc import create_interval_scheduler
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
 from composer_algos.diffusion.contract import get_diffusion_model
 from composer_algos.diffusion.utils import device_batch
-from composer_algos.evaluation.plots import image_grid, save_png, timestep_heatmap_png
+from composer_algos.evaluation.plots import captioned_grid, image_grid, prompt_rows, save_png, timestep_heatmap_png
 from composer_algos.distributed import all_reduce
 from composer_algos.evaluation.generation import gather_by_index, rank_world
 
@@ -29,7 +30,8 @@ class SampleGrid(SamplingEvaluation):
     """Write a PNG grid of samples (EMA weights, fixed seed) at each evaluation and log it as an image.
 
     Files are ``folder/samples_ba<step>.png``; the same noise is used every time, so the grids show one set of
-    samples evolving.
+    samples evolving. A text-conditioned model's grid has one row per prompt, its caption written beside it, and
+    the prompts also listed, one a line, in ``folder/samples_ba<step>.txt``.
 
     Args:
         num_samples: images in the grid.
@@ -41,14 +43,23 @@ class SampleGrid(SamplingEvaluation):
         sample_shape: shape of one sample; ``None`` infers it from the current batch.
         use_ema: sample from the EMA weights when an ``EMA`` algorithm is active.
         folder: where the PNGs are written (``{run_name}`` is filled in).
+        prompts: a text-conditioned model's prompts, one row each (``num_samples`` a multiple of their number);
+            ``None``: the captions of the first ``sqrt(num_samples)`` evaluation examples.
+        guidance_scale: classifier-free guidance of the samples (1: none).
     """
+
+    recipe_name = 'sample_grid'
 
     def __init__(self, num_samples: int = 64, num_steps: int = 50, eta: float = 0.0, seed: int = 0,
                  batch_size: int = 256, scale: int = 4, interval: Optional[Union[str, Time]] = None,
                  num_classes: Optional[int] = None, sample_shape: Optional[tuple[int, ...]] = None,
-                 use_ema: bool = True, folder: str = DEFAULT_FOLDER):
+                 use_ema: bool = True, folder: str = DEFAULT_FOLDER, prompts: Optional[Sequence[str]] = None,
+                 guidance_scale: float = 1.0):
         super().__init__(num_samples, num_steps, eta, seed, batch_size, num_classes, sample_shape, use_ema, interval,
-                         folder)
+                         folder, prompts=prompts, guidance_scale=guidance_scale)
+        if prompts is not None and num_samples % len(prompts):
+            raise ValueError(f'num_samples={num_samples} must be a multiple of the {len(prompts)} prompts (one row '
+                             'each).')
         if scale < 1:
             raise ValueError(f'scale must be positive, got {scale}.')
         self.scale = int(scale)
@@ -57,15 +68,30 @@ class SampleGrid(SamplingEvaluation):
     def __repr__(self) -> str:
         return f'SampleGrid(num_samples={self.num_samples}, num_steps={self.num_steps}, interval={self.interval!r})'
 
+    def prompt_count(self) -> int:
+        # One row per prompt, as many rows as columns (the number of samples divides by it).
+        rows = math.isqrt(self.num_samples)
+        while self.num_samples % rows:
+            rows -= 1
+        return rows
+
     def evaluate(self, state: State, logger: Logger) -> None:
         model = self.diffusion_model(state)
         self.shape = self.sample_shape(state, model, self.shape)
+        prompts = self.resolve_prompts(state, model)
         indices, samples = self.generate(state)
         samples = gather_by_index(indices, samples)
         if samples is None:
             return
-        grid = image_grid(samples, scale=self.scale)
-        self.last_path = save_png(grid, self.output_path(state, f'samples_ba{self.step(state):07d}.png'))
+        name = f'samples_ba{self.step(state):07d}'
+        if prompts:
+            grid = captioned_grid(prompt_rows(samples, len(prompts)), prompts, scale=self.scale)
+        else:
+            grid = image_grid(samples, scale=self.scale)
+        self.last_path = save_png(grid, self.output_path(state, f'{name}.png'))
+        if prompts:
+            with open(self.output_path(state, f'{name}.txt'), 'w') as f:
+                f.write(''.join(f'row {row}: {prompt}\n' for row, prompt in enumerate(prompts)))
         logger.log_images(grid, name='samples', channels_last=True)
 
 

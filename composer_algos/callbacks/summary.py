@@ -18,13 +18,15 @@ def _here(path: str) -> str:
 
 def run_summary(trainer: Any) -> list[str]:
     """Lines that say what ``trainer``'s run reached and where its files are: the last and best FID against the
-    real-vs-real floor at the same sample sizes (what a perfect model would score), bits/dim, and the paths of the
+    real-vs-real floor at the same sample sizes (what a perfect model would score), prompt accuracy (text-conditioned
+    models), bits/dim, and the paths of the
     latest sample grid, the FID curve, the timestep heatmap, the checkpoints and the log."""
     from composer.loggers import FileLogger
 
     from composer_algos.callbacks.fid import FID
     from composer_algos.callbacks.likelihood import BitsPerDim
     from composer_algos.callbacks.pictures import SampleGrid, TimestepHeatmap
+    from composer_algos.callbacks.prompt_accuracy import PromptAccuracy
     state = trainer.state
     lines = [f'Run {state.run_name!r} finished at step {int(state.timestamp.batch)}.']
     files = []
@@ -40,6 +42,14 @@ def run_summary(trainer: Any) -> list[str]:
             curve = callback.output_path(state, 'fid.png')
             if os.path.exists(curve):
                 files.append(f'FID curve: {_here(curve)}')
+        elif isinstance(callback, PromptAccuracy) and callback.steps:
+            scores = ', '.join(f'{100 * callback.values[s][-1]:.1f}% at guidance {s:g}'
+                               for s in sorted(callback.values, reverse=True))
+            text = f'Prompt accuracy {scores} at step {callback.steps[-1]} ({callback.num_samples} samples from ' \
+                   f'{len(callback.prompts)} prompts'
+            if callback.classifier_accuracy is not None:
+                text += f'; the classifier scores {100 * callback.classifier_accuracy:.1f}% on real validation images'
+            lines.append(text + ').')
         elif isinstance(callback, BitsPerDim) and callback.values:
             lines.append(f'Bits/dim {callback.values[-1]:.3f} at step {callback.steps[-1]}.')
         elif isinstance(callback, SampleGrid) and getattr(callback, 'last_path', None):

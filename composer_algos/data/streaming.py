@@ -100,25 +100,34 @@ def _shm_prefix_lock() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class _FixedRecords:
-    """Where the columns sit in an MDS shard whose columns all have fixed sizes: every record is equally long."""
+    """Where the columns sit in an MDS shard whose data (image or latents) and ``label`` columns have fixed sizes.
+
+    With every column of fixed size every record is equally long and a batch is sliced at fixed offsets; a
+    variable-size column (a caption) makes each record say its own length (``sizes`` holds ``None`` for it).
+    """
 
     path: str
     samples: int
-    record_size: int
-    data_offset: int
+    names: tuple[str, ...]
+    encodings: tuple[str, ...]
+    sizes: tuple[Optional[int], ...]
+    data_column: str
     data_dtype: np.dtype
     data_shape: tuple[int, ...]
-    label_offset: int
+
+    @property
+    def record_size(self) -> Optional[int]:
+        """The bytes of every record, ``None`` when a column has a variable size."""
+        return None if None in self.sizes else int(sum(self.sizes))
 
 
 def _fixed_records(shard: Any, column: str) -> Optional[_FixedRecords]:
     """The record layout of ``shard`` if its ``column`` is a fixed-shape ndarray and ``label`` an int, else None.
 
-    An MDS record is its columns' bytes in order, preceded by a 4-byte size for each variable-size column; with no
-    variable-size column a record is the concatenation of the fixed-size encodings (``ndarray:DTYPE:SHAPE`` is the
-    raw array, ``int`` 8 bytes of int64).
+    An MDS record is its columns' bytes in order, preceded by a 4-byte size for each variable-size column; the
+    fixed-size encodings are raw (``ndarray:DTYPE:SHAPE`` the array, ``int`` 8 bytes of int64).
     """
-    if not isinstance(shard, MDSReader) or any(size is None for size in shard.column_sizes):
+    if not isinstance(shard, MDSReader):
         return None
     names, encodings = list(shard.column_names), list(shard.column_encodings)
     if column not in names or 'label' not in names or encodings[names.index('label')] != 'int':
@@ -126,32 +135,72 @@ def _fixed_records(shard: Any, column: str) -> Optional[_FixedRecords]:
     parts = encodings[names.index(column)].split(':')
     if len(parts) != 3 or parts[0] != 'ndarray':
         return None
-    offsets = np.concatenate([[0], np.cumsum(shard.column_sizes)]).astype(int)
     return _FixedRecords(path=os.path.join(shard.dirname, shard.split or '', shard.raw_data.basename),
-                         samples=int(shard.samples), record_size=int(offsets[-1]),
-                         data_offset=int(offsets[names.index(column)]), data_dtype=np.dtype(parts[1]),
-                         data_shape=tuple(int(d) for d in parts[2].split(',')),
-                         label_offset=int(offsets[names.index('label')]))
+                         samples=int(shard.samples), names=tuple(names), encodings=tuple(encodings),
+                         sizes=tuple(None if size is None else int(size) for size in shard.column_sizes),
+                         data_column=column, data_dtype=np.dtype(parts[1]),
+                         data_shape=tuple(int(d) for d in parts[2].split(',')))
 
 
-def _read_records(layout: _FixedRecords, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``rows`` of a fixed-record shard as ``(data of shape (n, *data_shape), int64 labels)``: one copy per record
-    out of a memory map of the shard file, no per-sample decoding. Raises FileNotFoundError if the file is absent."""
+def _column_bytes(layout: _FixedRecords, data: np.ndarray, begins: list[int],
+                  wanted: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
+    """The bytes of the ``wanted`` columns of the records starting at ``begins``, column by column."""
+    out: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    variable = [i for i, size in enumerate(layout.sizes) if size is None]
+    for begin in begins:
+        head = np.frombuffer(data[begin:begin + 4 * len(variable)].tobytes(), np.uint32).tolist()
+        sizes = list(layout.sizes)
+        for index, size in zip(variable, head):
+            sizes[index] = size
+        position = begin + 4 * len(variable)
+        for name, size in zip(layout.names, sizes):
+            if name in out:
+                out[name].append(data[position:position + size])
+            position += size
+    return out
+
+
+def _decode(encoding: str, pieces: Any) -> Any:
+    """A column's raw values, a ``(n, bytes)`` block or a list of ``n`` byte arrays: equally long ones stacked
+    (``ndarray:DTYPE:SHAPE``, ``int``), others as a list of decoded values (``str``: the text)."""
+    parts = encoding.split(':')
+    if (len(parts) == 3 and parts[0] == 'ndarray') or encoding == 'int':
+        block = np.ascontiguousarray(pieces if isinstance(pieces, np.ndarray) else np.stack(pieces))
+        if encoding == 'int':
+            return block.view(np.int64).reshape(len(block))
+        return block.view(np.dtype(parts[1])).reshape(len(block), *(int(d) for d in parts[2].split(',')))
+    if encoding == 'str':
+        return [piece.tobytes().decode('utf-8') for piece in pieces]
+    from streaming.base.format.mds.encodings import mds_decode
+    return [mds_decode(encoding, piece.tobytes()) for piece in pieces]
+
+
+def _read_records(layout: _FixedRecords, rows: np.ndarray,
+                  extra: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``rows`` of a shard as ``(data of shape (n, *data_shape), int64 labels, {column: values} of the extra
+    columns)``: one copy per record out of a memory map of the shard file, no per-sample decoding of the data.
+    Raises FileNotFoundError if the file is absent."""
     with open(layout.path, 'rb') as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     # The shard starts with its sample count (uint32), then the byte offset of each record (uint32, one more than
     # there are samples).
     begins = np.frombuffer(mapped, np.uint32, count=layout.samples + 1, offset=4)[rows].tolist()
     data = np.frombuffer(mapped, np.uint8)
+    wanted = (layout.data_column, 'label', *extra)
     size = layout.record_size
-    records = np.stack([data[b:b + size] for b in begins])
+    if size is not None:
+        records = np.stack([data[b:b + size] for b in begins])
+        offsets = np.concatenate([[0], np.cumsum(layout.sizes)]).astype(int)
+        columns: dict[str, Any] = {name: records[:, offsets[i]:offsets[i + 1]]
+                                   for i, name in enumerate(layout.names) if name in wanted}
+    else:
+        columns = {name: [piece.copy() for piece in pieces]
+                   for name, pieces in _column_bytes(layout, data, begins, wanted).items()}
     del data  # the views must go before the map can close
     mapped.close()
-    n = len(rows)
-    lo = layout.data_offset
-    values = np.ascontiguousarray(records[:, lo:lo + layout.data_dtype.itemsize * int(np.prod(layout.data_shape))])
-    labels = np.ascontiguousarray(records[:, layout.label_offset:layout.label_offset + 8]).view(np.int64)
-    return values.view(layout.data_dtype).reshape(n, *layout.data_shape), labels.reshape(n)
+    encodings = dict(zip(layout.names, layout.encodings))
+    decoded = {name: _decode(encodings[name], pieces) for name, pieces in columns.items()}
+    return decoded.pop(layout.data_column), decoded.pop('label'), decoded
 
 
 class _Prefetch:
@@ -201,6 +250,11 @@ class StreamingImageDataset(StreamingDataset):
     ``recipes/convert_dataset.py --encode-latents``) and ``image`` is those latents as stored, with no [-1, 1]
     scaling; set ``model.encoder.precomputed: true`` (no VAE runs; ``model.latent_scale`` still applies).
 
+    Shards with a ``caption`` column (text-to-image) add ``'caption'``, a list of strings, to every batch (a string to
+    a single sample); with ``caption_embeddings=True`` also a text encoder's stored outputs, ``'caption_embedding'``
+    ``(B, L, D)`` float, ``'caption_mask'`` ``(B, L)`` int64 and ``'caption_pooled'`` ``(B, D)`` float (written by
+    ``recipes/convert_dataset.py --encode-captions``; ``model.conditioner.precomputed: true`` reads them).
+
     Args:
         local: local folder of the shards (or cache folder for ``remote``).
         remote: optional remote URL (``s3://``, ``gs://``, ``oci://``, ...); shards are cached into ``local``.
@@ -212,6 +266,7 @@ class StreamingImageDataset(StreamingDataset):
         image_size: if set, an image (or latent) of another size is an error.
         seed: seed of the flips and, by default, of the shuffle.
         latents: read the ``latents`` column (precomputed latents) instead of ``image``.
+        caption_embeddings: read the stored text encoder outputs too.
         yield_batches: iterate over batches of ``batch_size`` instead of single samples.
         drop_last: with ``yield_batches``, drop each worker's last incomplete batch (as a DataLoader would).
         cache_limit: most bytes of shards kept in ``local`` (e.g. ``'100gb'``); beyond it streaming evicts the
@@ -223,7 +278,8 @@ class StreamingImageDataset(StreamingDataset):
                  batch_size: Optional[int] = None, shuffle: bool = True, random_flip: bool = False,
                  channels: Optional[int] = None, image_size: Optional[int] = None, seed: int = 17,
                  shuffle_seed: Optional[int] = None, latents: bool = False, yield_batches: bool = False,
-                 drop_last: bool = True, cache_limit: Optional[Union[int, str]] = None, **streaming_kwargs: Any):
+                 drop_last: bool = True, cache_limit: Optional[Union[int, str]] = None,
+                 caption_embeddings: bool = False, **streaming_kwargs: Any):
         if remote is None:
             path = os.path.join(local, split) if (local and split) else local
             if path is None or not os.path.exists(os.path.join(path, 'index.json')):
@@ -250,10 +306,28 @@ class StreamingImageDataset(StreamingDataset):
         self.yield_batches = yield_batches
         self.drop_last = drop_last
         self.column = 'latents' if latents else 'image'
+        self.caption_embeddings = caption_embeddings
+        self.text_columns = self._text_columns()
         self._layouts: dict[int, Optional[_FixedRecords]] = {}
         self._prefetch: Optional[_Prefetch] = None
         self._warned_per_sample = False
         self._preparing = threading.Lock()
+
+    def _text_columns(self) -> tuple[str, ...]:
+        """The text columns every batch carries: ``caption`` when the shards have one, and the stored encoder
+        outputs with ``caption_embeddings`` (an error naming the option when the shards lack them)."""
+        have = [set(shard.column_names) for shard in self.shards]
+        wanted = tuple(c for c in _TEXT_COLUMNS if c == 'caption' or self.caption_embeddings)
+        present = tuple(c for c in wanted if all(c in columns for columns in have))
+        partly = [c for c in wanted if c not in present and any(c in columns for columns in have)]
+        if partly:
+            raise ValueError(f'Some shards of {self.streams[0].local} have the column {partly[0]!r} and some do not; '
+                             'write every shard of a dataset with the same columns.')
+        if self.caption_embeddings and not {'caption_embedding', 'caption_mask'} <= set(present):
+            raise ValueError(f'caption_embeddings=true, but the shards of {self.streams[0].local} hold no text '
+                             'encoder outputs (columns caption_embedding, caption_mask); write them with '
+                             '`recipes/convert_dataset.py --encode-captions PATH`, or set caption_embeddings: false.')
+        return present
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers get a copy without the (unpicklable, per-process) prefetch thread and lock.
@@ -285,7 +359,9 @@ class StreamingImageDataset(StreamingDataset):
         sample = super().__getitem__(index)
         data = self._convert_channels(self._sample_array(sample, index)[None])
         ids = np.array([index], dtype=np.int64)
-        return {'image': self._to_tensor(data, ids)[0], 'label': int(sample['label'])}
+        out = {'image': self._to_tensor(data, ids)[0], 'label': int(sample['label'])}
+        texts = _text_tensors({c: [sample[c]] for c in self.text_columns})
+        return {**out, **{c: v[0] for c, v in texts.items()}}
 
     def _sample_array(self, sample: dict[str, Any], index: int) -> np.ndarray:
         """One decoded sample's image as uint8 (C, H, W) (PIL images converted to ``channels`` as before), or its
@@ -376,15 +452,20 @@ class StreamingImageDataset(StreamingDataset):
         shard_ids, rows = self._shard_ids(sample_ids)
         data: Optional[np.ndarray] = None
         labels = np.empty(len(sample_ids), dtype=np.int64)
+        texts: dict[str, list] = {c: [None] * len(sample_ids) for c in self.text_columns}
         for shard_id in np.unique(shard_ids).tolist():
             where = np.nonzero(shard_ids == shard_id)[0]
             layout = self._layout(shard_id)
             if layout is not None:
-                part, part_labels = self._read_fixed(shard_id, layout, rows[where])
+                part, part_labels, part_texts = self._read_fixed(shard_id, layout, rows[where])
             else:
                 samples = [self.get_item(int(i)) for i in sample_ids[where]]
                 part = _stack([self._sample_array(s, int(i)) for s, i in zip(samples, sample_ids[where])])
                 part_labels = np.array([int(s['label']) for s in samples], dtype=np.int64)
+                part_texts = {c: [s[c] for s in samples] for c in self.text_columns}
+            for column, values in part_texts.items():
+                for position, value in zip(where.tolist(), values):
+                    texts[column][position] = value
             part = self._convert_channels(part)
             if data is None:
                 data = np.empty((len(sample_ids),) + part.shape[1:], dtype=part.dtype)
@@ -394,12 +475,13 @@ class StreamingImageDataset(StreamingDataset):
             data[where] = part
             labels[where] = part_labels
         assert data is not None
-        return {'image': self._to_tensor(data, sample_ids), 'label': torch.from_numpy(labels)}
+        return {'image': self._to_tensor(data, sample_ids), 'label': torch.from_numpy(labels), **_text_tensors(texts)}
 
-    def _read_fixed(self, shard_id: int, layout: _FixedRecords, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _read_fixed(self, shard_id: int, layout: _FixedRecords,
+                    rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         for _ in range(1 + _READ_RETRIES):
             try:
-                values = _read_records(layout, rows)
+                values = _read_records(layout, rows, self.text_columns)
                 break
             except FileNotFoundError:
                 # Not downloaded yet, evicted, or only its compressed form is cached: prepare it (waiting for
@@ -455,6 +537,22 @@ class StreamingImageDataset(StreamingDataset):
             data[flip] = data[flip][..., ::-1]
         # require: torch refuses read-only arrays (a single decoded sample is a view of its bytes).
         return from_uint8(torch.from_numpy(np.require(data, requirements=('C', 'W'))))
+
+
+# A text-to-image shard's text columns: the caption, and a text encoder's outputs stored with it.
+_TEXT_COLUMNS = ('caption', 'caption_embedding', 'caption_mask', 'caption_pooled')
+
+
+def _text_tensors(columns: dict[str, Any]) -> dict[str, Any]:
+    """Captions as a list of strings; stored encoder outputs as float32 (hidden states, pooled) or int64 (mask)."""
+    out: dict[str, Any] = {}
+    for column, values in columns.items():
+        if column == 'caption':
+            out[column] = [str(v) for v in values]
+            continue
+        array = np.stack([np.asarray(v) for v in values])
+        out[column] = torch.from_numpy(array.astype(np.int64 if column == 'caption_mask' else np.float32))
+    return out
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:

@@ -22,13 +22,16 @@ OBJECTIVES = ('ddpm', 'flow_matching')
 
 def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dict[str, Any]] = None,
                           encoder: Optional[dict[str, Any]] = None, objective: str = 'ddpm',
-                          flow: Optional[dict[str, Any]] = None, **kwargs: Any) -> torch.nn.Module:
+                          flow: Optional[dict[str, Any]] = None, conditioner: Optional[dict[str, Any]] = None,
+                          **kwargs: Any) -> torch.nn.Module:
     """A :class:`DiffusionModel` (``objective: ddpm``) or :class:`FlowMatchingModel` (``objective: flow_matching``)
     around a denoiser from the ``denoisers`` registry (default name ``unet``).
 
     ``noise_schedule`` holds :class:`NoiseSchedule`'s arguments (DDPM), ``flow`` :class:`FlowSchedule`'s (flow
     matching: shift, resolution-dependent shift, grid); ``encoder`` (optional, latent diffusion) names a part of the
-    ``encoders`` registry (default ``vae``); the other keys are the model class's.
+    ``encoders`` registry (default ``vae``); ``conditioner`` (optional) names a part of the ``conditioners`` registry
+    (``none``, ``class_label``, ``text``; without it ``label_key`` makes a ``class_label`` one, as before conditioners
+    existed); the other keys are the model class's.
     """
     if objective not in OBJECTIVES:
         raise registry.ConfigError(f'model.objective must be one of {OBJECTIVES}, got {objective!r}.'
@@ -56,4 +59,10 @@ def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dic
                         kwargs.get('latent_scale', 1.0), vae_scale)
     if 'encoder' in kwargs:
         raise registry.ConfigError("model.encoder is a section (name and arguments of a registered encoder).")
+    if conditioner is not None:
+        if kwargs.get('label_key') is not None:
+            raise registry.ConfigError('model.label_key and model.conditioner both say what conditions the model; '
+                                       'keep model.conditioner (class labels: {name: class_label, label_key: '
+                                       f'{kwargs["label_key"]}}}).')
+        kwargs['conditioner'] = registry.build(registry.conditioners, conditioner, 'conditioner', 'model.conditioner')
     return registry.call_checked(model_class, dict(kwargs, encoder=encoder_module), 'model', net, schedule)

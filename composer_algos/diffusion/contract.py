@@ -60,6 +60,11 @@ class DiffusionContract(Protocol):
     def label_key(self) -> Any:
         """The batch key of class labels, or ``None`` for an unconditional model (read with a default of ``None``)."""
 
+    @property
+    def conditioner(self) -> Any:
+        """What the denoiser is told about each sample, a ``Conditioner`` (none, class label, text; its ``kind``), or
+        ``None`` (read with a default of ``None``)."""
+
     # ------------------------------------------------------------------------------------------- the timestep sampler
     @property
     def timestep_sampler(self) -> Any:
@@ -111,17 +116,20 @@ class DiffusionContract(Protocol):
         """The batch's clean data x0 (latents for a latent model)."""
 
     def conditioning(self, batch: Any) -> dict[str, torch.Tensor]:
-        """The denoiser's keyword arguments from the batch (class labels), ``{}`` for an unconditional model."""
+        """The denoiser's keyword arguments from the batch (class labels, text embeddings), ``{}`` for an unconditional
+        model; never dropped (caption dropout belongs to the training forward), no grad."""
 
     def generate(self, num_samples: int, shape: Sequence[int], num_steps: int = 50, eta: float = 0.0, seed: int = 0,
                  labels: Optional[torch.Tensor] = None, device: Optional[torch.device] = None,
                  clip: Optional[bool] = None, noise: Optional[torch.Tensor] = None,
-                 solver: Optional[str] = None) -> torch.Tensor:
-        """``(num_samples, *shape)`` samples from ``seed`` (or the starting ``noise``), no grad."""
+                 solver: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
+                 guidance_scale: float = 1.0) -> torch.Tensor:
+        """``(num_samples, *shape)`` samples from ``seed`` (or the starting ``noise``), no grad; ``labels`` or
+        ``prompts`` condition them, ``guidance_scale`` > 1 guides towards them (classifier-free)."""
 
 
 # Members read with a default (``getattr(model, name, default)``): a model may leave them out.
-_OPTIONAL = ('objective', 'encoder', 'label_key', 'timestep_sampler', 'timestep_sampler_owner')
+_OPTIONAL = ('objective', 'encoder', 'label_key', 'conditioner', 'timestep_sampler', 'timestep_sampler_owner')
 CONTRACT_MEMBERS = tuple(name for name in vars(DiffusionContract) if not name.startswith('_'))
 
 

@@ -36,13 +36,14 @@ from composer_algos.diffusion.timestep_samplers import (ContinuousTimestepSample
 from composer_algos.distributed import global_positions, rank_world
 from composer_algos.seeding import keyed_generator, keyed_uniform_and_normal
 
-__all__ = ['CANDIDATE_STREAM', 'DROPOUT_STREAM', 'DrawRecord', 'EVAL_STREAM', 'NoiseCoupling', 'NoiseDraw',
+__all__ = ['CANDIDATE_STREAM', 'CAPTION_STREAM', 'DROPOUT_STREAM', 'DrawRecord', 'EVAL_STREAM', 'NoiseCoupling', 'NoiseDraw',
            'NoisePairing', 'OFFSET_STREAM', 'TRAIN_STREAM', 'couple_noise', 'draw_levels', 'evaluation_draw',
            'low_discrepancy_uniforms', 'tilted_distribution', 'training_randoms']
 
 # Keys of the model's random streams (see composer_algos.seeding): a sample's uniform and noise, the denoiser's own
-# randomness, evaluation draws, the low-discrepancy offset of a draw, and a noise coupling's candidate noises.
-TRAIN_STREAM, DROPOUT_STREAM, EVAL_STREAM, OFFSET_STREAM, CANDIDATE_STREAM = 0, 1, 2, 3, 4
+# randomness, evaluation draws, the low-discrepancy offset of a draw, a noise coupling's candidate noises, and which
+# samples train on the unconditional input (composer_algos.diffusion.conditioning.caption_drop_mask).
+TRAIN_STREAM, DROPOUT_STREAM, EVAL_STREAM, OFFSET_STREAM, CANDIDATE_STREAM, CAPTION_STREAM = 0, 1, 2, 3, 4, 5
 # A drawn position stays this far inside its cell, so that float64 rounding of (cell + position) / T never moves it to
 # a neighbouring cell (which may have no probability).
 _INSIDE = 1e-9

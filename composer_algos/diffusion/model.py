@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
+from composer_algos.diffusion.conditioning import (ClassLabelConditioner, Conditioner, Guidance, NoConditioner,
+                                                   batch_entry, caption_drop_mask, check_denoiser_keywords,
+                                                   check_guidance_scale)
 from composer_algos.diffusion.contract import DRAW_KEY, record_of
 from composer_algos.diffusion.diagnostics import nonfinite_loss_causes
 from composer_algos.diffusion.draw import (DROPOUT_STREAM, DrawRecord, NoiseCoupling, NoiseDraw, couple_noise,
@@ -85,7 +88,7 @@ class DiffusionModel(ComposerModel):
         prediction_type: ``'epsilon'``, ``'v_prediction'`` or ``'sample'``.
         image_key: batch key (or tuple index) of the images, scaled to [-1, 1].
         label_key: batch key of class labels, passed to the denoiser as ``conditioning_kwarg``; ``None`` for an
-            unconditional model.
+            unconditional model. Shorthand for ``conditioner=ClassLabelConditioner(label_key, conditioning_kwarg)``.
         conditioning_kwarg: the denoiser's keyword for labels (``class_labels`` for diffusers models).
         encoder: optional frozen module mapping images to latents (latent diffusion); its output is multiplied by
             ``latent_scale``.
@@ -96,6 +99,10 @@ class DiffusionModel(ComposerModel):
         low_discrepancy: draw each global batch's noise levels from VDM's low-discrepancy uniforms, one keyed offset
             per batch (:func:`~composer_algos.diffusion.draw.low_discrepancy_uniforms`): every batch covers [0, 1)
             evenly before the active sampler's inverse CDF, whose marginal is unchanged. Off: independent uniforms.
+        conditioner: what the denoiser is told about each sample
+            (:mod:`composer_algos.diffusion.conditioning`: none, a class label, a caption through a text encoder);
+            with ``drop_prob > 0`` a training sample gets the unconditional input with that probability, keyed by the
+            draw (classifier-free guidance). Default: from ``label_key``.
 
     Attributes:
         recipe: what built the model, saved in every checkpoint (plain data, ``None`` for none): the YAML layer sets
@@ -122,6 +129,7 @@ class DiffusionModel(ComposerModel):
         check_finite_loss: bool = True,
         num_loss_bands: int = 10,
         low_discrepancy: bool = False,
+        conditioner: Optional[Conditioner] = None,
     ):
         super().__init__()
         check_prediction_type(prediction_type, self.prediction_types)
@@ -129,12 +137,19 @@ class DiffusionModel(ComposerModel):
         self.noise_schedule = noise_schedule or NoiseSchedule()
         self.prediction_type = prediction_type
         self.image_key = image_key
-        self.label_key = label_key
         self.conditioning_kwarg = conditioning_kwarg
         self.encoder = encoder
         if encoder is not None:
             encoder.requires_grad_(False)
             encoder.eval()
+        if conditioner is not None and label_key is not None:
+            raise ConfigError(f'The model has a conditioner ({conditioner.kind}) and label_key={label_key!r}; give one '
+                              'of them (class labels: model.conditioner: {name: class_label, label_key: ...}).')
+        self.conditioner = conditioner or (ClassLabelConditioner(label_key, conditioning_kwarg) if label_key is not None
+                                           else NoConditioner(conditioning_kwarg))
+        if conditioner is not None:
+            check_denoiser_keywords(denoiser, conditioner)
+        self.label_key = self.conditioner.label_key
         self.latent_scale = latent_scale
         self.check_finite_loss = check_finite_loss
         self.num_loss_bands = num_loss_bands
@@ -274,17 +289,7 @@ class DiffusionModel(ComposerModel):
 
     # ----------------------------------------------------------------------------------------- data
     def _get(self, batch: Any, key: Any) -> Any:
-        if isinstance(batch, Mapping):
-            if key not in batch:
-                raise KeyError(f'Batch has no key {key!r} (keys: {sorted(batch)}); set image_key/label_key to match '
-                               'the dataset.')
-            return batch[key]
-        if isinstance(batch, (tuple, list)):
-            index = 0 if key == 'image' else 1 if key == 'label' else key
-            return batch[index]
-        if key in ('image', 0):
-            return batch
-        raise TypeError(f'Cannot read {key!r} from a batch of type {type(batch).__name__}.')
+        return batch_entry(batch, key)
 
     def images(self, batch: Any) -> torch.Tensor:
         """The batch's clean data x0 (latents if an encoder is set), checked for shape."""
@@ -308,14 +313,17 @@ class DiffusionModel(ComposerModel):
         return images
 
     def conditioning(self, batch: Any) -> dict[str, torch.Tensor]:
-        if self.label_key is None:
-            return {}
-        return {self.conditioning_kwarg: self._get(batch, self.label_key)}
+        """The denoiser's keyword arguments from the batch (its conditioner's), with no dropout and no grad."""
+        with torch.no_grad():
+            return self.conditioner(batch)
 
     # ----------------------------------------------------------------------------------------- network
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Optional[dict] = None,
                 denoiser: Optional[nn.Module] = None) -> torch.Tensor:
-        """The denoiser's prediction (``denoiser``: another module of the same architecture, e.g. a replica)."""
+        """The denoiser's prediction (``denoiser``: another module of the same architecture, e.g. a replica);
+        ``conditioning`` may be a :class:`~composer_algos.diffusion.conditioning.Guidance`."""
+        if isinstance(conditioning, Guidance):
+            return conditioning(lambda x, level, cond: self.denoise(x, level, cond, denoiser), x_t, t)
         out = (denoiser or self.denoiser)(x_t, t, **(conditioning or {}))
         out = getattr(out, 'sample', out)
         if isinstance(out, (tuple, list)):
@@ -339,15 +347,17 @@ class DiffusionModel(ComposerModel):
             record.noise, record.noise_pairing = couple_noise(self._noise_coupling[1], draw)
         weight = record.importance_weight * self.loss_weights(record.level)
         context = self._denoiser_rng(x0.device, index) if self.training else contextlib.nullcontext()
-        return self._publish(record, x0, batch, weight, context)
+        drop = caption_drop_mask(self.seed, index, x0.shape[0], self.conditioner.drop_prob) \
+            if self.training and self.conditioner.drop_prob > 0 else None
+        return self._publish(record, x0, batch, weight, context, drop)
 
     def _publish(self, record: DrawRecord, x0: torch.Tensor, batch: Any, loss_weight: torch.Tensor,
-                 context: ContextManager) -> dict[str, DrawRecord]:
-        """Complete ``record`` with the conditioning, the loss weight and the per-sample loss (computed in
-        ``context``), as the forward outputs."""
-        record.conditioning = self.conditioning(batch)
+                 context: ContextManager, drop: Optional[torch.Tensor] = None) -> dict[str, DrawRecord]:
+        """Complete ``record`` with the conditioning (the unconditional input where ``drop``), the loss weight and
+        the per-sample loss (both computed in ``context``), as the forward outputs."""
         record.loss_weight = loss_weight
         with context:
+            record.conditioning = self.conditioner(batch, drop)
             record.per_sample_loss = self.per_sample_losses(x0, record.level, record.noise, record.conditioning)
         return {DRAW_KEY: record}
 
@@ -478,19 +488,27 @@ class DiffusionModel(ComposerModel):
         clip: Optional[bool] = None,
         noise: Optional[torch.Tensor] = None,
         solver: Optional[str] = None,
+        prompts: Optional[Sequence[str]] = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """``(num_samples, *shape)`` samples from the noise of ``seed`` (or the given starting ``noise``).
 
-        ``labels`` condition a class-conditional model; ``clip`` (default: pixel models) clamps the predicted x0 to
-        [-1, 1] at each step. DDPM samples with DDIM (``eta=0``, deterministic) or ancestral DDPM steps
-        (``eta=1``), ``num_steps`` timesteps spaced evenly over [0, T-1] (``num_steps=T, eta=1`` is the original
-        DDPM sampler); ``solver`` is a flow-matching model's (:meth:`FlowMatchingModel.generate`).
+        ``labels`` condition a class-conditional model, ``prompts`` (one per sample) a text-conditioned one;
+        ``guidance_scale`` above 1 applies classifier-free guidance towards them (a conditioner with an unconditional
+        input only), ``uncond + s (cond - uncond)`` on every denoiser output, DDPM and flow alike. ``clip`` (default:
+        pixel models) clamps the predicted x0 to [-1, 1] at each step. DDPM samples with DDIM (``eta=0``,
+        deterministic) or ancestral DDPM steps (``eta=1``), ``num_steps`` timesteps spaced evenly over [0, T-1]
+        (``num_steps=T, eta=1`` is the original DDPM sampler); ``solver`` is a flow-matching model's
+        (:meth:`FlowMatchingModel.generate`).
         """
         device = device or module_device(self.denoiser)
         gen = torch.Generator().manual_seed(seed)
         x = noise.to(device) if noise is not None else torch.randn((num_samples, *shape), generator=gen).to(device)
         clip = self.encoder is None if clip is None else clip
-        cond = {} if labels is None else {self.conditioning_kwarg: labels.to(device)}
+        cond: Any = self.conditioner.for_generation(num_samples, device, labels, prompts)
+        scale = check_guidance_scale(guidance_scale, self.conditioner)
+        if scale != 1.0:
+            cond = Guidance(cond, self.conditioner.unconditional(num_samples, device), scale)
         x = self._sample(x, cond, num_steps, eta, clip, gen, solver)
         reshard_fsdp2(self)
         return x

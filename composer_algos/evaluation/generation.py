@@ -102,12 +102,14 @@ def ema_weights(state: Any) -> Iterator[bool]:
 def generate_samples(model: Any, indices: Sequence[int], shape: Sequence[int], num_steps: int = 50,
                      eta: float = 0.0, seed: int = 0, num_classes: Optional[int] = None, batch_size: int = 256,
                      num_batches: Optional[int] = None, device: Optional[torch.device] = None,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool = False, prompts: Optional[Sequence[str]] = None,
+                     guidance_scale: float = 1.0) -> torch.Tensor:
     """Generate the samples numbered ``indices`` with ``model.generate`` (DDIM for ``eta=0``; a flow-matching model's
     ODE), on CPU.
 
     Sample ``i`` starts from :func:`sample_noise` of ``(seed, i)`` and, for class-conditional models, has label
-    ``i % num_classes``; with ``eta=0`` it is therefore the same whichever rank or batch generates it. (With
+    ``i % num_classes``; for text-conditioned ones, prompt ``prompts[i % len(prompts)]``, with classifier-free
+    guidance at ``guidance_scale``; with ``eta=0`` it is therefore the same whichever rank or batch generates it. (With
     ``eta > 0`` each batch draws its step noise from ``seed`` plus its first index, which depends on the split.)
     ``num_batches`` forces that many denoiser passes, padding with throw-away work, so that every rank runs the
     same number of forwards (FSDP needs this).
@@ -119,6 +121,10 @@ def generate_samples(model: Any, indices: Sequence[int], shape: Sequence[int], n
         raise ValueError(f'num_batches={num_batches} cannot hold {len(indices)} samples of batch size {batch_size}.')
     if getattr(model, 'label_key', None) is not None and not num_classes:
         raise ValueError('The model is class-conditional (label_key is set): pass num_classes so samples get labels.')
+    if getattr(getattr(model, 'conditioner', None), 'kind', None) == 'text' and not prompts:
+        raise ValueError('The model is text-conditioned: pass prompts so samples get captions.')
+    # Only what is set reaches generate(), so a model implementing the contract before text conditioning still works.
+    extra: dict[str, Any] = {} if guidance_scale == 1.0 else {'guidance_scale': guidance_scale}
     from tqdm import tqdm
     outputs = []
     for b in tqdm(range(num_batches), desc='sampling', disable=not progress, leave=False):
@@ -126,8 +132,10 @@ def generate_samples(model: Any, indices: Sequence[int], shape: Sequence[int], n
         padding = not chunk
         chunk = chunk or [0]
         labels = torch.tensor(chunk, dtype=torch.long) % num_classes if num_classes else None
+        if prompts:
+            extra['prompts'] = [prompts[i % len(prompts)] for i in chunk]
         x = model.generate(len(chunk), tuple(shape), num_steps=num_steps, eta=eta, seed=int(seed) + chunk[0],
-                           labels=labels, device=device, noise=sample_noise(chunk, shape, seed))
+                           labels=labels, device=device, noise=sample_noise(chunk, shape, seed), **extra)
         if not padding:
             outputs.append(x.float().cpu())
     return torch.cat(outputs) if outputs else torch.empty((0, *shape))

@@ -11,8 +11,8 @@ import torch
 
 from composer_algos.pixels import to_uint8
 
-__all__ = ['figure_to_array', 'image_grid', 'metric_curve_png', 'save_png', 'side_by_side_grid',
-           'timestep_heatmap_png']
+__all__ = ['captioned_grid', 'figure_to_array', 'image_grid', 'metric_curve_png', 'prompt_rows', 'save_png',
+           'side_by_side_grid', 'timestep_heatmap_png']
 
 
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 1, scale: int = 1) -> np.ndarray:
@@ -27,6 +27,34 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 
         images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     grid = make_grid(images, nrow=nrow, padding=padding * scale, pad_value=0.0)
     return to_uint8(grid).permute(1, 2, 0).numpy()
+
+
+def prompt_rows(samples: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """Samples whose sample ``i`` had prompt ``i % num_prompts``, reordered prompt by prompt: row ``p`` of a grid of
+    ``len(samples) / num_prompts`` columns holds prompt ``p``'s samples."""
+    order = sorted(range(samples.shape[0]), key=lambda i: (i % num_prompts, i))
+    return samples[order]
+
+
+def captioned_grid(images: torch.Tensor, captions: Sequence[str], scale: int = 1, padding: int = 1) -> np.ndarray:
+    """:func:`image_grid` with one row per caption (``len(images)`` a multiple of ``len(captions)``, rows in caption
+    order) and each caption written to the right of its row (PIL's built-in font, black on white)."""
+    from PIL import Image, ImageDraw, ImageFont
+    rows = len(captions)
+    if rows == 0 or images.shape[0] % rows:
+        raise ValueError(f'{images.shape[0]} images cannot fill {rows} rows of one caption each.')
+    grid = image_grid(images, nrow=images.shape[0] // rows, padding=padding, scale=scale)
+    font = ImageFont.load_default()
+    row_height = grid.shape[0] / rows
+    text_width = max(int(font.getlength(c)) for c in captions) + 8
+    canvas = Image.new('RGB', (grid.shape[1] + text_width, grid.shape[0]), 'white')
+    canvas.paste(Image.fromarray(grid), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, caption in enumerate(captions):
+        top, bottom = font.getbbox(caption)[1::2]
+        draw.text((grid.shape[1] + 4, row * row_height + (row_height - (bottom - top)) / 2 - top), caption,
+                  fill='black', font=font)
+    return np.asarray(canvas)
 
 
 def side_by_side_grid(left: torch.Tensor, right: torch.Tensor, nrow: Optional[int] = None, scale: int = 1,

@@ -1,22 +1,25 @@
-"""One-shot evaluation of a model: FID, its real-vs-real floor, bits/dim and a sample grid (used by
-``recipes/evaluate.py``)."""
+"""One-shot evaluation of a model: FID, its real-vs-real floor, bits/dim, a sample grid and, for text-conditioned
+models, prompt accuracy and CLIPScore (used by ``recipes/evaluate.py``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from composer_algos.data.convert import digit_prompts
 from composer_algos.evaluation.checkpoint_weights import load_checkpoint_weights
+from composer_algos.evaluation.conditioning import build_classifier, class_accuracy, clip_score, collect_captions
 from composer_algos.evaluation.consistency import consistency_diagnostic
 from composer_algos.evaluation.features import build_feature_extractor
 from composer_algos.evaluation.fid import collect_images
 from composer_algos.evaluation.fid import fid_from_samples, real_vs_real_fid
 from composer_algos.evaluation.likelihood import bits_per_dim
-from composer_algos.evaluation.plots import image_grid, save_png, side_by_side_grid
+from composer_algos.evaluation.plots import captioned_grid, image_grid, save_png, side_by_side_grid
 from composer_algos.evaluation.generation import eval_mode, generate_samples
 from composer_algos.registry import ConfigError
 
@@ -43,14 +46,23 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
     'weights': 'ema',  # ema | live
     'consistency_samples': 256,  # same-noise pairs for --compare
     'device': None,  # default: cuda if available, else cpu
+    # Text-conditioned models:
+    'prompts': None,  # prompts of the FID samples, cycled; default: the real images' captions
+    'guidance_scale': 1.0,  # classifier-free guidance of the FID samples and the grid (1: none)
+    'prompt_accuracy_guidance': [1.0, 3.0],  # guidance scales of prompt accuracy (the digits' prompts)
+    'prompt_accuracy_samples': 500,
+    'prompt_classifier': 'auto',  # auto (digits for 1x8x8 images, else none) | digits | mnist | null
+    'clip_score_model': None,  # local folder of a full CLIP model and processor: CLIPScore of the FID samples
 }
 
 
 @torch.no_grad()
 def evaluate_model(model: Any, real_images: torch.Tensor, out_dir: str,
                    real_conditioning: Optional[dict[str, torch.Tensor]] = None, progress: bool = True,
-                   **options: Any) -> dict[str, Any]:
-    """FID (with its real-vs-real floor), bits/dim and a sample grid of ``model`` against ``real_images``.
+                   real_captions: Optional[list[str]] = None, **options: Any) -> dict[str, Any]:
+    """FID (with its real-vs-real floor), bits/dim and a sample grid of ``model`` against ``real_images``; for a
+    text-conditioned model, its samples follow ``prompts`` (default the ``real_captions``) with ``guidance_scale``,
+    and prompt accuracy and CLIPScore are measured too (:func:`text_results`).
 
     Writes ``out_dir/samples.png`` and returns the numbers (see :data:`EVALUATION_DEFAULTS` for ``options``).
     """
@@ -66,10 +78,17 @@ def evaluate_model(model: Any, real_images: torch.Tensor, out_dir: str,
         results['feature_classifier_val_accuracy'] = feature.accuracy
     if getattr(feature, 'sha256', None):
         results['feature_sha256'] = feature.sha256
+    text = getattr(getattr(model, 'conditioner', None), 'kind', None) == 'text'
+    prompts = (opt['prompts'] or real_captions) if text else None
+    if text and not prompts:
+        raise ConfigError('The model is text-conditioned: give prompts=[...] (or an eval_loader whose shards have '
+                          'captions) for its samples.')
+    guidance = {'guidance_scale': float(opt['guidance_scale'])} if float(opt['guidance_scale']) != 1.0 else {}
+    results.update(guidance)
     with eval_mode(model):
         samples = generate_samples(model, range(opt['num_samples']), shape, num_steps=opt['num_steps'],
                                    eta=opt['eta'], seed=opt['seed'], num_classes=opt['num_classes'],
-                                   batch_size=opt['batch_size'], progress=progress)
+                                   batch_size=opt['batch_size'], progress=progress, prompts=prompts, **guidance)
         results['FID'] = fid_from_samples(real_images, samples, feature, opt['batch_size'])
         results['FID_real_vs_real'] = real_vs_real_fid(real_images, feature, opt['seed'], opt['batch_size'],
                                                        num_samples=opt['num_samples'])
@@ -81,8 +100,49 @@ def evaluate_model(model: Any, real_images: torch.Tensor, out_dir: str,
                                batch_size=opt['batch_size'], progress=progress)
             results['bits_per_dim'] = float(bpd.mean())
             results['bits_per_dim_images'] = n_bpd
-    grid = image_grid(samples[:opt['grid_samples']], scale=opt['grid_scale'])
+        if text:
+            results.update(text_results(model, samples, prompts, shape, opt, progress))
+    if text:
+        # One row per prompt: the first prompts, each with (up to as many as there are rows of) the samples it had.
+        count = len(prompts)
+        rows = max(1, min(count, samples.shape[0], math.isqrt(opt['grid_samples'])))
+        per_row = max(1, min(rows, len(range(rows - 1, samples.shape[0], count))))
+        picked = samples[[p + k * count for p in range(rows) for k in range(per_row)]]
+        grid = captioned_grid(picked, prompts[:rows], scale=opt['grid_scale'])
+    else:
+        grid = image_grid(samples[:opt['grid_samples']], scale=opt['grid_scale'])
     results['grid'] = save_png(grid, os.path.join(out_dir, 'samples.png'))
+    return results
+
+
+def text_results(model: Any, samples: torch.Tensor, prompts: list[str], shape: tuple[int, ...], opt: dict[str, Any],
+                 progress: bool) -> dict[str, Any]:
+    """A text-conditioned model's prompt accuracy (the digits' prompts, at each of ``prompt_accuracy_guidance``,
+    scored by ``prompt_classifier``) and the CLIPScore of ``samples`` against their ``prompts`` (with a
+    ``clip_score_model``)."""
+    results: dict[str, Any] = {}
+    classifier = opt['prompt_classifier']
+    if classifier == 'auto':
+        classifier = 'digits' if tuple(shape) == (1, 8, 8) else None
+    if classifier is not None:
+        module = build_classifier(classifier, shape, opt['classifier_cache_dir']).to(samples.device)
+        digit_texts, digits = digit_prompts()
+        count = int(opt['prompt_accuracy_samples'])
+        targets = torch.tensor([digits[i % len(digits)] for i in range(count)])
+        accuracy = {}
+        for scale in opt['prompt_accuracy_guidance']:
+            extra = {'guidance_scale': float(scale)} if float(scale) != 1.0 else {}
+            generated = generate_samples(model, range(count), shape, num_steps=opt['num_steps'], eta=opt['eta'],
+                                         seed=opt['seed'], batch_size=opt['batch_size'], progress=progress,
+                                         prompts=digit_texts, **extra)
+            accuracy[f'guidance_{float(scale):g}'] = class_accuracy(module, generated, targets, opt['batch_size'])
+        results['prompt_accuracy'] = accuracy
+        results['prompt_accuracy_samples'] = count
+        if getattr(module, 'accuracy', None) is not None:
+            results['prompt_classifier_val_accuracy'] = float(module.accuracy)
+    if opt['clip_score_model'] is not None:
+        texts = [prompts[i % len(prompts)] for i in range(samples.shape[0])]
+        results['CLIPScore'] = clip_score(samples, texts, opt['clip_score_model'], opt['batch_size'])
     return results
 
 
@@ -127,8 +187,11 @@ def evaluate_checkpoint(checkpoint: str, make_model: Callable[[], torch.nn.Modul
     model = make_model().to(device)
     info = load_checkpoint_weights(model, checkpoint, opt['weights'], model_config)
     real, conditioning = collect_images(real_loader, model, opt['max_real_samples'], with_conditioning=True)
+    captions = None
+    if getattr(getattr(model, 'conditioner', None), 'kind', None) == 'text' and not opt['prompts']:
+        captions = collect_captions(real_loader, min(opt['num_samples'], real.shape[0]), model.conditioner.caption_key)
     results = {'checkpoint': checkpoint, 'step': info['step'], 'weights': info['weights']}
-    results.update(evaluate_model(model, real, out_dir, conditioning, progress, **options))
+    results.update(evaluate_model(model, real, out_dir, conditioning, progress, captions, **options))
     if compare is not None:
         other = make_model().to(device)
         other_info = load_checkpoint_weights(other, compare, opt['weights'], model_config)
