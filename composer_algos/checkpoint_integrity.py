@@ -33,8 +33,18 @@ import tarfile
 import zipfile
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ['verify_checkpoint', 'checkpoint_names', 'newest_readable', 'prepare_autoresume', 'is_remote',
-           'UNREADABLE_SUFFIX', 'SavedModelState', 'saved_model_state', 'model_misfit', 'written_by']
+__all__ = [
+    'verify_checkpoint',
+    'checkpoint_names',
+    'newest_readable',
+    'prepare_autoresume',
+    'is_remote',
+    'UNREADABLE_SUFFIX',
+    'SavedModelState',
+    'saved_model_state',
+    'model_misfit',
+    'written_by',
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +100,7 @@ def _verify_sharded(folder: str) -> Optional[str]:
         return 'it has no .metadata (the save did not finish)'
     try:
         from torch.distributed.checkpoint import FileSystemReader
+
         metadata = FileSystemReader(folder).read_metadata()
     except Exception as e:  # any unpickling failure means the same thing here
         return f'its .metadata cannot be read ({type(e).__name__}: {e})'
@@ -126,8 +137,9 @@ def checkpoint_names(folder: str, templates: Sequence[str], run_name: str) -> li
             match = pattern.match(name)
             if match is not None:
                 fields = match.groupdict()
-                found.append((tuple(int(fields.get(f) or 0) for f in _TIME_FIELDS),
-                              os.path.realpath(os.path.join(folder, name))))
+                found.append(
+                    (tuple(int(fields.get(f) or 0) for f in _TIME_FIELDS), os.path.realpath(os.path.join(folder, name)))
+                )
                 break
     return [path for _, path in sorted(found, reverse=True)]
 
@@ -159,20 +171,31 @@ def prepare_autoresume(folder: str, latest_name: str, templates: Sequence[str], 
     chosen, unreadable = newest_readable(candidates)
     if chosen is None and unreadable:
         listing = '; '.join(f'{path}: {why}' for path, why in unreadable)
-        raise ValueError(f'no readable checkpoint to resume from in {folder} ({listing}); move them away to start '
-                         'over, or set load_path to a good copy')
+        raise ValueError(
+            f'no readable checkpoint to resume from in {folder} ({listing}); move them away to start '
+            'over, or set load_path to a good copy'
+        )
     for path, why in unreadable:
         aside = _free_name(path + UNREADABLE_SUFFIX)
         os.rename(path, aside)
-        log.warning('autoresume: %s cannot be loaded (%s); renamed it to %s and resume from %s', path, why,
-                    os.path.basename(aside), chosen)
+        log.warning(
+            'autoresume: %s cannot be loaded (%s); renamed it to %s and resume from %s',
+            path,
+            why,
+            os.path.basename(aside),
+            chosen,
+        )
     if chosen is not None and target != chosen:
         if os.path.lexists(link):
             os.remove(link)
         os.symlink(os.path.relpath(chosen, os.path.dirname(link)), link)
         if not unreadable:
-            log.warning('autoresume: %s pointed at %s; resuming from the newest readable checkpoint, %s', link,
-                        target if target is not None and os.path.exists(target) else 'nothing', chosen)
+            log.warning(
+                'autoresume: %s pointed at %s; resuming from the newest readable checkpoint, %s',
+                link,
+                target if target is not None and os.path.exists(target) else 'nothing',
+                chosen,
+            )
     return chosen
 
 
@@ -203,13 +226,14 @@ class SavedModelState:
         extra: the model's extra state (a dict for a :class:`~composer_algos.diffusion.model.DiffusionModel`), or
             ``None`` if it has none or it could not be read.
     """
+
     shapes: dict[str, tuple[int, ...]]
     extra: Any = None
 
 
 def _strip_module(key: str) -> str:
     # DDP's wrapper prefixes every key; checkpoints written through it may keep the prefix.
-    return key[len('module.'):] if key.startswith('module.') else key
+    return key[len('module.') :] if key.startswith('module.') else key
 
 
 def saved_model_state(path: str) -> Optional[SavedModelState]:
@@ -220,6 +244,7 @@ def saved_model_state(path: str) -> Optional[SavedModelState]:
     ``.metadata``, and its extra state from the bytes the metadata points at.
     """
     import torch
+
     if os.path.isdir(path):
         return _saved_sharded_model_state(path)
     if not zipfile.is_zipfile(path):
@@ -242,14 +267,17 @@ def _saved_sharded_model_state(folder: str) -> Optional[SavedModelState]:
     import torch
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     try:
         metadata = FileSystemReader(folder).read_metadata()
     except Exception as e:  # verify_checkpoint has already said why, if it matters
         log.debug('%s: no readable metadata (%s)', folder, e)
         return None
-    shapes = {_strip_module(fqn[len(_SHARDED_MODEL_PREFIX):]): tuple(item.size)
-              for fqn, item in metadata.state_dict_metadata.items()
-              if fqn.startswith(_SHARDED_MODEL_PREFIX) and isinstance(item, TensorStorageMetadata)}
+    shapes = {
+        _strip_module(fqn[len(_SHARDED_MODEL_PREFIX) :]): tuple(item.size)
+        for fqn, item in metadata.state_dict_metadata.items()
+        if fqn.startswith(_SHARDED_MODEL_PREFIX) and isinstance(item, TensorStorageMetadata)
+    }
     if not shapes:
         return None
     # Each non-tensor leaf of the extra state is an object of its own, at the path the planner recorded for it.
@@ -309,8 +337,9 @@ def model_misfit(model_shapes: Mapping[str, Sequence[int]], saved: Mapping[str, 
     count = len(wrong) + len(missing) + len(extra)
     if wrong:
         first = wrong[0]
-        problem = (f'its tensor {first} has shape {_shape(saved[first])} where the model has '
-                   f'{_shape(model_shapes[first])}')
+        problem = (
+            f'its tensor {first} has shape {_shape(saved[first])} where the model has {_shape(model_shapes[first])}'
+        )
     elif missing:
         problem = f'it has no tensor {missing[0]} (shape {_shape(model_shapes[missing[0]])} in the model)'
     elif extra:

@@ -18,8 +18,16 @@ from typing import Any, Callable, Optional
 
 from composer_algos import registry
 
-__all__ = ['BUILD_FAILED', 'DEBUG_ENV', 'RUN_FAILED', 'Stage', 'add_debug_flag', 'debug_requested',
-           'run_folder_of', 'run_guarded']
+__all__ = [
+    'BUILD_FAILED',
+    'DEBUG_ENV',
+    'RUN_FAILED',
+    'Stage',
+    'add_debug_flag',
+    'debug_requested',
+    'run_folder_of',
+    'run_guarded',
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,7 @@ class Stage:
         run_folder: where ``error.log`` goes (``None``: the run has no folder yet).
         progress: how far the run is, for the error line (for example ``at batch 12``).
     """
+
     exit_code: int = BUILD_FAILED
     recipe: Optional[dict[str, Any]] = None
     run_folder: Optional[str] = None
@@ -76,8 +85,11 @@ def run_folder_of(run_name: str) -> str:
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """Add ``--debug`` to an entry point's arguments."""
-    parser.add_argument('--debug', action='store_true',
-                        help=f'raise an error with its traceback instead of one line (or set {DEBUG_ENV}=1)')
+    parser.add_argument(
+        '--debug',
+        action='store_true',
+        help=f'raise an error with its traceback instead of one line (or set {DEBUG_ENV}=1)',
+    )
 
 
 def debug_requested(args: argparse.Namespace) -> bool:
@@ -131,6 +143,7 @@ def run_guarded(body: Callable[[Stage], int], debug: bool = False) -> int:
 def _report(error: Exception, stage: Stage) -> None:
     from composer_algos.data.integrity import DataError
     from composer_algos.distributed import rank_world
+
     rank, world_size = rank_world()
     store = _failure_store(world_size)
     if store is not None:
@@ -217,6 +230,7 @@ def _write_traceback(error: Exception, stage: Stage, rank: int) -> Optional[str]
 def _failure_store(world_size: int) -> Any:
     """The process group's key-value store, in a job of several ranks whose process group exists; else ``None``."""
     import torch.distributed as torch_dist
+
     if world_size == 1 or not (torch_dist.is_available() and torch_dist.is_initialized()):
         return None
     store = torch_dist.distributed_c10d._get_default_store()
@@ -264,6 +278,7 @@ def _leave_process_group() -> None:
     """Destroy the process group, so that a collective in an exit hook fails at once instead of waiting for a peer
     that is gone or stuck (the peers' own collectives fail when this process exits and its connections close)."""
     import torch.distributed as torch_dist
+
     try:
         torch_dist.destroy_process_group()
     except Exception as e:  # leaving is best effort: the process exits next

@@ -39,8 +39,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-
-
 def call_with_config(fn: Callable[..., Any], kwargs: dict, where: str) -> Any:
     """Call ``fn(**kwargs)`` after checking every key against its signature (see :func:`registry.call_checked`)."""
     return call_checked(fn, kwargs, where)
@@ -87,8 +85,9 @@ def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------- data
 def build_dataloader(loader_cfg: dict[str, Any], where: str = 'train_loader') -> Any:
     cfg = dict(loader_cfg)
-    validation.check_loader_files(cfg.get('name', 'streaming_image'), {k: v for k, v in cfg.items() if k != 'name'},
-                                  where)
+    validation.check_loader_files(
+        cfg.get('name', 'streaming_image'), {k: v for k, v in cfg.items() if k != 'name'}, where
+    )
     return registry.build(registry.datasets, cfg, 'dataset', where, default='streaming_image')
 
 
@@ -135,10 +134,13 @@ def prepare_data(cfg: dict[str, Any], dataset: Any = True) -> None:
     from composer.utils import dist
 
     from composer_algos.data.convert import BUNDLED_DATASETS, convert_bundled
+
     name = 'digits' if dataset is True else dataset
     if name not in BUNDLED_DATASETS:
-        raise ConfigError(f"prepare_data must be true, false or one of {', '.join(BUNDLED_DATASETS)}; got "
-                          f"{dataset!r}.{suggest(str(dataset), list(BUNDLED_DATASETS))}")
+        raise ConfigError(
+            f'prepare_data must be true, false or one of {", ".join(BUNDLED_DATASETS)}; got '
+            f'{dataset!r}.{suggest(str(dataset), list(BUNDLED_DATASETS))}'
+        )
     loader = cfg.get('train_loader', {})
     local = loader.get('local')
     if not local:
@@ -154,6 +156,7 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     from composer.utils import dist, reproducibility
 
     from composer_algos.algorithms.schedule_free import add_schedule_free
+
     cfg = dict(cfg)
     check_keys(cfg, list(TOP_LEVEL_KEYS), '')
     for required in ('model', 'train_loader', 'max_duration'):

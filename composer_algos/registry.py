@@ -14,9 +14,28 @@ from typing import Any, Callable, Optional, Sequence
 
 import catalogue
 
-__all__ = ['KINDS', 'ConfigError', 'algorithms', 'build', 'call_checked', 'callbacks', 'check_keys', 'conditioners',
-           'datasets', 'denoisers', 'encoders', 'features', 'loggers', 'models', 'named_items', 'optimizers', 'resolve',
-           'schedulers', 'set_argument_hooks', 'suggest']
+__all__ = [
+    'KINDS',
+    'ConfigError',
+    'algorithms',
+    'build',
+    'call_checked',
+    'callbacks',
+    'check_keys',
+    'conditioners',
+    'datasets',
+    'denoisers',
+    'encoders',
+    'features',
+    'loggers',
+    'models',
+    'named_items',
+    'optimizers',
+    'resolve',
+    'schedulers',
+    'set_argument_hooks',
+    'suggest',
+]
 
 algorithms = catalogue.create('composer_algos', 'algorithms', entry_points=True)
 callbacks = catalogue.create('composer_algos', 'callbacks', entry_points=True)
@@ -33,9 +52,19 @@ loggers = catalogue.create('composer_algos', 'loggers', entry_points=True)
 # Feature extractors of FID (images in [-1, 1] -> features).
 features = catalogue.create('composer_algos', 'features', entry_points=True)
 
-KINDS = {'algorithms': algorithms, 'callbacks': callbacks, 'models': models, 'datasets': datasets,
-         'denoisers': denoisers, 'encoders': encoders, 'conditioners': conditioners, 'optimizers': optimizers,
-         'schedulers': schedulers, 'loggers': loggers, 'features': features}
+KINDS = {
+    'algorithms': algorithms,
+    'callbacks': callbacks,
+    'models': models,
+    'datasets': datasets,
+    'denoisers': denoisers,
+    'encoders': encoders,
+    'conditioners': conditioners,
+    'optimizers': optimizers,
+    'schedulers': schedulers,
+    'loggers': loggers,
+    'features': features,
+}
 
 
 class ConfigError(ValueError):
@@ -65,8 +94,9 @@ def check_keys(section: dict, allowed: Sequence[str], where: str) -> None:
     """A key of ``section`` that is not in ``allowed`` is a :class:`ConfigError` naming it and the closest key."""
     for key in section:
         if key not in allowed:
-            raise ConfigError(f"Unknown key '{where}{key}'.{suggest(key, allowed, where)} "
-                              f"Allowed keys: {', '.join(sorted(allowed))}.")
+            raise ConfigError(
+                f"Unknown key '{where}{key}'.{suggest(key, allowed, where)} Allowed keys: {', '.join(sorted(allowed))}."
+            )
 
 
 def named_items(section: Any, where: str) -> list[tuple[str, dict]]:
@@ -81,11 +111,12 @@ def named_items(section: Any, where: str) -> list[tuple[str, dict]]:
             if isinstance(entry, str):
                 items.append((entry, {}))
             elif isinstance(entry, dict) and len(entry) == 1:
-                (name, kwargs), = entry.items()
+                ((name, kwargs),) = entry.items()
                 items.append((name, dict(kwargs or {})))
             else:
-                raise ConfigError(f'{where}: each list entry must be a name or a one-key mapping name -> arguments, '
-                                  f'got {entry!r}.')
+                raise ConfigError(
+                    f'{where}: each list entry must be a name or a one-key mapping name -> arguments, got {entry!r}.'
+                )
         return items
     raise ConfigError(f'{where} must be a mapping of name -> arguments or a list, got {type(section).__name__}.')
 
@@ -140,8 +171,9 @@ def call_checked(fn: Callable[..., Any], kwargs: dict, where: str, *args: Any) -
         raise ConfigError(f'{where}: {e}') from e
 
 
-def build(registry: catalogue.Registry, config: dict[str, Any], kind: str, where: str, default: str = '',
-          *args: Any) -> Any:
+def build(
+    registry: catalogue.Registry, config: dict[str, Any], kind: str, where: str, default: str = '', *args: Any
+) -> Any:
     """Build the part named by ``config['name']`` (or ``default``) from ``registry`` with the other keys."""
     cfg = dict(config)
     name = cfg.pop('name', default)

@@ -42,9 +42,17 @@ class BitsPerDim(PeriodicEvaluation):
 
     needs = ('images', 'conditioning', 'noise_schedule', 'vlb_terms', 'prior_term')
 
-    def __init__(self, num_images: int = 256, num_terms: Optional[int] = 100, seed: int = 0, batch_size: int = 256,
-                 interval: Optional[Union[str, Time]] = None, loader: Optional[dict[str, Any]] = None,
-                 use_ema: bool = True, metric_name: str = 'bits_per_dim'):
+    def __init__(
+        self,
+        num_images: int = 256,
+        num_terms: Optional[int] = 100,
+        seed: int = 0,
+        batch_size: int = 256,
+        interval: Optional[Union[str, Time]] = None,
+        loader: Optional[dict[str, Any]] = None,
+        use_ema: bool = True,
+        metric_name: str = 'bits_per_dim',
+    ):
         super().__init__(interval, DEFAULT_FOLDER)
         if num_images < 1:
             raise ValueError(f'num_images must be positive, got {num_images}.')
@@ -66,9 +74,11 @@ class BitsPerDim(PeriodicEvaluation):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if getattr(self.diffusion_model(state), 'objective', 'ddpm') == 'flow_matching':
-            raise ConfigError('bits_per_dim sums the variational bound of a DDPM model; a flow-matching model has none '
-                             'here. Remove the bits_per_dim callback from the recipe (FID, loss bands, sample grids and '
-                             'the timestep heatmap work for flow models).')
+            raise ConfigError(
+                'bits_per_dim sums the variational bound of a DDPM model; a flow-matching model has none '
+                'here. Remove the bits_per_dim callback from the recipe (FID, loss bands, sample grids and '
+                'the timestep heatmap work for flow models).'
+            )
         super().fit_start(state, logger)
 
     def evaluate(self, state: State, logger: Logger) -> None:
@@ -76,13 +86,19 @@ class BitsPerDim(PeriodicEvaluation):
         if self._data is None:
             _, world_size = rank_world()
             loader = self.resolve_loader(state, self.loader, 'callbacks.bits_per_dim.loader')
-            self._data = collect_images(loader, model, math.ceil(self.num_images / world_size),
-                                        with_conditioning=True)
+            self._data = collect_images(loader, model, math.ceil(self.num_images / world_size), with_conditioning=True)
         images, conditioning = self._data
         num_batches = all_reduce_max(math.ceil(images.shape[0] / self.batch_size))
         with self.sampling_model(state, self.use_ema) as (model, _):
-            per_image = bits_per_dim(model, images, conditioning, num_terms=self.num_terms, seed=self.seed,
-                                     batch_size=self.batch_size, num_batches=num_batches)
+            per_image = bits_per_dim(
+                model,
+                images,
+                conditioning,
+                num_terms=self.num_terms,
+                seed=self.seed,
+                batch_size=self.batch_size,
+                num_batches=num_batches,
+            )
         totals = all_reduce(torch.tensor([float(per_image.sum()), float(per_image.numel())], dtype=torch.float64))
         value = float(totals[0] / totals[1])
         self.steps.append(self.step(state))
@@ -99,8 +115,9 @@ def band_names(num_timesteps: int, num_bands: int) -> list[str]:
     names = []
     for b in range(num_bands):
         members = t[band == b]
-        names.append(f't{int(members.min()):0{width}d}-{int(members.max()):0{width}d}' if members.numel() else
-                     f'band{b}-empty')
+        names.append(
+            f't{int(members.min()):0{width}d}-{int(members.max()):0{width}d}' if members.numel() else f'band{b}-empty'
+        )
     return names
 
 

@@ -46,22 +46,47 @@ class PromptAccuracy(SamplingEvaluation):
 
     recipe_name = 'prompt_accuracy'
 
-    def __init__(self, prompts: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None,
-                 guidance_scales: Sequence[float] = (1.0, 3.0), num_samples: int = 500, num_steps: int = 50,
-                 eta: float = 0.0, seed: int = 0, batch_size: int = 256, interval: Optional[Union[str, Time]] = None,
-                 classifier: Union[str, nn.Module] = 'digits', classifier_cache_dir: Optional[str] = None,
-                 sample_shape: Optional[tuple[int, ...]] = None, use_ema: bool = True, folder: str = DEFAULT_FOLDER):
+    def __init__(
+        self,
+        prompts: Optional[Sequence[str]] = None,
+        labels: Optional[Sequence[int]] = None,
+        guidance_scales: Sequence[float] = (1.0, 3.0),
+        num_samples: int = 500,
+        num_steps: int = 50,
+        eta: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 256,
+        interval: Optional[Union[str, Time]] = None,
+        classifier: Union[str, nn.Module] = 'digits',
+        classifier_cache_dir: Optional[str] = None,
+        sample_shape: Optional[tuple[int, ...]] = None,
+        use_ema: bool = True,
+        folder: str = DEFAULT_FOLDER,
+    ):
         if (prompts is None) != (labels is None):
-            raise ValueError('Give prompts and labels together (one class index per prompt), or neither for the '
-                             "digits' prompts.")
+            raise ValueError(
+                "Give prompts and labels together (one class index per prompt), or neither for the digits' prompts."
+            )
         if prompts is None:
             prompts, labels = digit_prompts()
         if len(prompts) != len(labels) or not prompts:
             raise ValueError(f'{len(prompts)} prompts for {len(labels)} labels; give one label per prompt.')
         if not guidance_scales or any(not float(s) >= 1 for s in guidance_scales):
             raise ValueError(f'guidance_scales must list scales of at least 1, got {list(guidance_scales)}.')
-        super().__init__(num_samples, num_steps, eta, seed, batch_size, None, sample_shape, use_ema, interval,
-                         folder, prompts=prompts, guidance_scale=max(float(s) for s in guidance_scales))
+        super().__init__(
+            num_samples,
+            num_steps,
+            eta,
+            seed,
+            batch_size,
+            None,
+            sample_shape,
+            use_ema,
+            interval,
+            folder,
+            prompts=prompts,
+            guidance_scale=max(float(s) for s in guidance_scales),
+        )
         self.labels = [int(label) for label in labels]
         self.guidance_scales = [float(s) for s in guidance_scales]
         self.classifier = classifier
@@ -72,17 +97,21 @@ class PromptAccuracy(SamplingEvaluation):
         self._classifier: Optional[nn.Module] = None
 
     def __repr__(self) -> str:
-        return (f'PromptAccuracy(prompts={len(self.prompts)}, guidance_scales={self.guidance_scales}, '
-                f'num_samples={self.num_samples}, interval={self.interval!r})')
+        return (
+            f'PromptAccuracy(prompts={len(self.prompts)}, guidance_scales={self.guidance_scales}, '
+            f'num_samples={self.num_samples}, interval={self.interval!r})'
+        )
 
     def fit_start(self, state: State, logger: Logger) -> None:
         super(SamplingEvaluation, self).fit_start(state, logger)
         conditioner = getattr(self.diffusion_model(state), 'conditioner', None)
         kind = getattr(conditioner, 'kind', None)
         if kind != 'text':
-            raise ConfigError(f'callbacks.prompt_accuracy scores samples generated from prompts; this model is '
-                              f'conditioned on {"nothing" if kind in (None, "", "none") else kind}: remove the '
-                              'callback, or condition the model on text (model.conditioner.name: text).')
+            raise ConfigError(
+                f'callbacks.prompt_accuracy scores samples generated from prompts; this model is '
+                f'conditioned on {"nothing" if kind in (None, "", "none") else kind}: remove the '
+                'callback, or condition the model on text (model.conditioner.name: text).'
+            )
         for scale in self.guidance_scales:
             check_guidance_scale(scale, conditioner, 'callbacks.prompt_accuracy.guidance_scales')
 
@@ -113,16 +142,20 @@ class PromptAccuracy(SamplingEvaluation):
         for scale in self.guidance_scales:
             indices, samples = self.generate(state, guidance_scale=scale)
             samples = _all_samples(indices, samples)
-            metrics[self.metric(scale)] = class_accuracy(self._classifier, samples, self.targets(len(samples)),
-                                                         self.batch_size)
+            metrics[self.metric(scale)] = class_accuracy(
+                self._classifier, samples, self.targets(len(samples)), self.batch_size
+            )
         self.steps.append(step)
         for scale in self.guidance_scales:
             self.values[scale].append(metrics[self.metric(scale)])
         logger.log_metrics(metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        return {'steps': list(self.steps), 'values': {str(s): list(v) for s, v in self.values.items()},
-                'classifier_accuracy': self.classifier_accuracy}
+        return {
+            'steps': list(self.steps),
+            'values': {str(s): list(v) for s, v in self.values.items()},
+            'classifier_accuracy': self.classifier_accuracy,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = [int(s) for s in state.get('steps', [])]
@@ -138,6 +171,7 @@ def _all_samples(indices: list[int], samples: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return samples[torch.tensor(list(indices)).argsort()]
     from composer.utils import dist
+
     gathered = dist.all_gather_object((list(indices), samples.cpu()))
     order = torch.tensor([i for idx, _ in gathered for i in idx]).argsort()
     return torch.cat([s for _, s in gathered])[order]

@@ -26,8 +26,13 @@ from torch.utils.data import DataLoader
 from composer_algos.pixels import from_uint8
 from composer_algos.data.integrity import REWRITE_HINT, DataError, nonfinite_rows
 
-__all__ = ['StreamingImageDataset', 'StreamingBatchLoader', 'build_streaming_image_dataloader', 'flip_mask',
-           'global_batch_size_problem']
+__all__ = [
+    'StreamingImageDataset',
+    'StreamingBatchLoader',
+    'build_streaming_image_dataloader',
+    'flip_mask',
+    'global_batch_size_problem',
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,27 +140,33 @@ def _fixed_records(shard: Any, column: str) -> Optional[_FixedRecords]:
     parts = encodings[names.index(column)].split(':')
     if len(parts) != 3 or parts[0] != 'ndarray':
         return None
-    return _FixedRecords(path=os.path.join(shard.dirname, shard.split or '', shard.raw_data.basename),
-                         samples=int(shard.samples), names=tuple(names), encodings=tuple(encodings),
-                         sizes=tuple(None if size is None else int(size) for size in shard.column_sizes),
-                         data_column=column, data_dtype=np.dtype(parts[1]),
-                         data_shape=tuple(int(d) for d in parts[2].split(',')))
+    return _FixedRecords(
+        path=os.path.join(shard.dirname, shard.split or '', shard.raw_data.basename),
+        samples=int(shard.samples),
+        names=tuple(names),
+        encodings=tuple(encodings),
+        sizes=tuple(None if size is None else int(size) for size in shard.column_sizes),
+        data_column=column,
+        data_dtype=np.dtype(parts[1]),
+        data_shape=tuple(int(d) for d in parts[2].split(',')),
+    )
 
 
-def _column_bytes(layout: _FixedRecords, data: np.ndarray, begins: list[int],
-                  wanted: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
+def _column_bytes(
+    layout: _FixedRecords, data: np.ndarray, begins: list[int], wanted: tuple[str, ...]
+) -> dict[str, list[np.ndarray]]:
     """The bytes of the ``wanted`` columns of the records starting at ``begins``, column by column."""
     out: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
     variable = [i for i, size in enumerate(layout.sizes) if size is None]
     for begin in begins:
-        head = np.frombuffer(data[begin:begin + 4 * len(variable)].tobytes(), np.uint32).tolist()
+        head = np.frombuffer(data[begin : begin + 4 * len(variable)].tobytes(), np.uint32).tolist()
         sizes = list(layout.sizes)
         for index, size in zip(variable, head):
             sizes[index] = size
         position = begin + 4 * len(variable)
         for name, size in zip(layout.names, sizes):
             if name in out:
-                out[name].append(data[position:position + size])
+                out[name].append(data[position : position + size])
             position += size
     return out
 
@@ -172,11 +183,13 @@ def _decode(encoding: str, pieces: Any) -> Any:
     if encoding == 'str':
         return [piece.tobytes().decode('utf-8') for piece in pieces]
     from streaming.base.format.mds.encodings import mds_decode
+
     return [mds_decode(encoding, piece.tobytes()) for piece in pieces]
 
 
-def _read_records(layout: _FixedRecords, rows: np.ndarray,
-                  extra: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _read_records(
+    layout: _FixedRecords, rows: np.ndarray, extra: tuple[str, ...] = ()
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``rows`` of a shard as ``(data of shape (n, *data_shape), int64 labels, {column: values} of the extra
     columns)``: one copy per record out of a memory map of the shard file, no per-sample decoding of the data.
     Raises FileNotFoundError if the file is absent."""
@@ -189,13 +202,16 @@ def _read_records(layout: _FixedRecords, rows: np.ndarray,
     wanted = (layout.data_column, 'label', *extra)
     size = layout.record_size
     if size is not None:
-        records = np.stack([data[b:b + size] for b in begins])
+        records = np.stack([data[b : b + size] for b in begins])
         offsets = np.concatenate([[0], np.cumsum(layout.sizes)]).astype(int)
-        columns: dict[str, Any] = {name: records[:, offsets[i]:offsets[i + 1]]
-                                   for i, name in enumerate(layout.names) if name in wanted}
+        columns: dict[str, Any] = {
+            name: records[:, offsets[i] : offsets[i + 1]] for i, name in enumerate(layout.names) if name in wanted
+        }
     else:
-        columns = {name: [piece.copy() for piece in pieces]
-                   for name, pieces in _column_bytes(layout, data, begins, wanted).items()}
+        columns = {
+            name: [piece.copy() for piece in pieces]
+            for name, pieces in _column_bytes(layout, data, begins, wanted).items()
+        }
     del data  # the views must go before the map can close
     mapped.close()
     encodings = dict(zip(layout.names, layout.encodings))
@@ -215,8 +231,9 @@ class _Prefetch:
         self.position = 0
         self.error: Optional[BaseException] = None
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(dataset, pending, ahead), daemon=True,
-                                       name='streaming-shard-prefetch')
+        self.thread = threading.Thread(
+            target=self._run, args=(dataset, pending, ahead), daemon=True, name='streaming-shard-prefetch'
+        )
         self.thread.start()
 
     def _run(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: Optional[int]) -> None:
@@ -274,30 +291,53 @@ class StreamingImageDataset(StreamingDataset):
         **streaming_kwargs: passed to ``StreamingDataset`` (``num_canonical_nodes``, ``predownload``, ...).
     """
 
-    def __init__(self, local: Optional[str] = None, remote: Optional[str] = None, split: Optional[str] = None,
-                 batch_size: Optional[int] = None, shuffle: bool = True, random_flip: bool = False,
-                 channels: Optional[int] = None, image_size: Optional[int] = None, seed: int = 17,
-                 shuffle_seed: Optional[int] = None, latents: bool = False, yield_batches: bool = False,
-                 drop_last: bool = True, cache_limit: Optional[Union[int, str]] = None,
-                 caption_embeddings: bool = False, **streaming_kwargs: Any):
+    def __init__(
+        self,
+        local: Optional[str] = None,
+        remote: Optional[str] = None,
+        split: Optional[str] = None,
+        batch_size: Optional[int] = None,
+        shuffle: bool = True,
+        random_flip: bool = False,
+        channels: Optional[int] = None,
+        image_size: Optional[int] = None,
+        seed: int = 17,
+        shuffle_seed: Optional[int] = None,
+        latents: bool = False,
+        yield_batches: bool = False,
+        drop_last: bool = True,
+        cache_limit: Optional[Union[int, str]] = None,
+        caption_embeddings: bool = False,
+        **streaming_kwargs: Any,
+    ):
         if remote is None:
             path = os.path.join(local, split) if (local and split) else local
             if path is None or not os.path.exists(os.path.join(path, 'index.json')):
                 raise FileNotFoundError(
                     f'No MDS dataset at {path!r} (index.json missing). Create it with '
                     f'`python recipes/convert_dataset.py --dataset digits --out {local or "<dir>"}`, '
-                    'or set remote: to stream it from object storage.')
+                    'or set remote: to stream it from object storage.'
+                )
         if channels not in (None, 1, 3) and not latents:
             raise ValueError(f'channels must be 1, 3 or None, got {channels!r}.')
         if latents and random_flip:
-            raise ValueError('random_flip is not available with latents: a flipped latent is not the latent of the '
-                             'flipped image. Encode images on the fly (model.encoder) to train with flips.')
+            raise ValueError(
+                'random_flip is not available with latents: a flipped latent is not the latent of the '
+                'flipped image. Encode images on the fly (model.encoder) to train with flips.'
+            )
         if yield_batches and batch_size is None:
             raise ValueError('yield_batches needs batch_size (the per-device batch size).')
         with _shm_prefix_lock():
-            super().__init__(local=local, remote=remote, split=split, shuffle=shuffle, batch_size=batch_size,
-                             shuffle_seed=shuffle_seed if shuffle_seed is not None else seed, cache_limit=cache_limit,
-                             **streaming_kwargs)
+            super().__init__(
+                local=local,
+                remote=remote,
+                split=split,
+                shuffle=shuffle,
+                batch_size=batch_size,
+                shuffle_seed=shuffle_seed if shuffle_seed is not None else seed,
+                cache_limit=cache_limit,
+                **streaming_kwargs,
+            )
         self.random_flip = random_flip
         self.channels = channels
         self.image_size = image_size
@@ -321,12 +361,16 @@ class StreamingImageDataset(StreamingDataset):
         present = tuple(c for c in wanted if all(c in columns for columns in have))
         partly = [c for c in wanted if c not in present and any(c in columns for columns in have)]
         if partly:
-            raise ValueError(f'Some shards of {self.streams[0].local} have the column {partly[0]!r} and some do not; '
-                             'write every shard of a dataset with the same columns.')
+            raise ValueError(
+                f'Some shards of {self.streams[0].local} have the column {partly[0]!r} and some do not; '
+                'write every shard of a dataset with the same columns.'
+            )
         if self.caption_embeddings and not {'caption_embedding', 'caption_mask'} <= set(present):
-            raise ValueError(f'caption_embeddings=true, but the shards of {self.streams[0].local} hold no text '
-                             'encoder outputs (columns caption_embedding, caption_mask); write them with '
-                             '`recipes/convert_dataset.py --encode-captions PATH`, or set caption_embeddings: false.')
+            raise ValueError(
+                f'caption_embeddings=true, but the shards of {self.streams[0].local} hold no text '
+                'encoder outputs (columns caption_embedding, caption_mask); write them with '
+                '`recipes/convert_dataset.py --encode-captions PATH`, or set caption_embeddings: false.'
+            )
         return present
 
     def __getstate__(self) -> dict[str, Any]:
@@ -368,17 +412,22 @@ class StreamingImageDataset(StreamingDataset):
         latents as stored."""
         if self.latents:
             if 'latents' not in sample:
-                raise ValueError(f'Sample {index} has no latents column (columns: {sorted(sample)}); write the shards '
-                                 'with `recipes/convert_dataset.py --encode-latents VAE_PATH`, or set latents: false '
-                                 'for images.')
+                raise ValueError(
+                    f'Sample {index} has no latents column (columns: {sorted(sample)}); write the shards '
+                    'with `recipes/convert_dataset.py --encode-latents VAE_PATH`, or set latents: false '
+                    'for images.'
+                )
             array = np.asarray(sample['latents'])
             if array.ndim != 3:
                 raise ValueError(f'Latents {index} have shape {array.shape}; expected (channels, height, width).')
             return array
         if 'image' not in sample:
-            hint = (' These shards hold precomputed latents: set latents: true in the loader and '
-                    'model.encoder.precomputed: true.'
-                    if 'latents' in sample else '')
+            hint = (
+                ' These shards hold precomputed latents: set latents: true in the loader and '
+                'model.encoder.precomputed: true.'
+                if 'latents' in sample
+                else ''
+            )
             raise ValueError(f'Sample {index} has no image column (columns: {sorted(sample)}).{hint}')
         image = sample['image']
         if isinstance(image, np.ndarray):
@@ -415,7 +464,7 @@ class StreamingImageDataset(StreamingDataset):
                     if prefetch.error is not None:
                         raise RuntimeError('Preparing the shards of this epoch failed.') from prefetch.error
                     prefetch.position = start
-                yield self._read_batch(sample_ids[start:start + size])
+                yield self._read_batch(sample_ids[start : start + size])
         finally:
             if prefetch is not None and prefetch is self._prefetch:
                 self._stop_prefetch()
@@ -442,10 +491,14 @@ class StreamingImageDataset(StreamingDataset):
             self._layouts[shard_id] = _fixed_records(self.shards[shard_id], self.column)
             if self._layouts[shard_id] is None and not self._warned_per_sample:
                 self._warned_per_sample = True
-                log.warning('Shard %d of %s stores %s of varying size or encoded (e.g. PNG): its batches are read and '
-                            'decoded sample by sample. Write raw arrays of one shape (recipes/convert_dataset.py, '
-                            'with --resize for a folder) to read whole batches.', shard_id,
-                            self.streams[self.stream_per_shard[shard_id]].local, self.column)
+                log.warning(
+                    'Shard %d of %s stores %s of varying size or encoded (e.g. PNG): its batches are read and '
+                    'decoded sample by sample. Write raw arrays of one shape (recipes/convert_dataset.py, '
+                    'with --resize for a folder) to read whole batches.',
+                    shard_id,
+                    self.streams[self.stream_per_shard[shard_id]].local,
+                    self.column,
+                )
         return self._layouts[shard_id]
 
     def _read_batch(self, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -470,15 +523,18 @@ class StreamingImageDataset(StreamingDataset):
             if data is None:
                 data = np.empty((len(sample_ids),) + part.shape[1:], dtype=part.dtype)
             elif part.shape[1:] != data.shape[1:] or part.dtype != data.dtype:
-                raise ValueError(f'Samples of one batch differ: {tuple(data.shape[1:])} {data.dtype} against '
-                                 f'{tuple(part.shape[1:])} {part.dtype}; write every image at one size.')
+                raise ValueError(
+                    f'Samples of one batch differ: {tuple(data.shape[1:])} {data.dtype} against '
+                    f'{tuple(part.shape[1:])} {part.dtype}; write every image at one size.'
+                )
             data[where] = part
             labels[where] = part_labels
         assert data is not None
         return {'image': self._to_tensor(data, sample_ids), 'label': torch.from_numpy(labels), **_text_tensors(texts)}
 
-    def _read_fixed(self, shard_id: int, layout: _FixedRecords,
-                    rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _read_fixed(
+        self, shard_id: int, layout: _FixedRecords, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         for _ in range(1 + _READ_RETRIES):
             try:
                 values = _read_records(layout, rows, self.text_columns)
@@ -490,8 +546,10 @@ class StreamingImageDataset(StreamingDataset):
             except ValueError as e:  # the file is shorter than its records: truncated since the start-up check
                 raise DataError(f'shard {layout.path} is corrupt ({e}); {REWRITE_HINT}') from e
         else:
-            raise RuntimeError(f'Shard {shard_id} ({layout.path}) went missing {1 + _READ_RETRIES} times while being '
-                               'read; if cache_limit is set, it may be too low for this many workers.')
+            raise RuntimeError(
+                f'Shard {shard_id} ({layout.path}) went missing {1 + _READ_RETRIES} times while being '
+                'read; if cache_limit is set, it may be too low for this many workers.'
+            )
         self._shard_access_times[shard_id] = time_ns()  # least recently used shards are evicted first
         return values
 
@@ -513,21 +571,31 @@ class StreamingImageDataset(StreamingDataset):
         """Checked, flipped and scaled: uint8 images to float32 in [-1, 1]; latents to float32 as stored."""
         kind = 'Latents' if self.latents else 'Images'
         if self.image_size is not None and data.shape[2:] != (self.image_size, self.image_size):
-            raise ValueError(f'{kind} of sample {int(sample_ids[0])} have size {data.shape[2:]} but '
-                             f'image_size={self.image_size}; resize the images when converting, or set image_size to '
-                             'match.')
+            raise ValueError(
+                f'{kind} of sample {int(sample_ids[0])} have size {data.shape[2:]} but '
+                f'image_size={self.image_size}; resize the images when converting, or set image_size to '
+                'match.'
+            )
         if self.latents:
             if self.channels is not None and data.shape[1] != self.channels:
-                raise ValueError(f'Latents of sample {int(sample_ids[0])} have {data.shape[1]} channels but '
-                                 f'channels={self.channels}.')
+                raise ValueError(
+                    f'Latents of sample {int(sample_ids[0])} have {data.shape[1]} channels but '
+                    f'channels={self.channels}.'
+                )
             latents = np.ascontiguousarray(data, dtype=np.float32)
             bad = nonfinite_rows(latents)
             if bad:
                 shard_ids, _ = self._shard_ids(sample_ids[bad])
-                files = sorted({os.path.join(self.shards[s].dirname, self.shards[s].split,
-                                             self.shards[s].raw_data.basename) for s in shard_ids.tolist()})
-                raise DataError(f'latents of samples {sample_ids[bad].tolist()} (in {", ".join(files)}) hold NaN or '
-                                'inf values; recompute or drop them')
+                files = sorted(
+                    {
+                        os.path.join(self.shards[s].dirname, self.shards[s].split, self.shards[s].raw_data.basename)
+                        for s in shard_ids.tolist()
+                    }
+                )
+                raise DataError(
+                    f'latents of samples {sample_ids[bad].tolist()} (in {", ".join(files)}) hold NaN or '
+                    'inf values; recompute or drop them'
+                )
             return torch.from_numpy(latents)
         if data.dtype != np.uint8:
             raise ValueError(f'Images are stored as {data.dtype}; expected uint8 (0..255).')
@@ -558,8 +626,10 @@ def _text_tensors(columns: dict[str, Any]) -> dict[str, Any]:
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f'Samples of one batch have different shapes {sorted(shapes)}; resize the images when '
-                         'converting (--resize) so that they can be batched.')
+        raise ValueError(
+            f'Samples of one batch have different shapes {sorted(shapes)}; resize the images when '
+            'converting (--resize) so that they can be batched.'
+        )
     return np.stack(arrays)
 
 
@@ -570,12 +640,22 @@ class StreamingBatchLoader(DataLoader):
     per-device batch size and the number of batches per epoch, as for an ordinary DataLoader (Composer reads both).
     """
 
-    def __init__(self, dataset: StreamingImageDataset, num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False):
+    def __init__(
+        self,
+        dataset: StreamingImageDataset,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
         if not dataset.yield_batches:
             raise ValueError('StreamingBatchLoader needs a dataset made with yield_batches=True.')
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=persistent_workers)
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
 
     @property
     def batch_size(self) -> int:  # type: ignore[override]
@@ -585,7 +665,7 @@ class StreamingBatchLoader(DataLoader):
     def batch_size(self, value: Optional[int]) -> None:
         # DataLoader.__init__ records batch_size=None (no collation); the size is the dataset's.
         if value is not None:
-            raise ValueError('The batch size of a StreamingBatchLoader is its dataset\'s batch_size.')
+            raise ValueError("The batch size of a StreamingBatchLoader is its dataset's batch_size.")
 
     def __len__(self) -> int:
         samples, size = len(self.dataset), int(self.dataset.batch_size)
@@ -604,10 +684,17 @@ def global_batch_size_problem(global_batch_size: int, world_size: int) -> Option
     return None
 
 
-def build_streaming_image_dataloader(global_batch_size: int, local: Optional[str] = None,
-                                     remote: Optional[str] = None, split: Optional[str] = None,
-                                     num_workers: int = 0, drop_last: bool = True, shuffle: bool = True,
-                                     pin_memory: Optional[bool] = None, **dataset_kwargs: Any) -> DataLoader:
+def build_streaming_image_dataloader(
+    global_batch_size: int,
+    local: Optional[str] = None,
+    remote: Optional[str] = None,
+    split: Optional[str] = None,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    shuffle: bool = True,
+    pin_memory: Optional[bool] = None,
+    **dataset_kwargs: Any,
+) -> DataLoader:
     """A loader of per-device batches from a :class:`StreamingImageDataset` (see it for ``dataset_kwargs``).
 
     Batches are formed by the dataset (``yield_batches``), in streaming's order. ``pin_memory`` defaults to
@@ -618,8 +705,19 @@ def build_streaming_image_dataloader(global_batch_size: int, local: Optional[str
     if problem is not None:
         raise ValueError(f'global_batch_size={global_batch_size}: {problem}.')
     device_batch_size = global_batch_size // world_size
-    dataset = StreamingImageDataset(local=local, remote=remote, split=split, batch_size=device_batch_size,
-                                    shuffle=shuffle, yield_batches=True, drop_last=drop_last, **dataset_kwargs)
-    return StreamingBatchLoader(dataset, num_workers=num_workers,
-                                pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                                persistent_workers=num_workers > 0)
+    dataset = StreamingImageDataset(
+        local=local,
+        remote=remote,
+        split=split,
+        batch_size=device_batch_size,
+        shuffle=shuffle,
+        yield_batches=True,
+        drop_last=drop_last,
+        **dataset_kwargs,
+    )
+    return StreamingBatchLoader(
+        dataset,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0,
+    )

@@ -50,8 +50,15 @@ class FlowMatchingModel(DiffusionModel):
     objective = 'flow_matching'
     prediction_types = ('velocity',)
 
-    def __init__(self, denoiser: nn.Module, noise_schedule: Optional[FlowSchedule] = None,
-                 prediction_type: str = 'velocity', *, solver: str = 'euler', **kwargs: Any):
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        noise_schedule: Optional[FlowSchedule] = None,
+        prediction_type: str = 'velocity',
+        *,
+        solver: str = 'euler',
+        **kwargs: Any,
+    ):
         if noise_schedule is not None and not isinstance(noise_schedule, FlowSchedule):
             raise TypeError(f'A flow-matching model takes a FlowSchedule, got {type(noise_schedule).__name__}.')
         if solver not in SOLVERS:
@@ -87,16 +94,26 @@ class FlowMatchingModel(DiffusionModel):
         return self.noise_schedule.target(x0, noise)
 
     def vlb_terms(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise ValueError('A flow-matching model has no discrete variational bound: bits/dim and VLB rewards are '
-                         "DDPM's (objective: ddpm). Remove the bits_per_dim callback; the adaptive sampler rewards "
-                         'the flow-matching loss reduction on its own.')
+        raise ValueError(
+            'A flow-matching model has no discrete variational bound: bits/dim and VLB rewards are '
+            "DDPM's (objective: ddpm). Remove the bits_per_dim callback; the adaptive sampler rewards "
+            'the flow-matching loss reduction on its own.'
+        )
 
     def prior_term(self, x0: torch.Tensor) -> torch.Tensor:
         return self.vlb_terms()
 
     # ----------------------------------------------------------------------------------------- generation
-    def _sample(self, x: torch.Tensor, cond: dict, num_steps: int, eta: float, clip: bool, gen: torch.Generator,
-                solver: Optional[str]) -> torch.Tensor:
+    def _sample(
+        self,
+        x: torch.Tensor,
+        cond: dict,
+        num_steps: int,
+        eta: float,
+        clip: bool,
+        gen: torch.Generator,
+        solver: Optional[str],
+    ) -> torch.Tensor:
         """Integrate ``dx / dsigma = v(x, sigma)`` from noise at sigma = 1 to sigma = 0 in ``num_steps`` steps.
 
         The levels are :meth:`FlowSchedule.inference_sigmas` (diffusers' grid for the same shift). ``solver``

@@ -178,8 +178,11 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = p.cumsum(-1)
     cdf = cdf / cdf[..., -1:]
     u = u.to(p.device, torch.float64)
-    t = torch.searchsorted(cdf, u, right=True) if p.dim() == 1 else \
-        torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+    t = (
+        torch.searchsorted(cdf, u, right=True)
+        if p.dim() == 1
+        else torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+    )
     return t.clamp(max=p.shape[-1] - 1)
 
 

@@ -24,6 +24,7 @@ def reshard_fsdp2(model: nn.Module) -> None:
     checkpointing and weight swaps (EMA) expect DTensors.
     """
     from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

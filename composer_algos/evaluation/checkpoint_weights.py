@@ -20,11 +20,12 @@ WEIGHTS = ('ema', 'live')
 
 
 def _strip_prefix(state_dict: dict[str, Any], prefix: str = 'module.') -> dict[str, Any]:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
-def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema',
-                            model_config: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def load_checkpoint_weights(
+    model: nn.Module, path: str, weights: str = 'ema', model_config: Optional[Mapping[str, Any]] = None
+) -> dict[str, Any]:
     """Load ``path`` (a monolithic Composer checkpoint file) into ``model``; return ``{'weights', 'step'}``.
 
     Composer's EMA (0.32.1), and :class:`~composer_algos.algorithms.ema.WarmupEMA` built on it, swaps the averaged weights into the model at checkpoint time, keeping the training
@@ -41,8 +42,10 @@ def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema',
     if weights not in WEIGHTS:
         raise ValueError(f'weights must be one of {WEIGHTS}, got {weights!r}.')
     if os.path.isdir(path):
-        raise ValueError(f'{path!r} is a directory (a sharded FSDP checkpoint). Save with '
-                         "parallelism_config.fsdp.state_dict_type: full to get a single file to evaluate.")
+        raise ValueError(
+            f'{path!r} is a directory (a sharded FSDP checkpoint). Save with '
+            'parallelism_config.fsdp.state_dict_type: full to get a single file to evaluate.'
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Checkpoint {path!r} does not exist.')
     checkpoint = torch.load(path, map_location='cpu', weights_only=False)
@@ -53,8 +56,7 @@ def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema',
     used = 'live'
     if ema is not None and ema.get('ema_started'):
         ema_active = bool(ema.get('ema_weights_active'))
-        stored = {**ema['ema_model'].get('named_parameters_dict', {}), **ema['ema_model'].get('named_buffers_dict',
-                                                                                              {})}
+        stored = {**ema['ema_model'].get('named_parameters_dict', {}), **ema['ema_model'].get('named_buffers_dict', {})}
         stored = _strip_prefix(stored)
         # The model holds EMA weights iff ema_weights_active; the EMA state holds the other set.
         if (weights == 'ema') != ema_active:
@@ -63,12 +65,15 @@ def load_checkpoint_weights(model: nn.Module, path: str, weights: str = 'ema',
     elif weights == 'ema':
         log.warning('%s has no started EMA: evaluating the live weights.', path)
     saved = {k: tuple(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
-    problem = model_misfit({k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
-                           saved)
+    problem = model_misfit(
+        {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}, saved
+    )
     if problem is not None:
         origin = written_by(model_state.get('_extra_state'), model_config)
-        raise ConfigError(f'{path} does not fit the model: {problem}{"; " + origin if origin else ""}; evaluate it '
-                          'with the recipe it was trained with.')
+        raise ConfigError(
+            f'{path} does not fit the model: {problem}{"; " + origin if origin else ""}; evaluate it '
+            'with the recipe it was trained with.'
+        )
     model.load_state_dict(model_state)
     timestamp = state.get('timestamp', {})
     timestamp = timestamp.get('Timestamp', timestamp)

@@ -41,8 +41,17 @@ from composer.loggers import Logger
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.common import parse_time, span_fraction
 
-__all__ = ['COMPENSATIONS', 'demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum',
-           'compensation', 'MomentumDecay', 'RULES']
+__all__ = [
+    'COMPENSATIONS',
+    'demon_momentum',
+    'linear_momentum',
+    'decayed_momentum',
+    'momentum_key',
+    'apply_momentum',
+    'compensation',
+    'MomentumDecay',
+    'RULES',
+]
 
 RULES = ('demon', 'linear')
 
@@ -73,8 +82,10 @@ def momentum_key(optimizer: torch.optim.Optimizer) -> str:
         return 'betas'
     if 'momentum' in group:
         return 'momentum'
-    raise TypeError(f'MomentumDecay supports optimizers with betas (Adam, AdamW, DecoupledAdamW) or momentum (SGD, '
-                    f'DecoupledSGDW); {type(optimizer).__name__} has neither.')
+    raise TypeError(
+        f'MomentumDecay supports optimizers with betas (Adam, AdamW, DecoupledAdamW) or momentum (SGD, '
+        f'DecoupledSGDW); {type(optimizer).__name__} has neither.'
+    )
 
 
 COMPENSATIONS = ('total', 'noise', 'none')
@@ -97,8 +108,8 @@ def compensation(key: str, beta0: float, beta: float, mode: str = 'total') -> fl
         return 1.0
     if mode == 'noise':
         if key == 'momentum':
-            return ((1.0 - beta**2) / (1.0 - beta0**2))**0.5
-        return (((1.0 - beta0) / (1.0 + beta0)) / ((1.0 - beta) / (1.0 + beta)))**0.5
+            return ((1.0 - beta**2) / (1.0 - beta0**2)) ** 0.5
+        return (((1.0 - beta0) / (1.0 + beta0)) / ((1.0 - beta) / (1.0 + beta))) ** 0.5
     if mode == 'total':
         return (1.0 - beta) / (1.0 - beta0) if key == 'momentum' else 1.0
     raise ValueError(f'compensation mode must be one of {COMPENSATIONS}, got {mode!r}.')
@@ -149,8 +160,15 @@ class MomentumDecay(DiffusionAlgorithm):
     # It acts on the optimizer alone: it needs nothing of the model and installs nothing there.
     events = (Event.BEFORE_TRAIN_BATCH, Event.BATCH_END)
 
-    def __init__(self, beta_end: float = 0.5, beta0: Optional[float] = None, rule: str = 'demon',
-                 start: str = '0.0dur', end: str = '1.0dur', compensate_lr: Union[bool, str] = 'noise'):
+    def __init__(
+        self,
+        beta_end: float = 0.5,
+        beta0: Optional[float] = None,
+        rule: str = 'demon',
+        start: str = '0.0dur',
+        end: str = '1.0dur',
+        compensate_lr: Union[bool, str] = 'noise',
+    ):
         if not 0.0 <= beta_end < 1.0:
             raise ValueError(f'beta_end must be in [0, 1), got {beta_end}.')
         if beta0 is not None and not 0.0 <= beta0 < 1.0:
