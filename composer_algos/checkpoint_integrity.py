@@ -31,7 +31,8 @@ import os
 import re
 import tarfile
 import zipfile
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = [
     'verify_checkpoint',
@@ -58,7 +59,7 @@ def is_remote(path: str) -> bool:
     return '://' in path
 
 
-def verify_checkpoint(path: str) -> Optional[str]:
+def verify_checkpoint(path: str) -> str | None:
     """Why the checkpoint at ``path`` cannot be loaded, or ``None`` if it can.
 
     A ``.pt`` file is a zip archive: its directory must be present (a truncated file has lost it) and every member
@@ -95,7 +96,7 @@ def verify_checkpoint(path: str) -> Optional[str]:
     return None
 
 
-def _verify_sharded(folder: str) -> Optional[str]:
+def _verify_sharded(folder: str) -> str | None:
     if not os.path.isfile(os.path.join(folder, '.metadata')):
         return 'it has no .metadata (the save did not finish)'
     try:
@@ -119,7 +120,7 @@ def _verify_sharded(folder: str) -> Optional[str]:
 def _name_pattern(template: str, run_name: str) -> re.Pattern:
     """A regex matching the names a Composer filename template gives rank 0's checkpoints, time fields captured."""
     pattern = re.escape(template)
-    for field in _TIME_FIELDS + ('batch_in_epoch', 'sample_in_epoch', 'token_in_epoch'):
+    for field in (*_TIME_FIELDS, 'batch_in_epoch', 'sample_in_epoch', 'token_in_epoch'):
         pattern = pattern.replace(re.escape('{' + field + '}'), f'(?P<{field}>\\d+)')
     fixed = {'run_name': run_name, 'rank': 0, 'local_rank': 0, 'node_rank': 0}
     for field, value in fixed.items():
@@ -144,7 +145,7 @@ def checkpoint_names(folder: str, templates: Sequence[str], run_name: str) -> li
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def newest_readable(paths: Sequence[str]) -> tuple[Optional[str], list[tuple[str, str]]]:
+def newest_readable(paths: Sequence[str]) -> tuple[str | None, list[tuple[str, str]]]:
     """``(first readable path, [(unreadable path, why)] before it)`` for paths ordered newest first."""
     unreadable = []
     for path in paths:
@@ -155,7 +156,7 @@ def newest_readable(paths: Sequence[str]) -> tuple[Optional[str], list[tuple[str
     return None, unreadable
 
 
-def prepare_autoresume(folder: str, latest_name: str, templates: Sequence[str], run_name: str) -> Optional[str]:
+def prepare_autoresume(folder: str, latest_name: str, templates: Sequence[str], run_name: str) -> str | None:
     """Make ``folder/latest_name`` point at the newest readable checkpoint, setting unreadable newer ones aside.
 
     Returns the path autoresume will load (``None``: the folder holds no checkpoint, a fresh start). Raises
@@ -236,7 +237,7 @@ def _strip_module(key: str) -> str:
     return key[len('module.') :] if key.startswith('module.') else key
 
 
-def saved_model_state(path: str) -> Optional[SavedModelState]:
+def saved_model_state(path: str) -> SavedModelState | None:
     """The model tensors' shapes (and the model's extra state) saved in the checkpoint at ``path``, or ``None`` when
     they cannot be read here (a remote, compressed or tar checkpoint, or not a Composer one).
 
@@ -263,7 +264,7 @@ def saved_model_state(path: str) -> Optional[SavedModelState]:
     return SavedModelState(shapes, extra)
 
 
-def _saved_sharded_model_state(folder: str) -> Optional[SavedModelState]:
+def _saved_sharded_model_state(folder: str) -> SavedModelState | None:
     import torch
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -321,7 +322,7 @@ def _shape(shape: Sequence[int]) -> str:
     return '[' + ', '.join(str(d) for d in shape) + ']'
 
 
-def model_misfit(model_shapes: Mapping[str, Sequence[int]], saved: Mapping[str, Sequence[int]]) -> Optional[str]:
+def model_misfit(model_shapes: Mapping[str, Sequence[int]], saved: Mapping[str, Sequence[int]]) -> str | None:
     """Why tensors of the shapes ``saved`` do not load into a model whose tensors have ``model_shapes``, or ``None``.
 
     Names the first tensor (in the model's order) whose shape differs, with both shapes, else the first the
@@ -349,7 +350,7 @@ def model_misfit(model_shapes: Mapping[str, Sequence[int]], saved: Mapping[str, 
     return problem + (f' ({count - 1} more tensors differ)' if count > 1 else '')
 
 
-def written_by(extra: Any, model_config: Optional[Mapping[str, Any]] = None) -> str:
+def written_by(extra: Any, model_config: Mapping[str, Any] | None = None) -> str:
     """Which run wrote a checkpoint whose model recorded ``extra`` (its extra state), and how that run's model
     settings differ from ``model_config`` (the ``model`` section of the recipe at hand); ``''`` when it recorded
     no recipe (checkpoints written before models recorded one, or by other models).

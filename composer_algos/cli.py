@@ -14,7 +14,8 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from composer_algos import registry
 
@@ -62,11 +63,11 @@ class Stage:
     """
 
     exit_code: int = BUILD_FAILED
-    recipe: Optional[dict[str, Any]] = None
-    run_folder: Optional[str] = None
+    recipe: dict[str, Any] | None = None
+    run_folder: str | None = None
     progress: Callable[[], str] = lambda: ''
 
-    def started(self, run_folder: Optional[str] = None, progress: Optional[Callable[[], str]] = None) -> None:
+    def started(self, run_folder: str | None = None, progress: Callable[[], str] | None = None) -> None:
         """Everything is built and the work begins: failures from now on are the run's (:data:`RUN_FAILED`)."""
         self.exit_code = RUN_FAILED
         self.run_folder = run_folder
@@ -178,7 +179,7 @@ def _describe(error: Exception, stage: Stage, explained: bool) -> str:
     return f'{type(error).__name__}: {message}{where}' if message else f'{type(error).__name__}{where}'
 
 
-def _part_key(error: BaseException, recipe: Optional[dict[str, Any]]) -> Optional[str]:
+def _part_key(error: BaseException, recipe: dict[str, Any] | None) -> str | None:
     """The recipe key (``callbacks.fid``) of the innermost algorithm, callback or logger the traceback runs in."""
     if not recipe:
         return None
@@ -202,7 +203,7 @@ def _part_key(error: BaseException, recipe: Optional[dict[str, Any]]) -> Optiona
     return found
 
 
-def _write_traceback(error: Exception, stage: Stage, rank: int) -> Optional[str]:
+def _write_traceback(error: Exception, stage: Stage, rank: int) -> str | None:
     """Write the traceback to the run's ``error.log`` (``error-rank<r>.log`` on other ranks) or a temporary file."""
     text = ''.join(traceback.format_exception(type(error), error, error.__traceback__))
     name = 'error.log' if rank == 0 else f'error-rank{rank}.log'

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -62,7 +63,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
 def _load_with_includes(path: str, seen: tuple[str, ...]) -> DictConfig:
     path = os.path.abspath(path)
     if path in seen:
-        raise ConfigError(f'Recipe includes form a cycle: {" -> ".join(seen + (path,))}.')
+        raise ConfigError(f'Recipe includes form a cycle: {" -> ".join((*seen, path))}.')
     cfg = validation.read_yaml(path)
     includes = cfg.pop('includes', None) or []
     if isinstance(includes, str):
@@ -72,7 +73,7 @@ def _load_with_includes(path: str, seen: tuple[str, ...]) -> DictConfig:
         include_path = os.path.join(os.path.dirname(path), include)
         if not os.path.isfile(include_path):
             raise ConfigError(f'{path}: included fragment {include!r} not found at {include_path}.')
-        merged = OmegaConf.merge(merged, _load_with_includes(include_path, seen + (path,)))
+        merged = OmegaConf.merge(merged, _load_with_includes(include_path, (*seen, path)))
     return OmegaConf.merge(merged, cfg)
 
 
@@ -100,7 +101,7 @@ def build_optimizer(opt_cfg: dict[str, Any], model: torch.nn.Module) -> torch.op
     return registry.build(registry.optimizers, cfg, 'optimizer', 'optimizer', 'adamw', params)
 
 
-def build_scheduler(sched_cfg: Optional[dict[str, Any]]) -> Any:
+def build_scheduler(sched_cfg: dict[str, Any] | None) -> Any:
     if not sched_cfg:
         return None
     return registry.build(registry.schedulers, sched_cfg, 'scheduler', 'scheduler')

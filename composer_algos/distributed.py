@@ -12,7 +12,7 @@ import os
 
 import torch
 import torch.distributed as torch_dist
-import torch.nn as nn
+from torch import nn
 
 __all__ = [
     'all_gather',
@@ -31,7 +31,7 @@ def rank_world() -> tuple[int, int]:
     """``(rank, world_size)``: of the process group, or from the launcher's environment before it exists."""
     if torch_dist.is_available() and torch_dist.is_initialized():
         return torch_dist.get_rank(), torch_dist.get_world_size()
-    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    return int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))
 
 
 def global_positions(local_batch_size: int) -> list[int]:
@@ -108,7 +108,7 @@ def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
         return [tensor[:0] for _ in lengths]
     padded = tensor.new_zeros((longest, *tensor.shape[1:]), device=backend_device())
     padded[: tensor.shape[0]] = tensor
-    return [part[:n].to(tensor.device) for part, n in zip(all_gather(padded), lengths)]
+    return [part[:n].to(tensor.device) for part, n in zip(all_gather(padded), lengths, strict=True)]
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

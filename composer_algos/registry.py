@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import catalogue
 
@@ -79,7 +80,7 @@ FailureExplainer = Callable[[BaseException, dict, str], 'ConfigError']
 _HOOKS: dict[str, Any] = {'check': None, 'explain': None}
 
 
-def set_argument_hooks(check: Optional[ArgumentCheck], explain: Optional[FailureExplainer]) -> None:
+def set_argument_hooks(check: ArgumentCheck | None, explain: FailureExplainer | None) -> None:
     """Install the argument check and failure explainer that :func:`call_checked` uses (``None`` removes them)."""
     _HOOKS.update(check=check, explain=explain)
 
@@ -132,7 +133,7 @@ def resolve(registry: catalogue.Registry, name: str, kind: str) -> Callable[...,
     raise ConfigError(f'Unknown {kind} {name!r}.{hint} Known {kind}s: {", ".join(known) or "none registered"}.')
 
 
-def _parameters(fn: Callable[..., Any]) -> Optional[dict[str, inspect.Parameter]]:
+def _parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
     """The keyword parameters ``fn`` accepts; ``None`` when it takes any (``**kwargs``). A class whose ``__init__``
     passes ``**kwargs`` on to its base's adds the base's parameters."""
     if not inspect.isclass(fn):
@@ -156,7 +157,7 @@ def call_checked(fn: Callable[..., Any], kwargs: dict, where: str, *args: Any) -
     """
     params = _parameters(fn)
     if params is not None:
-        skip = {'self'} | {n for n, _ in zip(list(p for p in params if p != 'self'), args)}
+        skip = {'self'} | {n for n, _ in zip([p for p in params if p != 'self'], args, strict=False)}
         allowed = [n for n, p in params.items() if n not in skip and p.kind != inspect.Parameter.VAR_POSITIONAL]
         check_keys(kwargs, allowed, f'{where}.')
     if _HOOKS['check'] is not None:

@@ -8,7 +8,7 @@ it or on a generator's history: a resumed run draws what the uninterrupted run d
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

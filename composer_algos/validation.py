@@ -20,7 +20,8 @@ import os
 import re
 import types
 import typing
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import torch
 import yaml
@@ -115,9 +116,10 @@ def read_yaml(path: str) -> DictConfig:
 def merge_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """``cfg`` with ``key=value`` overrides merged in; an override that does not parse is named."""
     for override in overrides:
+        # Each override is parsed alone so that the one that does not parse can be named.
         try:
             OmegaConf.from_dotlist([override])
-        except (yaml.YAMLError, OmegaConfBaseException) as e:
+        except (yaml.YAMLError, OmegaConfBaseException) as e:  # noqa: PERF203
             problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
             raise ConfigError(
                 _one_line(
@@ -183,7 +185,7 @@ def _is_other_class(annotation: Any) -> bool:
     )
 
 
-def _union_members(annotation: Any) -> Optional[tuple]:
+def _union_members(annotation: Any) -> tuple | None:
     origin = typing.get_origin(annotation)
     if origin is Union or (hasattr(types, 'UnionType') and origin is types.UnionType):
         return typing.get_args(annotation)
@@ -229,7 +231,7 @@ def _fits(value: Any, annotation: Any) -> bool:
             return False
         args = typing.get_args(annotation)
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
         return all(_fits(v, args[0]) for v in value) if args else True
     if origin in _MAPPINGS:
         return isinstance(value, dict)
@@ -434,7 +436,7 @@ def _check_algorithm_roles(section: Any) -> None:
     )
 
 
-def check_device(device: Optional[str]) -> Any:
+def check_device(device: str | None) -> Any:
     """Composer's device for ``device``; one that does not exist here is named."""
     from composer.utils import get_device
 
@@ -496,8 +498,8 @@ def check_loader_files(name: str, cfg: dict[str, Any], where: str) -> None:
         raise ConfigError(
             _one_line(
                 f'{where}.local={local}: no MDS dataset at {folder} (index.json missing); create it with `python '
-                f'recipes/convert_dataset.py --dataset digits --out {local}` (or prepare_data: true for the digits), or '
-                f'set {where}.remote to stream it from object storage.'
+                f'recipes/convert_dataset.py --dataset digits --out {local}` (or prepare_data: true for the digits), '
+                f'or set {where}.remote to stream it from object storage.'
             )
         )
     try:
@@ -516,7 +518,7 @@ def check_callback_loaders(section: Any) -> None:
                 check_loader_files(loader.pop('name', 'streaming_image'), loader, f'callbacks.{name}.{key}')
 
 
-def _fixed_shape(shard: Any, column: str) -> Optional[tuple[int, ...]]:
+def _fixed_shape(shard: Any, column: str) -> tuple[int, ...] | None:
     names, encodings = list(shard.column_names), list(shard.column_encodings)
     parts = encodings[names.index(column)].split(':')
     if len(parts) == 3 and parts[0] == 'ndarray':
@@ -713,12 +715,12 @@ def _compare_config(config: Any, shape: tuple[int, ...], source: str, where: str
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def check_checkpoints(
-    cfg: dict[str, Any], model: Optional[torch.nn.Module] = None, model_config: Optional[dict[str, Any]] = None
+    cfg: dict[str, Any], model: torch.nn.Module | None = None, model_config: dict[str, Any] | None = None
 ) -> None:
     """The checkpoint a run would load: ``load_path`` must be readable; with ``autoresume``, the newest readable
-    checkpoint in ``save_folder`` is made the one Composer resumes from (see :mod:`composer_algos.checkpoint_integrity`); and
-    the one that will be loaded must fit ``model`` (the model built from ``model_config``, the recipe's section),
-    tensor for tensor.
+    checkpoint in ``save_folder`` is made the one Composer resumes from (see
+    :mod:`composer_algos.checkpoint_integrity`); and the one that will be loaded must fit ``model`` (the model built
+    from ``model_config``, the recipe's section), tensor for tensor.
 
     Global rank 0 inspects and repairs the folder; every rank then raises the same error, if any.
     """
@@ -726,7 +728,7 @@ def check_checkpoints(
 
     from composer_algos import checkpoint_integrity as checkpoints
 
-    problem: Optional[str] = None
+    problem: str | None = None
     if dist.get_global_rank() == 0:
         try:
             _check_checkpoints_here(cfg, checkpoints, format_name_with_dist, model, model_config)
@@ -743,8 +745,8 @@ def _check_checkpoints_here(
     cfg: dict[str, Any],
     checkpoints: Any,
     format_name: Callable[..., str],
-    model: Optional[torch.nn.Module],
-    model_config: Optional[dict[str, Any]],
+    model: torch.nn.Module | None,
+    model_config: dict[str, Any] | None,
 ) -> None:
     run_name = cfg.get('run_name') or ''
     save_folder = cfg.get('save_folder')
@@ -753,7 +755,7 @@ def _check_checkpoints_here(
     )
     templates = [os.path.basename(cfg.get('save_filename', 'ep{epoch}-ba{batch}-rank{rank}.pt')), sharded_dir]
     # The checkpoint Composer will load, and what to change to load another: autoresume's wins over load_path.
-    loaded: Optional[tuple[str, str, str]] = None
+    loaded: tuple[str, str, str] | None = None
     if cfg.get('autoresume') and save_folder and not checkpoints.is_remote(save_folder):
         folder = format_name(save_folder, run_name)
         latest = format_name(cfg.get('save_latest_filename') or 'latest-rank{rank}.pt', run_name)
@@ -796,7 +798,7 @@ def _check_checkpoints_here(
 
 
 def _check_checkpoint_fits(
-    path: str, where: str, other_fix: str, model: torch.nn.Module, model_config: Optional[dict[str, Any]]
+    path: str, where: str, other_fix: str, model: torch.nn.Module, model_config: dict[str, Any] | None
 ) -> None:
     """The model tensors saved at ``path`` against ``model``'s: the first that differs, with both shapes."""
     from composer_algos import checkpoint_integrity as checkpoints

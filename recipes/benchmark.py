@@ -66,7 +66,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from composer_algos import cli
 from composer_algos.evaluation.speedup import (
@@ -76,7 +77,6 @@ from composer_algos.evaluation.speedup import (
     paired_speedup,
     speedup_at,
     steps_to_reach,
-    value_at,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,7 +238,7 @@ def split_methods(text: str) -> list[str]:
             current = ''
         else:
             current += char
-    return [m for m in methods + [current] if m]
+    return [m for m in [*methods, current] if m]
 
 
 def _slug(method: str) -> str:
@@ -356,7 +356,7 @@ def finished_runs(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def finished_run(job: dict[str, Any]) -> Optional[dict[str, Any]]:
+def finished_run(job: dict[str, Any]) -> dict[str, Any] | None:
     """This machine's finished run of ``job`` (see :func:`finished_runs`), or ``None``."""
     from composer_algos.machine import fingerprint_key
 
@@ -523,7 +523,7 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _last_value(callback: Any) -> Optional[float]:
+def _last_value(callback: Any) -> float | None:
     values = getattr(callback, 'values', None)
     return float(values[-1]) if values else None
 
@@ -540,11 +540,11 @@ def _std(xs: Sequence[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def _area_ratio(area: float, reference: float) -> Optional[float]:
+def _area_ratio(area: float, reference: float) -> float | None:
     return area / reference if reference > 0 else None
 
 
-def _spread(ratios: Sequence[Optional[float]]) -> dict[str, Any]:
+def _spread(ratios: Sequence[float | None]) -> dict[str, Any]:
     """Per-seed ratios, their geometric mean (only when every seed has one), min and max over the seeds that do."""
     known = [r for r in ratios if r is not None and r > 0]
     return {
@@ -556,7 +556,7 @@ def _spread(ratios: Sequence[Optional[float]]) -> dict[str, Any]:
     }
 
 
-def _pair_key(run: dict[str, Any]) -> tuple[int, Optional[str]]:
+def _pair_key(run: dict[str, Any]) -> tuple[int, str | None]:
     return run['seed'], run.get('fingerprint_key')
 
 
@@ -566,8 +566,8 @@ def _fraction_key(fraction: float) -> str:
 
 def summarize(
     results: list[dict[str, Any]],
-    budget: Optional[int] = None,
-    floor: Optional[float] = None,
+    budget: int | None = None,
+    floor: float | None = None,
     fractions: Sequence[float] = BUDGET_FRACTIONS,
 ) -> dict[str, Any]:
     """Mean curves per method, and every ratio against uniform, from the mean curves and paired per seed.
@@ -681,7 +681,7 @@ def summarize(
     }
 
 
-def _fmt(x: Optional[float], spec: str = '.2f') -> str:
+def _fmt(x: float | None, spec: str = '.2f') -> str:
     return '—' if x is None else format(x, spec)
 
 
@@ -758,16 +758,18 @@ def sampler_trace_table(results: list[dict[str, Any]], points: int = 6) -> str:
         picks = sorted({series[round(i * (len(series) - 1) / (points - 1))][0] for i in range(points)})
         selected = sorted(k for k in runs[0] if k.startswith('adaptive/S'))
 
-        def at(trace: dict, key: str, step: int) -> Optional[float]:
+        def at(trace: dict, key: str, step: int) -> float | None:
             values = [v for s, v in trace.get(key, []) if s == step]
             return values[-1] if values else None
 
         lines = [
             f'**{method}** (mean over {len(runs)} seeds; S from the first seed)',
             '',
-            '| step | mean t (flow: cell of sigma) | entropy of the batch marginal (nats; uniform: ln T) | '
-            'reward (batch mean; KL reductions for `paper` and `normalized`, loss reductions for `loss` and on '
-            'flow models) | S |',
+            (
+                '| step | mean t (flow: cell of sigma) | entropy of the batch marginal (nats; uniform: ln T) | '
+                'reward (batch mean; KL reductions for `paper` and `normalized`, loss reductions for `loss` and on '
+                'flow models) | S |'
+            ),
             '| ---: | ---: | ---: | ---: | --- |',
         ]
         for step in picks:
@@ -790,8 +792,8 @@ def write_plot(summary: dict[str, Any], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for method, c in sorted(summary['curves'].items()):
-        lo = [m - s for m, s in zip(c['mean'], c['std'])]
-        hi = [m + s for m, s in zip(c['mean'], c['std'])]
+        lo = [m - s for m, s in zip(c['mean'], c['std'], strict=True)]
+        hi = [m + s for m, s in zip(c['mean'], c['std'], strict=True)]
         style = {'linewidth': 2.5, 'color': 'black'} if method == 'uniform' else {'linewidth': 1.2}
         (line,) = ax.plot(c['steps'], c['mean'], label=method, **style)
         ax.fill_between(c['steps'], lo, hi, alpha=0.12, color=line.get_color())
@@ -836,8 +838,8 @@ def loop_overhead(data: str, blocks: int, block_steps: int, warmup_blocks: int, 
         trainer.state.callbacks.insert(0, timer)
         trainer.fit()
         trainer.close()
-    wall = [r / b for r, b in zip(timer.recipe[warmup_blocks:], timer.bare[warmup_blocks:])]
-    cpu = [r / b for r, b in zip(timer.recipe_cpu[warmup_blocks:], timer.bare_cpu[warmup_blocks:])]
+    wall = [r / b for r, b in zip(timer.recipe[warmup_blocks:], timer.bare[warmup_blocks:], strict=False)]
+    cpu = [r / b for r, b in zip(timer.recipe_cpu[warmup_blocks:], timer.bare_cpu[warmup_blocks:], strict=False)]
     return {
         'block_ratios': wall,
         'median_ratio': statistics.median(wall),
@@ -861,7 +863,7 @@ def _interleave_callback(block_steps: int, bare_step: Any) -> Any:
             self.bare: list[float] = []
             self.recipe_cpu: list[float] = []
             self.bare_cpu: list[float] = []
-            self._mark: Optional[tuple[float, float]] = None
+            self._mark: tuple[float, float] | None = None
             self._wall, self._cpu, self._counted, self._steps = 0.0, 0.0, 0, 0
 
         def batch_end(self, state, logger):
@@ -962,8 +964,8 @@ def step_overhead(
             trainer.close()
     result = {}
     for method in methods:
-        cpu = [a / b for a, b in zip(times[method]['cpu'], times['uniform']['cpu'])]
-        wall = [a / b for a, b in zip(times[method]['wall'], times['uniform']['wall'])]
+        cpu = [a / b for a, b in zip(times[method]['cpu'], times['uniform']['cpu'], strict=False)]
+        wall = [a / b for a, b in zip(times[method]['wall'], times['uniform']['wall'], strict=False)]
         result[method] = {
             'cpu_ratio': statistics.median(cpu),
             'wall_ratio': statistics.median(wall),
@@ -999,7 +1001,7 @@ def _apply_tier_defaults(args: argparse.Namespace) -> Tier:
     return tier
 
 
-def prepare_tier(tier: Tier, data: str) -> Optional[float]:
+def prepare_tier(tier: Tier, data: str) -> float | None:
     """Convert the tier's data into ``data`` if missing and load its FID feature extractor, checking that its
     weights are the ones the tier pins; return the extractor's validation accuracy."""
     from composer_algos.data.convert import convert_bundled
@@ -1020,7 +1022,7 @@ def prepare_tier(tier: Tier, data: str) -> Optional[float]:
     return None if accuracy is None else float(accuracy)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         '--tier',
@@ -1111,9 +1113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return cli.run_guarded(lambda stage: _main(parser, args, argv, stage), cli.debug_requested(args))
 
 
-def _main(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional[list[str]], stage: cli.Stage
-) -> int:
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None, stage: cli.Stage) -> int:
     stage.started()
     if args.combine:
         command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
@@ -1178,7 +1178,7 @@ def make_job(
     args: argparse.Namespace,
     method: str,
     seed: int,
-    steps: Optional[int] = None,
+    steps: int | None = None,
     overrides: Sequence[str] = (),
     fid_noise_seeds: Sequence[int] = (),
 ) -> dict[str, Any]:
@@ -1266,8 +1266,8 @@ def publish_race(
     args: argparse.Namespace,
     command: str,
     runs: list[dict[str, Any]],
-    feature_accuracy: Optional[float],
-    record: Optional[dict[str, Any]] = None,
+    feature_accuracy: float | None,
+    record: dict[str, Any] | None = None,
     note: str = '',
     heatmaps: str = '`runs/<method>-s<seed>/timestep_heatmap.png`',
 ) -> None:
@@ -1302,7 +1302,8 @@ def publish_race(
                 f'{heatmaps}):\n\n' + trace + '\n'
             )
     write_plot(summary, os.path.join(args.out, 'fid.png'))
-    print(open(markdown).read())
+    with open(markdown) as f:
+        print(f.read())
 
 
 def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -1323,7 +1324,7 @@ def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str
     keys = ('steps', 'eval_every', 'fid_samples', 'ddim_steps', 'bpd_images', 'bpd_terms')
     uniform = {r['seed']: r['fid'] for r in first['runs'] if r['method'] == 'uniform'}
     runs, methods = [], set()
-    for folder, race in zip(folders, races):
+    for folder, race in zip(folders, races, strict=True):
         differs = [k for k in keys if race['args'].get(k) != first['args'].get(k)]
         differs += [k for k in ('tier', 'objective') if race.get(k, 'ddpm') != first.get(k, 'ddpm')]
         if differs:
@@ -1488,7 +1489,7 @@ def geomean(values: Sequence[float]) -> float:
     return math.exp(_mean([math.log(v) for v in values]))
 
 
-def _pick(scores: dict[str, Optional[float]]) -> str:
+def _pick(scores: dict[str, float | None]) -> str:
     """The setting of the lowest score; the first (the published default) among ties or when none has one."""
     best = (
         min((v, i) for i, v in enumerate(scores.values()) if v is not None)
@@ -1566,11 +1567,12 @@ def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if len(options) == 1:
             continue
         labels = [f'{method}: {"; ".join(o)}' for o in options]
-        winner = stage(method, {label: (_variant(method, o), base) for label, o in zip(labels, options)})
+        winner = stage(method, {label: (_variant(method, o), base) for label, o in zip(labels, options, strict=True)})
         winners[method] = list(options[labels.index(winner)])
         publish(False)
     publish(True)
-    print(open(os.path.join(args.out, 'results.md')).read())
+    with open(os.path.join(args.out, 'results.md')) as f:
+        print(f.read())
     return winners
 
 
@@ -1578,11 +1580,13 @@ def write_tuning_markdown(record: dict[str, Any], path: str) -> None:
     lines = [
         f'Command: `{record["command"]}`',
         '',
-        f'Tier {record["tier"]} ({record["objective"]}); tuning seeds {record["seeds"]} (never raced on the '
-        f'leaderboard); {record["steps"]} steps (half the budget); FID of the final EMA weights from '
-        f"{record['fid_samples']} samples. Score: geometric mean of the seeds' final FIDs (lower is better); "
-        "uniform's learning rate first, then its EMA half-life at the winning rate; every method is tuned on "
-        "top of uniform's winners, its published default listed first (a tie keeps it).",
+        (
+            f'Tier {record["tier"]} ({record["objective"]}); tuning seeds {record["seeds"]} (never raced on the '
+            f'leaderboard); {record["steps"]} steps (half the budget); FID of the final EMA weights from '
+            f"{record['fid_samples']} samples. Score: geometric mean of the seeds' final FIDs (lower is better); "
+            "uniform's learning rate first, then its EMA half-life at the winning rate; every method is tuned on "
+            "top of uniform's winners, its published default listed first (a tie keeps it)."
+        ),
         '',
         '| stage / method | setting | final FID per seed | score | |',
         '| --- | --- | --- | ---: | --- |',
@@ -1626,7 +1630,7 @@ def leaderboard_jobs(
     return jobs
 
 
-def _ratio_block(ratios: Sequence[float], reached: Optional[Sequence[bool]] = None) -> dict[str, Any]:
+def _ratio_block(ratios: Sequence[float], reached: Sequence[bool] | None = None) -> dict[str, Any]:
     point, low, high = geomean_ci(ratios)
     block = {'geomean': point, 'ci95': [low, high], 'per_seed': list(ratios)}
     if reached is not None:
@@ -1635,7 +1639,7 @@ def _ratio_block(ratios: Sequence[float], reached: Optional[Sequence[bool]] = No
 
 
 def leaderboard(
-    runs: list[dict[str, Any]], budget: int, configs: dict[str, Any], step_times: Optional[dict[str, float]] = None
+    runs: list[dict[str, Any]], budget: int, configs: dict[str, Any], step_times: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """The leaderboard of a race: per method, paired per seed against uniform of the same seed and machine, the
     speed-up to uniform's final FID and to its FID at 75% of the budget (a seed that never gets there counts as
@@ -1649,8 +1653,8 @@ def leaderboard(
     for r in runs:
         by_method.setdefault(r['method'], []).append(r)
     methods = {}
-    for method, method_runs in by_method.items():
-        method_runs = sorted(method_runs, key=lambda r: r['seed'])
+    for method, unsorted_runs in by_method.items():
+        method_runs = sorted(unsorted_runs, key=lambda r: r['seed'])
         paired = [(r, uniform[_pair_key(r)]) for r in method_runs if _pair_key(r) in uniform]
         row: dict[str, Any] = {
             'method': method,
@@ -1689,7 +1693,7 @@ def leaderboard(
                 'seeds': len(logs),
                 'min_detectable_speedup_u100': min_detectable_speedup(sd, len(logs)),
             }
-    noise = [list(u['fid_noise_seeds'].values()) + [u['fid'][-1]] for u in uniform.values() if u.get('fid_noise_seeds')]
+    noise = [[*list(u['fid_noise_seeds'].values()), u['fid'][-1]] for u in uniform.values() if u.get('fid_noise_seeds')]
     if noise:
         board['fid_noise'] = {
             'noise_sd_relative': _mean([_std(v) / _mean(v) for v in noise]),
@@ -1742,7 +1746,7 @@ def publish_leaderboard(
     runs: list[dict[str, Any]],
     winners: dict[str, list[str]],
     jobs: Sequence[dict[str, Any]],
-    feature_accuracy: Optional[float],
+    feature_accuracy: float | None,
 ) -> dict[str, Any]:
     """Write the leaderboard (``results.json`` in the shape of :func:`leaderboard` plus the race's settings and
     runs, ``results.md``, ``fid.png``) into ``args.out``; return the record."""
@@ -1789,7 +1793,8 @@ def publish_leaderboard(
         json.dump(record, f, indent=1)
     write_leaderboard_markdown(record, os.path.join(args.out, 'results.md'))
     write_plot(summary, os.path.join(args.out, 'fid.png'))
-    print(open(os.path.join(args.out, 'results.md')).read())
+    with open(os.path.join(args.out, 'results.md')) as f:
+        print(f.read())
     return record
 
 
@@ -1808,17 +1813,21 @@ def write_leaderboard_markdown(record: dict[str, Any], path: str) -> None:
     lines = [
         f'Command: `{record["command"]}`',
         '',
-        f'Tier {record["tier"]} ({record["objective"]}); seeds {record["seeds"]}; {record["steps"]} steps; FID every '
-        f'{args["eval_every"]} steps from {record["fid_samples"]} {sampler}-{args["ddim_steps"]} samples (EMA weights; '
-        'the same starting noise for every method and evaluation) on the shipped feature weights '
-        f"(sha256 {record['feature_sha256'][:12]}...) against the validation split. Uniform's final FID "
-        f'{record["uniform_final_fid"]:.2f} (mean over seeds); real-vs-real floor at these sizes '
-        f'{record["fid_floor"]:.2f}. Settings tuned on other seeds: {record["tuning"]}.',
+        (
+            f'Tier {record["tier"]} ({record["objective"]}); seeds {record["seeds"]}; {record["steps"]} steps; FID '
+            f'every {args["eval_every"]} steps from {record["fid_samples"]} {sampler}-{args["ddim_steps"]} samples '
+            '(EMA weights; the same starting noise for every method and evaluation) on the shipped feature weights '
+            f"(sha256 {record['feature_sha256'][:12]}...) against the validation split. Uniform's final FID "
+            f'{record["uniform_final_fid"]:.2f} (mean over seeds); real-vs-real floor at these sizes '
+            f'{record["fid_floor"]:.2f}. Settings tuned on other seeds: {record["tuning"]}.'
+        ),
         '',
-        'Speed-ups are paired per seed (each run against uniform of the same seed on the same machine), a seed that '
-        "never reaches the target counted at the budget's end; geometric mean over seeds with a 95% bootstrap "
-        "interval (BCa). U@100%: uniform's final FID; U@75%: its FID at 75% of the budget. Step time ratio: "
-        '`--step-overhead` (process CPU per step against uniform, interleaved in one process).',
+        (
+            'Speed-ups are paired per seed (each run against uniform of the same seed on the same machine), a seed '
+            "that never reaches the target counted at the budget's end; geometric mean over seeds with a 95% bootstrap "
+            "interval (BCa). U@100%: uniform's final FID; U@75%: its FID at 75% of the budget. Step time ratio: "
+            '`--step-overhead` (process CPU per step against uniform, interleaved in one process).'
+        ),
         '',
     ]
     if null:
@@ -1842,8 +1851,10 @@ def write_leaderboard_markdown(record: dict[str, Any], path: str) -> None:
         )
     lines += [
         '',
-        '| method | speed-up to U@100% (95% CI) | reached | to U@75% (95% CI) | log-FID area ratio | '
-        'step time ratio | final FID (mean ± sd) | settings |',
+        (
+            '| method | speed-up to U@100% (95% CI) | reached | to U@75% (95% CI) | log-FID area ratio | '
+            'step time ratio | final FID (mean ± sd) | settings |'
+        ),
         '| --- |' + ' ---: |' * 6 + ' --- |',
     ]
     for name, row in rows:

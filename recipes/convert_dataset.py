@@ -25,15 +25,16 @@ centre square. Images are written by ``--workers`` processes, each into its own 
 are merged in file order. Images are stored as raw uint8 arrays (channels, height, width), not PNGs: with one
 shape for all (digits, CIFAR-10, ``--resize``) the loader reads a batch in one pass instead of decoding each
 image. Raw images take more space than PNGs; ``--compression zstd`` shrinks what is uploaded and downloaded
-(streaming decompresses each shard once, when it caches it). ``--encode-latents VAE_PATH`` instead stores the VAE's latents (column ``latents``,
-float16, unscaled; read them with ``latents: true`` in the loader): images are decoded by ``--workers`` threads and
-encoded in batches on one ``--device``. ``--captions`` (folder) writes each image's caption (column ``caption``) from
-a sidecar file beside it (``cat.png`` -> ``cat.txt``) or from ``SRC/captions.jsonl`` (lines ``{"file": "<path
-relative to SRC>", "caption": "..."}``). ``--encode-captions TEXT_ENCODER`` (folder with ``--captions``, or
-``digits_captions``) also stores a text encoder's outputs per caption (``caption_embedding``, ``caption_mask``,
-``caption_pooled``; read with ``caption_embeddings: true`` in the loader and ``model.conditioner.precomputed: true``),
-padded to ``--caption-max-length`` tokens. An error is one line on stderr, ``error: ...``, with its traceback in a
-temporary file (exit code 1; :mod:`composer_algos.cli`); ``--debug`` shows the traceback instead.
+(streaming decompresses each shard once, when it caches it). ``--encode-latents VAE_PATH`` instead stores the VAE's
+latents (column ``latents``, float16, unscaled; read them with ``latents: true`` in the loader): images are decoded
+by ``--workers`` threads and encoded in batches on one ``--device``. ``--captions`` (folder) writes each image's caption
+(column ``caption``) from a sidecar file beside it (``cat.png`` -> ``cat.txt``) or from ``SRC/captions.jsonl`` (lines
+``{"file": "<path relative to SRC>", "caption": "..."}``). ``--encode-captions TEXT_ENCODER`` (folder with
+``--captions``, or ``digits_captions``) also stores a text encoder's outputs per caption (``caption_embedding``,
+``caption_mask``, ``caption_pooled``; read with ``caption_embeddings: true`` in the loader and
+``model.conditioner.precomputed: true``), padded to ``--caption-max-length`` tokens. An error is one line on stderr,
+``error: ...``, with its traceback in a temporary file (exit code 1; :mod:`composer_algos.cli`); ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations

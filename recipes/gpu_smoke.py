@@ -54,13 +54,13 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, get_device
-
 from memory_plan import SD_VAE  # Stable Diffusion's VAE architecture (recipes/memory_plan.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ class RunRecord:
     eval_steps: list[int]
     evaluations: dict[str, dict[int, Any]]  # metric -> step -> value
     algorithms: dict[str, Any]  # class name -> state_dict at the end (the EMA's, as large as the model, left out)
-    peak_bytes: Optional[int]
+    peak_bytes: int | None
 
 
 @dataclasses.dataclass
@@ -111,9 +111,9 @@ class Outcome:
     eval_steps_b: list[int] = dataclasses.field(default_factory=list)
     evaluations_a: dict[str, dict[int, Any]] = dataclasses.field(default_factory=dict)
     evaluations_b: dict[str, dict[int, Any]] = dataclasses.field(default_factory=dict)
-    adaptive_probes: Optional[list[int]] = None  # (run A, run B) probes of the adaptive sampler
-    ms_per_step: Optional[float] = None
-    peak_bytes: Optional[int] = None
+    adaptive_probes: list[int] | None = None  # (run A, run B) probes of the adaptive sampler
+    ms_per_step: float | None = None
+    peak_bytes: int | None = None
     line: str = ''
 
 
@@ -153,15 +153,15 @@ class Recorder(Callback):
 # ----------------------------------------------------------------------------------------------- checks
 def compare_resumed(
     losses_a: list[list[float]], losses_b: list[list[float]], steps: int, resumed_from: int = RESUME_STEP
-) -> Optional[str]:
+) -> str | None:
     """Why run B's per-rank losses are not run A's from step ``resumed_from + 1`` on, or ``None`` if they are."""
-    for rank, (a, b) in enumerate(zip(losses_a, losses_b)):
+    for rank, (a, b) in enumerate(zip(losses_a, losses_b, strict=False)):
         if len(a) != steps or len(b) != steps - resumed_from:
             return f'rank {rank} recorded {len(a)} and {len(b)} losses, expected {steps} and {steps - resumed_from}'
         bad = [x for x in a + b if not math.isfinite(x)]
         if bad:
             return f'rank {rank}: non-finite loss {bad[0]}'
-        for i, (x, y) in enumerate(zip(a[resumed_from:], b)):
+        for i, (x, y) in enumerate(zip(a[resumed_from:], b, strict=True)):
             if x != y:
                 return (
                     f'rank {rank}, step {resumed_from + 1 + i}: resumed loss {y!r} != uninterrupted {x!r} '
@@ -184,7 +184,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def first_difference(a: Any, b: Any, where: str = '') -> Optional[str]:
+def first_difference(a: Any, b: Any, where: str = '') -> str | None:
     """The path of the first entry where two nested states differ (tensors bit for bit), or ``None``."""
     a, b = _plain(a), _plain(b)
     if torch.is_tensor(a) or torch.is_tensor(b):
@@ -207,7 +207,7 @@ def first_difference(a: Any, b: Any, where: str = '') -> Optional[str]:
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return f'{where} length'
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             found = first_difference(x, y, f'{where}[{i}]')
             if found:
                 return found
@@ -215,7 +215,7 @@ def first_difference(a: Any, b: Any, where: str = '') -> Optional[str]:
     return None if a == b else where or 'value'
 
 
-def check_runs(out: Outcome) -> Optional[str]:
+def check_runs(out: Outcome) -> str | None:
     """The checks on what every rank gathered (losses, evaluations, probes): the first failure, or ``None``."""
     reason = compare_resumed(out.losses_a, out.losses_b, out.steps)
     if reason:
@@ -233,7 +233,7 @@ def check_runs(out: Outcome) -> Optional[str]:
     return None
 
 
-def check_states(a: RunRecord, b: RunRecord) -> Optional[str]:
+def check_states(a: RunRecord, b: RunRecord) -> str | None:
     """This rank's algorithm states at the end of both runs, bit for bit; the first difference, or ``None``."""
     for name, state in a.algorithms.items():
         # Composer's default state_dict holds the algorithm's repr, which may contain its memory address.
@@ -247,7 +247,7 @@ def check_states(a: RunRecord, b: RunRecord) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------- set-up
-def collective_ok(error: Optional[str]) -> Optional[str]:
+def collective_ok(error: str | None) -> str | None:
     """A barrier that carries errors: every rank gets the first rank's error (or ``None``).
 
     The error is also written to this rank's stderr at once: if the other ranks are stuck in another collective,
@@ -295,8 +295,8 @@ def digits(split: str, size: int) -> list:
     from composer_algos.data.convert import digits_images
 
     images = []
-    for image, label in digits_images(split):
-        image = image.convert('RGB')
+    for digit, label in digits_images(split):
+        image = digit.convert('RGB')
         if image.size != (size, size):
             image = image.resize((size, size), resample=Image.BICUBIC)
         images.append((image, label))
@@ -336,7 +336,7 @@ class Workspace:
         on_rank_zero(lambda: write_once(folder, write))
         return folder
 
-    def latents(self, size: int, vae_path: str, subfolder: Optional[str], tag: str) -> str:
+    def latents(self, size: int, vae_path: str, subfolder: str | None, tag: str) -> str:
         folder = os.path.join(self.root, 'data', f'digits-latents-{size}px-{tag}')
 
         def write(tmp: str) -> None:
@@ -361,7 +361,7 @@ class Workspace:
         return folder
 
 
-def vae_tag(kind: str, path: str, subfolder: Optional[str]) -> str:
+def vae_tag(kind: str, path: str, subfolder: str | None) -> str:
     """Names the latent shards of a VAE: its kind, and for a given or the recipe's VAE, a digest of its files."""
     if kind == 'random':
         return os.path.basename(path)
@@ -374,7 +374,7 @@ def vae_tag(kind: str, path: str, subfolder: Optional[str]) -> str:
     return f'{kind}-' + hashlib.sha1(repr((folder, files)).encode()).hexdigest()[:12]
 
 
-def vae_config(path: str, subfolder: Optional[str]) -> dict:
+def vae_config(path: str, subfolder: str | None) -> dict:
     with open(os.path.join(path, subfolder or '', 'config.json')) as f:
         return json.load(f)
 
@@ -384,7 +384,7 @@ AGREED_LOADER = 'streaming_image_agreed'
 SHM_RETRIES = 5
 
 
-def barriers_skipped(error: BaseException) -> Optional[int]:
+def barriers_skipped(error: BaseException) -> int | None:
     """How many of a StreamingDataset's barriers a rank skipped when it failed on a shared-memory race, or ``None``
     if ``error`` is not such a failure.
 
@@ -549,10 +549,7 @@ def smoke_configs(
             raise ValueError('the loader reads latents but model.encoder names no VAE')
         local = space.latents(size * factor, vae_path, subfolder, vae_tag(tag, vae_path, subfolder))
     else:
-        if args.tiny:
-            size = TINY_SIZE * (factor if encoder is not None else 1)
-        else:
-            size = int(train['image_size'])
+        size = TINY_SIZE * (factor if encoder is not None else 1) if args.tiny else int(train['image_size'])
         local = space.images(size)
     for loader in (train, evaluation):
         if loader:
@@ -672,7 +669,7 @@ def train(cfg: dict, on_gpu: bool) -> RunRecord:
         evaluations = dict(recorder.metrics)
         for callback in trainer.state.callbacks:
             if hasattr(callback, 'steps') and hasattr(callback, 'values') and callback.values:
-                evaluations[type(callback).__name__] = dict(zip(callback.steps, callback.values))
+                evaluations[type(callback).__name__] = dict(zip(callback.steps, callback.values, strict=False))
         # WarmupEMA's state is a full copy of the weights (gathered to every rank); the evaluations above, which
         # sample from the EMA weights, stand for it.
         algorithms = {
@@ -686,7 +683,7 @@ def train(cfg: dict, on_gpu: bool) -> RunRecord:
     return RunRecord(recorder.losses, recorder.step_seconds, recorder.eval_steps, evaluations, algorithms, peak)
 
 
-def gather(record: Optional[RunRecord]) -> list[Optional[RunRecord]]:
+def gather(record: RunRecord | None) -> list[RunRecord | None]:
     # Algorithm states stay on their rank (compared there); the rest goes to every rank.
     light = None if record is None else dataclasses.replace(record, algorithms={})
     return dist.all_gather_object(light)
@@ -764,7 +761,7 @@ def deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('recipes', nargs='*', help='YAML recipes (default: every scale-out recipe)')
     parser.add_argument('--steps', type=int, default=4, help='steps of run A (run B resumes from step 2)')
@@ -781,7 +778,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipes = args.recipes or default_recipes()
     on_gpu = not args.tiny

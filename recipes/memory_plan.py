@@ -27,10 +27,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
@@ -156,8 +156,9 @@ def dit_activations(num_layers: int, batch: int = 2) -> dict[str, float]:
 
 def vae_transient(image_size: int = 256, measured_size: int = 64) -> float:
     """Per-sample bytes of the VAE encoder's forward (no grad): 3x its largest intermediate tensor, in bf16."""
-    from composer_algos.data.latents import VAEEncoder
     from diffusers import AutoencoderKL
+
+    from composer_algos.data.latents import VAEEncoder
 
     torch.manual_seed(0)
     encoder = VAEEncoder(AutoencoderKL(**SD_VAE))
@@ -211,7 +212,7 @@ def plan(
     return [(f'{name}: {label}', value) for label, value in rows]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--gpus', type=int, default=8, help='FSDP sharding factor: GPUs in the job')
     parser.add_argument('--gpu-memory-gb', type=float, default=80.0)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
@@ -81,7 +82,7 @@ class DiffusionAlgorithm(ReprMixin, Algorithm):
         """The model behind ``state.model`` (unwrapped from DDP), checked for the members this algorithm ``needs``."""
         return get_diffusion_model(state.model, self, self.needs)
 
-    def install(self, model: Any, state: State, logger: Logger) -> Optional[Mapping[str, Any]]:
+    def install(self, model: Any, state: State, logger: Logger) -> Mapping[str, Any] | None:
         """Install on ``model`` at ``Event.INIT``; return the hyperparameters to log (or ``None``).
 
         Must be idempotent: a second call replaces the first installation and keeps the algorithm's state.

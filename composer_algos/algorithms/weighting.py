@@ -84,7 +84,7 @@ def install_loss_weighting(model: Any, weighting: LossWeighting, owner: str) -> 
             f'{schedule.snr(t[bad][:5]).tolist()}); choose other arguments or another prediction type.'
         )
     if bool((weights == 1).all()):
-        warnings.warn(NoEffectWarning(f'{owner} weights every timestep by 1 with these arguments.'))
+        warnings.warn(NoEffectWarning(f'{owner} weights every timestep by 1 with these arguments.'), stacklevel=2)
     # The weights depend on t only (for this schedule and prediction type): the model indexes this table at every
     # batch instead of recomputing the formula.
     model.add_loss_weighting(functools.partial(_table_lookup, weights.float()), owner=owner)

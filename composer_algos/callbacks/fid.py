@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 from composer.core import State, Time
 from composer.loggers import Logger
+from torch import nn
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
 from composer_algos.distributed import all_reduce
 from composer_algos.evaluation.features import FEATURE_CHOICES, build_feature_extractor
 from composer_algos.evaluation.fid import fid_metric, floor_at, update_fid
-from composer_algos.evaluation.plots import metric_curve_png
 from composer_algos.evaluation.generation import rank_world
+from composer_algos.evaluation.plots import metric_curve_png
 from composer_algos.seeding import keyed_generator
 
 __all__ = ['FID']
@@ -79,18 +80,18 @@ class FID(SamplingEvaluation):
         eta: float = 0.0,
         seed: int = 0,
         batch_size: int = 256,
-        interval: Optional[Union[str, Time]] = None,
-        feature: Union[str, nn.Module] = 'auto',
-        inception_weights: Optional[str] = None,
-        classifier_cache_dir: Optional[str] = None,
-        real_loader: Optional[dict[str, Any]] = None,
-        max_real_samples: Optional[int] = None,
-        num_classes: Optional[int] = None,
-        sample_shape: Optional[tuple[int, ...]] = None,
+        interval: str | Time | None = None,
+        feature: str | nn.Module = 'auto',
+        inception_weights: str | None = None,
+        classifier_cache_dir: str | None = None,
+        real_loader: dict[str, Any] | None = None,
+        max_real_samples: int | None = None,
+        num_classes: int | None = None,
+        sample_shape: tuple[int, ...] | None = None,
         use_ema: bool = True,
         metric_name: str = 'FID',
         folder: str = DEFAULT_FOLDER,
-        prompts: Optional[Sequence[str]] = None,
+        prompts: Sequence[str] | None = None,
         guidance_scale: float = 1.0,
     ):
         # At least 2 samples: the features' covariance needs them.
@@ -122,8 +123,8 @@ class FID(SamplingEvaluation):
         self.metric_name = metric_name
         self.steps: list[int] = []
         self.values: list[float] = []
-        self.floor: Optional[float] = None
-        self.feature_sha256: Optional[str] = None
+        self.floor: float | None = None
+        self.feature_sha256: str | None = None
         self._metric = None
 
     def __repr__(self) -> str:
@@ -196,7 +197,7 @@ class FID(SamplingEvaluation):
         self._metric = metric
 
     # ------------------------------------------------------------------------------------------- evaluation
-    def score(self, state: State, logger: Logger, noise_seed: Optional[int] = None) -> float:
+    def score(self, state: State, logger: Logger, noise_seed: int | None = None) -> float:
         """FID of the current (EMA) weights' samples, from the noise of ``noise_seed`` (default: the callback's
         seed), without logging or recording it: another noise seed on the same weights measures FID's sampling
         noise."""

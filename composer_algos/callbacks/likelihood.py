@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from composer.core import Callback, State, Time
@@ -12,10 +12,10 @@ from composer.loggers import Logger
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
 from composer_algos.diffusion.model import timestep_bands
-from composer_algos.evaluation.fid import collect_images
-from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.distributed import all_reduce, rank_world
+from composer_algos.evaluation.fid import collect_images
 from composer_algos.evaluation.generation import all_reduce_max
+from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.registry import ConfigError
 
 __all__ = ['BitsPerDim', 'LossBands', 'band_names']
@@ -45,11 +45,11 @@ class BitsPerDim(PeriodicEvaluation):
     def __init__(
         self,
         num_images: int = 256,
-        num_terms: Optional[int] = 100,
+        num_terms: int | None = 100,
         seed: int = 0,
         batch_size: int = 256,
-        interval: Optional[Union[str, Time]] = None,
-        loader: Optional[dict[str, Any]] = None,
+        interval: str | Time | None = None,
+        loader: dict[str, Any] | None = None,
         use_ema: bool = True,
         metric_name: str = 'bits_per_dim',
     ):
@@ -65,7 +65,7 @@ class BitsPerDim(PeriodicEvaluation):
         self.loader = loader
         self.use_ema = use_ema
         self.metric_name = metric_name
-        self._data: Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]] = None
+        self._data: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.steps: list[int] = []
         self.values: list[float] = []
 
@@ -149,4 +149,6 @@ class LossBands(Callback):
             return
         values = torch.as_tensor(metric.compute()).flatten()
         names = band_names(int(metric.num_timesteps), int(metric.num_bands))
-        logger.log_metrics({f'metrics/{label}/{self.metric_name}/{name}': float(v) for name, v in zip(names, values)})
+        logger.log_metrics(
+            {f'metrics/{label}/{self.metric_name}/{name}': float(v) for name, v in zip(names, values, strict=False)}
+        )

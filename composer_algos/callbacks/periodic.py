@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from composer.core import Callback, Event, State, Time
@@ -40,7 +41,7 @@ class PeriodicEvaluation(Callback):
     # The members of the model contract (composer_algos.diffusion.contract) the evaluation uses.
     needs: tuple[str, ...] = ('images',)
 
-    def __init__(self, interval: Optional[Union[str, Time]] = None, folder: str = DEFAULT_FOLDER):
+    def __init__(self, interval: str | Time | None = None, folder: str = DEFAULT_FOLDER):
         self.interval = interval
         self.folder = folder
         self._due = (
@@ -93,9 +94,8 @@ class PeriodicEvaluation(Callback):
     def sampling_model(self, state: State, use_ema: bool):
         """The diffusion model in eval mode, with Composer's EMA weights swapped in when ``use_ema``."""
         model = self.diffusion_model(state)
-        with ema_weights(state) if use_ema else contextlib.nullcontext(False) as ema_active:
-            with eval_mode(model):
-                yield model, ema_active
+        with ema_weights(state) if use_ema else contextlib.nullcontext(False) as ema_active, eval_mode(model):
+            yield model, ema_active
 
     def output_path(self, state: State, filename: str) -> str:
         return os.path.join(format_name_with_dist(self.folder, state.run_name), filename)
@@ -120,7 +120,7 @@ class PeriodicEvaluation(Callback):
         return state.evaluators[0].dataloader.dataloader
 
     @staticmethod
-    def sample_shape(state: State, model: Any, given: Optional[tuple[int, ...]]) -> tuple[int, ...]:
+    def sample_shape(state: State, model: Any, given: tuple[int, ...] | None) -> tuple[int, ...]:
         if given is not None:
             return tuple(int(s) for s in given)
         if state.batch is None:
@@ -159,13 +159,13 @@ class SamplingEvaluation(PeriodicEvaluation):
         eta: float,
         seed: int,
         batch_size: int,
-        num_classes: Optional[int],
-        sample_shape: Optional[tuple[int, ...]],
+        num_classes: int | None,
+        sample_shape: tuple[int, ...] | None,
         use_ema: bool,
-        interval: Optional[Union[str, Time]],
+        interval: str | Time | None,
         folder: str,
         min_samples: int = 1,
-        prompts: Optional[Sequence[str]] = None,
+        prompts: Sequence[str] | None = None,
         guidance_scale: float = 1.0,
     ):
         super().__init__(interval, folder)
@@ -187,7 +187,7 @@ class SamplingEvaluation(PeriodicEvaluation):
         if not guidance_scale >= 1:
             raise ValueError(f'guidance_scale must be at least 1 (1: no guidance), got {guidance_scale}.')
         self.guidance_scale = float(guidance_scale)
-        self._data_prompts: Optional[list[str]] = None
+        self._data_prompts: list[str] | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
         super().fit_start(state, logger)
@@ -206,7 +206,7 @@ class SamplingEvaluation(PeriodicEvaluation):
         """The loader (or its config) whose captions are the default prompts; ``None``: the Trainer's eval loader."""
         return None
 
-    def resolve_prompts(self, state: State, model: Any) -> Optional[list[str]]:
+    def resolve_prompts(self, state: State, model: Any) -> list[str] | None:
         """The prompts of the samples: ``prompts`` as given; for a text-conditioned model without them, the captions
         of the first :meth:`prompt_count` examples of :meth:`prompt_loader` (read once); ``None`` otherwise."""
         if self.prompts is not None or getattr(getattr(model, 'conditioner', None), 'kind', None) != 'text':
@@ -217,7 +217,7 @@ class SamplingEvaluation(PeriodicEvaluation):
         return self._data_prompts
 
     def generate(
-        self, state: State, guidance_scale: Optional[float] = None, prompts: Optional[Sequence[str]] = None
+        self, state: State, guidance_scale: float | None = None, prompts: Sequence[str] | None = None
     ) -> tuple[list[int], torch.Tensor]:
         """This rank's share of the samples, from the EMA weights in eval mode: ``(indices, samples)``
         (``guidance_scale`` and ``prompts``: others than the callback's)."""

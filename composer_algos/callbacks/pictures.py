@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import math
-from typing import Any, Optional, Sequence, Union
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,9 +18,9 @@ from composer.utils.misc import create_interval_scheduler
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
 from composer_algos.diffusion.contract import get_diffusion_model
 from composer_algos.diffusion.utils import device_batch
-from composer_algos.evaluation.plots import captioned_grid, image_grid, prompt_rows, save_png, timestep_heatmap_png
 from composer_algos.distributed import all_reduce
 from composer_algos.evaluation.generation import gather_by_index, rank_world
+from composer_algos.evaluation.plots import captioned_grid, image_grid, prompt_rows, save_png, timestep_heatmap_png
 
 __all__ = ['SampleGrid', 'TimestepHeatmap']
 
@@ -58,12 +59,12 @@ class SampleGrid(SamplingEvaluation):
         seed: int = 0,
         batch_size: int = 256,
         scale: int = 4,
-        interval: Optional[Union[str, Time]] = None,
-        num_classes: Optional[int] = None,
-        sample_shape: Optional[tuple[int, ...]] = None,
+        interval: str | Time | None = None,
+        num_classes: int | None = None,
+        sample_shape: tuple[int, ...] | None = None,
         use_ema: bool = True,
         folder: str = DEFAULT_FOLDER,
-        prompts: Optional[Sequence[str]] = None,
+        prompts: Sequence[str] | None = None,
         guidance_scale: float = 1.0,
     ):
         super().__init__(
@@ -87,7 +88,7 @@ class SampleGrid(SamplingEvaluation):
         if scale < 1:
             raise ValueError(f'scale must be positive, got {scale}.')
         self.scale = int(scale)
-        self.last_path: Optional[str] = None
+        self.last_path: str | None = None
 
     def __repr__(self) -> str:
         return f'SampleGrid(num_samples={self.num_samples}, num_steps={self.num_steps}, interval={self.interval!r})'
@@ -138,7 +139,7 @@ class TimestepHeatmap(Callback):
     # The members of the model contract (composer_algos.diffusion.contract) the heatmap uses.
     needs = ('images', 'timestep_distribution', 'timestep_sampler', 'timestep_sampler_owner')
 
-    def __init__(self, interval: Union[str, Time] = '100ba', max_images: int = 64, folder: str = DEFAULT_FOLDER):
+    def __init__(self, interval: str | Time = '100ba', max_images: int = 64, folder: str = DEFAULT_FOLDER):
         if max_images < 1:
             raise ValueError(f'max_images must be positive, got {max_images}.')
         self.interval = interval
@@ -149,7 +150,7 @@ class TimestepHeatmap(Callback):
         )
         self.steps: list[int] = []
         self.rows: list[torch.Tensor] = []
-        self.last_path: Optional[str] = None
+        self.last_path: str | None = None
 
     def __repr__(self) -> str:
         return f'TimestepHeatmap(interval={self.interval!r}, max_images={self.max_images})'

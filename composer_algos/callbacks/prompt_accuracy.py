@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 from composer.core import State, Time
 from composer.loggers import Logger
+from torch import nn
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
 from composer_algos.data.convert import digit_prompts
-from composer_algos.evaluation.conditioning import build_classifier, class_accuracy
 from composer_algos.diffusion.conditioning import check_guidance_scale
 from composer_algos.distributed import is_distributed
+from composer_algos.evaluation.conditioning import build_classifier, class_accuracy
 from composer_algos.registry import ConfigError
 
 __all__ = ['PromptAccuracy']
@@ -48,18 +49,18 @@ class PromptAccuracy(SamplingEvaluation):
 
     def __init__(
         self,
-        prompts: Optional[Sequence[str]] = None,
-        labels: Optional[Sequence[int]] = None,
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[int] | None = None,
         guidance_scales: Sequence[float] = (1.0, 3.0),
         num_samples: int = 500,
         num_steps: int = 50,
         eta: float = 0.0,
         seed: int = 0,
         batch_size: int = 256,
-        interval: Optional[Union[str, Time]] = None,
-        classifier: Union[str, nn.Module] = 'digits',
-        classifier_cache_dir: Optional[str] = None,
-        sample_shape: Optional[tuple[int, ...]] = None,
+        interval: str | Time | None = None,
+        classifier: str | nn.Module = 'digits',
+        classifier_cache_dir: str | None = None,
+        sample_shape: tuple[int, ...] | None = None,
         use_ema: bool = True,
         folder: str = DEFAULT_FOLDER,
     ):
@@ -91,10 +92,10 @@ class PromptAccuracy(SamplingEvaluation):
         self.guidance_scales = [float(s) for s in guidance_scales]
         self.classifier = classifier
         self.classifier_cache_dir = classifier_cache_dir
-        self.classifier_accuracy: Optional[float] = None
+        self.classifier_accuracy: float | None = None
         self.steps: list[int] = []
         self.values: dict[float, list[float]] = {s: [] for s in self.guidance_scales}
-        self._classifier: Optional[nn.Module] = None
+        self._classifier: nn.Module | None = None
 
     def __repr__(self) -> str:
         return (
@@ -120,7 +121,7 @@ class PromptAccuracy(SamplingEvaluation):
         """The logged name of the accuracy at guidance ``scale``."""
         return f'prompt_accuracy/guidance_{scale:g}'
 
-    def targets(self, count: Optional[int] = None) -> torch.Tensor:
+    def targets(self, count: int | None = None) -> torch.Tensor:
         """The class each of the first ``count`` (default ``num_samples``) samples is asked for."""
         count = self.num_samples if count is None else count
         return torch.tensor([self.labels[i % len(self.labels)] for i in range(count)])

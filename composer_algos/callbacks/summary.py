@@ -68,7 +68,9 @@ def run_summary(trainer: Any) -> list[str]:
     if saver is not None:
         folder = format_name_with_dist(saver.folder, state.run_name)
         files.append(f'checkpoints: {_here(folder)}' if '://' not in folder else f'checkpoints: {folder}')
-    for destination in trainer.logger.destinations:
-        if isinstance(destination, FileLogger):
-            files.append(f'log: {_here(destination.filename)}')
+    files.extend(
+        f'log: {_here(destination.filename)}'
+        for destination in trainer.logger.destinations
+        if isinstance(destination, FileLogger)
+    )
     return lines + files

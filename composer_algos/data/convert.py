@@ -28,8 +28,9 @@ import math
 import multiprocessing
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -88,7 +89,7 @@ R = TypeVar('R')
 CAPTION_COLUMNS = {'caption': 'str'}
 
 
-def image_columns(shape: Optional[Sequence[int]] = None, captions: bool = False) -> dict[str, str]:
+def image_columns(shape: Sequence[int] | None = None, captions: bool = False) -> dict[str, str]:
     """MDS columns of an image dataset: ``image`` as uint8 (C, H, W), fixed to ``shape`` if given, and ``label``
     (and ``caption`` with ``captions``)."""
     image = 'ndarray:uint8' if shape is None else 'ndarray:uint8:' + ','.join(str(int(d)) for d in shape)
@@ -138,7 +139,7 @@ def image_array(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert('RGB'), dtype=np.uint8).transpose(2, 0, 1))
 
 
-def image_encoding(folder: str) -> Optional[str]:
+def image_encoding(folder: str) -> str | None:
     """The MDS encoding of the ``image`` column of the shards indexed in ``folder`` (``None`` if it has none)."""
     with open(os.path.join(folder, 'index.json')) as f:
         shards = json.load(f)['shards']
@@ -153,10 +154,10 @@ def write_mds(
     samples: Iterable[tuple],
     out: str,
     size_limit: str | int = '64mb',
-    total: Optional[int] = None,
+    total: int | None = None,
     progress: bool = True,
-    compression: Optional[str] = None,
-    shape: Optional[Sequence[int]] = None,
+    compression: str | None = None,
+    shape: Sequence[int] | None = None,
     captions: bool = False,
     caption_encoder: Any = None,
     encode_batch_size: int = 64,
@@ -214,7 +215,7 @@ def digits_images(split: str) -> list[tuple[Image.Image, int]]:
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
     images = np.clip(np.round(digits.images[index] * 255.0 / 16.0), 0, 255).astype(np.uint8)
-    return [(Image.fromarray(img, mode='L'), int(y)) for img, y in zip(images, digits.target[index])]
+    return [(Image.fromarray(img, mode='L'), int(y)) for img, y in zip(images, digits.target[index], strict=True)]
 
 
 def cifar10_images(root: str, split: str) -> Iterator[tuple[Image.Image, int]]:
@@ -222,8 +223,7 @@ def cifar10_images(root: str, split: str) -> Iterator[tuple[Image.Image, int]]:
     from torchvision.datasets import CIFAR10
 
     data = CIFAR10(root=root, train=(split == 'train'), download=True)
-    for image, label in data:
-        yield image, label
+    yield from data
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -290,14 +290,14 @@ def folder_captions(root: str, paths: Sequence[str]) -> list[str]:
     return captions
 
 
-def load_image(path: str, resize: Optional[int] = None) -> Image.Image:
+def load_image(path: str, resize: int | None = None) -> Image.Image:
     """An RGB image, centre-cropped to ``resize`` x ``resize`` if given."""
     with Image.open(path) as img:
         image = img.convert('RGB')
     return center_crop(image, resize) if resize else image
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: Optional[int] = None) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int | None = None) -> Iterator[R]:
     """``map(fn, items)`` on ``workers`` threads, in order, with at most ``window`` results in flight.
 
     ``ThreadPoolExecutor.map`` submits every item at once, so with a slower consumer all decoded images of a large
@@ -315,7 +315,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
 
 
 def folder_images(
-    root: str, workers: int = 8, resize: Optional[int] = None, captions: bool = False
+    root: str, workers: int = 8, resize: int | None = None, captions: bool = False
 ) -> tuple[Iterator[tuple], int, list[str]]:
     """Images under ``root``; sub-folders are classes (sorted), a flat folder is one class 0.
 
@@ -336,9 +336,9 @@ def folder_images(
 def _write_part(
     files: Sequence[tuple],
     out: str,
-    resize: Optional[int],
+    resize: int | None,
     size_limit: str | int,
-    compression: Optional[str],
+    compression: str | None,
     captions: bool = False,
 ) -> int:
     return write_mds(
@@ -356,9 +356,9 @@ def write_folder_mds(
     root: str,
     out: str,
     processes: int = 8,
-    resize: Optional[int] = None,
+    resize: int | None = None,
     size_limit: str | int = '64mb',
-    compression: Optional[str] = None,
+    compression: str | None = None,
     part_size: int = 10000,
     progress: bool = True,
     captions: bool = False,
@@ -378,7 +378,7 @@ def write_folder_mds(
     files, classes = list_image_folder(root)
     if captions:
         texts = folder_captions(root, [path for path, _ in files])
-        files = [(path, label, text) for (path, label), text in zip(files, texts)]
+        files = [(path, label, text) for (path, label), text in zip(files, texts, strict=True)]
     per_part = max(1, min(part_size, math.ceil(len(files) / max(1, processes))))
     parts = [files[i : i + per_part] for i in range(0, len(files), per_part)]
     part_dirs = [os.path.join(out, f'part-{i:05d}') for i in range(len(parts))]
@@ -392,7 +392,7 @@ def write_folder_mds(
     ):
         futures = {
             pool.submit(_write_part, part, part_dir, resize, size_limit, compression, captions): len(part)
-            for part, part_dir in zip(parts, part_dirs)
+            for part, part_dir in zip(parts, part_dirs, strict=True)
         }
         for future in as_completed(futures):
             future.result()
@@ -457,7 +457,7 @@ def mnist5k_images(split: str, image_size: int = 28) -> list[tuple[Image.Image, 
         index = np.flatnonzero(labels == digit)
         is_val = (np.arange(len(index)) % MNIST5K_VAL_EVERY) == MNIST5K_VAL_EVERY - 1
         per_class.append(index[is_val] if split == 'val' else index[~is_val])
-    order = [i for group in zip(*per_class) for i in group]
+    order = [i for group in zip(*per_class, strict=False) for i in group]
     if sum(map(len, per_class)) != len(order):
         raise ValueError('The bundled MNIST classes have unequal sizes; the round-robin order would drop images.')
     out = []
@@ -557,7 +557,7 @@ def convert_digits_captions(out_root: str, progress: bool = False, caption_encod
 BUNDLED_DATASETS = ('digits', 'mnist5k', 'digits_captions')
 
 
-def convert_bundled(dataset: str, out_root: str, image_size: Optional[int] = None, progress: bool = False) -> None:
+def convert_bundled(dataset: str, out_root: str, image_size: int | None = None, progress: bool = False) -> None:
     """Write a bundled dataset's ``train`` and ``val`` shards to ``out_root`` unless they exist.
 
     ``image_size``: the side of the written images (mnist5k only; ``None`` keeps 28; digits are always 8x8).

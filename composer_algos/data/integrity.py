@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def read_index(folder: str) -> tuple[str, dict[str, Any]]:
     return path, index
 
 
-def check_mds_folder(folder: str, validate_hash: Optional[str] = None) -> dict[str, Any]:
+def check_mds_folder(folder: str, validate_hash: str | None = None) -> dict[str, Any]:
     """Check the index of ``folder`` and every shard it lists; returns the index. Raises DataError naming the file."""
     index_path, index = read_index(folder)
     if not index['shards'] or sum(int(s.get('samples', 0)) for s in index['shards']) == 0:
@@ -63,7 +63,7 @@ def check_mds_folder(folder: str, validate_hash: Optional[str] = None) -> dict[s
     return index
 
 
-def check_shard_file(folder: str, shard: dict[str, Any], index_path: str, validate_hash: Optional[str] = None) -> None:
+def check_shard_file(folder: str, shard: dict[str, Any], index_path: str, validate_hash: str | None = None) -> None:
     """One MDS shard against its index entry: present, of the recorded size, a sane header, the recorded hash.
 
     A compressed shard may be present only in its compressed form (streaming decompresses it on first use); that

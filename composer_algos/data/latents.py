@@ -11,15 +11,16 @@ model still knows its data are latents (``latent_scale`` applies; predictions ar
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image
+from torch import nn
 
-from composer_algos.pixels import from_uint8
 from composer_algos.data.integrity import SHARD_HASH
+from composer_algos.pixels import from_uint8
 
 __all__ = ['LATENT_COLUMNS', 'VAEEncoder', 'PrecomputedLatents', 'load_vae', 'build_vae_encoder', 'write_latents_mds']
 
@@ -76,7 +77,7 @@ class PrecomputedLatents(nn.Module):
 
 
 def load_vae(
-    pretrained_path: Optional[str] = None, config: Optional[dict[str, Any]] = None, subfolder: Optional[str] = None
+    pretrained_path: str | None = None, config: dict[str, Any] | None = None, subfolder: str | None = None
 ) -> nn.Module:
     """A diffusers ``AutoencoderKL`` from a local folder (never downloads), or with random weights from ``config``.
 
@@ -103,9 +104,9 @@ def load_vae(
 
 
 def build_vae_encoder(
-    pretrained_path: Optional[str] = None,
-    config: Optional[dict[str, Any]] = None,
-    subfolder: Optional[str] = None,
+    pretrained_path: str | None = None,
+    config: dict[str, Any] | None = None,
+    subfolder: str | None = None,
     precomputed: bool = False,
 ) -> nn.Module:
     """The ``vae`` encoder of the encoders registry (see :func:`load_vae` for the first three arguments).
@@ -132,9 +133,9 @@ def write_latents_mds(
     batch_size: int = 32,
     device: str = 'cpu',
     size_limit: str | int = '64mb',
-    total: Optional[int] = None,
+    total: int | None = None,
     progress: bool = True,
-    compression: Optional[str] = None,
+    compression: str | None = None,
 ) -> int:
     """Encode ``(image, label)`` pairs in batches and write the unscaled posterior modes (float16) to ``out``.
 
@@ -156,7 +157,7 @@ def write_latents_mds(
         def flush() -> None:
             x = torch.stack([_to_tensor(image) for image, _ in batch]).to(device)
             latents = encoder(x).mode().float().cpu().numpy().astype(np.float16)
-            for latent, (_, label) in zip(latents, batch):
+            for latent, (_, label) in zip(latents, batch, strict=True):
                 writer.write({'latents': latent, 'label': int(label)})
             bar.update(len(batch))
             batch.clear()

@@ -9,9 +9,10 @@ import mmap
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from time import time_ns
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +24,8 @@ from streaming.base.format.mds.reader import MDSReader
 from streaming.base.world import World
 from torch.utils.data import DataLoader
 
-from composer_algos.pixels import from_uint8
 from composer_algos.data.integrity import REWRITE_HINT, DataError, nonfinite_rows
+from composer_algos.pixels import from_uint8
 
 __all__ = [
     'StreamingImageDataset',
@@ -115,18 +116,18 @@ class _FixedRecords:
     samples: int
     names: tuple[str, ...]
     encodings: tuple[str, ...]
-    sizes: tuple[Optional[int], ...]
+    sizes: tuple[int | None, ...]
     data_column: str
     data_dtype: np.dtype
     data_shape: tuple[int, ...]
 
     @property
-    def record_size(self) -> Optional[int]:
+    def record_size(self) -> int | None:
         """The bytes of every record, ``None`` when a column has a variable size."""
         return None if None in self.sizes else int(sum(self.sizes))
 
 
-def _fixed_records(shard: Any, column: str) -> Optional[_FixedRecords]:
+def _fixed_records(shard: Any, column: str) -> _FixedRecords | None:
     """The record layout of ``shard`` if its ``column`` is a fixed-shape ndarray and ``label`` an int, else None.
 
     An MDS record is its columns' bytes in order, preceded by a 4-byte size for each variable-size column; the
@@ -161,10 +162,10 @@ def _column_bytes(
     for begin in begins:
         head = np.frombuffer(data[begin : begin + 4 * len(variable)].tobytes(), np.uint32).tolist()
         sizes = list(layout.sizes)
-        for index, size in zip(variable, head):
+        for index, size in zip(variable, head, strict=True):
             sizes[index] = size
         position = begin + 4 * len(variable)
-        for name, size in zip(layout.names, sizes):
+        for name, size in zip(layout.names, sizes, strict=True):
             if name in out:
                 out[name].append(data[position : position + size])
             position += size
@@ -214,7 +215,7 @@ def _read_records(
         }
     del data  # the views must go before the map can close
     mapped.close()
-    encodings = dict(zip(layout.names, layout.encodings))
+    encodings = dict(zip(layout.names, layout.encodings, strict=True))
     decoded = {name: _decode(encodings[name], pieces) for name, pieces in columns.items()}
     return decoded.pop(layout.data_column), decoded.pop('label'), decoded
 
@@ -227,16 +228,16 @@ class _Prefetch:
     front of the batch being read.
     """
 
-    def __init__(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: Optional[int]):
+    def __init__(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: int | None):
         self.position = 0
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(
             target=self._run, args=(dataset, pending, ahead), daemon=True, name='streaming-shard-prefetch'
         )
         self.thread.start()
 
-    def _run(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: Optional[int]) -> None:
+    def _run(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: int | None) -> None:
         try:
             for first_use, shard_id in pending:
                 while ahead is not None and first_use - self.position > ahead:
@@ -293,20 +294,20 @@ class StreamingImageDataset(StreamingDataset):
 
     def __init__(
         self,
-        local: Optional[str] = None,
-        remote: Optional[str] = None,
-        split: Optional[str] = None,
-        batch_size: Optional[int] = None,
+        local: str | None = None,
+        remote: str | None = None,
+        split: str | None = None,
+        batch_size: int | None = None,
         shuffle: bool = True,
         random_flip: bool = False,
-        channels: Optional[int] = None,
-        image_size: Optional[int] = None,
+        channels: int | None = None,
+        image_size: int | None = None,
         seed: int = 17,
-        shuffle_seed: Optional[int] = None,
+        shuffle_seed: int | None = None,
         latents: bool = False,
         yield_batches: bool = False,
         drop_last: bool = True,
-        cache_limit: Optional[Union[int, str]] = None,
+        cache_limit: int | str | None = None,
         caption_embeddings: bool = False,
         **streaming_kwargs: Any,
     ):
@@ -348,8 +349,8 @@ class StreamingImageDataset(StreamingDataset):
         self.column = 'latents' if latents else 'image'
         self.caption_embeddings = caption_embeddings
         self.text_columns = self._text_columns()
-        self._layouts: dict[int, Optional[_FixedRecords]] = {}
-        self._prefetch: Optional[_Prefetch] = None
+        self._layouts: dict[int, _FixedRecords | None] = {}
+        self._prefetch: _Prefetch | None = None
         self._warned_per_sample = False
         self._preparing = threading.Lock()
 
@@ -477,7 +478,9 @@ class StreamingImageDataset(StreamingDataset):
         shard_ids, _ = self._shard_ids(sample_ids)
         shards, first_use = np.unique(shard_ids, return_index=True)
         states = self._shard_states.numpy()
-        pending = sorted((int(i), int(s)) for s, i in zip(shards, first_use) if states[s] != _ShardState.LOCAL)
+        pending = sorted(
+            (int(i), int(s)) for s, i in zip(shards, first_use, strict=True) if states[s] != _ShardState.LOCAL
+        )
         if pending:  # all shards local (a local dataset, a full cache): no thread competes with training
             self._prefetch = _Prefetch(self, pending, self.predownload)
 
@@ -486,7 +489,7 @@ class StreamingImageDataset(StreamingDataset):
             self._prefetch.close()
             self._prefetch = None
 
-    def _layout(self, shard_id: int) -> Optional[_FixedRecords]:
+    def _layout(self, shard_id: int) -> _FixedRecords | None:
         if shard_id not in self._layouts:
             self._layouts[shard_id] = _fixed_records(self.shards[shard_id], self.column)
             if self._layouts[shard_id] is None and not self._warned_per_sample:
@@ -503,7 +506,7 @@ class StreamingImageDataset(StreamingDataset):
 
     def _read_batch(self, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
         shard_ids, rows = self._shard_ids(sample_ids)
-        data: Optional[np.ndarray] = None
+        data: np.ndarray | None = None
         labels = np.empty(len(sample_ids), dtype=np.int64)
         texts: dict[str, list] = {c: [None] * len(sample_ids) for c in self.text_columns}
         for shard_id in np.unique(shard_ids).tolist():
@@ -513,15 +516,15 @@ class StreamingImageDataset(StreamingDataset):
                 part, part_labels, part_texts = self._read_fixed(shard_id, layout, rows[where])
             else:
                 samples = [self.get_item(int(i)) for i in sample_ids[where]]
-                part = _stack([self._sample_array(s, int(i)) for s, i in zip(samples, sample_ids[where])])
+                part = _stack([self._sample_array(s, int(i)) for s, i in zip(samples, sample_ids[where], strict=True)])
                 part_labels = np.array([int(s['label']) for s in samples], dtype=np.int64)
                 part_texts = {c: [s[c] for s in samples] for c in self.text_columns}
             for column, values in part_texts.items():
-                for position, value in zip(where.tolist(), values):
+                for position, value in zip(where.tolist(), values, strict=True):
                     texts[column][position] = value
             part = self._convert_channels(part)
             if data is None:
-                data = np.empty((len(sample_ids),) + part.shape[1:], dtype=part.dtype)
+                data = np.empty((len(sample_ids), *part.shape[1:]), dtype=part.dtype)
             elif part.shape[1:] != data.shape[1:] or part.dtype != data.dtype:
                 raise ValueError(
                     f'Samples of one batch differ: {tuple(data.shape[1:])} {data.dtype} against '
@@ -662,7 +665,7 @@ class StreamingBatchLoader(DataLoader):
         return int(self.dataset.batch_size)
 
     @batch_size.setter
-    def batch_size(self, value: Optional[int]) -> None:
+    def batch_size(self, value: int | None) -> None:
         # DataLoader.__init__ records batch_size=None (no collation); the size is the dataset's.
         if value is not None:
             raise ValueError("The batch size of a StreamingBatchLoader is its dataset's batch_size.")
@@ -672,7 +675,7 @@ class StreamingBatchLoader(DataLoader):
         return samples // size if self.dataset.drop_last else -(-samples // size)
 
 
-def global_batch_size_problem(global_batch_size: int, world_size: int) -> Optional[str]:
+def global_batch_size_problem(global_batch_size: int, world_size: int) -> str | None:
     """Why ``global_batch_size`` cannot be dealt to ``world_size`` ranks, or ``None`` if it can: each rank gets
     ``global_batch_size // world_size`` images, which must be a positive whole number."""
     if global_batch_size < 1:
@@ -686,13 +689,13 @@ def global_batch_size_problem(global_batch_size: int, world_size: int) -> Option
 
 def build_streaming_image_dataloader(
     global_batch_size: int,
-    local: Optional[str] = None,
-    remote: Optional[str] = None,
-    split: Optional[str] = None,
+    local: str | None = None,
+    remote: str | None = None,
+    split: str | None = None,
     num_workers: int = 0,
     drop_last: bool = True,
     shuffle: bool = True,
-    pin_memory: Optional[bool] = None,
+    pin_memory: bool | None = None,
     **dataset_kwargs: Any,
 ) -> DataLoader:
     """A loader of per-device batches from a :class:`StreamingImageDataset` (see it for ``dataset_kwargs``).

@@ -1,6 +1,7 @@
 """Diffusion core: noise schedules, the DiffusionModel contract, timestep samplers, VLB terms and flow matching."""
 
 from composer_algos.diffusion.contract import CONTRACT_MEMBERS, DiffusionContract, get_diffusion_model
+from composer_algos.diffusion.denoisers import TimeConditionedConvNet, build_dit, build_unet, count_parameters
 from composer_algos.diffusion.densities import (
     DENSITIES,
     CosMapDensity,
@@ -9,11 +10,11 @@ from composer_algos.diffusion.densities import (
     TimeDensity,
     UniformDensity,
 )
-from composer_algos.diffusion.denoisers import TimeConditionedConvNet, build_dit, build_unet, count_parameters
 from composer_algos.diffusion.draw import DrawRecord
 from composer_algos.diffusion.flow import FlowSchedule
 from composer_algos.diffusion.flow_model import FlowMatchingModel
 from composer_algos.diffusion.model import PREDICTION_TYPES, DiffusionLoss, DiffusionModel, LossWeighting
+from composer_algos.diffusion.schedule import SCHEDULE_KINDS, NoiseSchedule
 from composer_algos.diffusion.timestep_samplers import (
     ContinuousTimestepSampler,
     FixedDistributionSampler,
@@ -23,7 +24,6 @@ from composer_algos.diffusion.timestep_samplers import (
     sample_within_cells,
     tilt,
 )
-from composer_algos.diffusion.schedule import SCHEDULE_KINDS, NoiseSchedule
 
 __all__ = [
     'CONTRACT_MEMBERS',

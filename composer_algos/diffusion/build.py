@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -22,11 +22,11 @@ OBJECTIVES = ('ddpm', 'flow_matching')
 
 def build_diffusion_model(
     denoiser: dict[str, Any],
-    noise_schedule: Optional[dict[str, Any]] = None,
-    encoder: Optional[dict[str, Any]] = None,
+    noise_schedule: dict[str, Any] | None = None,
+    encoder: dict[str, Any] | None = None,
     objective: str = 'ddpm',
-    flow: Optional[dict[str, Any]] = None,
-    conditioner: Optional[dict[str, Any]] = None,
+    flow: dict[str, Any] | None = None,
+    conditioner: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
     """A :class:`DiffusionModel` (``objective: ddpm``) or :class:`FlowMatchingModel` (``objective: flow_matching``)

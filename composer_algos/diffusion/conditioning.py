@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.diffusion.draw import CAPTION_STREAM
 from composer_algos.distributed import global_positions
@@ -68,9 +69,7 @@ def caption_drop_mask(seed: int, index: int, batch_size: int, prob: float) -> to
     return torch.tensor(u, dtype=torch.float64) < prob
 
 
-def check_guidance_scale(
-    guidance_scale: float, conditioner: Optional['Conditioner'], key: str = 'guidance_scale'
-) -> float:
+def check_guidance_scale(guidance_scale: float, conditioner: Conditioner | None, key: str = 'guidance_scale') -> float:
     """``guidance_scale`` as a float, checked: at least 1, and above 1 only for a conditioner with an unconditional
     input (a :class:`ConfigError` naming ``key`` and the fix otherwise)."""
     scale = float(guidance_scale)
@@ -85,7 +84,7 @@ def check_guidance_scale(
     return scale
 
 
-def _accepted_keywords(denoiser: nn.Module) -> Optional[set[str]]:
+def _accepted_keywords(denoiser: nn.Module) -> set[str] | None:
     """The keyword names ``denoiser``'s forward takes, ``None`` for any (a ``**kwargs`` that reaches no wrapped
     ``model`` whose forward says more)."""
     target: Any = denoiser
@@ -99,7 +98,7 @@ def _accepted_keywords(denoiser: nn.Module) -> Optional[set[str]]:
         target = inner
 
 
-def check_denoiser_keywords(denoiser: nn.Module, conditioner: 'Conditioner', key: str = 'model.conditioner') -> None:
+def check_denoiser_keywords(denoiser: nn.Module, conditioner: Conditioner, key: str = 'model.conditioner') -> None:
     """A :class:`ConfigError` naming ``key`` and the fix when ``denoiser`` does not take the keywords ``conditioner``
     passes (a text conditioner in front of an unconditional UNet, say): caught when the model is built, not at the
     first batch."""
@@ -139,7 +138,7 @@ class Conditioner(nn.Module):
         return ()
 
     @property
-    def label_key(self) -> Optional[Any]:
+    def label_key(self) -> Any | None:
         """The batch key of class labels, ``None`` unless the condition is a class label."""
         return None
 
@@ -148,7 +147,7 @@ class Conditioner(nn.Module):
         """The denoiser's keywords it passes in training."""
         return ()
 
-    def forward(self, batch: Any, drop: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The denoiser's keyword arguments for ``batch``; ``drop`` (``(B,)`` bool) marks the samples that get the
         unconditional input instead."""
         return {}
@@ -157,8 +156,8 @@ class Conditioner(nn.Module):
         self,
         num_samples: int,
         device: torch.device,
-        labels: Optional[torch.Tensor] = None,
-        prompts: Optional[Sequence[str]] = None,
+        labels: torch.Tensor | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The keyword arguments that condition ``num_samples`` samples on ``labels`` or ``prompts``."""
         if prompts is not None:
@@ -198,8 +197,8 @@ class NoConditioner(Conditioner):
         self,
         num_samples: int,
         device: torch.device,
-        labels: Optional[torch.Tensor] = None,
-        prompts: Optional[Sequence[str]] = None,
+        labels: torch.Tensor | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         super().for_generation(num_samples, device, None, prompts)
         return {} if labels is None else {self.kwarg: labels.to(device)}
@@ -235,7 +234,7 @@ class ClassLabelConditioner(NoConditioner):
     def denoiser_keywords(self) -> tuple[str, ...]:
         return (self.kwarg,)
 
-    def forward(self, batch: Any, drop: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {self.kwarg: batch_entry(batch, self._label_key)}
 
     def example_batch(self, batch_size: int) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.diffusion.draw import DrawRecord
 from composer_algos.registry import ConfigError
@@ -60,7 +61,7 @@ class DiffusionContract(Protocol):
         """The trained network, called as ``denoiser(x_t, t, **conditioning)``."""
 
     @property
-    def encoder(self) -> Optional[nn.Module]:
+    def encoder(self) -> nn.Module | None:
         """The frozen encoder of a latent model, or ``None`` (read with a default of ``None``)."""
 
     @property
@@ -78,7 +79,7 @@ class DiffusionContract(Protocol):
         """The active ``TimestepSampler`` (a distribution over the T grid cells)."""
 
     @property
-    def timestep_sampler_owner(self) -> Optional[str]:
+    def timestep_sampler_owner(self) -> str | None:
         """The name of the algorithm that installed the sampler, ``None`` for the default."""
 
     def set_timestep_sampler(self, sampler: Any, owner: str) -> None:
@@ -87,10 +88,10 @@ class DiffusionContract(Protocol):
     def add_timestep_prior(self, prior: Any, owner: str) -> None:
         """Tilt whichever sampler is active by ``prior(T, device) -> (T,)`` masses (replacing ``owner``'s last one)."""
 
-    def timestep_probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def timestep_probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(T,)`` or per-sample ``(B, T)`` distribution t is drawn from: the sampler's, tilted by the priors."""
 
-    def timestep_distribution(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def timestep_distribution(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The marginal ``(T,)`` distribution over t (averaged over the batch for per-sample samplers), no grad."""
 
     # ------------------------------------------------------------------------------------------- the noise
@@ -111,8 +112,8 @@ class DiffusionContract(Protocol):
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        conditioning: Optional[dict] = None,
-        denoiser: Optional[nn.Module] = None,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
     ) -> torch.Tensor:
         """``(B,)`` unweighted training losses at grid cells ``t`` with the given noise, no grad."""
 
@@ -121,10 +122,10 @@ class DiffusionContract(Protocol):
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        conditioning: Optional[dict] = None,
-        denoiser: Optional[nn.Module] = None,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
         decoder_nll: bool = True,
-        clip: Optional[bool] = None,
+        clip: bool | None = None,
     ) -> torch.Tensor:
         """``(B,)`` variational-bound terms in nats per dimension at ``(x0, t, noise)``, no grad (DDPM)."""
 
@@ -146,12 +147,12 @@ class DiffusionContract(Protocol):
         num_steps: int = 50,
         eta: float = 0.0,
         seed: int = 0,
-        labels: Optional[torch.Tensor] = None,
-        device: Optional[torch.device] = None,
-        clip: Optional[bool] = None,
-        noise: Optional[torch.Tensor] = None,
-        solver: Optional[str] = None,
-        prompts: Optional[Sequence[str]] = None,
+        labels: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        clip: bool | None = None,
+        noise: torch.Tensor | None = None,
+        solver: str | None = None,
+        prompts: Sequence[str] | None = None,
         guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """``(num_samples, *shape)`` samples from ``seed`` (or the starting ``noise``), no grad; ``labels`` or
@@ -198,7 +199,7 @@ def get_diffusion_model(model: nn.Module, who: Any = None, needs: Sequence[str] 
     return found
 
 
-def record_of(outputs: Any, who: Optional[str] = None) -> DrawRecord:
+def record_of(outputs: Any, who: str | None = None) -> DrawRecord:
     """The :class:`DrawRecord` a forward published under :data:`DRAW_KEY` (a clear error naming ``who`` if none)."""
     record = outputs.get(DRAW_KEY) if isinstance(outputs, Mapping) else None
     if not isinstance(record, DrawRecord):

@@ -3,10 +3,11 @@ SD3Transformer2DModel and PixArtTransformer2DModel, built from small config dict
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = [
     'build_unet',
@@ -28,11 +29,11 @@ def count_parameters(module: nn.Module) -> int:
 def build_unet(
     sample_size: int = 8,
     in_channels: int = 1,
-    out_channels: Optional[int] = None,
+    out_channels: int | None = None,
     block_out_channels: Sequence[int] = (32, 64),
     layers_per_block: int = 1,
     attention_levels: Sequence[int] = (1,),
-    num_class_embeds: Optional[int] = None,
+    num_class_embeds: int | None = None,
     dropout: float = 0.0,
     norm_num_groups: int = 8,
     attention_head_dim: int = 32,
@@ -116,7 +117,7 @@ def build_dit(
 
 
 def _pretrained_or_config(
-    cls: Any, pretrained_path: Optional[str], subfolder: Optional[str], config: dict[str, Any], where: str
+    cls: Any, pretrained_path: str | None, subfolder: str | None, config: dict[str, Any], where: str
 ) -> nn.Module:
     """``cls.from_pretrained`` of a local folder (a user's own weights; nothing else may be set then), or ``cls`` with
     random weights from ``config``."""
@@ -139,7 +140,7 @@ def _pretrained_or_config(
 def build_unet_condition(
     sample_size: int = 8,
     in_channels: int = 1,
-    out_channels: Optional[int] = None,
+    out_channels: int | None = None,
     block_out_channels: Sequence[int] = (32, 64),
     layers_per_block: int = 1,
     cross_attention_levels: Sequence[int] = (1,),
@@ -147,8 +148,8 @@ def build_unet_condition(
     cross_attention_dim: int = 32,
     attention_head_dim: int = 8,
     norm_num_groups: int = 8,
-    pretrained_path: Optional[str] = None,
-    subfolder: Optional[str] = None,
+    pretrained_path: str | None = None,
+    subfolder: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A diffusers ``UNet2DConditionModel`` (Stable Diffusion's), called as ``unet(x_t, t, encoder_hidden_states,
@@ -193,11 +194,11 @@ def build_sd3_transformer(
     attention_head_dim: int = 64,
     num_attention_heads: int = 12,
     joint_attention_dim: int = 768,
-    caption_projection_dim: Optional[int] = None,
+    caption_projection_dim: int | None = None,
     pooled_projection_dim: int = 768,
-    pos_embed_max_size: Optional[int] = None,
-    pretrained_path: Optional[str] = None,
-    subfolder: Optional[str] = None,
+    pos_embed_max_size: int | None = None,
+    pretrained_path: str | None = None,
+    subfolder: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A diffusers ``SD3Transformer2DModel`` (MMDiT), called with ``encoder_hidden_states`` (``joint_attention_dim``
@@ -236,8 +237,8 @@ def build_pixart_transformer(
     attention_head_dim: int = 64,
     num_attention_heads: int = 12,
     caption_channels: int = 768,
-    pretrained_path: Optional[str] = None,
-    subfolder: Optional[str] = None,
+    pretrained_path: str | None = None,
+    subfolder: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A diffusers ``PixArtTransformer2DModel`` (PixArt-alpha), called with ``encoder_hidden_states``
@@ -313,7 +314,7 @@ class _DiTAdapter(nn.Module):
         super().__init__()
         self.dit = dit
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None):
         if class_labels is None:
             raise ValueError('The DiT backbone is class-conditional: set label_key so labels reach it.')
         return self.dit(x, timestep=t, class_labels=class_labels).sample
@@ -330,8 +331,8 @@ class TimeConditionedConvNet(nn.Module):
         self,
         in_channels: int = 1,
         width: int = 32,
-        num_classes: Optional[int] = None,
-        context_dim: Optional[int] = None,
+        num_classes: int | None = None,
+        context_dim: int | None = None,
     ):
         super().__init__()
         self.width = width
@@ -354,9 +355,9 @@ class TimeConditionedConvNet(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        class_labels: Optional[torch.Tensor] = None,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
-        encoder_attention_mask: Optional[torch.Tensor] = None,
+        class_labels: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
     ):
         half = self.width // 2
         freqs = torch.exp(-torch.arange(half, device=x.device) * (9.21 / half))

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -92,14 +93,14 @@ class DrawRecord:
 
     t: torch.Tensor
     probs: torch.Tensor
-    prior: Optional[torch.Tensor]
+    prior: torch.Tensor | None
     importance_weight: torch.Tensor
-    sigma: Optional[torch.Tensor] = None
-    noise: Optional[torch.Tensor] = None
+    sigma: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
     conditioning: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    per_sample_loss: Optional[torch.Tensor] = None
-    loss_weight: Optional[torch.Tensor] = None
-    noise_pairing: Optional[NoisePairing] = None
+    per_sample_loss: torch.Tensor | None = None
+    loss_weight: torch.Tensor | None = None
+    noise_pairing: NoisePairing | None = None
 
     @property
     def level(self) -> torch.Tensor:
@@ -152,7 +153,7 @@ def low_discrepancy_uniforms(seed: int, index: int, positions: Sequence[int], gl
 
 def tilted_distribution(
     sampler_probs: torch.Tensor, priors: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(probs, prior)``: the sampler's ``(T,)`` or ``(B, T)`` distribution tilted by the product of ``priors``
     (``None`` without priors), renormalised."""
     prior = combined_prior(priors, sampler_probs)
@@ -166,7 +167,7 @@ def draw_levels(
     x0: torch.Tensor,
     u: torch.Tensor,
     target_log_probs: Callable[[torch.Tensor], torch.Tensor],
-    grid: Optional[FlowSchedule] = None,
+    grid: FlowSchedule | None = None,
 ) -> DrawRecord:
     """Draw each sample's noise level from ``sampler`` tilted by ``priors``, by inverse CDF at the uniforms ``u``.
 
@@ -199,7 +200,7 @@ def draw_levels(
 
 
 def evaluation_draw(
-    seed: int, x0: torch.Tensor, sampler: TimestepSampler, grid: Optional[FlowSchedule] = None
+    seed: int, x0: torch.Tensor, sampler: TimestepSampler, grid: FlowSchedule | None = None
 ) -> DrawRecord:
     """An evaluation batch's draw from the objective's own ``sampler``, seeded by the batch's content.
 
@@ -259,7 +260,7 @@ class NoiseDraw:
 
     x0: torch.Tensor
     noise: torch.Tensor
-    labels: Optional[torch.Tensor]
+    labels: torch.Tensor | None
     seed: int
     index: int
 

@@ -21,7 +21,7 @@ outputs' ``t`` is the cell of each drawn sigma (with K = N = 1000 that is the di
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -136,7 +136,7 @@ class FlowSchedule:
         return self.num_cells
 
     # ------------------------------------------------------------------------------------------------ shift
-    def shift_for(self, shape: Optional[Sequence[int]] = None) -> float:
+    def shift_for(self, shape: Sequence[int] | None = None) -> float:
         """The shift for samples of ``shape`` (``(..., H, W)``); the fixed one unless ``resolution_shift``."""
         if not self.resolution_shift:
             return self.shift
@@ -186,7 +186,7 @@ class FlowSchedule:
         return sigma.float() * self.num_train_timesteps
 
     # ------------------------------------------------------------------------------------------------ sampling
-    def inference_sigmas(self, num_steps: int, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def inference_sigmas(self, num_steps: int, shape: Sequence[int] | None = None) -> torch.Tensor:
         """``(num_steps + 1,)`` float64 noise levels from 1 down to 0 for an ODE solver, as diffusers' scheduler.
 
         ``FlowMatchEulerDiscreteScheduler.set_timesteps`` spaces ``num_steps`` levels evenly from 1 to its smallest

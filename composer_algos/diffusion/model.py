@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 from composer.models import ComposerModel
+from torch import nn
 from torchmetrics import Metric
 
 from composer_algos.diffusion.conditioning import (
@@ -36,8 +37,8 @@ from composer_algos.diffusion.draw import (
     training_randoms,
 )
 from composer_algos.diffusion.flow import FlowSchedule
-from composer_algos.diffusion.timestep_samplers import TimestepPrior, TimestepSampler, UniformSampler
 from composer_algos.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule, check_prediction_type
+from composer_algos.diffusion.timestep_samplers import TimestepPrior, TimestepSampler, UniformSampler
 from composer_algos.diffusion.utils import module_device, reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
 from composer_algos.distributed import fsdp_gradient_scale, rank_world
@@ -134,18 +135,18 @@ class DiffusionModel(ComposerModel):
     def __init__(
         self,
         denoiser: nn.Module,
-        noise_schedule: Optional[NoiseSchedule] = None,
+        noise_schedule: NoiseSchedule | None = None,
         prediction_type: str = 'epsilon',
         image_key: Any = 'image',
-        label_key: Optional[Any] = None,
+        label_key: Any | None = None,
         conditioning_kwarg: str = 'class_labels',
-        encoder: Optional[nn.Module] = None,
+        encoder: nn.Module | None = None,
         latent_scale: float = 1.0,
         seed: int = 17,
         check_finite_loss: bool = True,
         num_loss_bands: int = 10,
         low_discrepancy: bool = False,
-        conditioner: Optional[Conditioner] = None,
+        conditioner: Conditioner | None = None,
     ):
         super().__init__()
         check_prediction_type(prediction_type, self.prediction_types)
@@ -177,12 +178,12 @@ class DiffusionModel(ComposerModel):
         self.seed = int(seed)
         self.low_discrepancy = bool(low_discrepancy)
         self.num_draws = 0  # training forwards so far: the key of the next draw
-        self.recipe: Optional[dict[str, Any]] = None
+        self.recipe: dict[str, Any] | None = None
         self._sampler: TimestepSampler = self.default_timestep_sampler()
-        self._sampler_owner: Optional[str] = None
+        self._sampler_owner: str | None = None
         self._priors: list[tuple[str, TimestepPrior]] = []
         self._weightings: list[tuple[str, LossWeighting]] = []
-        self._noise_coupling: Optional[tuple[str, NoiseCoupling]] = None
+        self._noise_coupling: tuple[str, NoiseCoupling] | None = None
         self.val_loss = DiffusionLoss(self.num_timesteps, num_bands=1)
         self.val_loss_bands = DiffusionLoss(self.num_timesteps, num_bands=num_loss_bands)
 
@@ -204,7 +205,7 @@ class DiffusionModel(ComposerModel):
         return torch.arange(self.num_timesteps)
 
     @property
-    def timestep_sampler_owner(self) -> Optional[str]:
+    def timestep_sampler_owner(self) -> str | None:
         return self._sampler_owner
 
     def set_timestep_sampler(self, sampler: TimestepSampler, owner: str) -> None:
@@ -239,15 +240,15 @@ class DiffusionModel(ComposerModel):
     def loss_weighting_owners(self) -> list[str]:
         return [o for o, _ in self._weightings]
 
-    def timestep_priors(self, device: Optional[torch.device] = None) -> list[torch.Tensor]:
+    def timestep_priors(self, device: torch.device | None = None) -> list[torch.Tensor]:
         return [p(self.num_timesteps, device or torch.device('cpu')) for _, p in self._priors]
 
-    def timestep_probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def timestep_probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The distribution t is drawn from: the sampler's, tilted by the priors. ``(T,)`` or ``(B, T)``."""
         probs = self._sampler.probs(x0)
         return tilted_distribution(probs, self.timestep_priors(probs.device))[0]
 
-    def timestep_distribution(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def timestep_distribution(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The marginal ``(T,)`` distribution over t (averaged over the batch for per-sample samplers)."""
         with torch.no_grad():
             p = self.timestep_probs(x0)
@@ -265,7 +266,7 @@ class DiffusionModel(ComposerModel):
         self.num_draws += 1
         return u, noise
 
-    def draw_timesteps(self, x0: torch.Tensor, u: Optional[torch.Tensor] = None) -> DrawRecord:
+    def draw_timesteps(self, x0: torch.Tensor, u: torch.Tensor | None = None) -> DrawRecord:
         """Draw the batch's noise levels by inverse CDF at the uniforms ``u`` (default: the next draw's), with their
         record (:func:`~composer_algos.diffusion.draw.draw_levels`)."""
         if u is None:
@@ -286,13 +287,13 @@ class DiffusionModel(ComposerModel):
         self._noise_coupling = (owner, coupling)
 
     @property
-    def noise_coupling_owner(self) -> Optional[str]:
+    def noise_coupling_owner(self) -> str | None:
         """The name of the algorithm whose coupling pairs the noise with the data, ``None`` for none."""
         return None if self._noise_coupling is None else self._noise_coupling[0]
 
     # ----------------------------------------------------------------------------------------- objective
     @property
-    def sigma_grid(self) -> Optional[FlowSchedule]:
+    def sigma_grid(self) -> FlowSchedule | None:
         """The grid whose cells hold continuous noise levels (flow matching); ``None``: discrete timesteps."""
         return None
 
@@ -352,8 +353,8 @@ class DiffusionModel(ComposerModel):
         self,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        conditioning: Optional[dict] = None,
-        denoiser: Optional[nn.Module] = None,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
     ) -> torch.Tensor:
         """The denoiser's prediction (``denoiser``: another module of the same architecture, e.g. a replica);
         ``conditioning`` may be a :class:`~composer_algos.diffusion.conditioning.Guidance`."""
@@ -397,8 +398,8 @@ class DiffusionModel(ComposerModel):
         x0: torch.Tensor,
         batch: Any,
         loss_weight: torch.Tensor,
-        context: ContextManager,
-        drop: Optional[torch.Tensor] = None,
+        context: contextlib.AbstractContextManager,
+        drop: torch.Tensor | None = None,
     ) -> dict[str, DrawRecord]:
         """Complete ``record`` with the conditioning (the unconditional input where ``drop``), the loss weight and
         the per-sample loss (both computed in ``context``), as the forward outputs."""
@@ -431,8 +432,8 @@ class DiffusionModel(ComposerModel):
         x0: torch.Tensor,
         level: torch.Tensor,
         noise: torch.Tensor,
-        conditioning: Optional[dict] = None,
-        denoiser: Optional[nn.Module] = None,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
     ) -> torch.Tensor:
         """``(B,)`` unweighted losses, the MSE between the prediction and the target at noise levels ``level``."""
         x_t = self.noise_schedule.add_noise(x0, noise, level)
@@ -457,7 +458,7 @@ class DiffusionModel(ComposerModel):
         return loss
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def eval_forward(self, batch: Any, outputs: Optional[Any] = None) -> dict[str, DrawRecord]:
+    def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, DrawRecord]:
         if outputs is not None:
             return outputs
         x0 = self.images(batch)
@@ -484,10 +485,10 @@ class DiffusionModel(ComposerModel):
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        conditioning: Optional[dict] = None,
-        denoiser: Optional[nn.Module] = None,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
         decoder_nll: bool = True,
-        clip: Optional[bool] = None,
+        clip: bool | None = None,
     ) -> torch.Tensor:
         """Per-sample VLB terms L_t in nats per dimension, one denoiser forward (of ``denoiser`` if given), no grad.
 
@@ -520,8 +521,8 @@ class DiffusionModel(ComposerModel):
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        conditioning: Optional[dict] = None,
-        denoiser: Optional[nn.Module] = None,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
     ) -> torch.Tensor:
         """Per-sample unweighted training losses (the MSE to the prediction target) at the grid cells ``t`` (their
         :meth:`grid_points`) with the given noise, no grad."""
@@ -551,12 +552,12 @@ class DiffusionModel(ComposerModel):
         num_steps: int = 50,
         eta: float = 0.0,
         seed: int = 0,
-        labels: Optional[torch.Tensor] = None,
-        device: Optional[torch.device] = None,
-        clip: Optional[bool] = None,
-        noise: Optional[torch.Tensor] = None,
-        solver: Optional[str] = None,
-        prompts: Optional[Sequence[str]] = None,
+        labels: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        clip: bool | None = None,
+        noise: torch.Tensor | None = None,
+        solver: str | None = None,
+        prompts: Sequence[str] | None = None,
         guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """``(num_samples, *shape)`` samples from the noise of ``seed`` (or the given starting ``noise``).
@@ -589,7 +590,7 @@ class DiffusionModel(ComposerModel):
         eta: float,
         clip: bool,
         gen: torch.Generator,
-        solver: Optional[str],
+        solver: str | None,
     ) -> torch.Tensor:
         if solver is not None:
             raise ValueError(

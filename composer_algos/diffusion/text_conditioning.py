@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.diffusion.conditioning import Conditioner, batch_entry
 from composer_algos.registry import ConfigError
@@ -63,7 +64,7 @@ _SAVE_HELP = (
 )
 
 
-def _folder(path: str, subfolder: Optional[str]) -> str:
+def _folder(path: str, subfolder: str | None) -> str:
     return os.path.join(path, subfolder) if subfolder else path
 
 
@@ -72,19 +73,18 @@ def _looks_local(path: str) -> bool:
     return os.path.isabs(path) or path.startswith(('.', '~')) or path.count('/') > 1 or os.path.exists(path)
 
 
-def _check_source(path: str, subfolder: Optional[str], key: str, wanted: str, local_files_only: bool) -> None:
+def _check_source(path: str, subfolder: str | None, key: str, wanted: str, local_files_only: bool) -> None:
     folder = _folder(os.path.expanduser(path), subfolder)
-    if _looks_local(path) or local_files_only:
-        if not os.path.isfile(os.path.join(folder, wanted)):
-            raise ConfigError(
-                f'{key}={path}{" (subfolder " + subfolder + ")" if subfolder else ""}: no {wanted} in '
-                f'{folder}; {_SAVE_HELP}.'
-            )
+    if (_looks_local(path) or local_files_only) and not os.path.isfile(os.path.join(folder, wanted)):
+        raise ConfigError(
+            f'{key}={path}{" (subfolder " + subfolder + ")" if subfolder else ""}: no {wanted} in '
+            f'{folder}; {_SAVE_HELP}.'
+        )
 
 
 def load_tokenizer(
     path: str,
-    subfolder: Optional[str] = None,
+    subfolder: str | None = None,
     local_files_only: bool = False,
     key: str = 'model.conditioner.tokenizer_path',
 ) -> Any:
@@ -105,7 +105,7 @@ def load_tokenizer(
 
 def load_text_encoder(
     path: str,
-    subfolder: Optional[str] = None,
+    subfolder: str | None = None,
     local_files_only: bool = False,
     key: str = 'model.conditioner.pretrained_path',
 ) -> nn.Module:
@@ -134,7 +134,7 @@ def load_text_encoder(
         ) from e
 
 
-def _keywords(preset: Optional[str], keywords: Optional[Mapping[str, str]]) -> dict[str, str]:
+def _keywords(preset: str | None, keywords: Mapping[str, str] | None) -> dict[str, str]:
     if keywords is not None:
         unknown = sorted(set(keywords) - set(OUTPUTS))
         if unknown or not keywords:
@@ -178,12 +178,12 @@ class TextConditioner(Conditioner):
     def __init__(
         self,
         pretrained_path: str,
-        tokenizer_path: Optional[str] = None,
-        text_encoder_subfolder: Optional[str] = None,
-        tokenizer_subfolder: Optional[str] = None,
+        tokenizer_path: str | None = None,
+        text_encoder_subfolder: str | None = None,
+        tokenizer_subfolder: str | None = None,
         preset: str = 'unet2d_condition',
-        keywords: Optional[dict[str, str]] = None,
-        max_length: Optional[int] = None,
+        keywords: dict[str, str] | None = None,
+        max_length: int | None = None,
         mask_padding: bool = True,
         trainable: bool = False,
         caption_drop_prob: float = 0.0,
@@ -232,9 +232,9 @@ class TextConditioner(Conditioner):
         self.text_encoder._fsdp_wrap = self.trainable
         if not self.trainable:
             self.text_encoder.eval()
-        self._empty: Optional[dict[str, torch.Tensor]] = None
+        self._empty: dict[str, torch.Tensor] | None = None
 
-    def train(self, mode: bool = True) -> 'TextConditioner':
+    def train(self, mode: bool = True) -> TextConditioner:
         super().train(mode)
         if not self.trainable:
             self.text_encoder.eval()  # a frozen encoder never runs its dropout
@@ -260,7 +260,7 @@ class TextConditioner(Conditioner):
         return (self.caption_key,)
 
     # ------------------------------------------------------------------------------------------- encoding
-    def encode(self, captions: Sequence[str], device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
+    def encode(self, captions: Sequence[str], device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """The encoder's outputs (:data:`OUTPUTS`) for ``captions``, padded to ``max_length``."""
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise TypeError(f'captions must be a list of strings, got {type(captions).__name__}.')
@@ -297,7 +297,7 @@ class TextConditioner(Conditioner):
         return self._empty
 
     # ------------------------------------------------------------------------------------------- conditioner
-    def forward(self, batch: Any, drop: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.precomputed:
             return self._as_keywords(self._precomputed(batch, drop))
         captions = batch_entry(batch, self.caption_key)
@@ -307,11 +307,11 @@ class TextConditioner(Conditioner):
                 'captions; write the shards with a caption column (recipes/convert_dataset.py).'
             )
         if drop is not None:
-            captions = ['' if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
+            captions = ['' if dropped else caption for caption, dropped in zip(captions, drop.tolist(), strict=False)]
         device = next(self.text_encoder.parameters()).device
         return self._as_keywords(self.encode(captions, device))
 
-    def _precomputed(self, batch: Any, drop: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _precomputed(self, batch: Any, drop: torch.Tensor | None) -> dict[str, torch.Tensor]:
         outputs = {}
         for output, key in EMBEDDING_KEYS.items():
             value = batch.get(key) if isinstance(batch, Mapping) else None
@@ -340,8 +340,8 @@ class TextConditioner(Conditioner):
         self,
         num_samples: int,
         device: torch.device,
-        labels: Optional[torch.Tensor] = None,
-        prompts: Optional[Sequence[str]] = None,
+        labels: torch.Tensor | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         if prompts is None:
             raise ValueError(

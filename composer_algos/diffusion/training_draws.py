@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -56,9 +57,9 @@ class TrainingDraws:
         self,
         noise_schedule: NoiseSchedule,
         prediction_type: str = 'epsilon',
-        sampler: Optional[TimestepSampler] = None,
+        sampler: TimestepSampler | None = None,
         weightings: Sequence[LossWeighting] = (),
-        noise_coupling: Optional[NoiseCoupling] = None,
+        noise_coupling: NoiseCoupling | None = None,
         seed: int = 0,
     ):
         self.noise_schedule = noise_schedule
@@ -93,7 +94,7 @@ class TrainingDraws:
     def _uniform_log_probs(self, x0: torch.Tensor) -> torch.Tensor:
         return torch.full((self.num_timesteps,), -math.log(self.num_timesteps), device=x0.device)
 
-    def draw(self, x0: torch.Tensor, labels: Optional[torch.Tensor] = None) -> DrawRecord:
+    def draw(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> DrawRecord:
         """The next draw for the batch ``x0`` (``labels``: class labels, for a coupling within classes)."""
         index = self.num_draws
         u, noise = training_randoms(self.seed, index, x0)

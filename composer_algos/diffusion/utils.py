@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = ['device_batch', 'module_device', 'reshard_fsdp2']
 

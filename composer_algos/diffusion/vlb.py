@@ -22,7 +22,8 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
 def discretized_gaussian_log_likelihood(
     x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, num_bins: int = 256
 ) -> torch.Tensor:
-    """Elementwise log-likelihood of data in [-1, 1] quantised to ``num_bins`` levels under N(means, e^{2 log_scales})."""
+    """Elementwise log-likelihood of data in [-1, 1] quantised to ``num_bins`` levels under
+    N(means, e^{2 log_scales})."""
     half_bin = 1.0 / (num_bins - 1)
     centered = x - means
     inv_stdv = torch.exp(-log_scales)

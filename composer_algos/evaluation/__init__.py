@@ -12,15 +12,6 @@ from composer_algos.evaluation.features import (
     train_digit_classifier,
 )
 from composer_algos.evaluation.fid import collect_images, fid_from_samples, fid_metric, real_vs_real_fid, update_fid
-from composer_algos.evaluation.likelihood import bits_per_dim, vlb_timesteps
-from composer_algos.evaluation.plots import (
-    image_grid,
-    metric_curve_png,
-    save_png,
-    side_by_side_grid,
-    timestep_heatmap_png,
-)
-from composer_algos.evaluation.report import EVALUATION_DEFAULTS, evaluate_checkpoint, evaluate_model
 from composer_algos.evaluation.generation import (
     ema_weights,
     eval_mode,
@@ -31,6 +22,15 @@ from composer_algos.evaluation.generation import (
     reshard_fsdp2,
     sample_noise,
 )
+from composer_algos.evaluation.likelihood import bits_per_dim, vlb_timesteps
+from composer_algos.evaluation.plots import (
+    image_grid,
+    metric_curve_png,
+    save_png,
+    side_by_side_grid,
+    timestep_heatmap_png,
+)
+from composer_algos.evaluation.report import EVALUATION_DEFAULTS, evaluate_checkpoint, evaluate_model
 
 __all__ = [
     'DigitClassifier',

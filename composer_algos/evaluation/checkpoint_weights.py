@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.checkpoint_integrity import model_misfit, written_by
 from composer_algos.registry import ConfigError
@@ -24,14 +25,15 @@ def _strip_prefix(state_dict: dict[str, Any], prefix: str = 'module.') -> dict[s
 
 
 def load_checkpoint_weights(
-    model: nn.Module, path: str, weights: str = 'ema', model_config: Optional[Mapping[str, Any]] = None
+    model: nn.Module, path: str, weights: str = 'ema', model_config: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Load ``path`` (a monolithic Composer checkpoint file) into ``model``; return ``{'weights', 'step'}``.
 
-    Composer's EMA (0.32.1), and :class:`~composer_algos.algorithms.ema.WarmupEMA` built on it, swaps the averaged weights into the model at checkpoint time, keeping the training
-    weights in its own state (``ema_weights_active``); before it has started the model holds the live weights and
-    its state a stale copy. ``weights='ema'`` loads the averaged weights when the checkpoint has them (otherwise
-    the live ones, with a warning), ``weights='live'`` the training weights.
+    Composer's EMA (0.32.1), and :class:`~composer_algos.algorithms.ema.WarmupEMA` built on it, swaps the averaged
+    weights into the model at checkpoint time, keeping the training weights in its own state (``ema_weights_active``);
+    before it has started the model holds the live weights and its state a stale copy. ``weights='ema'`` loads the
+    averaged weights when the checkpoint has them (otherwise the live ones, with a warning), ``weights='live'`` the
+    training weights.
 
     The file is unpickled with ``weights_only=False`` (Composer checkpoints hold timestamps and other objects):
     load only checkpoints you trust. A checkpoint whose tensors do not fit ``model`` is a
@@ -49,7 +51,7 @@ def load_checkpoint_weights(
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Checkpoint {path!r} does not exist.')
     checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    state = checkpoint['state'] if 'state' in checkpoint else checkpoint
+    state = checkpoint.get('state', checkpoint)
     model_state = _strip_prefix(dict(state['model']))
     algorithms = dict(state.get('algorithms', []))
     ema = algorithms.get('WarmupEMA', algorithms.get('EMA'))

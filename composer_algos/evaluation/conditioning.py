@@ -10,10 +10,11 @@ for real images and a full CLIP model (text and vision) saved in a local folder.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.distributed import is_distributed
 from composer_algos.evaluation.features import load_or_train_digit_classifier
@@ -36,7 +37,7 @@ CLASSIFIERS = ('digits', 'mnist')
 
 
 def build_classifier(
-    classifier: Union[str, nn.Module], image_shape: Optional[Sequence[int]] = None, cache_dir: Optional[str] = None
+    classifier: str | nn.Module, image_shape: Sequence[int] | None = None, cache_dir: str | None = None
 ) -> nn.Module:
     """A module from images in [-1, 1] to class logits: ``'digits'`` (the shipped 8x8 digit classifier, FID's),
     ``'mnist'`` (the bundled MNIST tier's at the images' size) or a module given as is. Its ``accuracy`` attribute, if

@@ -10,10 +10,11 @@ fraction near 1 mean the models learned nearly the same noise-to-image map.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.evaluation.generation import eval_mode, generate_samples
 
@@ -49,10 +50,10 @@ def consistency_diagnostic(
     model_b: Any,
     num_samples: int,
     shape: Sequence[int],
-    feature: Optional[nn.Module] = None,
+    feature: nn.Module | None = None,
     num_steps: int = 50,
     seed: int = 0,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     batch_size: int = 256,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -61,9 +62,14 @@ def consistency_diagnostic(
 
     Returns ``{'pixels': pair_statistics, 'features': pair_statistics or None, 'samples_a', 'samples_b'}``.
     """
-    kwargs = dict(
-        num_steps=num_steps, eta=0.0, seed=seed, num_classes=num_classes, batch_size=batch_size, progress=progress
-    )
+    kwargs = {
+        'num_steps': num_steps,
+        'eta': 0.0,
+        'seed': seed,
+        'num_classes': num_classes,
+        'batch_size': batch_size,
+        'progress': progress,
+    }
     indices = range(num_samples)
     with eval_mode(model_a):
         samples_a = generate_samples(model_a, indices, shape, **kwargs)

@@ -17,11 +17,11 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from composer_algos import registry
 from composer_algos.pixels import from_uint8, to_uint8
@@ -104,7 +104,7 @@ class InceptionFeatures(nn.Module):
 
     num_features = 2048
 
-    def __init__(self, weights_path: Optional[str] = None):
+    def __init__(self, weights_path: str | None = None):
         super().__init__()
         if weights_path is not None:
             weights_path = os.path.expanduser(weights_path)
@@ -176,8 +176,8 @@ class DigitFeatures(nn.Module):
         self,
         classifier: DigitClassifier,
         accuracy: float = float('nan'),
-        cache_path: Optional[str] = None,
-        sha256: Optional[str] = None,
+        cache_path: str | None = None,
+        sha256: str | None = None,
         shipped: bool = False,
     ):
         super().__init__()
@@ -188,7 +188,7 @@ class DigitFeatures(nn.Module):
         self.sha256 = sha256 or weights_sha256(classifier.state_dict())
         self.shipped = shipped
 
-    def train(self, mode: bool = True) -> 'DigitFeatures':
+    def train(self, mode: bool = True) -> DigitFeatures:
         # The extractor is fixed: a parent's .train() must not switch it out of evaluation mode.
         return super().train(False)
 
@@ -237,7 +237,7 @@ def _config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _full_config(config: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _full_config(config: dict[str, Any] | None) -> dict[str, Any]:
     """``config`` merged over the default of its dataset (``config['dataset']``, digits when absent)."""
     dataset = (config or {}).get('dataset', 'digits')
     if dataset not in CLASSIFIER_CONFIGS:
@@ -247,7 +247,7 @@ def _full_config(config: Optional[dict[str, Any]]) -> dict[str, Any]:
     return {**CLASSIFIER_CONFIGS[dataset], **(config or {})}
 
 
-def digit_classifier_path(cache_dir: Optional[str] = None, config: Optional[dict[str, Any]] = None) -> str:
+def digit_classifier_path(cache_dir: str | None = None, config: dict[str, Any] | None = None) -> str:
     """Cache file of the classifier trained with ``config`` (merged over its dataset's default)."""
     full = _full_config(config)
     prefix = 'digit_classifier' if full.get('dataset', 'digits') == 'digits' else f'{full["dataset"]}_classifier'
@@ -270,7 +270,7 @@ def _random_shift(images: torch.Tensor, shift: int, gen: torch.Generator) -> tor
     return padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
 
 
-def train_digit_classifier(config: Optional[dict[str, Any]] = None) -> tuple[DigitClassifier, float]:
+def train_digit_classifier(config: dict[str, Any] | None = None) -> tuple[DigitClassifier, float]:
     """Train a :class:`DigitClassifier` on its dataset's training split only; return it and its validation accuracy.
 
     ``config['dataset']`` is ``'digits'`` (the default) or ``'mnist5k'`` (at ``config['image_size']``). The
@@ -337,7 +337,7 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def shipped_classifiers(folder: Optional[str] = None) -> dict[str, dict[str, Any]]:
+def shipped_classifiers(folder: str | None = None) -> dict[str, dict[str, Any]]:
     """The shipped classifiers' manifest (in ``folder``, default :data:`SHIPPED_WEIGHTS_DIR`): name ->
     ``{'file', 'config', 'sha256', 'accuracy', 'trained_on'}``."""
     path = os.path.join(folder or SHIPPED_WEIGHTS_DIR, _MANIFEST)
@@ -347,7 +347,7 @@ def shipped_classifiers(folder: Optional[str] = None) -> dict[str, dict[str, Any
         return json.load(f)
 
 
-def _shipped_entry(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
+def _shipped_entry(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return next((e for e in shipped_classifiers().values() if e['config'] == cfg), None)
 
 
@@ -361,7 +361,7 @@ def _save_classifier(model: DigitClassifier, accuracy: float, cfg: dict[str, Any
     os.replace(tmp, path)
 
 
-def _load_classifier(path: str, expected_sha256: Optional[str] = None) -> DigitFeatures:
+def _load_classifier(path: str, expected_sha256: str | None = None) -> DigitFeatures:
     saved = torch.load(path, map_location='cpu', weights_only=True)
     sha256 = weights_sha256(saved['state_dict'])
     if expected_sha256 is not None and sha256 != expected_sha256:
@@ -380,7 +380,7 @@ def _load_classifier(path: str, expected_sha256: Optional[str] = None) -> DigitF
 
 
 def train_and_save_classifier(
-    config: Optional[dict[str, Any]], path: str, min_accuracy: float = 0.95
+    config: dict[str, Any] | None, path: str, min_accuracy: float = 0.95
 ) -> tuple[DigitClassifier, float]:
     """Train the classifier of ``config`` (see :func:`train_digit_classifier`) and save it to ``path``.
 
@@ -399,7 +399,7 @@ def train_and_save_classifier(
 
 
 def load_or_train_digit_classifier(
-    cache_dir: Optional[str] = None, config: Optional[dict[str, Any]] = None, min_accuracy: float = 0.95
+    cache_dir: str | None = None, config: dict[str, Any] | None = None, min_accuracy: float = 0.95
 ) -> DigitFeatures:
     """The digit classifier's :class:`DigitFeatures`: the shipped weights when ``config`` is one of theirs, else
     loaded from ``cache_dir`` or trained and cached there.
@@ -436,18 +436,18 @@ def load_or_train_digit_classifier(
 
 
 def digit_features(
-    image_shape: Optional[tuple[int, ...]] = None,
-    inception_weights: Optional[str] = None,
-    classifier_cache_dir: Optional[str] = None,
+    image_shape: tuple[int, ...] | None = None,
+    inception_weights: str | None = None,
+    classifier_cache_dir: str | None = None,
 ) -> nn.Module:
     """The classifier trained on scikit-learn's 8x8 digits."""
     return load_or_train_digit_classifier(classifier_cache_dir)
 
 
 def mnist_features(
-    image_shape: Optional[tuple[int, ...]] = None,
-    inception_weights: Optional[str] = None,
-    classifier_cache_dir: Optional[str] = None,
+    image_shape: tuple[int, ...] | None = None,
+    inception_weights: str | None = None,
+    classifier_cache_dir: str | None = None,
 ) -> nn.Module:
     """The classifier trained on the bundled MNIST digits at the images' size (``image_shape`` is needed)."""
     if image_shape is None or len(image_shape) != 3 or image_shape[0] not in (1, 3) or image_shape[1] != image_shape[2]:
@@ -458,9 +458,9 @@ def mnist_features(
 
 
 def inception_features(
-    image_shape: Optional[tuple[int, ...]] = None,
-    inception_weights: Optional[str] = None,
-    classifier_cache_dir: Optional[str] = None,
+    image_shape: tuple[int, ...] | None = None,
+    inception_weights: str | None = None,
+    classifier_cache_dir: str | None = None,
 ) -> nn.Module:
     """Inception-v3's 2048 pool features (torchmetrics' FID network), from a local weights file if given."""
     return InceptionFeatures(inception_weights)
@@ -473,10 +473,10 @@ FEATURE_CHOICES = ('auto', *FEATURE_EXTRACTORS)
 
 
 def build_feature_extractor(
-    feature: Union[str, nn.Module] = 'auto',
-    image_shape: Optional[tuple[int, ...]] = None,
-    inception_weights: Optional[str] = None,
-    classifier_cache_dir: Optional[str] = None,
+    feature: str | nn.Module = 'auto',
+    image_shape: tuple[int, ...] | None = None,
+    inception_weights: str | None = None,
+    classifier_cache_dir: str | None = None,
 ) -> nn.Module:
     """Resolve a feature choice to a module: ``'digits'``, ``'mnist'``, ``'inception'``, ``'auto'``, a name in the
     ``features`` registry, or a module.

@@ -6,17 +6,18 @@ Each rank adds its own images; torchmetrics sums the feature statistics over ran
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils._pytree import tree_map
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 __all__ = ['collect_images', 'fid_from_samples', 'fid_metric', 'floor_at', 'real_vs_real_fid', 'update_fid']
 
 
-def fid_metric(feature: nn.Module, device: Optional[torch.device] = None) -> FrechetInceptionDistance:
+def fid_metric(feature: nn.Module, device: torch.device | None = None) -> FrechetInceptionDistance:
     """A FID metric on ``feature`` (images in [-1, 1]) whose ``reset()`` keeps the real statistics."""
     metric = FrechetInceptionDistance(feature=feature, reset_real_features=False)
     return metric.to(device) if device is not None else metric
@@ -35,7 +36,7 @@ def fid_from_samples(
     fake: torch.Tensor,
     feature: nn.Module,
     batch_size: int = 256,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> float:
     """FID between ``real`` and ``fake`` images (floats in [-1, 1]) in ``feature``'s space.
 
@@ -66,8 +67,8 @@ def real_vs_real_fid(
     feature: nn.Module,
     seed: int = 0,
     batch_size: int = 256,
-    device: Optional[torch.device] = None,
-    num_samples: Optional[int] = None,
+    device: torch.device | None = None,
+    num_samples: int | None = None,
 ) -> float:
     """The FID floor: FID between two random halves of real ``images``, scaled by :func:`floor_at` to
     ``num_samples`` samples against all of ``images`` when ``num_samples`` is given."""
@@ -80,7 +81,7 @@ def real_vs_real_fid(
 
 
 def collect_images(
-    loader: Iterable[Any], model: Any = None, max_images: Optional[int] = None, with_conditioning: bool = False
+    loader: Iterable[Any], model: Any = None, max_images: int | None = None, with_conditioning: bool = False
 ) -> Any:
     """Images (and optionally the model's conditioning) from ``loader``'s batches, on CPU, up to ``max_images``.
 
@@ -90,10 +91,11 @@ def collect_images(
     images, conditioning = [], []
     count = 0
     device = next(model.parameters()).device if model is not None else None
-    for batch in loader:
+    for loaded in loader:
+        batch = loaded
         if model is not None:
             # The model reads the batch on its own device (an encoder runs there).
-            batch = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, batch)
+            batch = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, loaded)
             x = model.images(batch)
             cond = model.conditioning(batch) if with_conditioning else {}
         else:

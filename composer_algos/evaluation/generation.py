@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.diffusion.utils import reshard_fsdp2
 from composer_algos.distributed import all_reduce, is_distributed, rank_world
@@ -35,7 +36,7 @@ def all_reduce_max(value: int) -> int:
     return int(all_reduce(torch.tensor([int(value)], dtype=torch.long), op='max').item())
 
 
-def rank_indices(num_samples: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> list[int]:
+def rank_indices(num_samples: int, rank: int | None = None, world_size: int | None = None) -> list[int]:
     """The sample indices rank ``rank`` generates: ``rank::world_size``."""
     if rank is None or world_size is None:
         rank, world_size = rank_world()
@@ -107,12 +108,12 @@ def generate_samples(
     num_steps: int = 50,
     eta: float = 0.0,
     seed: int = 0,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     batch_size: int = 256,
-    num_batches: Optional[int] = None,
-    device: Optional[torch.device] = None,
+    num_batches: int | None = None,
+    device: torch.device | None = None,
     progress: bool = False,
-    prompts: Optional[Sequence[str]] = None,
+    prompts: Sequence[str] | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Generate the samples numbered ``indices`` with ``model.generate`` (DDIM for ``eta=0``; a flow-matching model's
@@ -175,7 +176,7 @@ def generate_share(
     return indices, generate_samples(model, indices, shape, batch_size=batch_size, num_batches=num_batches, **kwargs)
 
 
-def gather_by_index(indices: Sequence[int], samples: torch.Tensor) -> Optional[torch.Tensor]:
+def gather_by_index(indices: Sequence[int], samples: torch.Tensor) -> torch.Tensor | None:
     """Collect every rank's ``(indices, samples)`` on rank 0, in index order; other ranks get ``None``."""
     if not is_distributed():
         order = torch.tensor(list(indices)).argsort()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 
-def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 1, scale: int = 1) -> np.ndarray:
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:
     """``(N, C, H, W)`` images in [-1, 1] -> one ``(H', W', 3)`` uint8 grid, ``nrow`` images per row (default
     about sqrt(N)), each pixel repeated ``scale`` times (small images stay visible)."""
     from torchvision.utils import make_grid
@@ -72,7 +72,7 @@ def captioned_grid(images: torch.Tensor, captions: Sequence[str], scale: int = 1
 
 
 def side_by_side_grid(
-    left: torch.Tensor, right: torch.Tensor, nrow: Optional[int] = None, scale: int = 1, gap: int = 4
+    left: torch.Tensor, right: torch.Tensor, nrow: int | None = None, scale: int = 1, gap: int = 4
 ) -> np.ndarray:
     """Two grids of the same layout next to each other: cell ``i`` of the left grid pairs with cell ``i`` of the
     right one."""
@@ -160,7 +160,7 @@ def metric_curve_png(
     values: Sequence[float],
     path: str,
     name: str = 'FID',
-    floor: Optional[float] = None,
+    floor: float | None = None,
     figsize: tuple[float, float] = (6.0, 4.0),
     dpi: int = 100,
 ) -> np.ndarray:

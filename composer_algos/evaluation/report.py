@@ -7,7 +7,8 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -16,11 +17,10 @@ from composer_algos.evaluation.checkpoint_weights import load_checkpoint_weights
 from composer_algos.evaluation.conditioning import build_classifier, class_accuracy, clip_score, collect_captions
 from composer_algos.evaluation.consistency import consistency_diagnostic
 from composer_algos.evaluation.features import build_feature_extractor
-from composer_algos.evaluation.fid import collect_images
-from composer_algos.evaluation.fid import fid_from_samples, real_vs_real_fid
+from composer_algos.evaluation.fid import collect_images, fid_from_samples, real_vs_real_fid
+from composer_algos.evaluation.generation import eval_mode, generate_samples
 from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.evaluation.plots import captioned_grid, image_grid, save_png, side_by_side_grid
-from composer_algos.evaluation.generation import eval_mode, generate_samples
 from composer_algos.registry import ConfigError
 
 __all__ = ['EVALUATION_DEFAULTS', 'evaluate_checkpoint', 'evaluate_model', 'split_overrides', 'write_json']
@@ -61,9 +61,9 @@ def evaluate_model(
     model: Any,
     real_images: torch.Tensor,
     out_dir: str,
-    real_conditioning: Optional[dict[str, torch.Tensor]] = None,
+    real_conditioning: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
-    real_captions: Optional[list[str]] = None,
+    real_captions: list[str] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """FID (with its real-vs-real floor), bits/dim and a sample grid of ``model`` against ``real_images``; for a
@@ -189,7 +189,7 @@ def write_json(results: dict[str, Any], path: str) -> str:
     return path
 
 
-def _device(name: Optional[str]) -> torch.device:
+def _device(name: str | None) -> torch.device:
     return torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
 
 
@@ -214,9 +214,9 @@ def evaluate_checkpoint(
     make_model: Callable[[], torch.nn.Module],
     real_loader: Iterable[Any],
     out_dir: str,
-    compare: Optional[str] = None,
+    compare: str | None = None,
     progress: bool = True,
-    model_config: Optional[dict[str, Any]] = None,
+    model_config: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` loaded into ``make_model()`` against the real images of ``real_loader`` (see

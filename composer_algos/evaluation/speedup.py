@@ -10,7 +10,7 @@ seeds can detect are what a leaderboard reports.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 __all__ = [
     'geomean_ci',
@@ -23,9 +23,9 @@ __all__ = [
 ]
 
 
-def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float) -> Optional[float]:
+def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float) -> float | None:
     """First step where the curve is at or below ``target``, linearly interpolated between evaluations."""
-    for i, (s, v) in enumerate(zip(steps, values)):
+    for i, (s, v) in enumerate(zip(steps, values, strict=False)):
         if v <= target:
             if i == 0:
                 return float(s)
@@ -34,7 +34,7 @@ def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float)
     return None
 
 
-def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> Optional[float]:
+def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> float | None:
     """The curve's value at ``step``, linearly interpolated between evaluations; ``None`` outside them."""
     if not steps or step < steps[0] or step > steps[-1]:
         return None
@@ -47,7 +47,7 @@ def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> Opti
 
 def speedup_at(
     ref_steps: Sequence[int], ref: Sequence[float], steps: Sequence[int], values: Sequence[float], step: float
-) -> dict[str, Optional[float]]:
+) -> dict[str, float | None]:
     """How much sooner a curve reaches the reference curve's value at ``step``.
 
     Returns the target (the reference's FID at ``step``), the first step at which each curve reaches it (the same
@@ -75,7 +75,7 @@ def paired_speedup(
     values: Sequence[float],
     step: float,
     budget: float,
-) -> tuple[Optional[float], bool]:
+) -> tuple[float | None, bool]:
     """:func:`speedup_at`, with a curve that never reaches the target counted as reaching it at ``budget``.
 
     Returns ``(speed-up, reached)``. Counting a miss at the budget's end is conservative: the curve would have got
@@ -151,5 +151,5 @@ def log_fid_area(steps: Sequence[int], values: Sequence[float], floor: float = 1
     if len(steps) < 2:
         return math.log(values[0] / floor)
     logs = [math.log(v / floor) for v in values]
-    area = sum((s1 - s0) * (a + b) / 2 for s0, s1, a, b in zip(steps, steps[1:], logs, logs[1:]))
+    area = sum((s1 - s0) * (a + b) / 2 for s0, s1, a, b in zip(steps, steps[1:], logs, logs[1:], strict=False))
     return area / (steps[-1] - steps[0])

@@ -86,13 +86,13 @@ import logging
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from composer.core import Event, State
 from composer.loggers import Logger
+from torch import nn
 
 from composer_algos.algorithms.adaptive_timestep_sampling.functional import time_averaged_distribution
 from composer_algos.algorithms.adaptive_timestep_sampling.policy import (
@@ -157,7 +157,7 @@ class RewardSetting:
     concentration: str
     initial_concentration: float
     initial_selection: str
-    num_probe_timesteps: Optional[int]
+    num_probe_timesteps: int | None
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -170,16 +170,16 @@ class RewardSetting:
                 raise ValueError(f'{name} must be one of {allowed}, got {value!r}.')
 
 
-_IMPROVED = dict(
-    normalize='batch',
-    entropy_coef=0.1,
-    uniform_mix=0.1,
-    max_kl=0.01,
-    concentration='natural',
-    initial_concentration=1.0,
-    initial_selection='spread',
-    num_probe_timesteps=32,
-)
+_IMPROVED = {
+    'normalize': 'batch',
+    'entropy_coef': 0.1,
+    'uniform_mix': 0.1,
+    'max_kl': 0.01,
+    'concentration': 'natural',
+    'initial_concentration': 1.0,
+    'initial_selection': 'spread',
+    'num_probe_timesteps': 32,
+}
 REWARDS = {
     'paper': RewardSetting(
         terms='kl',
@@ -269,22 +269,22 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         update_every: int = 40,
         num_selected: int = 3,
         queue_size: int = 20,
-        num_probe_timesteps: Optional[int] = None,
+        num_probe_timesteps: int | None = None,
         reward: str = 'loss',
         policy: str = 'beta',
         width: int = 32,
         policy_resolution: int = 16,
         lr: float = 1e-2,
         grad_clip: float = 1.0,
-        entropy_coef: Optional[float] = None,
+        entropy_coef: float | None = None,
         seed: int = 0,
         probe_precision: str = 'tf32',
-        normalize: Optional[str] = None,
-        uniform_mix: Optional[float] = None,
-        max_kl: Optional[float] = None,
+        normalize: str | None = None,
+        uniform_mix: float | None = None,
+        max_kl: float | None = None,
         importance_weighted: bool = False,
         importance_clip: float = 10.0,
-        frozen_average: Optional[str] = None,
+        frozen_average: str | None = None,
     ):
         for name, value, low in (
             ('update_every', update_every, 1),
@@ -307,7 +307,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
             ('reward', reward, tuple(REWARDS)),
             ('policy', policy, POLICIES),
             ('probe_precision', probe_precision, PROBE_PRECISIONS),
-            ('normalize', normalize, NORMALIZATIONS + (None,)),
+            ('normalize', normalize, (*NORMALIZATIONS, None)),
         ):
             if value not in allowed:
                 raise ValueError(f'{name} must be one of {allowed}, got {value!r}.')
@@ -342,7 +342,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
                 raise ValueError(f'{name} must be a finite number {bound.get(name, ">= 0")}, got {value!r}.')
         if not isinstance(importance_weighted, bool):
             raise ValueError(f'importance_weighted must be true or false, got {importance_weighted!r}.')
-        self.frozen_distribution: Optional[torch.Tensor] = None
+        self.frozen_distribution: torch.Tensor | None = None
         if frozen_average is not None:
             if importance_weighted:
                 raise ValueError(
@@ -372,14 +372,14 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         self.frozen_average = frozen_average
 
         # What it learns, built at Event.INIT for the model's T: the policy with its optimizer, and S with its queue.
-        self.learner: Optional[PolicyLearner] = None
-        self.selection: Optional[TimestepSelection] = None
-        self.sampler: Optional[Any] = None
+        self.learner: PolicyLearner | None = None
+        self.selection: TimestepSelection | None = None
+        self.sampler: Any | None = None
         self.num_timesteps = 0
         self.prober = Prober(seed, setting.terms, setting.in_bits, setting.per_timestep_scale, probe_precision)
         self.num_probes = 0
         self.probe_due = False  # a probe is due and waits for a step with a non-zero learning rate
-        self._probe: Optional[Probe] = None
+        self._probe: Probe | None = None
 
     def __repr__(self) -> str:
         text = (
@@ -403,11 +403,11 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
 
     # What the learner and the selection hold, under the names the checkpoint and the logs use.
     @property
-    def policy(self) -> Optional[nn.Module]:
+    def policy(self) -> nn.Module | None:
         return None if self.learner is None else self.learner.policy
 
     @property
-    def optimizer(self) -> Optional[torch.optim.Adam]:
+    def optimizer(self) -> torch.optim.Adam | None:
         return None if self.learner is None else self.learner.optimizer
 
     @property
@@ -589,7 +589,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         return self.prober.rewards(changes)
 
     # -------------------------------------------------------------------------------------------- REINFORCE
-    def log_probs(self, x0: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def log_probs(self, x0: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T)`` log-probabilities of the distribution t is drawn from (the policy tilted by ``prior``), with
         grad."""
         return self.learner.log_probs(x0, prior)
@@ -599,7 +599,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         x0: torch.Tensor,
         t: torch.Tensor,
         reward: torch.Tensor,
-        prior: Optional[torch.Tensor] = None,
+        prior: torch.Tensor | None = None,
         loss_finite: bool = True,
     ) -> dict[str, float]:
         """One REINFORCE step on the policy from this rank's ``(x0, t, reward)`` (collective across ranks; see

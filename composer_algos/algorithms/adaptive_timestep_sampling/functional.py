@@ -1,9 +1,8 @@
-"""The adaptive sampler's math on plain tensors: the discretised Beta, the F-test, the probe grid, rewards, REINFORCE."""
+"""The adaptive sampler's math on tensors: the discretised Beta, the F-test, the probe grid, rewards, REINFORCE."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -74,8 +73,8 @@ def grid_weights(grid: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     """How many of the T timesteps each grid point stands for: the timesteps nearer to it than to its neighbours.
 
     The weighted sum of per-grid-point values estimates their sum over all T timesteps: exactly for a constant, within
-    0.1% for a linear ramp over T = 1000 with 32 points; the weights sum to T. An unweighted sum would count t = 0, one timestep, as much as an
-    interior point that stands for T / (K - 1).
+    0.1% for a linear ramp over T = 1000 with 32 points; the weights sum to T. An unweighted sum would count t = 0,
+    one timestep, as much as an interior point that stands for T / (K - 1).
 
     Example:
         >>> grid_weights(torch.tensor([0, 4, 9]), 10)
@@ -88,9 +87,7 @@ def grid_weights(grid: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     return counts[1:] - counts[:-1]
 
 
-def sum_of_changes(
-    changes: torch.Tensor, per_timestep_scale: bool, scale: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def sum_of_changes(changes: torch.Tensor, per_timestep_scale: bool, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample reward from ``(|S|, B)`` changes (before minus after) at the selected timesteps.
 
     Without ``per_timestep_scale`` the changes are summed (the paper). With it, each timestep's changes are first
@@ -114,7 +111,7 @@ def reinforce_loss(
     t: torch.Tensor,
     advantage: torch.Tensor,
     entropy_coef: float,
-    policy_log_probs: Optional[torch.Tensor] = None,
+    policy_log_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE with the entropy bonus in the reward, as the paper's code computes it on a continuous Beta.
 

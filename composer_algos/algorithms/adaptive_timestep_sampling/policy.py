@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from composer_algos.algorithms.adaptive_timestep_sampling.functional import (
     beta_grid_log_probs,
@@ -158,7 +158,7 @@ class PolicySampler(TimestepSampler):
         self.importance = bool(importance)
         self.importance_clip = float(importance_clip)
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         if x0 is None:
             raise ValueError('The adaptive timestep sampler gives per-sample probabilities; pass the batch (x0).')
         device = module_device(self.policy)
@@ -189,7 +189,7 @@ class FrozenSampler(TimestepSampler):
     def load(self, distribution: torch.Tensor) -> None:
         self.fixed = FixedDistributionSampler(distribution)
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         return self.fixed.probs(x0)
 
 
@@ -254,7 +254,7 @@ class PolicyLearner:
                 if torch.is_tensor(value) and key != 'step':
                     param_state[key] = value.to(device)
 
-    def log_probs(self, x0: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def log_probs(self, x0: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T)`` log-probabilities of the distribution t is drawn from (the policy mixed with uniform and tilted
         by ``prior``), with grad."""
         policy_log_probs = self.policy.log_probs(x0.to(module_device(self.policy)), self.num_timesteps)
@@ -281,7 +281,7 @@ class PolicyLearner:
         x0: torch.Tensor,
         t: torch.Tensor,
         reward: torch.Tensor,
-        prior: Optional[torch.Tensor] = None,
+        prior: torch.Tensor | None = None,
         loss_finite: bool = True,
         number: int = 0,
     ) -> dict[str, float]:
@@ -372,9 +372,9 @@ class PolicyLearner:
             if mean_kl <= self.max_kl:
                 return mean_kl
             scale /= 2
-            for p, b, a in zip(params, before, after):
+            for p, b, a in zip(params, before, after, strict=True):
                 p.copy_(b + scale * (a - b))
-        for p, b in zip(params, before):
+        for p, b in zip(params, before, strict=True):
             p.copy_(b)
         return 0.0
 

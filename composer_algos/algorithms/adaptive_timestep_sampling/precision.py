@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = ['PROBE_PRECISIONS', 'FullPrecisionReplica', 'casts_parameters', 'probe_math']
 

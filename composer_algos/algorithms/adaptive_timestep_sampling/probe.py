@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -38,7 +38,7 @@ class Probe:
     grid_before: torch.Tensor = None  # the probe image's terms at this rank's grid share
     seconds: float = 0.0
     t: list[torch.Tensor] = dataclasses.field(default_factory=list)  # the timesteps drawn, per micro-batch
-    prior: Optional[torch.Tensor] = None  # the curriculum prior t was drawn under (from the model's draw record)
+    prior: torch.Tensor | None = None  # the curriculum prior t was drawn under (from the model's draw record)
 
 
 class Prober:
@@ -68,7 +68,7 @@ class Prober:
         self.in_bits = in_bits
         self.per_timestep_scale = per_timestep_scale
         self.probe_precision = probe_precision
-        self.replica: Optional[FullPrecisionReplica] = None
+        self.replica: FullPrecisionReplica | None = None
 
     def before(
         self,

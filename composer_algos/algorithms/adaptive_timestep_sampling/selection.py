@@ -1,4 +1,4 @@
-"""The adaptive sampler's choice of S (arXiv 2411.09998): a FIFO queue of probe-image changes and a univariate F-test."""
+"""The adaptive sampler's choice of S (arXiv 2411.09998): a FIFO queue of probe-image changes, a univariate F-test."""
 
 from __future__ import annotations
 

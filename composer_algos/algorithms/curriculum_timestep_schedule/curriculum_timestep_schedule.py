@@ -101,7 +101,7 @@ class CurriculumTimestepSchedule(DiffusionAlgorithm):
     Example:
         >>> CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, ramp_end='0.5dur')
         CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, coordinate='noise_rate', ramp_start='0.0dur', ramp_end='0.5dur')
-    """
+    """  # noqa: E501 -- a doctest's expected repr is one line
 
     needs = ('add_timestep_prior', 'noise_schedule')
     events = (Event.BATCH_START,)

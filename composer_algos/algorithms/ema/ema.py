@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from composer.algorithms import EMA
@@ -41,19 +41,19 @@ class WarmupEMA(EMA):
 
     def __init__(
         self,
-        half_life: Optional[str] = '1000ba',
-        smoothing: Optional[float] = None,
+        half_life: str | None = '1000ba',
+        smoothing: float | None = None,
         ema_start: str = '0.0dur',
-        update_interval: Optional[str] = None,
+        update_interval: str | None = None,
         warmup: bool = True,
     ):
         super().__init__(half_life=half_life, smoothing=smoothing, ema_start=ema_start, update_interval=update_interval)
         self.warmup = warmup
         self.target_smoothing = float(self.smoothing)
         self.num_updates = 0
-        self.serialized_attributes = self.serialized_attributes + ['num_updates']
-        self._pending_full: Optional[dict[str, dict[str, torch.Tensor]]] = None
-        self._pairs: Optional[dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]]] = None
+        self.serialized_attributes = [*self.serialized_attributes, 'num_updates']
+        self._pending_full: dict[str, dict[str, torch.Tensor]] | None = None
+        self._pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
     def __repr__(self) -> str:
         return (

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from composer.core import Event, State
@@ -67,7 +67,7 @@ def append_losses(
 
 
 def loss_second_moment_probs(
-    losses: torch.Tensor, counts: torch.Tensor, uniform_prob: float = 0.001, loss_weights: Optional[torch.Tensor] = None
+    losses: torch.Tensor, counts: torch.Tensor, uniform_prob: float = 0.001, loss_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Improved DDPM's distribution over T timesteps, ``(T,)`` float64.
 
@@ -105,10 +105,10 @@ class LossSecondMomentSampler(TimestepSampler):
         super().__init__(num_timesteps)
         self.history = int(history)
         self.uniform_prob = float(uniform_prob)
-        self.loss_weights: Optional[torch.Tensor] = None
+        self.loss_weights: torch.Tensor | None = None
         self.losses = torch.zeros(num_timesteps, self.history, dtype=torch.float64)
         self.counts = torch.zeros(num_timesteps, dtype=torch.long)
-        self._probs: Optional[torch.Tensor] = None
+        self._probs: torch.Tensor | None = None
 
     def warm(self) -> bool:
         """Whether every timestep has a full history (before that, t is uniform)."""
@@ -118,7 +118,7 @@ class LossSecondMomentSampler(TimestepSampler):
         self.loss_weights = weights.detach().to(torch.float64).cpu()
         self._probs = None
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         if self._probs is None:
             self._probs = loss_second_moment_probs(
                 self.losses, self.counts, self.uniform_prob, self.loss_weights
@@ -174,9 +174,9 @@ class LossSecondMomentSampling(DiffusionAlgorithm):
             raise ValueError(f'uniform_prob must be in (0, 1], got {uniform_prob}.')
         self.history = int(history)
         self.uniform_prob = float(uniform_prob)
-        self.sampler: Optional[LossSecondMomentSampler] = None
+        self.sampler: LossSecondMomentSampler | None = None
         self._pending: list[torch.Tensor] = []
-        self._loaded: Optional[dict[str, Any]] = None
+        self._loaded: dict[str, Any] | None = None
 
     def install(self, model: Any, state: State, logger: Logger) -> None:
         # Built once: installing again (a rebuilt Trainer) keeps the history.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 from typing import Any
 
 import torch

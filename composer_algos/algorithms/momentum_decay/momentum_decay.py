@@ -32,7 +32,7 @@ Deviations, each stated once:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from composer.core import Event, State
@@ -123,7 +123,7 @@ def apply_momentum(optimizer: torch.optim.Optimizer, momentum: list[float], lr_s
     """Set each group's beta1/momentum and scale its lr; returns the lrs set (to undo the scaling later)."""
     key = momentum_key(optimizer)
     lrs = []
-    for group, beta, scale in zip(optimizer.param_groups, momentum, lr_scale):
+    for group, beta, scale in zip(optimizer.param_groups, momentum, lr_scale, strict=False):
         if key == 'betas':
             group['betas'] = (beta, group['betas'][1])
         else:
@@ -163,11 +163,11 @@ class MomentumDecay(DiffusionAlgorithm):
     def __init__(
         self,
         beta_end: float = 0.5,
-        beta0: Optional[float] = None,
+        beta0: float | None = None,
         rule: str = 'demon',
         start: str = '0.0dur',
         end: str = '1.0dur',
-        compensate_lr: Union[bool, str] = 'noise',
+        compensate_lr: bool | str = 'noise',
     ):
         if not 0.0 <= beta_end < 1.0:
             raise ValueError(f'beta_end must be in [0, 1), got {beta_end}.')
@@ -191,9 +191,9 @@ class MomentumDecay(DiffusionAlgorithm):
         self._end = parse_time(end, 'end')
         if self._start.unit != self._end.unit:
             raise ValueError(f'start ({start}) and end ({end}) must use the same time unit.')
-        self.initial_momenta: Optional[list[float]] = None
-        self._lrs_set: Optional[list[float]] = None
-        self._lrs_scheduled: Optional[list[float]] = None
+        self.initial_momenta: list[float] | None = None
+        self._lrs_set: list[float] | None = None
+        self._lrs_scheduled: list[float] | None = None
 
     def _optimizer(self, state: State) -> torch.optim.Optimizer:
         optimizers = state.optimizers
@@ -208,7 +208,9 @@ class MomentumDecay(DiffusionAlgorithm):
         # before compensating again when Composer retries a batch (BEFORE_TRAIN_BATCH fires again after an
         # out-of-memory retry with automatic micro-batching: the lr must not be scaled twice).
         if self._lrs_set is not None and self._lrs_scheduled is not None:
-            for group, set_lr, scheduled in zip(optimizer.param_groups, self._lrs_set, self._lrs_scheduled):
+            for group, set_lr, scheduled in zip(
+                optimizer.param_groups, self._lrs_set, self._lrs_scheduled, strict=False
+            ):
                 if group['lr'] == set_lr:
                     group['lr'] = scheduled
         self._lrs_set = self._lrs_scheduled = None
@@ -220,7 +222,9 @@ class MomentumDecay(DiffusionAlgorithm):
             ]
         tau = span_fraction(state, self._start, self._end)
         momenta = [decayed_momentum(self.rule, b0, tau, min(self.beta_end, b0)) for b0 in self.initial_momenta]
-        scales = [compensation(key, b0, b, self._compensation) for b0, b in zip(self.initial_momenta, momenta)]
+        scales = [
+            compensation(key, b0, b, self._compensation) for b0, b in zip(self.initial_momenta, momenta, strict=True)
+        ]
         self._lrs_scheduled = [g['lr'] for g in optimizer.param_groups]
         self._lrs_set = apply_momentum(optimizer, momenta, scales)
         logger.log_metrics({'momentum/beta1': momenta[0], 'momentum/lr_scale': scales[0]})

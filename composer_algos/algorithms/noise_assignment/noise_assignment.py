@@ -34,7 +34,7 @@ Deviations from the papers' code, each stated once:
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from composer.core import Event, State
@@ -71,7 +71,7 @@ def pairwise_cost(x0: torch.Tensor, noise: torch.Tensor, cost: str = 'l2') -> to
     return squared if cost == 'sq_l2' else squared.sqrt()
 
 
-def hungarian_assignment(cost: torch.Tensor, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+def hungarian_assignment(cost: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """The permutation ``perm`` (``(B,)`` long) minimising ``sum_i cost[i, perm[i]]``: sample ``i`` gets noise
     ``perm[i]``; with ``groups`` (``(B,)``, e.g. class labels) samples only take noises of their own group.
 
@@ -128,7 +128,7 @@ def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
     sizes = [int(s.item()) for s in all_gather(size)]
     padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
     padded[: rows.shape[0]] = rows
-    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes)])
+    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes, strict=True)])
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

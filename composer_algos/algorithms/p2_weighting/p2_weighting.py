@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 from typing import Any
 
 import torch

@@ -1,4 +1,4 @@
-"""Schedule-free AdamW (arXiv 2405.15682): the optimizer, and the switching between its training and evaluation weights."""
+"""Schedule-free AdamW (arXiv 2405.15682): the optimizer, and switching between its training and evaluation weights."""
 
 from composer_algos.algorithms.schedule_free.schedule_free import (
     ScheduleFree,

@@ -32,7 +32,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from composer.algorithms.warnings import NoEffectWarning
@@ -76,7 +77,7 @@ def schedulefree_adamw(
     warmup_steps: int = 0,
     r: float = 0.0,
     weight_lr_power: float = 2.0,
-    foreach: Optional[bool] = None,
+    foreach: bool | None = None,
 ) -> AdamWScheduleFree:
     """The ``schedulefree`` package's ``AdamWScheduleFree`` with its arguments checked.
 
@@ -245,7 +246,8 @@ class ScheduleFree(ReprMixin, Algorithm):
             warnings.warn(
                 NoEffectWarning(
                     f'ScheduleFree found no schedule-free optimizer (optimizers: {names}); it does nothing.'
-                )
+                ),
+                stacklevel=2,
             )
             return
         for algorithm in state.algorithms:
@@ -278,7 +280,7 @@ class ScheduleFree(ReprMixin, Algorithm):
         self._hooks = []
 
 
-def add_schedule_free(optimizers: Union[Any, Iterable[Any]], algorithms: list[Any]) -> list[Any]:
+def add_schedule_free(optimizers: Any | Iterable[Any], algorithms: list[Any]) -> list[Any]:
     """``algorithms`` with a :class:`ScheduleFree` in front when an optimizer is schedule-free and none is there yet
     (recipes get the switching without listing it)."""
     optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)

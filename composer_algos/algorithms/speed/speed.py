@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 from typing import Any
 
 import torch
@@ -83,7 +82,7 @@ def speed_threshold(num_timesteps: int, tau: float = 700) -> int:
         (700, 70)
     """
     _check_tau(tau)
-    return min(max(int(round(tau * num_timesteps / 1000)), 1), num_timesteps - 1)
+    return min(max(round(tau * num_timesteps / 1000), 1), num_timesteps - 1)
 
 
 def speed_probs(schedule: NoiseSchedule, tau: float = 700, k: float = 2.0) -> torch.Tensor:
@@ -146,7 +145,7 @@ class SpeeD(DiffusionAlgorithm):
         SpeeD(tau=700, k=2.0, lam=0.6)
     """
 
-    needs = WEIGHTING_NEEDS + ('set_timestep_sampler',)
+    needs = (*WEIGHTING_NEEDS, 'set_timestep_sampler')
     objectives = ('ddpm',)
     why = (
         'its threshold tau and change-aware weights are stated on the timesteps of a DDPM schedule (T = 1000) and '
