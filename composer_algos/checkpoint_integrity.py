@@ -147,7 +147,7 @@ def checkpoint_names(folder: str, templates: Sequence[str], run_name: str) -> li
 
 def newest_readable(paths: Sequence[str]) -> tuple[str | None, list[tuple[str, str]]]:
     """``(first readable path, [(unreadable path, why)] before it)`` for paths ordered newest first."""
-    unreadable = []
+    unreadable: list[tuple[str, str]] = []
     for path in paths:
         problem = verify_checkpoint(path)
         if problem is None:

@@ -254,7 +254,7 @@ def _first_to_fail(store: Any, rank: int) -> bool:
     return True
 
 
-def _peer_gone(error: BaseException) -> bool:
+def _peer_gone(error: BaseException | None) -> bool:
     """Whether ``error`` (or an error it was raised from) says that another rank is gone: a consequence of that
     rank's failure, which it reports. Gloo raises a plain ``RuntimeError`` for it, hence the messages."""
     while error is not None:

@@ -107,7 +107,7 @@ def named_items(section: Any, where: str) -> list[tuple[str, dict]]:
     if isinstance(section, dict):
         return [(name, dict(kwargs or {})) for name, kwargs in section.items()]
     if isinstance(section, (list, tuple)):
-        items = []
+        items: list[tuple[str, dict[str, Any]]] = []
         for entry in section:
             if isinstance(entry, str):
                 items.append((entry, {}))

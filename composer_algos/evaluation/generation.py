@@ -78,7 +78,7 @@ def ema_weights(state: Any) -> Iterator[bool]:
     """
     from composer.algorithms import EMA
 
-    swapped = []
+    swapped: list[EMA] = []
     active = False
     for algorithm in state.algorithms:
         if not isinstance(algorithm, EMA) or not algorithm.ema_started or algorithm.ema_model is None:
