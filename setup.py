@@ -44,6 +44,9 @@ extras_require = {
         'pytest>=8',
         'pytest-timeout>=2.3',
         'hypothesis>=6.100',
+        # Lint, format and type checks (.ci/run); the versions are pinned in constraints.txt.
+        'ruff>=0.17',
+        'mypy>=2.4',
         *text,
     ],
 }

@@ -31,10 +31,21 @@ import os
 import re
 import tarfile
 import zipfile
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ['verify_checkpoint', 'checkpoint_names', 'newest_readable', 'prepare_autoresume', 'is_remote',
-           'UNREADABLE_SUFFIX', 'SavedModelState', 'saved_model_state', 'model_misfit', 'written_by']
+__all__ = [
+    'verify_checkpoint',
+    'checkpoint_names',
+    'newest_readable',
+    'prepare_autoresume',
+    'is_remote',
+    'UNREADABLE_SUFFIX',
+    'SavedModelState',
+    'saved_model_state',
+    'model_misfit',
+    'written_by',
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +59,7 @@ def is_remote(path: str) -> bool:
     return '://' in path
 
 
-def verify_checkpoint(path: str) -> Optional[str]:
+def verify_checkpoint(path: str) -> str | None:
     """Why the checkpoint at ``path`` cannot be loaded, or ``None`` if it can.
 
     A ``.pt`` file is a zip archive: its directory must be present (a truncated file has lost it) and every member
@@ -85,11 +96,12 @@ def verify_checkpoint(path: str) -> Optional[str]:
     return None
 
 
-def _verify_sharded(folder: str) -> Optional[str]:
+def _verify_sharded(folder: str) -> str | None:
     if not os.path.isfile(os.path.join(folder, '.metadata')):
         return 'it has no .metadata (the save did not finish)'
     try:
         from torch.distributed.checkpoint import FileSystemReader
+
         metadata = FileSystemReader(folder).read_metadata()
     except Exception as e:  # any unpickling failure means the same thing here
         return f'its .metadata cannot be read ({type(e).__name__}: {e})'
@@ -108,7 +120,7 @@ def _verify_sharded(folder: str) -> Optional[str]:
 def _name_pattern(template: str, run_name: str) -> re.Pattern:
     """A regex matching the names a Composer filename template gives rank 0's checkpoints, time fields captured."""
     pattern = re.escape(template)
-    for field in _TIME_FIELDS + ('batch_in_epoch', 'sample_in_epoch', 'token_in_epoch'):
+    for field in (*_TIME_FIELDS, 'batch_in_epoch', 'sample_in_epoch', 'token_in_epoch'):
         pattern = pattern.replace(re.escape('{' + field + '}'), f'(?P<{field}>\\d+)')
     fixed = {'run_name': run_name, 'rank': 0, 'local_rank': 0, 'node_rank': 0}
     for field, value in fixed.items():
@@ -126,15 +138,16 @@ def checkpoint_names(folder: str, templates: Sequence[str], run_name: str) -> li
             match = pattern.match(name)
             if match is not None:
                 fields = match.groupdict()
-                found.append((tuple(int(fields.get(f) or 0) for f in _TIME_FIELDS),
-                              os.path.realpath(os.path.join(folder, name))))
+                found.append(
+                    (tuple(int(fields.get(f) or 0) for f in _TIME_FIELDS), os.path.realpath(os.path.join(folder, name)))
+                )
                 break
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def newest_readable(paths: Sequence[str]) -> tuple[Optional[str], list[tuple[str, str]]]:
+def newest_readable(paths: Sequence[str]) -> tuple[str | None, list[tuple[str, str]]]:
     """``(first readable path, [(unreadable path, why)] before it)`` for paths ordered newest first."""
-    unreadable = []
+    unreadable: list[tuple[str, str]] = []
     for path in paths:
         problem = verify_checkpoint(path)
         if problem is None:
@@ -143,7 +156,7 @@ def newest_readable(paths: Sequence[str]) -> tuple[Optional[str], list[tuple[str
     return None, unreadable
 
 
-def prepare_autoresume(folder: str, latest_name: str, templates: Sequence[str], run_name: str) -> Optional[str]:
+def prepare_autoresume(folder: str, latest_name: str, templates: Sequence[str], run_name: str) -> str | None:
     """Make ``folder/latest_name`` point at the newest readable checkpoint, setting unreadable newer ones aside.
 
     Returns the path autoresume will load (``None``: the folder holds no checkpoint, a fresh start). Raises
@@ -159,20 +172,31 @@ def prepare_autoresume(folder: str, latest_name: str, templates: Sequence[str], 
     chosen, unreadable = newest_readable(candidates)
     if chosen is None and unreadable:
         listing = '; '.join(f'{path}: {why}' for path, why in unreadable)
-        raise ValueError(f'no readable checkpoint to resume from in {folder} ({listing}); move them away to start '
-                         'over, or set load_path to a good copy')
+        raise ValueError(
+            f'no readable checkpoint to resume from in {folder} ({listing}); move them away to start '
+            'over, or set load_path to a good copy'
+        )
     for path, why in unreadable:
         aside = _free_name(path + UNREADABLE_SUFFIX)
         os.rename(path, aside)
-        log.warning('autoresume: %s cannot be loaded (%s); renamed it to %s and resume from %s', path, why,
-                    os.path.basename(aside), chosen)
+        log.warning(
+            'autoresume: %s cannot be loaded (%s); renamed it to %s and resume from %s',
+            path,
+            why,
+            os.path.basename(aside),
+            chosen,
+        )
     if chosen is not None and target != chosen:
         if os.path.lexists(link):
             os.remove(link)
         os.symlink(os.path.relpath(chosen, os.path.dirname(link)), link)
         if not unreadable:
-            log.warning('autoresume: %s pointed at %s; resuming from the newest readable checkpoint, %s', link,
-                        target if target is not None and os.path.exists(target) else 'nothing', chosen)
+            log.warning(
+                'autoresume: %s pointed at %s; resuming from the newest readable checkpoint, %s',
+                link,
+                target if target is not None and os.path.exists(target) else 'nothing',
+                chosen,
+            )
     return chosen
 
 
@@ -203,16 +227,17 @@ class SavedModelState:
         extra: the model's extra state (a dict for a :class:`~composer_algos.diffusion.model.DiffusionModel`), or
             ``None`` if it has none or it could not be read.
     """
+
     shapes: dict[str, tuple[int, ...]]
     extra: Any = None
 
 
 def _strip_module(key: str) -> str:
     # DDP's wrapper prefixes every key; checkpoints written through it may keep the prefix.
-    return key[len('module.'):] if key.startswith('module.') else key
+    return key[len('module.') :] if key.startswith('module.') else key
 
 
-def saved_model_state(path: str) -> Optional[SavedModelState]:
+def saved_model_state(path: str) -> SavedModelState | None:
     """The model tensors' shapes (and the model's extra state) saved in the checkpoint at ``path``, or ``None`` when
     they cannot be read here (a remote, compressed or tar checkpoint, or not a Composer one).
 
@@ -220,6 +245,7 @@ def saved_model_state(path: str) -> Optional[SavedModelState]:
     ``.metadata``, and its extra state from the bytes the metadata points at.
     """
     import torch
+
     if os.path.isdir(path):
         return _saved_sharded_model_state(path)
     if not zipfile.is_zipfile(path):
@@ -238,18 +264,21 @@ def saved_model_state(path: str) -> Optional[SavedModelState]:
     return SavedModelState(shapes, extra)
 
 
-def _saved_sharded_model_state(folder: str) -> Optional[SavedModelState]:
+def _saved_sharded_model_state(folder: str) -> SavedModelState | None:
     import torch
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     try:
         metadata = FileSystemReader(folder).read_metadata()
     except Exception as e:  # verify_checkpoint has already said why, if it matters
         log.debug('%s: no readable metadata (%s)', folder, e)
         return None
-    shapes = {_strip_module(fqn[len(_SHARDED_MODEL_PREFIX):]): tuple(item.size)
-              for fqn, item in metadata.state_dict_metadata.items()
-              if fqn.startswith(_SHARDED_MODEL_PREFIX) and isinstance(item, TensorStorageMetadata)}
+    shapes = {
+        _strip_module(fqn[len(_SHARDED_MODEL_PREFIX) :]): tuple(item.size)
+        for fqn, item in metadata.state_dict_metadata.items()
+        if fqn.startswith(_SHARDED_MODEL_PREFIX) and isinstance(item, TensorStorageMetadata)
+    }
     if not shapes:
         return None
     # Each non-tensor leaf of the extra state is an object of its own, at the path the planner recorded for it.
@@ -293,7 +322,7 @@ def _shape(shape: Sequence[int]) -> str:
     return '[' + ', '.join(str(d) for d in shape) + ']'
 
 
-def model_misfit(model_shapes: Mapping[str, Sequence[int]], saved: Mapping[str, Sequence[int]]) -> Optional[str]:
+def model_misfit(model_shapes: Mapping[str, Sequence[int]], saved: Mapping[str, Sequence[int]]) -> str | None:
     """Why tensors of the shapes ``saved`` do not load into a model whose tensors have ``model_shapes``, or ``None``.
 
     Names the first tensor (in the model's order) whose shape differs, with both shapes, else the first the
@@ -309,8 +338,9 @@ def model_misfit(model_shapes: Mapping[str, Sequence[int]], saved: Mapping[str, 
     count = len(wrong) + len(missing) + len(extra)
     if wrong:
         first = wrong[0]
-        problem = (f'its tensor {first} has shape {_shape(saved[first])} where the model has '
-                   f'{_shape(model_shapes[first])}')
+        problem = (
+            f'its tensor {first} has shape {_shape(saved[first])} where the model has {_shape(model_shapes[first])}'
+        )
     elif missing:
         problem = f'it has no tensor {missing[0]} (shape {_shape(model_shapes[missing[0]])} in the model)'
     elif extra:
@@ -320,7 +350,7 @@ def model_misfit(model_shapes: Mapping[str, Sequence[int]], saved: Mapping[str, 
     return problem + (f' ({count - 1} more tensors differ)' if count > 1 else '')
 
 
-def written_by(extra: Any, model_config: Optional[Mapping[str, Any]] = None) -> str:
+def written_by(extra: Any, model_config: Mapping[str, Any] | None = None) -> str:
     """Which run wrote a checkpoint whose model recorded ``extra`` (its extra state), and how that run's model
     settings differ from ``model_config`` (the ``model`` section of the recipe at hand); ``''`` when it recorded
     no recipe (checkpoints written before models recorded one, or by other models).

@@ -14,12 +14,21 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from composer_algos import registry
 
-__all__ = ['BUILD_FAILED', 'DEBUG_ENV', 'RUN_FAILED', 'Stage', 'add_debug_flag', 'debug_requested',
-           'run_folder_of', 'run_guarded']
+__all__ = [
+    'BUILD_FAILED',
+    'DEBUG_ENV',
+    'RUN_FAILED',
+    'Stage',
+    'add_debug_flag',
+    'debug_requested',
+    'run_folder_of',
+    'run_guarded',
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +61,13 @@ class Stage:
         run_folder: where ``error.log`` goes (``None``: the run has no folder yet).
         progress: how far the run is, for the error line (for example ``at batch 12``).
     """
+
     exit_code: int = BUILD_FAILED
-    recipe: Optional[dict[str, Any]] = None
-    run_folder: Optional[str] = None
+    recipe: dict[str, Any] | None = None
+    run_folder: str | None = None
     progress: Callable[[], str] = lambda: ''
 
-    def started(self, run_folder: Optional[str] = None, progress: Optional[Callable[[], str]] = None) -> None:
+    def started(self, run_folder: str | None = None, progress: Callable[[], str] | None = None) -> None:
         """Everything is built and the work begins: failures from now on are the run's (:data:`RUN_FAILED`)."""
         self.exit_code = RUN_FAILED
         self.run_folder = run_folder
@@ -76,8 +86,11 @@ def run_folder_of(run_name: str) -> str:
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """Add ``--debug`` to an entry point's arguments."""
-    parser.add_argument('--debug', action='store_true',
-                        help=f'raise an error with its traceback instead of one line (or set {DEBUG_ENV}=1)')
+    parser.add_argument(
+        '--debug',
+        action='store_true',
+        help=f'raise an error with its traceback instead of one line (or set {DEBUG_ENV}=1)',
+    )
 
 
 def debug_requested(args: argparse.Namespace) -> bool:
@@ -131,6 +144,7 @@ def run_guarded(body: Callable[[Stage], int], debug: bool = False) -> int:
 def _report(error: Exception, stage: Stage) -> None:
     from composer_algos.data.integrity import DataError
     from composer_algos.distributed import rank_world
+
     rank, world_size = rank_world()
     store = _failure_store(world_size)
     if store is not None:
@@ -165,7 +179,7 @@ def _describe(error: Exception, stage: Stage, explained: bool) -> str:
     return f'{type(error).__name__}: {message}{where}' if message else f'{type(error).__name__}{where}'
 
 
-def _part_key(error: BaseException, recipe: Optional[dict[str, Any]]) -> Optional[str]:
+def _part_key(error: BaseException, recipe: dict[str, Any] | None) -> str | None:
     """The recipe key (``callbacks.fid``) of the innermost algorithm, callback or logger the traceback runs in."""
     if not recipe:
         return None
@@ -189,7 +203,7 @@ def _part_key(error: BaseException, recipe: Optional[dict[str, Any]]) -> Optiona
     return found
 
 
-def _write_traceback(error: Exception, stage: Stage, rank: int) -> Optional[str]:
+def _write_traceback(error: Exception, stage: Stage, rank: int) -> str | None:
     """Write the traceback to the run's ``error.log`` (``error-rank<r>.log`` on other ranks) or a temporary file."""
     text = ''.join(traceback.format_exception(type(error), error, error.__traceback__))
     name = 'error.log' if rank == 0 else f'error-rank{rank}.log'
@@ -217,6 +231,7 @@ def _write_traceback(error: Exception, stage: Stage, rank: int) -> Optional[str]
 def _failure_store(world_size: int) -> Any:
     """The process group's key-value store, in a job of several ranks whose process group exists; else ``None``."""
     import torch.distributed as torch_dist
+
     if world_size == 1 or not (torch_dist.is_available() and torch_dist.is_initialized()):
         return None
     store = torch_dist.distributed_c10d._get_default_store()
@@ -239,7 +254,7 @@ def _first_to_fail(store: Any, rank: int) -> bool:
     return True
 
 
-def _peer_gone(error: BaseException) -> bool:
+def _peer_gone(error: BaseException | None) -> bool:
     """Whether ``error`` (or an error it was raised from) says that another rank is gone: a consequence of that
     rank's failure, which it reports. Gloo raises a plain ``RuntimeError`` for it, hence the messages."""
     while error is not None:
@@ -264,6 +279,7 @@ def _leave_process_group() -> None:
     """Destroy the process group, so that a collective in an exit hook fails at once instead of waiting for a peer
     that is gone or stuck (the peers' own collectives fail when this process exits and its connections close)."""
     import torch.distributed as torch_dist
+
     try:
         torch_dist.destroy_process_group()
     except Exception as e:  # leaving is best effort: the process exits next

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -39,8 +40,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-
-
 def call_with_config(fn: Callable[..., Any], kwargs: dict, where: str) -> Any:
     """Call ``fn(**kwargs)`` after checking every key against its signature (see :func:`registry.call_checked`)."""
     return call_checked(fn, kwargs, where)
@@ -64,7 +63,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
 def _load_with_includes(path: str, seen: tuple[str, ...]) -> DictConfig:
     path = os.path.abspath(path)
     if path in seen:
-        raise ConfigError(f'Recipe includes form a cycle: {" -> ".join(seen + (path,))}.')
+        raise ConfigError(f'Recipe includes form a cycle: {" -> ".join((*seen, path))}.')
     cfg = validation.read_yaml(path)
     includes = cfg.pop('includes', None) or []
     if isinstance(includes, str):
@@ -74,7 +73,7 @@ def _load_with_includes(path: str, seen: tuple[str, ...]) -> DictConfig:
         include_path = os.path.join(os.path.dirname(path), include)
         if not os.path.isfile(include_path):
             raise ConfigError(f'{path}: included fragment {include!r} not found at {include_path}.')
-        merged = OmegaConf.merge(merged, _load_with_includes(include_path, seen + (path,)))
+        merged = OmegaConf.merge(merged, _load_with_includes(include_path, (*seen, path)))
     return OmegaConf.merge(merged, cfg)
 
 
@@ -87,8 +86,9 @@ def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------- data
 def build_dataloader(loader_cfg: dict[str, Any], where: str = 'train_loader') -> Any:
     cfg = dict(loader_cfg)
-    validation.check_loader_files(cfg.get('name', 'streaming_image'), {k: v for k, v in cfg.items() if k != 'name'},
-                                  where)
+    validation.check_loader_files(
+        cfg.get('name', 'streaming_image'), {k: v for k, v in cfg.items() if k != 'name'}, where
+    )
     return registry.build(registry.datasets, cfg, 'dataset', where, default='streaming_image')
 
 
@@ -101,7 +101,7 @@ def build_optimizer(opt_cfg: dict[str, Any], model: torch.nn.Module) -> torch.op
     return registry.build(registry.optimizers, cfg, 'optimizer', 'optimizer', 'adamw', params)
 
 
-def build_scheduler(sched_cfg: Optional[dict[str, Any]]) -> Any:
+def build_scheduler(sched_cfg: dict[str, Any] | None) -> Any:
     if not sched_cfg:
         return None
     return registry.build(registry.schedulers, sched_cfg, 'scheduler', 'scheduler')
@@ -135,10 +135,13 @@ def prepare_data(cfg: dict[str, Any], dataset: Any = True) -> None:
     from composer.utils import dist
 
     from composer_algos.data.convert import BUNDLED_DATASETS, convert_bundled
+
     name = 'digits' if dataset is True else dataset
     if name not in BUNDLED_DATASETS:
-        raise ConfigError(f"prepare_data must be true, false or one of {', '.join(BUNDLED_DATASETS)}; got "
-                          f"{dataset!r}.{suggest(str(dataset), list(BUNDLED_DATASETS))}")
+        raise ConfigError(
+            f'prepare_data must be true, false or one of {", ".join(BUNDLED_DATASETS)}; got '
+            f'{dataset!r}.{suggest(str(dataset), list(BUNDLED_DATASETS))}'
+        )
     loader = cfg.get('train_loader', {})
     local = loader.get('local')
     if not local:
@@ -154,6 +157,7 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
     from composer.utils import dist, reproducibility
 
     from composer_algos.algorithms.schedule_free import add_schedule_free
+
     cfg = dict(cfg)
     check_keys(cfg, list(TOP_LEVEL_KEYS), '')
     for required in ('model', 'train_loader', 'max_duration'):

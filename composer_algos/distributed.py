@@ -12,17 +12,26 @@ import os
 
 import torch
 import torch.distributed as torch_dist
-import torch.nn as nn
+from torch import nn
 
-__all__ = ['all_gather', 'all_gather_variable', 'all_reduce', 'backend_device', 'broadcast', 'fsdp_gradient_scale',
-           'global_positions', 'is_distributed', 'rank_world']
+__all__ = [
+    'all_gather',
+    'all_gather_variable',
+    'all_reduce',
+    'backend_device',
+    'broadcast',
+    'fsdp_gradient_scale',
+    'global_positions',
+    'is_distributed',
+    'rank_world',
+]
 
 
 def rank_world() -> tuple[int, int]:
     """``(rank, world_size)``: of the process group, or from the launcher's environment before it exists."""
     if torch_dist.is_available() and torch_dist.is_initialized():
         return torch_dist.get_rank(), torch_dist.get_world_size()
-    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    return int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))
 
 
 def global_positions(local_batch_size: int) -> list[int]:
@@ -53,7 +62,7 @@ _REDUCE_OPS = {'sum': torch_dist.ReduceOp.SUM, 'max': torch_dist.ReduceOp.MAX, '
 def all_reduce(tensor: torch.Tensor, op: str = 'sum') -> torch.Tensor:
     """Reduce ``tensor`` over ranks in place (``'sum'``, ``'max'`` or ``'min'``) and return it."""
     if op not in _REDUCE_OPS:
-        raise ValueError(f"op must be one of {sorted(_REDUCE_OPS)}, got {op!r}.")
+        raise ValueError(f'op must be one of {sorted(_REDUCE_OPS)}, got {op!r}.')
     if not is_distributed():
         return tensor
     work = tensor.to(backend_device())
@@ -98,8 +107,8 @@ def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
     if longest == 0:
         return [tensor[:0] for _ in lengths]
     padded = tensor.new_zeros((longest, *tensor.shape[1:]), device=backend_device())
-    padded[:tensor.shape[0]] = tensor
-    return [part[:n].to(tensor.device) for part, n in zip(all_gather(padded), lengths)]
+    padded[: tensor.shape[0]] = tensor
+    return [part[:n].to(tensor.device) for part, n in zip(all_gather(padded), lengths, strict=True)]
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -123,6 +132,7 @@ def fsdp_gradient_scale(model: nn.Module) -> float:
     if not is_distributed() or torch_dist.get_backend() != 'gloo':
         return 1.0
     from torch.distributed.fsdp import FSDPModule
+
     if not any(isinstance(m, FSDPModule) for m in model.modules()):
         return 1.0
     return 1.0 / torch_dist.get_world_size()

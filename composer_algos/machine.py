@@ -18,8 +18,14 @@ import torch
 __all__ = ['KERNEL_ENVIRONMENT', 'fingerprint_key', 'machine_fingerprint']
 
 # Environment variables that change which CPU kernels run (read by ATen, oneDNN and MKL when they start).
-KERNEL_ENVIRONMENT = ('ATEN_CPU_CAPABILITY', 'DNNL_MAX_CPU_ISA', 'ONEDNN_MAX_CPU_ISA', 'MKL_CBWR',
-                      'MKL_ENABLE_INSTRUCTIONS', 'MKL_DEBUG_CPU_TYPE')
+KERNEL_ENVIRONMENT = (
+    'ATEN_CPU_CAPABILITY',
+    'DNNL_MAX_CPU_ISA',
+    'ONEDNN_MAX_CPU_ISA',
+    'MKL_CBWR',
+    'MKL_ENABLE_INSTRUCTIONS',
+    'MKL_DEBUG_CPU_TYPE',
+)
 
 
 def _cpu_model() -> str:

@@ -10,13 +10,33 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import catalogue
 
-__all__ = ['KINDS', 'ConfigError', 'algorithms', 'build', 'call_checked', 'callbacks', 'check_keys', 'conditioners',
-           'datasets', 'denoisers', 'encoders', 'features', 'loggers', 'models', 'named_items', 'optimizers', 'resolve',
-           'schedulers', 'set_argument_hooks', 'suggest']
+__all__ = [
+    'KINDS',
+    'ConfigError',
+    'algorithms',
+    'build',
+    'call_checked',
+    'callbacks',
+    'check_keys',
+    'conditioners',
+    'datasets',
+    'denoisers',
+    'encoders',
+    'features',
+    'loggers',
+    'models',
+    'named_items',
+    'optimizers',
+    'resolve',
+    'schedulers',
+    'set_argument_hooks',
+    'suggest',
+]
 
 algorithms = catalogue.create('composer_algos', 'algorithms', entry_points=True)
 callbacks = catalogue.create('composer_algos', 'callbacks', entry_points=True)
@@ -33,9 +53,19 @@ loggers = catalogue.create('composer_algos', 'loggers', entry_points=True)
 # Feature extractors of FID (images in [-1, 1] -> features).
 features = catalogue.create('composer_algos', 'features', entry_points=True)
 
-KINDS = {'algorithms': algorithms, 'callbacks': callbacks, 'models': models, 'datasets': datasets,
-         'denoisers': denoisers, 'encoders': encoders, 'conditioners': conditioners, 'optimizers': optimizers,
-         'schedulers': schedulers, 'loggers': loggers, 'features': features}
+KINDS = {
+    'algorithms': algorithms,
+    'callbacks': callbacks,
+    'models': models,
+    'datasets': datasets,
+    'denoisers': denoisers,
+    'encoders': encoders,
+    'conditioners': conditioners,
+    'optimizers': optimizers,
+    'schedulers': schedulers,
+    'loggers': loggers,
+    'features': features,
+}
 
 
 class ConfigError(ValueError):
@@ -50,7 +80,7 @@ FailureExplainer = Callable[[BaseException, dict, str], 'ConfigError']
 _HOOKS: dict[str, Any] = {'check': None, 'explain': None}
 
 
-def set_argument_hooks(check: Optional[ArgumentCheck], explain: Optional[FailureExplainer]) -> None:
+def set_argument_hooks(check: ArgumentCheck | None, explain: FailureExplainer | None) -> None:
     """Install the argument check and failure explainer that :func:`call_checked` uses (``None`` removes them)."""
     _HOOKS.update(check=check, explain=explain)
 
@@ -65,8 +95,9 @@ def check_keys(section: dict, allowed: Sequence[str], where: str) -> None:
     """A key of ``section`` that is not in ``allowed`` is a :class:`ConfigError` naming it and the closest key."""
     for key in section:
         if key not in allowed:
-            raise ConfigError(f"Unknown key '{where}{key}'.{suggest(key, allowed, where)} "
-                              f"Allowed keys: {', '.join(sorted(allowed))}.")
+            raise ConfigError(
+                f"Unknown key '{where}{key}'.{suggest(key, allowed, where)} Allowed keys: {', '.join(sorted(allowed))}."
+            )
 
 
 def named_items(section: Any, where: str) -> list[tuple[str, dict]]:
@@ -76,16 +107,17 @@ def named_items(section: Any, where: str) -> list[tuple[str, dict]]:
     if isinstance(section, dict):
         return [(name, dict(kwargs or {})) for name, kwargs in section.items()]
     if isinstance(section, (list, tuple)):
-        items = []
+        items: list[tuple[str, dict[str, Any]]] = []
         for entry in section:
             if isinstance(entry, str):
                 items.append((entry, {}))
             elif isinstance(entry, dict) and len(entry) == 1:
-                (name, kwargs), = entry.items()
+                ((name, kwargs),) = entry.items()
                 items.append((name, dict(kwargs or {})))
             else:
-                raise ConfigError(f'{where}: each list entry must be a name or a one-key mapping name -> arguments, '
-                                  f'got {entry!r}.')
+                raise ConfigError(
+                    f'{where}: each list entry must be a name or a one-key mapping name -> arguments, got {entry!r}.'
+                )
         return items
     raise ConfigError(f'{where} must be a mapping of name -> arguments or a list, got {type(section).__name__}.')
 
@@ -101,7 +133,7 @@ def resolve(registry: catalogue.Registry, name: str, kind: str) -> Callable[...,
     raise ConfigError(f'Unknown {kind} {name!r}.{hint} Known {kind}s: {", ".join(known) or "none registered"}.')
 
 
-def _parameters(fn: Callable[..., Any]) -> Optional[dict[str, inspect.Parameter]]:
+def _parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
     """The keyword parameters ``fn`` accepts; ``None`` when it takes any (``**kwargs``). A class whose ``__init__``
     passes ``**kwargs`` on to its base's adds the base's parameters."""
     if not inspect.isclass(fn):
@@ -125,7 +157,7 @@ def call_checked(fn: Callable[..., Any], kwargs: dict, where: str, *args: Any) -
     """
     params = _parameters(fn)
     if params is not None:
-        skip = {'self'} | {n for n, _ in zip(list(p for p in params if p != 'self'), args)}
+        skip = {'self'} | {n for n, _ in zip([p for p in params if p != 'self'], args, strict=False)}
         allowed = [n for n, p in params.items() if n not in skip and p.kind != inspect.Parameter.VAR_POSITIONAL]
         check_keys(kwargs, allowed, f'{where}.')
     if _HOOKS['check'] is not None:
@@ -140,8 +172,9 @@ def call_checked(fn: Callable[..., Any], kwargs: dict, where: str, *args: Any) -
         raise ConfigError(f'{where}: {e}') from e
 
 
-def build(registry: catalogue.Registry, config: dict[str, Any], kind: str, where: str, default: str = '',
-          *args: Any) -> Any:
+def build(
+    registry: catalogue.Registry, config: dict[str, Any], kind: str, where: str, default: str = '', *args: Any
+) -> Any:
     """Build the part named by ``config['name']`` (or ``default``) from ``registry`` with the other keys."""
     cfg = dict(config)
     name = cfg.pop('name', default)

@@ -8,7 +8,7 @@ it or on a generator's history: a resumed run draws what the uninterrupted run d
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -42,8 +42,9 @@ def keyed_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, *keys))
 
 
-def keyed_uniform_and_normal(seed: int, keys: Sequence[Sequence[int]], shape: Sequence[int],
-                             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def keyed_uniform_and_normal(
+    seed: int, keys: Sequence[Sequence[int]], shape: Sequence[int], dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each key tuple, one uniform in [0, 1) and one standard-normal tensor of ``shape``, on the CPU.
 
     Returns ``(u, noise)`` of shapes ``(N,)`` and ``(N, *shape)``; row ``i`` depends only on ``seed`` and

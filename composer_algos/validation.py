@@ -20,7 +20,8 @@ import os
 import re
 import types
 import typing
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import torch
 import yaml
@@ -29,9 +30,20 @@ from omegaconf.errors import OmegaConfBaseException
 
 from composer_algos.registry import ConfigError, algorithms, check_keys, named_items, resolve
 
-__all__ = ['TOP_LEVEL_KEYS', 'read_yaml', 'merge_overrides', 'to_container', 'check_arguments', 'explain_failure',
-           'check_recipe', 'check_device', 'check_loader_files', 'check_callback_loaders', 'check_data_fits_model',
-           'check_checkpoints']
+__all__ = [
+    'TOP_LEVEL_KEYS',
+    'read_yaml',
+    'merge_overrides',
+    'to_container',
+    'check_arguments',
+    'explain_failure',
+    'check_recipe',
+    'check_device',
+    'check_loader_files',
+    'check_callback_loaders',
+    'check_data_fits_model',
+    'check_checkpoints',
+]
 
 # Top-level keys and their meaning. Keys passed straight to Composer's Trainer are marked 'trainer'.
 TOP_LEVEL_KEYS = {
@@ -68,7 +80,7 @@ TOP_LEVEL_KEYS = {
     'callbacks': 'callbacks by registry name: a mapping name -> arguments, or a list',
     'loggers': 'loggers by name (file, tensorboard, wandb, mlflow)',
     'prepare_data': 'convert a bundled dataset into train_loader.local if missing: true (digits), digits, mnist5k, '
-                    'digits_captions or false',
+    'digits_captions or false',
 }
 
 _DURATION = 'a duration such as 500ba, 2ep or 0.5dur'
@@ -91,8 +103,9 @@ def read_yaml(path: str) -> DictConfig:
         context = ''
         if e.context and e.context_mark is not None and e.context_mark is not mark:
             context = f' ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})'
-        raise ConfigError(_one_line(f'{where}: YAML syntax error: {e.problem or e.context}{context}; fix the '
-                                    'recipe there')) from e
+        raise ConfigError(
+            _one_line(f'{where}: YAML syntax error: {e.problem or e.context}{context}; fix the recipe there')
+        ) from e
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
         raise ConfigError(_one_line(f'{path}: cannot be read as YAML ({e})')) from e
     if not isinstance(cfg, DictConfig):
@@ -103,12 +116,16 @@ def read_yaml(path: str) -> DictConfig:
 def merge_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """``cfg`` with ``key=value`` overrides merged in; an override that does not parse is named."""
     for override in overrides:
+        # Each override is parsed alone so that the one that does not parse can be named.
         try:
             OmegaConf.from_dotlist([override])
-        except (yaml.YAMLError, OmegaConfBaseException) as e:
+        except (yaml.YAMLError, OmegaConfBaseException) as e:  # noqa: PERF203
             problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
-            raise ConfigError(_one_line(f'override {override!r}: the value is not valid YAML ({problem}); quote '
-                                        'it, e.g. key=\'"text"\'')) from e
+            raise ConfigError(
+                _one_line(
+                    f'override {override!r}: the value is not valid YAML ({problem}); quote it, e.g. key=\'"text"\''
+                )
+            ) from e
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
@@ -122,7 +139,7 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as e:
         key = getattr(e, 'full_key', None)
         message = str(e).splitlines()[0]
-        raise ConfigError(_one_line(f"{key or 'recipe'}: {message}; fix the ${{...}} reference")) from e
+        raise ConfigError(_one_line(f'{key or "recipe"}: {message}; fix the ${{...}} reference')) from e
     assert isinstance(resolved, dict)
     return resolved
 
@@ -130,11 +147,13 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- types
 def _is_time(annotation: Any) -> bool:
     from composer.core import Time
+
     return annotation is Time or typing.get_origin(annotation) is Time
 
 
 def _is_timestring(value: str) -> bool:
     from composer.core import Time
+
     try:
         Time.from_timestring(value)
     except ValueError:
@@ -157,11 +176,16 @@ def _enum_accepts(annotation: Any, value: Any) -> bool:
 def _is_other_class(annotation: Any) -> bool:
     """A class YAML cannot write (a tensor, a module, a device), as opposed to the ones :func:`_fits` knows."""
     known = (bool, int, float, str, list, tuple, dict, type(None), Any, object)
-    return inspect.isclass(annotation) and annotation not in known and not _is_enum(annotation) and \
-        not _is_time(annotation) and typing.get_origin(annotation) is None
+    return (
+        inspect.isclass(annotation)
+        and annotation not in known
+        and not _is_enum(annotation)
+        and not _is_time(annotation)
+        and typing.get_origin(annotation) is None
+    )
 
 
-def _union_members(annotation: Any) -> Optional[tuple]:
+def _union_members(annotation: Any) -> tuple | None:
     origin = typing.get_origin(annotation)
     if origin is Union or (hasattr(types, 'UnionType') and origin is types.UnionType):
         return typing.get_args(annotation)
@@ -207,7 +231,7 @@ def _fits(value: Any, annotation: Any) -> bool:
             return False
         args = typing.get_args(annotation)
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
         return all(_fits(v, args[0]) for v in value) if args else True
     if origin in _MAPPINGS:
         return isinstance(value, dict)
@@ -243,8 +267,11 @@ def _describe(annotation: Any) -> str:
     if origin in _SEQUENCES:
         args = typing.get_args(annotation)
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return f'a list of {len(args)} items, each {_describe(args[0])}' if len(set(args)) == 1 else \
-                f'a list of {len(args)} items ({", ".join(_describe(a) for a in args)})'
+            return (
+                f'a list of {len(args)} items, each {_describe(args[0])}'
+                if len(set(args)) == 1
+                else f'a list of {len(args)} items ({", ".join(_describe(a) for a in args)})'
+            )
         return f'a list, each item {_describe(args[0])}' if args else 'a list'
     if origin in _MAPPINGS:
         return 'a mapping'
@@ -265,8 +292,9 @@ def _type_hints(fn: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], d
     return params, hints
 
 
-def check_arguments(fn: Callable[..., Any], kwargs: dict[str, Any], where: str,
-                    also: Sequence[Callable[..., Any]] = ()) -> None:
+def check_arguments(
+    fn: Callable[..., Any], kwargs: dict[str, Any], where: str, also: Sequence[Callable[..., Any]] = ()
+) -> None:
     """Check each of ``kwargs`` against the annotation (or, without one, the default's type) of the parameter of
     ``fn`` it goes to; ``also``: where ``fn`` passes its ``**kwargs`` on. A mismatch names ``where.key`` (``key``
     alone for ``where=''``)."""
@@ -291,8 +319,13 @@ def check_arguments(fn: Callable[..., Any], kwargs: dict[str, Any], where: str,
             continue
         expected = _describe(annotation) or 'another type'
         example = ''
-        if default is not inspect.Parameter.empty and default is not None and _fits(default, annotation) and \
-                isinstance(default, (bool, int, float, str, tuple, list)) and _DURATION not in expected:
+        if (
+            default is not inspect.Parameter.empty
+            and default is not None
+            and _fits(default, annotation)
+            and isinstance(default, (bool, int, float, str, tuple, list))
+            and _DURATION not in expected
+        ):
             example = f', e.g. {prefix}{name}={_yaml_text(list(default) if isinstance(default, tuple) else default)}'
         raise ConfigError(_one_line(f'{prefix}{name}={_yaml_text(value)}: expected {expected}{example}.'))
 
@@ -304,8 +337,12 @@ def explain_failure(error: BaseException, kwargs: dict[str, Any], where: str) ->
         message += f'; expected {_DURATION}'
     for name, value in kwargs.items():
         text = _yaml_text(value)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and len(text) > 1 and (
-                f': {text}' in message or repr(value) in message or f'={text}' in message):
+        if (
+            isinstance(value, (str, int, float))
+            and not isinstance(value, bool)
+            and len(text) > 1
+            and (f': {text}' in message or repr(value) in message or f'={text}' in message)
+        ):
             return ConfigError(f'{where}.{name}={text}: {message}')
     for name in kwargs:
         if len(name) > 2 and re.search(rf'(?<![\w.]){re.escape(name)}\b', message):
@@ -331,11 +368,19 @@ _SECTIONS = {
 def check_recipe(cfg: dict[str, Any]) -> None:
     """Top-level values: sections are mappings (or lists), Trainer arguments fit the Trainer's annotations."""
     from composer import Trainer
+
     for key, kinds in _SECTIONS.items():
         if key in cfg and not isinstance(cfg[key], kinds):
-            expected = ' or '.join({dict: 'a mapping', list: 'a list', type(None): 'null', bool: 'true or false',
-                                    str: 'the name of a bundled dataset'}[k]
-                                   for k in kinds)
+            expected = ' or '.join(
+                {
+                    dict: 'a mapping',
+                    list: 'a list',
+                    type(None): 'null',
+                    bool: 'true or false',
+                    str: 'the name of a bundled dataset',
+                }[k]
+                for k in kinds
+            )
             raise ConfigError(_one_line(f'{key}={_yaml_text(cfg[key])}: expected {expected}.'))
     trainer_args = {k: v for k, v in cfg.items() if TOP_LEVEL_KEYS.get(k) == 'trainer'}
     check_arguments(Trainer, trainer_args, '')
@@ -351,45 +396,61 @@ def check_recipe(cfg: dict[str, Any]) -> None:
 def _check_max_duration(cfg: dict[str, Any]) -> None:
     """``max_duration`` is a positive time in batches, epochs, samples or tokens: anything else never trains."""
     from composer.core import Time, TimeUnit
+
     if 'max_duration' not in cfg:
         return
     value = cfg['max_duration']
     # Composer reads a bare integer as epochs.
     duration = Time.from_input(value, TimeUnit.EPOCH) if value is not None else None
     if duration is None or duration.unit == TimeUnit.DURATION:
-        why = ('it is a fraction of max_duration itself' if duration is not None else
-               'a recipe trains for a set time')
-        raise ConfigError(f'max_duration={_yaml_text(value)}: {why}; give batches, epochs, samples or tokens, e.g. '
-                          'max_duration=2000ba.')
+        why = 'it is a fraction of max_duration itself' if duration is not None else 'a recipe trains for a set time'
+        raise ConfigError(
+            f'max_duration={_yaml_text(value)}: {why}; give batches, epochs, samples or tokens, e.g. '
+            'max_duration=2000ba.'
+        )
     if duration.value <= 0:
-        raise ConfigError(f'max_duration={_yaml_text(value)}: it must be positive (a run of {duration} trains '
-                          f'nothing), e.g. max_duration={_DURATION_EXAMPLES.get(duration.unit.value, "2000ba")}.')
+        raise ConfigError(
+            f'max_duration={_yaml_text(value)}: it must be positive (a run of {duration} trains '
+            f'nothing), e.g. max_duration={_DURATION_EXAMPLES.get(duration.unit.value, "2000ba")}.'
+        )
 
 
 def _check_microbatch_size(size: Any) -> None:
     """A numeric ``device_train_microbatch_size`` splits each device batch: it must be positive."""
     if isinstance(size, (int, float)) and not isinstance(size, bool) and size <= 0:
-        raise ConfigError(f'device_train_microbatch_size={size}: it must be positive (examples per forward pass on '
-                          'each device), or auto; e.g. device_train_microbatch_size=auto.')
+        raise ConfigError(
+            f'device_train_microbatch_size={size}: it must be positive (examples per forward pass on '
+            'each device), or auto; e.g. device_train_microbatch_size=auto.'
+        )
 
 
 def _check_algorithm_roles(section: Any) -> None:
     """Algorithms that cannot run together, told from their classes' declared roles before any model is built."""
     from composer_algos.algorithms.base import check_timestep_sampler_owners
-    check_timestep_sampler_owners([(f'algorithms.{name}', resolve(algorithms, name, 'algorithm'))
-                                  for name, _ in named_items(section, 'algorithms')])
+
+    check_timestep_sampler_owners(
+        [
+            (f'algorithms.{name}', resolve(algorithms, name, 'algorithm'))
+            for name, _ in named_items(section, 'algorithms')
+        ]
+    )
 
 
-def check_device(device: Optional[str]) -> Any:
+def check_device(device: str | None) -> Any:
     """Composer's device for ``device``; one that does not exist here is named."""
     from composer.utils import get_device
+
     try:
         return get_device(device)
     except Exception as e:  # ImportError (tpu), RuntimeError or AssertionError (gpu without CUDA), ValueError
         available = 'cpu and gpu' if torch.cuda.is_available() else 'cpu'
-        raise ConfigError(_one_line(f'device={device}: not usable here ({type(e).__name__}: '
-                                    f'{str(e).splitlines()[0] if str(e) else "no details"}); this machine has '
-                                    f'{available}')) from e
+        raise ConfigError(
+            _one_line(
+                f'device={device}: not usable here ({type(e).__name__}: '
+                f'{str(e).splitlines()[0] if str(e) else "no details"}); this machine has '
+                f'{available}'
+            )
+        ) from e
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -400,21 +461,33 @@ def check_loader_files(name: str, cfg: dict[str, Any], where: str) -> None:
 
     from composer_algos.data.integrity import DataError, check_mds_folder
     from composer_algos.data.streaming import StreamingImageDataset, build_streaming_image_dataloader
+
     if name != 'streaming_image':
         return
     # The loader passes its other arguments on to the dataset, which passes its own on to streaming's; it sets
     # the per-device batch size and batching itself.
     parts = (build_streaming_image_dataloader, StreamingImageDataset.__init__, StreamingDataset.__init__)
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    check_keys(cfg, sorted({n for part in parts for n, p in inspect.signature(part).parameters.items()
-                             if p.kind in kinds and n not in ('self', 'batch_size', 'yield_batches')}), f'{where}.')
+    check_keys(
+        cfg,
+        sorted(
+            {
+                n
+                for part in parts
+                for n, p in inspect.signature(part).parameters.items()
+                if p.kind in kinds and n not in ('self', 'batch_size', 'yield_batches')
+            }
+        ),
+        f'{where}.',
+    )
     check_arguments(build_streaming_image_dataloader, cfg, where, also=parts[1:])
     if 'global_batch_size' in cfg:
         from composer_algos.data.streaming import global_batch_size_problem
         from composer_algos.distributed import rank_world
+
         problem = global_batch_size_problem(cfg['global_batch_size'], rank_world()[1])
         if problem is not None:
-            raise ConfigError(f"{where}.global_batch_size={cfg['global_batch_size']}: {problem}.")
+            raise ConfigError(f'{where}.global_batch_size={cfg["global_batch_size"]}: {problem}.')
     if cfg.get('remote'):
         return
     local, split = cfg.get('local'), cfg.get('split')
@@ -422,10 +495,13 @@ def check_loader_files(name: str, cfg: dict[str, Any], where: str) -> None:
         raise ConfigError(f'{where}.local is not set: give the folder of the MDS shards (or {where}.remote).')
     folder = os.path.join(local, split) if split else local
     if not os.path.isfile(os.path.join(folder, 'index.json')):
-        raise ConfigError(_one_line(
-            f'{where}.local={local}: no MDS dataset at {folder} (index.json missing); create it with `python '
-            f'recipes/convert_dataset.py --dataset digits --out {local}` (or prepare_data: true for the digits), or '
-            f'set {where}.remote to stream it from object storage.'))
+        raise ConfigError(
+            _one_line(
+                f'{where}.local={local}: no MDS dataset at {folder} (index.json missing); create it with `python '
+                f'recipes/convert_dataset.py --dataset digits --out {local}` (or prepare_data: true for the digits), '
+                f'or set {where}.remote to stream it from object storage.'
+            )
+        )
     try:
         check_mds_folder(folder, cfg.get('validate_hash'))
     except DataError as e:
@@ -442,7 +518,7 @@ def check_callback_loaders(section: Any) -> None:
                 check_loader_files(loader.pop('name', 'streaming_image'), loader, f'callbacks.{name}.{key}')
 
 
-def _fixed_shape(shard: Any, column: str) -> Optional[tuple[int, ...]]:
+def _fixed_shape(shard: Any, column: str) -> tuple[int, ...] | None:
     names, encodings = list(shard.column_names), list(shard.column_encodings)
     parts = encodings[names.index(column)].split(':')
     if len(parts) == 3 and parts[0] == 'ndarray':
@@ -456,15 +532,27 @@ def _data_shape(dataset: Any, where: str) -> tuple[tuple[int, ...], str]:
     source = os.path.join(dataset.streams[0].local, dataset.streams[0].split or '', 'index.json')
     for shard in dataset.shards:
         if column not in shard.column_names:
-            hint = (f'; these shards hold latents: set {where}.latents=true and model.encoder.precomputed=true'
-                    if 'latents' in shard.column_names else
-                    f'; these shards hold images: set {where}.latents=false' if 'image' in shard.column_names else '')
-            raise ConfigError(_one_line(f'{where}: the shards in {source} have no {column!r} column (columns: '
-                                        f'{", ".join(shard.column_names)}){hint}.'))
+            hint = (
+                f'; these shards hold latents: set {where}.latents=true and model.encoder.precomputed=true'
+                if 'latents' in shard.column_names
+                else f'; these shards hold images: set {where}.latents=false'
+                if 'image' in shard.column_names
+                else ''
+            )
+            raise ConfigError(
+                _one_line(
+                    f'{where}: the shards in {source} have no {column!r} column (columns: '
+                    f'{", ".join(shard.column_names)}){hint}.'
+                )
+            )
     shapes = {_fixed_shape(shard, column) for shard in dataset.shards}
     if None not in shapes and len(shapes) > 1:
-        raise ConfigError(_one_line(f'{where}: the shards in {source} hold {column} of different shapes '
-                                    f'{sorted(shapes)}; write them at one size (--resize).'))
+        raise ConfigError(
+            _one_line(
+                f'{where}: the shards in {source} hold {column} of different shapes '
+                f'{sorted(shapes)}; write them at one size (--resize).'
+            )
+        )
     if None in shapes:
         try:
             shape = tuple(dataset[0]['image'].shape)
@@ -491,6 +579,7 @@ def check_data_fits_model(model: torch.nn.Module, loader: Any, where: str) -> No
     shape, through the encoder (if any) and the denoiser in eval mode, so no state of the model changes.
     """
     from composer_algos.data.streaming import StreamingImageDataset
+
     dataset = getattr(loader, 'dataset', None)
     if not isinstance(dataset, StreamingImageDataset) or not hasattr(model, 'denoise'):
         return
@@ -499,24 +588,35 @@ def check_data_fits_model(model: torch.nn.Module, loader: Any, where: str) -> No
     kind = 'latents' if dataset.latents else 'images'
     if dataset.channels is not None and channels != dataset.channels:
         if dataset.latents or {channels, dataset.channels} != {1, 3}:
-            raise ConfigError(f'{where}.channels={dataset.channels}: the {kind} in {source} have '
-                              f'{_channels(channels)}; set {where}.channels={channels}.')
+            raise ConfigError(
+                f'{where}.channels={dataset.channels}: the {kind} in {source} have '
+                f'{_channels(channels)}; set {where}.channels={channels}.'
+            )
         channels = dataset.channels
     if dataset.image_size is not None and tuple(size) != (dataset.image_size, dataset.image_size):
-        raise ConfigError(f'{where}.image_size={dataset.image_size}: the {kind} in {source} are '
-                          f'{"x".join(map(str, size))}; set {where}.image_size={size[0]}, or resize them when '
-                          'converting (--resize).')
-    for key, value, allowed in (('image_key', model.image_key, ('image',)),
-                                ('label_key', model.label_key, (None, 'label'))):
+        raise ConfigError(
+            f'{where}.image_size={dataset.image_size}: the {kind} in {source} are '
+            f'{"x".join(map(str, size))}; set {where}.image_size={size[0]}, or resize them when '
+            'converting (--resize).'
+        )
+    for key, value, allowed in (
+        ('image_key', model.image_key, ('image',)),
+        ('label_key', model.label_key, (None, 'label')),
+    ):
         if value not in allowed:
-            raise ConfigError(f"model.{key}={value}: the {where} batches hold the keys 'image' and 'label'; set "
-                              f'model.{key}={allowed[-1]}.')
+            raise ConfigError(
+                f"model.{key}={value}: the {where} batches hold the keys 'image' and 'label'; set "
+                f'model.{key}={allowed[-1]}.'
+            )
     _check_conditioning_columns(model, dataset, source, where)
     if len(loader) == 0:
         from composer.utils import dist
-        raise ConfigError(f'{where}.global_batch_size={dataset.batch_size * dist.get_world_size()}: its per-rank batch '
-                          f'of {dataset.batch_size} is more than the {len(dataset)} examples each rank reads from '
-                          f'{source}, so an epoch has no batch; lower it.')
+
+        raise ConfigError(
+            f'{where}.global_batch_size={dataset.batch_size * dist.get_world_size()}: its per-rank batch '
+            f'of {dataset.batch_size} is more than the {len(dataset)} examples each rank reads from '
+            f'{source}, so an epoch has no batch; lower it.'
+        )
     _check_forward(model, (channels, *size), source, where)
 
 
@@ -529,14 +629,21 @@ def _check_conditioning_columns(model: torch.nn.Module, dataset: Any, source: st
     if not missing:
         return
     in_shards = all(missing[0] in shard.column_names for shard in dataset.shards)
-    fix = (f'set {where}.caption_embeddings=true to read it' if in_shards else
-           'write shards with captions (`python recipes/convert_dataset.py --dataset folder --captions ...`, or '
-           '--dataset digits_captions)' + (' and their text embeddings (--encode-captions)'
-                                          if missing[0] != 'caption' else ''))
-    raise ConfigError(_one_line(f'model.conditioner ({conditioner.kind}) reads the batch key {missing[0]!r}, but the '
-                                f'{where} batches from {source} have none (columns: '
-                                f'{", ".join(dataset.shards[0].column_names)}); {fix}, or change '
-                                'model.conditioner.'))
+    fix = (
+        f'set {where}.caption_embeddings=true to read it'
+        if in_shards
+        else 'write shards with captions (`python recipes/convert_dataset.py --dataset folder --captions ...`, or '
+        '--dataset digits_captions)'
+        + (' and their text embeddings (--encode-captions)' if missing[0] != 'caption' else '')
+    )
+    raise ConfigError(
+        _one_line(
+            f'model.conditioner ({conditioner.kind}) reads the batch key {missing[0]!r}, but the '
+            f'{where} batches from {source} have none (columns: '
+            f'{", ".join(dataset.shards[0].column_names)}); {fix}, or change '
+            'model.conditioner.'
+        )
+    )
 
 
 def _check_forward(model: torch.nn.Module, shape: tuple[int, ...], source: str, where: str) -> None:
@@ -553,11 +660,15 @@ def _check_forward(model: torch.nn.Module, shape: tuple[int, ...], source: str, 
             try:
                 x0 = model.images(batch)
             except Exception as e:
-                raise ConfigError(_one_line(f'model.encoder does not take the {where} data of shape '
-                                            f'{tuple(batch["image"].shape)} from {source} ({type(e).__name__}: '
-                                            f'{str(e).splitlines()[0] if str(e) else ""}); check model.encoder '
-                                            f'(latent shards need {where}.latents=true and '
-                                            'model.encoder.precomputed=true).')) from e
+                raise ConfigError(
+                    _one_line(
+                        f'model.encoder does not take the {where} data of shape '
+                        f'{tuple(batch["image"].shape)} from {source} ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else ""}); check model.encoder '
+                        f'(latent shards need {where}.latents=true and '
+                        'model.encoder.precomputed=true).'
+                    )
+                ) from e
             config = _denoiser_config(model.denoiser)
             if config is not None:
                 _compare_config(config, tuple(x0.shape[1:]), source, where, model.encoder is not None)
@@ -565,10 +676,14 @@ def _check_forward(model: torch.nn.Module, shape: tuple[int, ...], source: str, 
             try:
                 model.denoise(x0, t, model.conditioning(batch))
             except Exception as e:
-                raise ConfigError(_one_line(f'model.denoiser does not take the {where} data (a batch of shape '
-                                            f'{tuple(x0.shape)} from {source}): {type(e).__name__}: '
-                                            f'{str(e).splitlines()[0] if str(e) else ""}; check model.denoiser '
-                                            'against the data.')) from e
+                raise ConfigError(
+                    _one_line(
+                        f'model.denoiser does not take the {where} data (a batch of shape '
+                        f'{tuple(x0.shape)} from {source}): {type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else ""}; check model.denoiser '
+                        'against the data.'
+                    )
+                ) from e
     finally:
         for module, training in modes:
             module.training = training
@@ -583,32 +698,37 @@ def _compare_config(config: Any, shape: tuple[int, ...], source: str, where: str
     channels, size = shape[0], shape[1:]
     in_channels = getattr(config, 'in_channels', None)
     if in_channels is not None and in_channels != channels:
-        alternative = f' or {where}.channels={in_channels}' if not latent and {channels, in_channels} == {1, 3} \
-            else ''
-        raise ConfigError(f'model.denoiser.in_channels={in_channels}: the {what} {source} have {_channels(channels)}; '
-                          f'set model.denoiser.in_channels={channels}{alternative}.')
+        alternative = f' or {where}.channels={in_channels}' if not latent and {channels, in_channels} == {1, 3} else ''
+        raise ConfigError(
+            f'model.denoiser.in_channels={in_channels}: the {what} {source} have {_channels(channels)}; '
+            f'set model.denoiser.in_channels={channels}{alternative}.'
+        )
     sample_size = getattr(config, 'sample_size', None)
     if sample_size is not None:
         expected = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
         if expected != tuple(size):
-            raise ConfigError(f'model.denoiser.sample_size={sample_size}: the {what} {source} are '
-                              f'{"x".join(map(str, size))}; set model.denoiser.sample_size={size[0]}.')
+            raise ConfigError(
+                f'model.denoiser.sample_size={sample_size}: the {what} {source} are '
+                f'{"x".join(map(str, size))}; set model.denoiser.sample_size={size[0]}.'
+            )
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def check_checkpoints(cfg: dict[str, Any], model: Optional[torch.nn.Module] = None,
-                      model_config: Optional[dict[str, Any]] = None) -> None:
+def check_checkpoints(
+    cfg: dict[str, Any], model: torch.nn.Module | None = None, model_config: dict[str, Any] | None = None
+) -> None:
     """The checkpoint a run would load: ``load_path`` must be readable; with ``autoresume``, the newest readable
-    checkpoint in ``save_folder`` is made the one Composer resumes from (see :mod:`composer_algos.checkpoint_integrity`); and
-    the one that will be loaded must fit ``model`` (the model built from ``model_config``, the recipe's section),
-    tensor for tensor.
+    checkpoint in ``save_folder`` is made the one Composer resumes from (see
+    :mod:`composer_algos.checkpoint_integrity`); and the one that will be loaded must fit ``model`` (the model built
+    from ``model_config``, the recipe's section), tensor for tensor.
 
     Global rank 0 inspects and repairs the folder; every rank then raises the same error, if any.
     """
     from composer.utils import dist, format_name_with_dist
 
     from composer_algos import checkpoint_integrity as checkpoints
-    problem: Optional[str] = None
+
+    problem: str | None = None
     if dist.get_global_rank() == 0:
         try:
             _check_checkpoints_here(cfg, checkpoints, format_name_with_dist, model, model_config)
@@ -621,15 +741,21 @@ def check_checkpoints(cfg: dict[str, Any], model: Optional[torch.nn.Module] = No
         raise ConfigError(shared[0])
 
 
-def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: Callable[..., str],
-                            model: Optional[torch.nn.Module], model_config: Optional[dict[str, Any]]) -> None:
+def _check_checkpoints_here(
+    cfg: dict[str, Any],
+    checkpoints: Any,
+    format_name: Callable[..., str],
+    model: torch.nn.Module | None,
+    model_config: dict[str, Any] | None,
+) -> None:
     run_name = cfg.get('run_name') or ''
     save_folder = cfg.get('save_folder')
-    sharded_dir = ((cfg.get('parallelism_config') or {}).get('fsdp') or {}).get('sharded_ckpt_prefix_dir',
-                                                                                  'ep{epoch}-ba{batch}')
+    sharded_dir = ((cfg.get('parallelism_config') or {}).get('fsdp') or {}).get(
+        'sharded_ckpt_prefix_dir', 'ep{epoch}-ba{batch}'
+    )
     templates = [os.path.basename(cfg.get('save_filename', 'ep{epoch}-ba{batch}-rank{rank}.pt')), sharded_dir]
     # The checkpoint Composer will load, and what to change to load another: autoresume's wins over load_path.
-    loaded: Optional[tuple[str, str, str]] = None
+    loaded: tuple[str, str, str] | None = None
     if cfg.get('autoresume') and save_folder and not checkpoints.is_remote(save_folder):
         folder = format_name(save_folder, run_name)
         latest = format_name(cfg.get('save_latest_filename') or 'latest-rank{rank}.pt', run_name)
@@ -638,31 +764,45 @@ def _check_checkpoints_here(cfg: dict[str, Any], checkpoints: Any, format_name: 
         except ValueError as e:
             raise ConfigError(_one_line(f'autoresume: {e}')) from e
         if chosen is not None:
-            loaded = (chosen, f'autoresume: the checkpoint this run resumes from, {chosen},',
-                      f'or move the checkpoints in {folder} away to start over')
+            loaded = (
+                chosen,
+                f'autoresume: the checkpoint this run resumes from, {chosen},',
+                f'or move the checkpoints in {folder} away to start over',
+            )
     load_path = cfg.get('load_path')
     if load_path and not checkpoints.is_remote(load_path):
         path = format_name(load_path, run_name)
         problem = checkpoints.verify_checkpoint(path)
         if problem is not None:
             folder = os.path.dirname(os.path.abspath(path))
-            others = [p for p in checkpoints.checkpoint_names(folder, templates, run_name)
-                      if p != os.path.realpath(path)] if os.path.isdir(folder) else []
+            others = (
+                [p for p in checkpoints.checkpoint_names(folder, templates, run_name) if p != os.path.realpath(path)]
+                if os.path.isdir(folder)
+                else []
+            )
             good, _ = checkpoints.newest_readable(others)
-            hint = f'set load_path={good} (the newest readable checkpoint there)' if good else \
-                'point load_path at a readable checkpoint'
+            hint = (
+                f'set load_path={good} (the newest readable checkpoint there)'
+                if good
+                else 'point load_path at a readable checkpoint'
+            )
             raise ConfigError(_one_line(f'load_path={load_path}: cannot be loaded, {problem}; {hint}.'))
         if loaded is None:
-            loaded = (path, f'load_path={load_path}: the checkpoint',
-                      'or point load_path at a checkpoint of this model')
+            loaded = (
+                path,
+                f'load_path={load_path}: the checkpoint',
+                'or point load_path at a checkpoint of this model',
+            )
     if loaded is not None and model is not None:
         _check_checkpoint_fits(*loaded, model, model_config)
 
 
-def _check_checkpoint_fits(path: str, where: str, other_fix: str, model: torch.nn.Module,
-                           model_config: Optional[dict[str, Any]]) -> None:
+def _check_checkpoint_fits(
+    path: str, where: str, other_fix: str, model: torch.nn.Module, model_config: dict[str, Any] | None
+) -> None:
     """The model tensors saved at ``path`` against ``model``'s: the first that differs, with both shapes."""
     from composer_algos import checkpoint_integrity as checkpoints
+
     saved = checkpoints.saved_model_state(path)
     if saved is None:
         return
@@ -671,6 +811,10 @@ def _check_checkpoint_fits(path: str, where: str, other_fix: str, model: torch.n
     if problem is None:
         return
     origin = checkpoints.written_by(saved.extra, model_config)
-    raise ConfigError(_one_line(f'{where} does not fit the model this recipe builds: {problem}'
-                                f'{"; " + origin if origin else ""}; set the model section to match it, '
-                                f'{other_fix}.'))
+    raise ConfigError(
+        _one_line(
+            f'{where} does not fit the model this recipe builds: {problem}'
+            f'{"; " + origin if origin else ""}; set the model section to match it, '
+            f'{other_fix}.'
+        )
+    )

@@ -66,11 +66,19 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from composer_algos import cli
-from composer_algos.evaluation.speedup import (geomean_ci, log_fid_area, min_detectable_speedup, paired_speedup,
-                                               speedup_at, steps_to_reach, value_at)
+from composer_algos.evaluation.speedup import (
+    geomean_ci,
+    log_fid_area,
+    min_detectable_speedup,
+    paired_speedup,
+    speedup_at,
+    steps_to_reach,
+    value_at,  # noqa: F401 -- part of the recipe's interface, read by its tests
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,8 +114,10 @@ METHODS: dict[str, list[str]] = {
 }
 # Methods that are a setting of another, or of the model: recipe overrides applied with their fragments.
 METHOD_SETTINGS: dict[str, list[str]] = {
-    **{f'adaptive_{reward}': [f'algorithms.adaptive_timestep_sampling.reward={reward}']
-       for reward in ('paper', 'loss', 'normalized')},
+    **{
+        f'adaptive_{reward}': [f'algorithms.adaptive_timestep_sampling.reward={reward}']
+        for reward in ('paper', 'loss', 'normalized')
+    },
     # The default setting with importance weights: uniform's objective, the sampler's gradient variance.
     'adaptive_importance': ['algorithms.adaptive_timestep_sampling.importance_weighted=true'],
     # A fixed sampler at the time-averaged distribution of the same race's adaptive run (DEPENDS_ON gives the file).
@@ -118,8 +128,10 @@ METHOD_SETTINGS: dict[str, list[str]] = {
 # Methods that train from another method's run of the same race, seed and machine: that run's folder is filled into
 # the override, and the race trains it first (a dependent method whose run is missing is refused before any training).
 DEPENDS_ON: dict[str, tuple[str, str]] = {
-    'adaptive_frozen_average': ('adaptive', 'algorithms.adaptive_timestep_sampling.frozen_average='
-                                '{folder}/timestep_heatmap.npz'),
+    'adaptive_frozen_average': (
+        'adaptive',
+        'algorithms.adaptive_timestep_sampling.frozen_average={folder}/timestep_heatmap.npz',
+    ),
 }
 QUICK_METHODS = ['uniform', 'adaptive_clts_md']
 # The A/A method's model.seed is the training seed plus this: the same weights' initialisation and data order as
@@ -158,15 +170,33 @@ class Tier:
 
 
 TIERS: dict[str, Tier] = {
-    'digits': Tier('yamls/digits/uniform.yaml', 'digits', 'data/digits', 8, 'digits', 1500, 150,
-                   tuple(m for m in METHODS if m != 'uniform_aa'), flow_recipe='yamls/digits/flow_uniform.yaml',
-                   feature_sha256='1b774b1b0707dbe3bb0c3a26ba897efb0baa687a776bc2249fcfa48d79189ff3'),
+    'digits': Tier(
+        'yamls/digits/uniform.yaml',
+        'digits',
+        'data/digits',
+        8,
+        'digits',
+        1500,
+        150,
+        tuple(m for m in METHODS if m != 'uniform_aa'),
+        flow_recipe='yamls/digits/flow_uniform.yaml',
+        feature_sha256='1b774b1b0707dbe3bb0c3a26ba897efb0baa687a776bc2249fcfa48d79189ff3',
+    ),
     # Resolution, model and budget chosen by pilot runs (docs/benchmark.md, "The MNIST tier"); evaluations every 350
     # steps fall on 25/50/75/100% of the budget. FID from 2000 samples (docs/benchmark.md, "Resolution").
-    'mnist': Tier('yamls/mnist/uniform.yaml', 'mnist5k', 'data/mnist5k-16', 16, 'mnist', 2800, 350,
-                  ('uniform', 'adaptive', 'clts', 'clts_md', 'adaptive_clts_md', 'log_normal'),
-                  flow_recipe='yamls/mnist/flow_uniform.yaml', fid_samples=2000,
-                  feature_sha256='eb0418d07f6858d5084c4a49acaaef778cdeaf89196be9b965260190d4859e9d'),
+    'mnist': Tier(
+        'yamls/mnist/uniform.yaml',
+        'mnist5k',
+        'data/mnist5k-16',
+        16,
+        'mnist',
+        2800,
+        350,
+        ('uniform', 'adaptive', 'clts', 'clts_md', 'adaptive_clts_md', 'log_normal'),
+        flow_recipe='yamls/mnist/flow_uniform.yaml',
+        fid_samples=2000,
+        feature_sha256='eb0418d07f6858d5084c4a49acaaef778cdeaf89196be9b965260190d4859e9d',
+    ),
 }
 # Fractions of the budget at which uniform's FID becomes a target for every method.
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -209,7 +239,7 @@ def split_methods(text: str) -> list[str]:
             current = ''
         else:
             current += char
-    return [m for m in methods + [current] if m]
+    return [m for m in [*methods, current] if m]
 
 
 def _slug(method: str) -> str:
@@ -226,22 +256,33 @@ def _recipe(method: str, directory: str, tier: str = 'digits', objective: str = 
     return path
 
 
-def method_config(method: str, tier: str, objective: str, data: str, steps: int, run_name: str,
-                  overrides: Sequence[str] = ()) -> dict[str, Any]:
+def method_config(
+    method: str, tier: str, objective: str, data: str, steps: int, run_name: str, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
     """The recipe a method trains: the tier's uniform recipe for ``objective`` with the method's fragments, its
     settings and ``overrides``, for ``steps`` steps on the shards in ``data``, on the CPU, with evaluation,
     callbacks, checkpoints and the progress bar off."""
     from composer_algos.config import load_config
-    common = [f'max_duration={steps}ba', f'run_name={run_name}', 'progress_bar=false', 'save_folder=null',
-              'eval_loader=null', 'eval_interval=1', 'device=cpu', f'train_loader.local={data}', 'callbacks=null']
+
+    common = [
+        f'max_duration={steps}ba',
+        f'run_name={run_name}',
+        'progress_bar=false',
+        'save_folder=null',
+        'eval_loader=null',
+        'eval_interval=1',
+        'device=cpu',
+        f'train_loader.local={data}',
+        'callbacks=null',
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        return load_config(_recipe(method, tmp, tier, objective),
-                           common + list(overrides) + split_variant(method)[1])
+        return load_config(_recipe(method, tmp, tier, objective), common + list(overrides) + split_variant(method)[1])
 
 
 def current_fingerprint() -> dict[str, Any]:
     """The fingerprint a run of this machine records (runs train on one thread)."""
     from composer_algos.machine import machine_fingerprint
+
     return {**machine_fingerprint(), 'threads': 1}
 
 
@@ -263,26 +304,37 @@ def dependency_overrides(job: dict[str, Any], fingerprint_key: str) -> list[str]
         ConfigError: when such a run has not finished.
     """
     from composer_algos.registry import ConfigError
+
     overrides = []
     for part in split_variant(job['method'])[0].split('+'):
         if part not in DEPENDS_ON:
             continue
         source, template = DEPENDS_ON[part]
         folder = _run_folder(dict(job, method=source), fingerprint_key)
-        if not (os.path.exists(os.path.join(folder, 'run.json'))
-                and os.path.exists(os.path.join(folder, 'timestep_heatmap.npz'))):
-            raise ConfigError(f'{job["method"]} seed {job["seed"]} trains from the {source} run of seed {job["seed"]} '
-                              f'of this race on this machine ({os.path.relpath(folder)}), which has not finished: '
-                              f'race {source} with it (--methods {source},{job["method"]}) or before it, into the '
-                              'same --out.')
+        if not (
+            os.path.exists(os.path.join(folder, 'run.json'))
+            and os.path.exists(os.path.join(folder, 'timestep_heatmap.npz'))
+        ):
+            raise ConfigError(
+                f'{job["method"]} seed {job["seed"]} trains from the {source} run of seed {job["seed"]} '
+                f'of this race on this machine ({os.path.relpath(folder)}), which has not finished: '
+                f'race {source} with it (--methods {source},{job["method"]}) or before it, into the '
+                'same --out.'
+            )
         overrides.append(template.format(folder=folder))
     return overrides
 
 
 def _portable(job: dict[str, Any]) -> dict[str, Any]:
     """``job`` with its folders inside the repository written relative to its root (as results are published)."""
-    return {k: (os.path.relpath(v, ROOT) if k in ('data', 'out') and isinstance(v, str)
-                and os.path.abspath(v).startswith(ROOT + os.sep) else v) for k, v in job.items()}
+    return {
+        k: (
+            os.path.relpath(v, ROOT)
+            if k in ('data', 'out') and isinstance(v, str) and os.path.abspath(v).startswith(ROOT + os.sep)
+            else v
+        )
+        for k, v in job.items()
+    }
 
 
 def finished_runs(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -305,14 +357,14 @@ def finished_runs(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def finished_run(job: dict[str, Any]) -> Optional[dict[str, Any]]:
+def finished_run(job: dict[str, Any]) -> dict[str, Any] | None:
     """This machine's finished run of ``job`` (see :func:`finished_runs`), or ``None``."""
     from composer_algos.machine import fingerprint_key
+
     return finished_runs(job).get(fingerprint_key(current_fingerprint()))
 
 
-def plan_runs(jobs: Sequence[dict[str, Any]],
-              current: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def plan_runs(jobs: Sequence[dict[str, Any]], current: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Which runs to train here and which finished ones to summarise, pairing only runs of one fingerprint.
 
     A method's seed counts as done when a finished run of it shares a machine fingerprint with a finished uniform
@@ -348,8 +400,10 @@ def plan_runs(jobs: Sequence[dict[str, Any]],
             else:
                 todo[('uniform', seed)] = by_key[('uniform', seed)]
     order = {key: i for i, key in enumerate(by_key)}
-    return (sorted(todo.values(), key=lambda j: order[(j['method'], j['seed'])]),
-            [chosen[k] for k in sorted(chosen, key=lambda k: (order[k[:2]], k[2]))])
+    return (
+        sorted(todo.values(), key=lambda j: order[(j['method'], j['seed'])]),
+        [chosen[k] for k in sorted(chosen, key=lambda k: (order[k[:2]], k[2]))],
+    )
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -364,6 +418,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
+
     torch.set_num_threads(1)
     from composer.core import Callback
 
@@ -390,22 +445,46 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     name = _slug(job['method'])
     seed = job['seed']
     depends = dependency_overrides(job, fingerprint_key(fingerprint))
-    cfg = method_config(job['method'], job['tier'], job['objective'], data, steps, f'bench-{name}-s{seed}',
-                        seed_overrides(job['method'], seed) + list(job.get('overrides', [])) + depends)
+    cfg = method_config(
+        job['method'],
+        job['tier'],
+        job['objective'],
+        data,
+        steps,
+        f'bench-{name}-s{seed}',
+        seed_overrides(job['method'], seed) + list(job.get('overrides', [])) + depends,
+    )
     tier = TIERS[job['tier']]
-    real = {'local': data, 'split': 'val', 'global_batch_size': 256, 'shuffle': False, 'drop_last': False,
-            'channels': 1, 'image_size': tier.image_size}
+    real = {
+        'local': data,
+        'split': 'val',
+        'global_batch_size': 256,
+        'shuffle': False,
+        'drop_last': False,
+        'channels': 1,
+        'image_size': tier.image_size,
+    }
     folder = _run_folder(job, fingerprint_key(fingerprint))
     os.makedirs(folder, exist_ok=True)
     cfg['callbacks'] = {
-        'fid': {'num_samples': job['fid_samples'], 'num_steps': job['ddim_steps'], 'interval': f'{every}ba',
-                'real_loader': real, 'folder': folder, 'feature': tier.feature},
+        'fid': {
+            'num_samples': job['fid_samples'],
+            'num_steps': job['ddim_steps'],
+            'interval': f'{every}ba',
+            'real_loader': real,
+            'folder': folder,
+            'feature': tier.feature,
+        },
         # What the sampler does over training (x: t, y: step); runs after the step timer, so it is not timed.
         'timestep_heatmap': {'interval': f'{max(1, every // 3)}ba', 'folder': folder},
     }
     if job['objective'] != 'flow_matching':  # bits/dim comes from the VLB, which flow matching does not have
-        cfg['callbacks']['bits_per_dim'] = {'num_images': job['bpd_images'], 'num_terms': job['bpd_terms'],
-                                            'interval': f'{steps}ba', 'loader': real}
+        cfg['callbacks']['bits_per_dim'] = {
+            'num_images': job['bpd_images'],
+            'num_terms': job['bpd_terms'],
+            'interval': f'{steps}ba',
+            'loader': real,
+        }
     cfg['loggers'] = {'in_memory': {}}
     trainer = build_trainer(cfg)
     timer = StepTimer()
@@ -420,8 +499,11 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     trainer.close()
     memory = next(d for d in trainer.logger.destinations if type(d).__name__ == 'InMemoryLogger')
     # The adaptive sampler's own record (mean t, entropy, S, reward... at each policy update).
-    sampler_trace = {key: [[int(ts.batch), float(v)] for ts, v in series]
-                     for key, series in memory.data.items() if key.startswith('adaptive/')}
+    sampler_trace = {
+        key: [[int(ts.batch), float(v)] for ts, v in series]
+        for key, series in memory.data.items()
+        if key.startswith('adaptive/')
+    }
     step_times = timer.times[10:] if len(timer.times) > 20 else timer.times
     return {
         'method': job['method'],
@@ -442,7 +524,7 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _last_value(callback: Any) -> Optional[float]:
+def _last_value(callback: Any) -> float | None:
     values = getattr(callback, 'values', None)
     return float(values[-1]) if values else None
 
@@ -456,14 +538,14 @@ def _std(xs: Sequence[float]) -> float:
     if len(xs) < 2:
         return 0.0
     m = _mean(xs)
-    return math.sqrt(sum((x - m)**2 for x in xs) / (len(xs) - 1))
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def _area_ratio(area: float, reference: float) -> Optional[float]:
+def _area_ratio(area: float, reference: float) -> float | None:
     return area / reference if reference > 0 else None
 
 
-def _spread(ratios: Sequence[Optional[float]]) -> dict[str, Any]:
+def _spread(ratios: Sequence[float | None]) -> dict[str, Any]:
     """Per-seed ratios, their geometric mean (only when every seed has one), min and max over the seeds that do."""
     known = [r for r in ratios if r is not None and r > 0]
     return {
@@ -475,7 +557,7 @@ def _spread(ratios: Sequence[Optional[float]]) -> dict[str, Any]:
     }
 
 
-def _pair_key(run: dict[str, Any]) -> tuple[int, Optional[str]]:
+def _pair_key(run: dict[str, Any]) -> tuple[int, str | None]:
     return run['seed'], run.get('fingerprint_key')
 
 
@@ -483,8 +565,12 @@ def _fraction_key(fraction: float) -> str:
     return f'{round(100 * fraction)}%'
 
 
-def summarize(results: list[dict[str, Any]], budget: Optional[int] = None, floor: Optional[float] = None,
-              fractions: Sequence[float] = BUDGET_FRACTIONS) -> dict[str, Any]:
+def summarize(
+    results: list[dict[str, Any]],
+    budget: int | None = None,
+    floor: float | None = None,
+    fractions: Sequence[float] = BUDGET_FRACTIONS,
+) -> dict[str, Any]:
     """Mean curves per method, and every ratio against uniform, from the mean curves and paired per seed.
 
     ``budget``: the training steps (default: uniform's last evaluation); uniform's FID at each ``fraction`` of it
@@ -536,35 +622,67 @@ def summarize(results: list[dict[str, Any]], budget: Optional[int] = None, floor
         thresholds = {}
         for fraction in fractions:
             mean = speedup_at(u['steps'], u['mean'], c['steps'], c['mean'], fraction * budget)
-            paired = [speedup_at(uniform_by_seed[_pair_key(r)]['fid_steps'], uniform_by_seed[_pair_key(r)]['fid'],
-                                 r['fid_steps'], r['fid'], fraction * budget) if _pair_key(r) in uniform_by_seed else
-                      {'speedup': None, 'steps': None, 'target': None} for r in runs]
+            paired = [
+                speedup_at(
+                    uniform_by_seed[_pair_key(r)]['fid_steps'],
+                    uniform_by_seed[_pair_key(r)]['fid'],
+                    r['fid_steps'],
+                    r['fid'],
+                    fraction * budget,
+                )
+                if _pair_key(r) in uniform_by_seed
+                else {'speedup': None, 'steps': None, 'target': None}
+                for r in runs
+            ]
             thresholds[_fraction_key(fraction)] = {
-                'step': fraction * budget, **mean,
-                'paired': {**_spread([p['speedup'] for p in paired]), 'targets': [p['target'] for p in paired],
-                           'steps': [p['steps'] for p in paired]},
+                'step': fraction * budget,
+                **mean,
+                'paired': {
+                    **_spread([p['speedup'] for p in paired]),
+                    'targets': [p['target'] for p in paired],
+                    'steps': [p['steps'] for p in paired],
+                },
             }
         row['thresholds'] = thresholds
-        final = thresholds[_fraction_key(1.0)] if 1.0 in fractions else speedup_at(
-            u['steps'], u['mean'], c['steps'], c['mean'], budget)
+        final = (
+            thresholds[_fraction_key(1.0)]
+            if 1.0 in fractions
+            else speedup_at(u['steps'], u['mean'], c['steps'], c['mean'], budget)
+        )
         row['steps_to_target'] = final['steps']
         row['speedup'] = final['speedup']
-        row['wall_speedup'] = ((final['reference_steps'] * uniform_step_time) / (final['steps'] * step_time)
-                               if final['speedup'] else None)
+        row['wall_speedup'] = (
+            (final['reference_steps'] * uniform_step_time) / (final['steps'] * step_time) if final['speedup'] else None
+        )
         reached = steps_to_reach(c['steps'], c['mean'], 1.1 * target)
         row['steps_to_target_1.1'] = reached
         row['speedup_target_1.1'] = (ref_1_1 / reached) if (reached and ref_1_1) else None
         row['log_fid_area_ratio'] = _area_ratio(log_fid_area(c['steps'], c['mean'], floor), uniform_area)
-        row['log_fid_area_ratio_paired'] = _spread([
-            _area_ratio(log_fid_area(r['fid_steps'], r['fid'], floor),
-                        log_fid_area(uniform_by_seed[_pair_key(r)]['fid_steps'], uniform_by_seed[_pair_key(r)]['fid'],
-                                     floor)) if _pair_key(r) in uniform_by_seed else None for r in runs])
+        row['log_fid_area_ratio_paired'] = _spread(
+            [
+                _area_ratio(
+                    log_fid_area(r['fid_steps'], r['fid'], floor),
+                    log_fid_area(
+                        uniform_by_seed[_pair_key(r)]['fid_steps'], uniform_by_seed[_pair_key(r)]['fid'], floor
+                    ),
+                )
+                if _pair_key(r) in uniform_by_seed
+                else None
+                for r in runs
+            ]
+        )
         table[method] = row
-    return {'target_fid': target, 'fid_floor': floor, 'budget': budget, 'fractions': list(fractions),
-            'curves': curves, 'table': table}
+    return {
+        'target_fid': target,
+        'fid_floor': floor,
+        'budget': budget,
+        'fractions': list(fractions),
+        'curves': curves,
+        'table': table,
+    }
 
 
-def _fmt(x: Optional[float], spec: str = '.2f') -> str:
+def _fmt(x: float | None, spec: str = '.2f') -> str:
     return '—' if x is None else format(x, spec)
 
 
@@ -584,35 +702,48 @@ def write_markdown(summary: dict[str, Any], args: argparse.Namespace, path: str,
     rows = sorted(summary['table'].items(), key=lambda kv: -(kv[1]['speedup'] or 0))
     uniform = summary['table']['uniform']['thresholds']
     targets = ', '.join(f'{k}: {_fmt(uniform[k]["target"])}' for k in keys)
-    header = ('| method | ' + ' | '.join(f'speed-up to U@{k}' for k in keys) + ' | log-FID area ratio | '
-              'wall speed-up | step time ratio | final FID (mean ± sd) | bits/dim |')
+    header = (
+        '| method | ' + ' | '.join(f'speed-up to U@{k}' for k in keys) + ' | log-FID area ratio | '
+        'wall speed-up | step time ratio | final FID (mean ± sd) | bits/dim |'
+    )
     lines = [header, '| --- |' + ' ---: |' * (len(keys) + 5)]
     for method, r in rows:
         cells = [f'{_fmt(r["thresholds"][k]["speedup"])}x' if r['thresholds'][k]['speedup'] else '—' for k in keys]
-        lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {_fmt(r["log_fid_area_ratio"], ".3f")} | '
-                     f'{_fmt(r["wall_speedup"])}x | {_fmt(r["step_time_ratio"], ".3f")} | '
-                     f'{r["final_fid_mean"]:.2f} ± {r["final_fid_std"]:.2f} | {_fmt(r["bits_per_dim_mean"], ".3f")} |')
-    paired = ['| method | ' + ' | '.join(f'U@{k}' for k in keys) + ' | log-FID area ratio | final FID per seed |',
-              '| --- |' + ' ---: |' * (len(keys) + 1) + ' --- |']
+        lines.append(
+            f'| {method} | ' + ' | '.join(cells) + f' | {_fmt(r["log_fid_area_ratio"], ".3f")} | '
+            f'{_fmt(r["wall_speedup"])}x | {_fmt(r["step_time_ratio"], ".3f")} | '
+            f'{r["final_fid_mean"]:.2f} ± {r["final_fid_std"]:.2f} | {_fmt(r["bits_per_dim_mean"], ".3f")} |'
+        )
+    paired = [
+        '| method | ' + ' | '.join(f'U@{k}' for k in keys) + ' | log-FID area ratio | final FID per seed |',
+        '| --- |' + ' ---: |' * (len(keys) + 1) + ' --- |',
+    ]
     for method, r in rows:
         cells = [_fmt_spread(r['thresholds'][k]['paired']) for k in keys]
         area_text = _fmt_spread(r['log_fid_area_ratio_paired'], '.3f', '')
-        paired.append(f'| {method} | ' + ' | '.join(cells) + f' | {area_text} | '
-                      + ' / '.join(f'{v:.1f}' for v in r['final_fid_per_seed']) + ' |')
+        paired.append(
+            f'| {method} | '
+            + ' | '.join(cells)
+            + f' | {area_text} | '
+            + ' / '.join(f'{v:.1f}' for v in r['final_fid_per_seed'])
+            + ' |'
+        )
     sampler = 'Euler' if getattr(args, 'objective', 'ddpm') == 'flow_matching' else 'DDIM'
-    text = (f'Command: `{command}`\n\n'
-            f'Tier {args.tier}; seeds {args.seeds}; {args.steps} steps; FID every {args.eval_every} steps from '
-            f'{args.fid_samples} {sampler}-{args.ddim_steps} samples (EMA weights, digit-classifier features) against '
-            f'the validation split. Real-vs-real floor: {_fmt(summary["fid_floor"])}. Uniform\'s final mean FID: '
-            f'{summary["target_fid"]:.2f}.\n\n'
-            f'**Mean curves.** "Speed-up to U@p": steps uniform\'s mean curve needs to reach its own FID at p of the '
-            f'budget ({targets}), divided by the steps the method\'s mean curve needs (linear interpolation '
-            'between evaluations; "—": never reached). Log-FID area ratio: area under ln(FID / floor) over '
-            'training, method / uniform (below 1: lower over the whole run).\n\n'
-            + '\n'.join(lines) + '\n\n'
-            '**Paired per seed.** Each seed\'s curve against the same seed\'s uniform curve: geometric mean of the '
-            'per-seed speed-ups (range over seeds); "k/n": only k of n seeds reached the target.\n\n'
-            + '\n'.join(paired) + '\n')
+    text = (
+        f'Command: `{command}`\n\n'
+        f'Tier {args.tier}; seeds {args.seeds}; {args.steps} steps; FID every {args.eval_every} steps from '
+        f'{args.fid_samples} {sampler}-{args.ddim_steps} samples (EMA weights, digit-classifier features) against '
+        f"the validation split. Real-vs-real floor: {_fmt(summary['fid_floor'])}. Uniform's final mean FID: "
+        f'{summary["target_fid"]:.2f}.\n\n'
+        f'**Mean curves.** "Speed-up to U@p": steps uniform\'s mean curve needs to reach its own FID at p of the '
+        f"budget ({targets}), divided by the steps the method's mean curve needs (linear interpolation "
+        'between evaluations; "—": never reached). Log-FID area ratio: area under ln(FID / floor) over '
+        'training, method / uniform (below 1: lower over the whole run).\n\n' + '\n'.join(lines) + '\n\n'
+        "**Paired per seed.** Each seed's curve against the same seed's uniform curve: geometric mean of the "
+        'per-seed speed-ups (range over seeds); "k/n": only k of n seeds reached the target.\n\n'
+        + '\n'.join(paired)
+        + '\n'
+    )
     with open(path, 'w') as f:
         f.write(text)
 
@@ -628,15 +759,20 @@ def sampler_trace_table(results: list[dict[str, Any]], points: int = 6) -> str:
         picks = sorted({series[round(i * (len(series) - 1) / (points - 1))][0] for i in range(points)})
         selected = sorted(k for k in runs[0] if k.startswith('adaptive/S'))
 
-        def at(trace: dict, key: str, step: int) -> Optional[float]:
+        def at(trace: dict, key: str, step: int) -> float | None:
             values = [v for s, v in trace.get(key, []) if s == step]
             return values[-1] if values else None
 
-        lines = [f'**{method}** (mean over {len(runs)} seeds; S from the first seed)', '',
-                 '| step | mean t (flow: cell of sigma) | entropy of the batch marginal (nats; uniform: ln T) | '
-                 'reward (batch mean; KL reductions for `paper` and `normalized`, loss reductions for `loss` and on '
-                 'flow models) | S |',
-                 '| ---: | ---: | ---: | ---: | --- |']
+        lines = [
+            f'**{method}** (mean over {len(runs)} seeds; S from the first seed)',
+            '',
+            (
+                '| step | mean t (flow: cell of sigma) | entropy of the batch marginal (nats; uniform: ln T) | '
+                'reward (batch mean; KL reductions for `paper` and `normalized`, loss reductions for `loss` and on '
+                'flow models) | S |'
+            ),
+            '| ---: | ---: | ---: | ---: | --- |',
+        ]
         for step in picks:
             cells = []
             for key in ('adaptive/mean_t', 'adaptive/entropy', 'adaptive/reward'):
@@ -651,14 +787,16 @@ def sampler_trace_table(results: list[dict[str, Any]], points: int = 6) -> str:
 
 def write_plot(summary: dict[str, Any], path: str) -> None:
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for method, c in sorted(summary['curves'].items()):
-        lo = [m - s for m, s in zip(c['mean'], c['std'])]
-        hi = [m + s for m, s in zip(c['mean'], c['std'])]
+        lo = [m - s for m, s in zip(c['mean'], c['std'], strict=True)]
+        hi = [m + s for m, s in zip(c['mean'], c['std'], strict=True)]
         style = {'linewidth': 2.5, 'color': 'black'} if method == 'uniform' else {'linewidth': 1.2}
-        line, = ax.plot(c['steps'], c['mean'], label=method, **style)
+        (line,) = ax.plot(c['steps'], c['mean'], label=method, **style)
         ax.fill_between(c['steps'], lo, hi, alpha=0.12, color=line.get_color())
     ax.axhline(summary['target_fid'], color='grey', linestyle='--', linewidth=0.8, label='uniform final FID')
     ax.axhline(summary['fid_floor'], color='grey', linestyle=':', linewidth=0.8, label='real-vs-real floor')
@@ -672,30 +810,46 @@ def write_plot(summary: dict[str, Any], path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- loop overhead
-def loop_overhead(data: str, blocks: int, block_steps: int, warmup_blocks: int,
-                  threads: int = 1) -> dict[str, Any]:
+def loop_overhead(data: str, blocks: int, block_steps: int, warmup_blocks: int, threads: int = 1) -> dict[str, Any]:
     """Interleaved blocks of the digits recipe's training steps and of a bare loop's; see the module docstring."""
     import torch
+
     torch.set_num_threads(threads)
 
     from composer_algos.config import build_trainer, load_config
 
     steps = (warmup_blocks + blocks) * block_steps
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml'), [
-            f'train_loader.local={data}', f'max_duration={steps}ba', 'eval_loader=null', 'eval_interval=1',
-            'callbacks=null', 'save_folder=null', 'progress_bar=false', f'loggers.file.filename={tmp}/log.txt'])
+        cfg = load_config(
+            os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml'),
+            [
+                f'train_loader.local={data}',
+                f'max_duration={steps}ba',
+                'eval_loader=null',
+                'eval_interval=1',
+                'callbacks=null',
+                'save_folder=null',
+                'progress_bar=false',
+                f'loggers.file.filename={tmp}/log.txt',
+            ],
+        )
         bare_step = _bare_loop(cfg)
         trainer = build_trainer(cfg)
         timer = _interleave_callback(block_steps, bare_step)
         trainer.state.callbacks.insert(0, timer)
         trainer.fit()
         trainer.close()
-    wall = [r / b for r, b in zip(timer.recipe[warmup_blocks:], timer.bare[warmup_blocks:])]
-    cpu = [r / b for r, b in zip(timer.recipe_cpu[warmup_blocks:], timer.bare_cpu[warmup_blocks:])]
-    return {'block_ratios': wall, 'median_ratio': statistics.median(wall),
-            'cpu_median_ratio': statistics.median(cpu), 'blocks': len(wall), 'block_steps': block_steps,
-            'warmup_blocks': warmup_blocks, 'threads': threads}
+    wall = [r / b for r, b in zip(timer.recipe[warmup_blocks:], timer.bare[warmup_blocks:], strict=False)]
+    cpu = [r / b for r, b in zip(timer.recipe_cpu[warmup_blocks:], timer.bare_cpu[warmup_blocks:], strict=False)]
+    return {
+        'block_ratios': wall,
+        'median_ratio': statistics.median(wall),
+        'cpu_median_ratio': statistics.median(cpu),
+        'blocks': len(wall),
+        'block_steps': block_steps,
+        'warmup_blocks': warmup_blocks,
+        'threads': threads,
+    }
 
 
 def _interleave_callback(block_steps: int, bare_step: Any) -> Any:
@@ -710,7 +864,7 @@ def _interleave_callback(block_steps: int, bare_step: Any) -> Any:
             self.bare: list[float] = []
             self.recipe_cpu: list[float] = []
             self.bare_cpu: list[float] = []
-            self._mark: Optional[tuple[float, float]] = None
+            self._mark: tuple[float, float] | None = None
             self._wall, self._cpu, self._counted, self._steps = 0.0, 0.0, 0, 0
 
         def batch_end(self, state, logger):
@@ -740,6 +894,7 @@ def _bare_loop(cfg: dict[str, Any]) -> Any:
     import torch
 
     from composer_algos.config import build_dataloader, build_model, build_optimizer
+
     loader = build_dataloader(dict(cfg['train_loader'], shuffle=False, drop_last=False), 'train_loader')
     batches = list(loader)
     images = torch.cat([b['image'] for b in batches])
@@ -761,10 +916,18 @@ def _bare_loop(cfg: dict[str, Any]) -> Any:
     return step
 
 
-def step_overhead(tier: str, methods: Sequence[str], data: str, rounds: int, block_steps: int,
-                  threads: int = 1, objective: str = 'ddpm') -> dict[str, dict[str, Any]]:
+def step_overhead(
+    tier: str,
+    methods: Sequence[str],
+    data: str,
+    rounds: int,
+    block_steps: int,
+    threads: int = 1,
+    objective: str = 'ddpm',
+) -> dict[str, dict[str, Any]]:
     """Per method, the median over rounds of its block's time per step over uniform's (process CPU and wall)."""
     import torch
+
     torch.set_num_threads(threads)
 
     from composer_algos.config import build_trainer
@@ -773,13 +936,23 @@ def step_overhead(tier: str, methods: Sequence[str], data: str, rounds: int, blo
     dependent = [m for m in methods if dependencies(m)]
     if dependent:
         from composer_algos.registry import ConfigError
-        raise ConfigError(f'{", ".join(dependent)} trains from another run of a race (DEPENDS_ON); its step is that '
-                          'of a fixed sampler, which --step-overhead does not measure.')
+
+        raise ConfigError(
+            f'{", ".join(dependent)} trains from another run of a race (DEPENDS_ON); its step is that '
+            'of a fixed sampler, which --step-overhead does not measure.'
+        )
     trainers, times = {}, {m: {'cpu': [], 'wall': []} for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
-            cfg = method_config(method, tier, objective, data, (rounds + 1) * block_steps, f'overhead-{_slug(method)}',
-                                [f'loggers.file.filename={tmp}/{_slug(method)}.txt'])
+            cfg = method_config(
+                method,
+                tier,
+                objective,
+                data,
+                (rounds + 1) * block_steps,
+                f'overhead-{_slug(method)}',
+                [f'loggers.file.filename={tmp}/{_slug(method)}.txt'],
+            )
             trainers[method] = build_trainer(cfg)
         for round_ in range(rounds + 1):
             for method in methods:
@@ -792,20 +965,28 @@ def step_overhead(tier: str, methods: Sequence[str], data: str, rounds: int, blo
             trainer.close()
     result = {}
     for method in methods:
-        cpu = [a / b for a, b in zip(times[method]['cpu'], times['uniform']['cpu'])]
-        wall = [a / b for a, b in zip(times[method]['wall'], times['uniform']['wall'])]
-        result[method] = {'cpu_ratio': statistics.median(cpu), 'wall_ratio': statistics.median(wall),
-                          'cpu_ratios': cpu, 'uniform_cpu_step': statistics.median(times['uniform']['cpu'])}
+        cpu = [a / b for a, b in zip(times[method]['cpu'], times['uniform']['cpu'], strict=False)]
+        wall = [a / b for a, b in zip(times[method]['wall'], times['uniform']['wall'], strict=False)]
+        result[method] = {
+            'cpu_ratio': statistics.median(cpu),
+            'wall_ratio': statistics.median(wall),
+            'cpu_ratios': cpu,
+            'uniform_cpu_step': statistics.median(times['uniform']['cpu']),
+        }
     return result
 
 
 def print_loop_overhead(result: dict[str, Any]) -> None:
-    print(f'digits recipe step (Composer Trainer, streaming, EMA; eval and callbacks off) against a bare PyTorch '
-          f'loop, {result["threads"]} thread(s) each, {result["blocks"]} interleaved blocks of '
-          f'{result["block_steps"]} steps after {result["warmup_blocks"]} warm-up block(s)')
+    print(
+        f'digits recipe step (Composer Trainer, streaming, EMA; eval and callbacks off) against a bare PyTorch '
+        f'loop, {result["threads"]} thread(s) each, {result["blocks"]} interleaved blocks of '
+        f'{result["block_steps"]} steps after {result["warmup_blocks"]} warm-up block(s)'
+    )
     print('per-block ratios (wall time): ' + ' '.join(f'{r:.3f}' for r in result['block_ratios']))
     print(f'process CPU time per step, recipe / bare (median over blocks): {result["cpu_median_ratio"]:.3f}')
     print(f'loop overhead, wall time per step, recipe / bare (median over blocks): {result["median_ratio"]:.3f}')
+
+
 def _apply_tier_defaults(args: argparse.Namespace) -> Tier:
     """Fill the options left unset from the tier's defaults; return the tier."""
     tier = TIERS[args.tier]
@@ -821,37 +1002,51 @@ def _apply_tier_defaults(args: argparse.Namespace) -> Tier:
     return tier
 
 
-def prepare_tier(tier: Tier, data: str) -> Optional[float]:
+def prepare_tier(tier: Tier, data: str) -> float | None:
     """Convert the tier's data into ``data`` if missing and load its FID feature extractor, checking that its
     weights are the ones the tier pins; return the extractor's validation accuracy."""
     from composer_algos.data.convert import convert_bundled
     from composer_algos.evaluation.features import build_feature_extractor
+
     convert_bundled(tier.dataset, data, image_size=tier.image_size)
     feature = build_feature_extractor(tier.feature, (1, tier.image_size, tier.image_size))
     if tier.feature_sha256 and getattr(feature, 'sha256', None) != tier.feature_sha256:
         from composer_algos.registry import ConfigError
-        raise ConfigError(f'The FID feature extractor {tier.feature!r} has weights of sha256 '
-                         f'{getattr(feature, "sha256", None)}, not the shipped {tier.feature_sha256} this tier pins: '
-                         'FIDs on other weights are on another scale and would not compare with the published races. '
-                         'Restore composer_algos/evaluation/weights/ (git checkout) or reinstall the package.')
+
+        raise ConfigError(
+            f'The FID feature extractor {tier.feature!r} has weights of sha256 '
+            f'{getattr(feature, "sha256", None)}, not the shipped {tier.feature_sha256} this tier pins: '
+            'FIDs on other weights are on another scale and would not compare with the published races. '
+            'Restore composer_algos/evaluation/weights/ (git checkout) or reinstall the package.'
+        )
     accuracy = getattr(feature, 'accuracy', None)
     return None if accuracy is None else float(accuracy)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--tier', choices=list(TIERS), default='digits',
-                        help='recipe, data, image size, FID features and default budget: ' + '; '.join(
-                            f'{name}: {t.recipe}, {t.image_size}x{t.image_size}, {t.steps} steps'
-                            for name, t in TIERS.items()))
-    parser.add_argument('--objective', choices=('ddpm', 'flow_matching'), default='ddpm',
-                        help="the tier's DDPM recipe, or its flow-matching one (yamls/<tier>/flow_uniform.yaml: "
-                        'rectified flow, Euler sampling for FID, no bits/dim); methods that refuse flow models '
-                        '(docs/flow_matching.md) fail when their run starts')
-    parser.add_argument('--methods', default=None,
-                        help='comma-separated, from: ' + ', '.join(METHODS) + '; METHOD@key=value[;key=value] is a '
-                        'variant of METHOD with recipe overrides, A+B a composition of methods (default: the tier\'s '
-                        'methods)')
+    parser.add_argument(
+        '--tier',
+        choices=list(TIERS),
+        default='digits',
+        help='recipe, data, image size, FID features and default budget: '
+        + '; '.join(f'{name}: {t.recipe}, {t.image_size}x{t.image_size}, {t.steps} steps' for name, t in TIERS.items()),
+    )
+    parser.add_argument(
+        '--objective',
+        choices=('ddpm', 'flow_matching'),
+        default='ddpm',
+        help="the tier's DDPM recipe, or its flow-matching one (yamls/<tier>/flow_uniform.yaml: "
+        'rectified flow, Euler sampling for FID, no bits/dim); methods that refuse flow models '
+        '(docs/flow_matching.md) fail when their run starts',
+    )
+    parser.add_argument(
+        '--methods',
+        default=None,
+        help='comma-separated, from: ' + ', '.join(METHODS) + '; METHOD@key=value[;key=value] is a '
+        "variant of METHOD with recipe overrides, A+B a composition of methods (default: the tier's "
+        'methods)',
+    )
     parser.add_argument('--seeds', default=None, help='default 0,1,2; --leaderboard: 0,1,2,3,4; --tune: 100,101')
     parser.add_argument('--steps', type=int, default=None, help="default: the tier's budget")
     parser.add_argument('--eval-every', type=int, default=None, help="default: the tier's")
@@ -860,40 +1055,66 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--bpd-images', type=int, default=128, help='bits/dim (DDPM only)')
     parser.add_argument('--bpd-terms', type=int, default=50)
     parser.add_argument('--workers', type=int, default=2)
-    parser.add_argument('--data', default=None, help="the tier's shards (converted when missing); default: "
-                        + ', '.join(f'{name}: {t.data}' for name, t in TIERS.items()))
+    parser.add_argument(
+        '--data',
+        default=None,
+        help="the tier's shards (converted when missing); default: "
+        + ', '.join(f'{name}: {t.data}' for name, t in TIERS.items()),
+    )
     parser.add_argument('--out', default=None, help='default: docs/benchmark (digits), docs/benchmark/<tier>')
-    parser.add_argument('--quick', action='store_true', help='2 methods, 1 seed, 40 steps: checks the harness '
-                        '(with --loop-overhead: 2 blocks of 5 steps)')
-    parser.add_argument('--loop-overhead', action='store_true',
-                        help='time the recipe\'s training step against a bare PyTorch loop (see above)')
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='2 methods, 1 seed, 40 steps: checks the harness (with --loop-overhead: 2 blocks of 5 steps)',
+    )
+    parser.add_argument(
+        '--loop-overhead',
+        action='store_true',
+        help="time the recipe's training step against a bare PyTorch loop (see above)",
+    )
     parser.add_argument('--loop-blocks', type=int, default=30, help='--loop-overhead: measured blocks')
     parser.add_argument('--loop-block-steps', type=int, default=10, help='--loop-overhead: steps per block and side')
     parser.add_argument('--threads', type=int, default=1, help='--loop-overhead, --step-overhead: torch threads')
-    parser.add_argument('--step-overhead', action='store_true',
-                        help="each of --methods' training step against uniform's, interleaved (see above)")
+    parser.add_argument(
+        '--step-overhead',
+        action='store_true',
+        help="each of --methods' training step against uniform's, interleaved (see above)",
+    )
     parser.add_argument('--overhead-rounds', type=int, default=6, help='--step-overhead: measured rounds')
     parser.add_argument('--overhead-block-steps', type=int, default=40, help='--step-overhead: steps per block')
-    parser.add_argument('--tune', action='store_true',
-                        help='tune uniform (lr, EMA) and each method of the tuning grid at half the budget on the '
-                        'tuning seeds (--seeds, default 100,101); writes the table and winners to --out')
-    parser.add_argument('--leaderboard', action='store_true',
-                        help='race every leaderboard method (or --methods) with the winners of --tuning on --seeds '
-                        '(default 0-4), paired per seed, with bootstrap intervals and an A/A null')
+    parser.add_argument(
+        '--tune',
+        action='store_true',
+        help='tune uniform (lr, EMA) and each method of the tuning grid at half the budget on the '
+        'tuning seeds (--seeds, default 100,101); writes the table and winners to --out',
+    )
+    parser.add_argument(
+        '--leaderboard',
+        action='store_true',
+        help='race every leaderboard method (or --methods) with the winners of --tuning on --seeds '
+        '(default 0-4), paired per seed, with bootstrap intervals and an A/A null',
+    )
     parser.add_argument('--tuning', default=None, help='--leaderboard: the --out folder of a --tune run')
-    parser.add_argument('--versus-ddpm', default=None, metavar='DIR',
-                        help='--leaderboard --objective flow_matching: the DDPM leaderboard of the same tier, whose '
-                        'uniform runs the flow uniform runs are paired with (the objective as a row)')
-    parser.add_argument('--combine', default=None, metavar='DIR,DIR,...',
-                        help='summarise the races in these --out folders as one (same settings, and uniform runs '
-                        'that agree FID for FID), into --out (default: the first)')
+    parser.add_argument(
+        '--versus-ddpm',
+        default=None,
+        metavar='DIR',
+        help='--leaderboard --objective flow_matching: the DDPM leaderboard of the same tier, whose '
+        'uniform runs the flow uniform runs are paired with (the objective as a row)',
+    )
+    parser.add_argument(
+        '--combine',
+        default=None,
+        metavar='DIR,DIR,...',
+        help='summarise the races in these --out folders as one (same settings, and uniform runs '
+        'that agree FID for FID), into --out (default: the first)',
+    )
     cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
     return cli.run_guarded(lambda stage: _main(parser, args, argv, stage), cli.debug_requested(args))
 
 
-def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional[list[str]],
-          stage: cli.Stage) -> int:
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None, stage: cli.Stage) -> int:
     stage.started()
     if args.combine:
         command = 'python recipes/benchmark.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
@@ -907,17 +1128,29 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optio
     tier = _apply_tier_defaults(args)
     if args.step_overhead:
         prepare_tier(tier, args.data)
-        result = step_overhead(args.tier, split_methods(args.methods), os.path.abspath(args.data), args.overhead_rounds,
-                               args.overhead_block_steps, args.threads, args.objective)
+        result = step_overhead(
+            args.tier,
+            split_methods(args.methods),
+            os.path.abspath(args.data),
+            args.overhead_rounds,
+            args.overhead_block_steps,
+            args.threads,
+            args.objective,
+        )
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'step_overhead.json'), 'w') as f:
             json.dump({'command': command, 'fingerprint': current_fingerprint(), 'methods': result}, f, indent=1)
-        print(f'tier {args.tier}: {args.overhead_rounds} rounds of {args.overhead_block_steps} steps per method '
-              f'after a warm-up round, in turn in one process, {args.threads} thread(s); written to '
-              f'{args.out}/step_overhead.json')
+        print(
+            f'tier {args.tier}: {args.overhead_rounds} rounds of {args.overhead_block_steps} steps per method '
+            f'after a warm-up round, in turn in one process, {args.threads} thread(s); written to '
+            f'{args.out}/step_overhead.json'
+        )
         for method, r in result.items():
-            print(f'{method}: step time / uniform\'s, process CPU {r["cpu_ratio"]:.3f} (per round: '
-                  + ' '.join(f'{x:.3f}' for x in r['cpu_ratios']) + f'), wall {r["wall_ratio"]:.3f}')
+            print(
+                f"{method}: step time / uniform's, process CPU {r['cpu_ratio']:.3f} (per round: "
+                + ' '.join(f'{x:.3f}' for x in r['cpu_ratios'])
+                + f'), wall {r["wall_ratio"]:.3f}'
+            )
         return 0
     if args.quick:
         args.methods, args.seeds, args.steps, args.eval_every = ','.join(QUICK_METHODS), '0', 40, 20
@@ -942,15 +1175,29 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optio
     return 0
 
 
-def make_job(args: argparse.Namespace, method: str, seed: int, steps: Optional[int] = None,
-             overrides: Sequence[str] = (), fid_noise_seeds: Sequence[int] = ()) -> dict[str, Any]:
+def make_job(
+    args: argparse.Namespace,
+    method: str,
+    seed: int,
+    steps: int | None = None,
+    overrides: Sequence[str] = (),
+    fid_noise_seeds: Sequence[int] = (),
+) -> dict[str, Any]:
     """One run of a race: ``method`` on ``seed`` with the race's settings, recipe ``overrides`` after the method's
     own, and the final weights' FID also from the noise of ``fid_noise_seeds``."""
     job = {
-        'method': method, 'seed': seed, 'steps': steps or args.steps, 'eval_every': args.eval_every,
-        'fid_samples': args.fid_samples, 'ddim_steps': args.ddim_steps, 'bpd_images': args.bpd_images,
-        'bpd_terms': args.bpd_terms, 'data': os.path.abspath(args.data), 'out': os.path.abspath(args.out),
-        'tier': args.tier, 'objective': args.objective,
+        'method': method,
+        'seed': seed,
+        'steps': steps or args.steps,
+        'eval_every': args.eval_every,
+        'fid_samples': args.fid_samples,
+        'ddim_steps': args.ddim_steps,
+        'bpd_images': args.bpd_images,
+        'bpd_terms': args.bpd_terms,
+        'data': os.path.abspath(args.data),
+        'out': os.path.abspath(args.out),
+        'tier': args.tier,
+        'objective': args.objective,
     }
     if overrides:
         job['overrides'] = list(overrides)
@@ -964,6 +1211,7 @@ def run_jobs(jobs: Sequence[dict[str, Any]], workers: int, out: str, paired: boo
     :func:`plan_runs` says (runs paired with uniform within one machine fingerprint); else each job once, from any
     machine (this one's first)."""
     from composer_algos.machine import fingerprint_key
+
     start = time.time()
     current = fingerprint_key(current_fingerprint())
     if paired:
@@ -977,14 +1225,19 @@ def run_jobs(jobs: Sequence[dict[str, Any]], workers: int, out: str, paired: boo
             else:
                 todo.append(job)
     if results:
-        print(f'{len(results)} finished runs in {out}/runs (run.json) are used, not trained again; {len(todo)} to '
-              'train', flush=True)
+        print(
+            f'{len(results)} finished runs in {out}/runs (run.json) are used, not trained again; {len(todo)} to train',
+            flush=True,
+        )
     for stage in dependency_stages(todo, current):
         pool = mp.get_context('spawn').Pool(workers, maxtasksperchild=1)
         for r in pool.imap_unordered(run_one, stage):
             results.append(r)
-            print(f'[{time.time() - start:7.0f}s] {r["method"]} seed {r["seed"]}: final FID {r["fid"][-1]:.2f}, '
-                  f'{r["mean_step_time"] * 1000:.1f} ms/step', flush=True)
+            print(
+                f'[{time.time() - start:7.0f}s] {r["method"]} seed {r["seed"]}: final FID {r["fid"][-1]:.2f}, '
+                f'{r["mean_step_time"] * 1000:.1f} ms/step',
+                flush=True,
+            )
         # close + join lets the workers exit normally (terminate would interrupt their cleanup).
         pool.close()
         pool.join()
@@ -1010,27 +1263,48 @@ def dependency_stages(todo: Sequence[dict[str, Any]], current: str) -> list[list
     return [stage for stage in (first, second) if stage]
 
 
-def publish_race(args: argparse.Namespace, command: str, runs: list[dict[str, Any]],
-                 feature_accuracy: Optional[float], record: Optional[dict[str, Any]] = None, note: str = '',
-                 heatmaps: str = '`runs/<method>-s<seed>/timestep_heatmap.png`') -> None:
+def publish_race(
+    args: argparse.Namespace,
+    command: str,
+    runs: list[dict[str, Any]],
+    feature_accuracy: float | None,
+    record: dict[str, Any] | None = None,
+    note: str = '',
+    heatmaps: str = '`runs/<method>-s<seed>/timestep_heatmap.png`',
+) -> None:
     """Summarise ``runs`` and write ``results.json`` (with ``record``'s keys added), ``results.md`` (with ``note``
     and the adaptive sampler's trace appended) and ``fid.png`` into ``args.out``; print the markdown."""
     summary = summarize(runs, budget=args.steps)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
-        json.dump({'command': command, **(record or {}), 'args': _portable(vars(args)), 'tier': args.tier,
-                   'objective': args.objective, 'uniform_final_fid': summary['target_fid'],
-                   'fid_floor': summary['fid_floor'], 'feature_val_accuracy': feature_accuracy, 'runs': runs,
-                   'summary': summary}, f, indent=1)
+        json.dump(
+            {
+                'command': command,
+                **(record or {}),
+                'args': _portable(vars(args)),
+                'tier': args.tier,
+                'objective': args.objective,
+                'uniform_final_fid': summary['target_fid'],
+                'fid_floor': summary['fid_floor'],
+                'feature_val_accuracy': feature_accuracy,
+                'runs': runs,
+                'summary': summary,
+            },
+            f,
+            indent=1,
+        )
     markdown = os.path.join(args.out, 'results.md')
     write_markdown(summary, args, markdown, command)
     trace = sampler_trace_table(runs)
     with open(markdown, 'a') as f:
         f.write(note)
         if trace:
-            f.write('\nThe adaptive sampler over training (logged at each policy update; per-run heatmaps in '
-                    f'{heatmaps}):\n\n' + trace + '\n')
+            f.write(
+                '\nThe adaptive sampler over training (logged at each policy update; per-run heatmaps in '
+                f'{heatmaps}):\n\n' + trace + '\n'
+            )
     write_plot(summary, os.path.join(args.out, 'fid.png'))
-    print(open(markdown).read())
+    with open(markdown) as f:
+        print(f.read())
 
 
 def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -1051,22 +1325,27 @@ def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str
     keys = ('steps', 'eval_every', 'fid_samples', 'ddim_steps', 'bpd_images', 'bpd_terms')
     uniform = {r['seed']: r['fid'] for r in first['runs'] if r['method'] == 'uniform'}
     runs, methods = [], set()
-    for folder, race in zip(folders, races):
+    for folder, race in zip(folders, races, strict=True):
         differs = [k for k in keys if race['args'].get(k) != first['args'].get(k)]
         differs += [k for k in ('tier', 'objective') if race.get(k, 'ddpm') != first.get(k, 'ddpm')]
         if differs:
-            raise ValueError(f'{folder}: the race differs from {folders[0]} in {differs}; only races of the same '
-                             'settings combine.')
+            raise ValueError(
+                f'{folder}: the race differs from {folders[0]} in {differs}; only races of the same settings combine.'
+            )
         machines = {r.get('fingerprint_key') for r in race['runs']} | {r.get('fingerprint_key') for r in first['runs']}
         if len(machines) > 1:
-            raise ValueError(f'{folder}: its runs come from other machines than those of {folders[0]} (fingerprints '
-                             f'{sorted(map(str, machines))}); runs pair only within one machine fingerprint, so '
-                             'only races of one machine combine.')
+            raise ValueError(
+                f'{folder}: its runs come from other machines than those of {folders[0]} (fingerprints '
+                f'{sorted(map(str, machines))}); runs pair only within one machine fingerprint, so '
+                'only races of one machine combine.'
+            )
         own = {r['seed']: r['fid'] for r in race['runs'] if r['method'] == 'uniform'}
         if own != uniform:
-            raise ValueError(f'{folder}: its uniform runs are not those of {folders[0]} (seeds {sorted(own)} against '
-                             f'{sorted(uniform)}, or other FID values); only races that repeat the same uniform runs '
-                             'combine.')
+            raise ValueError(
+                f'{folder}: its uniform runs are not those of {folders[0]} (seeds {sorted(own)} against '
+                f'{sorted(uniform)}, or other FID values); only races that repeat the same uniform runs '
+                'combine.'
+            )
         new = {r['method'] for r in race['runs']} - methods
         runs += [r for r in race['runs'] if r['method'] in new]
         methods |= new
@@ -1083,8 +1362,11 @@ TUNING_EMA = ('algorithms.ema.half_life=50ba', 'algorithms.ema.half_life=25ba', 
 # first, so a tie keeps it. A method with one setting runs as published.
 _SCHEDULE_SETTINGS = {
     'clts': tuple((f'algorithms.curriculum_timestep_schedule.mu={m}',) for m in ('0.3', '0.2', '0.5')),
-    'md': (('algorithms.momentum_decay.beta_end=0.5',), ('algorithms.momentum_decay.beta_end=0.7',),
-           ('algorithms.momentum_decay.beta_end=0.5', 'algorithms.momentum_decay.compensate_lr=true')),
+    'md': (
+        ('algorithms.momentum_decay.beta_end=0.5',),
+        ('algorithms.momentum_decay.beta_end=0.7',),
+        ('algorithms.momentum_decay.beta_end=0.5', 'algorithms.momentum_decay.compensate_lr=true'),
+    ),
 }
 # Noise assignment's cost (Immiscible Diffusion's distance, OT-CFM's squared distance), and KNN's candidates per image
 # (4 in the flow-matching code, 64 in the Stable Diffusion code); the low-discrepancy draw has no setting.
@@ -1130,12 +1412,43 @@ TUNING_GRIDS: dict[str, dict[str, tuple[tuple[str, ...], ...]]] = {
 # The leaderboards' methods: uniform, its A/A null, every method that applies to the objective, and the curriculum
 # with momentum decay as the papers compose them.
 LEADERBOARD_METHODS = {
-    'ddpm': ('uniform', 'uniform_aa', 'min_snr', 'p2', 'speed', 'loss_second_moment', 'logit_normal', 'log_normal',
-             'mode', 'cosmap', 'clts', 'md', 'clts_md', 'adaptive_paper', 'adaptive', 'adaptive_importance',
-             'adaptive_frozen_average', 'adaptive_clts_md', 'noise_assignment', 'noise_assignment_knn',
-             'low_discrepancy', 'schedule_free'),
-    'flow_matching': ('uniform', 'uniform_aa', 'logit_normal', 'mode', 'cosmap', 'clts', 'md', 'clts_md',
-                      'noise_assignment', 'noise_assignment_knn', 'schedule_free'),
+    'ddpm': (
+        'uniform',
+        'uniform_aa',
+        'min_snr',
+        'p2',
+        'speed',
+        'loss_second_moment',
+        'logit_normal',
+        'log_normal',
+        'mode',
+        'cosmap',
+        'clts',
+        'md',
+        'clts_md',
+        'adaptive_paper',
+        'adaptive',
+        'adaptive_importance',
+        'adaptive_frozen_average',
+        'adaptive_clts_md',
+        'noise_assignment',
+        'noise_assignment_knn',
+        'low_discrepancy',
+        'schedule_free',
+    ),
+    'flow_matching': (
+        'uniform',
+        'uniform_aa',
+        'logit_normal',
+        'mode',
+        'cosmap',
+        'clts',
+        'md',
+        'clts_md',
+        'noise_assignment',
+        'noise_assignment_knn',
+        'schedule_free',
+    ),
 }
 # Extra noise seeds of FID on uniform's final weights (the race's own is 0): FID's sampling noise.
 NOISE_SEEDS = (1, 2, 3, 4)
@@ -1159,7 +1472,7 @@ def leaderboard_name(method: str) -> str:
     if base not in METHOD_SETTINGS:
         return name
     plain = next(m for m, frags in METHODS.items() if frags == METHODS[base] and m not in METHOD_SETTINGS)
-    return f'{name}_{base[len(plain) + 1:] if base.startswith(plain + "_") else base.split("_", 1)[1]}'
+    return f'{name}_{base[len(plain) + 1 :] if base.startswith(plain + "_") else base.split("_", 1)[1]}'
 
 
 def components(method: str) -> list[str]:
@@ -1177,10 +1490,13 @@ def geomean(values: Sequence[float]) -> float:
     return math.exp(_mean([math.log(v) for v in values]))
 
 
-def _pick(scores: dict[str, Optional[float]]) -> str:
+def _pick(scores: dict[str, float | None]) -> str:
     """The setting of the lowest score; the first (the published default) among ties or when none has one."""
-    best = min((v, i) for i, v in enumerate(scores.values()) if v is not None) if any(
-        v is not None for v in scores.values()) else (None, 0)
+    best = (
+        min((v, i) for i, v in enumerate(scores.values()) if v is not None)
+        if any(v is not None for v in scores.values())
+        else (None, 0)
+    )
     return list(scores)[best[1]]
 
 
@@ -1209,17 +1525,28 @@ def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
     finished: list[dict[str, Any]] = []
 
     def publish(complete: bool) -> None:
-        record = {'command': command, 'tier': args.tier, 'objective': args.objective, 'steps': steps,
-                  'seeds': seeds, 'fid_samples': args.fid_samples, 'complete': complete, 'stages': stages,
-                  'winners': winners, 'fingerprints': sorted({r['fingerprint_key'] for r in finished}),
-                  'runs': finished}
+        record = {
+            'command': command,
+            'tier': args.tier,
+            'objective': args.objective,
+            'steps': steps,
+            'seeds': seeds,
+            'fid_samples': args.fid_samples,
+            'complete': complete,
+            'stages': stages,
+            'winners': winners,
+            'fingerprints': sorted({r['fingerprint_key'] for r in finished}),
+            'runs': finished,
+        }
         with open(os.path.join(args.out, 'results.json'), 'w') as f:
             json.dump(record, f, indent=1)
         write_tuning_markdown(record, os.path.join(args.out, 'results.md'))
 
     def stage(name: str, settings: dict[str, tuple[str, Sequence[str]]]) -> str:
-        jobs = {label: [make_job(args, method, s, steps, overrides) for s in seeds]
-                for label, (method, overrides) in settings.items()}
+        jobs = {
+            label: [make_job(args, method, s, steps, overrides) for s in seeds]
+            for label, (method, overrides) in settings.items()
+        }
         finished.extend(run_jobs([j for js in jobs.values() for j in js], args.workers, args.out, paired=False))
         rows = _tuning_rows(finished, jobs)
         winner = _pick({label: row['score'] for label, row in rows.items()})
@@ -1228,8 +1555,7 @@ def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
         return winner
 
     default_ema = TUNING_EMA[0]
-    lr = stage('uniform: learning rate',
-               {lr: (_variant('uniform', (lr, default_ema)), ()) for lr in TUNING_LR})
+    lr = stage('uniform: learning rate', {lr: (_variant('uniform', (lr, default_ema)), ()) for lr in TUNING_LR})
     ema = stage('uniform: EMA half-life', {ema: (_variant('uniform', (lr, ema)), ()) for ema in TUNING_EMA})
     base = [lr, ema]
     winners['base'] = base
@@ -1242,38 +1568,54 @@ def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if len(options) == 1:
             continue
         labels = [f'{method}: {"; ".join(o)}' for o in options]
-        winner = stage(method, {label: (_variant(method, o), base) for label, o in zip(labels, options)})
+        winner = stage(method, {label: (_variant(method, o), base) for label, o in zip(labels, options, strict=True)})
         winners[method] = list(options[labels.index(winner)])
         publish(False)
     publish(True)
-    print(open(os.path.join(args.out, 'results.md')).read())
+    with open(os.path.join(args.out, 'results.md')) as f:
+        print(f.read())
     return winners
 
 
 def write_tuning_markdown(record: dict[str, Any], path: str) -> None:
-    lines = [f'Command: `{record["command"]}`', '',
-             f'Tier {record["tier"]} ({record["objective"]}); tuning seeds {record["seeds"]} (never raced on the '
-             f'leaderboard); {record["steps"]} steps (half the budget); FID of the final EMA weights from '
-             f'{record["fid_samples"]} samples. Score: geometric mean of the seeds\' final FIDs (lower is better); '
-             'uniform\'s learning rate first, then its EMA half-life at the winning rate; every method is tuned on '
-             'top of uniform\'s winners, its published default listed first (a tie keeps it).', '',
-             '| stage / method | setting | final FID per seed | score | |', '| --- | --- | --- | ---: | --- |']
+    lines = [
+        f'Command: `{record["command"]}`',
+        '',
+        (
+            f'Tier {record["tier"]} ({record["objective"]}); tuning seeds {record["seeds"]} (never raced on the '
+            f'leaderboard); {record["steps"]} steps (half the budget); FID of the final EMA weights from '
+            f"{record['fid_samples']} samples. Score: geometric mean of the seeds' final FIDs (lower is better); "
+            "uniform's learning rate first, then its EMA half-life at the winning rate; every method is tuned on "
+            "top of uniform's winners, its published default listed first (a tie keeps it)."
+        ),
+        '',
+        '| stage / method | setting | final FID per seed | score | |',
+        '| --- | --- | --- | ---: | --- |',
+    ]
     if not record.get('complete', True):
         lines.insert(3, 'In progress: the stages done so far (the same command resumes the rest).\n')
     for stage, block in record['stages'].items():
         for label, row in block['settings'].items():
             setting = label.split(': ', 1)[1] if label.startswith(stage + ': ') else label
             mark = '**winner**' if label == block['winner'] else ''
-            lines.append(f'| {stage} | `{setting or "as published"}` | '
-                         + ' / '.join(f'{v:.2f}' for v in row['final_fid']) + f' | {row["score"]:.2f} | {mark} |')
-    lines += ['', 'Winners (recipe overrides): ' + '; '.join(
-        f'{m}: `{" ".join(o) or "as published"}`' for m, o in record['winners'].items()), '']
+            lines.append(
+                f'| {stage} | `{setting or "as published"}` | '
+                + ' / '.join(f'{v:.2f}' for v in row['final_fid'])
+                + f' | {row["score"]:.2f} | {mark} |'
+            )
+    lines += [
+        '',
+        'Winners (recipe overrides): '
+        + '; '.join(f'{m}: `{" ".join(o) or "as published"}`' for m, o in record['winners'].items()),
+        '',
+    ]
     with open(path, 'w') as f:
         f.write('\n'.join(lines))
 
 
-def leaderboard_jobs(args: argparse.Namespace, winners: dict[str, list[str]],
-                     methods: Sequence[str]) -> list[dict[str, Any]]:
+def leaderboard_jobs(
+    args: argparse.Namespace, winners: dict[str, list[str]], methods: Sequence[str]
+) -> list[dict[str, Any]]:
     """Every method on every seed with uniform's tuned settings and its components' winners; uniform's final
     weights also scored from :data:`NOISE_SEEDS`."""
     seeds = [int(s) for s in args.seeds.split(',')]
@@ -1289,7 +1631,7 @@ def leaderboard_jobs(args: argparse.Namespace, winners: dict[str, list[str]],
     return jobs
 
 
-def _ratio_block(ratios: Sequence[float], reached: Optional[Sequence[bool]] = None) -> dict[str, Any]:
+def _ratio_block(ratios: Sequence[float], reached: Sequence[bool] | None = None) -> dict[str, Any]:
     point, low, high = geomean_ci(ratios)
     block = {'geomean': point, 'ci95': [low, high], 'per_seed': list(ratios)}
     if reached is not None:
@@ -1297,8 +1639,9 @@ def _ratio_block(ratios: Sequence[float], reached: Optional[Sequence[bool]] = No
     return block
 
 
-def leaderboard(runs: list[dict[str, Any]], budget: int, configs: dict[str, Any],
-                step_times: Optional[dict[str, float]] = None) -> dict[str, Any]:
+def leaderboard(
+    runs: list[dict[str, Any]], budget: int, configs: dict[str, Any], step_times: dict[str, float] | None = None
+) -> dict[str, Any]:
     """The leaderboard of a race: per method, paired per seed against uniform of the same seed and machine, the
     speed-up to uniform's final FID and to its FID at 75% of the budget (a seed that never gets there counts as
     reaching it at the budget's end, conservative, and is counted in ``reached``), their geometric means with 95%
@@ -1311,43 +1654,60 @@ def leaderboard(runs: list[dict[str, Any]], budget: int, configs: dict[str, Any]
     for r in runs:
         by_method.setdefault(r['method'], []).append(r)
     methods = {}
-    for method, method_runs in by_method.items():
-        method_runs = sorted(method_runs, key=lambda r: r['seed'])
+    for method, unsorted_runs in by_method.items():
+        method_runs = sorted(unsorted_runs, key=lambda r: r['seed'])
         paired = [(r, uniform[_pair_key(r)]) for r in method_runs if _pair_key(r) in uniform]
-        row: dict[str, Any] = {'method': method, 'config': configs.get(method, {}),
-                               'seeds': [r['seed'] for r, _ in paired], 'final_fid': [r['fid'][-1] for r, _ in paired],
-                               'fingerprints': sorted({str(r.get('fingerprint_key')) for r, _ in paired})}
+        row: dict[str, Any] = {
+            'method': method,
+            'config': configs.get(method, {}),
+            'seeds': [r['seed'] for r, _ in paired],
+            'final_fid': [r['fid'][-1] for r, _ in paired],
+            'fingerprints': sorted({str(r.get('fingerprint_key')) for r, _ in paired}),
+        }
         for key, fraction in (('speedup_u100', 1.0), ('speedup_u75', 0.75)):
-            pairs = [paired_speedup(u['fid_steps'], u['fid'], r['fid_steps'], r['fid'], fraction * budget, budget)
-                     for r, u in paired]
+            pairs = [
+                paired_speedup(u['fid_steps'], u['fid'], r['fid_steps'], r['fid'], fraction * budget, budget)
+                for r, u in paired
+            ]
             row[key] = _ratio_block([p[0] for p in pairs], [p[1] for p in pairs])
-        row['log_fid_area_ratio'] = _ratio_block([
-            log_fid_area(r['fid_steps'], r['fid'], floor) / log_fid_area(u['fid_steps'], u['fid'], floor)
-            for r, u in paired])
+        row['log_fid_area_ratio'] = _ratio_block(
+            [
+                log_fid_area(r['fid_steps'], r['fid'], floor) / log_fid_area(u['fid_steps'], u['fid'], floor)
+                for r, u in paired
+            ]
+        )
         row['step_time_ratio'] = (step_times or {}).get(method)
         methods[leaderboard_name(method)] = row
-    board: dict[str, Any] = {'fid_floor': floor, 'methods': methods,
-                             'uniform_final_fid': _mean([u['fid'][-1] for u in uniform.values()])}
+    board: dict[str, Any] = {
+        'fid_floor': floor,
+        'methods': methods,
+        'uniform_final_fid': _mean([u['fid'][-1] for u in uniform.values()]),
+    }
     if 'uniform_aa' in methods:
         null = methods['uniform_aa']['speedup_u100']
         board['null_speedup_ci'] = null['ci95']
         logs = [math.log(r) for r in null['per_seed']]
         if len(logs) > 1:
             sd = _std(logs)
-            board['power'] = {'aa_sd_log_speedup_u100': sd, 'seeds': len(logs),
-                              'min_detectable_speedup_u100': min_detectable_speedup(sd, len(logs))}
-    noise = [list(u['fid_noise_seeds'].values()) + [u['fid'][-1]] for u in uniform.values()
-             if u.get('fid_noise_seeds')]
+            board['power'] = {
+                'aa_sd_log_speedup_u100': sd,
+                'seeds': len(logs),
+                'min_detectable_speedup_u100': min_detectable_speedup(sd, len(logs)),
+            }
+    noise = [[*list(u['fid_noise_seeds'].values()), u['fid'][-1]] for u in uniform.values() if u.get('fid_noise_seeds')]
     if noise:
         board['fid_noise'] = {
             'noise_sd_relative': _mean([_std(v) / _mean(v) for v in noise]),
             'seed_sd_relative': _std([u['fid'][-1] for u in uniform.values()]) / board['uniform_final_fid'],
-            'checkpoints': len(noise), 'noise_seeds': len(noise[0])}
+            'checkpoints': len(noise),
+            'noise_seeds': len(noise[0]),
+        }
     return board
 
 
-def objective_comparison(ddpm_runs: list[dict[str, Any]], flow_runs: list[dict[str, Any]],
-                         budget: int) -> dict[str, Any]:
+def objective_comparison(
+    ddpm_runs: list[dict[str, Any]], flow_runs: list[dict[str, Any]], budget: int
+) -> dict[str, Any]:
     """Flow-matching uniform against DDPM uniform on the same tier, seeds and FID scale, paired per seed within one
     machine fingerprint: the speed-up of flow to DDPM's final FID and the ratio of the final FIDs."""
     ddpm = {_pair_key(r): r for r in ddpm_runs if r['method'] == 'uniform'}
@@ -1355,10 +1715,13 @@ def objective_comparison(ddpm_runs: list[dict[str, Any]], flow_runs: list[dict[s
     if not pairs:
         return {'seeds': [], 'note': 'no DDPM uniform run shares a seed and a machine with the flow uniform runs'}
     speedups = [paired_speedup(d['fid_steps'], d['fid'], f['fid_steps'], f['fid'], budget, budget) for f, d in pairs]
-    return {'seeds': [f['seed'] for f, _ in pairs],
-            'flow_speedup_to_ddpm_final': _ratio_block([s for s, _ in speedups], [r for _, r in speedups]),
-            'final_fid_ratio_flow_over_ddpm': _ratio_block([f['fid'][-1] / d['fid'][-1] for f, d in pairs]),
-            'ddpm_final_fid': [d['fid'][-1] for _, d in pairs], 'flow_final_fid': [f['fid'][-1] for f, _ in pairs]}
+    return {
+        'seeds': [f['seed'] for f, _ in pairs],
+        'flow_speedup_to_ddpm_final': _ratio_block([s for s, _ in speedups], [r for _, r in speedups]),
+        'final_fid_ratio_flow_over_ddpm': _ratio_block([f['fid'][-1] / d['fid'][-1] for f, d in pairs]),
+        'ddpm_final_fid': [d['fid'][-1] for _, d in pairs],
+        'flow_final_fid': [f['fid'][-1] for f, _ in pairs],
+    }
 
 
 def objective_markdown(comparison: dict[str, Any]) -> str:
@@ -1366,16 +1729,26 @@ def objective_markdown(comparison: dict[str, Any]) -> str:
         return f'\nThe objective as a row: {comparison["note"]}.\n'
     speed = comparison['flow_speedup_to_ddpm_final']
     ratio = comparison['final_fid_ratio_flow_over_ddpm']
-    return ('\n**The objective as a row** (uniform sampling both; the same model, data, seeds, budget, 25 sampling steps '
-            f'and FID scale; DDPM runs from `{comparison["ddpm_leaderboard"]}`): flow matching reaches DDPM\'s final FID '
-            f'{_fmt_ratio(speed)} as fast ({speed["reached"]}/{len(comparison["seeds"])} seeds reach it); final FID '
-            f'flow / DDPM {_fmt_ratio(ratio)} (flow ' + ' / '.join(f'{v:.1f}' for v in comparison['flow_final_fid'])
-            + ', DDPM ' + ' / '.join(f'{v:.1f}' for v in comparison['ddpm_final_fid']) + ').\n')
+    return (
+        '\n**The objective as a row** (uniform sampling both; the same model, data, seeds, budget, 25 sampling steps '
+        f"and FID scale; DDPM runs from `{comparison['ddpm_leaderboard']}`): flow matching reaches DDPM's final FID "
+        f'{_fmt_ratio(speed)} as fast ({speed["reached"]}/{len(comparison["seeds"])} seeds reach it); final FID '
+        f'flow / DDPM {_fmt_ratio(ratio)} (flow '
+        + ' / '.join(f'{v:.1f}' for v in comparison['flow_final_fid'])
+        + ', DDPM '
+        + ' / '.join(f'{v:.1f}' for v in comparison['ddpm_final_fid'])
+        + ').\n'
+    )
 
 
-def publish_leaderboard(args: argparse.Namespace, command: str, runs: list[dict[str, Any]],
-                        winners: dict[str, list[str]], jobs: Sequence[dict[str, Any]],
-                        feature_accuracy: Optional[float]) -> dict[str, Any]:
+def publish_leaderboard(
+    args: argparse.Namespace,
+    command: str,
+    runs: list[dict[str, Any]],
+    winners: dict[str, list[str]],
+    jobs: Sequence[dict[str, Any]],
+    feature_accuracy: float | None,
+) -> dict[str, Any]:
     """Write the leaderboard (``results.json`` in the shape of :func:`leaderboard` plus the race's settings and
     runs, ``results.md``, ``fid.png``) into ``args.out``; return the record."""
     configs = {}
@@ -1383,8 +1756,11 @@ def publish_leaderboard(args: argparse.Namespace, command: str, runs: list[dict[
         if job['method'] not in configs:
             overrides = list(job.get('overrides', [])) + split_variant(job['method'])[1]
             cfg = method_config(job['method'], args.tier, args.objective, args.data, args.steps, 'config', overrides)
-            configs[job['method']] = {'overrides': overrides, 'algorithms': cfg.get('algorithms', {}),
-                                      'optimizer': cfg.get('optimizer', {})}
+            configs[job['method']] = {
+                'overrides': overrides,
+                'algorithms': cfg.get('algorithms', {}),
+                'optimizer': cfg.get('optimizer', {}),
+            }
     overhead_path = os.path.join(args.out, 'step_overhead.json')
     step_times = None
     if os.path.exists(overhead_path):
@@ -1392,20 +1768,34 @@ def publish_leaderboard(args: argparse.Namespace, command: str, runs: list[dict[
             step_times = {m: r['cpu_ratio'] for m, r in json.load(f)['methods'].items()}
     board = leaderboard(runs, args.steps, configs, step_times)
     summary = summarize(runs, budget=args.steps, floor=board['fid_floor'])
-    record = {'command': command, 'tier': args.tier, 'objective': args.objective, 'steps': args.steps,
-              'fid_samples': args.fid_samples, 'seeds': [int(s) for s in args.seeds.split(',')],
-              'uniform_final_fid': board['uniform_final_fid'], 'fid_floor': board['fid_floor'],
-              'null_speedup_ci': board.get('null_speedup_ci'), 'methods': board['methods'],
-              'power': board.get('power'), 'fid_noise': board.get('fid_noise'), 'tuning': args.tuning,
-              'winners': winners, 'feature_sha256': TIERS[args.tier].feature_sha256,
-              'feature_val_accuracy': feature_accuracy,
-              'fingerprints': {r['fingerprint_key']: r['fingerprint'] for r in runs},
-              'args': _portable(vars(args)), 'runs': runs, 'summary': summary}
+    record = {
+        'command': command,
+        'tier': args.tier,
+        'objective': args.objective,
+        'steps': args.steps,
+        'fid_samples': args.fid_samples,
+        'seeds': [int(s) for s in args.seeds.split(',')],
+        'uniform_final_fid': board['uniform_final_fid'],
+        'fid_floor': board['fid_floor'],
+        'null_speedup_ci': board.get('null_speedup_ci'),
+        'methods': board['methods'],
+        'power': board.get('power'),
+        'fid_noise': board.get('fid_noise'),
+        'tuning': args.tuning,
+        'winners': winners,
+        'feature_sha256': TIERS[args.tier].feature_sha256,
+        'feature_val_accuracy': feature_accuracy,
+        'fingerprints': {r['fingerprint_key']: r['fingerprint'] for r in runs},
+        'args': _portable(vars(args)),
+        'runs': runs,
+        'summary': summary,
+    }
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump(record, f, indent=1)
     write_leaderboard_markdown(record, os.path.join(args.out, 'results.md'))
     write_plot(summary, os.path.join(args.out, 'fid.png'))
-    print(open(os.path.join(args.out, 'results.md')).read())
+    with open(os.path.join(args.out, 'results.md')) as f:
+        print(f.read())
     return record
 
 
@@ -1417,50 +1807,82 @@ def _fmt_ratio(block: dict[str, Any]) -> str:
 def write_leaderboard_markdown(record: dict[str, Any], path: str) -> None:
     sampler = 'Euler' if record['objective'] == 'flow_matching' else 'DDIM'
     args = record['args']
-    rows = sorted(record['methods'].items(),
-                  key=lambda kv: (kv[0] != 'uniform', -kv[1]['speedup_u100']['geomean']))
+    rows = sorted(record['methods'].items(), key=lambda kv: (kv[0] != 'uniform', -kv[1]['speedup_u100']['geomean']))
     null = record.get('null_speedup_ci')
     power = record.get('power') or {}
     noise = record.get('fid_noise') or {}
     lines = [
-        f'Command: `{record["command"]}`', '',
-        f'Tier {record["tier"]} ({record["objective"]}); seeds {record["seeds"]}; {record["steps"]} steps; FID every '
-        f'{args["eval_every"]} steps from {record["fid_samples"]} {sampler}-{args["ddim_steps"]} samples (EMA weights; '
-        'the same starting noise for every method and evaluation) on the shipped feature weights '
-        f'(sha256 {record["feature_sha256"][:12]}...) against the validation split. Uniform\'s final FID '
-        f'{record["uniform_final_fid"]:.2f} (mean over seeds); real-vs-real floor at these sizes '
-        f'{record["fid_floor"]:.2f}. Settings tuned on other seeds: {record["tuning"]}.', '',
-        'Speed-ups are paired per seed (each run against uniform of the same seed on the same machine), a seed that '
-        'never reaches the target counted at the budget\'s end; geometric mean over seeds with a 95% bootstrap '
-        'interval (BCa). U@100%: uniform\'s final FID; U@75%: its FID at 75% of the budget. Step time ratio: '
-        '`--step-overhead` (process CPU per step against uniform, interleaved in one process).', '']
+        f'Command: `{record["command"]}`',
+        '',
+        (
+            f'Tier {record["tier"]} ({record["objective"]}); seeds {record["seeds"]}; {record["steps"]} steps; FID '
+            f'every {args["eval_every"]} steps from {record["fid_samples"]} {sampler}-{args["ddim_steps"]} samples '
+            '(EMA weights; the same starting noise for every method and evaluation) on the shipped feature weights '
+            f"(sha256 {record['feature_sha256'][:12]}...) against the validation split. Uniform's final FID "
+            f'{record["uniform_final_fid"]:.2f} (mean over seeds); real-vs-real floor at these sizes '
+            f'{record["fid_floor"]:.2f}. Settings tuned on other seeds: {record["tuning"]}.'
+        ),
+        '',
+        (
+            'Speed-ups are paired per seed (each run against uniform of the same seed on the same machine), a seed '
+            "that never reaches the target counted at the budget's end; geometric mean over seeds with a 95% bootstrap "
+            "interval (BCa). U@100%: uniform's final FID; U@75%: its FID at 75% of the budget. Step time ratio: "
+            '`--step-overhead` (process CPU per step against uniform, interleaved in one process).'
+        ),
+        '',
+    ]
     if null:
-        lines.append(f'A/A null (uniform against uniform with other timesteps and noise): speed-up 95% interval '
-                     f'{null[0]:.2f}-{null[1]:.2f}' + (
-                         f'; from its per-seed spread (sd of the log speed-up {power["aa_sd_log_speedup_u100"]:.3f}), '
-                         f'{power["seeds"]} seeds detect a speed-up of {power["min_detectable_speedup_u100"]:.2f}x '
-                         '(two-sided 5%, 80% power)' if power else '') + '.')
+        lines.append(
+            f'A/A null (uniform against uniform with other timesteps and noise): speed-up 95% interval '
+            f'{null[0]:.2f}-{null[1]:.2f}'
+            + (
+                f'; from its per-seed spread (sd of the log speed-up {power["aa_sd_log_speedup_u100"]:.3f}), '
+                f'{power["seeds"]} seeds detect a speed-up of {power["min_detectable_speedup_u100"]:.2f}x '
+                '(two-sided 5%, 80% power)'
+                if power
+                else ''
+            )
+            + '.'
+        )
     if noise:
-        lines.append(f'FID noise at the final step: {100 * noise["noise_sd_relative"]:.1f}% sd from the sampling '
-                     f'noise alone ({noise["noise_seeds"]} noise seeds on each of {noise["checkpoints"]} uniform '
-                     f'checkpoints), {100 * noise["seed_sd_relative"]:.1f}% from seed to seed.')
-    lines += ['', '| method | speed-up to U@100% (95% CI) | reached | to U@75% (95% CI) | log-FID area ratio | '
-              'step time ratio | final FID (mean ± sd) | settings |', '| --- |' + ' ---: |' * 6 + ' --- |']
+        lines.append(
+            f'FID noise at the final step: {100 * noise["noise_sd_relative"]:.1f}% sd from the sampling '
+            f'noise alone ({noise["noise_seeds"]} noise seeds on each of {noise["checkpoints"]} uniform '
+            f'checkpoints), {100 * noise["seed_sd_relative"]:.1f}% from seed to seed.'
+        )
+    lines += [
+        '',
+        (
+            '| method | speed-up to U@100% (95% CI) | reached | to U@75% (95% CI) | log-FID area ratio | '
+            'step time ratio | final FID (mean ± sd) | settings |'
+        ),
+        '| --- |' + ' ---: |' * 6 + ' --- |',
+    ]
     for name, row in rows:
         finals = row['final_fid']
         settings = ' '.join(o for o in row['config'].get('overrides', []))
         lines.append(
             f'| {name} | {_fmt_ratio(row["speedup_u100"])} | {row["speedup_u100"]["reached"]}/{len(finals)} | '
             f'{_fmt_ratio(row["speedup_u75"])} | {_fmt_ratio(row["log_fid_area_ratio"])} | '
-            f'{_fmt(row["step_time_ratio"], ".3f")} | {_mean(finals):.2f} ± {_std(finals):.2f} | `{settings}` |')
+            f'{_fmt(row["step_time_ratio"], ".3f")} | {_mean(finals):.2f} ± {_std(finals):.2f} | `{settings}` |'
+        )
     lines += ['', '| method | per-seed speed-up to U@100% | per-seed final FID |', '| --- | --- | --- |']
     for name, row in rows:
-        lines.append(f'| {name} | ' + ' / '.join(f'{v:.2f}' for v in row['speedup_u100']['per_seed']) + ' | '
-                     + ' / '.join(f'{v:.1f}' for v in row['final_fid']) + ' |')
+        lines.append(
+            f'| {name} | '
+            + ' / '.join(f'{v:.2f}' for v in row['speedup_u100']['per_seed'])
+            + ' | '
+            + ' / '.join(f'{v:.1f}' for v in row['final_fid'])
+            + ' |'
+        )
     trace = sampler_trace_table(record['runs'])
     if trace:
-        lines += ['', 'The adaptive sampler over training (heatmaps: `runs/<method>-s<seed>-<machine>/'
-                  'timestep_heatmap.png`):', '', trace]
+        lines += [
+            '',
+            'The adaptive sampler over training (heatmaps: `runs/<method>-s<seed>-<machine>/timestep_heatmap.png`):',
+            '',
+            trace,
+        ]
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
@@ -1470,8 +1892,9 @@ def _main_tune_or_leaderboard(parser: argparse.ArgumentParser, args: argparse.Na
     args.seeds = args.seeds or ('' if args.tune else '0,1,2,3,4')
     suffix = '_tuning' if args.tune else '_leaderboard'
     if args.out is None:
-        args.out = os.path.join(ROOT, 'docs', 'benchmark',
-                                args.tier + ('_flow' if args.objective == 'flow_matching' else '') + suffix)
+        args.out = os.path.join(
+            ROOT, 'docs', 'benchmark', args.tier + ('_flow' if args.objective == 'flow_matching' else '') + suffix
+        )
     tier = _apply_tier_defaults(args)
     if args.steps % args.eval_every or (args.tune and (args.steps // 2) % args.eval_every):
         parser.error('--steps (and half of it, for --tune) must be a multiple of --eval-every')
@@ -1492,8 +1915,10 @@ def _main_tune_or_leaderboard(parser: argparse.ArgumentParser, args: argparse.Na
     methods = ['uniform'] + [m for m in methods if m != 'uniform']
     untuned = sorted({c for m in methods if fragments(m) for c in components(m) if c not in winners})
     if 'base' not in winners or untuned:
-        parser.error(f'{args.tuning} has no tuning winner yet for {untuned or "uniform"}: wait for its --tune run to '
-                     'reach them, or race the methods it has tuned (--methods)')
+        parser.error(
+            f'{args.tuning} has no tuning winner yet for {untuned or "uniform"}: wait for its --tune run to '
+            'reach them, or race the methods it has tuned (--methods)'
+        )
     jobs = leaderboard_jobs(args, winners, methods)
     start = time.time()
     results = run_jobs(jobs, args.workers, args.out)
@@ -1502,7 +1927,9 @@ def _main_tune_or_leaderboard(parser: argparse.ArgumentParser, args: argparse.Na
         with open(os.path.join(args.versus_ddpm, 'results.json')) as f:
             ddpm = json.load(f)
         record['objective_comparison'] = objective_comparison(ddpm['runs'], results, args.steps)
-        record['objective_comparison']['ddpm_leaderboard'] = _portable({'out': os.path.abspath(args.versus_ddpm)})['out']
+        record['objective_comparison']['ddpm_leaderboard'] = _portable({'out': os.path.abspath(args.versus_ddpm)})[
+            'out'
+        ]
         with open(os.path.join(args.out, 'results.json'), 'w') as f:
             json.dump(record, f, indent=1)
         with open(os.path.join(args.out, 'results.md'), 'a') as f:
@@ -1520,17 +1947,26 @@ def _main_combine(args: argparse.Namespace, command: str) -> int:
     args.methods = ','.join(dict.fromkeys(r['method'] for r in runs))
     args.out = args.out or folders[0]
     os.makedirs(args.out, exist_ok=True)
-    note = (f'\nCombined from {", ".join(folders)}, whose uniform runs agree FID for FID. The wall speed-up and step '
-            'time ratio columns compare runs of different races, which did not share the machine at the same time: '
-            'they are not a cost measurement.\n')
-    publish_race(args, command, runs, first.get('feature_val_accuracy'),
-                 {'combines': [_portable({'out': race})['out'] for race in folders]}, note,
-                 "the combined races' `runs/<method>-s<seed>/timestep_heatmap.png`")
+    note = (
+        f'\nCombined from {", ".join(folders)}, whose uniform runs agree FID for FID. The wall speed-up and step '
+        'time ratio columns compare runs of different races, which did not share the machine at the same time: '
+        'they are not a cost measurement.\n'
+    )
+    publish_race(
+        args,
+        command,
+        runs,
+        first.get('feature_val_accuracy'),
+        {'combines': [_portable({'out': race})['out'] for race in folders]},
+        note,
+        "the combined races' `runs/<method>-s<seed>/timestep_heatmap.png`",
+    )
     return 0
 
 
 def _main_loop_overhead(args: argparse.Namespace) -> int:
     from composer_algos.data import convert_digits
+
     args.data = args.data or os.path.join(ROOT, 'data', 'digits')
     convert_digits(args.data)
     blocks, block_steps, warmup = (2, 5, 1) if args.quick else (args.loop_blocks, args.loop_block_steps, 2)

@@ -43,10 +43,12 @@ def main() -> None:
     ema = EMAParameters(net)  # full copies, as Composer makes them before wrapping
     fully_shard(net)
     from torch.distributed.tensor import distribute_tensor
+
     live = dict(net.named_parameters())
     sharded = EMAParameters(None)
-    sharded.named_parameters_dict = {n: distribute_tensor(t, live[n].device_mesh, live[n].placements)
-                                     for n, t in ema.named_parameters_dict.items()}
+    sharded.named_parameters_dict = {
+        n: distribute_tensor(t, live[n].device_mesh, live[n].placements) for n, t in ema.named_parameters_dict.items()
+    }
     sharded.named_buffers_dict = dict(ema.named_buffers_dict)
     pairs = _local_pairs(sharded, net)
     composer_times, foreach_times = [], []
@@ -62,8 +64,10 @@ def main() -> None:
     if dist.get_global_rank() == 0:
         params = sum(p.numel() for p in net.parameters())
         a, b = statistics.median(composer_times) * 1e3, statistics.median(foreach_times) * 1e3
-        print(f'{len(live)} parameter tensors, {params:,} values, {dist.get_world_size()} ranks: '
-              f'compute_ema {a:.2f} ms, foreach on local shards {b:.2f} ms per update')
+        print(
+            f'{len(live)} parameter tensors, {params:,} values, {dist.get_world_size()} ranks: '
+            f'compute_ema {a:.2f} ms, foreach on local shards {b:.2f} ms per update'
+        )
         print(f'ratio {a / b:.1f}')
 
 

@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--config', help='the YAML recipe the checkpoint was trained with')
     parser.add_argument('--compare', help='a second checkpoint for the consistency diagnostic')
     parser.add_argument('--out', help='output folder (default: <checkpoint>_eval next to the checkpoint)')
-    parser.add_argument('pairs', nargs='*', metavar='key=value',
-                        help=f'evaluation options ({", ".join(sorted(EVALUATION_DEFAULTS))}) or recipe overrides')
+    parser.add_argument(
+        'pairs',
+        nargs='*',
+        metavar='key=value',
+        help=f'evaluation options ({", ".join(sorted(EVALUATION_DEFAULTS))}) or recipe overrides',
+    )
     cli.add_debug_flag(parser)
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
@@ -50,19 +54,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(args: argparse.Namespace, stage: cli.Stage) -> int:
     if args.config is None:
-        raise ConfigError('--config is required: a checkpoint holds weights, not the architecture; pass the recipe it '
-                          'was trained with.')
+        raise ConfigError(
+            '--config is required: a checkpoint holds weights, not the architecture; pass the recipe it '
+            'was trained with.'
+        )
     options, overrides = split_overrides(args.pairs)
     cfg = load_config(args.config, overrides)
     stage.recipe = cfg
     if 'eval_loader' not in cfg:
-        raise ConfigError('The recipe has no eval_loader section: it names the real images (validation split) that '
-                          'FID and bits/dim are measured on.')
+        raise ConfigError(
+            'The recipe has no eval_loader section: it names the real images (validation split) that '
+            'FID and bits/dim are measured on.'
+        )
     loader = build_dataloader(cfg['eval_loader'], 'eval_loader')
     out = args.out or os.path.splitext(args.checkpoint)[0] + '_eval'
     stage.started(out)
-    results = evaluate_checkpoint(args.checkpoint, lambda: build_model(cfg['model']), loader, out,
-                                  compare=args.compare, model_config=cfg['model'], **options)
+    results = evaluate_checkpoint(
+        args.checkpoint,
+        lambda: build_model(cfg['model']),
+        loader,
+        out,
+        compare=args.compare,
+        model_config=cfg['model'],
+        **options,
+    )
     print(json.dumps(results, indent=2, sort_keys=True))
     return 0
 

@@ -54,13 +54,13 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist, get_device
-
 from memory_plan import SD_VAE  # Stable Diffusion's VAE architecture (recipes/memory_plan.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +68,14 @@ YAMLS = os.path.join(ROOT, 'yamls')
 NOT_SCALE_OUT = ('algorithms', 'digits')
 RESUME_STEP = 2  # checkpoints and evaluations every 2 steps; run B starts from the first checkpoint
 # The tiny VAE of the tests: one down block, 8x8 images -> 4x8x8 latents.
-TINY_VAE = {'block_out_channels': [8], 'down_block_types': ['DownEncoderBlock2D'],
-            'up_block_types': ['UpDecoderBlock2D'], 'latent_channels': 4, 'norm_num_groups': 8, 'sample_size': 8}
+TINY_VAE = {
+    'block_out_channels': [8],
+    'down_block_types': ['DownEncoderBlock2D'],
+    'up_block_types': ['UpDecoderBlock2D'],
+    'latent_channels': 4,
+    'norm_num_groups': 8,
+    'sample_size': 8,
+}
 TINY_SIZE = 8
 TINY_BATCH = 8
 FID_SAMPLES = 64
@@ -86,7 +92,7 @@ class RunRecord:
     eval_steps: list[int]
     evaluations: dict[str, dict[int, Any]]  # metric -> step -> value
     algorithms: dict[str, Any]  # class name -> state_dict at the end (the EMA's, as large as the model, left out)
-    peak_bytes: Optional[int]
+    peak_bytes: int | None
 
 
 @dataclasses.dataclass
@@ -105,9 +111,9 @@ class Outcome:
     eval_steps_b: list[int] = dataclasses.field(default_factory=list)
     evaluations_a: dict[str, dict[int, Any]] = dataclasses.field(default_factory=dict)
     evaluations_b: dict[str, dict[int, Any]] = dataclasses.field(default_factory=dict)
-    adaptive_probes: Optional[list[int]] = None  # (run A, run B) probes of the adaptive sampler
-    ms_per_step: Optional[float] = None
-    peak_bytes: Optional[int] = None
+    adaptive_probes: list[int] | None = None  # (run A, run B) probes of the adaptive sampler
+    ms_per_step: float | None = None
+    peak_bytes: int | None = None
     line: str = ''
 
 
@@ -145,19 +151,22 @@ class Recorder(Callback):
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def compare_resumed(losses_a: list[list[float]], losses_b: list[list[float]], steps: int,
-                    resumed_from: int = RESUME_STEP) -> Optional[str]:
+def compare_resumed(
+    losses_a: list[list[float]], losses_b: list[list[float]], steps: int, resumed_from: int = RESUME_STEP
+) -> str | None:
     """Why run B's per-rank losses are not run A's from step ``resumed_from + 1`` on, or ``None`` if they are."""
-    for rank, (a, b) in enumerate(zip(losses_a, losses_b)):
+    for rank, (a, b) in enumerate(zip(losses_a, losses_b, strict=False)):
         if len(a) != steps or len(b) != steps - resumed_from:
             return f'rank {rank} recorded {len(a)} and {len(b)} losses, expected {steps} and {steps - resumed_from}'
         bad = [x for x in a + b if not math.isfinite(x)]
         if bad:
             return f'rank {rank}: non-finite loss {bad[0]}'
-        for i, (x, y) in enumerate(zip(a[resumed_from:], b)):
+        for i, (x, y) in enumerate(zip(a[resumed_from:], b, strict=True)):
             if x != y:
-                return (f'rank {rank}, step {resumed_from + 1 + i}: resumed loss {y!r} != uninterrupted {x!r} '
-                        f'(difference {y - x:.3g})')
+                return (
+                    f'rank {rank}, step {resumed_from + 1 + i}: resumed loss {y!r} != uninterrupted {x!r} '
+                    f'(difference {y - x:.3g})'
+                )
     if len(losses_a) != len(losses_b) or not losses_a:
         return f'losses from {len(losses_a)} and {len(losses_b)} ranks'
     return None
@@ -165,6 +174,7 @@ def compare_resumed(losses_a: list[list[float]], losses_b: list[list[float]], st
 
 def _plain(value: Any) -> Any:
     from torch.distributed.tensor import DTensor
+
     if isinstance(value, DTensor):
         return value.to_local()
     if isinstance(value, dict):
@@ -174,12 +184,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def first_difference(a: Any, b: Any, where: str = '') -> Optional[str]:
+def first_difference(a: Any, b: Any, where: str = '') -> str | None:
     """The path of the first entry where two nested states differ (tensors bit for bit), or ``None``."""
     a, b = _plain(a), _plain(b)
     if torch.is_tensor(a) or torch.is_tensor(b):
-        same = torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and \
-            torch.equal(a.cpu(), b.cpu())
+        same = (
+            torch.is_tensor(a)
+            and torch.is_tensor(b)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
         return None if same else where or 'value'
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):
@@ -192,7 +207,7 @@ def first_difference(a: Any, b: Any, where: str = '') -> Optional[str]:
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return f'{where} length'
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             found = first_difference(x, y, f'{where}[{i}]')
             if found:
                 return found
@@ -200,7 +215,7 @@ def first_difference(a: Any, b: Any, where: str = '') -> Optional[str]:
     return None if a == b else where or 'value'
 
 
-def check_runs(out: Outcome) -> Optional[str]:
+def check_runs(out: Outcome) -> str | None:
     """The checks on what every rank gathered (losses, evaluations, probes): the first failure, or ``None``."""
     reason = compare_resumed(out.losses_a, out.losses_b, out.steps)
     if reason:
@@ -218,19 +233,21 @@ def check_runs(out: Outcome) -> Optional[str]:
     return None
 
 
-def check_states(a: RunRecord, b: RunRecord) -> Optional[str]:
+def check_states(a: RunRecord, b: RunRecord) -> str | None:
     """This rank's algorithm states at the end of both runs, bit for bit; the first difference, or ``None``."""
     for name, state in a.algorithms.items():
         # Composer's default state_dict holds the algorithm's repr, which may contain its memory address.
-        where = first_difference({k: v for k, v in state.items() if k != 'repr'},
-                                 {k: v for k, v in (b.algorithms.get(name) or {}).items() if k != 'repr'})
+        where = first_difference(
+            {k: v for k, v in state.items() if k != 'repr'},
+            {k: v for k, v in (b.algorithms.get(name) or {}).items() if k != 'repr'},
+        )
         if where:
             return f'{name} state differs after resuming ({where})'
     return None
 
 
 # ----------------------------------------------------------------------------------------------- set-up
-def collective_ok(error: Optional[str]) -> Optional[str]:
+def collective_ok(error: str | None) -> str | None:
     """A barrier that carries errors: every rank gets the first rank's error (or ``None``).
 
     The error is also written to this rank's stderr at once: if the other ranks are stuck in another collective,
@@ -276,9 +293,10 @@ def digits(split: str, size: int) -> list:
     from PIL import Image
 
     from composer_algos.data.convert import digits_images
+
     images = []
-    for image, label in digits_images(split):
-        image = image.convert('RGB')
+    for digit, label in digits_images(split):
+        image = digit.convert('RGB')
         if image.size != (size, size):
             image = image.resize((size, size), resample=Image.BICUBIC)
         images.append((image, label))
@@ -297,6 +315,7 @@ class Workspace:
 
         def write(tmp: str) -> None:
             from composer_algos.data import write_mds
+
             for split in ('train', 'val'):
                 write_mds(digits(split, size), os.path.join(tmp, split), progress=False)
 
@@ -309,6 +328,7 @@ class Workspace:
 
         def write(tmp: str) -> None:
             from diffusers import AutoencoderKL
+
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 AutoencoderKL(**(TINY_VAE if self.tiny else SD_VAE)).save_pretrained(tmp)
@@ -316,16 +336,18 @@ class Workspace:
         on_rank_zero(lambda: write_once(folder, write))
         return folder
 
-    def latents(self, size: int, vae_path: str, subfolder: Optional[str], tag: str) -> str:
+    def latents(self, size: int, vae_path: str, subfolder: str | None, tag: str) -> str:
         folder = os.path.join(self.root, 'data', f'digits-latents-{size}px-{tag}')
 
         def write(tmp: str) -> None:
             from composer_algos.data import build_vae_encoder, write_latents_mds
+
             encoder = build_vae_encoder(vae_path, subfolder=subfolder)
             device = 'cuda' if torch.cuda.is_available() and not self.tiny else 'cpu'
             for split in ('train', 'val'):
-                write_latents_mds(digits(split, size), os.path.join(tmp, split), encoder, batch_size=64,
-                                  device=device, progress=False)
+                write_latents_mds(
+                    digits(split, size), os.path.join(tmp, split), encoder, batch_size=64, device=device, progress=False
+                )
             del encoder
             if device == 'cuda':
                 torch.cuda.empty_cache()
@@ -339,17 +361,20 @@ class Workspace:
         return folder
 
 
-def vae_tag(kind: str, path: str, subfolder: Optional[str]) -> str:
+def vae_tag(kind: str, path: str, subfolder: str | None) -> str:
     """Names the latent shards of a VAE: its kind, and for a given or the recipe's VAE, a digest of its files."""
     if kind == 'random':
         return os.path.basename(path)
     folder = os.path.realpath(os.path.join(path, subfolder or ''))
-    files = sorted((n, os.path.getsize(os.path.join(folder, n)), int(os.path.getmtime(os.path.join(folder, n))))
-                   for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    files = sorted(
+        (n, os.path.getsize(os.path.join(folder, n)), int(os.path.getmtime(os.path.join(folder, n))))
+        for n in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, n))
+    )
     return f'{kind}-' + hashlib.sha1(repr((folder, files)).encode()).hexdigest()[:12]
 
 
-def vae_config(path: str, subfolder: Optional[str]) -> dict:
+def vae_config(path: str, subfolder: str | None) -> dict:
     with open(os.path.join(path, subfolder or '', 'config.json')) as f:
         return json.load(f)
 
@@ -359,7 +384,7 @@ AGREED_LOADER = 'streaming_image_agreed'
 SHM_RETRIES = 5
 
 
-def barriers_skipped(error: BaseException) -> Optional[int]:
+def barriers_skipped(error: BaseException) -> int | None:
     """How many of a StreamingDataset's barriers a rank skipped when it failed on a shared-memory race, or ``None``
     if ``error`` is not such a failure.
 
@@ -383,8 +408,14 @@ def shared_blocks(loader: Any) -> list[tuple[str, bool]]:
     """``(name, created here)`` of each shared-memory block of a loader's StreamingDataset (streaming 0.13)."""
     dataset = getattr(loader, 'dataset', None)
     try:
-        blocks = [dataset._locals_shm, dataset._shared_barrier._arr.shm, dataset._next_epoch.arr.shm,
-                  dataset._cache_usage.arr.shm, dataset._shard_states.shm, dataset._shard_access_times.shm]
+        blocks = [
+            dataset._locals_shm,
+            dataset._shared_barrier._arr.shm,
+            dataset._next_epoch.arr.shm,
+            dataset._cache_usage.arr.shm,
+            dataset._shard_states.shm,
+            dataset._shard_access_times.shm,
+        ]
     except AttributeError:
         return []
     return [(block.shm.name, bool(block.created_shms)) for block in blocks]
@@ -410,6 +441,7 @@ def build_agreed_streaming_loader(**kwargs: Any) -> Any:
     (:func:`foreign_blocks`). Either way every rank learns of it and all build again.
     """
     from composer_algos.data import build_streaming_image_dataloader
+
     for attempt in range(1, SHM_RETRIES + 1):
         loader, lost = None, False
         try:
@@ -427,8 +459,12 @@ def build_agreed_streaming_loader(**kwargs: Any) -> Any:
             return loader
         del loader
         what = f'attached to its blocks {foreign}' if foreign else 'took or dropped its shared memory'
-        print(f'gpu_smoke: rank {dist.get_global_rank()}: a streaming dataset lost a race against another process '
-              f'on this machine ({what}, attempt {attempt}); building it again', file=sys.stderr, flush=True)
+        print(
+            f'gpu_smoke: rank {dist.get_global_rank()}: a streaming dataset lost a race against another process '
+            f'on this machine ({what}, attempt {attempt}); building it again',
+            file=sys.stderr,
+            flush=True,
+        )
         time.sleep(0.5 * attempt)
     raise RuntimeError(f'streaming lost the race for shared memory {SHM_RETRIES} times')
 
@@ -440,24 +476,34 @@ def display_name(recipe: str) -> str:
 
 
 def default_recipes() -> list[str]:
-    return sorted(p for p in glob.glob(os.path.join(YAMLS, '*', '*.yaml'))
-                  if os.path.basename(os.path.dirname(p)) not in NOT_SCALE_OUT and os.path.basename(p) != 'base.yaml')
+    return sorted(
+        p
+        for p in glob.glob(os.path.join(YAMLS, '*', '*.yaml'))
+        if os.path.basename(os.path.dirname(p)) not in NOT_SCALE_OUT and os.path.basename(p) != 'base.yaml'
+    )
 
 
 def shrink_denoiser(denoiser: dict, size: int) -> None:
     """A denoiser of the recipe's kind, small enough for a CPU; everything else of the recipe's stays."""
     name = denoiser.get('name', 'unet')
     if name == 'unet':
-        denoiser.update(sample_size=size, block_out_channels=[16, 32], layers_per_block=1, attention_levels=[1],
-                        norm_num_groups=8, attention_head_dim=16)
+        denoiser.update(
+            sample_size=size,
+            block_out_channels=[16, 32],
+            layers_per_block=1,
+            attention_levels=[1],
+            norm_num_groups=8,
+            attention_head_dim=16,
+        )
     elif name == 'dit':
         denoiser.update(sample_size=size, num_layers=2, num_attention_heads=2, attention_head_dim=8)
     elif name == 'conv':
         denoiser.update(width=16)
 
 
-def smoke_configs(cfg: dict, args: argparse.Namespace, space: Workspace, folder: str,
-                  notes: list[str]) -> tuple[dict, dict]:
+def smoke_configs(
+    cfg: dict, args: argparse.Namespace, space: Workspace, folder: str, notes: list[str]
+) -> tuple[dict, dict]:
     """Recipe -> (run A, run B) configs; writes the data and VAE they need; appends what changed to ``notes``."""
     cfg = copy.deepcopy(cfg)
     model = cfg['model']
@@ -482,8 +528,9 @@ def smoke_configs(cfg: dict, args: argparse.Namespace, space: Workspace, folder:
         if args.vae:
             vae_path, subfolder, tag = os.path.abspath(args.vae), None, 'given'
             notes.append(f'VAE {args.vae}')
-        elif not args.tiny and recipe_path and os.path.isfile(os.path.join(recipe_path, subfolder or '',
-                                                                           'config.json')):
+        elif (
+            not args.tiny and recipe_path and os.path.isfile(os.path.join(recipe_path, subfolder or '', 'config.json'))
+        ):
             vae_path, tag = recipe_path, 'recipe'
             notes.append(f'VAE {recipe_path}')
         else:
@@ -502,10 +549,7 @@ def smoke_configs(cfg: dict, args: argparse.Namespace, space: Workspace, folder:
             raise ValueError('the loader reads latents but model.encoder names no VAE')
         local = space.latents(size * factor, vae_path, subfolder, vae_tag(tag, vae_path, subfolder))
     else:
-        if args.tiny:
-            size = TINY_SIZE * (factor if encoder is not None else 1)
-        else:
-            size = int(train['image_size'])
+        size = TINY_SIZE * (factor if encoder is not None else 1) if args.tiny else int(train['image_size'])
         local = space.images(size)
     for loader in (train, evaluation):
         if loader:
@@ -523,15 +567,23 @@ def smoke_configs(cfg: dict, args: argparse.Namespace, space: Workspace, folder:
         fid = callbacks['fid'] or {}
         weights = args.inception_weights or fid.get('inception_weights')
         if weights and os.path.isfile(weights):
-            callbacks['fid'] = dict(fid, inception_weights=weights, num_samples=FID_SAMPLES,
-                                    max_real_samples=FID_SAMPLES, num_steps=10, batch_size=FID_SAMPLES)
+            callbacks['fid'] = dict(
+                fid,
+                inception_weights=weights,
+                num_samples=FID_SAMPLES,
+                max_real_samples=FID_SAMPLES,
+                num_steps=10,
+                batch_size=FID_SAMPLES,
+            )
         else:
             del callbacks['fid']
-            notes.append(f'FID dropped (no Inception weights at {weights})' if weights else
-                         'FID dropped (no Inception weights file)')
+            notes.append(
+                f'FID dropped (no Inception weights at {weights})'
+                if weights
+                else 'FID dropped (no Inception weights file)'
+            )
     if 'bits_per_dim' in callbacks:
-        callbacks['bits_per_dim'] = dict(callbacks['bits_per_dim'] or {}, num_images=16, num_terms=10,
-                                         batch_size=16)
+        callbacks['bits_per_dim'] = dict(callbacks['bits_per_dim'] or {}, num_images=16, num_terms=10, batch_size=16)
     if 'sample_grid' in callbacks:
         callbacks['sample_grid'] = dict(callbacks['sample_grid'] or {}, num_samples=8, num_steps=10, batch_size=8)
     callbacks['timestep_heatmap'] = dict(callbacks.get('timestep_heatmap') or {}, interval='1ba')
@@ -546,13 +598,21 @@ def smoke_configs(cfg: dict, args: argparse.Namespace, space: Workspace, folder:
 
     algorithms = cfg.get('algorithms') or {}
     if isinstance(algorithms, dict) and 'adaptive_timestep_sampling' in algorithms:
-        algorithms['adaptive_timestep_sampling'] = dict(algorithms['adaptive_timestep_sampling'] or {},
-                                                        update_every=1)
+        algorithms['adaptive_timestep_sampling'] = dict(algorithms['adaptive_timestep_sampling'] or {}, update_every=1)
 
-    cfg.update(max_duration=f'{args.steps}ba', eval_interval=f'{RESUME_STEP}ba', eval_subset_num_batches=1,
-               save_interval=f'{RESUME_STEP}ba', save_overwrite=True, save_num_checkpoints_to_keep=-1,
-               autoresume=False, load_path=None, progress_bar=False, log_to_console=False,
-               dist_timeout=float(args.timeout))
+    cfg.update(
+        max_duration=f'{args.steps}ba',
+        eval_interval=f'{RESUME_STEP}ba',
+        eval_subset_num_batches=1,
+        save_interval=f'{RESUME_STEP}ba',
+        save_overwrite=True,
+        save_num_checkpoints_to_keep=-1,
+        autoresume=False,
+        load_path=None,
+        progress_bar=False,
+        log_to_console=False,
+        dist_timeout=float(args.timeout),
+    )
 
     def place(run_cfg: dict, run: str) -> dict:
         run_cfg = copy.deepcopy(run_cfg)
@@ -572,8 +632,10 @@ def smoke_configs(cfg: dict, args: argparse.Namespace, space: Workspace, folder:
 
 def checkpoint_at(save_folder: str, step: int) -> str:
     """Run A's checkpoint of ``step``: a folder of shards (``state_dict_type: sharded``) or one file."""
-    found = sorted(glob.glob(os.path.join(save_folder, f'ep*-ba{step}')) +
-                   glob.glob(os.path.join(save_folder, f'ep*-ba{step}-rank0.pt')))
+    found = sorted(
+        glob.glob(os.path.join(save_folder, f'ep*-ba{step}'))
+        + glob.glob(os.path.join(save_folder, f'ep*-ba{step}-rank0.pt'))
+    )
     if not found:
         present = sorted(os.listdir(save_folder)) if os.path.isdir(save_folder) else []
         raise FileNotFoundError(f'no checkpoint of step {step} in {save_folder} (found {present})')
@@ -595,6 +657,7 @@ def release(trainer: Any) -> None:
 
 def train(cfg: dict, on_gpu: bool) -> RunRecord:
     from composer_algos.config import build_trainer
+
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -606,11 +669,12 @@ def train(cfg: dict, on_gpu: bool) -> RunRecord:
         evaluations = dict(recorder.metrics)
         for callback in trainer.state.callbacks:
             if hasattr(callback, 'steps') and hasattr(callback, 'values') and callback.values:
-                evaluations[type(callback).__name__] = dict(zip(callback.steps, callback.values))
+                evaluations[type(callback).__name__] = dict(zip(callback.steps, callback.values, strict=False))
         # WarmupEMA's state is a full copy of the weights (gathered to every rank); the evaluations above, which
         # sample from the EMA weights, stand for it.
-        algorithms = {type(a).__name__: a.state_dict() for a in trainer.state.algorithms
-                      if type(a).__name__ != 'WarmupEMA'}
+        algorithms = {
+            type(a).__name__: a.state_dict() for a in trainer.state.algorithms if type(a).__name__ != 'WarmupEMA'
+        }
     finally:
         release(trainer)
     del trainer
@@ -619,7 +683,7 @@ def train(cfg: dict, on_gpu: bool) -> RunRecord:
     return RunRecord(recorder.losses, recorder.step_seconds, recorder.eval_steps, evaluations, algorithms, peak)
 
 
-def gather(record: Optional[RunRecord]) -> list[Optional[RunRecord]]:
+def gather(record: RunRecord | None) -> list[RunRecord | None]:
     # Algorithm states stay on their rank (compared there); the rest goes to every rank.
     light = None if record is None else dataclasses.replace(record, algorithms={})
     return dist.all_gather_object(light)
@@ -628,6 +692,7 @@ def gather(record: Optional[RunRecord]) -> list[Optional[RunRecord]]:
 def smoke(recipe: str, args: argparse.Namespace, space: Workspace, on_gpu: bool) -> Outcome:
     """Run A, run B and the checks for one recipe. Collective: every rank calls it with the same arguments."""
     from composer_algos.config import load_config
+
     name = display_name(recipe)
     out = Outcome(recipe=name, steps=args.steps)
     slug = os.path.splitext(name)[0].replace(os.sep, '_').replace('.', '_').strip('_') or 'recipe'
@@ -696,23 +761,24 @@ def deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('recipes', nargs='*', help='YAML recipes (default: every scale-out recipe)')
     parser.add_argument('--steps', type=int, default=4, help='steps of run A (run B resumes from step 2)')
     parser.add_argument('--work', default='gpu_smoke', help='folder for shards, VAE, checkpoints and smoke.json')
     parser.add_argument('--vae', help='VAE folder (AutoencoderKL.save_pretrained) for the latent recipes')
-    parser.add_argument('--inception-weights', help='Inception weights file for FID (else the recipe\'s)')
+    parser.add_argument('--inception-weights', help="Inception weights file for FID (else the recipe's)")
     parser.add_argument('--tiny', action='store_true', help='CPU-sized: cpu, fp32, tiny models, 8x8 images')
-    parser.add_argument('--timeout', type=float, default=900.0, help='seconds a collective may wait (data writing '
-                        'on rank 0 included)')
+    parser.add_argument(
+        '--timeout', type=float, default=900.0, help='seconds a collective may wait (data writing on rank 0 included)'
+    )
     args = parser.parse_args(argv)
     if args.steps < RESUME_STEP + 1:
         parser.error(f'--steps must be at least {RESUME_STEP + 1}: run B resumes from step {RESUME_STEP}.')
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipes = args.recipes or default_recipes()
     on_gpu = not args.tiny
@@ -723,6 +789,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(1)
     dist.initialize_dist(get_device('cpu' if args.tiny else 'gpu'), timeout=args.timeout)
     from composer_algos import registry
+
     registry.datasets.register(AGREED_LOADER, func=build_agreed_streaming_loader)
     if on_gpu:
         deterministic_kernels()
@@ -731,8 +798,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     world = dist.get_world_size()
     if rank == 0:
         kind = 'cpu, --tiny' if args.tiny else f'gpu, {torch.cuda.get_device_name()}'
-        print(f'gpu_smoke: {len(recipes)} recipes on {world} ranks ({kind}), {args.steps} steps each, '
-              f'work {space.root}', flush=True)
+        print(
+            f'gpu_smoke: {len(recipes)} recipes on {world} ranks ({kind}), {args.steps} steps each, work {space.root}',
+            flush=True,
+        )
     outcomes = []
     for recipe in recipes:
         out = smoke(recipe, args, space, on_gpu)
@@ -740,9 +809,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         outcomes.append(out)
         if rank == 0:
             print(out.line, flush=True)
-            report = {'world_size': world, 'tiny': args.tiny, 'steps': args.steps, 'device':
-                      'cpu' if args.tiny else torch.cuda.get_device_name(),
-                      'recipes': {o.recipe: dataclasses.asdict(o) for o in outcomes}}
+            report = {
+                'world_size': world,
+                'tiny': args.tiny,
+                'steps': args.steps,
+                'device': 'cpu' if args.tiny else torch.cuda.get_device_name(),
+                'recipes': {o.recipe: dataclasses.asdict(o) for o in outcomes},
+            }
             path = os.path.join(space.root, 'smoke.json')
             with open(path + '.tmp', 'w') as f:
                 json.dump(report, f, indent=1)

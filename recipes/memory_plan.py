@@ -27,22 +27,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
 # Stable Diffusion's VAE (stabilityai/sd-vae-ft-ema): 83.7M parameters, 34.2M in the encoder half.
-SD_VAE = {'block_out_channels': (128, 256, 512, 512), 'down_block_types': ('DownEncoderBlock2D',) * 4,
-          'up_block_types': ('UpDecoderBlock2D',) * 4, 'layers_per_block': 2, 'latent_channels': 4,
-          'sample_size': 256}
+SD_VAE = {
+    'block_out_channels': (128, 256, 512, 512),
+    'down_block_types': ('DownEncoderBlock2D',) * 4,
+    'up_block_types': ('UpDecoderBlock2D',) * 4,
+    'layers_per_block': 2,
+    'latent_channels': 4,
+    'sample_size': 256,
+}
 
 
 def recipe_denoiser(recipe: str, device: str = 'meta', **changes: Any) -> nn.Module:
     from composer_algos import registry
     from composer_algos.config import call_with_config, load_config
+
     cfg = dict(load_config(os.path.join(ROOT, recipe))['model']['denoiser'], **changes)
     with torch.device(device):
         return call_with_config(registry.resolve(registry.denoisers, cfg.pop('name'), 'denoiser'), cfg, 'denoiser')
@@ -50,6 +56,7 @@ def recipe_denoiser(recipe: str, device: str = 'meta', **changes: Any) -> nn.Mod
 
 def fsdp_setting(recipe: str, key: str) -> Any:
     from composer_algos.config import load_config
+
     return load_config(os.path.join(ROOT, recipe))['parallelism_config']['fsdp'][key]
 
 
@@ -76,10 +83,11 @@ class SavedTensors:
         def hook(module, args, kwargs):
             self.current = index
             for value in [*args, *kwargs.values()]:
-                for t in (value if isinstance(value, (tuple, list)) else [value]):
+                for t in value if isinstance(value, (tuple, list)) else [value]:
                     if torch.is_tensor(t) and t.is_floating_point():
                         self.alive.append(t)
                         self.inputs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
         return hook
 
     def _leave(self, module, args, output):
@@ -110,8 +118,7 @@ def measure(model: nn.Module, blocks: list[nn.Module], *inputs: torch.Tensor, **
     # (copies it would save for the backward pass although they are not activations).
     model.to(torch.bfloat16).train()
     saved = SavedTensors(model, blocks)
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
-            torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), torch.autocast('cpu', dtype=torch.bfloat16):
         out = model(*inputs, **kwargs)
     del out
     return saved
@@ -141,14 +148,18 @@ def dit_activations(num_layers: int, batch: int = 2) -> dict[str, float]:
     # Each added block adds what the second block of `two` saved (without checkpointing) or its input (with).
     block = two.per_block()[1]
     block_input = two.checkpointed() - one.checkpointed()
-    return {'none': (one.total() + (num_layers - 1) * block) / batch,
-            'checkpointed': (one.checkpointed() + (num_layers - 1) * block_input) / batch}
+    return {
+        'none': (one.total() + (num_layers - 1) * block) / batch,
+        'checkpointed': (one.checkpointed() + (num_layers - 1) * block_input) / batch,
+    }
 
 
 def vae_transient(image_size: int = 256, measured_size: int = 64) -> float:
     """Per-sample bytes of the VAE encoder's forward (no grad): 3x its largest intermediate tensor, in bf16."""
-    from composer_algos.data.latents import VAEEncoder
     from diffusers import AutoencoderKL
+
+    from composer_algos.data.latents import VAEEncoder
+
     torch.manual_seed(0)
     encoder = VAEEncoder(AutoencoderKL(**SD_VAE))
     largest = [0]
@@ -156,6 +167,7 @@ def vae_transient(image_size: int = 256, measured_size: int = 64) -> float:
     def hook(module, args, output):
         if torch.is_tensor(output):
             largest[0] = max(largest[0], output.numel() * 2)
+
     for module in encoder.modules():
         module.register_forward_hook(hook)
     with torch.no_grad():
@@ -163,9 +175,18 @@ def vae_transient(image_size: int = 256, measured_size: int = 64) -> float:
     return 3 * largest[0] * (image_size / measured_size) ** 2
 
 
-def plan(name: str, trainable: int, frozen: int, root_unit: int, largest_unit: int, per_sample: dict[str, float],
-         microbatch: int, gpus: int, reshard_after_forward: bool,
-         transient_per_sample: float = 0.0) -> list[tuple[str, float]]:
+def plan(
+    name: str,
+    trainable: int,
+    frozen: int,
+    root_unit: int,
+    largest_unit: int,
+    per_sample: dict[str, float],
+    microbatch: int,
+    gpus: int,
+    reshard_after_forward: bool,
+    transient_per_sample: float = 0.0,
+) -> list[tuple[str, float]]:
     shard = 1.0 / gpus
     # Gathered bf16 weights: the denoiser's own unit and about two blocks (running, prefetched); without
     # resharding after forward, every unit stays gathered until its backward. Plus two blocks' unsharded
@@ -191,7 +212,7 @@ def plan(name: str, trainable: int, frozen: int, root_unit: int, largest_unit: i
     return [(f'{name}: {label}', value) for label, value in rows]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--gpus', type=int, default=8, help='FSDP sharding factor: GPUs in the job')
     parser.add_argument('--gpu-memory-gb', type=float, default=80.0)
@@ -213,20 +234,42 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     unet_root, unet_block = units(unet, unet.fsdp_wrap_fn)
     dit_root, dit_block = units(dit, dit.fsdp_wrap_fn)
-    print(f'CIFAR-10 UNet: {count(unet):,} parameters ({count(unet) / 1e6:.1f}M); own unit {unet_root / 1e6:.1f}M, '
-          f'largest block {unet_block / 1e6:.1f}M')
-    print(f'DiT-XL/2 (diffusers layout): {count(dit):,} parameters ({count(dit) / 1e6:.1f}M); own unit '
-          f'{dit_root / 1e6:.1f}M (with block 0), each other block {dit_block / 1e6:.1f}M')
+    print(
+        f'CIFAR-10 UNet: {count(unet):,} parameters ({count(unet) / 1e6:.1f}M); own unit {unet_root / 1e6:.1f}M, '
+        f'largest block {unet_block / 1e6:.1f}M'
+    )
+    print(
+        f'DiT-XL/2 (diffusers layout): {count(dit):,} parameters ({count(dit) / 1e6:.1f}M); own unit '
+        f'{dit_root / 1e6:.1f}M (with block 0), each other block {dit_block / 1e6:.1f}M'
+    )
     print(f'VAE encoder (frozen): {count(vae_encoder):,} parameters ({count(vae_encoder) / 1e6:.1f}M)')
     print('measuring activations on CPU ...', file=sys.stderr)
 
     unet_acts = unet_activations()
     dit_acts = dit_activations(num_layers=len(dit.activation_checkpointing_fn.blocks))
-    rows = plan('CIFAR-10', count(unet), 0, unet_root, unet_block, unet_acts, 16, args.gpus,
-                fsdp_setting('yamls/cifar10/base.yaml', 'reshard_after_forward'))
-    rows += plan('latent256', count(dit), count(vae_encoder), dit_root, dit_block, dit_acts, 32, args.gpus,
-                 fsdp_setting('yamls/latent256/base.yaml', 'reshard_after_forward'),
-                 vae_transient())
+    rows = plan(
+        'CIFAR-10',
+        count(unet),
+        0,
+        unet_root,
+        unet_block,
+        unet_acts,
+        16,
+        args.gpus,
+        fsdp_setting('yamls/cifar10/base.yaml', 'reshard_after_forward'),
+    )
+    rows += plan(
+        'latent256',
+        count(dit),
+        count(vae_encoder),
+        dit_root,
+        dit_block,
+        dit_acts,
+        32,
+        args.gpus,
+        fsdp_setting('yamls/latent256/base.yaml', 'reshard_after_forward'),
+        vae_transient(),
+    )
     print(f'\nper GPU, {args.gpus} GPUs (FSDP sharding factor {args.gpus}):\n')
     print(f'| {"item":<80} | {"GB":>7} |')
     print(f'| {"-" * 80} | {"-" * 7}:|')
@@ -237,8 +280,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         static = sum(v for label, v in rows if label.startswith(name) and 'activations' not in label)
         for mode in ('none', 'checkpointed'):
             total = static + acts[mode] * microbatch
-            print(f'{name}, activation checkpointing {"off" if mode == "none" else "on"}: {total / GB:.1f} GB of '
-                  f'{args.gpu_memory_gb:.0f} GB per GPU ({acts[mode] / 1e6:.1f} MB of activations per sample)')
+            print(
+                f'{name}, activation checkpointing {"off" if mode == "none" else "on"}: {total / GB:.1f} GB of '
+                f'{args.gpu_memory_gb:.0f} GB per GPU ({acts[mode] / 1e6:.1f} MB of activations per sample)'
+            )
     return 0
 
 

@@ -85,9 +85,11 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         reward = {kind: before[kind] - vlb(kind) for kind in before}
-        print(f'lr {lr:g}: rank correlation with the fp32 rewards: bf16 weights '
-              f'{rank_correlation(reward["fp32"], reward["bf16"]):.2f}, TF32-rounded weights '
-              f'{rank_correlation(reward["fp32"], reward["tf32"]):.2f}')
+        print(
+            f'lr {lr:g}: rank correlation with the fp32 rewards: bf16 weights '
+            f'{rank_correlation(reward["fp32"], reward["bf16"]):.2f}, TF32-rounded weights '
+            f'{rank_correlation(reward["fp32"], reward["tf32"]):.2f}'
+        )
 
 
 if __name__ == '__main__':

@@ -45,8 +45,11 @@ def _train(args: argparse.Namespace, stage: cli.Stage) -> int:
     state = trainer.state
     if state.max_duration is not None and state.timestamp.get(state.max_duration.unit) >= state.max_duration:
         # A relaunched job (autoresume) that had already finished: nothing to do, and not an error.
-        print(f'The run is already at {state.timestamp.get(state.max_duration.unit)} of max_duration='
-              f'{state.max_duration}; nothing to train.', file=sys.stderr)
+        print(
+            f'The run is already at {state.timestamp.get(state.max_duration.unit)} of max_duration='
+            f'{state.max_duration}; nothing to train.',
+            file=sys.stderr,
+        )
         trainer.close()
         return 0
     trainer.fit()

@@ -17,8 +17,13 @@ import os
 import sys
 import tempfile
 
-from composer_algos.evaluation.features import (CLASSIFIER_CONFIGS, SHIPPED_WEIGHTS_DIR, shipped_classifiers,
-                                                train_and_save_classifier, weights_sha256)
+from composer_algos.evaluation.features import (
+    CLASSIFIER_CONFIGS,
+    SHIPPED_WEIGHTS_DIR,
+    shipped_classifiers,
+    train_and_save_classifier,
+    weights_sha256,
+)
 from composer_algos.machine import machine_fingerprint
 
 # name -> config overrides of the dataset's default (composer_algos.evaluation.features.CLASSIFIER_CONFIGS).
@@ -35,8 +40,13 @@ def train_all(folder: str) -> dict[str, dict]:
         config = {**CLASSIFIER_CONFIGS[overrides.get('dataset', 'digits')], **overrides}
         path = os.path.join(folder, f'{name}.pt')
         model, accuracy = train_and_save_classifier(config, path)
-        manifest[name] = {'file': f'{name}.pt', 'config': config, 'sha256': weights_sha256(model.state_dict()),
-                          'accuracy': accuracy, 'trained_on': {**machine_fingerprint(), 'threads': 1}}
+        manifest[name] = {
+            'file': f'{name}.pt',
+            'config': config,
+            'sha256': weights_sha256(model.state_dict()),
+            'accuracy': accuracy,
+            'trained_on': {**machine_fingerprint(), 'threads': 1},
+        }
         print(f'{name}: validation accuracy {accuracy:.4f}, sha256 {manifest[name]["sha256"]}', flush=True)
     with open(os.path.join(folder, 'manifest.json'), 'w') as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -46,8 +56,11 @@ def train_all(folder: str) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--check', action='store_true',
-                        help='train into a temporary folder and say whether the weights equal the shipped ones')
+    parser.add_argument(
+        '--check',
+        action='store_true',
+        help='train into a temporary folder and say whether the weights equal the shipped ones',
+    )
     args = parser.parse_args(argv)
     if not args.check:
         train_all(SHIPPED_WEIGHTS_DIR)

@@ -30,6 +30,7 @@ def release_trainers():
     from composer.core.engine import Engine
     from streaming import StreamingDataset
     from streaming.base.shared.memory import SharedMemory
+
     # type(), not isinstance(): some live objects answer attribute look-ups themselves (numpy's NpzFile.f raises
     # AttributeError for __class__).
     for obj in gc.get_objects():
@@ -50,19 +51,27 @@ def release_trainers():
 def digits_mds(tmp_path_factory) -> str:
     """``<dir>/train`` and ``<dir>/val`` MDS shards written from scikit-learn's digits."""
     from composer_algos.data import convert_digits
+
     root = str(tmp_path_factory.mktemp('digits_mds'))
     convert_digits(root)
     return root
 
 
-TINY_VAE = {'block_out_channels': [8], 'down_block_types': ['DownEncoderBlock2D'],
-            'up_block_types': ['UpDecoderBlock2D'], 'latent_channels': 4, 'norm_num_groups': 8, 'sample_size': 8}
+TINY_VAE = {
+    'block_out_channels': [8],
+    'down_block_types': ['DownEncoderBlock2D'],
+    'up_block_types': ['UpDecoderBlock2D'],
+    'latent_channels': 4,
+    'norm_num_groups': 8,
+    'sample_size': 8,
+}
 
 
 @pytest.fixture(scope='session')
 def tiny_vae_dir(tmp_path_factory) -> str:
     """A randomly initialised AutoencoderKL (8x8 -> 4x8x8) saved like a downloaded one."""
     from diffusers import AutoencoderKL
+
     path = str(tmp_path_factory.mktemp('vae'))
     torch.manual_seed(0)
     AutoencoderKL(**TINY_VAE).save_pretrained(path)
@@ -74,6 +83,7 @@ def latent_mds(digits_mds, tiny_vae_dir, tmp_path_factory) -> str:
     """``<dir>/{train,val}``: latents of the first digits (as RGB) under the tiny VAE."""
     from composer_algos.data import build_vae_encoder, write_latents_mds
     from composer_algos.data.convert import digits_images
+
     root = str(tmp_path_factory.mktemp('latents'))
     encoder = build_vae_encoder(tiny_vae_dir)
     for split in ('train', 'val'):
@@ -90,6 +100,7 @@ def mnist_mds(tmp_path_factory) -> str:
     """``<dir>/train`` and ``<dir>/val`` MDS shards of the bundled MNIST digits at the tier's size, written once per
     test run."""
     from composer_algos.data.convert import convert_mnist5k
+
     root = str(tmp_path_factory.mktemp('mnist_mds'))
     convert_mnist5k(root, image_size=MNIST_SIZE)
     return root
@@ -104,37 +115,56 @@ def mnist_classifier_cache(tmp_path_factory) -> str:
     return str(path)
 
 
-def tiny_model(num_timesteps: int = 100, prediction_type: str = 'epsilon', seed: int = 17, width: int = 16,
-               **kwargs: Any):
+def tiny_model(
+    num_timesteps: int = 100, prediction_type: str = 'epsilon', seed: int = 17, width: int = 16, **kwargs: Any
+):
     """A DiffusionModel with a small conv denoiser (fast on CPU)."""
     from composer_algos.diffusion import DiffusionModel, NoiseSchedule, TimeConditionedConvNet
+
     torch.manual_seed(seed)
-    return DiffusionModel(TimeConditionedConvNet(in_channels=1, width=width), NoiseSchedule('linear', num_timesteps),
-                          prediction_type=prediction_type, seed=seed, **kwargs)
+    return DiffusionModel(
+        TimeConditionedConvNet(in_channels=1, width=width),
+        NoiseSchedule('linear', num_timesteps),
+        prediction_type=prediction_type,
+        seed=seed,
+        **kwargs,
+    )
 
 
 def digits_loader(root: str, batch_size: int = 32, split: str = 'train', shuffle: bool = True, seed: int = 17):
     from composer_algos.data import build_streaming_image_dataloader
-    return build_streaming_image_dataloader(global_batch_size=batch_size, local=root, split=split, shuffle=shuffle,
-                                            seed=seed, channels=1, image_size=8)
+
+    return build_streaming_image_dataloader(
+        global_batch_size=batch_size, local=root, split=split, shuffle=shuffle, seed=seed, channels=1, image_size=8
+    )
 
 
-def make_trainer(root: str, algorithms: Optional[list] = None, max_duration: str = '6ba', model=None,
-                 batch_size: int = 32, seed: int = 17, **trainer_kwargs: Any):
+def make_trainer(
+    root: str,
+    algorithms: Optional[list] = None,
+    max_duration: str = '6ba',
+    model=None,
+    batch_size: int = 32,
+    seed: int = 17,
+    **trainer_kwargs: Any,
+):
     """A real Composer Trainer on the digits shards with a tiny model, fp32 on CPU."""
     from composer import Trainer
+
     model = model if model is not None else tiny_model(seed=seed)
     trainer_kwargs.setdefault('progress_bar', False)
     trainer_kwargs.setdefault('log_to_console', False)
-    return Trainer(model=model,
-                   train_dataloader=digits_loader(root, batch_size, seed=seed),
-                   optimizers=torch.optim.Adam(model.parameters(), lr=1e-3),
-                   algorithms=algorithms or [],
-                   max_duration=max_duration,
-                   device='cpu',
-                   precision='fp32',
-                   seed=seed,
-                   **trainer_kwargs)
+    return Trainer(
+        model=model,
+        train_dataloader=digits_loader(root, batch_size, seed=seed),
+        optimizers=torch.optim.Adam(model.parameters(), lr=1e-3),
+        algorithms=algorithms or [],
+        max_duration=max_duration,
+        device='cpu',
+        precision='fp32',
+        seed=seed,
+        **trainer_kwargs,
+    )
 
 
 class LossRecorder(Callback):

@@ -25,7 +25,6 @@ from strict_devices import strict_devices
 
 
 class Recorder(Callback):
-
     def __init__(self):
         self.losses: list[float] = []
         self.batch_sums: list[float] = []  # which images each step trained on, in a number
@@ -47,8 +46,10 @@ def sharding_report(model: torch.nn.Module) -> dict:
         return name.replace('._checkpoint_wrapped_module', '').replace('_checkpoint_wrapped_module.', '')
 
     return {
-        'params': {clean(n): (p.to_local().numel() if isinstance(p, DTensor) else p.numel(), p.numel(),
-                              isinstance(p, DTensor)) for n, p in model.named_parameters()},
+        'params': {
+            clean(n): (p.to_local().numel() if isinstance(p, DTensor) else p.numel(), p.numel(), isinstance(p, DTensor))
+            for n, p in model.named_parameters()
+        },
         'fsdp_units': [clean(n) for n, m in model.named_modules() if isinstance(m, FSDPModule)],
         'checkpointed': [clean(n) for n, m in model.named_modules() if isinstance(m, CheckpointWrapper)],
     }
@@ -65,13 +66,22 @@ def _run(recipe: str, out_dir: str, overrides: list[str]) -> None:
     trainer.state.callbacks.append(recorder)
     trainer.fit()
     states = {type(a).__name__: a.state_dict() for a in trainer.state.algorithms}
-    callbacks = {type(c).__name__: c.state_dict()
-                 for c in trainer.state.callbacks if type(c).__name__ == 'TimestepHeatmap'}
+    callbacks = {
+        type(c).__name__: c.state_dict() for c in trainer.state.callbacks if type(c).__name__ == 'TimestepHeatmap'
+    }
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({'losses': recorder.losses, 'batch_sums': recorder.batch_sums, 'algorithms': states, 'world_size': dist.get_world_size(),
-                'rank': dist.get_global_rank(), 'sharding': sharding_report(trainer.state.model),
-                'callbacks': callbacks},
-               os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))
+    torch.save(
+        {
+            'losses': recorder.losses,
+            'batch_sums': recorder.batch_sums,
+            'algorithms': states,
+            'world_size': dist.get_world_size(),
+            'rank': dist.get_global_rank(),
+            'sharding': sharding_report(trainer.state.model),
+            'callbacks': callbacks,
+        },
+        os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'),
+    )
     trainer.close()
 
 

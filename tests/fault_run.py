@@ -26,7 +26,6 @@ from composer_algos.config import build_trainer, load_config
 
 
 class Recorder(Callback):
-
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.losses: list[float] = []
@@ -64,10 +63,14 @@ def run(recipe: str, out_dir: str, overrides: list[str]) -> dict:
     recorder = Recorder(out_dir)
     trainer.state.callbacks.append(recorder)
     trainer.fit()
-    result = {'model': plain(trainer.state.model.state_dict()),
-              'algorithms': {type(a).__name__: plain(a.state_dict()) for a in trainer.state.algorithms},
-              'losses': recorder.losses, 'batch': int(trainer.state.timestamp.batch), 'start': start,
-              'world_size': dist.get_world_size()}
+    result = {
+        'model': plain(trainer.state.model.state_dict()),
+        'algorithms': {type(a).__name__: plain(a.state_dict()) for a in trainer.state.algorithms},
+        'losses': recorder.losses,
+        'batch': int(trainer.state.timestamp.batch),
+        'start': start,
+        'world_size': dist.get_world_size(),
+    }
     torch.save(result, os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))
     trainer.close()
     return result
@@ -80,6 +83,7 @@ def release_shared_memory(prefix: int) -> None:
 
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
     from streaming.base.shared.prefix import SHM_TO_CLEAN
+
     for name in SHM_TO_CLEAN:
         try:
             shm = shared_memory.SharedMemory(name=f'{prefix:06}_{name}')
@@ -97,6 +101,7 @@ def flip_tensor_byte(path: str) -> None:
     """Flip one bit inside the stored bytes of the largest tensor of a ``torch.save`` file (a zip archive): damage
     that ``torch.load`` does not notice."""
     import zipfile
+
     with zipfile.ZipFile(path) as archive:
         info = max((i for i in archive.infolist() if '/data/' in i.filename), key=lambda i: i.file_size)
     with open(path, 'r+b') as f:

@@ -18,8 +18,11 @@ import torch.distributed as torch_dist
 from composer_algos.algorithms.noise_assignment import NoiseAssignment
 from composer_algos.diffusion.draw import NoiseDraw, training_randoms
 
-SETTINGS = {'global': {'scope': 'global'}, 'global_by_condition': {'scope': 'global', 'by_condition': True},
-            'rank': {'scope': 'rank'}}
+SETTINGS = {
+    'global': {'scope': 'global'},
+    'global_by_condition': {'scope': 'global', 'by_condition': True},
+    'rank': {'scope': 'rank'},
+}
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,10 +22,21 @@ from composer_algos.config import build_trainer
 def main() -> None:
     torch.set_num_threads(1)
     data, out_dir = sys.argv[1:3]
-    denoiser = {'name': 'unet', 'sample_size': 8, 'in_channels': 1, 'block_out_channels': [16, 32],
-                'layers_per_block': 1, 'attention_levels': [], 'norm_num_groups': 8}
+    denoiser = {
+        'name': 'unet',
+        'sample_size': 8,
+        'in_channels': 1,
+        'block_out_channels': [16, 32],
+        'layers_per_block': 1,
+        'attention_levels': [],
+        'norm_num_groups': 8,
+    }
     cfg = {
-        'max_duration': '3ba', 'device': 'cpu', 'precision': 'fp32', 'seed': 3, 'progress_bar': False,
+        'max_duration': '3ba',
+        'device': 'cpu',
+        'precision': 'fp32',
+        'seed': 3,
+        'progress_bar': False,
         'model': {'denoiser': denoiser, 'noise_schedule': {'num_timesteps': 100}},
         'train_loader': {'local': data, 'split': 'train', 'global_batch_size': 16, 'channels': 1, 'image_size': 8},
         'optimizer': {'name': 'adam', 'lr': 1e-3},
@@ -40,6 +51,7 @@ def main() -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from composer_algos.config import build_model
+
     full_state = get_model_state_dict(model.denoiser, options=StateDictOptions(full_state_dict=True))
     reference = build_model({'denoiser': denoiser, 'noise_schedule': {'num_timesteps': 100}})
     reference.denoiser.load_state_dict({k.replace('_checkpoint_wrapped_module.', ''): v for k, v in full_state.items()})
@@ -55,9 +67,16 @@ def main() -> None:
         live = model.vlb_terms(x0, t, noise)
         ref = reference.vlb_terms(x0, t, noise)
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({'replica': replica, 'live': live, 'reference': ref, 'num_updates': adaptive.num_updates,
-                'has_replica': adaptive.prober.replica is not None},
-               os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))
+    torch.save(
+        {
+            'replica': replica,
+            'live': live,
+            'reference': ref,
+            'num_updates': adaptive.num_updates,
+            'has_replica': adaptive.prober.replica is not None,
+        },
+        os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'),
+    )
     trainer.close()
 
 

@@ -69,12 +69,32 @@ def _to_device(tree: Any) -> Any:
 
 
 _FACTORIES = {
-    torch.tensor, torch.as_tensor, torch.from_numpy, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
-    torch.linspace, torch.logspace, torch.randn, torch.rand, torch.randint, torch.randperm, torch.eye,
+    torch.tensor,
+    torch.as_tensor,
+    torch.from_numpy,
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.arange,
+    torch.linspace,
+    torch.logspace,
+    torch.randn,
+    torch.rand,
+    torch.randint,
+    torch.randperm,
+    torch.eye,
     torch.scalar_tensor,
 }
-_LIKE = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.randn_like, torch.rand_like,
-         torch.randint_like}
+_LIKE = {
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
+    torch.randn_like,
+    torch.rand_like,
+    torch.randint_like,
+}
 # Ops PyTorch allows across devices (CPU indices into a CUDA tensor, cross-device copies) and reads of metadata.
 _MIXING_ALLOWED = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.copy_}
 _HOST_MOVES = {torch.Tensor.cpu}
@@ -104,7 +124,6 @@ def _called_from_package(depth: int = 2) -> bool:
 
 
 class _StrictMode(TorchFunctionMode):
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [v for v in tree_flatten((args, kwargs))[0] if torch.is_tensor(v)]
@@ -148,14 +167,26 @@ class _StrictMode(TorchFunctionMode):
                 raise StrictDeviceError(
                     f'{_names(func)} mixes host tensors {shapes} with device tensors: on a GPU this fails '
                     '("Expected all tensors to be on the same device"). Move the host tensor with '
-                    'state.device.batch_to_device / tensor_to_device or .to(<tensor>.device) first.')
+                    'state.device.batch_to_device / tensor_to_device or .to(<tensor>.device) first.'
+                )
             return _to_device(func(*args, **kwargs))
         out = func(*args, **kwargs)
         return to_host(out) if host else out
 
 
-_COLLECTIVES = ('all_reduce', 'all_gather', 'all_gather_into_tensor', 'broadcast', 'reduce', 'reduce_scatter',
-                'reduce_scatter_tensor', 'gather', 'scatter', 'all_to_all', 'all_to_all_single')
+_COLLECTIVES = (
+    'all_reduce',
+    'all_gather',
+    'all_gather_into_tensor',
+    'broadcast',
+    'reduce',
+    'reduce_scatter',
+    'reduce_scatter_tensor',
+    'gather',
+    'scatter',
+    'all_to_all',
+    'all_to_all_single',
+)
 
 
 def _check_collective(name: str, original):
@@ -166,7 +197,8 @@ def _check_collective(name: str, original):
         if host:
             raise StrictDeviceError(
                 f'torch.distributed.{name} on host tensors {host}: NCCL only takes CUDA tensors. Put the tensor on '
-                "the backend's device first (composer_algos.distributed does this).")
+                "the backend's device first (composer_algos.distributed does this)."
+            )
         return original(*args, **kwargs)
 
     return checked

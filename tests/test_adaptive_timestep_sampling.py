@@ -10,9 +10,24 @@ from composer.loggers import InMemoryLogger
 from conftest import LossRecorder, make_trainer, tiny_model
 
 from composer_algos.algorithms.adaptive_timestep_sampling import (
-    AdaptiveTimestepSampling, BetaPolicy, GlobalPolicy, PolicyLearner, PolicySampler, beta_grid_log_probs,
-    clipped_importance_weights, f_regression_scores, grid_timesteps, grid_weights, kl_divergence, mix_with_uniform,
-    read_time_averaged_distribution, reinforce_loss, select_timesteps, sum_of_changes, time_averaged_distribution)
+    AdaptiveTimestepSampling,
+    BetaPolicy,
+    GlobalPolicy,
+    PolicyLearner,
+    PolicySampler,
+    beta_grid_log_probs,
+    clipped_importance_weights,
+    f_regression_scores,
+    grid_timesteps,
+    grid_weights,
+    kl_divergence,
+    mix_with_uniform,
+    read_time_averaged_distribution,
+    reinforce_loss,
+    select_timesteps,
+    sum_of_changes,
+    time_averaged_distribution,
+)
 from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule
 from composer_algos.diffusion import FixedDistributionSampler
 from composer_algos.diffusion.timestep_samplers import tilt, tilt_log_probs
@@ -27,7 +42,7 @@ def test_beta_grid_is_a_distribution_without_half_weight_ends():
     torch.testing.assert_close(p[0], torch.full((1000,), 1e-3))
     # Beta(2, 5) and Beta(0.5, 0.5) at the bin centres, against the closed-form densities.
     u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
-    for row, density in ((1, u * (1 - u)**4), (2, (u * (1 - u))**-0.5)):
+    for row, density in ((1, u * (1 - u) ** 4), (2, (u * (1 - u)) ** -0.5)):
         torch.testing.assert_close(p[row].double(), density / density.sum(), rtol=1e-3, atol=0)
     # A symmetric Beta gives both ends the same full-bin mass.
     assert math.isclose(float(p[2, 0]), float(p[2, -1]), rel_tol=1e-4)
@@ -96,7 +111,7 @@ def test_gaussian_kl_at_t0_without_clamp_closed_form():
         x0_hat = (x_t - (1 - s.alphas_cumprod[0]).sqrt() * eps_hat) / s.alphas_cumprod[0].sqrt()
     # At t = 0 the true posterior's mean is x0, the model's is x0_hat (unclamped), and both variances are the
     # clipped posterior variance of t = 1: KL = (x0 - x0_hat)^2 / (2 var), averaged over dimensions.
-    expected = ((x0 - x0_hat)**2 / (2 * s.posterior_variance[1])).flatten(1).mean(1)
+    expected = ((x0 - x0_hat) ** 2 / (2 * s.posterior_variance[1])).flatten(1).mean(1)
     torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-6)
     # The likelihood's t = 0 term stays the discretised decoder NLL.
     assert not torch.allclose(model.vlb_terms(x0, t, noise), kl)
@@ -145,17 +160,20 @@ def test_each_reward_setting_starts_and_updates(digits_mds, reward):
 
 def test_no_probe_while_the_learning_rate_is_zero(digits_mds):
     from composer.optim import ConstantWithWarmupScheduler
+
     spy = ProbeSpy(update_every=3, num_probe_timesteps=8)
     # Warm-up over 3 steps: Composer trains steps 0 and 1 at lr 0 (the scheduler's first step evaluates batch 0
     # again). The probe due at step 0 waits for step 2; the next is due at step 3.
-    make_trainer(digits_mds, algorithms=[spy], max_duration='6ba',
-                 schedulers=ConstantWithWarmupScheduler(t_warmup='3ba')).fit()
+    make_trainer(
+        digits_mds, algorithms=[spy], max_duration='6ba', schedulers=ConstantWithWarmupScheduler(t_warmup='3ba')
+    ).fit()
     assert spy.probe_steps == [2, 3]
     assert spy.num_updates == 2 and all(abs(r) > 0 for r in spy.rewards_seen)
 
 
 def test_f_test_matches_sklearn():
     from sklearn.feature_selection import SelectKBest, f_regression
+
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 9))
     y = x[:, 2] * 3 + 2 * x[:, 6] - 2 * x[:, 7] + rng.normal(size=20) * 0.1
@@ -190,6 +208,7 @@ def test_tilted_log_probs_is_the_normalised_product():
 
 def test_per_sample_draws_follow_each_row():
     from composer_algos.diffusion.timestep_samplers import sample_from_probs
+
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0]], dtype=torch.float64)
     u = torch.rand((4000, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     draws = torch.stack([sample_from_probs(probs, row) for row in u])
@@ -235,8 +254,9 @@ def test_entropy_bonus_is_in_the_reward_as_the_code_computes_it():
     torch.testing.assert_close(policy.logits.grad, closed, rtol=1e-5, atol=1e-7)
     # Near uniform the bonus vanishes: log(T p) = 0 and H = ln T, so only the advantage moves the policy.
     uniform = GlobalPolicy(4)
-    loss, h = reinforce_loss(uniform.log_probs(torch.zeros(1, 1, 1, 1), 4), torch.tensor([2]), torch.tensor([0.3]),
-                             entropy_coef=10.0)
+    loss, h = reinforce_loss(
+        uniform.log_probs(torch.zeros(1, 1, 1, 1), 4), torch.tensor([2]), torch.tensor([0.3]), entropy_coef=10.0
+    )
     loss.backward()
     assert abs(float(loss)) < 1e-6 and math.isclose(float(h), math.log(4), rel_tol=1e-6)
     torch.testing.assert_close(uniform.logits.grad, -0.3 * (torch.eye(4)[2] - 0.25))
@@ -250,8 +270,9 @@ def test_grid_log_density_and_entropy_are_the_continuous_betas():
     u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
     continuous = torch.distributions.Beta(alpha.double()[:, None], beta.double()[:, None])
     interior = slice(10, 990)  # the density of Beta(0.97, 0.97) is unbounded at the ends
-    torch.testing.assert_close((log_probs + math.log(1000))[:, interior], continuous.log_prob(u)[:, interior],
-                               atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        (log_probs + math.log(1000))[:, interior], continuous.log_prob(u)[:, interior], atol=2e-3, rtol=0
+    )
     entropy = -(log_probs.exp() * log_probs).sum(1)
     torch.testing.assert_close(entropy - math.log(1000), continuous.entropy().squeeze(1), atol=2e-3, rtol=0)
 
@@ -268,8 +289,9 @@ def test_tilted_policy_bonus_uses_the_product_log_prob_and_the_policys_entropy()
     q = pi * prior / (pi * prior).sum()
     entropy = float(-(pi * pi.log()).sum())
     log_density = math.log(5 * float(q[1]))
-    closed = (-(0.7 + 0.4 * (entropy - math.log(5))) * (torch.eye(5)[1] - q)
-              - 0.4 * log_density * (-pi * (pi.log() + entropy)))
+    closed = -(0.7 + 0.4 * (entropy - math.log(5))) * (torch.eye(5)[1] - q) - 0.4 * log_density * (
+        -pi * (pi.log() + entropy)
+    )
     torch.testing.assert_close(policy.logits.grad, closed, rtol=1e-5, atol=1e-7)
 
 
@@ -308,8 +330,9 @@ def test_importance_weights_are_clipped_then_normalised_to_mean_one():
 
 
 def test_importance_weights_reach_the_loss_through_the_draw_record(digits_mds):
-    adaptive = AdaptiveTimestepSampling(update_every=2, num_probe_timesteps=8, policy='global',
-                                        importance_weighted=True, importance_clip=4.0)
+    adaptive = AdaptiveTimestepSampling(
+        update_every=2, num_probe_timesteps=8, policy='global', importance_weighted=True, importance_clip=4.0
+    )
     trainer = make_trainer(digits_mds, algorithms=[adaptive], max_duration='4ba')
     model = trainer.state.model
     with torch.no_grad():
@@ -360,8 +383,11 @@ def test_frozen_average_is_a_fixed_sampler_without_probes(digits_mds, tmp_path):
     draw = model({'image': torch.zeros(4, 1, 8, 8)})['draw']
     assert bool((draw.importance_weight == 1).all())
     with pytest.raises(ValueError, match='timesteps'):
-        make_trainer(digits_mds, algorithms=[AdaptiveTimestepSampling(frozen_average=str(path))],
-                     model=tiny_model(num_timesteps=50))
+        make_trainer(
+            digits_mds,
+            algorithms=[AdaptiveTimestepSampling(frozen_average=str(path))],
+            model=tiny_model(num_timesteps=50),
+        )
     with pytest.raises(ValueError, match='exclude'):
         AdaptiveTimestepSampling(frozen_average=str(path), importance_weighted=True)
 
@@ -374,8 +400,9 @@ def test_trust_region_bounds_each_update():
     kls = {}
     for max_kl in (0.0, 0.01):
         torch.manual_seed(0)
-        learner = PolicyLearner(BetaPolicy(), 1000, lr=0.5, grad_clip=1.0, normalize='none', entropy_coef=0.0,
-                                max_kl=max_kl)
+        learner = PolicyLearner(
+            BetaPolicy(), 1000, lr=0.5, grad_clip=1.0, normalize='none', entropy_coef=0.0, max_kl=max_kl
+        )
         before = learner.policy.log_probs(x0, 1000).detach()
         metrics = learner.update(x0, t, reward)
         kls[max_kl] = float(kl_divergence(before, learner.policy.log_probs(x0, 1000).detach()).mean())
@@ -402,10 +429,18 @@ def installed(adaptive, num_timesteps=1000):
     """``adaptive`` installed at Event.INIT on a tiny model (a minimal State, no Trainer); returns the model."""
     from composer.core import Event, State
     from composer.loggers import Logger
+
     model = tiny_model(num_timesteps=num_timesteps)
-    state = State(model=model, rank_zero_seed=0, run_name='toy', device='cpu', max_duration='10ba',
-                  optimizers=torch.optim.Adam(model.parameters(), lr=1e-3), dataloader=[None],
-                  dataloader_label='train')
+    state = State(
+        model=model,
+        rank_zero_seed=0,
+        run_name='toy',
+        device='cpu',
+        max_duration='10ba',
+        optimizers=torch.optim.Adam(model.parameters(), lr=1e-3),
+        dataloader=[None],
+        dataloader_label='train',
+    )
     adaptive.apply(Event.INIT, state, Logger(state, []))
     return model
 
@@ -431,12 +466,14 @@ def toy_race(adaptive, updates=200, height=1e-2, noise=1.5e-2, shift=2e-2, seed=
         x0 = pool[torch.randint(0, 256, (128,), generator=gen)]
         record = model.draw_timesteps(x0)
         marginal = record.probs.mean(0).double()
-        masses.append(float(marginal[BAND[0]:BAND[1]].sum()))
+        masses.append(float(marginal[BAND[0] : BAND[1]].sum()))
         entropies.append(float(-torch.special.xlogy(marginal, marginal).sum()))
         in_band = ((record.t >= BAND[0]) & (record.t < BAND[1])).double()
-        changes = (height * in_band / size + noise / math.sqrt(size) * torch.randn(size, 128, generator=gen,
-                                                                                     dtype=torch.float64)
-                   + shift / size * float(torch.randn(1, generator=gen)))
+        changes = (
+            height * in_band / size
+            + noise / math.sqrt(size) * torch.randn(size, 128, generator=gen, dtype=torch.float64)
+            + shift / size * float(torch.randn(1, generator=gen))
+        )
         adaptive.update_policy(x0, record.t, adaptive.rewards(changes), record.prior)
     return masses, entropies
 
@@ -455,8 +492,10 @@ POLICY_MOVES = {
 def test_policy_moves_to_a_rewarded_band_and_does_not_collapse(name):
     masses, entropies = toy_race(AdaptiveTimestepSampling(**POLICY_MOVES[name]))
     first = next((i for i, m in enumerate(masses) if m >= 0.4), None)
-    print(f'{name}: band mass {masses[0]:.3f} -> {masses[-1]:.3f} (max {max(masses):.3f}, first at twice uniform: '
-          f'update {first}); batch entropy min {min(entropies):.2f}, last {entropies[-1]:.2f}')
+    print(
+        f'{name}: band mass {masses[0]:.3f} -> {masses[-1]:.3f} (max {max(masses):.3f}, first at twice uniform: '
+        f'update {first}); batch entropy min {min(entropies):.2f}, last {entropies[-1]:.2f}'
+    )
     assert first is not None and first < 200  # at least twice uniform's 20% within 200 updates
     assert min(entropies) >= 4.0  # about 55 effective timesteps or more, at every update
 
@@ -469,8 +508,9 @@ def test_policy_moves_nowhere_without_reward_or_bonus(name):
     x0 = torch.rand(64, 1, 8, 8) * 2 - 1
     for _ in range(3):
         t = torch.randint(0, 1000, (64,))
-        adaptive.update_policy(x0, t, adaptive.rewards(torch.zeros(len(adaptive.selected_timesteps), 64,
-                                                                   dtype=torch.float64)))
+        adaptive.update_policy(
+            x0, t, adaptive.rewards(torch.zeros(len(adaptive.selected_timesteps), 64, dtype=torch.float64))
+        )
     assert adaptive.num_updates == 3
     assert all(torch.equal(a, b) for a, b in zip(before, adaptive.policy.parameters()))
 
@@ -494,15 +534,23 @@ def test_policy_update_has_zero_expectation_for_a_reward_independent_of_t():
     torch.testing.assert_close(expected, torch.zeros(6), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize('kwargs, name', [({'update_every': 0}, 'update_every'), ({'policy': 'gauss'}, 'policy'),
-                                          ({'num_selected': 40}, 'num_selected'), ({'lr': -1.0}, 'lr'),
-                                          ({'queue_size': 2}, 'queue_size'), ({'entropy_coef': float('nan')},
-                                                                              'entropy_coef'),
-                                          ({'uniform_mix': 1.0}, 'uniform_mix'), ({'max_kl': -0.1}, 'max_kl'),
-                                          ({'normalize': 'z'}, 'normalize'), ({'importance_clip': 0.5},
-                                                                              'importance_clip'),
-                                          ({'num_probe_timesteps': 1}, 'num_probe_timesteps'),
-                                          ({'importance_weighted': 'yes'}, 'importance_weighted')])
+@pytest.mark.parametrize(
+    'kwargs, name',
+    [
+        ({'update_every': 0}, 'update_every'),
+        ({'policy': 'gauss'}, 'policy'),
+        ({'num_selected': 40}, 'num_selected'),
+        ({'lr': -1.0}, 'lr'),
+        ({'queue_size': 2}, 'queue_size'),
+        ({'entropy_coef': float('nan')}, 'entropy_coef'),
+        ({'uniform_mix': 1.0}, 'uniform_mix'),
+        ({'max_kl': -0.1}, 'max_kl'),
+        ({'normalize': 'z'}, 'normalize'),
+        ({'importance_clip': 0.5}, 'importance_clip'),
+        ({'num_probe_timesteps': 1}, 'num_probe_timesteps'),
+        ({'importance_weighted': 'yes'}, 'importance_weighted'),
+    ],
+)
 def test_arguments_are_validated(kwargs, name):
     with pytest.raises(ValueError, match=name):
         AdaptiveTimestepSampling(**kwargs)
@@ -562,7 +610,7 @@ def test_probes_at_global_optimizer_steps(digits_mds, microbatch):
     assert len(spy.calls) == 4 * 2
     assert not any(training for _, training, _, _ in spy.calls) and all(spy.train_mode_after_probe)
     for probe in range(4):
-        (step0, _, t0, n0), (step1, _, t1, n1) = spy.calls[2 * probe:2 * probe + 2]
+        (step0, _, t0, n0), (step1, _, t1, n1) = spy.calls[2 * probe : 2 * probe + 2]
         assert step0 == spy.probe_steps[probe] and step1 == step0 + 1
         assert torch.equal(t0, t1) and torch.equal(n0, n1)  # common random numbers
         assert t0.shape == (3 * 32 + 8,) and t0[96:].tolist() == spy.probe_timesteps.tolist()
@@ -616,12 +664,21 @@ def test_latents_of_another_shape_and_timestep_count():
     from torch.utils.data import DataLoader, TensorDataset
 
     from composer_algos.diffusion import DiffusionModel, NoiseSchedule, TimeConditionedConvNet
+
     torch.manual_seed(0)
     model = DiffusionModel(TimeConditionedConvNet(in_channels=4, width=8), NoiseSchedule('linear', 50), image_key=0)
     loader = DataLoader(TensorDataset(torch.randn(24, 4, 12, 12)), batch_size=8)
     adaptive = AdaptiveTimestepSampling(update_every=1, num_probe_timesteps=50, num_selected=2)
-    Trainer(model=model, train_dataloader=loader, optimizers=torch.optim.Adam(model.parameters(), lr=1e-3),
-            algorithms=[adaptive], max_duration='3ba', device='cpu', precision='fp32', progress_bar=False).fit()
+    Trainer(
+        model=model,
+        train_dataloader=loader,
+        optimizers=torch.optim.Adam(model.parameters(), lr=1e-3),
+        algorithms=[adaptive],
+        max_duration='3ba',
+        device='cpu',
+        precision='fp32',
+        progress_bar=False,
+    ).fit()
     assert adaptive.num_updates == 3 and adaptive.queue_x.shape == (3, 50)
     assert adaptive.selected.tolist() == select_timesteps(adaptive.queue_x, adaptive.queue_y, 2).tolist()
     assert model.timestep_probs(torch.randn(2, 4, 12, 12)).shape == (2, 50)
@@ -631,7 +688,6 @@ def test_second_sampler_owner_is_a_clear_error(digits_mds):
     from composer.core import Algorithm, Event
 
     class OtherSampler(Algorithm):
-
         def match(self, event, state):
             return event == Event.INIT
 
@@ -710,12 +766,24 @@ def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, na
         return AdaptiveTimestepSampling(update_every=2, **RESUMED[name])
 
     rec = LossRecorder()
-    full = make_trainer(digits_mds, algorithms=[algorithm()], max_duration='8ba', callbacks=[rec],
-                        save_folder=str(tmp_path / 'a'), save_interval='4ba')
+    full = make_trainer(
+        digits_mds,
+        algorithms=[algorithm()],
+        max_duration='8ba',
+        callbacks=[rec],
+        save_folder=str(tmp_path / 'a'),
+        save_interval='4ba',
+    )
     full.fit()
     rec2 = LossRecorder()
-    resumed = make_trainer(digits_mds, algorithms=[algorithm()], max_duration='8ba', callbacks=[rec2],
-                           model=tiny_model(seed=4), load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'))
+    resumed = make_trainer(
+        digits_mds,
+        algorithms=[algorithm()],
+        max_duration='8ba',
+        callbacks=[rec2],
+        model=tiny_model(seed=4),
+        load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'),
+    )
     b = resumed.state.algorithms[0]
     # Loaded in place: the model's sampler uses the algorithm's (restored) policy object.
     assert resumed.state.model.timestep_sampler.policy is b.policy and b.num_updates == 2
@@ -727,8 +795,13 @@ def test_resume_gives_the_same_losses_and_sampler_state(digits_mds, tmp_path, na
     assert set(sa) == set(sb)
     for key in ('policy', 'queue_x', 'queue_y', 'selected', 'reward_moments'):
         value, got = sa[key], sb[key]
-        pairs = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [
-            (None, value)]
+        pairs = (
+            value.items()
+            if isinstance(value, dict)
+            else enumerate(value)
+            if isinstance(value, list)
+            else [(None, value)]
+        )
         for k, v in pairs:
             w = got if k is None else got[k]
             assert torch.equal(v, w), (key, k)
@@ -752,16 +825,27 @@ def test_frozen_average_resumes_with_the_distribution_it_trained_with(digits_mds
     rows = torch.softmax(torch.randn(3, 100, generator=torch.Generator().manual_seed(0)), 1)
     np.savez(path, steps=np.array([2, 4, 8]), probs=rows.numpy())
     rec = LossRecorder()
-    full = make_trainer(digits_mds, algorithms=[AdaptiveTimestepSampling(frozen_average=str(path))],
-                        max_duration='8ba', callbacks=[rec], save_folder=str(tmp_path / 'a'), save_interval='4ba')
+    full = make_trainer(
+        digits_mds,
+        algorithms=[AdaptiveTimestepSampling(frozen_average=str(path))],
+        max_duration='8ba',
+        callbacks=[rec],
+        save_folder=str(tmp_path / 'a'),
+        save_interval='4ba',
+    )
     full.fit()
     trained_with = full.state.algorithms[0].frozen_distribution.clone()
     # The file changes after the checkpoint: the resumed run still draws from the distribution it trained with.
     np.savez(path, steps=np.array([2]), probs=rows[:1].numpy())
     rec2 = LossRecorder()
-    resumed = make_trainer(digits_mds, algorithms=[AdaptiveTimestepSampling(frozen_average=str(path))],
-                           max_duration='8ba', callbacks=[rec2], model=tiny_model(seed=4),
-                           load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'))
+    resumed = make_trainer(
+        digits_mds,
+        algorithms=[AdaptiveTimestepSampling(frozen_average=str(path))],
+        max_duration='8ba',
+        callbacks=[rec2],
+        model=tiny_model(seed=4),
+        load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'),
+    )
     b = resumed.state.algorithms[0]
     assert torch.equal(b.frozen_distribution, trained_with)
     assert resumed.state.model.timestep_sampler is b.sampler

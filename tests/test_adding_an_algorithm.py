@@ -27,10 +27,9 @@ FRAGMENT = f'yamls/algorithms/{NAME}.yaml'
 
 
 def doc_files() -> dict[str, str]:
-    """The worked example's files: each code block of its section, keyed by the path in backticks that introduces it.
-    """
+    """The worked example's files: each code block of its section, keyed by the path in backticks that introduces it."""
     text = open(os.path.join(ROOT, 'docs', 'architecture.md')).read()
-    section = text[text.index('### Worked example'):]
+    section = text[text.index('### Worked example') :]
     blocks = re.findall(r'^`([^`\n]+)`[^\n]*:\n\n(`{3,})\w*\n(.*?)\n\2$', section, re.M | re.S)
     return {path: code + '\n' for path, _, code in blocks}
 
@@ -42,8 +41,11 @@ def test_the_worked_example_is_new_files_only():
 
 
 def _digests(tree: pathlib.Path) -> dict[str, str]:
-    return {str(path.relative_to(tree)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in tree.rglob('*') if path.is_file() and '.egg-info' not in str(path.relative_to(tree))}
+    return {
+        str(path.relative_to(tree)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in tree.rglob('*')
+        if path.is_file() and '.egg-info' not in str(path.relative_to(tree))
+    }
 
 
 def _algorithm_entry_points(tree: pathlib.Path) -> dict[str, str]:
@@ -55,8 +57,9 @@ def _algorithm_entry_points(tree: pathlib.Path) -> dict[str, str]:
 
 def test_setup_py_registers_a_new_algorithm_folder_by_its_name_alone(tmp_path):
     tree = tmp_path / 'tree'
-    shutil.copytree(os.path.join(ROOT, 'composer_algos'), tree / 'composer_algos',
-                    ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copytree(
+        os.path.join(ROOT, 'composer_algos'), tree / 'composer_algos', ignore=shutil.ignore_patterns('__pycache__')
+    )
     shutil.copy(os.path.join(ROOT, 'setup.py'), tree / 'setup.py')
     before = _algorithm_entry_points(tree)
     files_before = _digests(tree)
@@ -73,15 +76,16 @@ def test_setup_py_registers_a_new_algorithm_folder_by_its_name_alone(tmp_path):
     assert set(files_after) - set(files_before) == set(doc_files())
     # A fresh interpreter on that tree alone (run in it: `-c` puts the working directory first on the path) builds it
     # by name from a recipe's algorithms section.
-    code = textwrap.dedent(f'''
+    code = textwrap.dedent(f"""
         import sys
         from composer_algos.config import build_algorithms
         (algorithm,) = build_algorithms({{'{NAME}': {{'a': 0.25, 'b': 0.75}}}})
         print(sys.modules[type(algorithm).__module__].__file__.startswith({str(tree)!r}), repr(algorithm))
-    ''')
+    """)
     env = dict(os.environ, PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tree,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tree, check=True
+    ).stdout
     assert out.strip() == 'True TruncatedUniformSampling(a=0.25, b=0.75)'
 
 

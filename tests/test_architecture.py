@@ -23,9 +23,18 @@ YAML_LAYER = {'composer_algos/config.py', 'composer_algos/validation.py'}
 # The package root (its __init__) is in none: every submodule's import runs it, and its body imports nothing from
 # the package; the classes it exports lazily count as imports of the modules that define them.
 LAYERS = (
-    ('leaves', ('composer_algos.registry', 'composer_algos.distributed', 'composer_algos.seeding',
-                'composer_algos.machine', 'composer_algos.pixels', 'composer_algos.checkpoint_integrity',
-                'composer_algos.builtins')),
+    (
+        'leaves',
+        (
+            'composer_algos.registry',
+            'composer_algos.distributed',
+            'composer_algos.seeding',
+            'composer_algos.machine',
+            'composer_algos.pixels',
+            'composer_algos.checkpoint_integrity',
+            'composer_algos.builtins',
+        ),
+    ),
     ('diffusion', ('composer_algos.diffusion',)),
     ('data and evaluation', ('composer_algos.data', 'composer_algos.evaluation')),
     ('algorithms and callbacks', ('composer_algos.algorithms', 'composer_algos.callbacks')),
@@ -38,10 +47,10 @@ def module_files(root: str) -> dict[str, str]:
     """Module name -> file, for every module of ``root/composer_algos`` and every script of ``root/recipes``."""
     files = {}
     for path in glob.glob(os.path.join(root, 'composer_algos', '**', '*.py'), recursive=True):
-        parts = os.path.relpath(path, root)[:-len('.py')].split(os.sep)
+        parts = os.path.relpath(path, root)[: -len('.py')].split(os.sep)
         files['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = path
     for path in glob.glob(os.path.join(root, 'recipes', '*.py')):
-        files[f'recipes.{os.path.basename(path)[:-len(".py")]}'] = path
+        files[f'recipes.{os.path.basename(path)[: -len(".py")]}'] = path
     return files
 
 
@@ -67,7 +76,7 @@ def imported_modules(path: str, module: str, modules: set[str], exports: dict[st
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ''
             if node.level:
-                anchor = package.split('.')[:len(package.split('.')) - node.level + 1]
+                anchor = package.split('.')[: len(package.split('.')) - node.level + 1]
                 base = '.'.join(anchor + ([node.module] if node.module else []))
             for alias in node.names:
                 if f'{base}.{alias.name}' in modules:
@@ -80,8 +89,12 @@ def imported_modules(path: str, module: str, modules: set[str], exports: dict[st
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, 'id', None)
             if name in ('import_module', '__import__') and isinstance(node.args[0].value, str):
                 found.add(node.args[0].value)
-        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-              and node.value.id == 'composer_algos' and node.attr in exports):
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == 'composer_algos'
+            and node.attr in exports
+        ):
             found.add(exports[node.attr])
     return found
 
@@ -102,8 +115,10 @@ def import_graph(root: str) -> dict[str, set[str]]:
     """Module -> the modules of the package (and recipes) it imports, at any depth (see :func:`imported_modules`)."""
     files = module_files(root)
     exports = lazy_exports(root)
-    return {module: {m for m in imported_modules(path, module, set(files), exports) if _own(m) and m != module}
-            for module, path in files.items()}
+    return {
+        module: {m for m in imported_modules(path, module, set(files), exports) if _own(m) and m != module}
+        for module, path in files.items()
+    }
 
 
 def layer_violations(root: str) -> list[str]:
@@ -158,28 +173,40 @@ def test_every_module_imports_only_its_own_layer_or_lower_ones():
     assert layer_violations(ROOT) == []
 
 
-@pytest.mark.parametrize('plant, target', [
-    ('def _planted():\n    from composer_algos.config import build_trainer\n    return build_trainer\n',
-     'composer_algos.config'),
-    ('def _planted():\n    import importlib\n    return importlib.import_module("composer_algos.callbacks.fid")\n',
-     'composer_algos.callbacks.fid'),
-    ('def _planted():\n    from composer_algos import DiffusionModel\n    return DiffusionModel\n',
-     'composer_algos.diffusion.model'),
-    ('def _planted():\n    from .algorithms import base\n    return base\n', 'composer_algos.algorithms.base'),
-])
+@pytest.mark.parametrize(
+    'plant, target',
+    [
+        (
+            'def _planted():\n    from composer_algos.config import build_trainer\n    return build_trainer\n',
+            'composer_algos.config',
+        ),
+        (
+            'def _planted():\n    import importlib\n    return importlib.import_module("composer_algos.callbacks.fid")\n',
+            'composer_algos.callbacks.fid',
+        ),
+        (
+            'def _planted():\n    from composer_algos import DiffusionModel\n    return DiffusionModel\n',
+            'composer_algos.diffusion.model',
+        ),
+        ('def _planted():\n    from .algorithms import base\n    return base\n', 'composer_algos.algorithms.base'),
+    ],
+)
 def test_the_layer_check_catches_an_upward_import_inside_a_function(tmp_path, plant, target):
     shutil.copytree(PACKAGE, tmp_path / 'composer_algos', ignore=shutil.ignore_patterns('__pycache__', 'weights'))
     assert layer_violations(str(tmp_path)) == []
     with open(tmp_path / 'composer_algos' / 'seeding.py', 'a') as f:
         f.write('\n\n' + plant)
-    assert layer_violations(str(tmp_path)) == [f'composer_algos.seeding (leaves) imports {target} ({LAYERS[layer_of(target)][0]})']
+    assert layer_violations(str(tmp_path)) == [
+        f'composer_algos.seeding (leaves) imports {target} ({LAYERS[layer_of(target)][0]})'
+    ]
 
 
 def test_the_layer_check_names_a_module_in_no_layer(tmp_path):
     shutil.copytree(PACKAGE, tmp_path / 'composer_algos', ignore=shutil.ignore_patterns('__pycache__', 'weights'))
     (tmp_path / 'composer_algos' / 'helpers.py').write_text('"""Planted."""\n')
     assert layer_violations(str(tmp_path)) == [
-        'composer_algos.helpers: in no layer of LAYERS (add it to one, and to docs/architecture.md)']
+        'composer_algos.helpers: in no layer of LAYERS (add it to one, and to docs/architecture.md)'
+    ]
 
 
 def _diagram_layers() -> list[tuple[str, ...]]:
@@ -216,7 +243,9 @@ def test_the_cycle_check_finds_a_cycle_through_a_lazy_import(tmp_path):
 
 
 def test_the_registry_is_a_leaf():
-    code = 'import sys, composer_algos.registry; print(sorted(m for m in sys.modules if m.startswith("composer_algos")))'
+    code = (
+        'import sys, composer_algos.registry; print(sorted(m for m in sys.modules if m.startswith("composer_algos")))'
+    )
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['composer_algos', 'composer_algos.registry']"
 
@@ -235,35 +264,43 @@ def test_only_the_yaml_layer_imports_the_config_and_nothing_imports_the_builtins
 
 
 def test_built_ins_resolve_by_name_in_a_fresh_interpreter():
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import sys
         from composer_algos import registry
         weighting = registry.resolve(registry.algorithms, 'min_snr_weighting', 'algorithm')
         fid = registry.resolve(registry.callbacks, 'fid', 'callback')
         adamw = registry.resolve(registry.optimizers, 'adamw', 'optimizer')
         print(weighting.__name__, fid.__name__, adamw.__name__, 'composer_algos.config' in sys.modules)
-    ''')
+    """)
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ['MinSNRWeighting', 'FID', 'AdamW', 'False']
 
 
 def test_every_algorithm_folder_is_registered_under_its_name_as_an_algorithm():
     from composer.core import Algorithm
+
     parts = registry.algorithms.get_all()
-    folders = [name for name in os.listdir(os.path.join(PACKAGE, 'algorithms'))
-               if os.path.isfile(os.path.join(PACKAGE, 'algorithms', name, '__init__.py'))]
+    folders = [
+        name
+        for name in os.listdir(os.path.join(PACKAGE, 'algorithms'))
+        if os.path.isfile(os.path.join(PACKAGE, 'algorithms', name, '__init__.py'))
+    ]
     for name in folders:
-        assert name in parts, f'{name}: not registered; reinstall the package (pip install -e .) to refresh its entry points'
+        assert name in parts, (
+            f'{name}: not registered; reinstall the package (pip install -e .) to refresh its entry points'
+        )
         assert isinstance(parts[name], type) and issubclass(parts[name], Algorithm), (name, parts[name])
 
 
 # The one function a package __init__ may define: PEP 562's lazy export of the names in its _LAZY_EXPORTS.
-_LAZY_GETATTR = ast.parse(textwrap.dedent("""
+_LAZY_GETATTR = ast.parse(
+    textwrap.dedent("""
     def __getattr__(name: str) -> type:
         if name in _LAZY_EXPORTS:
             return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
         raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-""")).body[0]
+""")
+).body[0]
 
 
 def _without_docstring(function: ast.FunctionDef) -> str:
@@ -289,8 +326,13 @@ def init_problems(source: str) -> list[str]:
             names = [getattr(t, 'id', None) for t in node.targets]
             if names == ['_LAZY_EXPORTS']:
                 table = ast.literal_eval(node.value) if isinstance(node.value, ast.Dict) else None
-                if not (isinstance(table, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                        and v.startswith('composer_algos.') for k, v in table.items())):
+                if not (
+                    isinstance(table, dict)
+                    and all(
+                        isinstance(k, str) and isinstance(v, str) and v.startswith('composer_algos.')
+                        for k, v in table.items()
+                    )
+                ):
                     problems.append(f'{line}: _LAZY_EXPORTS must map names to modules of the package')
             elif names not in (['__all__'], ['__version__']):
                 problems.append(f'{line}: assigns {names}')
@@ -307,32 +349,47 @@ def test_package_inits_only_re_export():
         assert init_problems(open(path).read()) == [], path
 
 
-@pytest.mark.parametrize('source, problem', [
-    ('from composer_algos import registry\nregistry.algorithms.register("x", func=object)\n',
-     'line 2: runs code at import time'),
-    ('_LAZY_EXPORTS = {"X": "composer_algos.x"}\n\n\ndef __getattr__(name: str) -> type:\n'
-     '    import composer_algos.algorithms\n    return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)\n',
-     'line 4: __getattr__ does more than the lazy export of _LAZY_EXPORTS'),
-    ('_LAZY_EXPORTS = {"X": "torch.nn"}\n', 'line 1: _LAZY_EXPORTS must map names to modules of the package'),
-    ('_LAZY_EXPORTS = dict(X="composer_algos.x")\n', 'line 1: _LAZY_EXPORTS must map names to modules of the package'),
-    ('def helper():\n    pass\n', 'line 1: FunctionDef'),
-    ('NAMES = ["x"]\n', "line 1: assigns ['NAMES']"),
-])
+@pytest.mark.parametrize(
+    'source, problem',
+    [
+        (
+            'from composer_algos import registry\nregistry.algorithms.register("x", func=object)\n',
+            'line 2: runs code at import time',
+        ),
+        (
+            '_LAZY_EXPORTS = {"X": "composer_algos.x"}\n\n\ndef __getattr__(name: str) -> type:\n'
+            '    import composer_algos.algorithms\n    return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)\n',
+            'line 4: __getattr__ does more than the lazy export of _LAZY_EXPORTS',
+        ),
+        ('_LAZY_EXPORTS = {"X": "torch.nn"}\n', 'line 1: _LAZY_EXPORTS must map names to modules of the package'),
+        (
+            '_LAZY_EXPORTS = dict(X="composer_algos.x")\n',
+            'line 1: _LAZY_EXPORTS must map names to modules of the package',
+        ),
+        ('def helper():\n    pass\n', 'line 1: FunctionDef'),
+        ('NAMES = ["x"]\n', "line 1: assigns ['NAMES']"),
+    ],
+)
 def test_the_init_check_refuses_anything_but_re_exports_and_the_lazy_export(source, problem):
     assert init_problems(source) == [problem]
 
 
 def test_the_package_root_exports_the_models_lazily_in_a_fresh_interpreter():
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import sys
         import composer_algos
         before = 'composer_algos.diffusion.model' in sys.modules
         from composer_algos import DiffusionModel, FlowMatchingModel
         print(before, DiffusionModel.__module__, FlowMatchingModel.__module__, sorted(composer_algos.__all__))
-    ''')
+    """)
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ['False', 'composer_algos.diffusion.model', 'composer_algos.diffusion.flow_model',
-                           "['DiffusionModel',", "'FlowMatchingModel']"]
+    assert out.split() == [
+        'False',
+        'composer_algos.diffusion.model',
+        'composer_algos.diffusion.flow_model',
+        "['DiffusionModel',",
+        "'FlowMatchingModel']",
+    ]
     assert sorted(lazy_exports(ROOT)) == ['DiffusionModel', 'FlowMatchingModel']
 
 
@@ -350,7 +407,8 @@ def test_every_registered_algorithm_lives_in_its_own_folder_with_a_readme():
 
 def test_a_third_party_package_registers_an_algorithm_by_entry_point(tmp_path):
     """An installed distribution declaring ``composer_algos_algorithms`` entry points is found by name from YAML."""
-    (tmp_path / 'my_plugin.py').write_text(textwrap.dedent('''
+    (tmp_path / 'my_plugin.py').write_text(
+        textwrap.dedent("""
         from composer.core import Algorithm
 
         class Halve(Algorithm):
@@ -362,16 +420,17 @@ def test_a_third_party_package_registers_an_algorithm_by_entry_point(tmp_path):
 
             def apply(self, event, state, logger):
                 pass
-    '''))
+    """)
+    )
     dist_info = tmp_path / 'my_plugin-0.1.dist-info'
     dist_info.mkdir()
     (dist_info / 'METADATA').write_text('Metadata-Version: 2.1\nName: my-plugin\nVersion: 0.1\n')
     (dist_info / 'entry_points.txt').write_text('[composer_algos_algorithms]\nhalve = my_plugin:Halve\n')
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         from composer_algos.config import build_algorithms
         (algorithm,) = build_algorithms({'halve': {'factor': 0.25}})
         print(type(algorithm).__module__, type(algorithm).__name__, algorithm.factor)
-    ''')
+    """)
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ['my_plugin', 'Halve', '0.25']
@@ -381,4 +440,5 @@ def test_the_version_is_the_installed_one():
     from importlib.metadata import version
 
     import composer_algos
+
     assert composer_algos.__version__ == version('composer-algos')

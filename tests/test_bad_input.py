@@ -56,10 +56,21 @@ def checkpoints(data, tmp_path_factory) -> str:
 
 
 def _base(data: str, save_folder: str) -> list[str]:
-    return ['prepare_data=false', f'train_loader.local={data}', f'eval_loader.local={data}', 'max_duration=2ba',
-            'eval_interval=2ba', 'save_interval=1ba', f'save_folder={save_folder}', 'progress_bar=false',
-            'callbacks=null', 'loggers=null', 'train_loader.global_batch_size=16', 'eval_loader.global_batch_size=64',
-            'run_name=bad-input']
+    return [
+        'prepare_data=false',
+        f'train_loader.local={data}',
+        f'eval_loader.local={data}',
+        'max_duration=2ba',
+        'eval_interval=2ba',
+        'save_interval=1ba',
+        f'save_folder={save_folder}',
+        'progress_bar=false',
+        'callbacks=null',
+        'loggers=null',
+        'train_loader.global_batch_size=16',
+        'eval_loader.global_batch_size=64',
+        'run_name=bad-input',
+    ]
 
 
 def _copy_data(data: str, tmp_path) -> str:
@@ -88,6 +99,7 @@ def _recipe_with(tmp_path, change: Callable[[dict], None]) -> str:
 @dataclasses.dataclass
 class Setup:
     """What a case runs: the recipe, overrides after the base ones, the data root and what the error must name."""
+
     named: Union[str, list[str]]
     overrides: list[str] = dataclasses.field(default_factory=list)
     recipe: str = UNIFORM
@@ -109,8 +121,9 @@ def _flip_byte(path: str, offset: int) -> None:
 
 # --------------------------------------------------------------------------------------------- the cases
 def yaml_syntax(tmp_path, data, ckpt):
-    path = _recipe_file(tmp_path, 'broken.yaml', 'seed: 1\nmodel:\n  denoiser: {name: unet, sample_size: 8\n'
-                        'max_duration: 2ba\n')
+    path = _recipe_file(
+        tmp_path, 'broken.yaml', 'seed: 1\nmodel:\n  denoiser: {name: unet, sample_size: 8\nmax_duration: 2ba\n'
+    )
     return Setup(named=f'{path}:4:13: YAML syntax error', recipe=path)
 
 
@@ -138,6 +151,7 @@ def broken_interpolation(tmp_path, data, ckpt):
 def typed(override: str, named: str):
     def case(tmp_path, data, ckpt):
         return Setup(named=named, overrides=[override])
+
     case.__name__ = override
     return case
 
@@ -214,22 +228,28 @@ def corrupt_shard_records_with_hashes(tmp_path, data, ckpt):
 
 
 def hash_not_recorded(tmp_path, data, ckpt):
-    return Setup(named=["validate_hash='sha1'", os.path.join(data, 'train', 'index.json'), 'it records: xxh3_64'],
-                 overrides=['train_loader.validate_hash=sha1'])
+    return Setup(
+        named=["validate_hash='sha1'", os.path.join(data, 'train', 'index.json'), 'it records: xxh3_64'],
+        overrides=['train_loader.validate_hash=sha1'],
+    )
 
 
 def callback_loader_truncated_shard(tmp_path, data, ckpt):
     root = _copy_data(data, tmp_path)
     _truncate(os.path.join(root, 'val', 'shard.00000.mds'), 100)
-    return Setup(named=['callbacks.fid.real_loader', os.path.join(root, 'val', 'shard.00000.mds'), 'truncated'],
-                 overrides=[f'callbacks.fid.real_loader={{local: {root}, split: val, global_batch_size: 64}}'])
+    return Setup(
+        named=['callbacks.fid.real_loader', os.path.join(root, 'val', 'shard.00000.mds'), 'truncated'],
+        overrides=[f'callbacks.fid.real_loader={{local: {root}, split: val, global_batch_size: 64}}'],
+    )
 
 
 def conv_denoiser_wrong_channels(tmp_path, data, ckpt):
     def change(recipe):
         recipe['model']['denoiser'] = {'name': 'conv', 'in_channels': 3, 'width': 16}
-    return Setup(named=['model.denoiser does not take the train_loader data', 'channels'],
-                 recipe=_recipe_with(tmp_path, change))
+
+    return Setup(
+        named=['model.denoiser does not take the train_loader data', 'channels'], recipe=_recipe_with(tmp_path, change)
+    )
 
 
 def load_path_truncated(tmp_path, data, ckpt):
@@ -237,8 +257,10 @@ def load_path_truncated(tmp_path, data, ckpt):
     shutil.copy(os.path.join(ckpt, 'ep0-ba2-rank0.pt'), bad)
     _truncate(bad, os.path.getsize(bad) // 2)
     shutil.copy(os.path.join(ckpt, 'ep0-ba1-rank0.pt'), tmp_path / 'ep0-ba1-rank0.pt')
-    return Setup(named=[f'load_path={bad}', 'truncated', f'load_path={tmp_path}/ep0-ba1-rank0.pt'],
-                 overrides=[f'load_path={bad}'])
+    return Setup(
+        named=[f'load_path={bad}', 'truncated', f'load_path={tmp_path}/ep0-ba1-rank0.pt'],
+        overrides=[f'load_path={bad}'],
+    )
 
 
 def load_path_bit_flip(tmp_path, data, ckpt):
@@ -258,24 +280,33 @@ def autoresume_nothing_readable(tmp_path, data, ckpt):
     for name in ('ep0-ba1-rank0.pt', 'ep0-ba2-rank0.pt'):
         shutil.copy(os.path.join(ckpt, name), folder / name)
         _truncate(str(folder / name), 1000)
-    return Setup(named=['autoresume', f'{folder}/ep0-ba2-rank0.pt', f'{folder}/ep0-ba1-rank0.pt'],
-                 overrides=['autoresume=true'])
+    return Setup(
+        named=['autoresume', f'{folder}/ep0-ba2-rank0.pt', f'{folder}/ep0-ba1-rank0.pt'], overrides=['autoresume=true']
+    )
 
 
 def two_sampler_owners(tmp_path, data, ckpt):
-    return Setup(named=['algorithms.log_normal_sampling and algorithms.logit_normal_sampling both own the timestep '
-                        'sampler', 'curriculum_timestep_schedule'],
-                 overrides=['algorithms.log_normal_sampling={}', 'algorithms.logit_normal_sampling={}'])
+    return Setup(
+        named=[
+            'algorithms.log_normal_sampling and algorithms.logit_normal_sampling both own the timestep sampler',
+            'curriculum_timestep_schedule',
+        ],
+        overrides=['algorithms.log_normal_sampling={}', 'algorithms.logit_normal_sampling={}'],
+    )
 
 
 def load_path_of_another_model(tmp_path, data, ckpt):
     path = os.path.join(ckpt, 'ep0-ba2-rank0.pt')
-    return Setup(named=[f'load_path={path}: the checkpoint does not fit the model',
-                        'its tensor denoiser.down_blocks.1.resnets.0.conv1.weight has shape [32, 16, 3, 3] where the '
-                        'model has [48, 16, 3, 3]',
-                        "written by run 'bad-input', whose recipe had model.denoiser.block_out_channels=[16, 32] "
-                        '(this one: [16, 48])'],
-                 overrides=[f'load_path={path}', 'model.denoiser.block_out_channels=[16, 48]'])
+    return Setup(
+        named=[
+            f'load_path={path}: the checkpoint does not fit the model',
+            'its tensor denoiser.down_blocks.1.resnets.0.conv1.weight has shape [32, 16, 3, 3] where the '
+            'model has [48, 16, 3, 3]',
+            "written by run 'bad-input', whose recipe had model.denoiser.block_out_channels=[16, 32] "
+            '(this one: [16, 48])',
+        ],
+        overrides=[f'load_path={path}', 'model.denoiser.block_out_channels=[16, 48]'],
+    )
 
 
 def autoresume_of_another_model(tmp_path, data, ckpt):
@@ -283,9 +314,14 @@ def autoresume_of_another_model(tmp_path, data, ckpt):
     folder.mkdir()
     shutil.copy(os.path.join(ckpt, 'ep0-ba1-rank0.pt'), folder / 'ep0-ba1-rank0.pt')
     os.symlink('ep0-ba1-rank0.pt', folder / 'latest-rank0.pt')
-    return Setup(named=[f'autoresume: the checkpoint this run resumes from, {folder}/ep0-ba1-rank0.pt, does not fit',
-                        'where the model has [48, 16, 3, 3]', f'or move the checkpoints in {folder} away'],
-                 overrides=['autoresume=true', 'model.denoiser.block_out_channels=[16, 48]'])
+    return Setup(
+        named=[
+            f'autoresume: the checkpoint this run resumes from, {folder}/ep0-ba1-rank0.pt, does not fit',
+            'where the model has [48, 16, 3, 3]',
+            f'or move the checkpoints in {folder} away',
+        ],
+        overrides=['autoresume=true', 'model.denoiser.block_out_channels=[16, 48]'],
+    )
 
 
 CASES = [
@@ -313,8 +349,10 @@ CASES = [
     typed('model.prediction_type=noise', 'model.prediction_type=noise'),
     typed('model.seed=abc', 'model.seed=abc: expected an integer'),
     typed('algorithms.ema.half_life=abc', 'algorithms.ema.half_life=abc'),
-    typed('algorithms.adaptive_timestep_sampling.update_every=0.5',
-          'algorithms.adaptive_timestep_sampling.update_every=0.5: expected an integer'),
+    typed(
+        'algorithms.adaptive_timestep_sampling.update_every=0.5',
+        'algorithms.adaptive_timestep_sampling.update_every=0.5: expected an integer',
+    ),
     typed('scheduler.t_warmup=abc', 'scheduler.t_warmup=abc: expected a duration'),
     typed('callbacks.sample_grid.num_samples=abc', 'callbacks.sample_grid.num_samples=abc: expected an integer'),
     typed('train_loader.global_batch_size=abc', 'train_loader.global_batch_size=abc: expected an integer'),
@@ -351,12 +389,15 @@ CASES = [
     two_sampler_owners,
     typed('train_loader.global_batch_size=0', 'train_loader.global_batch_size=0: it must be positive'),
     typed('eval_loader.global_batch_size=-64', 'eval_loader.global_batch_size=-64: it must be positive'),
-    typed('callbacks.fid.real_loader={local: /nowhere, global_batch_size: 0}',
-          'callbacks.fid.real_loader.global_batch_size=0: it must be positive'),
+    typed(
+        'callbacks.fid.real_loader={local: /nowhere, global_batch_size: 0}',
+        'callbacks.fid.real_loader.global_batch_size=0: it must be positive',
+    ),
     typed('device_train_microbatch_size=0', 'device_train_microbatch_size=0: it must be positive'),
     typed('max_duration=0ba', 'max_duration=0ba: it must be positive'),
-    typed('max_duration=0', 'max_duration=0: it must be positive (a run of 0ep trains nothing), e.g. '
-          'max_duration=10ep'),
+    typed(
+        'max_duration=0', 'max_duration=0: it must be positive (a run of 0ep trains nothing), e.g. max_duration=10ep'
+    ),
     typed('max_duration=0.5dur', 'max_duration=0.5dur: it is a fraction of max_duration itself'),
     load_path_of_another_model,
     autoresume_of_another_model,
@@ -364,8 +405,12 @@ CASES = [
 
 # The cases that once escaped as a traceback (from set_timestep_sampler, the loader's length, load_state_dict) or
 # trained nothing and exited 0, run as a user runs them.
-SCRIPT_CASES = [two_sampler_owners, typed('train_loader.global_batch_size=0', 'train_loader.global_batch_size=0'),
-                load_path_of_another_model, typed('max_duration=0ba', 'max_duration=0ba')]
+SCRIPT_CASES = [
+    two_sampler_owners,
+    typed('train_loader.global_batch_size=0', 'train_loader.global_batch_size=0'),
+    load_path_of_another_model,
+    typed('max_duration=0ba', 'max_duration=0ba'),
+]
 
 
 @pytest.mark.parametrize('case', CASES, ids=lambda c: c.__name__)
@@ -392,8 +437,14 @@ def test_the_script_ends_with_one_error_line(case, data, checkpoints, tmp_path):
     setup = case(tmp_path, data, checkpoints)
     env = dict(os.environ, OMP_NUM_THREADS='1')
     env.pop('COMPOSER_ALGOS_DEBUG', None)
-    proc = subprocess.run([sys.executable, TRAIN_SCRIPT, setup.recipe, *_base(data, str(tmp_path / 'ckpt')),
-                           *setup.overrides], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, TRAIN_SCRIPT, setup.recipe, *_base(data, str(tmp_path / 'ckpt')), *setup.overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     last = proc.stderr.rstrip().splitlines()[-1]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert last.startswith('error: ') and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
@@ -416,16 +467,29 @@ def test_evaluate_names_the_run_that_wrote_a_checkpoint_of_another_model(data, c
     spec.loader.exec_module(evaluate_script)
     path = os.path.join(checkpoints, 'ep0-ba2-rank0.pt')
     capsys.readouterr()
-    code = evaluate_script.main([path, '--config', UNIFORM, f'eval_loader.local={data}',
-                                 'model.denoiser.block_out_channels=[16, 48]', '--out', str(tmp_path / 'eval')])
+    code = evaluate_script.main(
+        [
+            path,
+            '--config',
+            UNIFORM,
+            f'eval_loader.local={data}',
+            'model.denoiser.block_out_channels=[16, 48]',
+            '--out',
+            str(tmp_path / 'eval'),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and 'Traceback' not in err, err
     last = err.rstrip().splitlines()[-1]
-    assert last.startswith(f'error: {path} does not fit the model: its tensor '
-                           'denoiser.down_blocks.1.resnets.0.conv1.weight has shape [32, 16, 3, 3] where the model has '
-                           '[48, 16, 3, 3]'), last
-    assert "written by run 'bad-input', whose recipe had model.denoiser.block_out_channels=[16, 32] (this one: [16, 48])" \
-        in last, last
+    assert last.startswith(
+        f'error: {path} does not fit the model: its tensor '
+        'denoiser.down_blocks.1.resnets.0.conv1.weight has shape [32, 16, 3, 3] where the model has '
+        '[48, 16, 3, 3]'
+    ), last
+    assert (
+        "written by run 'bad-input', whose recipe had model.denoiser.block_out_channels=[16, 32] (this one: [16, 48])"
+        in last
+    ), last
 
 
 def test_enough_cases():
@@ -438,8 +502,9 @@ def test_the_script_exits_2_with_one_line_and_debug_shows_the_traceback(data, tm
     env.pop('COMPOSER_ALGOS_DEBUG', None)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.rstrip().splitlines()[-1] == ('error: max_duration=2bb: expected an integer or a duration such '
-                                                     'as 500ba, 2ep or 0.5dur or null.')
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        'error: max_duration=2bb: expected an integer or a duration such as 500ba, 2ep or 0.5dur or null.'
+    )
     assert 'Traceback' not in proc.stderr
     with pytest.raises(ConfigError, match='max_duration=2bb'):
         train_script.main([*args[2:], '--debug'])
@@ -447,6 +512,7 @@ def test_the_script_exits_2_with_one_line_and_debug_shows_the_traceback(data, tm
 
 def test_intact_shards_pass_every_check(data):
     from composer_algos.data.integrity import SHARD_HASH, check_mds_folder
+
     for split in ('train', 'val'):
         index = check_mds_folder(os.path.join(data, split), validate_hash=SHARD_HASH)
         assert all(SHARD_HASH in shard['raw_data']['hashes'] for shard in index['shards'])

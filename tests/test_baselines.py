@@ -19,8 +19,12 @@ from hypothesis import strategies as st
 
 from composer_algos.algorithms.log_normal_sampling import LogNormalSampling, log_normal_probs, log_sigmas
 from composer_algos.algorithms.logit_normal_sampling import LogitNormalSampling, logit_normal_probs
-from composer_algos.algorithms.loss_second_moment_sampling import (LossSecondMomentSampler, LossSecondMomentSampling,
-                                                                   append_losses, loss_second_moment_probs)
+from composer_algos.algorithms.loss_second_moment_sampling import (
+    LossSecondMomentSampler,
+    LossSecondMomentSampling,
+    append_losses,
+    loss_second_moment_probs,
+)
 from composer_algos.algorithms.min_snr_weighting import MinSNRWeighting, min_snr_weight
 from composer_algos.algorithms.p2_weighting import P2Weighting, p2_weight
 from composer_algos.algorithms.speed import SpeeD, speed_probs, speed_threshold, speed_weight
@@ -73,8 +77,9 @@ def test_min_snr_closed_form_with_limits(prediction_type, gamma):
             expected.append({'epsilon': 1.0, 'v_prediction': 0.0, 'sample': 0.0}[prediction_type])
         else:
             clipped = min(snr, gamma)
-            expected.append({'epsilon': clipped / snr, 'v_prediction': clipped / (snr + 1),
-                             'sample': clipped}[prediction_type])
+            expected.append(
+                {'epsilon': clipped / snr, 'v_prediction': clipped / (snr + 1), 'sample': clipped}[prediction_type]
+            )
     w = min_snr_weight(s, torch.arange(6), prediction_type, gamma)
     assert w.dtype == torch.float64
     torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64))
@@ -91,11 +96,13 @@ def test_p2_closed_form_with_limits(prediction_type, gamma, k):
             sample = 0.0 if gamma > 1 else 1.0 if gamma == 1 else math.inf  # SNR^(1 - gamma)
             expected.append({'epsilon': eps, 'v_prediction': eps, 'sample': sample}[prediction_type])
         else:
-            eps = (k + snr)**-gamma
-            expected.append({'epsilon': eps, 'v_prediction': eps * snr / (snr + 1),
-                             'sample': eps * snr}[prediction_type])
-    torch.testing.assert_close(p2_weight(s, torch.arange(6), prediction_type, gamma, k),
-                               torch.tensor(expected, dtype=torch.float64))
+            eps = (k + snr) ** -gamma
+            expected.append(
+                {'epsilon': eps, 'v_prediction': eps * snr / (snr + 1), 'sample': eps * snr}[prediction_type]
+            )
+    torch.testing.assert_close(
+        p2_weight(s, torch.arange(6), prediction_type, gamma, k), torch.tensor(expected, dtype=torch.float64)
+    )
 
 
 def _speed_reference(alphas_cumprod: np.ndarray, tau_t: int, lam: float) -> np.ndarray:
@@ -131,8 +138,7 @@ def test_every_target_weights_the_same_objective():
     x_t = s.add_noise(x0, noise, t)
     eps_hat = noise + 0.3 * torch.randn((6, 1, 4, 4), generator=gen, dtype=torch.float64)
     x0_hat, _ = s.predict_x0_eps(x_t, eps_hat, t, 'epsilon')
-    predictions = {'epsilon': eps_hat, 'v_prediction': s.target(x0_hat, eps_hat, t, 'v_prediction'),
-                   'sample': x0_hat}
+    predictions = {'epsilon': eps_hat, 'v_prediction': s.target(x0_hat, eps_hat, t, 'v_prediction'), 'sample': x0_hat}
     losses = {p: (predictions[p] - s.target(x0, noise, t, p)).pow(2).flatten(1).mean(1) for p in PREDICTION_TYPES}
     for p in PREDICTION_TYPES:
         torch.testing.assert_close(losses['epsilon'], epsilon_loss_factor(s.snr(t), p) * losses[p])
@@ -158,13 +164,22 @@ def test_weights_finite_on_zero_terminal_snr_schedules(weight, prediction_type):
         assert float(min_snr_weight(s, last, prediction_type)) == 0.0 == float(p2_weight(s, last, prediction_type))
 
 
-SCHEDULES = [NoiseSchedule('linear', 1000), NoiseSchedule('linear', 50), NoiseSchedule('squaredcos_cap_v2', 300),
-             NoiseSchedule('scaled_linear', 1000, zero_terminal_snr=True), NoiseSchedule('squaredcos_cap_v2', 2)]
+SCHEDULES = [
+    NoiseSchedule('linear', 1000),
+    NoiseSchedule('linear', 50),
+    NoiseSchedule('squaredcos_cap_v2', 300),
+    NoiseSchedule('scaled_linear', 1000, zero_terminal_snr=True),
+    NoiseSchedule('squaredcos_cap_v2', 2),
+]
 
 
 @settings(max_examples=60, deadline=None, database=None)
-@given(lam=st.floats(0.0, 1.0), schedule=st.sampled_from(SCHEDULES), prediction_type=st.sampled_from(PREDICTION_TYPES),
-       tau=st.integers(1, 999))
+@given(
+    lam=st.floats(0.0, 1.0),
+    schedule=st.sampled_from(SCHEDULES),
+    prediction_type=st.sampled_from(PREDICTION_TYPES),
+    tau=st.integers(1, 999),
+)
 def test_speed_weights_never_negative_for_any_allowed_lambda(lam, schedule, prediction_type, tau):
     w = speed_weight(schedule, torch.arange(schedule.num_timesteps), prediction_type, tau=tau, lam=lam)
     assert bool(torch.isfinite(w).all()) and bool((w >= 0).all())
@@ -187,9 +202,15 @@ def _mean_t(probs: torch.Tensor) -> float:
 
 @pytest.mark.parametrize('schedule', SCHEDULES, ids=repr)
 def test_densities_are_distributions(schedule):
-    for probs in (logit_normal_probs(schedule), logit_normal_probs(schedule, 3.0, 0.3),
-                  logit_normal_probs(schedule, -1.0, 2.0), log_normal_probs(schedule),
-                  log_normal_probs(schedule, 2.0, 0.5), speed_probs(schedule), speed_probs(schedule, 300, 5.0)):
+    for probs in (
+        logit_normal_probs(schedule),
+        logit_normal_probs(schedule, 3.0, 0.3),
+        logit_normal_probs(schedule, -1.0, 2.0),
+        log_normal_probs(schedule),
+        log_normal_probs(schedule, 2.0, 0.5),
+        speed_probs(schedule),
+        speed_probs(schedule, 300, 5.0),
+    ):
         assert probs.shape == (schedule.num_timesteps,) and probs.dtype == torch.float64
         assert bool(torch.isfinite(probs).all()) and bool((probs >= 0).all())
         assert float(probs.sum()) == pytest.approx(1.0, abs=1e-12)
@@ -270,7 +291,7 @@ def test_append_losses_keeps_the_last_losses_of_each_timestep():
         reference = _reference_history(all_t, all_values, num_timesteps, history)
         for step in range(num_timesteps):
             assert counts[step] == all_t.count(step)
-            stored = losses[step, :min(history, int(counts[step]))].tolist()
+            stored = losses[step, : min(history, int(counts[step]))].tolist()
             assert sorted(stored) == sorted(reference[step])
             # The n-th loss of a timestep sits at slot n % history.
             if counts[step] > 0:
@@ -280,15 +301,17 @@ def test_append_losses_keeps_the_last_losses_of_each_timestep():
 def test_second_moment_probs_uniform_until_warm_then_sqrt_mean_square():
     losses = torch.tensor([[1.0, 3.0], [1.0, 1.0], [2.0, 2.0], [0.5, 0.0]], dtype=torch.float64)
     counts = torch.tensor([2, 2, 2, 1])
-    torch.testing.assert_close(loss_second_moment_probs(losses, counts, 0.1), torch.full((4,), 0.25,
-                                                                                         dtype=torch.float64))
+    torch.testing.assert_close(
+        loss_second_moment_probs(losses, counts, 0.1), torch.full((4,), 0.25, dtype=torch.float64)
+    )
     counts[3] = 2
     rms = torch.tensor([math.sqrt(5.0), 1.0, 2.0, math.sqrt(0.125)], dtype=torch.float64)
     expected = 0.9 * rms / rms.sum() + 0.1 / 4
     torch.testing.assert_close(loss_second_moment_probs(losses, counts, 0.1), expected)
     w = torch.tensor([1.0, 0.5, 0.0, 2.0])
-    torch.testing.assert_close(loss_second_moment_probs(losses, counts, 0.1, w),
-                               0.9 * rms * w / (rms * w).sum() + 0.1 / 4)
+    torch.testing.assert_close(
+        loss_second_moment_probs(losses, counts, 0.1, w), 0.9 * rms * w / (rms * w).sum() + 0.1 / 4
+    )
     # Defaults of Improved DDPM: 0.001 uniform mass.
     torch.testing.assert_close(loss_second_moment_probs(losses, counts), 0.999 * rms / rms.sum() + 0.001 / 4)
 
@@ -322,7 +345,8 @@ def test_weighting_algorithms_install_and_log_on_a_minimal_state():
     assert logged['min_snr_weighting/gamma'] == 2.0 and logged['p2_weighting/k'] == 2.0
     t = torch.arange(100)
     expected = min_snr_weight(model.noise_schedule, t, 'v_prediction', 2.0) * p2_weight(
-        model.noise_schedule, t, 'v_prediction', 0.5, 2.0)
+        model.noise_schedule, t, 'v_prediction', 0.5, 2.0
+    )
     torch.testing.assert_close(model.loss_weights(t), expected.float())
 
 
@@ -345,9 +369,11 @@ def test_no_effect_warning_when_every_weight_is_one():
 
 
 def test_samplers_install_on_a_minimal_state():
-    for algorithm, expected in ((LogitNormalSampling(m=0.5), lambda s: logit_normal_probs(s, 0.5)),
-                                (LogNormalSampling(), log_normal_probs),
-                                (SpeeD(k=3.0), lambda s: speed_probs(s, 700, 3.0))):
+    for algorithm, expected in (
+        (LogitNormalSampling(m=0.5), lambda s: logit_normal_probs(s, 0.5)),
+        (LogNormalSampling(), log_normal_probs),
+        (SpeeD(k=3.0), lambda s: speed_probs(s, 700, 3.0)),
+    ):
         model = tiny_model(num_timesteps=100)
         logged = install(algorithm, model)
         assert model.timestep_sampler_owner == type(algorithm).__name__
@@ -357,21 +383,24 @@ def test_samplers_install_on_a_minimal_state():
     assert logged['speed/threshold'] == 70 and logged['speed/mass_below_threshold'] == pytest.approx(210 / 240)
 
 
-@pytest.mark.parametrize('build, message', [
-    (lambda: MinSNRWeighting(gamma=0), 'gamma must be positive'),
-    (lambda: MinSNRWeighting(gamma=math.inf), 'gamma must be positive and finite'),
-    (lambda: P2Weighting(gamma=-1), 'gamma must be non-negative'),
-    (lambda: P2Weighting(k=0), 'k must be positive'),
-    (lambda: SpeeD(tau=1000), 'tau must be strictly between 0 and 1000'),
-    (lambda: SpeeD(k=0.5), 'k must be finite and >= 1'),
-    (lambda: LogitNormalSampling(s=0), 's must be positive'),
-    (lambda: LogitNormalSampling(m=math.nan), 'm must be finite'),
-    (lambda: LogNormalSampling(p_std=-1), 'p_std must be positive'),
-    (lambda: LossSecondMomentSampling(history=0), 'history must be a positive integer'),
-    (lambda: LossSecondMomentSampling(history=2.5), 'history must be a positive integer'),
-    (lambda: LossSecondMomentSampling(uniform_prob=0), r'uniform_prob must be in \(0, 1\]'),
-    (lambda: min_snr_weight(NoiseSchedule(), torch.arange(2), 'x0'), 'prediction_type must be one of'),
-])
+@pytest.mark.parametrize(
+    'build, message',
+    [
+        (lambda: MinSNRWeighting(gamma=0), 'gamma must be positive'),
+        (lambda: MinSNRWeighting(gamma=math.inf), 'gamma must be positive and finite'),
+        (lambda: P2Weighting(gamma=-1), 'gamma must be non-negative'),
+        (lambda: P2Weighting(k=0), 'k must be positive'),
+        (lambda: SpeeD(tau=1000), 'tau must be strictly between 0 and 1000'),
+        (lambda: SpeeD(k=0.5), 'k must be finite and >= 1'),
+        (lambda: LogitNormalSampling(s=0), 's must be positive'),
+        (lambda: LogitNormalSampling(m=math.nan), 'm must be finite'),
+        (lambda: LogNormalSampling(p_std=-1), 'p_std must be positive'),
+        (lambda: LossSecondMomentSampling(history=0), 'history must be a positive integer'),
+        (lambda: LossSecondMomentSampling(history=2.5), 'history must be a positive integer'),
+        (lambda: LossSecondMomentSampling(uniform_prob=0), r'uniform_prob must be in \(0, 1\]'),
+        (lambda: min_snr_weight(NoiseSchedule(), torch.arange(2), 'x0'), 'prediction_type must be one of'),
+    ],
+)
 def test_arguments_are_validated_by_name(build, message):
     with pytest.raises(ValueError, match=message):
         build()
@@ -433,8 +462,9 @@ class OutputRecorder(Callback):
 
 def test_weightings_multiply_in_training(digits_mds):
     rec = OutputRecorder()
-    trainer = make_trainer(digits_mds, algorithms=[MinSNRWeighting(), P2Weighting(), SpeeD()], max_duration='2ba',
-                           callbacks=[rec])
+    trainer = make_trainer(
+        digits_mds, algorithms=[MinSNRWeighting(), P2Weighting(), SpeeD()], max_duration='2ba', callbacks=[rec]
+    )
     trainer.fit()
     s = trainer.state.model.noise_schedule
     for out in rec.outputs:
@@ -448,8 +478,15 @@ def test_loss_history_follows_every_micro_batch(digits_mds):
     rec = OutputRecorder()
     algorithm = LossSecondMomentSampling(history=2)
     logs = InMemoryLogger()
-    trainer = make_trainer(digits_mds, algorithms=[algorithm], max_duration='3ba', callbacks=[rec], loggers=[logs],
-                           device_train_microbatch_size=8, model=tiny_model(num_timesteps=20))
+    trainer = make_trainer(
+        digits_mds,
+        algorithms=[algorithm],
+        max_duration='3ba',
+        callbacks=[rec],
+        loggers=[logs],
+        device_train_microbatch_size=8,
+        model=tiny_model(num_timesteps=20),
+    )
     trainer.fit()
     assert len(rec.outputs) == 3 * 4  # AFTER_LOSS fired once per micro-batch
     t = torch.cat([o['t'] for o in rec.outputs]).tolist()
@@ -458,17 +495,19 @@ def test_loss_history_follows_every_micro_batch(digits_mds):
     sampler = algorithm.sampler
     assert int(sampler.counts.sum()) == 96
     for step in range(20):
-        stored = sampler.losses[step, :min(2, int(sampler.counts[step]))].tolist()
+        stored = sampler.losses[step, : min(2, int(sampler.counts[step]))].tolist()
         assert sorted(stored) == pytest.approx(sorted(reference[step]), rel=1e-6)
     assert [v for _, v in logs.data['loss_second_moment/filled']][-1] == pytest.approx(
-        float((sampler.counts >= 2).double().mean()))
+        float((sampler.counts >= 2).double().mean())
+    )
 
 
 def test_loss_second_moment_accounts_for_loss_weightings(digits_mds):
     algorithm = LossSecondMomentSampling(history=1, uniform_prob=0.01)
     model = tiny_model(num_timesteps=20)
-    trainer = make_trainer(digits_mds, algorithms=[algorithm, MinSNRWeighting(gamma=1.0)], max_duration='4ba',
-                           model=model)
+    trainer = make_trainer(
+        digits_mds, algorithms=[algorithm, MinSNRWeighting(gamma=1.0)], max_duration='4ba', model=model
+    )
     trainer.fit()
     sampler = algorithm.sampler
     assert sampler.warm()
@@ -486,8 +525,9 @@ def test_loss_second_moment_resume_is_exact(digits_mds, tmp_path):
         return rec.losses, algorithm, trainer
 
     save = str(tmp_path / 'ckpt')
-    full_losses, full, _ = run(model=tiny_model(num_timesteps=20), save_folder=save, save_interval='6ba',
-                               save_filename='ba{batch}.pt')
+    full_losses, full, _ = run(
+        model=tiny_model(num_timesteps=20), save_folder=save, save_interval='6ba', save_filename='ba{batch}.pt'
+    )
     checkpoint = torch.load(f'{save}/ba6.pt', weights_only=False)
     saved = dict(checkpoint['state']['algorithms'])['LossSecondMomentSampling']
     assert bool((saved['counts'] >= 2).all())  # warm at the save point: the second half importance-samples

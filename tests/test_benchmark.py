@@ -68,10 +68,10 @@ def test_quick_benchmark_on_the_mnist_tier(mnist_mds, mnist_classifier_cache, tm
     from conftest import MNIST_SIZE
 
     from composer_algos.evaluation.features import load_or_train_digit_classifier
+
     assert benchmark.TIERS['mnist'].image_size == MNIST_SIZE
     out = tmp_path / 'bench'
-    assert benchmark.main(['--tier', 'mnist', '--quick', '--workers', '1', '--data', mnist_mds,
-                           '--out', str(out)]) == 0
+    assert benchmark.main(['--tier', 'mnist', '--quick', '--workers', '1', '--data', mnist_mds, '--out', str(out)]) == 0
     results = json.loads((out / 'results.json').read_text())
     assert results['tier'] == 'mnist' and results['args']['steps'] == 40
     # The FID features are the MNIST classifier's: its validation accuracy is the one reported.
@@ -87,8 +87,12 @@ def test_quick_benchmark_on_the_mnist_tier(mnist_mds, mnist_classifier_cache, tm
 
 def test_quick_benchmark_races_the_flow_matching_recipes(digits_mds, tmp_path):
     out = tmp_path / 'bench'
-    assert benchmark.main(['--quick', '--objective', 'flow_matching', '--workers', '1', '--data', digits_mds,
-                           '--out', str(out)]) == 0
+    assert (
+        benchmark.main(
+            ['--quick', '--objective', 'flow_matching', '--workers', '1', '--data', digits_mds, '--out', str(out)]
+        )
+        == 0
+    )
     results = json.loads((out / 'results.json').read_text())
     assert results['objective'] == 'flow_matching' and results['tier'] == 'digits'
     table = results['summary']['table']
@@ -111,8 +115,15 @@ def _line(start: float, slope: float) -> list[float]:
 
 
 def _run(method: str, seed: int, fid: list[float], floor: float = 1.0) -> dict:
-    return {'method': method, 'seed': seed, 'fid_steps': STEPS, 'fid': fid, 'fid_floor': floor,
-            'bits_per_dim': 1.0, 'mean_step_time': 0.1}
+    return {
+        'method': method,
+        'seed': seed,
+        'fid_steps': STEPS,
+        'fid': fid,
+        'fid_floor': floor,
+        'bits_per_dim': 1.0,
+        'mean_step_time': 0.1,
+    }
 
 
 def test_value_at_and_speedup_at_interpolate():
@@ -130,8 +141,12 @@ def test_speedups_on_the_mean_curve_and_paired_per_seed():
     # Seed 0: the method is 2x as fast as uniform; seed 1: 4/3x. Paired per seed: those ratios at every fraction of
     # the budget, geometric mean sqrt(2 * 4/3). Mean curves: uniform 160 - 0.055 s, method 160 - 0.09 s, so the
     # mean-curve speed-up is 0.09 / 0.055 = 18/11 at every fraction.
-    results = [_run('uniform', 0, _line(150, 0.05)), _run('fast', 0, _line(150, 0.1)),
-               _run('uniform', 1, _line(170, 0.06)), _run('fast', 1, _line(170, 0.08))]
+    results = [
+        _run('uniform', 0, _line(150, 0.05)),
+        _run('fast', 0, _line(150, 0.1)),
+        _run('uniform', 1, _line(170, 0.06)),
+        _run('fast', 1, _line(170, 0.08)),
+    ]
     summary = benchmark.summarize(results, budget=1000)
     assert summary['target_fid'] == pytest.approx(105.0)
     row = summary['table']['fast']
@@ -150,8 +165,12 @@ def test_speedups_on_the_mean_curve_and_paired_per_seed():
 
 
 def test_a_seed_that_never_reaches_the_target_is_counted_not_averaged():
-    results = [_run('uniform', 0, _line(150, 0.05)), _run('slow', 0, _line(150, 0.04)),
-               _run('uniform', 1, _line(150, 0.05)), _run('slow', 1, _line(150, 0.1))]
+    results = [
+        _run('uniform', 0, _line(150, 0.05)),
+        _run('slow', 0, _line(150, 0.04)),
+        _run('uniform', 1, _line(150, 0.05)),
+        _run('slow', 1, _line(150, 0.1)),
+    ]
     paired = benchmark.summarize(results)['table']['slow']['thresholds']['100%']['paired']
     # Uniform ends at 100. Seed 0 ends at 110 (never there); seed 1 gets there at step 500.
     assert paired['per_seed'] == [None, pytest.approx(2.0)] and paired['reached'] == 1
@@ -177,15 +196,21 @@ def test_log_fid_area_ratio_in_closed_form():
 
 def test_methods_split_outside_brackets():
     assert benchmark.split_methods('uniform,clts@model.denoiser.block_out_channels=[32,64];seed=1,md') == [
-        'uniform', 'clts@model.denoiser.block_out_channels=[32,64];seed=1', 'md']
+        'uniform',
+        'clts@model.denoiser.block_out_channels=[32,64];seed=1',
+        'md',
+    ]
 
 
 def test_a_variant_is_its_method_with_overrides():
     assert benchmark.split_variant('adaptive') == ('adaptive', [])
     assert benchmark.split_variant('adaptive@algorithms.adaptive_timestep_sampling.entropy_coef=0.5;seed=3') == (
-        'adaptive', ['algorithms.adaptive_timestep_sampling.entropy_coef=0.5', 'seed=3'])
+        'adaptive',
+        ['algorithms.adaptive_timestep_sampling.entropy_coef=0.5', 'seed=3'],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         from composer_algos.config import load_config
+
         variant = 'adaptive@algorithms.adaptive_timestep_sampling.entropy_coef=0.5'
         cfg = load_config(benchmark._recipe(variant, tmp), benchmark.split_variant(variant)[1])
     assert cfg['algorithms']['adaptive_timestep_sampling']['entropy_coef'] == 0.5
@@ -194,10 +219,12 @@ def test_a_variant_is_its_method_with_overrides():
 def test_loop_overhead_quick_prints_a_ratio_last(digits_mds, capsys):
     import math
     import re
+
     assert benchmark.main(['--loop-overhead', '--quick', '--data', digits_mds]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    match = re.fullmatch(r'loop overhead, wall time per step, recipe / bare \(median over blocks\): (\d+\.\d+)',
-                         lines[-1])
+    match = re.fullmatch(
+        r'loop overhead, wall time per step, recipe / bare \(median over blocks\): (\d+\.\d+)', lines[-1]
+    )
     assert match and math.isfinite(float(match.group(1))) and float(match.group(1)) > 0
     per_block = next(line for line in lines if line.startswith('per-block ratios'))
     assert len(per_block.split(':')[1].split()) == 2  # --quick: 2 measured blocks
@@ -205,8 +232,16 @@ def test_loop_overhead_quick_prints_a_ratio_last(digits_mds, capsys):
 
 def _race(folder, runs, **args):
     folder.mkdir()
-    settings = {'steps': 1000, 'eval_every': 100, 'fid_samples': 500, 'ddim_steps': 25, 'bpd_images': 128,
-                'bpd_terms': 50, 'seeds': '0,1', **args}
+    settings = {
+        'steps': 1000,
+        'eval_every': 100,
+        'fid_samples': 500,
+        'ddim_steps': 25,
+        'bpd_images': 128,
+        'bpd_terms': 50,
+        'seeds': '0,1',
+        **args,
+    }
     (folder / 'results.json').write_text(json.dumps({'tier': 'mnist', 'args': settings, 'runs': runs}))
     return str(folder)
 
@@ -219,8 +254,14 @@ def test_races_with_the_same_uniform_runs_combine_and_others_refuse(tmp_path):
     b = _race(tmp_path / 'b', uniform + slow + [_run('fast', 0, _line(1, 0))])
     first, runs = benchmark.combine_races([a, b])
     # uniform once, each method from the first race that has it.
-    assert [(r['method'], r['seed']) for r in runs] == [('uniform', 0), ('uniform', 1), ('fast', 0), ('fast', 1),
-                                                         ('slow', 0), ('slow', 1)]
+    assert [(r['method'], r['seed']) for r in runs] == [
+        ('uniform', 0),
+        ('uniform', 1),
+        ('fast', 0),
+        ('fast', 1),
+        ('slow', 0),
+        ('slow', 1),
+    ]
     assert runs[2]['fid'] == fast[0]['fid']
     out = tmp_path / 'combined'
     assert benchmark.main(['--combine', f'{a},{b}', '--out', str(out)]) == 0
@@ -246,6 +287,7 @@ def test_paired_speedup_counts_a_miss_at_the_budgets_end():
 
 def test_geomean_interval_and_the_detectable_speedup():
     from composer_algos.evaluation.speedup import geomean_ci, min_detectable_speedup
+
     point, low, high = geomean_ci([1.1, 1.2, 1.3, 1.25, 1.15])
     assert point == pytest.approx(math.exp(sum(math.log(r) for r in (1.1, 1.2, 1.3, 1.25, 1.15)) / 5))
     assert 1.1 <= low < point < high <= 1.3
@@ -258,13 +300,15 @@ def test_geomean_interval_and_the_detectable_speedup():
 def test_leaderboard_pairs_each_seed_and_reports_the_aa_null():
     runs = []
     for seed, (start, slope) in enumerate([(150, 0.05), (170, 0.06), (160, 0.055)]):
-        runs += [_run('uniform', seed, _line(start, slope)), _run('min_snr', seed, _line(start, 2 * slope)),
-                 _run('uniform_aa', seed, _line(start, slope * (1 + 0.02 * (seed - 1)))),
-                 _run('clts_md', seed, _line(start, slope * 0.5))]
+        runs += [
+            _run('uniform', seed, _line(start, slope)),
+            _run('min_snr', seed, _line(start, 2 * slope)),
+            _run('uniform_aa', seed, _line(start, slope * (1 + 0.02 * (seed - 1)))),
+            _run('clts_md', seed, _line(start, slope * 0.5)),
+        ]
     board = benchmark.leaderboard(runs, 1000, {'min_snr': {'overrides': ['g=2']}}, {'min_snr': 1.01})
     methods = board['methods']
-    assert set(methods) == {'uniform', 'uniform_aa', 'min_snr_weighting',
-                            'curriculum_timestep_schedule+momentum_decay'}
+    assert set(methods) == {'uniform', 'uniform_aa', 'min_snr_weighting', 'curriculum_timestep_schedule+momentum_decay'}
     fast = methods['min_snr_weighting']
     assert fast['speedup_u100']['per_seed'] == pytest.approx([2.0, 2.0, 2.0])
     assert fast['speedup_u100']['reached'] == 3 and fast['speedup_u100']['ci95'] == pytest.approx([2.0, 2.0])
@@ -283,16 +327,28 @@ def _finished(out, method, seed, machine, fid, job_args):
     job = benchmark.make_job(job_args, method, seed)
     folder = out / 'runs' / f'{method}-s{seed}-{machine}'
     folder.mkdir(parents=True)
-    result = dict(_run(method, seed, fid), fingerprint_key=machine,
-                  feature_sha256=benchmark.TIERS['digits'].feature_sha256)
+    result = dict(
+        _run(method, seed, fid), fingerprint_key=machine, feature_sha256=benchmark.TIERS['digits'].feature_sha256
+    )
     (folder / 'run.json').write_text(json.dumps({'job': benchmark._portable(job), 'result': result}))
     return job
 
 
 def test_runs_pair_only_within_one_machine_fingerprint(tmp_path):
     import argparse
-    args = argparse.Namespace(steps=1000, eval_every=100, fid_samples=64, ddim_steps=5, bpd_images=8, bpd_terms=4,
-                              data=str(tmp_path / 'data'), out=str(tmp_path), tier='digits', objective='ddpm')
+
+    args = argparse.Namespace(
+        steps=1000,
+        eval_every=100,
+        fid_samples=64,
+        ddim_steps=5,
+        bpd_images=8,
+        bpd_terms=4,
+        data=str(tmp_path / 'data'),
+        out=str(tmp_path),
+        tier='digits',
+        objective='ddpm',
+    )
     # Another machine ran uniform and min_snr on seed 0, and only min_snr on seed 1.
     _finished(tmp_path, 'uniform', 0, 'aaaa0000', _line(100, 0.05), args)
     _finished(tmp_path, 'min_snr', 0, 'aaaa0000', _line(100, 0.1), args)
@@ -301,10 +357,17 @@ def test_runs_pair_only_within_one_machine_fingerprint(tmp_path):
     todo, chosen = benchmark.plan_runs(jobs, 'bbbb1111')
     # Seed 0's min_snr pairs with that machine's uniform; p2 is new, so it trains here with uniform seed 0 again.
     # Seed 1's min_snr has no uniform of its machine: it trains here, with uniform, as does p2.
-    assert [(j['method'], j['seed']) for j in todo] == [('uniform', 0), ('p2', 0), ('uniform', 1), ('min_snr', 1),
-                                                        ('p2', 1)]
+    assert [(j['method'], j['seed']) for j in todo] == [
+        ('uniform', 0),
+        ('p2', 0),
+        ('uniform', 1),
+        ('min_snr', 1),
+        ('p2', 1),
+    ]
     assert [(r['method'], r['seed'], r['fingerprint_key']) for r in chosen] == [
-        ('uniform', 0, 'aaaa0000'), ('min_snr', 0, 'aaaa0000')]
+        ('uniform', 0, 'aaaa0000'),
+        ('min_snr', 0, 'aaaa0000'),
+    ]
     # Other FID weights do not count as a finished run.
     record = json.loads((tmp_path / 'runs' / 'min_snr-s0-aaaa0000' / 'run.json').read_text())
     record['result']['feature_sha256'] = 'retrained'
@@ -327,8 +390,26 @@ def test_tuning_then_leaderboard_end_to_end(digits_mds, tmp_path, monkeypatch, c
     monkeypatch.setattr(benchmark, 'TUNING_EMA', benchmark.TUNING_EMA[:2])
     grid = benchmark.TUNING_GRIDS['ddpm']
     monkeypatch.setitem(benchmark.TUNING_GRIDS, 'ddpm', {'min_snr': grid['min_snr'][:2], 'md': grid['md'][:1]})
-    common = ['--tier', 'digits', '--steps', '40', '--eval-every', '20', '--fid-samples', '48', '--ddim-steps', '4',
-              '--bpd-images', '16', '--bpd-terms', '4', '--workers', '1', '--data', digits_mds]
+    common = [
+        '--tier',
+        'digits',
+        '--steps',
+        '40',
+        '--eval-every',
+        '20',
+        '--fid-samples',
+        '48',
+        '--ddim-steps',
+        '4',
+        '--bpd-images',
+        '16',
+        '--bpd-terms',
+        '4',
+        '--workers',
+        '1',
+        '--data',
+        digits_mds,
+    ]
     tuning = tmp_path / 'tuning'
     assert benchmark.main(['--tune', *common, '--seeds', '100', '--out', str(tuning)]) == 0
     record = json.loads((tuning / 'results.json').read_text())
@@ -343,15 +424,38 @@ def test_tuning_then_leaderboard_end_to_end(digits_mds, tmp_path, monkeypatch, c
     # A method whose tuning has not finished is refused by name.
     with pytest.raises(SystemExit):
         benchmark.main(['--leaderboard', *common, '--tuning', str(tuning), '--methods', 'speed', '--out', str(board)])
-    assert 'no tuning winner yet for [\'speed\']' in capsys.readouterr().err
-    assert benchmark.main(['--leaderboard', *common, '--tuning', str(tuning), '--seeds', '0',
-                           '--methods', 'uniform_aa,min_snr', '--out', str(board)]) == 0
+    assert "no tuning winner yet for ['speed']" in capsys.readouterr().err
+    assert (
+        benchmark.main(
+            [
+                '--leaderboard',
+                *common,
+                '--tuning',
+                str(tuning),
+                '--seeds',
+                '0',
+                '--methods',
+                'uniform_aa,min_snr',
+                '--out',
+                str(board),
+            ]
+        )
+        == 0
+    )
     result = json.loads((board / 'results.json').read_text())
     assert set(result['methods']) == {'uniform', 'uniform_aa', 'min_snr_weighting'}
     assert result['methods']['min_snr_weighting']['config']['overrides'][:2] == record['winners']['base']
     assert result['methods']['min_snr_weighting']['config']['overrides'][2:] == record['winners']['min_snr']
-    for key in ('tier', 'objective', 'steps', 'fid_samples', 'seeds', 'uniform_final_fid', 'fid_floor',
-                'null_speedup_ci'):
+    for key in (
+        'tier',
+        'objective',
+        'steps',
+        'fid_samples',
+        'seeds',
+        'uniform_final_fid',
+        'fid_floor',
+        'null_speedup_ci',
+    ):
         assert key in result, key
     # Uniform's final weights were scored from 4 more noise seeds; the A/A run keyed its draws apart.
     uniform = next(r for r in result['runs'] if r['method'] == 'uniform')
@@ -379,9 +483,12 @@ def test_a_composition_of_methods_adds_every_fragment():
     assert benchmark.fragments(method) == ['log_normal_sampling', 'min_snr_weighting']
     assert benchmark.leaderboard_name(method) == 'log_normal_sampling+min_snr_weighting'
     assert benchmark.components(method) == ['log_normal', 'min_snr']
-    assert benchmark.split_variant('adaptive_paper+min_snr')[1] == ['algorithms.adaptive_timestep_sampling.reward=paper']
+    assert benchmark.split_variant('adaptive_paper+min_snr')[1] == [
+        'algorithms.adaptive_timestep_sampling.reward=paper'
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         from composer_algos.config import load_config
+
         cfg = load_config(benchmark._recipe(method, tmp), benchmark.split_variant(method)[1])
     assert cfg['algorithms']['min_snr_weighting']['gamma'] == 2.0 and 'log_normal_sampling' in cfg['algorithms']
 
@@ -400,6 +507,7 @@ def test_each_adaptive_setting_is_its_own_leaderboard_method_with_its_own_tuning
     assert 1 < len(benchmark.TUNING_GRIDS['ddpm']['adaptive']) <= 3
     with tempfile.TemporaryDirectory() as tmp:
         from composer_algos.config import load_config
+
         method = 'adaptive_importance'
         cfg = load_config(benchmark._recipe(method, tmp), benchmark.split_variant(method)[1])
     assert cfg['algorithms']['adaptive_timestep_sampling']['importance_weighted'] is True
@@ -409,14 +517,26 @@ def test_the_frozen_average_trains_after_the_adaptive_run_it_averages(tmp_path):
     import argparse
 
     from composer_algos.registry import ConfigError
-    args = argparse.Namespace(steps=1000, eval_every=100, fid_samples=64, ddim_steps=5, bpd_images=8, bpd_terms=4,
-                              data=str(tmp_path / 'data'), out=str(tmp_path), tier='digits', objective='ddpm')
+
+    args = argparse.Namespace(
+        steps=1000,
+        eval_every=100,
+        fid_samples=64,
+        ddim_steps=5,
+        bpd_images=8,
+        bpd_terms=4,
+        data=str(tmp_path / 'data'),
+        out=str(tmp_path),
+        tier='digits',
+        objective='ddpm',
+    )
     machine = 'aaaa0000'
     jobs = [benchmark.make_job(args, m, s) for s in (0, 1) for m in ('uniform', 'adaptive_frozen_average', 'adaptive')]
     stages = benchmark.dependency_stages(jobs, machine)
     assert [[(j['method'], j['seed']) for j in stage] for stage in stages] == [
         [('uniform', 0), ('adaptive', 0), ('uniform', 1), ('adaptive', 1)],
-        [('adaptive_frozen_average', 0), ('adaptive_frozen_average', 1)]]
+        [('adaptive_frozen_average', 0), ('adaptive_frozen_average', 1)],
+    ]
     # Without the adaptive run of its seed, in the race or finished on this machine, it is refused before training.
     frozen = [j for j in jobs if j['method'] == 'adaptive_frozen_average']
     with pytest.raises(ConfigError, match='adaptive run of seed 0 of this race on this machine'):
@@ -426,7 +546,8 @@ def test_the_frozen_average_trains_after_the_adaptive_run_it_averages(tmp_path):
     folder = tmp_path / 'runs' / f'adaptive-s0-{machine}'
     (folder / 'timestep_heatmap.npz').write_bytes(b'')
     assert benchmark.dependency_overrides(frozen[0], machine) == [
-        f'algorithms.adaptive_timestep_sampling.frozen_average={folder}/timestep_heatmap.npz']
+        f'algorithms.adaptive_timestep_sampling.frozen_average={folder}/timestep_heatmap.npz'
+    ]
     with pytest.raises(ConfigError, match='seed 0'):
         benchmark.dependency_overrides(frozen[0], 'bbbb1111')  # another machine's run does not count
     with pytest.raises(ConfigError, match='adaptive run of seed 1'):
@@ -449,10 +570,16 @@ def test_the_noise_methods_and_the_low_discrepancy_draw_race_under_their_names()
         assert len(grid['noise_assignment_knn']) == 3
         assert {'noise_assignment', 'noise_assignment_knn'} <= set(benchmark.LEADERBOARD_METHODS[objective])
     assert 'low_discrepancy' in benchmark.LEADERBOARD_METHODS['ddpm']
-    knn = benchmark.method_config('noise_assignment_knn@algorithms.noise_assignment.k=16', 'digits', 'ddpm', 'data',
-                                  10, 'x')
-    assert knn['algorithms']['noise_assignment'] == {'mode': 'knn', 'cost': 'l2', 'scope': 'global',
-                                                     'by_condition': False, 'k': 16}
+    knn = benchmark.method_config(
+        'noise_assignment_knn@algorithms.noise_assignment.k=16', 'digits', 'ddpm', 'data', 10, 'x'
+    )
+    assert knn['algorithms']['noise_assignment'] == {
+        'mode': 'knn',
+        'cost': 'l2',
+        'scope': 'global',
+        'by_condition': False,
+        'k': 16,
+    }
     drawn = benchmark.method_config('low_discrepancy', 'mnist', 'ddpm', 'data', 10, 'x')
     assert drawn['model']['low_discrepancy'] is True and set(drawn['algorithms']) == {'ema'}
     flow = benchmark.method_config('noise_assignment', 'mnist', 'flow_matching', 'data', 10, 'x')
@@ -467,8 +594,9 @@ def test_schedule_free_races_with_its_own_learning_rate_over_the_tuned_base():
         grid = benchmark.TUNING_GRIDS[objective]['schedule_free']
         assert grid[0] == ('optimizer.lr=2.5e-3',) and len(grid) == 3
         assert 'schedule_free' in benchmark.LEADERBOARD_METHODS[objective]
-        cfg = benchmark.method_config(benchmark._variant('schedule_free', grid[2]), 'mnist', objective, 'data', 10,
-                                      'x', base)
+        cfg = benchmark.method_config(
+            benchmark._variant('schedule_free', grid[2]), 'mnist', objective, 'data', 10, 'x', base
+        )
         assert cfg['optimizer']['name'] == 'schedulefree_adamw' and cfg['optimizer']['lr'] == 1.0e-2
         assert cfg['scheduler'] is None and cfg['algorithms']['ema']['half_life'] == '50ba'
         assert 'schedule_free' in cfg['algorithms']

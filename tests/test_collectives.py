@@ -43,8 +43,14 @@ def test_one_process_returns_the_tensor_itself():
 def test_two_gloo_ranks_gather_every_rank_trimmed_to_its_length(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     # In a session of its own, so that a hung run's ranks are stopped with the launcher rather than left behind.
-    proc = subprocess.Popen([COMPOSER, '-n', '2', os.path.abspath(__file__), str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [COMPOSER, '-n', '2', os.path.abspath(__file__), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -59,8 +65,12 @@ def test_two_gloo_ranks_gather_every_rank_trimmed_to_its_length(tmp_path):
             got = received[name]
             assert len(got) == 2, (rank, name)
             for part, want in zip(got, parts):
-                assert part.dtype == want.dtype and part.shape == want.shape and torch.equal(part, want), \
-                    (rank, name, part, want)
+                assert part.dtype == want.dtype and part.shape == want.shape and torch.equal(part, want), (
+                    rank,
+                    name,
+                    part,
+                    want,
+                )
 
 
 def _rank_main(out_dir: str) -> None:

@@ -17,17 +17,30 @@ UNIFORM = os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml')
 
 
 def _tiny_overrides(digits_mds, tmp_path):
-    return [f'train_loader.local={digits_mds}', f'eval_loader.local={digits_mds}', 'max_duration=4ba',
-            'eval_interval=4ba', 'progress_bar=false', f'save_folder={tmp_path}/ckpt', 'save_interval=4ba',
-            'train_loader.global_batch_size=32', 'eval_loader.global_batch_size=64', 'callbacks=null']
+    return [
+        f'train_loader.local={digits_mds}',
+        f'eval_loader.local={digits_mds}',
+        'max_duration=4ba',
+        'eval_interval=4ba',
+        'progress_bar=false',
+        f'save_folder={tmp_path}/ckpt',
+        'save_interval=4ba',
+        'train_loader.global_batch_size=32',
+        'eval_loader.global_batch_size=64',
+        'callbacks=null',
+    ]
 
 
 def test_default_recipe_builds_and_trains(digits_mds, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the recipe writes its pictures and log under runs/
     overrides = [o for o in _tiny_overrides(digits_mds, tmp_path) if o != 'callbacks=null'] + [
-        'callbacks.fid.num_samples=32', 'callbacks.fid.num_steps=3', 'callbacks.bits_per_dim.num_images=16',
-        'callbacks.bits_per_dim.num_terms=4', 'callbacks.sample_grid.num_samples=4',
-        'callbacks.sample_grid.num_steps=3', 'callbacks.timestep_heatmap.interval=2ba'
+        'callbacks.fid.num_samples=32',
+        'callbacks.fid.num_steps=3',
+        'callbacks.bits_per_dim.num_images=16',
+        'callbacks.bits_per_dim.num_terms=4',
+        'callbacks.sample_grid.num_samples=4',
+        'callbacks.sample_grid.num_steps=3',
+        'callbacks.timestep_heatmap.interval=2ba',
     ]
     trainer = build_trainer(load_config(UNIFORM, overrides))
     trainer.fit()
@@ -42,18 +55,21 @@ def test_default_recipe_builds_and_trains(digits_mds, tmp_path, monkeypatch):
     assert sum(p.numel() for p in trainer.state.model.parameters()) < 1_000_000
 
 
-@pytest.mark.parametrize('override, message', [
-    ('modle.prediction_type=epsilon', "Unknown key 'modle'. Did you mean 'model'?"),
-    ('model.predicton_type=epsilon', "Unknown key 'model.predicton_type'. Did you mean 'model.prediction_type'?"),
-    ('optimizer.lrate=0.1', "Unknown key 'optimizer.lrate'"),
-    ('algorithms.min_snr_weigting={}', "Unknown algorithm 'min_snr_weigting'"),
-    ('model.denoiser.name=unett', "Unknown denoiser 'unett'. Did you mean 'unet'?"),
-    ('model.prediction_type=noise', 'prediction_type must be one of'),
-    ('scheduler.name=cosin', "Unknown scheduler 'cosin'. Did you mean 'cosine'?"),
-    ('optimizer.name=adamm', "Unknown optimizer 'adamm'. Did you mean 'adam'"),
-    ('loggers.fille={}', "Unknown logger 'fille'. Did you mean 'file'?"),
-    ('algorithms.speed.lam=5', 'lam must be in [0, 1]'),
-])
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        ('modle.prediction_type=epsilon', "Unknown key 'modle'. Did you mean 'model'?"),
+        ('model.predicton_type=epsilon', "Unknown key 'model.predicton_type'. Did you mean 'model.prediction_type'?"),
+        ('optimizer.lrate=0.1', "Unknown key 'optimizer.lrate'"),
+        ('algorithms.min_snr_weigting={}', "Unknown algorithm 'min_snr_weigting'"),
+        ('model.denoiser.name=unett', "Unknown denoiser 'unett'. Did you mean 'unet'?"),
+        ('model.prediction_type=noise', 'prediction_type must be one of'),
+        ('scheduler.name=cosin', "Unknown scheduler 'cosin'. Did you mean 'cosine'?"),
+        ('optimizer.name=adamm', "Unknown optimizer 'adamm'. Did you mean 'adam'"),
+        ('loggers.fille={}', "Unknown logger 'fille'. Did you mean 'file'?"),
+        ('algorithms.speed.lam=5', 'lam must be in [0, 1]'),
+    ],
+)
 def test_bad_recipe_keys_are_named(digits_mds, tmp_path, override, message):
     with pytest.raises(ConfigError) as e:
         build_trainer(load_config(UNIFORM, _tiny_overrides(digits_mds, tmp_path) + [override]))
@@ -80,8 +96,7 @@ def test_includes_merge_and_cycles(tmp_path):
 
 
 def test_digits_shards_round_trip(digits_mds):
-    ds = StreamingImageDataset(local=digits_mds, split='train', shuffle=False, batch_size=8, channels=1,
-                               image_size=8)
+    ds = StreamingImageDataset(local=digits_mds, split='train', shuffle=False, batch_size=8, channels=1, image_size=8)
     reference = digits_images('train')
     assert len(ds) == len(reference) == 1437
     sample = ds[3]
@@ -115,6 +130,7 @@ def test_streaming_resume_mid_epoch_gives_the_same_batches(digits_mds):
 
 def test_image_folder_conversion(tmp_path):
     from PIL import Image
+
     for cls in ('cat', 'dog'):
         os.makedirs(tmp_path / 'src' / cls)
         for i in range(3):

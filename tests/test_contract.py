@@ -9,8 +9,14 @@ from composer.loggers import InMemoryLogger, Logger
 from conftest import tiny_model
 
 import composer_algos.algorithms as algorithms_package
-from composer_algos.algorithms import (AdaptiveTimestepSampling, CurriculumTimestepSchedule, LossSecondMomentSampling,
-                                       MinSNRWeighting, MomentumDecay, SpeeD)
+from composer_algos.algorithms import (
+    AdaptiveTimestepSampling,
+    CurriculumTimestepSchedule,
+    LossSecondMomentSampling,
+    MinSNRWeighting,
+    MomentumDecay,
+    SpeeD,
+)
 from composer_algos.algorithms.base import DiffusionAlgorithm, timestep_sampler_owners
 from composer_algos.diffusion import FlowMatchingModel, FlowSchedule, NoiseSchedule, TimeConditionedConvNet
 from composer_algos.diffusion.contract import CONTRACT_MEMBERS
@@ -20,8 +26,16 @@ from composer_algos.registry import algorithms as algorithm_registry
 
 def state_of(model) -> State:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    return State(model=model, rank_zero_seed=0, run_name='x', device='cpu', optimizers=opt, max_duration='10ba',
-                 dataloader=[None], dataloader_label='train')
+    return State(
+        model=model,
+        rank_zero_seed=0,
+        run_name='x',
+        device='cpu',
+        optimizers=opt,
+        max_duration='10ba',
+        dataloader=[None],
+        dataloader_label='train',
+    )
 
 
 def init(algorithm, model) -> dict:
@@ -48,8 +62,10 @@ def test_a_model_lacking_members_is_refused_in_one_line_naming_them():
         message = str(error)
     else:
         raise AssertionError('MinSNRWeighting installed on a model without add_loss_weighting')
-    assert message.startswith('MinSNRWeighting needs the model to provide add_loss_weighting, noise_schedule, '
-                              'num_timesteps, prediction_type; MyModel lacks add_loss_weighting, prediction_type')
+    assert message.startswith(
+        'MinSNRWeighting needs the model to provide add_loss_weighting, noise_schedule, '
+        'num_timesteps, prediction_type; MyModel lacks add_loss_weighting, prediction_type'
+    )
     assert '\n' not in message
     # Behind DDP's wrapper the model is found.
     wrapper = torch.nn.Module()
@@ -59,28 +75,43 @@ def test_a_model_lacking_members_is_refused_in_one_line_naming_them():
 
 
 def test_every_algorithm_needs_only_contract_members_and_declares_what_it_owns():
-    classes = {name: kind for name, kind in algorithm_registry.get_all().items()
-               if isinstance(kind, type) and issubclass(kind, DiffusionAlgorithm)}
+    classes = {
+        name: kind
+        for name, kind in algorithm_registry.get_all().items()
+        if isinstance(kind, type) and issubclass(kind, DiffusionAlgorithm)
+    }
     # Every algorithm folder of the package but the two that act on the optimizer's or Composer's own state (EMA,
     # schedule-free AdamW's switching); a new folder is checked without editing this test.
-    folders = {name for name in os.listdir(os.path.dirname(algorithms_package.__file__))
-               if os.path.isfile(os.path.join(os.path.dirname(algorithms_package.__file__), name, '__init__.py'))}
+    folders = {
+        name
+        for name in os.listdir(os.path.dirname(algorithms_package.__file__))
+        if os.path.isfile(os.path.join(os.path.dirname(algorithms_package.__file__), name, '__init__.py'))
+    }
     assert folders - {'ema', 'schedule_free'} <= set(classes), folders - set(classes)
     for kind in classes.values():
         instance = kind()
         assert set(instance.needs) <= set(CONTRACT_MEMBERS), kind
         assert ' at 0x' not in repr(instance)
     owners = timestep_sampler_owners(classes.values())
-    assert {'AdaptiveTimestepSampling', 'CosMapSampling', 'LogNormalSampling', 'LogitNormalSampling',
-            'LossSecondMomentSampling', 'ModeSampling', 'SpeeD'} <= set(owners)
+    assert {
+        'AdaptiveTimestepSampling',
+        'CosMapSampling',
+        'LogNormalSampling',
+        'LogitNormalSampling',
+        'LossSecondMomentSampling',
+        'ModeSampling',
+        'SpeeD',
+    } <= set(owners)
     assert not {'MinSNRWeighting', 'P2Weighting', 'CurriculumTimestepSchedule', 'MomentumDecay'} & set(owners)
     # A curriculum tilts whichever sampler is active: it never counts as an owner.
     assert CurriculumTimestepSchedule.adds_timestep_prior and not CurriculumTimestepSchedule.owns_timestep_sampler
     assert timestep_sampler_owners([CurriculumTimestepSchedule(), AdaptiveTimestepSampling()]) == [
-        'AdaptiveTimestepSampling']
+        'AdaptiveTimestepSampling'
+    ]
     assert SpeeD.adds_loss_weighting and MinSNRWeighting.adds_loss_weighting
-    assert not any(getattr(MomentumDecay, flag) for flag in ('owns_timestep_sampler', 'adds_timestep_prior',
-                                                             'adds_loss_weighting'))
+    assert not any(
+        getattr(MomentumDecay, flag) for flag in ('owns_timestep_sampler', 'adds_timestep_prior', 'adds_loss_weighting')
+    )
 
 
 def test_installing_twice_changes_nothing():

@@ -11,7 +11,11 @@ from conftest import LossRecorder, digits_loader, make_trainer, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from composer_algos.algorithms.curriculum_timestep_schedule import CurriculumTimestepSchedule, clts_probs, difficulty_coordinate
+from composer_algos.algorithms.curriculum_timestep_schedule import (
+    CurriculumTimestepSchedule,
+    clts_probs,
+    difficulty_coordinate,
+)
 from composer_algos.algorithms.momentum_decay import MomentumDecay, compensation, decayed_momentum, demon_momentum
 from composer_algos.diffusion import NoiseSchedule
 
@@ -20,7 +24,7 @@ def test_clts_closed_form():
     ac = NoiseSchedule('linear', 1000).alphas_cumprod
     p = clts_probs(ac, lam=0.5, mu=0.3, sigma=0.2, coordinate='time')
     u = torch.arange(1000, dtype=torch.float64) / 999
-    g = torch.exp(-0.5 * ((u - 0.3) / 0.2)**2)
+    g = torch.exp(-0.5 * ((u - 0.3) / 0.2) ** 2)
     torch.testing.assert_close(p, 0.5 / 1000 + 0.5 * g / g.sum())
     torch.testing.assert_close(clts_probs(ac, lam=0.0), torch.full((1000,), 1e-3, dtype=torch.float64))
     # The mode sits at mu on the chosen coordinate.
@@ -34,8 +38,13 @@ def test_clts_closed_form():
 
 
 @settings(max_examples=200, deadline=None)
-@given(lam=st.floats(0, 1), mu=st.floats(-5, 5), sigma=st.floats(1e-12, 1e3), T=st.integers(2, 2000),
-       coordinate=st.sampled_from(['time', 'noise_rate']))
+@given(
+    lam=st.floats(0, 1),
+    mu=st.floats(-5, 5),
+    sigma=st.floats(1e-12, 1e3),
+    T=st.integers(2, 2000),
+    coordinate=st.sampled_from(['time', 'noise_rate']),
+)
 def test_clts_is_always_a_distribution(lam, mu, sigma, T, coordinate):
     ac = NoiseSchedule('squaredcos_cap_v2', T).alphas_cumprod
     p = clts_probs(ac, lam, mu, sigma, coordinate)
@@ -84,8 +93,16 @@ def test_demon_and_linear_closed_forms():
 def test_momentum_decay_event_on_minimal_state():
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    state = State(model=model, rank_zero_seed=0, run_name='x', device='cpu', optimizers=opt, max_duration='10ba',
-                  dataloader=[None], dataloader_label='train')
+    state = State(
+        model=model,
+        rank_zero_seed=0,
+        run_name='x',
+        device='cpu',
+        optimizers=opt,
+        max_duration='10ba',
+        dataloader=[None],
+        dataloader_label='train',
+    )
     md = MomentumDecay(beta_end=0.0, compensate_lr=True, end='1.0dur')
     logger = Logger(state)
     md.apply(Event.BEFORE_TRAIN_BATCH, state, logger)
@@ -93,9 +110,16 @@ def test_momentum_decay_event_on_minimal_state():
     assert opt.param_groups[0]['lr'] == pytest.approx(0.1)
     md.apply(Event.BATCH_END, state, logger)
     with pytest.raises(TypeError, match='neither'):
-        bad = State(model=model, rank_zero_seed=0, run_name='x', device='cpu',
-                    optimizers=torch.optim.Adagrad(model.parameters()), max_duration='10ba', dataloader=[None],
-                    dataloader_label='train')
+        bad = State(
+            model=model,
+            rank_zero_seed=0,
+            run_name='x',
+            device='cpu',
+            optimizers=torch.optim.Adagrad(model.parameters()),
+            max_duration='10ba',
+            dataloader=[None],
+            dataloader_label='train',
+        )
         md.apply(Event.BEFORE_TRAIN_BATCH, bad, Logger(bad))
 
 
@@ -103,16 +127,30 @@ def _lrs_and_betas_used(digits_mds, algorithms, sgd: bool = False):
     """(lr, beta1 or momentum) that Adam (or SGD) actually used at each of 8 steps under a cosine-with-warmup
     schedule."""
     from composer import Trainer
+
     model = tiny_model()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9) if sgd else torch.optim.Adam(
-        model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        if sgd
+        else torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    )
     used = []
     # A post-hook: Composer runs the batch inside optimizer.step(closure), after any pre-hook.
-    opt.register_step_post_hook(lambda o, args, kwargs: used.append(
-        (o.param_groups[0]['lr'], o.param_groups[0]['momentum'] if sgd else o.param_groups[0]['betas'][0])))
-    Trainer(model=model, train_dataloader=digits_loader(digits_mds, 16), optimizers=opt,
-            schedulers=CosineAnnealingWithWarmupScheduler(t_warmup='2ba'), algorithms=algorithms,
-            max_duration='8ba', device='cpu', progress_bar=False).fit()
+    opt.register_step_post_hook(
+        lambda o, args, kwargs: used.append(
+            (o.param_groups[0]['lr'], o.param_groups[0]['momentum'] if sgd else o.param_groups[0]['betas'][0])
+        )
+    )
+    Trainer(
+        model=model,
+        train_dataloader=digits_loader(digits_mds, 16),
+        optimizers=opt,
+        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup='2ba'),
+        algorithms=algorithms,
+        max_duration='8ba',
+        device='cpu',
+        progress_bar=False,
+    ).fit()
     return used
 
 
@@ -155,7 +193,8 @@ def test_noise_compensation_keeps_the_spread_of_noisy_steps(key):
     assert scaled == pytest.approx(spread_start, rel=0.03)
     # The total-contribution compensation does not keep it: Adam's steps grow 2.5x as beta1 falls to 0.5.
     assert compensation(key, 0.9, 0.5) * step_spread(0.5) / spread_start == pytest.approx(
-        2.52 if key == 'betas' else 5 * math.sqrt(0.19 / 0.75), rel=0.03)
+        2.52 if key == 'betas' else 5 * math.sqrt(0.19 / 0.75), rel=0.03
+    )
     with pytest.raises(ValueError, match='compensate_lr must be true, false or one of'):
         MomentumDecay(compensate_lr='nois')
 
@@ -164,8 +203,16 @@ def test_a_retried_batch_is_not_compensated_twice():
     # Composer fires BEFORE_TRAIN_BATCH again when it retries a batch after an out-of-memory error.
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    state = State(model=model, rank_zero_seed=0, run_name='x', device='cpu', optimizers=opt, max_duration='10ba',
-                  dataloader=[None], dataloader_label='train')
+    state = State(
+        model=model,
+        rank_zero_seed=0,
+        run_name='x',
+        device='cpu',
+        optimizers=opt,
+        max_duration='10ba',
+        dataloader=[None],
+        dataloader_label='train',
+    )
     state.timestamp = state.timestamp.to_next_batch(samples=1).to_next_batch(samples=1).to_next_batch(samples=1)
     md = MomentumDecay(beta_end=0.0, end='1.0dur', compensate_lr=True)
     logger = Logger(state)
@@ -191,16 +238,30 @@ def test_compensation_does_not_compound_without_a_scheduler(digits_mds, mode):
 def test_clts_md_resume_is_exact(digits_mds, tmp_path):
 
     def algorithms():
-        return [CurriculumTimestepSchedule(lam_max=0.7, ramp_end='6ba', ramp_start='0ba'),
-                MomentumDecay(beta_end=0.3, compensate_lr=True)]
+        return [
+            CurriculumTimestepSchedule(lam_max=0.7, ramp_end='6ba', ramp_start='0ba'),
+            MomentumDecay(beta_end=0.3, compensate_lr=True),
+        ]
 
     rec = LossRecorder()
-    full = make_trainer(digits_mds, algorithms=algorithms(), max_duration='8ba', callbacks=[rec],
-                        save_folder=str(tmp_path / 'a'), save_interval='4ba')
+    full = make_trainer(
+        digits_mds,
+        algorithms=algorithms(),
+        max_duration='8ba',
+        callbacks=[rec],
+        save_folder=str(tmp_path / 'a'),
+        save_interval='4ba',
+    )
     full.fit()
     rec2 = LossRecorder()
-    resumed = make_trainer(digits_mds, algorithms=algorithms(), max_duration='8ba', callbacks=[rec2],
-                           model=tiny_model(seed=3), load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'))
+    resumed = make_trainer(
+        digits_mds,
+        algorithms=algorithms(),
+        max_duration='8ba',
+        callbacks=[rec2],
+        model=tiny_model(seed=3),
+        load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'),
+    )
     resumed.fit()
     assert rec2.losses == rec.losses[4:]
     assert resumed.state.algorithms[0].lam == full.state.algorithms[0].lam == pytest.approx(0.7)

@@ -7,9 +7,19 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from composer_algos.diffusion import (DiffusionModel, DrawRecord, FixedDistributionSampler, FlowMatchingModel,
-                                      FlowSchedule, NoiseSchedule, TimeConditionedConvNet, UniformSampler, build_unet,
-                                      sample_from_probs, tilt)
+from composer_algos.diffusion import (
+    DiffusionModel,
+    DrawRecord,
+    FixedDistributionSampler,
+    FlowMatchingModel,
+    FlowSchedule,
+    NoiseSchedule,
+    TimeConditionedConvNet,
+    UniformSampler,
+    build_unet,
+    sample_from_probs,
+    tilt,
+)
 from composer_algos.diffusion.contract import CONTRACT_MEMBERS, DiffusionContract, missing_members
 
 
@@ -25,7 +35,7 @@ def test_linear_schedule_matches_ddpm_closed_form():
 
 def test_cosine_schedule_and_zero_terminal_snr():
     s = NoiseSchedule('squaredcos_cap_v2', 1000)
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2)**2
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
     assert float(s.alphas_cumprod[499]) == pytest.approx(f(500 / 1000) / f(0), rel=1e-6)
     z = NoiseSchedule('linear', 1000, zero_terminal_snr=True)
     assert float(z.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-12)
@@ -64,8 +74,9 @@ def test_vlb_terms_match_direct_gaussian_kl():
     for i, step in enumerate(t.tolist()):
         ac, ac_prev, beta = (float(s.alphas_cumprod[step]), float(s.alphas_cumprod[step - 1]), float(s.betas[step]))
         x0_hat = ((x_t[i] - math.sqrt(1 - ac) * eps[i]) / math.sqrt(ac)).clamp(-1, 1)
-        mean = lambda x: (math.sqrt(ac_prev) * beta / (1 - ac)) * x + (math.sqrt(1 - beta) * (1 - ac_prev) /
-                                                                      (1 - ac)) * x_t[i]
+        mean = lambda x: (
+            (math.sqrt(ac_prev) * beta / (1 - ac)) * x + (math.sqrt(1 - beta) * (1 - ac_prev) / (1 - ac)) * x_t[i]
+        )
         q = torch.distributions.Normal(mean(x0[i]), math.sqrt(beta * (1 - ac_prev) / (1 - ac)))
         p = torch.distributions.Normal(mean(x0_hat), math.sqrt(beta))
         expected = torch.distributions.kl_divergence(q, p).mean()
@@ -166,8 +177,9 @@ def test_generation_is_seeded_and_ddim_deterministic():
 
 @pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction', 'sample'])
 def test_diffusers_unet_and_class_conditioning(prediction_type):
-    net = build_unet(block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4, attention_head_dim=8,
-                     num_class_embeds=10)
+    net = build_unet(
+        block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4, attention_head_dim=8, num_class_embeds=10
+    )
     model = DiffusionModel(net, NoiseSchedule('linear', 100), prediction_type=prediction_type, label_key='label')
     batch = {'image': torch.rand(4, 1, 8, 8) * 2 - 1, 'label': torch.tensor([0, 1, 2, 3])}
     loss = model.loss(model(batch), batch)
@@ -177,8 +189,16 @@ def test_diffusers_unet_and_class_conditioning(prediction_type):
 
 def test_diffusers_dit_backbone():
     from composer_algos.diffusion import build_dit
-    net = build_dit(sample_size=8, in_channels=4, patch_size=2, num_layers=1, num_attention_heads=2,
-                    attention_head_dim=8, num_classes=10)
+
+    net = build_dit(
+        sample_size=8,
+        in_channels=4,
+        patch_size=2,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_classes=10,
+    )
     model = DiffusionModel(net, NoiseSchedule('linear', 100), label_key='label')
     batch = {'image': torch.randn(2, 4, 8, 8), 'label': torch.tensor([1, 2])}
     assert torch.isfinite(model.loss(model(batch), batch))

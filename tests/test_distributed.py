@@ -24,8 +24,12 @@ ALGORITHM_SETS = {
         'ema': {'half_life': '2ba'},
         # The default setting's trust region and uniform mix, with running reward moments and importance weights:
         # every rank must take the same decisions from global sums.
-        'adaptive_timestep_sampling': {'update_every': 3, 'num_probe_timesteps': 7, 'normalize': 'running',
-                                       'importance_weighted': True},
+        'adaptive_timestep_sampling': {
+            'update_every': 3,
+            'num_probe_timesteps': 7,
+            'normalize': 'running',
+            'importance_weighted': True,
+        },
         'curriculum_timestep_schedule': {'ramp_end': '6ba', 'ramp_start': '0ba'},
         'momentum_decay': {'beta_end': 0.5, 'compensate_lr': True},
     },
@@ -44,10 +48,21 @@ def _recipe(tmp_path, digits_mds: str, algorithms: dict, fsdp: bool) -> str:
         'precision': 'fp32',
         'seed': 5,
         'model': {'denoiser': {'name': 'conv', 'width': 16}, 'noise_schedule': {'num_timesteps': 100}},
-        'train_loader': {'local': digits_mds, 'split': 'train', 'global_batch_size': 16, 'channels': 1,
-                         'image_size': 8},
-        'eval_loader': {'local': digits_mds, 'split': 'val', 'global_batch_size': 64, 'channels': 1, 'image_size': 8,
-                        'shuffle': False},
+        'train_loader': {
+            'local': digits_mds,
+            'split': 'train',
+            'global_batch_size': 16,
+            'channels': 1,
+            'image_size': 8,
+        },
+        'eval_loader': {
+            'local': digits_mds,
+            'split': 'val',
+            'global_batch_size': 64,
+            'channels': 1,
+            'image_size': 8,
+            'shuffle': False,
+        },
         'eval_interval': '4ba',
         'optimizer': {'name': 'adam', 'lr': 1e-3},
         'algorithms': algorithms,
@@ -69,8 +84,9 @@ def _launch(recipe: str, out_dir: str, fsdp: bool, *overrides: str) -> list[dict
     env = dict(os.environ, OMP_NUM_THREADS='1')
     if fsdp:
         env['FSDP_VERSION'] = '2'
-    proc = subprocess.run([COMPOSER, '-n', '2', RUNNER, recipe, out_dir, *overrides], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [COMPOSER, '-n', '2', RUNNER, recipe, out_dir, *overrides], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False) for r in range(2)]
 
@@ -101,8 +117,9 @@ def test_two_rank_resume_is_exact(tmp_path, digits_mds, name, strategy):
     ckpt = tmp_path / 'ckpt' / ('ep0-ba4' if fsdp else 'ep0-ba4-rank0.pt')
     # The resumed run saves too: Composer's EMA swaps its weights in at every checkpoint, so both runs must end the
     # same way for their final algorithm states to be comparable.
-    resumed = _launch(recipe, str(tmp_path / 'resumed'), fsdp, f'load_path={ckpt}',
-                      f'save_folder={tmp_path / "ckpt_resumed"}')
+    resumed = _launch(
+        recipe, str(tmp_path / 'resumed'), fsdp, f'load_path={ckpt}', f'save_folder={tmp_path / "ckpt_resumed"}'
+    )
 
     assert [r['world_size'] for r in full] == [2, 2]
     assert len(full[0]['losses']) == 8

@@ -18,8 +18,14 @@ def _ema_weights(trainer):
 
 def test_warmup_ema_tracks_the_weights_and_resumes_exactly(digits_mds, tmp_path):
     rec = LossRecorder()
-    full = make_trainer(digits_mds, algorithms=[WarmupEMA(half_life='100ba')], max_duration='6ba', callbacks=[rec],
-                        save_folder=str(tmp_path / 'a'), save_interval='3ba')
+    full = make_trainer(
+        digits_mds,
+        algorithms=[WarmupEMA(half_life='100ba')],
+        max_duration='6ba',
+        callbacks=[rec],
+        save_folder=str(tmp_path / 'a'),
+        save_interval='3ba',
+    )
     full.fit()
     ema, full_weights = _ema_weights(full)
     assert ema.num_updates == 6
@@ -28,9 +34,16 @@ def test_warmup_ema_tracks_the_weights_and_resumes_exactly(digits_mds, tmp_path)
     assert repr(ema).startswith('WarmupEMA(half_life=')
 
     rec2 = LossRecorder()
-    resumed = make_trainer(digits_mds, algorithms=[WarmupEMA(half_life='100ba')], max_duration='6ba',
-                           callbacks=[rec2], model=tiny_model(seed=5), load_path=str(tmp_path / 'a' / 'ep0-ba3-rank0.pt'),
-                           save_folder=str(tmp_path / 'b'), save_interval='3ba')
+    resumed = make_trainer(
+        digits_mds,
+        algorithms=[WarmupEMA(half_life='100ba')],
+        max_duration='6ba',
+        callbacks=[rec2],
+        model=tiny_model(seed=5),
+        load_path=str(tmp_path / 'a' / 'ep0-ba3-rank0.pt'),
+        save_folder=str(tmp_path / 'b'),
+        save_interval='3ba',
+    )
     resumed.fit()
     ema2, resumed_weights = _ema_weights(resumed)
     assert rec2.losses == rec.losses[3:]

@@ -30,7 +30,8 @@ TWO_RANK_TIMEOUT_SECONDS = 240
 def plugin(tmp_path_factory) -> str:
     """A folder to put on ``PYTHONPATH``: the module ``failing_callback`` and its distribution's entry point."""
     folder = tmp_path_factory.mktemp('plugin')
-    (folder / 'failing_callback.py').write_text(textwrap.dedent('''
+    (folder / 'failing_callback.py').write_text(
+        textwrap.dedent('''
         """A callback that fails on purpose."""
         from composer.core import Callback
         from composer.utils import dist
@@ -45,7 +46,8 @@ def plugin(tmp_path_factory) -> str:
             def batch_end(self, state, logger):
                 if dist.get_global_rank() == self.rank and int(state.timestamp.batch) == self.batch:
                     raise OSError(f'planted failure on rank {self.rank} at batch {self.batch}')
-    '''))
+    ''')
+    )
     dist_info = folder / 'failing_callback-0.1.dist-info'
     dist_info.mkdir()
     (dist_info / 'METADATA').write_text('Metadata-Version: 2.1\nName: failing-callback\nVersion: 0.1\n')
@@ -56,8 +58,17 @@ def plugin(tmp_path_factory) -> str:
 def _recipe(tmp_path, digits_mds: str, fail_at: dict) -> str:
     """The small recipe of the fault tests (a conv denoiser on the digits), with the failing callback and nothing
     saved."""
-    return faults_recipe(tmp_path, digits_mds, run_name='rule', max_duration='6ba', algorithms={}, autoresume=False,
-                         save_folder=None, callbacks={'fail_at': fail_at}, dist_timeout=120.0)
+    return faults_recipe(
+        tmp_path,
+        digits_mds,
+        run_name='rule',
+        max_duration='6ba',
+        algorithms={},
+        autoresume=False,
+        save_folder=None,
+        callbacks={'fail_at': fail_at},
+        dist_timeout=120.0,
+    )
 
 
 def _env(plugin: str, **extra: str) -> dict:
@@ -68,8 +79,14 @@ def _env(plugin: str, **extra: str) -> dict:
 
 
 def _train(recipe: str, plugin: str, cwd, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, TRAIN_SCRIPT, recipe, *args], capture_output=True, text=True,
-                          timeout=600, env=_env(plugin, **env), cwd=cwd)
+    return subprocess.run(
+        [sys.executable, TRAIN_SCRIPT, recipe, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(plugin, **env),
+        cwd=cwd,
+    )
 
 
 def test_a_failure_inside_a_callback_is_one_line_and_its_traceback_a_file(tmp_path, digits_mds, plugin):
@@ -78,23 +95,30 @@ def test_a_failure_inside_a_callback_is_one_line_and_its_traceback_a_file(tmp_pa
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     assert [line for line in proc.stderr.splitlines() if line.startswith('error:')] == [
-        proc.stderr.rstrip().splitlines()[-1]]
-    assert proc.stderr.rstrip().splitlines()[-1] == ('error: OSError: planted failure on rank 0 at batch 2 (in '
-                                                     'callbacks.fail_at, at batch 2); traceback: runs/rule/error.log')
+        proc.stderr.rstrip().splitlines()[-1]
+    ]
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        'error: OSError: planted failure on rank 0 at batch 2 (in '
+        'callbacks.fail_at, at batch 2); traceback: runs/rule/error.log'
+    )
     log = (tmp_path / 'runs' / 'rule' / 'error.log').read_text()
-    assert log.startswith('Traceback') and 'in batch_end' in log and log.rstrip().endswith(
-        'OSError: planted failure on rank 0 at batch 2')
+    assert (
+        log.startswith('Traceback')
+        and 'in batch_end' in log
+        and log.rstrip().endswith('OSError: planted failure on rank 0 at batch 2')
+    )
 
 
-def test_a_failure_while_the_recipe_is_built_exits_2_with_the_traceback_in_a_temporary_file(tmp_path, digits_mds,
-                                                                                             plugin):
+def test_a_failure_while_the_recipe_is_built_exits_2_with_the_traceback_in_a_temporary_file(
+    tmp_path, digits_mds, plugin
+):
     recipe = _recipe(tmp_path, digits_mds, {'in_constructor': True})
     proc = _train(recipe, plugin, tmp_path)
     last = proc.stderr.rstrip().splitlines()[-1]
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     prefix = 'error: RuntimeError: planted failure in the constructor (in callbacks.fail_at); traceback: '
     assert last.startswith(prefix), last
-    log = last[len(prefix):]
+    log = last[len(prefix) :]
     try:
         assert not log.startswith('runs/') and os.path.isfile(log)  # no run folder yet
         assert 'in __init__' in open(log).read()
@@ -122,13 +146,21 @@ def test_two_ranks_one_fails_one_line_and_no_rank_hangs(tmp_path, digits_mds, pl
     crashed rank's output); the other, waiting in a collective, fails for want of its peer and stays silent."""
     recipe = _recipe(tmp_path, digits_mds, {'batch': 3, 'rank': failing_rank})
     start = time.monotonic()
-    proc = subprocess.run([COMPOSER, '-n', '2', TRAIN_SCRIPT, recipe], capture_output=True, text=True,
-                          timeout=TWO_RANK_TIMEOUT_SECONDS, env=_env(plugin), cwd=tmp_path)
+    proc = subprocess.run(
+        [COMPOSER, '-n', '2', TRAIN_SCRIPT, recipe],
+        capture_output=True,
+        text=True,
+        timeout=TWO_RANK_TIMEOUT_SECONDS,
+        env=_env(plugin),
+        cwd=tmp_path,
+    )
     elapsed = time.monotonic() - start
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if line.startswith('error:')]
     print(f'rank {failing_rank} failed: the launcher exited with code {proc.returncode} after {elapsed:.1f} s')
     assert proc.returncode != 0, output[-4000:]
-    assert errors == [f'error: OSError: planted failure on rank {failing_rank} at batch 3 (in callbacks.fail_at, at '
-                      f'batch 3); traceback: runs/rule/error{"-rank1" if failing_rank else ""}.log'], output[-4000:]
+    assert errors == [
+        f'error: OSError: planted failure on rank {failing_rank} at batch 3 (in callbacks.fail_at, at '
+        f'batch 3); traceback: runs/rule/error{"-rank1" if failing_rank else ""}.log'
+    ], output[-4000:]
     assert 'Traceback' not in output, output[-4000:]

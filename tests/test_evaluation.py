@@ -13,11 +13,24 @@ import torch.nn as nn
 from conftest import tiny_model
 from PIL import Image
 
-from composer_algos.evaluation import (InceptionFeatures, bits_per_dim, consistency_diagnostic,
-                                       digit_classifier_path, fid_from_samples, fid_metric, generate_samples,
-                                       image_grid, load_or_train_digit_classifier, pair_statistics,
-                                       rank_indices, real_vs_real_fid, side_by_side_grid, timestep_heatmap_png,
-                                       update_fid, vlb_timesteps)
+from composer_algos.evaluation import (
+    InceptionFeatures,
+    bits_per_dim,
+    consistency_diagnostic,
+    digit_classifier_path,
+    fid_from_samples,
+    fid_metric,
+    generate_samples,
+    image_grid,
+    load_or_train_digit_classifier,
+    pair_statistics,
+    rank_indices,
+    real_vs_real_fid,
+    side_by_side_grid,
+    timestep_heatmap_png,
+    update_fid,
+    vlb_timesteps,
+)
 from composer_algos.evaluation import features as features_module
 from composer_algos.evaluation.features import digits_arrays, weights_sha256
 from composer_algos.evaluation.fid import floor_at
@@ -107,8 +120,12 @@ def test_digit_classifier_classifies_val_split(digit_features, val_images):
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(digit_features, val_images):
     assert abs(fid_from_samples(val_images, val_images, digit_features)) < 1e-3
     gen = torch.Generator().manual_seed(0)
-    values = [fid_from_samples(val_images, (val_images + s * torch.randn(val_images.shape, generator=gen)).clamp(-1, 1),
-                               digit_features) for s in (0.05, 0.2, 0.5)]
+    values = [
+        fid_from_samples(
+            val_images, (val_images + s * torch.randn(val_images.shape, generator=gen)).clamp(-1, 1), digit_features
+        )
+        for s in (0.05, 0.2, 0.5)
+    ]
     assert 0 < values[0] < values[1] < values[2]
     floor = real_vs_real_fid(val_images, digit_features)
     assert 0 < floor < values[2]
@@ -119,8 +136,9 @@ def test_rank_shares_give_the_same_samples_and_fid(digit_features, val_images):
     model.eval()
     shape, n = (1, 8, 8), 10
     full = generate_samples(model, range(n), shape, num_steps=4, seed=3)
-    shares = [generate_samples(model, rank_indices(n, r, 2), shape, num_steps=4, seed=3, batch_size=3)
-              for r in range(2)]
+    shares = [
+        generate_samples(model, rank_indices(n, r, 2), shape, num_steps=4, seed=3, batch_size=3) for r in range(2)
+    ]
     merged = torch.empty_like(full)
     merged[0::2], merged[1::2] = shares
     assert torch.allclose(merged, full, atol=1e-5)
@@ -227,7 +245,8 @@ def test_consistency_of_a_model_with_itself_and_with_another(digit_features):
     same = consistency_diagnostic(model, model, 12, (1, 8, 8), digit_features, num_steps=4, seed=2)
     assert same['pixels']['nn_fraction'] == 1.0 and same['features']['nn_fraction'] == 1.0
     assert same['pixels']['pair_distance'] == 0.0 and same['pixels']['shuffled_distance'] > 0
-    other = consistency_diagnostic(model, tiny_model(num_timesteps=20, seed=2), 12, (1, 8, 8), digit_features,
-                                   num_steps=4, seed=2)
+    other = consistency_diagnostic(
+        model, tiny_model(num_timesteps=20, seed=2), 12, (1, 8, 8), digit_features, num_steps=4, seed=2
+    )
     assert other['pixels']['pair_distance'] > 0
     assert same['samples_a'].shape == (12, 1, 8, 8)

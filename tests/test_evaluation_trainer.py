@@ -37,8 +37,13 @@ def _logged(logger: InMemoryLogger, key: str) -> list[tuple[int, float]]:
 
 
 def test_callbacks_are_registered_by_name():
-    for name, cls in [('fid', FID), ('bits_per_dim', BitsPerDim), ('loss_bands', LossBands),
-                      ('sample_grid', SampleGrid), ('timestep_heatmap', TimestepHeatmap)]:
+    for name, cls in [
+        ('fid', FID),
+        ('bits_per_dim', BitsPerDim),
+        ('loss_bands', LossBands),
+        ('sample_grid', SampleGrid),
+        ('timestep_heatmap', TimestepHeatmap),
+    ]:
         assert registry.resolve(registry.callbacks, name, 'callback') is cls
 
 
@@ -49,10 +54,15 @@ def test_evaluation_callbacks_in_trainer_fit(digits_mds, classifier_cache, tmp_p
     grid = SampleGrid(num_samples=16, num_steps=4, scale=2, folder=folder)
     heatmap = TimestepHeatmap(interval='2ba', folder=folder)
     memory = InMemoryLogger()
-    trainer = make_trainer(digits_mds, algorithms=[EMA(half_life='2ba')], max_duration='6ba',
-                           callbacks=[fid, bpd, LossBands(), grid, heatmap], loggers=[memory],
-                           eval_dataloader=digits_loader(digits_mds, 64, split='val', shuffle=False),
-                           eval_interval='3ba')
+    trainer = make_trainer(
+        digits_mds,
+        algorithms=[EMA(half_life='2ba')],
+        max_duration='6ba',
+        callbacks=[fid, bpd, LossBands(), grid, heatmap],
+        loggers=[memory],
+        eval_dataloader=digits_loader(digits_mds, 64, split='val', shuffle=False),
+        eval_interval='3ba',
+    )
     trainer.fit()
 
     fids = _logged(memory, 'FID')
@@ -81,8 +91,10 @@ def test_evaluation_callbacks_in_trainer_fit(digits_mds, classifier_cache, tmp_p
     # The end-of-run summary: the last and best FID against the floor, and where the pictures are.
     summary = run_summary(trainer)
     assert summary[0] == f'Run {trainer.state.run_name!r} finished at step 6.'
-    assert summary[1].startswith(f'FID {fids[-1][1]:.2f} at step 6 (best ') and f'floor at these sample sizes ' \
-        f'{floor[0][1]:.2f}' in summary[1]
+    assert (
+        summary[1].startswith(f'FID {fids[-1][1]:.2f} at step 6 (best ')
+        and f'floor at these sample sizes {floor[0][1]:.2f}' in summary[1]
+    )
     assert any(line == f'Bits/dim {bits[-1][1]:.3f} at step 6.' for line in summary)
     assert f'samples: {os.path.join(run_folder, "samples_ba0000006.png")}' in summary  # outside the working dir: whole
     assert any(line.startswith('timestep distribution: ') and line.endswith('timestep_heatmap.png') for line in summary)
@@ -97,10 +109,23 @@ def test_evaluation_callbacks_in_trainer_fit(digits_mds, classifier_cache, tmp_p
 
 
 def test_fid_on_an_interval_with_a_configured_real_loader(digits_mds, classifier_cache, tmp_path):
-    real_loader = {'local': digits_mds, 'split': 'val', 'global_batch_size': 32, 'shuffle': False,
-                   'channels': 1, 'image_size': 8}
-    fid = FID(num_samples=16, num_steps=2, interval='2ba', real_loader=real_loader, max_real_samples=64,
-              classifier_cache_dir=classifier_cache, folder=str(tmp_path))
+    real_loader = {
+        'local': digits_mds,
+        'split': 'val',
+        'global_batch_size': 32,
+        'shuffle': False,
+        'channels': 1,
+        'image_size': 8,
+    }
+    fid = FID(
+        num_samples=16,
+        num_steps=2,
+        interval='2ba',
+        real_loader=real_loader,
+        max_real_samples=64,
+        classifier_cache_dir=classifier_cache,
+        folder=str(tmp_path),
+    )
     memory = InMemoryLogger()
     make_trainer(digits_mds, max_duration='4ba', callbacks=[fid], loggers=[memory]).fit()
     assert [step for step, _ in _logged(memory, 'FID')] == [2, 4]
@@ -119,8 +144,15 @@ def _load_evaluate_script():
 
 def test_checkpoint_weights_and_evaluate_script(digits_mds, classifier_cache, tmp_path):
     save = str(tmp_path / 'ckpt')
-    trainer = make_trainer(digits_mds, algorithms=[EMA(half_life='2ba')], max_duration='4ba', save_folder=save,
-                           save_interval='2ba', save_filename='ba{batch}.pt', model=tiny_model(num_timesteps=100))
+    trainer = make_trainer(
+        digits_mds,
+        algorithms=[EMA(half_life='2ba')],
+        max_duration='4ba',
+        save_folder=save,
+        save_interval='2ba',
+        save_filename='ba{batch}.pt',
+        model=tiny_model(num_timesteps=100),
+    )
     trainer.fit()
     ema = trainer.state.algorithms[0]
     # After the final checkpoint Composer leaves the EMA weights in the model and the training weights in EMA.
@@ -135,20 +167,50 @@ def test_checkpoint_weights_and_evaluate_script(digits_mds, classifier_cache, tm
     assert all(torch.equal(model.state_dict()[k], v) for k, v in live.items())
 
     recipe = {
-        'max_duration': '4ba', 'device': 'cpu', 'precision': 'fp32',
+        'max_duration': '4ba',
+        'device': 'cpu',
+        'precision': 'fp32',
         'model': {'denoiser': {'name': 'conv', 'width': 16}, 'noise_schedule': {'num_timesteps': 100}},
-        'train_loader': {'local': digits_mds, 'split': 'train', 'global_batch_size': 32, 'channels': 1,
-                         'image_size': 8},
-        'eval_loader': {'local': digits_mds, 'split': 'val', 'global_batch_size': 64, 'shuffle': False,
-                        'drop_last': False, 'channels': 1, 'image_size': 8},
+        'train_loader': {
+            'local': digits_mds,
+            'split': 'train',
+            'global_batch_size': 32,
+            'channels': 1,
+            'image_size': 8,
+        },
+        'eval_loader': {
+            'local': digits_mds,
+            'split': 'val',
+            'global_batch_size': 64,
+            'shuffle': False,
+            'drop_last': False,
+            'channels': 1,
+            'image_size': 8,
+        },
     }
     config = tmp_path / 'recipe.yaml'
     config.write_text(yaml.safe_dump(recipe))
     out = tmp_path / 'eval'
     script = _load_evaluate_script()
-    code = script.main([f'{save}/ba4.pt', '--config', str(config), '--out', str(out), '--compare', f'{save}/ba4.pt',
-                        'num_samples=40', 'num_steps=3', 'bpd_images=8', 'bpd_terms=5', 'grid_samples=16',
-                        'consistency_samples=8', f'classifier_cache_dir={classifier_cache}', 'device=cpu'])
+    code = script.main(
+        [
+            f'{save}/ba4.pt',
+            '--config',
+            str(config),
+            '--out',
+            str(out),
+            '--compare',
+            f'{save}/ba4.pt',
+            'num_samples=40',
+            'num_steps=3',
+            'bpd_images=8',
+            'bpd_terms=5',
+            'grid_samples=16',
+            'consistency_samples=8',
+            f'classifier_cache_dir={classifier_cache}',
+            'device=cpu',
+        ]
+    )
     assert code == 0
     results = json.loads((out / 'evaluation.json').read_text())
     assert results['step'] == 4 and results['weights'] == 'ema' and results['num_real'] == 360

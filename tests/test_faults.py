@@ -63,8 +63,13 @@ def _recipe(tmp_path, digits_mds: str, name: str = 'recipe.yaml', **changes) -> 
         'device': 'cpu',
         'precision': 'fp32',
         'model': {'denoiser': {'name': 'conv', 'width': 16}, 'noise_schedule': {'num_timesteps': 100}},
-        'train_loader': {'local': digits_mds, 'split': 'train', 'global_batch_size': 16, 'channels': 1,
-                         'image_size': 8},
+        'train_loader': {
+            'local': digits_mds,
+            'split': 'train',
+            'global_batch_size': 16,
+            'channels': 1,
+            'image_size': 8,
+        },
         'optimizer': {'name': 'adam', 'lr': 1e-3},
         'algorithms': ALGORITHMS,
         'save_folder': str(tmp_path / 'ckpt'),
@@ -93,7 +98,7 @@ def _assert_same_run(resumed: dict, full: dict, where: str) -> None:
     assert resumed['batch'] == full['batch'] == 12, where
     _assert_same_state(full['model'], resumed['model'], f'{where} weights')
     _assert_same_state(full['algorithms'], resumed['algorithms'], f'{where} algorithms')
-    assert resumed['losses'] == full['losses'][resumed['start']:], where
+    assert resumed['losses'] == full['losses'][resumed['start'] :], where
 
 
 # ------------------------------------------------------------------------------------------------ kill -9
@@ -102,8 +107,9 @@ def test_kill_9_single_process_then_autoresume_is_exact(tmp_path, digits_mds):
     out = tmp_path / 'killed'
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS='1', STOP_RANK='0', STOP_BATCH='6')
-    proc = subprocess.Popen([sys.executable, RUNNER, recipe, str(out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, RUNNER, recipe, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         _wait_for(str(out / 'stopped-rank0'), proc)
         pid, prefix = map(int, (out / 'stopped-rank0').read_text().split())
@@ -126,14 +132,30 @@ def test_kill_9_single_process_then_autoresume_is_exact(tmp_path, digits_mds):
 
 
 def test_one_rank_killed_others_end_in_bounded_time_then_autoresume_is_exact(tmp_path, digits_mds):
-    recipe = _recipe(tmp_path, digits_mds, save_interval='2ba',
-                     parallelism_config={'fsdp': {'state_dict_type': 'sharded'}})
+    recipe = _recipe(
+        tmp_path, digits_mds, save_interval='2ba', parallelism_config={'fsdp': {'state_dict_type': 'sharded'}}
+    )
     killed = tmp_path / 'killed'
     killed.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS='1', FSDP_VERSION='2', STOP_RANK='1', STOP_BATCH='6')
-    launcher = subprocess.Popen([COMPOSER, '-n', '2', '--stdout', str(killed / 'rank{rank}.stdout'), '--stderr',
-                                 str(killed / 'rank{rank}.stderr'), RUNNER, recipe, str(killed)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(
+        [
+            COMPOSER,
+            '-n',
+            '2',
+            '--stdout',
+            str(killed / 'rank{rank}.stdout'),
+            '--stderr',
+            str(killed / 'rank{rank}.stderr'),
+            RUNNER,
+            recipe,
+            str(killed),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for(str(killed / 'stopped-rank1'), launcher)
         pid, prefix = map(int, (killed / 'stopped-rank1').read_text().split())
@@ -145,8 +167,11 @@ def test_one_rank_killed_others_end_in_bounded_time_then_autoresume_is_exact(tmp
         if launcher.poll() is None:
             launcher.kill()
     fault_run.release_shared_memory(prefix)
-    how = [line.strip() for line in output.splitlines()
-           if 'closed by peer' in line or 'exited with code' in line or 'crashed' in line]
+    how = [
+        line.strip()
+        for line in output.splitlines()
+        if 'closed by peer' in line or 'exited with code' in line or 'crashed' in line
+    ]
     print(f'one rank killed: the launcher exited {survivors_ended_after:.1f} s later; {" | ".join(how)}')
     assert launcher.returncode != 0, output[-3000:]
     assert survivors_ended_after < DEAD_RANK_BOUND_SECONDS, output[-3000:]
@@ -157,9 +182,26 @@ def test_one_rank_killed_others_end_in_bounded_time_then_autoresume_is_exact(tmp
     # Relaunch with autoresume, then (in the same process group) the uninterrupted run for comparison.
     env.pop('STOP_RANK')
     logs = str(tmp_path / 'relaunch-rank{rank}.log')
-    proc = subprocess.run([COMPOSER, '-n', '2', '--stdout', logs, RUNNER, recipe, str(tmp_path / 'resumed'), '--',
-                           recipe, str(tmp_path / 'full'), f'save_folder={tmp_path / "ckpt_full"}'],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            COMPOSER,
+            '-n',
+            '2',
+            '--stdout',
+            logs,
+            RUNNER,
+            recipe,
+            str(tmp_path / 'resumed'),
+            '--',
+            recipe,
+            str(tmp_path / 'full'),
+            f'save_folder={tmp_path / "ckpt_full"}',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:] + open(logs.format(rank=1)).read()[-4000:]
     for rank in range(2):
         resumed = torch.load(tmp_path / 'resumed' / f'rank{rank}.pt', weights_only=False)
@@ -220,7 +262,9 @@ def test_autoresume_steps_over_truncated_and_half_written_checkpoints(tmp_path, 
 def test_autoresume_folder_edge_cases(tmp_path):
     template = ['ep{epoch}-ba{batch}-rank{rank}.pt']
     folder, link = tmp_path / 'ckpt', tmp_path / 'ckpt' / 'latest-rank0.pt'
-    assert checkpoint_integrity.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') is None  # no folder yet
+    assert (
+        checkpoint_integrity.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') is None
+    )  # no folder yet
     folder.mkdir()
     os.symlink('ep0-ba4-rank0.pt', link)  # left after the checkpoints were deleted: a fresh start
     assert checkpoint_integrity.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') is None
@@ -230,7 +274,8 @@ def test_autoresume_folder_edge_cases(tmp_path):
     os.remove(link)
     os.symlink('ep0-ba2-rank0.pt', link)
     assert checkpoint_integrity.prepare_autoresume(str(folder), 'latest-rank0.pt', template, 'r') == str(
-        (folder / 'ep0-ba4-rank0.pt').resolve())
+        (folder / 'ep0-ba4-rank0.pt').resolve()
+    )
     assert os.readlink(link) == 'ep0-ba4-rank0.pt'
     # The same name found unreadable twice keeps both copies.
     for _ in range(2):
@@ -264,9 +309,14 @@ def test_nan_loss_stops_with_one_line_and_the_adaptive_reward_is_skipped(tmp_pat
     # From step 7 on the learning rate is infinite (Composer's scheduler sets step 7's rate at the end of step 6, at
     # timestamp 5): the update of step 7 destroys the weights. The adaptive sampler's probe after that step sees NaN
     # rewards and skips its update; step 8's loss is NaN and stops the run before anything else is saved.
-    recipe = _recipe(tmp_path, digits_mds, autoresume=False, save_interval='2ba',
-                     algorithms={'adaptive_timestep_sampling': {'update_every': 1, 'num_probe_timesteps': 7}},
-                     scheduler={'name': 'multistep', 'milestones': ['5ba'], 'gamma': float('inf')})
+    recipe = _recipe(
+        tmp_path,
+        digits_mds,
+        autoresume=False,
+        save_interval='2ba',
+        algorithms={'adaptive_timestep_sampling': {'update_every': 1, 'num_probe_timesteps': 7}},
+        scheduler={'name': 'multistep', 'milestones': ['5ba'], 'gamma': float('inf')},
+    )
     capsys.readouterr()
     with caplog.at_level(logging.WARNING):
         code = train_script.main([recipe])
@@ -276,21 +326,29 @@ def test_nan_loss_stops_with_one_line_and_the_adaptive_reward_is_skipped(tmp_pat
     assert 'The diffusion loss is nan' in errors[0] and 'the weights hold NaN or inf' in errors[0], errors[0]
     skipped = [r.getMessage() for r in caplog.records if 'update was skipped' in r.getMessage()]
     assert len(skipped) == 1, skipped
-    assert sorted(os.listdir(tmp_path / 'ckpt')) == ['ep0-ba2-rank0.pt', 'ep0-ba4-rank0.pt', 'ep0-ba6-rank0.pt',
-                                                     'latest-rank0.pt']
+    assert sorted(os.listdir(tmp_path / 'ckpt')) == [
+        'ep0-ba2-rank0.pt',
+        'ep0-ba4-rank0.pt',
+        'ep0-ba6-rank0.pt',
+        'latest-rank0.pt',
+    ]
     # The last checkpoint, saved before the blow-up, still loads: finite weights, at step 6 (its optimizer holds the
     # infinite rate the scheduler had set for step 7). The one before trains on.
     trainer = build_trainer(load_config(recipe, [f'load_path={tmp_path}/ckpt/ep0-ba6-rank0.pt']))
     assert int(trainer.state.timestamp.batch) == 6
     assert all(torch.isfinite(p).all() for p in trainer.state.model.parameters())
     trainer.close()
-    _resume_and_train(recipe, str(tmp_path / 'ckpt' / 'ep0-ba4-rank0.pt'), ['scheduler=null', 'max_duration=8ba',
-                                                                           f'save_folder={tmp_path / "ckpt2"}'])
+    _resume_and_train(
+        recipe,
+        str(tmp_path / 'ckpt' / 'ep0-ba4-rank0.pt'),
+        ['scheduler=null', 'max_duration=8ba', f'save_folder={tmp_path / "ckpt2"}'],
+    )
 
 
 def test_nan_loss_weighting_is_named(tmp_path, digits_mds):
     recipe = _recipe(tmp_path, digits_mds, autoresume=False, save_interval='2ba', algorithms={})
     trainer = build_trainer(load_config(recipe))
+
     def blows_up_at_step_3(schedule, t, prediction_type):
         weight = torch.ones(t.shape[0])
         return weight * float('inf') if int(trainer.state.timestamp.batch) >= 2 else weight
@@ -300,14 +358,16 @@ def test_nan_loss_weighting_is_named(tmp_path, digits_mds):
         trainer.fit()
     assert int(trainer.state.timestamp.batch) == 2
     trainer.close()
-    _resume_and_train(recipe, str(tmp_path / 'ckpt' / 'ep0-ba2-rank0.pt'), ['max_duration=4ba',
-                                                                           f'save_folder={tmp_path / "ckpt2"}'])
+    _resume_and_train(
+        recipe, str(tmp_path / 'ckpt' / 'ep0-ba2-rank0.pt'), ['max_duration=4ba', f'save_folder={tmp_path / "ckpt2"}']
+    )
 
 
 def test_nan_in_a_batch_names_the_shard_and_sample(tmp_path, capsys):
     from streaming import MDSWriter
 
     from composer_algos.data.latents import LATENT_COLUMNS
+
     rng = np.random.default_rng(0)
     data = tmp_path / 'latents'
     bad_sample = 3 * 16 + 5  # in step 4 (no shuffling, batches of 16)
@@ -318,9 +378,18 @@ def test_nan_in_a_batch_names_the_shard_and_sample(tmp_path, capsys):
                 if split == 'train' and i == bad_sample:
                     latent[2, 3, 4] = np.nan
                 writer.write({'latents': latent, 'label': i % 10})
-    recipe = _recipe(tmp_path, str(data), autoresume=False, save_interval='2ba', algorithms={}, model={
-        'denoiser': {'name': 'conv', 'in_channels': 4, 'width': 16}, 'noise_schedule': {'num_timesteps': 100},
-        'encoder': {'name': 'vae', 'precomputed': True}})
+    recipe = _recipe(
+        tmp_path,
+        str(data),
+        autoresume=False,
+        save_interval='2ba',
+        algorithms={},
+        model={
+            'denoiser': {'name': 'conv', 'in_channels': 4, 'width': 16},
+            'noise_schedule': {'num_timesteps': 100},
+            'encoder': {'name': 'vae', 'precomputed': True},
+        },
+    )
     train_loader = {'local': str(data), 'split': 'train', 'global_batch_size': 16, 'latents': True, 'shuffle': False}
     with open(recipe) as f:
         cfg = yaml.safe_load(f)

@@ -13,14 +13,33 @@ from composer.loggers import Logger
 from conftest import LossRecorder, make_trainer
 
 from composer_algos import registry
-from composer_algos.algorithms import (AdaptiveTimestepSampling, CosMapSampling, CosMapWeighting,
-                                       CurriculumTimestepSchedule, LogitNormalSampling, LogNormalSampling,
-                                       LossSecondMomentSampling, MinSNRWeighting, ModeSampling, MomentumDecay,
-                                       P2Weighting, SigmaSqrtWeighting, SpeeD)
+from composer_algos.algorithms import (
+    AdaptiveTimestepSampling,
+    CosMapSampling,
+    CosMapWeighting,
+    CurriculumTimestepSchedule,
+    LogitNormalSampling,
+    LogNormalSampling,
+    LossSecondMomentSampling,
+    MinSNRWeighting,
+    ModeSampling,
+    MomentumDecay,
+    P2Weighting,
+    SigmaSqrtWeighting,
+    SpeeD,
+)
 from composer_algos.algorithms.cosmap_weighting import cosmap_weight
 from composer_algos.algorithms.sigma_sqrt_weighting import sigma_sqrt_weight
-from composer_algos.diffusion import (CosMapDensity, FlowMatchingModel, FlowSchedule, LogitNormalDensity, ModeDensity,
-                                      TimeConditionedConvNet, UniformDensity, sample_within_cells)
+from composer_algos.diffusion import (
+    CosMapDensity,
+    FlowMatchingModel,
+    FlowSchedule,
+    LogitNormalDensity,
+    ModeDensity,
+    TimeConditionedConvNet,
+    UniformDensity,
+    sample_within_cells,
+)
 from composer_algos.diffusion.build import build_diffusion_model
 from composer_algos.diffusion.densities import grid_masses
 from composer_algos.diffusion.flow import resolution_shift, shift_sigmas, unshift_sigmas
@@ -33,20 +52,34 @@ _spec.loader.exec_module(train_script)
 diffusers = pytest.importorskip('diffusers')
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
-from diffusers.training_utils import (compute_density_for_timestep_sampling,  # noqa: E402
-                                      compute_loss_weighting_for_sd3)
+from diffusers.training_utils import (
+    compute_density_for_timestep_sampling,  # noqa: E402
+    compute_loss_weighting_for_sd3,
+)
 
 
 def flow_model(seed: int = 17, shift: float = 1.0, num_cells: int = 100, denoiser=None, **kwargs):
     torch.manual_seed(seed)
-    return FlowMatchingModel(denoiser or TimeConditionedConvNet(in_channels=1, width=16),
-                             FlowSchedule(shift=shift, num_cells=num_cells), seed=seed, **kwargs)
+    return FlowMatchingModel(
+        denoiser or TimeConditionedConvNet(in_channels=1, width=16),
+        FlowSchedule(shift=shift, num_cells=num_cells),
+        seed=seed,
+        **kwargs,
+    )
 
 
 def minimal_state(model) -> State:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    return State(model=model, rank_zero_seed=0, run_name='x', device='cpu', optimizers=opt, max_duration='10ba',
-                 dataloader=[None], dataloader_label='train')
+    return State(
+        model=model,
+        rank_zero_seed=0,
+        run_name='x',
+        device='cpu',
+        optimizers=opt,
+        max_duration='10ba',
+        dataloader=[None],
+        dataloader_label='train',
+    )
 
 
 def init(model, *algorithms) -> None:
@@ -64,8 +97,12 @@ def test_shift_is_monotone_fixes_the_ends_and_inverts():
         torch.testing.assert_close(unshift_sigmas(shifted, s), sigma)
     torch.testing.assert_close(shift_sigmas(sigma, 1.0), sigma)
     assert float(shift_sigmas(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
-    for kwargs, name in (({'shift': 0.0}, 'shift'), ({'num_cells': 1}, 'num_cells'),
-                         ({'base_seq_len': 4096, 'max_seq_len': 256}, 'max_seq_len'), ({'patch_size': 0}, 'patch')):
+    for kwargs, name in (
+        ({'shift': 0.0}, 'shift'),
+        ({'num_cells': 1}, 'num_cells'),
+        ({'base_seq_len': 4096, 'max_seq_len': 256}, 'max_seq_len'),
+        ({'patch_size': 0}, 'patch'),
+    ):
         with pytest.raises(ValueError, match=name):
             FlowSchedule(**kwargs)
 
@@ -75,16 +112,16 @@ def test_fixed_shift_grid_equals_diffusers_scheduler():
         # The scheduler's training table: the shifted levels n / 1000, n = 1..1000.
         reference = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
         levels = torch.arange(1000, 0, -1, dtype=torch.float64) / 1000
-        torch.testing.assert_close(shift_sigmas(levels, shift).float(), reference.sigmas.float(), rtol=1e-6,
-                                   atol=1e-6)
+        torch.testing.assert_close(shift_sigmas(levels, shift).float(), reference.sigmas.float(), rtol=1e-6, atol=1e-6)
         for num_steps in (1, 4, 28, 50):
             reference = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
             reference.set_timesteps(num_steps)
             ours = FlowSchedule(shift=shift).inference_sigmas(num_steps)
             torch.testing.assert_close(ours.float(), reference.sigmas.float(), rtol=1e-6, atol=1e-6)
             # What the denoiser sees at each level is diffusers' timestep.
-            torch.testing.assert_close(FlowSchedule(shift=shift).timesteps(ours[:-1]), reference.timesteps.float(),
-                                       rtol=1e-6, atol=1e-4)
+            torch.testing.assert_close(
+                FlowSchedule(shift=shift).timesteps(ours[:-1]), reference.timesteps.float(), rtol=1e-6, atol=1e-4
+            )
 
 
 def test_resolution_shift_grid_equals_diffusers_dynamic_shifting():
@@ -93,12 +130,18 @@ def test_resolution_shift_grid_equals_diffusers_dynamic_shifting():
 
 
 def check_resolution_shift(size: int, patch: int) -> None:
-    seq_len = (size // patch)**2
+    seq_len = (size // patch) ** 2
     mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
     assert resolution_shift(seq_len) == pytest.approx(math.exp(mu), rel=1e-12)
-    reference = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True, base_shift=0.5,
-                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
-                                                time_shift_type='exponential')
+    reference = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type='exponential',
+    )
     reference.set_timesteps(20, mu=mu)
     schedule = FlowSchedule(resolution_shift=True, patch_size=patch)
     ours = schedule.inference_sigmas(20, (1, 4, size, size))
@@ -111,8 +154,9 @@ def check_resolution_shift(size: int, patch: int) -> None:
 def test_logit_normal_density_gives_diffusers_numbers():
     m, s = 0.3, 0.7
     gen = torch.Generator().manual_seed(0)
-    reference = compute_density_for_timestep_sampling('logit_normal', 4096, logit_mean=m, logit_std=s,
-                                                      generator=gen).double()
+    reference = compute_density_for_timestep_sampling(
+        'logit_normal', 4096, logit_mean=m, logit_std=s, generator=gen
+    ).double()
     # diffusers draws m + s z; the uniform Phi(z) of the same standard normal z gives the same u by inverse CDF.
     z = torch.randn(4096, generator=torch.Generator().manual_seed(0)).double()
     ours = LogitNormalDensity(m, s).inverse_cdf(torch.special.ndtr(z))
@@ -124,8 +168,9 @@ def test_logit_normal_density_gives_diffusers_numbers():
 
 def test_mode_density_gives_diffusers_numbers():
     scale = 1.29
-    reference = compute_density_for_timestep_sampling('mode', 4096, mode_scale=scale,
-                                                      generator=torch.Generator().manual_seed(1)).double()
+    reference = compute_density_for_timestep_sampling(
+        'mode', 4096, mode_scale=scale, generator=torch.Generator().manual_seed(1)
+    ).double()
     w = torch.rand(4096, generator=torch.Generator().manual_seed(1)).double()
     density = ModeDensity(scale)
     torch.testing.assert_close(density.inverse_cdf(1 - w), reference, rtol=1e-5, atol=1e-6)
@@ -149,8 +194,9 @@ def test_cosmap_density_is_sd3s_and_its_derivative_is_diffusers_cosmap_weighting
 
 
 def test_uniform_density_and_grid_masses():
-    torch.testing.assert_close(UniformDensity().inverse_cdf(torch.tensor([0.2, 0.9])),
-                               torch.tensor([0.2, 0.9], dtype=torch.float64))
+    torch.testing.assert_close(
+        UniformDensity().inverse_cdf(torch.tensor([0.2, 0.9])), torch.tensor([0.2, 0.9], dtype=torch.float64)
+    )
     edges = torch.arange(11, dtype=torch.float64) / 10
     for density in (UniformDensity(), LogitNormalDensity(0.5, 1.2), ModeDensity(1.29), CosMapDensity()):
         masses = grid_masses(density, edges)
@@ -166,8 +212,12 @@ def test_uniform_density_and_grid_masses():
 
 def test_sd3_weightings_equal_diffusers():
     sigma = torch.linspace(0.001, 1.0, 1000, dtype=torch.float64)
-    torch.testing.assert_close(sigma_sqrt_weight(None, sigma).float(),
-                               compute_loss_weighting_for_sd3('sigma_sqrt', sigma.float()), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        sigma_sqrt_weight(None, sigma).float(),
+        compute_loss_weighting_for_sd3('sigma_sqrt', sigma.float()),
+        rtol=1e-5,
+        atol=0,
+    )
     torch.testing.assert_close(cosmap_weight(None, sigma), compute_loss_weighting_for_sd3('cosmap', sigma).double())
     # Below diffusers' smallest level the sigma_sqrt weight stops growing.
     assert float(sigma_sqrt_weight(None, torch.tensor([0.0]))) == pytest.approx(1e6)
@@ -223,10 +273,15 @@ def test_build_from_recipe_section_and_what_a_flow_model_rejects():
     with pytest.raises(ValueError, match='no discrete variational bound'):
         model.vlb_terms(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 8, 8))
     from composer_algos.diffusion import NoiseSchedule
+
     with pytest.raises(TypeError, match='FlowSchedule'):
         FlowMatchingModel(TimeConditionedConvNet(1, 16), NoiseSchedule('linear', 100))
-    model = build_diffusion_model({'name': 'conv', 'in_channels': 1, 'width': 16}, objective='flow_matching',
-                                  flow={'shift': 3.0, 'num_cells': 50}, solver='heun')
+    model = build_diffusion_model(
+        {'name': 'conv', 'in_channels': 1, 'width': 16},
+        objective='flow_matching',
+        flow={'shift': 3.0, 'num_cells': 50},
+        solver='heun',
+    )
     assert isinstance(model, FlowMatchingModel) and model.noise_schedule.shift == 3.0 and model.num_timesteps == 50
     with pytest.raises(registry.ConfigError, match='objective'):
         build_diffusion_model({'name': 'conv', 'in_channels': 1}, objective='flow')
@@ -235,8 +290,9 @@ def test_build_from_recipe_section_and_what_a_flow_model_rejects():
     with pytest.raises(registry.ConfigError, match='model.flow'):
         build_diffusion_model({'name': 'conv', 'in_channels': 1}, flow={'shift': 3.0})
     # The flow model passes DiffusionModel's arguments on by keyword: a misspelt one is still named, with the fix.
-    model = build_diffusion_model({'name': 'conv', 'in_channels': 1}, objective='flow_matching', seed=3,
-                                  num_loss_bands=4)
+    model = build_diffusion_model(
+        {'name': 'conv', 'in_channels': 1}, objective='flow_matching', seed=3, num_loss_bands=4
+    )
     assert model.seed == 3 and model.num_loss_bands == 4
     with pytest.raises(registry.ConfigError, match="'model.sed'. Did you mean 'model.seed'"):
         build_diffusion_model({'name': 'conv', 'in_channels': 1}, objective='flow_matching', sed=3)
@@ -265,7 +321,6 @@ def test_ode_sampling_euler_and_heun():
 
     # A linear field v = x: Euler multiplies by (1 + d) each step, Heun by (1 + d + d^2 / 2), Euler on the last.
     class Linear(torch.nn.Module):
-
         def __init__(self):
             super().__init__()
             self.dummy = torch.nn.Parameter(torch.zeros(()))
@@ -288,8 +343,11 @@ def test_ode_sampling_euler_and_heun():
 
 # ------------------------------------------------------------------------------------------ algorithms on flow
 def test_density_samplers_draw_sigma_by_their_inverse_cdf():
-    for algorithm, density in ((LogitNormalSampling(m=0.4, s=0.8), LogitNormalDensity(0.4, 0.8)),
-                               (ModeSampling(scale=0.8), ModeDensity(0.8)), (CosMapSampling(), CosMapDensity())):
+    for algorithm, density in (
+        (LogitNormalSampling(m=0.4, s=0.8), LogitNormalDensity(0.4, 0.8)),
+        (ModeSampling(scale=0.8), ModeDensity(0.8)),
+        (CosMapSampling(), CosMapDensity()),
+    ):
         check_density_sampler(algorithm, density)
 
 
@@ -303,19 +361,29 @@ def check_density_sampler(algorithm, density) -> None:
     assert bool((draw.importance_weight == 1).all())
     # The cell masses it reports are the density's, moved by the shift.
     edges = unshift_sigmas(torch.arange(101, dtype=torch.float64) / 100, 3.0)
-    torch.testing.assert_close(model.timestep_distribution().double(), grid_masses(density, edges), rtol=1e-5,
-                               atol=1e-7)
+    torch.testing.assert_close(
+        model.timestep_distribution().double(), grid_masses(density, edges), rtol=1e-5, atol=1e-7
+    )
     # On a DDPM model the same density sits on t / T.
     from conftest import tiny_model
+
     ddpm = tiny_model(num_timesteps=100)
     init(ddpm, type(algorithm)(**{k: v for k, v in vars(algorithm).items() if not k.startswith('_')}))
-    torch.testing.assert_close(ddpm.timestep_distribution().double(),
-                               grid_masses(density, torch.arange(101, dtype=torch.float64) / 100), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        ddpm.timestep_distribution().double(),
+        grid_masses(density, torch.arange(101, dtype=torch.float64) / 100),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_ddpm_only_algorithms_refuse_a_flow_model_in_one_line(digits_mds, tmp_path, capsys, monkeypatch):
-    for algorithm, fix in ((MinSNRWeighting(), 'sigma_sqrt_weighting'), (P2Weighting(), 'sigma_sqrt_weighting'),
-                           (SpeeD(), 'logit_normal_sampling'), (LogNormalSampling(), 'logit_normal_sampling')):
+    for algorithm, fix in (
+        (MinSNRWeighting(), 'sigma_sqrt_weighting'),
+        (P2Weighting(), 'sigma_sqrt_weighting'),
+        (SpeeD(), 'logit_normal_sampling'),
+        (LogNormalSampling(), 'logit_normal_sampling'),
+    ):
         with pytest.raises(ValueError) as error:
             init(flow_model(), algorithm)
         message = str(error.value)
@@ -324,11 +392,21 @@ def test_ddpm_only_algorithms_refuse_a_flow_model_in_one_line(digits_mds, tmp_pa
     # Through a recipe: one line and exit status 2 (a recipe that cannot be used), whether validation or the callback
     # at the run's start finds it.
     monkeypatch.chdir(tmp_path)
-    base = [os.path.join(ROOT, 'yamls', 'digits', 'flow_uniform.yaml'), 'prepare_data=false',
-            f'train_loader.local={digits_mds}', f'eval_loader.local={digits_mds}', 'max_duration=2ba',
-            'progress_bar=false', 'save_folder=null', 'loggers=null', 'callbacks=null']
-    for overrides, code, named in ((['algorithms.min_snr_weighting={gamma: 5.0}'], 2, 'MinSNRWeighting'),
-                                   (['callbacks.bits_per_dim={num_images: 8}'], 2, 'bits_per_dim')):
+    base = [
+        os.path.join(ROOT, 'yamls', 'digits', 'flow_uniform.yaml'),
+        'prepare_data=false',
+        f'train_loader.local={digits_mds}',
+        f'eval_loader.local={digits_mds}',
+        'max_duration=2ba',
+        'progress_bar=false',
+        'save_folder=null',
+        'loggers=null',
+        'callbacks=null',
+    ]
+    for overrides, code, named in (
+        (['algorithms.min_snr_weighting={gamma: 5.0}'], 2, 'MinSNRWeighting'),
+        (['callbacks.bits_per_dim={num_images: 8}'], 2, 'bits_per_dim'),
+    ):
         capsys.readouterr()
         assert train_script.main(base + overrides) == code
         err = capsys.readouterr().err
@@ -338,6 +416,7 @@ def test_ddpm_only_algorithms_refuse_a_flow_model_in_one_line(digits_mds, tmp_pa
 
 def test_flow_weightings_refuse_a_ddpm_model_and_weight_by_sigma():
     from conftest import tiny_model
+
     for algorithm, reference in ((SigmaSqrtWeighting(), sigma_sqrt_weight), (CosMapWeighting(), cosmap_weight)):
         with pytest.raises(ValueError, match='flow-matching models only'):
             init(tiny_model(), algorithm)
@@ -345,7 +424,6 @@ def test_flow_weightings_refuse_a_ddpm_model_and_weight_by_sigma():
         init(model, algorithm)
         record = model({'image': torch.randn(5, 1, 8, 8)})['draw']
         torch.testing.assert_close(record.loss_weight, reference(None, record.sigma).float())
-
 
 
 def test_loss_aware_sampler_and_a_weighting_train_a_flow_model(digits_mds):
@@ -361,8 +439,9 @@ def test_loss_aware_sampler_and_a_weighting_train_a_flow_model(digits_mds):
     own = model.default_timestep_sampler().probs(x0)
     torch.testing.assert_close(draw.importance_weight, (own[draw.t] / draw.probs[draw.t]).float())
     record = model({'image': x0})['draw']
-    torch.testing.assert_close(record.loss_weight,
-                               (record.importance_weight * sigma_sqrt_weight(None, record.sigma)).float())
+    torch.testing.assert_close(
+        record.loss_weight, (record.importance_weight * sigma_sqrt_weight(None, record.sigma)).float()
+    )
 
 
 def test_curriculum_over_sigma_tilts_the_draws_towards_mu():
@@ -402,17 +481,32 @@ def test_adaptive_policy_rewards_the_flow_matching_loss_reduction(digits_mds):
 def test_flow_recipe_algorithms_resume_exactly(digits_mds, tmp_path):
 
     def algorithms():
-        return [AdaptiveTimestepSampling(update_every=2, num_probe_timesteps=8),
-                CurriculumTimestepSchedule(lam_max=0.7, ramp_start='0ba', ramp_end='6ba'),
-                MomentumDecay(beta_end=0.3, compensate_lr=True)]
+        return [
+            AdaptiveTimestepSampling(update_every=2, num_probe_timesteps=8),
+            CurriculumTimestepSchedule(lam_max=0.7, ramp_start='0ba', ramp_end='6ba'),
+            MomentumDecay(beta_end=0.3, compensate_lr=True),
+        ]
 
     rec = LossRecorder()
-    full = make_trainer(digits_mds, algorithms=algorithms(), model=flow_model(), max_duration='8ba', callbacks=[rec],
-                        save_folder=str(tmp_path / 'a'), save_interval='4ba')
+    full = make_trainer(
+        digits_mds,
+        algorithms=algorithms(),
+        model=flow_model(),
+        max_duration='8ba',
+        callbacks=[rec],
+        save_folder=str(tmp_path / 'a'),
+        save_interval='4ba',
+    )
     full.fit()
     rec2 = LossRecorder()
-    resumed = make_trainer(digits_mds, algorithms=algorithms(), model=flow_model(seed=3), max_duration='8ba',
-                           callbacks=[rec2], load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'))
+    resumed = make_trainer(
+        digits_mds,
+        algorithms=algorithms(),
+        model=flow_model(seed=3),
+        max_duration='8ba',
+        callbacks=[rec2],
+        load_path=str(tmp_path / 'a' / 'ep0-ba4-rank0.pt'),
+    )
     resumed.fit()
     assert len(rec.losses) == 8 and all(math.isfinite(x) for x in rec.losses)
     assert rec2.losses == rec.losses[4:]

@@ -28,8 +28,9 @@ COMPOSER = os.path.join(os.path.dirname(sys.executable), 'composer')
 def _composer(n: int, *args: str, cwd: str, strict: bool = False, timeout: int = 900) -> None:
     env = dict(os.environ, OMP_NUM_THREADS='1', FSDP_VERSION='2', STRICT_DEVICES='1' if strict else '0')
     os.makedirs(cwd, exist_ok=True)
-    proc = subprocess.run([COMPOSER, '-n', str(n), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd)
+    proc = subprocess.run(
+        [COMPOSER, '-n', str(n), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
@@ -66,17 +67,27 @@ def _strict_configs(data: str, latents: str, vae: str, folder: str) -> dict[str,
     """The scale-out recipes (and the digits adaptive recipe with FID) shrunk to run here, with their FSDP settings,
     evaluation every step and the evaluation callbacks that apply to them."""
     configs = {}
-    for rel in ('cifar10/uniform', 'cifar10/adaptive', 'cifar10/adaptive_clts_md', 'latent256/uniform',
-                'latent256/adaptive', 'latent256/adaptive_clts_md', 'latent256/adaptive_clts_md_latents',
-                'latent256/flow_adaptive_clts_md'):
+    for rel in (
+        'cifar10/uniform',
+        'cifar10/adaptive',
+        'cifar10/adaptive_clts_md',
+        'latent256/uniform',
+        'latent256/adaptive',
+        'latent256/adaptive_clts_md',
+        'latent256/adaptive_clts_md_latents',
+        'latent256/flow_adaptive_clts_md',
+    ):
         cfg = load_config(os.path.join(ROOT, 'yamls', f'{rel}.yaml'))
         fsdp = cfg['parallelism_config']
         precomputed = cfg['train_loader'].get('latents', False)
         cfg = _cpu_overrides(cfg, latents if precomputed else data, vae, update_every=1, num_probe_timesteps=6)
         cfg['parallelism_config'] = fsdp
         cfg.update(max_duration='2ba', eval_interval='1ba')
-        cfg['callbacks'] = {'loss_bands': {}, 'bits_per_dim': {'num_images': 8, 'num_terms': 4},
-                            'timestep_heatmap': {'interval': '1ba', 'folder': folder}}
+        cfg['callbacks'] = {
+            'loss_bands': {},
+            'bits_per_dim': {'num_images': 8, 'num_terms': 4},
+            'timestep_heatmap': {'interval': '1ba', 'folder': folder},
+        }
         if cfg['model'].get('objective') == 'flow_matching':
             del cfg['callbacks']['bits_per_dim']  # no variational bound on a flow model
         if 'cifar10' in rel:
@@ -86,22 +97,45 @@ def _strict_configs(data: str, latents: str, vae: str, folder: str) -> dict[str,
     bf16 = yaml.safe_load(yaml.safe_dump(configs['cifar10-adaptive_clts_md']))
     bf16['parallelism_config']['fsdp']['mixed_precision'] = {'param_dtype': 'bf16', 'reduce_dtype': 'fp32'}
     # diffusers' UNet casts its time embedding to the parameters' dtype (CPU runs without autocast).
-    bf16['model']['denoiser'] = {'name': 'unet', 'sample_size': 8, 'in_channels': 3, 'block_out_channels': [16, 32],
-                                 'layers_per_block': 1, 'attention_levels': [], 'norm_num_groups': 8}
+    bf16['model']['denoiser'] = {
+        'name': 'unet',
+        'sample_size': 8,
+        'in_channels': 3,
+        'block_out_channels': [16, 32],
+        'layers_per_block': 1,
+        'attention_levels': [],
+        'norm_num_groups': 8,
+    }
     configs['cifar10-adaptive_clts_md-bf16'] = bf16
-    digits = load_config(os.path.join(ROOT, 'yamls', 'digits', 'adaptive_clts_md.yaml'),
-                         [f'train_loader.local={data}', f'eval_loader.local={data}', 'max_duration=2ba',
-                          'eval_interval=1ba', 'eval_subset_num_batches=1', 'progress_bar=false', 'save_folder=null',
-                          'train_loader.global_batch_size=16'])
+    digits = load_config(
+        os.path.join(ROOT, 'yamls', 'digits', 'adaptive_clts_md.yaml'),
+        [
+            f'train_loader.local={data}',
+            f'eval_loader.local={data}',
+            'max_duration=2ba',
+            'eval_interval=1ba',
+            'eval_subset_num_batches=1',
+            'progress_bar=false',
+            'save_folder=null',
+            'train_loader.global_batch_size=16',
+        ],
+    )
     digits['model']['denoiser'] = {'name': 'conv', 'width': 16}
     digits.pop('scheduler', None)  # no warm-up: the adaptive sampler probes only steps with a non-zero lr
     digits['model']['noise_schedule'] = {'num_timesteps': 100}
     digits['algorithms']['adaptive_timestep_sampling'].update(update_every=1, num_probe_timesteps=6)
-    digits['callbacks'] = {'fid': {'num_samples': 8, 'num_steps': 2, 'folder': folder,
-                                   'classifier_cache_dir': os.path.join(folder, 'cache')},
-                           'bits_per_dim': {'num_images': 8, 'num_terms': 4}, 'loss_bands': {},
-                           'sample_grid': {'num_samples': 4, 'num_steps': 2, 'folder': folder},
-                           'timestep_heatmap': {'interval': '1ba', 'folder': folder}}
+    digits['callbacks'] = {
+        'fid': {
+            'num_samples': 8,
+            'num_steps': 2,
+            'folder': folder,
+            'classifier_cache_dir': os.path.join(folder, 'cache'),
+        },
+        'bits_per_dim': {'num_images': 8, 'num_terms': 4},
+        'loss_bands': {},
+        'sample_grid': {'num_samples': 4, 'num_steps': 2, 'folder': folder},
+        'timestep_heatmap': {'interval': '1ba', 'folder': folder},
+    }
     digits['parallelism_config'] = {'fsdp': {'state_dict_type': 'sharded'}}
     configs['digits-adaptive_clts_md'] = digits
     return configs
@@ -109,14 +143,23 @@ def _strict_configs(data: str, latents: str, vae: str, folder: str) -> dict[str,
 
 def test_scale_out_recipes_follow_gpu_rules_on_two_ranks(digits_mds, latent_mds, tiny_vae_dir, tmp_path):
     from composer_algos.evaluation.features import load_or_train_digit_classifier
+
     configs = _strict_configs(digits_mds, latent_mds, tiny_vae_dir, str(tmp_path / 'pictures'))
     # The FID classifier trains on the CPU once and is cached (a CPU-only job the harness cannot tell apart from
     # device work); the runs load it and move it to their device.
     load_or_train_digit_classifier(str(tmp_path / 'pictures' / 'cache'))
     listing = write_recipe_listing(tmp_path, {f'{name}.yaml': cfg for name, cfg in configs.items()})
     out = tmp_path / 'out'
-    _composer(2, os.path.join(TESTS, 'distributed_run.py'), '--each', listing, str(out), cwd=str(out),
-              strict=True, timeout=1500)
+    _composer(
+        2,
+        os.path.join(TESTS, 'distributed_run.py'),
+        '--each',
+        listing,
+        str(out),
+        cwd=str(out),
+        strict=True,
+        timeout=1500,
+    )
     for name, cfg in configs.items():
         ranks = _results(out / f'{name}.yaml', 2)
         for result in ranks:
@@ -140,18 +183,29 @@ def test_probes_see_fp32_weights_when_fsdp_computes_in_bf16(digits_mds, tmp_path
 
 # ------------------------------------------------------------------------------------------------ rank counts
 def _cross_rank_recipe(tmp_path, data: str, objective: str = 'ddpm') -> str:
-    model = ({'objective': 'flow_matching', 'flow': {'num_cells': 100}} if objective == 'flow_matching' else
-             {'noise_schedule': {'num_timesteps': 100}})
+    model = (
+        {'objective': 'flow_matching', 'flow': {'num_cells': 100}}
+        if objective == 'flow_matching'
+        else {'noise_schedule': {'num_timesteps': 100}}
+    )
     recipe = {
-        'max_duration': '8ba', 'device': 'cpu', 'precision': 'fp32', 'seed': 5, 'progress_bar': False,
+        'max_duration': '8ba',
+        'device': 'cpu',
+        'precision': 'fp32',
+        'seed': 5,
+        'progress_bar': False,
         'model': {'denoiser': {'name': 'conv', 'width': 16}, **model},
         'train_loader': {'local': data, 'split': 'train', 'global_batch_size': 16, 'channels': 1, 'image_size': 8},
         'optimizer': {'name': 'adam', 'lr': 1e-3},
-        'algorithms': {'ema': {'half_life': '2ba'},
-                       'adaptive_timestep_sampling': {'update_every': 3, 'num_probe_timesteps': 7},
-                       'curriculum_timestep_schedule': {'ramp_end': '6ba', 'ramp_start': '0ba'},
-                       'momentum_decay': {'beta_end': 0.5, 'compensate_lr': True}},
-        'save_folder': str(tmp_path / 'ckpt-{run_name}'), 'save_interval': '4ba', 'save_overwrite': True,
+        'algorithms': {
+            'ema': {'half_life': '2ba'},
+            'adaptive_timestep_sampling': {'update_every': 3, 'num_probe_timesteps': 7},
+            'curriculum_timestep_schedule': {'ramp_end': '6ba', 'ramp_start': '0ba'},
+            'momentum_decay': {'beta_end': 0.5, 'compensate_lr': True},
+        },
+        'save_folder': str(tmp_path / 'ckpt-{run_name}'),
+        'save_interval': '4ba',
+        'save_overwrite': True,
         'parallelism_config': {'fsdp': {'state_dict_type': 'sharded'}},
     }
     path = tmp_path / 'recipe.yaml'
@@ -170,9 +224,12 @@ def test_a_run_and_its_resumes_are_the_same_on_one_and_two_ranks(digits_mds, tmp
     batch. The recipe has the adaptive policy tilted by the curriculum, with momentum decay and the EMA."""
     recipe = _cross_rank_recipe(tmp_path, digits_mds, objective)
     runner = os.path.join(TESTS, 'distributed_run.py')
-    runs = {'one': (1, []), 'two': (2, []),
-            'two_to_one': (1, [f'load_path={tmp_path / "ckpt-two" / "ep0-ba4"}']),
-            'one_to_two': (2, [f'load_path={tmp_path / "ckpt-one" / "ep0-ba4"}'])}
+    runs = {
+        'one': (1, []),
+        'two': (2, []),
+        'two_to_one': (1, [f'load_path={tmp_path / "ckpt-two" / "ep0-ba4"}']),
+        'one_to_two': (2, [f'load_path={tmp_path / "ckpt-one" / "ep0-ba4"}']),
+    }
     results = {}
     for name, (ranks, overrides) in runs.items():
         _composer(ranks, runner, recipe, str(tmp_path / name), f'run_name={name}', *overrides, cwd=str(tmp_path))
@@ -182,7 +239,8 @@ def test_a_run_and_its_resumes_are_the_same_on_one_and_two_ranks(digits_mds, tmp
     # The same global batches in the same order, each sample with the same t and noise: the same run, up to the
     # order of floating-point sums.
     assert results['one'][0]['batch_sums'] == pytest.approx(
-        np.sum([r['batch_sums'] for r in results['two']], axis=0).tolist(), rel=1e-9)
+        np.sum([r['batch_sums'] for r in results['two']], axis=0).tolist(), rel=1e-9
+    )
     np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_global_losses(results['two_to_one']), one[4:], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_global_losses(results['one_to_two']), one[4:], rtol=1e-5, atol=1e-6)
@@ -218,8 +276,13 @@ class _Bf16Encoder(torch.nn.Module):
 
 def test_latents_from_a_bf16_encoder_are_noised_in_fp32():
     from composer_algos.diffusion import DiffusionModel, NoiseSchedule, TimeConditionedConvNet
-    model = DiffusionModel(TimeConditionedConvNet(in_channels=1, width=8), NoiseSchedule('linear', 1000),
-                           encoder=_Bf16Encoder(), latent_scale=1.3)
+
+    model = DiffusionModel(
+        TimeConditionedConvNet(in_channels=1, width=8),
+        NoiseSchedule('linear', 1000),
+        encoder=_Bf16Encoder(),
+        latent_scale=1.3,
+    )
     images = torch.rand(4, 3, 8, 8) * 2 - 1
     x0 = model.images({'image': images})
     assert x0.dtype == torch.float32
@@ -235,12 +298,12 @@ def test_an_encoder_returning_a_plain_tensor_gives_its_latents():
     from composer_algos.diffusion import DiffusionModel, NoiseSchedule, TimeConditionedConvNet
 
     class Halve(torch.nn.Module):
-
         def forward(self, images):
             return images[:, :1] / 2
 
-    model = DiffusionModel(TimeConditionedConvNet(in_channels=1, width=8), NoiseSchedule('linear', 100),
-                           encoder=Halve(), latent_scale=2.0)
+    model = DiffusionModel(
+        TimeConditionedConvNet(in_channels=1, width=8), NoiseSchedule('linear', 100), encoder=Halve(), latent_scale=2.0
+    )
     images = torch.rand(2, 3, 8, 8)
     # Every tensor has a .mode() (the statistical mode): it must not be mistaken for a posterior.
     torch.testing.assert_close(model.images({'image': images}), images[:, :1])

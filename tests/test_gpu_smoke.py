@@ -36,9 +36,14 @@ def test_resumed_losses_must_match_bit_for_bit(gpu_smoke):
 
 def test_algorithm_states_are_compared_exactly(gpu_smoke):
     import torch
+
     a = {'policy': {'w': torch.tensor([1.0, 2.0])}, 'selected': torch.tensor([0, 3]), 'num_updates': 4}
-    assert gpu_smoke.first_difference(a, {'policy': {'w': torch.tensor([1.0, 2.0])}, 'selected': torch.tensor([0, 3]),
-                                          'num_updates': 4}) is None
+    assert (
+        gpu_smoke.first_difference(
+            a, {'policy': {'w': torch.tensor([1.0, 2.0])}, 'selected': torch.tensor([0, 3]), 'num_updates': 4}
+        )
+        is None
+    )
     b = {'policy': {'w': torch.tensor([1.0, 2.0000002])}, 'selected': torch.tensor([0, 3]), 'num_updates': 4}
     assert gpu_smoke.first_difference(a, b) == 'policy.w'
     assert gpu_smoke.first_difference(a, dict(a, num_updates=3)) == 'num_updates'
@@ -48,13 +53,16 @@ def test_shared_memory_races_are_told_apart_from_other_errors(gpu_smoke):
     assert gpu_smoke.barriers_skipped(FileExistsError(17, 'File exists', '/001169_locals')) == 2
     assert gpu_smoke.barriers_skipped(FileNotFoundError(2, 'No such file or directory', '/001204_next_epoch')) == 1
     assert gpu_smoke.barriers_skipped(RuntimeError('Internal error: shared memory registered does not match')) == 1
-    assert gpu_smoke.barriers_skipped(FileNotFoundError(2, 'No such file or directory', '/data/train/index.json')) \
-        is None
+    assert (
+        gpu_smoke.barriers_skipped(FileNotFoundError(2, 'No such file or directory', '/data/train/index.json')) is None
+    )
     assert gpu_smoke.barriers_skipped(RuntimeError('CUDA out of memory')) is None
     # Node 0's ranks created every block between them; on node 1 nobody created 000007_barrier: another process's.
-    gathered = [(0, [('000003_locals', True), ('000003_barrier', False)]),
-                (0, [('000003_locals', False), ('000003_barrier', True)]),
-                (1, [('000007_locals', True), ('000007_barrier', False)])]
+    gathered = [
+        (0, [('000003_locals', True), ('000003_barrier', False)]),
+        (0, [('000003_locals', False), ('000003_barrier', True)]),
+        (1, [('000007_locals', True), ('000007_barrier', False)]),
+    ]
     assert gpu_smoke.foreign_blocks(gathered) == ['000007_barrier']
 
 
@@ -62,6 +70,7 @@ def test_a_streaming_loader_names_the_shared_memory_it_created(gpu_smoke, tmp_pa
     """The blocks the race check inspects are found on a real StreamingDataset (one process creates them all)."""
     from composer_algos.data import build_streaming_image_dataloader, write_mds
     from composer_algos.data.convert import digits_images
+
     write_mds(digits_images('val')[:16], str(tmp_path / 'val'), progress=False)
     loader = build_streaming_image_dataloader(global_batch_size=4, local=str(tmp_path), split='val')
     blocks = gpu_smoke.shared_blocks(loader)
@@ -75,22 +84,31 @@ def test_tiny_smoke_on_two_fsdp2_ranks(tmp_path):
     """Two recipes pass, resumed losses equal the uninterrupted run's on both ranks, and a broken recipe between
     them fails alone (its line says why, the next recipe still runs, the exit status is 1)."""
     broken = tmp_path / 'broken.yaml'
-    broken.write_text(f"includes: [{os.path.join(ROOT, 'yamls', 'cifar10', 'uniform.yaml')}]\n"
-                      'model: {denoiser: {dropout_rate: 0.1}}\n')
+    broken.write_text(
+        f'includes: [{os.path.join(ROOT, "yamls", "cifar10", "uniform.yaml")}]\n'
+        'model: {denoiser: {dropout_rate: 0.1}}\n'
+    )
     recipes = [os.path.join(ROOT, 'yamls', RECIPES[0]), str(broken), os.path.join(ROOT, 'yamls', RECIPES[1])]
     work = tmp_path / 'work'
     env = dict(os.environ, OMP_NUM_THREADS='1', FSDP_VERSION='2')
     composer = os.path.join(os.path.dirname(sys.executable), 'composer')
-    proc = subprocess.run([composer, '-n', '2', SCRIPT, *recipes, '--tiny', '--work', str(work)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [composer, '-n', '2', SCRIPT, *recipes, '--tiny', '--work', str(work)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     context = proc.stdout[-3000:] + proc.stderr[-4000:]
     assert proc.returncode != 0, context
     results = [line for line in lines if ': ok |' in line or ': FAILED' in line]
     assert len(results) == 3 and '2/3 recipes ok' in lines, context
     cifar, failed, latent = results
-    assert cifar.startswith('cifar10/adaptive.yaml: ok | 4 steps, eval at 2 and 4, resumed from 2 with identical '
-                            'losses'), cifar
+    assert cifar.startswith(
+        'cifar10/adaptive.yaml: ok | 4 steps, eval at 2 and 4, resumed from 2 with identical losses'
+    ), cifar
     assert 'FID dropped' in cifar and 'peak n/a on CPU' in cifar
     assert failed.startswith(f'{broken}: FAILED: ') and 'dropout_rate' in failed, failed
     assert latent.startswith('latent256/clts_md.yaml: ok |') and 'VAE random' in latent, latent

@@ -9,8 +9,13 @@ from scipy import stats
 
 from composer_algos.algorithms.curriculum_timestep_schedule import clts_probs
 from composer_algos.algorithms.logit_normal_sampling import logit_normal_probs
-from composer_algos.diffusion import (FixedDistributionSampler, FlowMatchingModel, FlowSchedule, LogitNormalDensity,
-                                      TimeConditionedConvNet)
+from composer_algos.diffusion import (
+    FixedDistributionSampler,
+    FlowMatchingModel,
+    FlowSchedule,
+    LogitNormalDensity,
+    TimeConditionedConvNet,
+)
 from composer_algos.diffusion.densities import grid_masses
 from composer_algos.diffusion.draw import low_discrepancy_uniforms
 from composer_algos.diffusion.flow import unshift_sigmas
@@ -19,9 +24,9 @@ from composer_algos.diffusion.timestep_samplers import ContinuousTimestepSampler
 
 def flow_model(num_cells: int = 50, shift: float = 1.0, **kwargs) -> FlowMatchingModel:
     torch.manual_seed(0)
-    return FlowMatchingModel(TimeConditionedConvNet(in_channels=1, width=8), FlowSchedule(shift=shift,
-                                                                                         num_cells=num_cells),
-                             **kwargs)
+    return FlowMatchingModel(
+        TimeConditionedConvNet(in_channels=1, width=8), FlowSchedule(shift=shift, num_cells=num_cells), **kwargs
+    )
 
 
 class TwoGroupSampler(TimestepSampler):
@@ -139,6 +144,7 @@ def test_resume_repeats_the_draws():
 @pytest.mark.parametrize('flow', [False, True])
 def test_two_ranks_draw_what_one_rank_draws_at_each_global_position(flow, monkeypatch):
     """Rank r holds positions r, r + 2, ... of the global batch; the offset and B are the global batch's."""
+
     def model():
         return flow_model(low_discrepancy=True) if flow else tiny_model(low_discrepancy=True)
 

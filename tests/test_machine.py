@@ -16,9 +16,12 @@ PLAIN_KERNELS = {'ATEN_CPU_CAPABILITY': 'default', 'DNNL_MAX_CPU_ISA': 'SSE41', 
 
 
 def _fingerprint_in(env: dict[str, str]) -> dict:
-    code = 'import json; from composer_algos.machine import machine_fingerprint; print(json.dumps(machine_fingerprint()))'
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}).stdout
+    code = (
+        'import json; from composer_algos.machine import machine_fingerprint; print(json.dumps(machine_fingerprint()))'
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code], capture_output=True, text=True, check=True, env={**os.environ, **env}
+    ).stdout
     return json.loads(out)
 
 
@@ -37,18 +40,52 @@ def test_one_checkpoint_scores_the_same_fid_under_two_instruction_sets(digits_md
     save = tmp_path / 'checkpoints'
     recipe = os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml')
     data = [f'train_loader.local={digits_mds}', f'eval_loader.local={digits_mds}']
-    subprocess.run([sys.executable, os.path.join(ROOT, 'recipes', 'train.py'), recipe, 'max_duration=300ba',
-                    'callbacks=null', 'progress_bar=false', f'save_folder={save}', 'save_interval=300ba',
-                    f'loggers.file.filename={tmp_path}/log.txt', 'run_name=capability', *data],
-                   check=True, capture_output=True, cwd=tmp_path)
-    checkpoint = str(save / 'ep1-ba300-rank0.pt') if (save / 'ep1-ba300-rank0.pt').exists() else str(
-        next(p for p in save.iterdir() if p.name.endswith('.pt') and 'latest' not in p.name))
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'recipes', 'train.py'),
+            recipe,
+            'max_duration=300ba',
+            'callbacks=null',
+            'progress_bar=false',
+            f'save_folder={save}',
+            'save_interval=300ba',
+            f'loggers.file.filename={tmp_path}/log.txt',
+            'run_name=capability',
+            *data,
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    checkpoint = (
+        str(save / 'ep1-ba300-rank0.pt')
+        if (save / 'ep1-ba300-rank0.pt').exists()
+        else str(next(p for p in save.iterdir() if p.name.endswith('.pt') and 'latest' not in p.name))
+    )
     scores = {}
     for name, env in (('native', {}), ('plain', PLAIN_KERNELS)):
         out = tmp_path / name
-        subprocess.run([sys.executable, os.path.join(ROOT, 'recipes', 'evaluate.py'), checkpoint, '--config', recipe,
-                        '--out', str(out), 'num_samples=500', 'num_steps=25', 'bpd_images=8', 'bpd_terms=4',
-                        'grid_samples=4', *data], check=True, capture_output=True, env={**os.environ, **env})
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, 'recipes', 'evaluate.py'),
+                checkpoint,
+                '--config',
+                recipe,
+                '--out',
+                str(out),
+                'num_samples=500',
+                'num_steps=25',
+                'bpd_images=8',
+                'bpd_terms=4',
+                'grid_samples=4',
+                *data,
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, **env},
+        )
         scores[name] = json.loads((out / 'evaluation.json').read_text())
     native, plain = scores['native']['FID'], scores['plain']['FID']
     # A trained model: far from the real digits' floor it would not be, far from random noise it is.

@@ -17,8 +17,13 @@ from composer_algos.config import ConfigError, prepare_data
 from composer_algos.data import StreamingImageDataset
 from composer_algos.data.convert import mnist5k_images
 from composer_algos.evaluation import fid_from_samples, real_vs_real_fid
-from composer_algos.evaluation.features import (DigitFeatures, build_feature_extractor, digit_classifier_path,
-                                                mnist5k_arrays, train_digit_classifier)
+from composer_algos.evaluation.features import (
+    DigitFeatures,
+    build_feature_extractor,
+    digit_classifier_path,
+    mnist5k_arrays,
+    train_digit_classifier,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,10 +59,12 @@ def test_images_are_uint8_and_downsampling_keeps_the_ink():
 
 
 def test_shards_load_in_range_and_in_the_written_order(mnist_mds):
-    val = StreamingImageDataset(local=mnist_mds, split='val', shuffle=False, batch_size=1, channels=1,
-                                image_size=MNIST_SIZE)
-    train = StreamingImageDataset(local=mnist_mds, split='train', shuffle=False, batch_size=1, channels=1,
-                                  image_size=MNIST_SIZE)
+    val = StreamingImageDataset(
+        local=mnist_mds, split='val', shuffle=False, batch_size=1, channels=1, image_size=MNIST_SIZE
+    )
+    train = StreamingImageDataset(
+        local=mnist_mds, split='train', shuffle=False, batch_size=1, channels=1, image_size=MNIST_SIZE
+    )
     assert len(val) == 1000 and len(train) == 4000
     images = torch.stack([val[i]['image'] for i in range(50)])
     assert images.shape == (50, 1, MNIST_SIZE, MNIST_SIZE)
@@ -68,8 +75,9 @@ def test_shards_load_in_range_and_in_the_written_order(mnist_mds):
 
 
 def _convert_dataset():
-    spec = importlib.util.spec_from_file_location('convert_dataset', os.path.join(ROOT, 'recipes',
-                                                                                   'convert_dataset.py'))
+    spec = importlib.util.spec_from_file_location(
+        'convert_dataset', os.path.join(ROOT, 'recipes', 'convert_dataset.py')
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -78,8 +86,9 @@ def _convert_dataset():
 def test_converter_writes_the_same_shards_every_time(mnist_mds, tmp_path, capsys):
     convert = _convert_dataset()
     out = tmp_path / 'mnist'
-    assert convert.main(['--dataset', 'mnist5k', '--image-size', str(MNIST_SIZE), '--out', str(out),
-                         '--no-progress']) == 0
+    assert (
+        convert.main(['--dataset', 'mnist5k', '--image-size', str(MNIST_SIZE), '--out', str(out), '--no-progress']) == 0
+    )
     for split in ('train', 'val'):
         names = sorted(os.listdir(out / split))
         assert names == sorted(os.listdir(os.path.join(mnist_mds, split))) and 'index.json' in names
@@ -93,8 +102,9 @@ def test_converter_writes_the_same_shards_every_time(mnist_mds, tmp_path, capsys
 def test_prepare_data_converts_the_named_dataset_once(tmp_path):
     cfg = {'train_loader': {'local': str(tmp_path / 'mnist'), 'image_size': MNIST_SIZE}}
     prepare_data(cfg, 'mnist5k')
-    ds = StreamingImageDataset(local=str(tmp_path / 'mnist'), split='train', shuffle=False, batch_size=1,
-                               image_size=MNIST_SIZE)
+    ds = StreamingImageDataset(
+        local=str(tmp_path / 'mnist'), split='train', shuffle=False, batch_size=1, image_size=MNIST_SIZE
+    )
     assert len(ds) == 4000
     index = tmp_path / 'mnist' / 'train' / 'index.json'
     written = index.stat().st_mtime_ns
@@ -102,8 +112,14 @@ def test_prepare_data_converts_the_named_dataset_once(tmp_path):
     assert index.stat().st_mtime_ns == written
     # true still means the 8x8 digits, as before a dataset could be named.
     prepare_data({'train_loader': {'local': str(tmp_path / 'digits')}}, True)
-    assert len(StreamingImageDataset(local=str(tmp_path / 'digits'), split='val', shuffle=False,
-                                     batch_size=1, image_size=8)) == 360
+    assert (
+        len(
+            StreamingImageDataset(
+                local=str(tmp_path / 'digits'), split='val', shuffle=False, batch_size=1, image_size=8
+            )
+        )
+        == 360
+    )
     with pytest.raises(ConfigError, match="Did you mean 'mnist5k'"):
         prepare_data(cfg, 'mnist5')
     with pytest.raises(ConfigError, match='needs train_loader.local'):

@@ -14,8 +14,12 @@ from composer.core import Event, State
 from composer.loggers import InMemoryLogger, Logger
 from conftest import LossRecorder, make_trainer, tiny_model
 
-from composer_algos.algorithms.noise_assignment import (NoiseAssignment, candidate_costs, hungarian_assignment,
-                                                        pairwise_cost)
+from composer_algos.algorithms.noise_assignment import (
+    NoiseAssignment,
+    candidate_costs,
+    hungarian_assignment,
+    pairwise_cost,
+)
 from composer_algos.diffusion import FlowMatchingModel, FlowSchedule, TimeConditionedConvNet
 from composer_algos.diffusion.draw import NoiseDraw, training_randoms
 from composer_algos.registry import ConfigError
@@ -37,8 +41,16 @@ def _total(cost: torch.Tensor, perm) -> float:
 
 def init(algorithm, model) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    state = State(model=model, rank_zero_seed=0, run_name='x', device='cpu', optimizers=opt, max_duration='10ba',
-                  dataloader=[None], dataloader_label='train')
+    state = State(
+        model=model,
+        rank_zero_seed=0,
+        run_name='x',
+        device='cpu',
+        optimizers=opt,
+        max_duration='10ba',
+        dataloader=[None],
+        dataloader_label='train',
+    )
     algorithm.apply(Event.INIT, state, Logger(state))
 
 
@@ -58,11 +70,11 @@ def test_the_assignment_is_the_brute_force_optimum(cost, batch):
 
 def test_the_costs_in_closed_form():
     x0, noise = torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([[3.0, 4.0], [1.0, 2.0]])
-    expected = torch.tensor([[5.0, 5 ** 0.5], [13 ** 0.5, 1.0]], dtype=torch.float64)
+    expected = torch.tensor([[5.0, 5**0.5], [13**0.5, 1.0]], dtype=torch.float64)
     torch.testing.assert_close(pairwise_cost(x0, noise, 'l2'), expected)
     torch.testing.assert_close(pairwise_cost(x0, noise, 'sq_l2'), expected.square())
     # The two costs can disagree: distances 0 and 10 sum to less than 5.5 and 5.5, their squares to more.
-    a = 5.25 ** 0.5
+    a = 5.25**0.5
     x0, noise = torch.tensor([[0.0, 0.0], [a, 5.0]]), torch.tensor([[0.0, 0.0], [a, -5.0]])
     assert hungarian_assignment(pairwise_cost(x0, noise, 'l2')).tolist() == [0, 1]
     assert hungarian_assignment(pairwise_cost(x0, noise, 'sq_l2')).tolist() == [1, 0]
@@ -132,8 +144,9 @@ def test_the_model_trains_on_a_permutation_of_its_drawn_noise_and_labels_stay():
 
 
 def test_by_condition_needs_class_labels():
-    with pytest.raises(ConfigError, match='by_condition assigns noise within each class, but the model is '
-                                          'unconditional'):
+    with pytest.raises(
+        ConfigError, match='by_condition assigns noise within each class, but the model is unconditional'
+    ):
         init(NoiseAssignment(by_condition=True), tiny_model(width=8))
     # Labels that are no class labels (a float tensor, as an embedding would be) are refused at the first batch.
     model = tiny_model(width=8, label_key='label')
@@ -157,28 +170,34 @@ def test_a_degenerate_batch_keeps_its_noise_and_says_so(caplog):
 
 
 def test_a_trainer_with_batches_of_one_is_refused_in_one_line(digits_mds):
-    trainer = make_trainer(digits_mds, algorithms=[NoiseAssignment(scope='rank')], batch_size=1,
-                           max_duration='2ba')
+    trainer = make_trainer(digits_mds, algorithms=[NoiseAssignment(scope='rank')], batch_size=1, max_duration='2ba')
     with pytest.raises(ConfigError) as error:
         trainer.fit()
     assert "each rank's batch, which holds 1 sample here" in str(error.value) and '\n' not in str(error.value)
     make_trainer(digits_mds, algorithms=[NoiseAssignment(mode='knn')], batch_size=1, max_duration='1ba').fit()
 
 
-@pytest.mark.parametrize('objective, mode', [('ddpm', 'hungarian'), ('flow_matching', 'knn'),
-                                             ('flow_matching', 'hungarian')])
+@pytest.mark.parametrize(
+    'objective, mode', [('ddpm', 'hungarian'), ('flow_matching', 'knn'), ('flow_matching', 'hungarian')]
+)
 def test_resume_is_exact_and_the_assignment_is_logged(digits_mds, tmp_path, objective, mode):
     def model(seed):
         if objective == 'ddpm':
             return tiny_model(num_timesteps=50, seed=seed, low_discrepancy=True)
         torch.manual_seed(seed)
-        return FlowMatchingModel(TimeConditionedConvNet(in_channels=1, width=16), FlowSchedule(num_cells=50),
-                                 seed=seed)
+        return FlowMatchingModel(TimeConditionedConvNet(in_channels=1, width=16), FlowSchedule(num_cells=50), seed=seed)
 
     def run(seed, **kwargs):
         recorder, memory = LossRecorder(), InMemoryLogger()
-        trainer = make_trainer(digits_mds, algorithms=[NoiseAssignment(mode=mode, cost='sq_l2')], model=model(seed),
-                               max_duration='6ba', callbacks=[recorder], loggers=[memory], **kwargs)
+        trainer = make_trainer(
+            digits_mds,
+            algorithms=[NoiseAssignment(mode=mode, cost='sq_l2')],
+            model=model(seed),
+            max_duration='6ba',
+            callbacks=[recorder],
+            loggers=[memory],
+            **kwargs,
+        )
         trainer.fit()
         return recorder.losses, memory
 
@@ -196,10 +215,16 @@ def test_resume_is_exact_and_the_assignment_is_logged(digits_mds, tmp_path, obje
 def test_two_ranks_pair_a_global_batch_as_one_rank_does(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, 'tests'))
     from noise_assignment_run import pair
+
     one = pair(0, 1)
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run([COMPOSER, '-n', '2', os.path.join(ROOT, 'tests', 'noise_assignment_run.py'),
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [COMPOSER, '-n', '2', os.path.join(ROOT, 'tests', 'noise_assignment_run.py'), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
     for name in ('global', 'global_by_condition'):

@@ -26,6 +26,7 @@ def test_the_docs_diffusers_loop_runs(tmp_path, monkeypatch):
 
 def test_draws_are_keyed_and_resume_from_their_state():
     from composer_algos.algorithms.min_snr_weighting import min_snr_weight
+
     schedule = NoiseSchedule('linear', 100)
     x0 = torch.zeros(8, 1, 4, 4)
     full = TrainingDraws(schedule, weightings=[min_snr_weight], seed=3)

@@ -14,8 +14,7 @@ from schedulefree import AdamWScheduleFree
 
 from composer_algos.algorithms.ema import WarmupEMA, warmup_smoothing
 from composer_algos.algorithms.momentum_decay import MomentumDecay
-from composer_algos.algorithms.schedule_free import (ScheduleFree, schedulefree_adamw, to_eval_weights,
-                                                     to_train_weights)
+from composer_algos.algorithms.schedule_free import ScheduleFree, schedulefree_adamw, to_eval_weights, to_train_weights
 from composer_algos.config import ConfigError, build_optimizer, build_trainer, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,13 +63,16 @@ def test_the_switch_is_the_packages_and_creates_no_empty_state():
     assert len(package.state) == 2
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    ({'betas': (0.0, 0.999)}, r'betas\[0\] \(beta1\) must be in \(0, 1\]'),
-    ({'betas': (0.9, 1.0)}, r'betas\[1\] \(beta2\) must be in \[0, 1\)'),
-    ({'lr': -1e-3}, 'lr must be non-negative'),
-    ({'warmup_steps': 2.5}, 'warmup_steps must be a non-negative whole number'),
-    ({'weight_decay': -0.1}, 'weight_decay must be non-negative'),
-])
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        ({'betas': (0.0, 0.999)}, r'betas\[0\] \(beta1\) must be in \(0, 1\]'),
+        ({'betas': (0.9, 1.0)}, r'betas\[1\] \(beta2\) must be in \[0, 1\)'),
+        ({'lr': -1e-3}, 'lr must be non-negative'),
+        ({'warmup_steps': 2.5}, 'warmup_steps must be a non-negative whole number'),
+        ({'weight_decay': -0.1}, 'weight_decay must be non-negative'),
+    ],
+)
 def test_schedulefree_adamw_checks_its_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         schedulefree_adamw(torch.nn.Linear(2, 2).parameters(), **kwargs)
@@ -78,8 +80,9 @@ def test_schedulefree_adamw_checks_its_arguments(kwargs, message):
 
 def test_yaml_builds_the_optimizer_and_a_bad_argument_is_one_line():
     model = tiny_model()
-    optimizer = build_optimizer({'name': 'schedulefree_adamw', 'lr': 1e-3, 'betas': [0.95, 0.99],
-                                 'warmup_steps': 10}, model)
+    optimizer = build_optimizer(
+        {'name': 'schedulefree_adamw', 'lr': 1e-3, 'betas': [0.95, 0.99], 'warmup_steps': 10}, model
+    )
     assert isinstance(optimizer, AdamWScheduleFree)
     group = optimizer.param_groups[0]
     assert (group['lr'], group['betas'], group['warmup_steps']) == (1e-3, (0.95, 0.99), 10)
@@ -96,9 +99,20 @@ def test_yaml_builds_the_optimizer_and_a_bad_argument_is_one_line():
 def _trainer(root, algorithms, callbacks=(), model=None, max_duration='6ba', **kwargs) -> Trainer:
     model = model if model is not None else tiny_model()
     optimizer = schedulefree_adamw(model.parameters(), lr=1e-2, betas=(BETA1, 0.999), warmup_steps=2)
-    return Trainer(model=model, train_dataloader=digits_loader(root, 16), optimizers=optimizer,
-                   algorithms=algorithms, callbacks=list(callbacks), max_duration=max_duration, device='cpu',
-                   precision='fp32', seed=17, progress_bar=False, log_to_console=False, **kwargs)
+    return Trainer(
+        model=model,
+        train_dataloader=digits_loader(root, 16),
+        optimizers=optimizer,
+        algorithms=algorithms,
+        callbacks=list(callbacks),
+        max_duration=max_duration,
+        device='cpu',
+        precision='fp32',
+        seed=17,
+        progress_bar=False,
+        log_to_console=False,
+        **kwargs,
+    )
 
 
 class WeightsSeen(Callback):
@@ -114,13 +128,22 @@ class WeightsSeen(Callback):
     def init(self, state, logger):
         params = list(state.model.parameters())
         optimizer = state.optimizers[0]
-        optimizer.register_step_pre_hook(lambda *_: self.before_step.append(
-            (_flat(params), _flat(optimizer.state[p]['z'] for p in params) if optimizer.state else None)))
-        optimizer.register_step_post_hook(lambda *_: (self.after_step.append(_flat(params)), self.z.append(
-            _flat(optimizer.state[p]['z'] for p in params))))
-        state.model.denoiser.register_forward_pre_hook(lambda module, args: (
-            self.training_forwards if module.training else self.sampling_forwards).append(
-                (int(state.timestamp.batch), _flat(params))))
+        optimizer.register_step_pre_hook(
+            lambda *_: self.before_step.append(
+                (_flat(params), _flat(optimizer.state[p]['z'] for p in params) if optimizer.state else None)
+            )
+        )
+        optimizer.register_step_post_hook(
+            lambda *_: (
+                self.after_step.append(_flat(params)),
+                self.z.append(_flat(optimizer.state[p]['z'] for p in params)),
+            )
+        )
+        state.model.denoiser.register_forward_pre_hook(
+            lambda module, args: (self.training_forwards if module.training else self.sampling_forwards).append(
+                (int(state.timestamp.batch), _flat(params))
+            )
+        )
 
     def batch_end(self, state, logger):
         self.at_batch_end[int(state.timestamp.batch)] = _flat(state.model.parameters())
@@ -139,13 +162,32 @@ def _y(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def test_training_sees_y_and_everything_after_the_step_sees_x(digits_mds, tmp_path):
     from composer_algos.callbacks.fid import FID
+
     seen = WeightsSeen()
-    fid = FID(num_samples=4, num_steps=2, batch_size=4, interval='2ba', use_ema=False,
-              classifier_cache_dir=str(tmp_path / 'cache'),
-              real_loader={'local': digits_mds, 'split': 'val', 'global_batch_size': 64, 'channels': 1,
-                           'image_size': 8, 'shuffle': False})
-    trainer = _trainer(digits_mds, [ScheduleFree()], [seen, fid], save_folder=str(tmp_path / 'ckpt'),
-                       save_interval='2ba', save_filename='ba{batch}.pt')
+    fid = FID(
+        num_samples=4,
+        num_steps=2,
+        batch_size=4,
+        interval='2ba',
+        use_ema=False,
+        classifier_cache_dir=str(tmp_path / 'cache'),
+        real_loader={
+            'local': digits_mds,
+            'split': 'val',
+            'global_batch_size': 64,
+            'channels': 1,
+            'image_size': 8,
+            'shuffle': False,
+        },
+    )
+    trainer = _trainer(
+        digits_mds,
+        [ScheduleFree()],
+        [seen, fid],
+        save_folder=str(tmp_path / 'ckpt'),
+        save_interval='2ba',
+        save_filename='ba{batch}.pt',
+    )
     trainer.fit()
     assert len(seen.before_step) == len(seen.after_step) == len(seen.training_forwards) == 6
 
@@ -203,9 +245,18 @@ def test_momentum_decay_is_refused(digits_mds):
     with pytest.raises(ConfigError, match='MomentumDecay does not apply to AdamWScheduleFree: .*not a momentum'):
         _trainer(digits_mds, [ScheduleFree(), MomentumDecay(beta_end=0.5)])
     # From YAML the algorithm comes with the optimizer, and so does the refusal; the message is one line.
-    cfg = load_config(os.path.join(ROOT, 'yamls', 'digits', 'md.yaml'),
-                      [f'train_loader.local={digits_mds}', 'eval_loader=null', 'callbacks=null', 'loggers=null',
-                       'save_folder=null', 'optimizer.name=schedulefree_adamw', 'scheduler=null'])
+    cfg = load_config(
+        os.path.join(ROOT, 'yamls', 'digits', 'md.yaml'),
+        [
+            f'train_loader.local={digits_mds}',
+            'eval_loader=null',
+            'callbacks=null',
+            'loggers=null',
+            'save_folder=null',
+            'optimizer.name=schedulefree_adamw',
+            'scheduler=null',
+        ],
+    )
     cfg['model']['denoiser'] = {'name': 'conv', 'width': 8}
     with pytest.raises(ConfigError) as error:
         build_trainer(cfg)
@@ -214,10 +265,20 @@ def test_momentum_decay_is_refused(digits_mds):
 
 def test_a_recipe_gets_the_algorithm_with_the_optimizer_and_nothing_else_does(digits_mds, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    overrides = [f'train_loader.local={digits_mds}', 'eval_loader=null', 'callbacks=null', 'loggers=null',
-                 'save_folder=null', 'max_duration=2ba', 'progress_bar=false', 'scheduler=null']
-    cfg = load_config(os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml'),
-                      overrides + ['optimizer.name=schedulefree_adamw', 'optimizer.warmup_steps=1'])
+    overrides = [
+        f'train_loader.local={digits_mds}',
+        'eval_loader=null',
+        'callbacks=null',
+        'loggers=null',
+        'save_folder=null',
+        'max_duration=2ba',
+        'progress_bar=false',
+        'scheduler=null',
+    ]
+    cfg = load_config(
+        os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml'),
+        overrides + ['optimizer.name=schedulefree_adamw', 'optimizer.warmup_steps=1'],
+    )
     cfg['model']['denoiser'] = {'name': 'conv', 'width': 8}
     trainer = build_trainer(cfg)
     assert [type(a).__name__ for a in trainer.state.algorithms] == ['ScheduleFree', 'WarmupEMA']
@@ -229,15 +290,26 @@ def test_a_recipe_gets_the_algorithm_with_the_optimizer_and_nothing_else_does(di
     assert [type(a).__name__ for a in build_trainer(cfg).state.algorithms] == ['WarmupEMA']
     model = tiny_model()
     with pytest.warns(NoEffectWarning, match='no schedule-free optimizer'):
-        Trainer(model=model, train_dataloader=digits_loader(digits_mds, 16), max_duration='1ba',
-                optimizers=torch.optim.Adam(model.parameters()), algorithms=[ScheduleFree()], device='cpu')
+        Trainer(
+            model=model,
+            train_dataloader=digits_loader(digits_mds, 16),
+            max_duration='1ba',
+            optimizers=torch.optim.Adam(model.parameters()),
+            algorithms=[ScheduleFree()],
+            device='cpu',
+        )
 
 
 def test_the_mnist_recipe_as_written():
     cfg = load_config(os.path.join(ROOT, 'yamls', 'mnist', 'schedulefree.yaml'))
     uniform = load_config(os.path.join(ROOT, 'yamls', 'mnist', 'uniform.yaml'))
-    assert cfg['optimizer'] == {'name': 'schedulefree_adamw', 'lr': 2.5e-3, 'betas': [0.9, 0.999],
-                                'weight_decay': 0.0, 'warmup_steps': 140}
+    assert cfg['optimizer'] == {
+        'name': 'schedulefree_adamw',
+        'lr': 2.5e-3,
+        'betas': [0.9, 0.999],
+        'weight_decay': 0.0,
+        'warmup_steps': 140,
+    }
     assert cfg['scheduler'] is None and set(cfg['algorithms']) == {'ema', 'schedule_free'}
     differs = {key for key in set(cfg) | set(uniform) if cfg.get(key) != uniform.get(key)}
     assert differs == {'run_name', 'optimizer', 'scheduler', 'algorithms'}
@@ -246,8 +318,9 @@ def test_the_mnist_recipe_as_written():
 def test_resume_is_exact_and_saving_changes_nothing(digits_mds, tmp_path):
     def run(**kwargs):
         recorder = LossRecorder()
-        trainer = _trainer(digits_mds, [WarmupEMA(half_life='2ba'), ScheduleFree()], [recorder], max_duration='8ba',
-                           **kwargs)
+        trainer = _trainer(
+            digits_mds, [WarmupEMA(half_life='2ba'), ScheduleFree()], [recorder], max_duration='8ba', **kwargs
+        )
         trainer.fit()
         return trainer, recorder.losses
 
@@ -261,8 +334,12 @@ def test_resume_is_exact_and_saving_changes_nothing(digits_mds, tmp_path):
     full, full_losses = run(save_folder=str(tmp_path / 'ckpt'), save_interval='4ba', save_filename='ba{batch}.pt')
     # A new model with another seed: everything must come from the checkpoint (which holds the EMA's weights in the
     # model, x in the EMA, z and the step counters in the optimizer).
-    resumed, resumed_losses = run(model=tiny_model(seed=99), load_path=str(tmp_path / 'ckpt' / 'ba4.pt'),
-                                  save_folder=str(tmp_path / 'resumed'), save_interval='4ba')
+    resumed, resumed_losses = run(
+        model=tiny_model(seed=99),
+        load_path=str(tmp_path / 'ckpt' / 'ba4.pt'),
+        save_folder=str(tmp_path / 'resumed'),
+        save_interval='4ba',
+    )
     assert len(full_losses) == 8 and plain_losses == full_losses
     assert resumed_losses == full_losses[4:]
     for x, ema in (x_and_ema(plain), x_and_ema(resumed)):
@@ -275,13 +352,20 @@ def test_resume_is_exact_and_saving_changes_nothing(digits_mds, tmp_path):
 def test_two_rank_resume_is_exact(tmp_path, digits_mds, strategy):
     """The 2-rank harness of test_distributed.py with the optimizer named in YAML (the algorithm comes with it)."""
     from test_distributed import _launch, _recipe
+
     fsdp = strategy == 'fsdp2'
     recipe = _recipe(tmp_path, digits_mds, {'ema': {'half_life': '2ba'}}, fsdp)
     optimizer = ['optimizer.name=schedulefree_adamw', 'optimizer.lr=1e-2', 'optimizer.warmup_steps=2']
     full = _launch(recipe, str(tmp_path / 'full'), fsdp, *optimizer)
     ckpt = tmp_path / 'ckpt' / ('ep0-ba4' if fsdp else 'ep0-ba4-rank0.pt')
-    resumed = _launch(recipe, str(tmp_path / 'resumed'), fsdp, *optimizer, f'load_path={ckpt}',
-                      f'save_folder={tmp_path / "ckpt_resumed"}')
+    resumed = _launch(
+        recipe,
+        str(tmp_path / 'resumed'),
+        fsdp,
+        *optimizer,
+        f'load_path={ckpt}',
+        f'save_folder={tmp_path / "ckpt_resumed"}',
+    )
     assert set(full[0]['algorithms']) == {'ScheduleFree', 'WarmupEMA'}
     assert len(full[0]['losses']) == 8 and full[0]['losses'] != full[1]['losses']
     for rank in range(2):

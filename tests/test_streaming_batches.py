@@ -27,8 +27,9 @@ def _loader(root: str, batch_size: int = 32, **kwargs):
 
 def _per_sample_loader(root: str, batch_size: int = 32, num_workers: int = 0, **kwargs):
     """What the loader was before: streaming's sample-by-sample iteration, collated by a DataLoader."""
-    dataset = StreamingImageDataset(local=root, split='train', batch_size=batch_size, channels=1, image_size=8, seed=3,
-                                    **kwargs)
+    dataset = StreamingImageDataset(
+        local=root, split='train', batch_size=batch_size, channels=1, image_size=8, seed=3, **kwargs
+    )
     return DataLoader(dataset, batch_size=batch_size, drop_last=True, num_workers=num_workers)
 
 
@@ -88,8 +89,9 @@ def test_random_flip_is_a_function_of_the_sample(digits_mds):
     assert 0.48 < mask.mean() < 0.52 and np.array_equal(mask, flip_mask(3, np.arange(10_000)))
     assert not np.array_equal(mask, flip_mask(4, np.arange(10_000)))
     plain = StreamingImageDataset(local=digits_mds, split='train', shuffle=False, batch_size=8, seed=3)
-    flipped = StreamingImageDataset(local=digits_mds, split='train', shuffle=False, batch_size=8, seed=3,
-                                    random_flip=True)
+    flipped = StreamingImageDataset(
+        local=digits_mds, split='train', shuffle=False, batch_size=8, seed=3, random_flip=True
+    )
     batch = next(iter(_loader(digits_mds, batch_size=64, shuffle=False, random_flip=True)))
     for i in range(64):
         expected = plain[i]['image'].flip(-1) if flip_mask(3, np.array([i]))[0] else plain[i]['image']
@@ -98,6 +100,7 @@ def test_random_flip_is_a_function_of_the_sample(digits_mds):
 
 def test_png_shards_of_the_earlier_format_read_the_same_and_convert_again(digits_mds, tmp_path):
     from streaming import MDSWriter
+
     old = tmp_path / 'old'
     for split in ('train', 'val'):
         with MDSWriter(out=str(old / split), columns={'image': 'png', 'label': 'int'}) as writer:
@@ -119,23 +122,20 @@ def test_png_shards_of_the_earlier_format_read_the_same_and_convert_again(digits
 def test_channels_convert_as_pil_does(tmp_path):
     rng = np.random.default_rng(0)
     rgb = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(6)]
-    write_mds([(image, i % 2) for i, image in enumerate(rgb)], str(tmp_path / 'fixed'), progress=False,
-              shape=(3, 8, 8))
+    write_mds([(image, i % 2) for i, image in enumerate(rgb)], str(tmp_path / 'fixed'), progress=False, shape=(3, 8, 8))
     write_mds([(image, i % 2) for i, image in enumerate(rgb)], str(tmp_path / 'any'), progress=False)
     assert image_encoding(str(tmp_path / 'any')) == 'ndarray:uint8'
     gray = torch.from_numpy(np.stack([np.asarray(image.convert('L'), dtype=np.float32) for image in rgb]))[:, None]
     color = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32).transpose(2, 0, 1) for image in rgb]))
     for folder in ('fixed', 'any'):
         for channels, expected in ((1, gray), (3, color), (None, color)):
-            loader = build_streaming_image_dataloader(6, local=str(tmp_path / folder), shuffle=False,
-                                                      channels=channels)
+            loader = build_streaming_image_dataloader(6, local=str(tmp_path / folder), shuffle=False, channels=channels)
             batch = next(iter(loader))
             torch.testing.assert_close(batch['image'], expected / 127.5 - 1, rtol=0, atol=0)
             assert batch['label'].tolist() == [0, 1, 0, 1, 0, 1]
             torch.testing.assert_close(loader.dataset[4]['image'], expected[4] / 127.5 - 1, rtol=0, atol=0)
     with pytest.raises(ValueError, match='shape'):
-        write_mds([(rgb[0], 0), (rgb[1].resize((4, 4)), 1)], str(tmp_path / 'mixed'), progress=False,
-                  shape=(3, 8, 8))
+        write_mds([(rgb[0], 0), (rgb[1].resize((4, 4)), 1)], str(tmp_path / 'mixed'), progress=False, shape=(3, 8, 8))
 
 
 def test_shards_evicted_under_cache_limit_are_downloaded_again(tmp_path):
@@ -143,13 +143,20 @@ def test_shards_evicted_under_cache_limit_are_downloaded_again(tmp_path):
     samples = digits_images('train')
     # About 55 digits a shard: 27 shards, of which the cache holds 6.
     write_mds(samples, str(remote / 'train'), size_limit=4096, progress=False, shape=DIGITS_SHAPE)
-    loader = build_streaming_image_dataloader(64, remote=str(remote), local=str(tmp_path / 'cache'), split='train',
-                                              shuffle=False, cache_limit=6 * 4096, channels=1)
+    loader = build_streaming_image_dataloader(
+        64,
+        remote=str(remote),
+        local=str(tmp_path / 'cache'),
+        split='train',
+        shuffle=False,
+        cache_limit=6 * 4096,
+        channels=1,
+    )
     assert loader.dataset.cache_limit == 6 * 4096 and loader.dataset.num_shards > 20
     for _ in range(2):  # the second epoch finds most shards evicted
         images = torch.cat([b['image'] for b in loader])
         expected = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image, _ in samples]))
-        torch.testing.assert_close(images, expected[:len(images), None] / 127.5 - 1, rtol=0, atol=0)
+        torch.testing.assert_close(images, expected[: len(images), None] / 127.5 - 1, rtol=0, atol=0)
         assert len(images) == 1437 // 64 * 64
         assert loader.dataset.cache_usage <= 6 * 4096
 
@@ -159,10 +166,18 @@ def test_a_download_that_starts_during_another_leaves_room_for_both(tmp_path, mo
     # itself alone, and the cache ended a shard over its limit. Here the first download waits until the second has
     # started (at most a second, which it spends when the downloads take turns).
     from streaming.base.stream import Stream
+
     remote = tmp_path / 'remote'
     write_mds(digits_images('train'), str(remote / 'train'), size_limit=4096, progress=False, shape=DIGITS_SHAPE)
-    dataset = StreamingImageDataset(remote=str(remote), local=str(tmp_path / 'cache'), split='train', batch_size=64,
-                                    shuffle=False, cache_limit=6 * 4096, yield_batches=True)
+    dataset = StreamingImageDataset(
+        remote=str(remote),
+        local=str(tmp_path / 'cache'),
+        split='train',
+        batch_size=64,
+        shuffle=False,
+        cache_limit=6 * 4096,
+        yield_batches=True,
+    )
     download = Stream.prepare_shard
     second_started = threading.Event()
 
@@ -220,8 +235,9 @@ def _build_at_once(root: str) -> list:
 
     def build(i):
         try:
-            results[i] = StreamingImageDataset(local=root, split='train', shuffle=False, batch_size=16, channels=1,
-                                               image_size=8, yield_batches=True)
+            results[i] = StreamingImageDataset(
+                local=root, split='train', shuffle=False, batch_size=16, channels=1, image_size=8, yield_batches=True
+            )
         except Exception as e:  # the test inspects it
             results[i] = e
 
@@ -238,6 +254,7 @@ def _build_at_once(root: str) -> list:
 @pytest.mark.skipif(not os.path.exists('/proc/locks'), reason='finds a waiting lock in /proc/locks (Linux)')
 def test_datasets_built_at_once_take_different_shared_memory_prefixes(digits_mds, monkeypatch):
     from multiprocessing import resource_tracker
+
     # Streaming swaps resource_tracker.register while attaching to shared memory; two constructions at once could
     # leave the swapped one behind for the rest of the session.
     monkeypatch.setattr(resource_tracker, 'register', resource_tracker.register)

@@ -16,6 +16,20 @@ from composer_algos.algorithms.p2_weighting import P2Weighting
 from composer_algos.algorithms.sigma_sqrt_weighting import SigmaSqrtWeighting
 from composer_algos.algorithms.speed import SpeeD
 
-__all__ = ['AdaptiveTimestepSampling', 'CosMapSampling', 'CosMapWeighting', 'CurriculumTimestepSchedule',
-           'LogNormalSampling', 'LogitNormalSampling', 'LossSecondMomentSampling', 'MinSNRWeighting', 'ModeSampling',
-           'MomentumDecay', 'NoiseAssignment', 'P2Weighting', 'SigmaSqrtWeighting', 'SpeeD', 'WarmupEMA']
+__all__ = [
+    'AdaptiveTimestepSampling',
+    'CosMapSampling',
+    'CosMapWeighting',
+    'CurriculumTimestepSchedule',
+    'LogNormalSampling',
+    'LogitNormalSampling',
+    'LossSecondMomentSampling',
+    'MinSNRWeighting',
+    'ModeSampling',
+    'MomentumDecay',
+    'NoiseAssignment',
+    'P2Weighting',
+    'SigmaSqrtWeighting',
+    'SpeeD',
+    'WarmupEMA',
+]

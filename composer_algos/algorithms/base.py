@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
@@ -68,9 +69,11 @@ class DiffusionAlgorithm(ReprMixin, Algorithm):
         objective = objective_of(model)
         if objective not in self.objectives:
             allowed = ' or '.join(_OBJECTIVE_NAMES.get(o, o) for o in self.objectives)
-            raise ConfigError(f'{self.owner} does not apply to {_OBJECTIVE_NAMES.get(objective, objective)} models '
-                              f'({allowed} models only): {self.why} Remove it, or {self.instead} '
-                              '(docs/flow_matching.md lists what applies to which objective).')
+            raise ConfigError(
+                f'{self.owner} does not apply to {_OBJECTIVE_NAMES.get(objective, objective)} models '
+                f'({allowed} models only): {self.why} Remove it, or {self.instead} '
+                '(docs/flow_matching.md lists what applies to which objective).'
+            )
         hyperparameters = self.install(model, state, logger)
         if hyperparameters:
             logger.log_hyperparameters(dict(hyperparameters))
@@ -79,7 +82,7 @@ class DiffusionAlgorithm(ReprMixin, Algorithm):
         """The model behind ``state.model`` (unwrapped from DDP), checked for the members this algorithm ``needs``."""
         return get_diffusion_model(state.model, self, self.needs)
 
-    def install(self, model: Any, state: State, logger: Logger) -> Optional[Mapping[str, Any]]:
+    def install(self, model: Any, state: State, logger: Logger) -> Mapping[str, Any] | None:
         """Install on ``model`` at ``Event.INIT``; return the hyperparameters to log (or ``None``).
 
         Must be idempotent: a second call replaces the first installation and keeps the algorithm's state.
@@ -122,6 +125,8 @@ def check_timestep_sampler_owners(algorithms: Iterable[tuple[str, Any]]) -> None
     """
     owners = [name for name, part in algorithms if timestep_sampler_owners([part])]
     if len(owners) > 1:
-        raise ConfigError(f'{owners[0]} and {owners[1]} both own the timestep sampler (each draws t from its own '
-                          'distribution); keep one of them. A curriculum (curriculum_timestep_schedule) composes with '
-                          'either: it tilts whichever sampler is active.')
+        raise ConfigError(
+            f'{owners[0]} and {owners[1]} both own the timestep sampler (each draws t from its own '
+            'distribution); keep one of them. A curriculum (curriculum_timestep_schedule) composes with '
+            'either: it tilts whichever sampler is active.'
+        )

@@ -23,7 +23,8 @@ def install_density(model: Any, density: TimeDensity, owner: str) -> float:
     """Make a closed-form density of the time ``u`` in [0, 1] (:mod:`composer_algos.diffusion.densities`) ``model``'s
     timestep sampler, owned by ``owner``; return the density's mean ``u``.
 
-    Flow matching: a :class:`~composer_algos.diffusion.timestep_samplers.ContinuousTimestepSampler`, ``sigma = shift(u)``.
+    Flow matching: a :class:`~composer_algos.diffusion.timestep_samplers.ContinuousTimestepSampler`,
+    ``sigma = shift(u)``.
     DDPM: ``u`` is the position ``t / T`` on the schedule, each timestep getting its cell's mass
     ``P(t / T <= u < (t + 1) / T)`` (the distribution of ``floor(u T)``, as diffusers' training scripts index it).
     """

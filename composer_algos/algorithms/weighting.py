@@ -24,8 +24,16 @@ from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.diffusion.model import LossWeighting
 from composer_algos.diffusion.schedule import check_prediction_type
 
-__all__ = ['FlowLossWeighting', 'WEIGHTING_NEEDS', 'check_prediction_type', 'epsilon_loss_factor',
-           'from_epsilon_weight', 'install_flow_loss_weighting', 'install_loss_weighting', 'weight_range']
+__all__ = [
+    'FlowLossWeighting',
+    'WEIGHTING_NEEDS',
+    'check_prediction_type',
+    'epsilon_loss_factor',
+    'from_epsilon_weight',
+    'install_flow_loss_weighting',
+    'install_loss_weighting',
+    'weight_range',
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +78,13 @@ def install_loss_weighting(model: Any, weighting: LossWeighting, owner: str) -> 
     bad = ~torch.isfinite(weights) | (weights < 0)
     if bool(bad.any()):
         where = t[bad][:5].tolist()
-        raise ValueError(f'{owner} gives loss weights that are negative or not finite for '
-                         f'prediction_type={model.prediction_type!r} at timesteps {where} (SNR there: '
-                         f'{schedule.snr(t[bad][:5]).tolist()}); choose other arguments or another prediction type.')
+        raise ValueError(
+            f'{owner} gives loss weights that are negative or not finite for '
+            f'prediction_type={model.prediction_type!r} at timesteps {where} (SNR there: '
+            f'{schedule.snr(t[bad][:5]).tolist()}); choose other arguments or another prediction type.'
+        )
     if bool((weights == 1).all()):
-        warnings.warn(NoEffectWarning(f'{owner} weights every timestep by 1 with these arguments.'))
+        warnings.warn(NoEffectWarning(f'{owner} weights every timestep by 1 with these arguments.'), stacklevel=2)
     # The weights depend on t only (for this schedule and prediction type): the model indexes this table at every
     # batch instead of recomputing the formula.
     model.add_loss_weighting(functools.partial(_table_lookup, weights.float()), owner=owner)
@@ -93,11 +103,14 @@ def install_flow_loss_weighting(model: Any, weighting: LossWeighting, owner: str
     weights = weighting(model.noise_schedule, sigma, model.prediction_type).to(torch.float64)
     bad = ~torch.isfinite(weights) | (weights < 0)
     if bool(bad.any()):
-        raise ValueError(f'{owner} gives loss weights that are negative or not finite at sigma '
-                         f'{sigma[bad][:5].tolist()}; choose other arguments.')
+        raise ValueError(
+            f'{owner} gives loss weights that are negative or not finite at sigma '
+            f'{sigma[bad][:5].tolist()}; choose other arguments.'
+        )
     model.add_loss_weighting(weighting, owner=owner)
-    log.info('%s: loss weights in [%.4g, %.4g] over the cells of sigma.', owner, float(weights.min()),
-             float(weights.max()))
+    log.info(
+        '%s: loss weights in [%.4g, %.4g] over the cells of sigma.', owner, float(weights.min()), float(weights.max())
+    )
     return weights
 
 

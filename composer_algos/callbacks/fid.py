@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 from composer.core import State, Time
 from composer.loggers import Logger
+from torch import nn
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
 from composer_algos.distributed import all_reduce
 from composer_algos.evaluation.features import FEATURE_CHOICES, build_feature_extractor
 from composer_algos.evaluation.fid import fid_metric, floor_at, update_fid
-from composer_algos.evaluation.plots import metric_curve_png
 from composer_algos.evaluation.generation import rank_world
+from composer_algos.evaluation.plots import metric_curve_png
 from composer_algos.seeding import keyed_generator
 
 __all__ = ['FID']
@@ -72,19 +73,48 @@ class FID(SamplingEvaluation):
 
     recipe_name = 'fid'
 
-    def __init__(self, num_samples: int = 1000, num_steps: int = 50, eta: float = 0.0, seed: int = 0,
-                 batch_size: int = 256, interval: Optional[Union[str, Time]] = None,
-                 feature: Union[str, nn.Module] = 'auto', inception_weights: Optional[str] = None,
-                 classifier_cache_dir: Optional[str] = None, real_loader: Optional[dict[str, Any]] = None,
-                 max_real_samples: Optional[int] = None, num_classes: Optional[int] = None,
-                 sample_shape: Optional[tuple[int, ...]] = None, use_ema: bool = True, metric_name: str = 'FID',
-                 folder: str = DEFAULT_FOLDER, prompts: Optional[Sequence[str]] = None, guidance_scale: float = 1.0):
+    def __init__(
+        self,
+        num_samples: int = 1000,
+        num_steps: int = 50,
+        eta: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 256,
+        interval: str | Time | None = None,
+        feature: str | nn.Module = 'auto',
+        inception_weights: str | None = None,
+        classifier_cache_dir: str | None = None,
+        real_loader: dict[str, Any] | None = None,
+        max_real_samples: int | None = None,
+        num_classes: int | None = None,
+        sample_shape: tuple[int, ...] | None = None,
+        use_ema: bool = True,
+        metric_name: str = 'FID',
+        folder: str = DEFAULT_FOLDER,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+    ):
         # At least 2 samples: the features' covariance needs them.
-        super().__init__(num_samples, num_steps, eta, seed, batch_size, num_classes, sample_shape, use_ema, interval,
-                         folder, min_samples=2, prompts=prompts, guidance_scale=guidance_scale)
+        super().__init__(
+            num_samples,
+            num_steps,
+            eta,
+            seed,
+            batch_size,
+            num_classes,
+            sample_shape,
+            use_ema,
+            interval,
+            folder,
+            min_samples=2,
+            prompts=prompts,
+            guidance_scale=guidance_scale,
+        )
         if not isinstance(feature, (nn.Module, str)):
-            raise ValueError(f"feature must be one of {', '.join(FEATURE_CHOICES)}, a name in the features registry "
-                             f'or an nn.Module, got {feature!r}.')
+            raise ValueError(
+                f'feature must be one of {", ".join(FEATURE_CHOICES)}, a name in the features registry '
+                f'or an nn.Module, got {feature!r}.'
+            )
         self.feature = feature
         self.inception_weights = inception_weights
         self.classifier_cache_dir = classifier_cache_dir
@@ -93,15 +123,17 @@ class FID(SamplingEvaluation):
         self.metric_name = metric_name
         self.steps: list[int] = []
         self.values: list[float] = []
-        self.floor: Optional[float] = None
-        self.feature_sha256: Optional[str] = None
+        self.floor: float | None = None
+        self.feature_sha256: str | None = None
         self._metric = None
 
     def __repr__(self) -> str:
         feature = self.feature if isinstance(self.feature, str) else type(self.feature).__name__
         guidance = f', guidance_scale={self.guidance_scale}' if self.guidance_scale != 1.0 else ''
-        return (f'FID(num_samples={self.num_samples}, num_steps={self.num_steps}, eta={self.eta}, seed={self.seed}, '
-                f'interval={self.interval!r}, feature={feature!r}{guidance})')
+        return (
+            f'FID(num_samples={self.num_samples}, num_steps={self.num_steps}, eta={self.eta}, seed={self.seed}, '
+            f'interval={self.interval!r}, feature={feature!r}{guidance})'
+        )
 
     def prompt_loader(self) -> Any:
         return self.real_loader
@@ -111,8 +143,10 @@ class FID(SamplingEvaluation):
         if self._metric is not None:
             return
         if getattr(model, 'encoder', None) is not None:
-            raise ValueError('FID on a latent diffusion model needs a decoder to turn samples into images; the FID '
-                             'callback supports pixel-space models only.')
+            raise ValueError(
+                'FID on a latent diffusion model needs a decoder to turn samples into images; the FID '
+                'callback supports pixel-space models only.'
+            )
         device = next(model.parameters()).device
         loader = self.resolve_loader(state, self.real_loader, 'callbacks.fid.real_loader')
         rank, world_size = rank_world()
@@ -123,11 +157,12 @@ class FID(SamplingEvaluation):
         for batch in loader:
             images = model.images(batch).detach().float()
             if cap is not None:
-                images = images[:cap - count]
+                images = images[: cap - count]
             if metric is None:
                 self.shape = self.shape or tuple(images.shape[1:])
-                feature = build_feature_extractor(self.feature, tuple(images.shape[1:]), self.inception_weights,
-                                                  self.classifier_cache_dir)
+                feature = build_feature_extractor(
+                    self.feature, tuple(images.shape[1:]), self.inception_weights, self.classifier_cache_dir
+                )
                 accuracy = getattr(feature, 'accuracy', None)
                 self.feature_sha256 = getattr(feature, 'sha256', None)
                 metric, floor = fid_metric(feature, device), fid_metric(feature, device)
@@ -149,8 +184,10 @@ class FID(SamplingEvaluation):
             # The sizes of all ranks together, as torchmetrics sums the statistics over ranks.
             n_real, n_half = all_reduce(torch.tensor([count, halves], dtype=torch.float64)).tolist()
             self.floor = floor_at(halves_fid, n_half, n_real - n_half, self.num_samples, n_real)
-            once = {f'{self.metric_name}_real_vs_real': self.floor,
-                    f'{self.metric_name}_real_vs_real_halves': halves_fid}
+            once = {
+                f'{self.metric_name}_real_vs_real': self.floor,
+                f'{self.metric_name}_real_vs_real_halves': halves_fid,
+            }
             if self.feature_sha256 is not None:
                 logger.log_hyperparameters({f'{self.metric_name}/feature_sha256': self.feature_sha256})
             if accuracy is not None:
@@ -160,7 +197,7 @@ class FID(SamplingEvaluation):
         self._metric = metric
 
     # ------------------------------------------------------------------------------------------- evaluation
-    def score(self, state: State, logger: Logger, noise_seed: Optional[int] = None) -> float:
+    def score(self, state: State, logger: Logger, noise_seed: int | None = None) -> float:
         """FID of the current (EMA) weights' samples, from the noise of ``noise_seed`` (default: the callback's
         seed), without logging or recording it: another noise seed on the same weights measures FID's sampling
         noise."""
@@ -190,8 +227,9 @@ class FID(SamplingEvaluation):
     def fit_end(self, state: State, logger: Logger) -> None:
         if not self.steps or not self.is_writer():
             return
-        image = metric_curve_png(self.steps, self.values, self.output_path(state, 'fid.png'), self.metric_name,
-                                 self.floor)
+        image = metric_curve_png(
+            self.steps, self.values, self.output_path(state, 'fid.png'), self.metric_name, self.floor
+        )
         logger.log_images(image, name=f'{self.metric_name}_curve', channels_last=True)
 
     # ------------------------------------------------------------------------------------------- checkpointing

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from composer.core import Callback, State, Time
@@ -12,10 +12,10 @@ from composer.loggers import Logger
 
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, PeriodicEvaluation
 from composer_algos.diffusion.model import timestep_bands
-from composer_algos.evaluation.fid import collect_images
-from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.distributed import all_reduce, rank_world
+from composer_algos.evaluation.fid import collect_images
 from composer_algos.evaluation.generation import all_reduce_max
+from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.registry import ConfigError
 
 __all__ = ['BitsPerDim', 'LossBands', 'band_names']
@@ -42,9 +42,17 @@ class BitsPerDim(PeriodicEvaluation):
 
     needs = ('images', 'conditioning', 'noise_schedule', 'vlb_terms', 'prior_term')
 
-    def __init__(self, num_images: int = 256, num_terms: Optional[int] = 100, seed: int = 0, batch_size: int = 256,
-                 interval: Optional[Union[str, Time]] = None, loader: Optional[dict[str, Any]] = None,
-                 use_ema: bool = True, metric_name: str = 'bits_per_dim'):
+    def __init__(
+        self,
+        num_images: int = 256,
+        num_terms: int | None = 100,
+        seed: int = 0,
+        batch_size: int = 256,
+        interval: str | Time | None = None,
+        loader: dict[str, Any] | None = None,
+        use_ema: bool = True,
+        metric_name: str = 'bits_per_dim',
+    ):
         super().__init__(interval, DEFAULT_FOLDER)
         if num_images < 1:
             raise ValueError(f'num_images must be positive, got {num_images}.')
@@ -57,7 +65,7 @@ class BitsPerDim(PeriodicEvaluation):
         self.loader = loader
         self.use_ema = use_ema
         self.metric_name = metric_name
-        self._data: Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]] = None
+        self._data: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.steps: list[int] = []
         self.values: list[float] = []
 
@@ -66,9 +74,11 @@ class BitsPerDim(PeriodicEvaluation):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if getattr(self.diffusion_model(state), 'objective', 'ddpm') == 'flow_matching':
-            raise ConfigError('bits_per_dim sums the variational bound of a DDPM model; a flow-matching model has none '
-                             'here. Remove the bits_per_dim callback from the recipe (FID, loss bands, sample grids and '
-                             'the timestep heatmap work for flow models).')
+            raise ConfigError(
+                'bits_per_dim sums the variational bound of a DDPM model; a flow-matching model has none '
+                'here. Remove the bits_per_dim callback from the recipe (FID, loss bands, sample grids and '
+                'the timestep heatmap work for flow models).'
+            )
         super().fit_start(state, logger)
 
     def evaluate(self, state: State, logger: Logger) -> None:
@@ -76,13 +86,19 @@ class BitsPerDim(PeriodicEvaluation):
         if self._data is None:
             _, world_size = rank_world()
             loader = self.resolve_loader(state, self.loader, 'callbacks.bits_per_dim.loader')
-            self._data = collect_images(loader, model, math.ceil(self.num_images / world_size),
-                                        with_conditioning=True)
+            self._data = collect_images(loader, model, math.ceil(self.num_images / world_size), with_conditioning=True)
         images, conditioning = self._data
         num_batches = all_reduce_max(math.ceil(images.shape[0] / self.batch_size))
         with self.sampling_model(state, self.use_ema) as (model, _):
-            per_image = bits_per_dim(model, images, conditioning, num_terms=self.num_terms, seed=self.seed,
-                                     batch_size=self.batch_size, num_batches=num_batches)
+            per_image = bits_per_dim(
+                model,
+                images,
+                conditioning,
+                num_terms=self.num_terms,
+                seed=self.seed,
+                batch_size=self.batch_size,
+                num_batches=num_batches,
+            )
         totals = all_reduce(torch.tensor([float(per_image.sum()), float(per_image.numel())], dtype=torch.float64))
         value = float(totals[0] / totals[1])
         self.steps.append(self.step(state))
@@ -99,8 +115,9 @@ def band_names(num_timesteps: int, num_bands: int) -> list[str]:
     names = []
     for b in range(num_bands):
         members = t[band == b]
-        names.append(f't{int(members.min()):0{width}d}-{int(members.max()):0{width}d}' if members.numel() else
-                     f'band{b}-empty')
+        names.append(
+            f't{int(members.min()):0{width}d}-{int(members.max()):0{width}d}' if members.numel() else f'band{b}-empty'
+        )
     return names
 
 
@@ -132,4 +149,6 @@ class LossBands(Callback):
             return
         values = torch.as_tensor(metric.compute()).flatten()
         names = band_names(int(metric.num_timesteps), int(metric.num_bands))
-        logger.log_metrics({f'metrics/{label}/{self.metric_name}/{name}': float(v) for name, v in zip(names, values)})
+        logger.log_metrics(
+            {f'metrics/{label}/{self.metric_name}/{name}': float(v) for name, v in zip(names, values, strict=False)}
+        )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from composer.core import Callback, Event, State, Time
@@ -40,12 +41,19 @@ class PeriodicEvaluation(Callback):
     # The members of the model contract (composer_algos.diffusion.contract) the evaluation uses.
     needs: tuple[str, ...] = ('images',)
 
-    def __init__(self, interval: Optional[Union[str, Time]] = None, folder: str = DEFAULT_FOLDER):
+    def __init__(self, interval: str | Time | None = None, folder: str = DEFAULT_FOLDER):
         self.interval = interval
         self.folder = folder
-        self._due = None if interval is None else create_interval_scheduler(
-            interval, include_end_of_training=True, checkpoint_events=False,
-            final_events={Event.BATCH_END, Event.EPOCH_END})
+        self._due = (
+            None
+            if interval is None
+            else create_interval_scheduler(
+                interval,
+                include_end_of_training=True,
+                checkpoint_events=False,
+                final_events={Event.BATCH_END, Event.EPOCH_END},
+            )
+        )
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(interval={self.interval!r})'
@@ -53,8 +61,10 @@ class PeriodicEvaluation(Callback):
     # ------------------------------------------------------------------------------------------- scheduling
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.interval is None and not state.evaluators:
-            raise ValueError(f'{type(self).__name__} runs after each evaluation (interval=None) but the Trainer has '
-                             "no eval_dataloader. Add one (eval_loader: in a recipe) or set interval, e.g. '500ba'.")
+            raise ValueError(
+                f'{type(self).__name__} runs after each evaluation (interval=None) but the Trainer has '
+                "no eval_dataloader. Add one (eval_loader: in a recipe) or set interval, e.g. '500ba'."
+            )
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
         if self.interval is None:
@@ -84,9 +94,8 @@ class PeriodicEvaluation(Callback):
     def sampling_model(self, state: State, use_ema: bool):
         """The diffusion model in eval mode, with Composer's EMA weights swapped in when ``use_ema``."""
         model = self.diffusion_model(state)
-        with (ema_weights(state) if use_ema else contextlib.nullcontext(False)) as ema_active:
-            with eval_mode(model):
-                yield model, ema_active
+        with ema_weights(state) if use_ema else contextlib.nullcontext(False) as ema_active, eval_mode(model):
+            yield model, ema_active
 
     def output_path(self, state: State, filename: str) -> str:
         return os.path.join(format_name_with_dist(self.folder, state.run_name), filename)
@@ -104,12 +113,14 @@ class PeriodicEvaluation(Callback):
         if loader is not None:
             return loader
         if not state.evaluators:
-            raise ValueError(f'{where}: no loader configured and the Trainer has no eval_dataloader; set {where} '
-                             'to a dataset config (e.g. the validation split) or give the Trainer an eval_dataloader.')
+            raise ValueError(
+                f'{where}: no loader configured and the Trainer has no eval_dataloader; set {where} '
+                'to a dataset config (e.g. the validation split) or give the Trainer an eval_dataloader.'
+            )
         return state.evaluators[0].dataloader.dataloader
 
     @staticmethod
-    def sample_shape(state: State, model: Any, given: Optional[tuple[int, ...]]) -> tuple[int, ...]:
+    def sample_shape(state: State, model: Any, given: tuple[int, ...] | None) -> tuple[int, ...]:
         if given is not None:
             return tuple(int(s) for s in given)
         if state.batch is None:
@@ -141,10 +152,22 @@ class SamplingEvaluation(PeriodicEvaluation):
     # The callback's name in recipes (registry), for messages.
     recipe_name: ClassVar[str] = ''
 
-    def __init__(self, num_samples: int, num_steps: int, eta: float, seed: int, batch_size: int,
-                 num_classes: Optional[int], sample_shape: Optional[tuple[int, ...]], use_ema: bool,
-                 interval: Optional[Union[str, Time]], folder: str, min_samples: int = 1,
-                 prompts: Optional[Sequence[str]] = None, guidance_scale: float = 1.0):
+    def __init__(
+        self,
+        num_samples: int,
+        num_steps: int,
+        eta: float,
+        seed: int,
+        batch_size: int,
+        num_classes: int | None,
+        sample_shape: tuple[int, ...] | None,
+        use_ema: bool,
+        interval: str | Time | None,
+        folder: str,
+        min_samples: int = 1,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+    ):
         super().__init__(interval, folder)
         if num_samples < min_samples:
             raise ValueError(f'num_samples must be at least {min_samples}, got {num_samples}.')
@@ -164,13 +187,16 @@ class SamplingEvaluation(PeriodicEvaluation):
         if not guidance_scale >= 1:
             raise ValueError(f'guidance_scale must be at least 1 (1: no guidance), got {guidance_scale}.')
         self.guidance_scale = float(guidance_scale)
-        self._data_prompts: Optional[list[str]] = None
+        self._data_prompts: list[str] | None = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
         super().fit_start(state, logger)
         # Before the first step, not at the first evaluation: guidance on a model without an unconditional input.
-        check_guidance_scale(self.guidance_scale, getattr(self.diffusion_model(state), 'conditioner', None),
-                             f'callbacks.{self.recipe_name}.guidance_scale')
+        check_guidance_scale(
+            self.guidance_scale,
+            getattr(self.diffusion_model(state), 'conditioner', None),
+            f'callbacks.{self.recipe_name}.guidance_scale',
+        )
 
     def prompt_count(self) -> int:
         """How many captions of the data a text-conditioned model's samples cycle through, without ``prompts``."""
@@ -180,7 +206,7 @@ class SamplingEvaluation(PeriodicEvaluation):
         """The loader (or its config) whose captions are the default prompts; ``None``: the Trainer's eval loader."""
         return None
 
-    def resolve_prompts(self, state: State, model: Any) -> Optional[list[str]]:
+    def resolve_prompts(self, state: State, model: Any) -> list[str] | None:
         """The prompts of the samples: ``prompts`` as given; for a text-conditioned model without them, the captions
         of the first :meth:`prompt_count` examples of :meth:`prompt_loader` (read once); ``None`` otherwise."""
         if self.prompts is not None or getattr(getattr(model, 'conditioner', None), 'kind', None) != 'text':
@@ -190,13 +216,24 @@ class SamplingEvaluation(PeriodicEvaluation):
             self._data_prompts = collect_captions(loader, self.prompt_count(), model.conditioner.caption_key)
         return self._data_prompts
 
-    def generate(self, state: State, guidance_scale: Optional[float] = None,
-                 prompts: Optional[Sequence[str]] = None) -> tuple[list[int], torch.Tensor]:
+    def generate(
+        self, state: State, guidance_scale: float | None = None, prompts: Sequence[str] | None = None
+    ) -> tuple[list[int], torch.Tensor]:
         """This rank's share of the samples, from the EMA weights in eval mode: ``(indices, samples)``
         (``guidance_scale`` and ``prompts``: others than the callback's)."""
         with self.sampling_model(state, self.use_ema) as (model, _):
-            scale = check_guidance_scale(self.guidance_scale if guidance_scale is None else guidance_scale,
-                                         getattr(model, 'conditioner', None))
-            return generate_share(model, self.num_samples, self.shape, batch_size=self.batch_size,
-                                  num_steps=self.num_steps, eta=self.eta, seed=self.seed, num_classes=self.num_classes,
-                                  prompts=prompts or self.resolve_prompts(state, model), guidance_scale=scale)
+            scale = check_guidance_scale(
+                self.guidance_scale if guidance_scale is None else guidance_scale, getattr(model, 'conditioner', None)
+            )
+            return generate_share(
+                model,
+                self.num_samples,
+                self.shape,
+                batch_size=self.batch_size,
+                num_steps=self.num_steps,
+                eta=self.eta,
+                seed=self.seed,
+                num_classes=self.num_classes,
+                prompts=prompts or self.resolve_prompts(state, model),
+                guidance_scale=scale,
+            )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import math
-from typing import Any, Optional, Sequence, Union
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,9 +18,9 @@ from composer.utils.misc import create_interval_scheduler
 from composer_algos.callbacks.periodic import DEFAULT_FOLDER, SamplingEvaluation
 from composer_algos.diffusion.contract import get_diffusion_model
 from composer_algos.diffusion.utils import device_batch
-from composer_algos.evaluation.plots import captioned_grid, image_grid, prompt_rows, save_png, timestep_heatmap_png
 from composer_algos.distributed import all_reduce
 from composer_algos.evaluation.generation import gather_by_index, rank_world
+from composer_algos.evaluation.plots import captioned_grid, image_grid, prompt_rows, save_png, timestep_heatmap_png
 
 __all__ = ['SampleGrid', 'TimestepHeatmap']
 
@@ -50,20 +51,44 @@ class SampleGrid(SamplingEvaluation):
 
     recipe_name = 'sample_grid'
 
-    def __init__(self, num_samples: int = 64, num_steps: int = 50, eta: float = 0.0, seed: int = 0,
-                 batch_size: int = 256, scale: int = 4, interval: Optional[Union[str, Time]] = None,
-                 num_classes: Optional[int] = None, sample_shape: Optional[tuple[int, ...]] = None,
-                 use_ema: bool = True, folder: str = DEFAULT_FOLDER, prompts: Optional[Sequence[str]] = None,
-                 guidance_scale: float = 1.0):
-        super().__init__(num_samples, num_steps, eta, seed, batch_size, num_classes, sample_shape, use_ema, interval,
-                         folder, prompts=prompts, guidance_scale=guidance_scale)
+    def __init__(
+        self,
+        num_samples: int = 64,
+        num_steps: int = 50,
+        eta: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 256,
+        scale: int = 4,
+        interval: str | Time | None = None,
+        num_classes: int | None = None,
+        sample_shape: tuple[int, ...] | None = None,
+        use_ema: bool = True,
+        folder: str = DEFAULT_FOLDER,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+    ):
+        super().__init__(
+            num_samples,
+            num_steps,
+            eta,
+            seed,
+            batch_size,
+            num_classes,
+            sample_shape,
+            use_ema,
+            interval,
+            folder,
+            prompts=prompts,
+            guidance_scale=guidance_scale,
+        )
         if prompts is not None and num_samples % len(prompts):
-            raise ValueError(f'num_samples={num_samples} must be a multiple of the {len(prompts)} prompts (one row '
-                             'each).')
+            raise ValueError(
+                f'num_samples={num_samples} must be a multiple of the {len(prompts)} prompts (one row each).'
+            )
         if scale < 1:
             raise ValueError(f'scale must be positive, got {scale}.')
         self.scale = int(scale)
-        self.last_path: Optional[str] = None
+        self.last_path: str | None = None
 
     def __repr__(self) -> str:
         return f'SampleGrid(num_samples={self.num_samples}, num_steps={self.num_steps}, interval={self.interval!r})'
@@ -114,17 +139,18 @@ class TimestepHeatmap(Callback):
     # The members of the model contract (composer_algos.diffusion.contract) the heatmap uses.
     needs = ('images', 'timestep_distribution', 'timestep_sampler', 'timestep_sampler_owner')
 
-    def __init__(self, interval: Union[str, Time] = '100ba', max_images: int = 64, folder: str = DEFAULT_FOLDER):
+    def __init__(self, interval: str | Time = '100ba', max_images: int = 64, folder: str = DEFAULT_FOLDER):
         if max_images < 1:
             raise ValueError(f'max_images must be positive, got {max_images}.')
         self.interval = interval
         self.max_images = int(max_images)
         self.folder = folder
-        self._due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False,
-                                              final_events={Event.BATCH_END})
+        self._due = create_interval_scheduler(
+            interval, include_end_of_training=True, checkpoint_events=False, final_events={Event.BATCH_END}
+        )
         self.steps: list[int] = []
         self.rows: list[torch.Tensor] = []
-        self.last_path: Optional[str] = None
+        self.last_path: str | None = None
 
     def __repr__(self) -> str:
         return f'TimestepHeatmap(interval={self.interval!r}, max_images={self.max_images})'
@@ -138,7 +164,7 @@ class TimestepHeatmap(Callback):
         if not self._due(state, Event.BATCH_END):
             return
         model = get_diffusion_model(state.model, self, self.needs)
-        x0 = model.images(device_batch(state))[:self.max_images]
+        x0 = model.images(device_batch(state))[: self.max_images]
         _, world_size = rank_world()
         probs = (all_reduce(model.timestep_distribution(x0).detach().double()) / world_size).cpu()
         step = int(state.timestamp.batch)
@@ -149,12 +175,12 @@ class TimestepHeatmap(Callback):
 
     def _write(self, state: State, logger: Logger) -> None:
         from composer.utils import dist
+
         if not self.rows or dist.get_global_rank() != 0:
             return
         folder = format_name_with_dist(self.folder, state.run_name)
         os.makedirs(folder, exist_ok=True)
-        np.savez(os.path.join(folder, 'timestep_heatmap.npz'), steps=np.asarray(self.steps),
-                 probs=self.probs.numpy())
+        np.savez(os.path.join(folder, 'timestep_heatmap.npz'), steps=np.asarray(self.steps), probs=self.probs.numpy())
         path = os.path.join(folder, 'timestep_heatmap.png')
         model = get_diffusion_model(state.model, self, self.needs)
         owner = getattr(model, 'timestep_sampler_owner', None)

@@ -27,26 +27,34 @@ def run_summary(trainer: Any) -> list[str]:
     from composer_algos.callbacks.likelihood import BitsPerDim
     from composer_algos.callbacks.pictures import SampleGrid, TimestepHeatmap
     from composer_algos.callbacks.prompt_accuracy import PromptAccuracy
+
     state = trainer.state
     lines = [f'Run {state.run_name!r} finished at step {int(state.timestamp.batch)}.']
     files = []
     for callback in state.callbacks:
         if isinstance(callback, FID) and callback.values:
             best = min(range(len(callback.values)), key=callback.values.__getitem__)
-            text = f'FID {callback.values[-1]:.2f} at step {callback.steps[-1]} (best {callback.values[best]:.2f} at ' \
-                   f'step {callback.steps[best]}, {callback.num_samples} samples)'
+            text = (
+                f'FID {callback.values[-1]:.2f} at step {callback.steps[-1]} (best {callback.values[best]:.2f} at '
+                f'step {callback.steps[best]}, {callback.num_samples} samples)'
+            )
             if callback.floor is not None:
-                text += f'; real-vs-real floor at these sample sizes {callback.floor:.2f} (a perfect model scores ' \
-                        'about that)'
+                text += (
+                    f'; real-vs-real floor at these sample sizes {callback.floor:.2f} (a perfect model scores '
+                    'about that)'
+                )
             lines.append(text + '.')
             curve = callback.output_path(state, 'fid.png')
             if os.path.exists(curve):
                 files.append(f'FID curve: {_here(curve)}')
         elif isinstance(callback, PromptAccuracy) and callback.steps:
-            scores = ', '.join(f'{100 * callback.values[s][-1]:.1f}% at guidance {s:g}'
-                               for s in sorted(callback.values, reverse=True))
-            text = f'Prompt accuracy {scores} at step {callback.steps[-1]} ({callback.num_samples} samples from ' \
-                   f'{len(callback.prompts)} prompts'
+            scores = ', '.join(
+                f'{100 * callback.values[s][-1]:.1f}% at guidance {s:g}' for s in sorted(callback.values, reverse=True)
+            )
+            text = (
+                f'Prompt accuracy {scores} at step {callback.steps[-1]} ({callback.num_samples} samples from '
+                f'{len(callback.prompts)} prompts'
+            )
             if callback.classifier_accuracy is not None:
                 text += f'; the classifier scores {100 * callback.classifier_accuracy:.1f}% on real validation images'
             lines.append(text + ').')
@@ -60,7 +68,9 @@ def run_summary(trainer: Any) -> list[str]:
     if saver is not None:
         folder = format_name_with_dist(saver.folder, state.run_name)
         files.append(f'checkpoints: {_here(folder)}' if '://' not in folder else f'checkpoints: {folder}')
-    for destination in trainer.logger.destinations:
-        if isinstance(destination, FileLogger):
-            files.append(f'log: {_here(destination.filename)}')
+    files.extend(
+        f'log: {_here(destination.filename)}'
+        for destination in trainer.logger.destinations
+        if isinstance(destination, FileLogger)
+    )
     return lines + files

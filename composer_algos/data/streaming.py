@@ -9,9 +9,10 @@ import mmap
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from time import time_ns
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,11 +24,16 @@ from streaming.base.format.mds.reader import MDSReader
 from streaming.base.world import World
 from torch.utils.data import DataLoader
 
-from composer_algos.pixels import from_uint8
 from composer_algos.data.integrity import REWRITE_HINT, DataError, nonfinite_rows
+from composer_algos.pixels import from_uint8
 
-__all__ = ['StreamingImageDataset', 'StreamingBatchLoader', 'build_streaming_image_dataloader', 'flip_mask',
-           'global_batch_size_problem']
+__all__ = [
+    'StreamingImageDataset',
+    'StreamingBatchLoader',
+    'build_streaming_image_dataloader',
+    'flip_mask',
+    'global_batch_size_problem',
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +116,18 @@ class _FixedRecords:
     samples: int
     names: tuple[str, ...]
     encodings: tuple[str, ...]
-    sizes: tuple[Optional[int], ...]
+    sizes: tuple[int | None, ...]
     data_column: str
     data_dtype: np.dtype
     data_shape: tuple[int, ...]
 
     @property
-    def record_size(self) -> Optional[int]:
+    def record_size(self) -> int | None:
         """The bytes of every record, ``None`` when a column has a variable size."""
         return None if None in self.sizes else int(sum(self.sizes))
 
 
-def _fixed_records(shard: Any, column: str) -> Optional[_FixedRecords]:
+def _fixed_records(shard: Any, column: str) -> _FixedRecords | None:
     """The record layout of ``shard`` if its ``column`` is a fixed-shape ndarray and ``label`` an int, else None.
 
     An MDS record is its columns' bytes in order, preceded by a 4-byte size for each variable-size column; the
@@ -135,27 +141,33 @@ def _fixed_records(shard: Any, column: str) -> Optional[_FixedRecords]:
     parts = encodings[names.index(column)].split(':')
     if len(parts) != 3 or parts[0] != 'ndarray':
         return None
-    return _FixedRecords(path=os.path.join(shard.dirname, shard.split or '', shard.raw_data.basename),
-                         samples=int(shard.samples), names=tuple(names), encodings=tuple(encodings),
-                         sizes=tuple(None if size is None else int(size) for size in shard.column_sizes),
-                         data_column=column, data_dtype=np.dtype(parts[1]),
-                         data_shape=tuple(int(d) for d in parts[2].split(',')))
+    return _FixedRecords(
+        path=os.path.join(shard.dirname, shard.split or '', shard.raw_data.basename),
+        samples=int(shard.samples),
+        names=tuple(names),
+        encodings=tuple(encodings),
+        sizes=tuple(None if size is None else int(size) for size in shard.column_sizes),
+        data_column=column,
+        data_dtype=np.dtype(parts[1]),
+        data_shape=tuple(int(d) for d in parts[2].split(',')),
+    )
 
 
-def _column_bytes(layout: _FixedRecords, data: np.ndarray, begins: list[int],
-                  wanted: tuple[str, ...]) -> dict[str, list[np.ndarray]]:
+def _column_bytes(
+    layout: _FixedRecords, data: np.ndarray, begins: list[int], wanted: tuple[str, ...]
+) -> dict[str, list[np.ndarray]]:
     """The bytes of the ``wanted`` columns of the records starting at ``begins``, column by column."""
     out: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
     variable = [i for i, size in enumerate(layout.sizes) if size is None]
     for begin in begins:
-        head = np.frombuffer(data[begin:begin + 4 * len(variable)].tobytes(), np.uint32).tolist()
+        head = np.frombuffer(data[begin : begin + 4 * len(variable)].tobytes(), np.uint32).tolist()
         sizes = list(layout.sizes)
-        for index, size in zip(variable, head):
+        for index, size in zip(variable, head, strict=True):
             sizes[index] = size
         position = begin + 4 * len(variable)
-        for name, size in zip(layout.names, sizes):
+        for name, size in zip(layout.names, sizes, strict=True):
             if name in out:
-                out[name].append(data[position:position + size])
+                out[name].append(data[position : position + size])
             position += size
     return out
 
@@ -172,11 +184,13 @@ def _decode(encoding: str, pieces: Any) -> Any:
     if encoding == 'str':
         return [piece.tobytes().decode('utf-8') for piece in pieces]
     from streaming.base.format.mds.encodings import mds_decode
+
     return [mds_decode(encoding, piece.tobytes()) for piece in pieces]
 
 
-def _read_records(layout: _FixedRecords, rows: np.ndarray,
-                  extra: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _read_records(
+    layout: _FixedRecords, rows: np.ndarray, extra: tuple[str, ...] = ()
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``rows`` of a shard as ``(data of shape (n, *data_shape), int64 labels, {column: values} of the extra
     columns)``: one copy per record out of a memory map of the shard file, no per-sample decoding of the data.
     Raises FileNotFoundError if the file is absent."""
@@ -189,16 +203,19 @@ def _read_records(layout: _FixedRecords, rows: np.ndarray,
     wanted = (layout.data_column, 'label', *extra)
     size = layout.record_size
     if size is not None:
-        records = np.stack([data[b:b + size] for b in begins])
+        records = np.stack([data[b : b + size] for b in begins])
         offsets = np.concatenate([[0], np.cumsum(layout.sizes)]).astype(int)
-        columns: dict[str, Any] = {name: records[:, offsets[i]:offsets[i + 1]]
-                                   for i, name in enumerate(layout.names) if name in wanted}
+        columns: dict[str, Any] = {
+            name: records[:, offsets[i] : offsets[i + 1]] for i, name in enumerate(layout.names) if name in wanted
+        }
     else:
-        columns = {name: [piece.copy() for piece in pieces]
-                   for name, pieces in _column_bytes(layout, data, begins, wanted).items()}
+        columns = {
+            name: [piece.copy() for piece in pieces]
+            for name, pieces in _column_bytes(layout, data, begins, wanted).items()
+        }
     del data  # the views must go before the map can close
     mapped.close()
-    encodings = dict(zip(layout.names, layout.encodings))
+    encodings = dict(zip(layout.names, layout.encodings, strict=True))
     decoded = {name: _decode(encodings[name], pieces) for name, pieces in columns.items()}
     return decoded.pop(layout.data_column), decoded.pop('label'), decoded
 
@@ -211,15 +228,16 @@ class _Prefetch:
     front of the batch being read.
     """
 
-    def __init__(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: Optional[int]):
+    def __init__(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: int | None):
         self.position = 0
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(dataset, pending, ahead), daemon=True,
-                                       name='streaming-shard-prefetch')
+        self.thread = threading.Thread(
+            target=self._run, args=(dataset, pending, ahead), daemon=True, name='streaming-shard-prefetch'
+        )
         self.thread.start()
 
-    def _run(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: Optional[int]) -> None:
+    def _run(self, dataset: StreamingDataset, pending: list[tuple[int, int]], ahead: int | None) -> None:
         try:
             for first_use, shard_id in pending:
                 while ahead is not None and first_use - self.position > ahead:
@@ -274,30 +292,53 @@ class StreamingImageDataset(StreamingDataset):
         **streaming_kwargs: passed to ``StreamingDataset`` (``num_canonical_nodes``, ``predownload``, ...).
     """
 
-    def __init__(self, local: Optional[str] = None, remote: Optional[str] = None, split: Optional[str] = None,
-                 batch_size: Optional[int] = None, shuffle: bool = True, random_flip: bool = False,
-                 channels: Optional[int] = None, image_size: Optional[int] = None, seed: int = 17,
-                 shuffle_seed: Optional[int] = None, latents: bool = False, yield_batches: bool = False,
-                 drop_last: bool = True, cache_limit: Optional[Union[int, str]] = None,
-                 caption_embeddings: bool = False, **streaming_kwargs: Any):
+    def __init__(
+        self,
+        local: str | None = None,
+        remote: str | None = None,
+        split: str | None = None,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        random_flip: bool = False,
+        channels: int | None = None,
+        image_size: int | None = None,
+        seed: int = 17,
+        shuffle_seed: int | None = None,
+        latents: bool = False,
+        yield_batches: bool = False,
+        drop_last: bool = True,
+        cache_limit: int | str | None = None,
+        caption_embeddings: bool = False,
+        **streaming_kwargs: Any,
+    ):
         if remote is None:
             path = os.path.join(local, split) if (local and split) else local
             if path is None or not os.path.exists(os.path.join(path, 'index.json')):
                 raise FileNotFoundError(
                     f'No MDS dataset at {path!r} (index.json missing). Create it with '
                     f'`python recipes/convert_dataset.py --dataset digits --out {local or "<dir>"}`, '
-                    'or set remote: to stream it from object storage.')
+                    'or set remote: to stream it from object storage.'
+                )
         if channels not in (None, 1, 3) and not latents:
             raise ValueError(f'channels must be 1, 3 or None, got {channels!r}.')
         if latents and random_flip:
-            raise ValueError('random_flip is not available with latents: a flipped latent is not the latent of the '
-                             'flipped image. Encode images on the fly (model.encoder) to train with flips.')
+            raise ValueError(
+                'random_flip is not available with latents: a flipped latent is not the latent of the '
+                'flipped image. Encode images on the fly (model.encoder) to train with flips.'
+            )
         if yield_batches and batch_size is None:
             raise ValueError('yield_batches needs batch_size (the per-device batch size).')
         with _shm_prefix_lock():
-            super().__init__(local=local, remote=remote, split=split, shuffle=shuffle, batch_size=batch_size,
-                             shuffle_seed=shuffle_seed if shuffle_seed is not None else seed, cache_limit=cache_limit,
-                             **streaming_kwargs)
+            super().__init__(
+                local=local,
+                remote=remote,
+                split=split,
+                shuffle=shuffle,
+                batch_size=batch_size,
+                shuffle_seed=shuffle_seed if shuffle_seed is not None else seed,
+                cache_limit=cache_limit,
+                **streaming_kwargs,
+            )
         self.random_flip = random_flip
         self.channels = channels
         self.image_size = image_size
@@ -308,8 +349,8 @@ class StreamingImageDataset(StreamingDataset):
         self.column = 'latents' if latents else 'image'
         self.caption_embeddings = caption_embeddings
         self.text_columns = self._text_columns()
-        self._layouts: dict[int, Optional[_FixedRecords]] = {}
-        self._prefetch: Optional[_Prefetch] = None
+        self._layouts: dict[int, _FixedRecords | None] = {}
+        self._prefetch: _Prefetch | None = None
         self._warned_per_sample = False
         self._preparing = threading.Lock()
 
@@ -321,12 +362,16 @@ class StreamingImageDataset(StreamingDataset):
         present = tuple(c for c in wanted if all(c in columns for columns in have))
         partly = [c for c in wanted if c not in present and any(c in columns for columns in have)]
         if partly:
-            raise ValueError(f'Some shards of {self.streams[0].local} have the column {partly[0]!r} and some do not; '
-                             'write every shard of a dataset with the same columns.')
+            raise ValueError(
+                f'Some shards of {self.streams[0].local} have the column {partly[0]!r} and some do not; '
+                'write every shard of a dataset with the same columns.'
+            )
         if self.caption_embeddings and not {'caption_embedding', 'caption_mask'} <= set(present):
-            raise ValueError(f'caption_embeddings=true, but the shards of {self.streams[0].local} hold no text '
-                             'encoder outputs (columns caption_embedding, caption_mask); write them with '
-                             '`recipes/convert_dataset.py --encode-captions PATH`, or set caption_embeddings: false.')
+            raise ValueError(
+                f'caption_embeddings=true, but the shards of {self.streams[0].local} hold no text '
+                'encoder outputs (columns caption_embedding, caption_mask); write them with '
+                '`recipes/convert_dataset.py --encode-captions PATH`, or set caption_embeddings: false.'
+            )
         return present
 
     def __getstate__(self) -> dict[str, Any]:
@@ -368,17 +413,22 @@ class StreamingImageDataset(StreamingDataset):
         latents as stored."""
         if self.latents:
             if 'latents' not in sample:
-                raise ValueError(f'Sample {index} has no latents column (columns: {sorted(sample)}); write the shards '
-                                 'with `recipes/convert_dataset.py --encode-latents VAE_PATH`, or set latents: false '
-                                 'for images.')
+                raise ValueError(
+                    f'Sample {index} has no latents column (columns: {sorted(sample)}); write the shards '
+                    'with `recipes/convert_dataset.py --encode-latents VAE_PATH`, or set latents: false '
+                    'for images.'
+                )
             array = np.asarray(sample['latents'])
             if array.ndim != 3:
                 raise ValueError(f'Latents {index} have shape {array.shape}; expected (channels, height, width).')
             return array
         if 'image' not in sample:
-            hint = (' These shards hold precomputed latents: set latents: true in the loader and '
-                    'model.encoder.precomputed: true.'
-                    if 'latents' in sample else '')
+            hint = (
+                ' These shards hold precomputed latents: set latents: true in the loader and '
+                'model.encoder.precomputed: true.'
+                if 'latents' in sample
+                else ''
+            )
             raise ValueError(f'Sample {index} has no image column (columns: {sorted(sample)}).{hint}')
         image = sample['image']
         if isinstance(image, np.ndarray):
@@ -415,7 +465,7 @@ class StreamingImageDataset(StreamingDataset):
                     if prefetch.error is not None:
                         raise RuntimeError('Preparing the shards of this epoch failed.') from prefetch.error
                     prefetch.position = start
-                yield self._read_batch(sample_ids[start:start + size])
+                yield self._read_batch(sample_ids[start : start + size])
         finally:
             if prefetch is not None and prefetch is self._prefetch:
                 self._stop_prefetch()
@@ -428,7 +478,9 @@ class StreamingImageDataset(StreamingDataset):
         shard_ids, _ = self._shard_ids(sample_ids)
         shards, first_use = np.unique(shard_ids, return_index=True)
         states = self._shard_states.numpy()
-        pending = sorted((int(i), int(s)) for s, i in zip(shards, first_use) if states[s] != _ShardState.LOCAL)
+        pending = sorted(
+            (int(i), int(s)) for s, i in zip(shards, first_use, strict=True) if states[s] != _ShardState.LOCAL
+        )
         if pending:  # all shards local (a local dataset, a full cache): no thread competes with training
             self._prefetch = _Prefetch(self, pending, self.predownload)
 
@@ -437,20 +489,24 @@ class StreamingImageDataset(StreamingDataset):
             self._prefetch.close()
             self._prefetch = None
 
-    def _layout(self, shard_id: int) -> Optional[_FixedRecords]:
+    def _layout(self, shard_id: int) -> _FixedRecords | None:
         if shard_id not in self._layouts:
             self._layouts[shard_id] = _fixed_records(self.shards[shard_id], self.column)
             if self._layouts[shard_id] is None and not self._warned_per_sample:
                 self._warned_per_sample = True
-                log.warning('Shard %d of %s stores %s of varying size or encoded (e.g. PNG): its batches are read and '
-                            'decoded sample by sample. Write raw arrays of one shape (recipes/convert_dataset.py, '
-                            'with --resize for a folder) to read whole batches.', shard_id,
-                            self.streams[self.stream_per_shard[shard_id]].local, self.column)
+                log.warning(
+                    'Shard %d of %s stores %s of varying size or encoded (e.g. PNG): its batches are read and '
+                    'decoded sample by sample. Write raw arrays of one shape (recipes/convert_dataset.py, '
+                    'with --resize for a folder) to read whole batches.',
+                    shard_id,
+                    self.streams[self.stream_per_shard[shard_id]].local,
+                    self.column,
+                )
         return self._layouts[shard_id]
 
     def _read_batch(self, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
         shard_ids, rows = self._shard_ids(sample_ids)
-        data: Optional[np.ndarray] = None
+        data: np.ndarray | None = None
         labels = np.empty(len(sample_ids), dtype=np.int64)
         texts: dict[str, list] = {c: [None] * len(sample_ids) for c in self.text_columns}
         for shard_id in np.unique(shard_ids).tolist():
@@ -460,25 +516,28 @@ class StreamingImageDataset(StreamingDataset):
                 part, part_labels, part_texts = self._read_fixed(shard_id, layout, rows[where])
             else:
                 samples = [self.get_item(int(i)) for i in sample_ids[where]]
-                part = _stack([self._sample_array(s, int(i)) for s, i in zip(samples, sample_ids[where])])
+                part = _stack([self._sample_array(s, int(i)) for s, i in zip(samples, sample_ids[where], strict=True)])
                 part_labels = np.array([int(s['label']) for s in samples], dtype=np.int64)
                 part_texts = {c: [s[c] for s in samples] for c in self.text_columns}
             for column, values in part_texts.items():
-                for position, value in zip(where.tolist(), values):
+                for position, value in zip(where.tolist(), values, strict=True):
                     texts[column][position] = value
             part = self._convert_channels(part)
             if data is None:
-                data = np.empty((len(sample_ids),) + part.shape[1:], dtype=part.dtype)
+                data = np.empty((len(sample_ids), *part.shape[1:]), dtype=part.dtype)
             elif part.shape[1:] != data.shape[1:] or part.dtype != data.dtype:
-                raise ValueError(f'Samples of one batch differ: {tuple(data.shape[1:])} {data.dtype} against '
-                                 f'{tuple(part.shape[1:])} {part.dtype}; write every image at one size.')
+                raise ValueError(
+                    f'Samples of one batch differ: {tuple(data.shape[1:])} {data.dtype} against '
+                    f'{tuple(part.shape[1:])} {part.dtype}; write every image at one size.'
+                )
             data[where] = part
             labels[where] = part_labels
         assert data is not None
         return {'image': self._to_tensor(data, sample_ids), 'label': torch.from_numpy(labels), **_text_tensors(texts)}
 
-    def _read_fixed(self, shard_id: int, layout: _FixedRecords,
-                    rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _read_fixed(
+        self, shard_id: int, layout: _FixedRecords, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         for _ in range(1 + _READ_RETRIES):
             try:
                 values = _read_records(layout, rows, self.text_columns)
@@ -490,8 +549,10 @@ class StreamingImageDataset(StreamingDataset):
             except ValueError as e:  # the file is shorter than its records: truncated since the start-up check
                 raise DataError(f'shard {layout.path} is corrupt ({e}); {REWRITE_HINT}') from e
         else:
-            raise RuntimeError(f'Shard {shard_id} ({layout.path}) went missing {1 + _READ_RETRIES} times while being '
-                               'read; if cache_limit is set, it may be too low for this many workers.')
+            raise RuntimeError(
+                f'Shard {shard_id} ({layout.path}) went missing {1 + _READ_RETRIES} times while being '
+                'read; if cache_limit is set, it may be too low for this many workers.'
+            )
         self._shard_access_times[shard_id] = time_ns()  # least recently used shards are evicted first
         return values
 
@@ -513,21 +574,31 @@ class StreamingImageDataset(StreamingDataset):
         """Checked, flipped and scaled: uint8 images to float32 in [-1, 1]; latents to float32 as stored."""
         kind = 'Latents' if self.latents else 'Images'
         if self.image_size is not None and data.shape[2:] != (self.image_size, self.image_size):
-            raise ValueError(f'{kind} of sample {int(sample_ids[0])} have size {data.shape[2:]} but '
-                             f'image_size={self.image_size}; resize the images when converting, or set image_size to '
-                             'match.')
+            raise ValueError(
+                f'{kind} of sample {int(sample_ids[0])} have size {data.shape[2:]} but '
+                f'image_size={self.image_size}; resize the images when converting, or set image_size to '
+                'match.'
+            )
         if self.latents:
             if self.channels is not None and data.shape[1] != self.channels:
-                raise ValueError(f'Latents of sample {int(sample_ids[0])} have {data.shape[1]} channels but '
-                                 f'channels={self.channels}.')
+                raise ValueError(
+                    f'Latents of sample {int(sample_ids[0])} have {data.shape[1]} channels but '
+                    f'channels={self.channels}.'
+                )
             latents = np.ascontiguousarray(data, dtype=np.float32)
             bad = nonfinite_rows(latents)
             if bad:
                 shard_ids, _ = self._shard_ids(sample_ids[bad])
-                files = sorted({os.path.join(self.shards[s].dirname, self.shards[s].split,
-                                             self.shards[s].raw_data.basename) for s in shard_ids.tolist()})
-                raise DataError(f'latents of samples {sample_ids[bad].tolist()} (in {", ".join(files)}) hold NaN or '
-                                'inf values; recompute or drop them')
+                files = sorted(
+                    {
+                        os.path.join(self.shards[s].dirname, self.shards[s].split, self.shards[s].raw_data.basename)
+                        for s in shard_ids.tolist()
+                    }
+                )
+                raise DataError(
+                    f'latents of samples {sample_ids[bad].tolist()} (in {", ".join(files)}) hold NaN or '
+                    'inf values; recompute or drop them'
+                )
             return torch.from_numpy(latents)
         if data.dtype != np.uint8:
             raise ValueError(f'Images are stored as {data.dtype}; expected uint8 (0..255).')
@@ -558,8 +629,10 @@ def _text_tensors(columns: dict[str, Any]) -> dict[str, Any]:
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f'Samples of one batch have different shapes {sorted(shapes)}; resize the images when '
-                         'converting (--resize) so that they can be batched.')
+        raise ValueError(
+            f'Samples of one batch have different shapes {sorted(shapes)}; resize the images when '
+            'converting (--resize) so that they can be batched.'
+        )
     return np.stack(arrays)
 
 
@@ -570,29 +643,39 @@ class StreamingBatchLoader(DataLoader):
     per-device batch size and the number of batches per epoch, as for an ordinary DataLoader (Composer reads both).
     """
 
-    def __init__(self, dataset: StreamingImageDataset, num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False):
+    def __init__(
+        self,
+        dataset: StreamingImageDataset,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
         if not dataset.yield_batches:
             raise ValueError('StreamingBatchLoader needs a dataset made with yield_batches=True.')
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=persistent_workers)
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
 
     @property
     def batch_size(self) -> int:  # type: ignore[override]
         return int(self.dataset.batch_size)
 
     @batch_size.setter
-    def batch_size(self, value: Optional[int]) -> None:
+    def batch_size(self, value: int | None) -> None:
         # DataLoader.__init__ records batch_size=None (no collation); the size is the dataset's.
         if value is not None:
-            raise ValueError('The batch size of a StreamingBatchLoader is its dataset\'s batch_size.')
+            raise ValueError("The batch size of a StreamingBatchLoader is its dataset's batch_size.")
 
     def __len__(self) -> int:
         samples, size = len(self.dataset), int(self.dataset.batch_size)
         return samples // size if self.dataset.drop_last else -(-samples // size)
 
 
-def global_batch_size_problem(global_batch_size: int, world_size: int) -> Optional[str]:
+def global_batch_size_problem(global_batch_size: int, world_size: int) -> str | None:
     """Why ``global_batch_size`` cannot be dealt to ``world_size`` ranks, or ``None`` if it can: each rank gets
     ``global_batch_size // world_size`` images, which must be a positive whole number."""
     if global_batch_size < 1:
@@ -604,10 +687,17 @@ def global_batch_size_problem(global_batch_size: int, world_size: int) -> Option
     return None
 
 
-def build_streaming_image_dataloader(global_batch_size: int, local: Optional[str] = None,
-                                     remote: Optional[str] = None, split: Optional[str] = None,
-                                     num_workers: int = 0, drop_last: bool = True, shuffle: bool = True,
-                                     pin_memory: Optional[bool] = None, **dataset_kwargs: Any) -> DataLoader:
+def build_streaming_image_dataloader(
+    global_batch_size: int,
+    local: str | None = None,
+    remote: str | None = None,
+    split: str | None = None,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    shuffle: bool = True,
+    pin_memory: bool | None = None,
+    **dataset_kwargs: Any,
+) -> DataLoader:
     """A loader of per-device batches from a :class:`StreamingImageDataset` (see it for ``dataset_kwargs``).
 
     Batches are formed by the dataset (``yield_batches``), in streaming's order. ``pin_memory`` defaults to
@@ -618,8 +708,19 @@ def build_streaming_image_dataloader(global_batch_size: int, local: Optional[str
     if problem is not None:
         raise ValueError(f'global_batch_size={global_batch_size}: {problem}.')
     device_batch_size = global_batch_size // world_size
-    dataset = StreamingImageDataset(local=local, remote=remote, split=split, batch_size=device_batch_size,
-                                    shuffle=shuffle, yield_batches=True, drop_last=drop_last, **dataset_kwargs)
-    return StreamingBatchLoader(dataset, num_workers=num_workers,
-                                pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                                persistent_workers=num_workers > 0)
+    dataset = StreamingImageDataset(
+        local=local,
+        remote=remote,
+        split=split,
+        batch_size=device_batch_size,
+        shuffle=shuffle,
+        yield_batches=True,
+        drop_last=drop_last,
+        **dataset_kwargs,
+    )
+    return StreamingBatchLoader(
+        dataset,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0,
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -20,10 +20,15 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ('ddpm', 'flow_matching')
 
 
-def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dict[str, Any]] = None,
-                          encoder: Optional[dict[str, Any]] = None, objective: str = 'ddpm',
-                          flow: Optional[dict[str, Any]] = None, conditioner: Optional[dict[str, Any]] = None,
-                          **kwargs: Any) -> torch.nn.Module:
+def build_diffusion_model(
+    denoiser: dict[str, Any],
+    noise_schedule: dict[str, Any] | None = None,
+    encoder: dict[str, Any] | None = None,
+    objective: str = 'ddpm',
+    flow: dict[str, Any] | None = None,
+    conditioner: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
     """A :class:`DiffusionModel` (``objective: ddpm``) or :class:`FlowMatchingModel` (``objective: flow_matching``)
     around a denoiser from the ``denoisers`` registry (default name ``unet``).
 
@@ -34,20 +39,26 @@ def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dic
     existed); the other keys are the model class's.
     """
     if objective not in OBJECTIVES:
-        raise registry.ConfigError(f'model.objective must be one of {OBJECTIVES}, got {objective!r}.'
-                                   f'{registry.suggest(str(objective), list(OBJECTIVES))}')
+        raise registry.ConfigError(
+            f'model.objective must be one of {OBJECTIVES}, got {objective!r}.'
+            f'{registry.suggest(str(objective), list(OBJECTIVES))}'
+        )
     net = registry.build(registry.denoisers, denoiser, 'denoiser', 'model.denoiser', default='unet')
     if objective == 'flow_matching':
         if noise_schedule is not None:
-            raise registry.ConfigError('model.noise_schedule is the DDPM schedule; a flow_matching model takes '
-                                       'model.flow (shift, resolution_shift, ...). Remove model.noise_schedule or set '
-                                       'it to null.')
+            raise registry.ConfigError(
+                'model.noise_schedule is the DDPM schedule; a flow_matching model takes '
+                'model.flow (shift, resolution_shift, ...). Remove model.noise_schedule or set '
+                'it to null.'
+            )
         model_class = FlowMatchingModel
         schedule = registry.call_checked(FlowSchedule, dict(flow or {}), 'model.flow')
     else:
         if flow is not None:
-            raise registry.ConfigError('model.flow applies to objective: flow_matching; this model trains the DDPM '
-                                       'objective (model.noise_schedule sets its schedule).')
+            raise registry.ConfigError(
+                'model.flow applies to objective: flow_matching; this model trains the DDPM '
+                'objective (model.noise_schedule sets its schedule).'
+            )
         model_class = DiffusionModel
         schedule = registry.call_checked(NoiseSchedule, dict(noise_schedule or {}), 'model.noise_schedule')
     encoder_module = None
@@ -55,14 +66,19 @@ def build_diffusion_model(denoiser: dict[str, Any], noise_schedule: Optional[dic
         encoder_module = registry.build(registry.encoders, encoder, 'encoder', 'model.encoder', default='vae')
         vae_scale = getattr(encoder_module, 'scaling_factor', None)
         if vae_scale is not None and abs(float(kwargs.get('latent_scale', 1.0)) - vae_scale) > 1e-6:
-            log.warning('model.latent_scale=%s but the VAE was trained with scaling_factor=%s.',
-                        kwargs.get('latent_scale', 1.0), vae_scale)
+            log.warning(
+                'model.latent_scale=%s but the VAE was trained with scaling_factor=%s.',
+                kwargs.get('latent_scale', 1.0),
+                vae_scale,
+            )
     if 'encoder' in kwargs:
-        raise registry.ConfigError("model.encoder is a section (name and arguments of a registered encoder).")
+        raise registry.ConfigError('model.encoder is a section (name and arguments of a registered encoder).')
     if conditioner is not None:
         if kwargs.get('label_key') is not None:
-            raise registry.ConfigError('model.label_key and model.conditioner both say what conditions the model; '
-                                       'keep model.conditioner (class labels: {name: class_label, label_key: '
-                                       f'{kwargs["label_key"]}}}).')
+            raise registry.ConfigError(
+                'model.label_key and model.conditioner both say what conditions the model; '
+                'keep model.conditioner (class labels: {name: class_label, label_key: '
+                f'{kwargs["label_key"]}}}).'
+            )
         kwargs['conditioner'] = registry.build(registry.conditioners, conditioner, 'conditioner', 'model.conditioner')
     return registry.call_checked(model_class, dict(kwargs, encoder=encoder_module), 'model', net, schedule)

@@ -13,18 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.diffusion.draw import CAPTION_STREAM
 from composer_algos.distributed import global_positions
 from composer_algos.registry import ConfigError
 from composer_algos.seeding import keyed_generator
 
-__all__ = ['ClassLabelConditioner', 'Conditioner', 'Guidance', 'NoConditioner', 'batch_entry', 'caption_drop_mask',
-           'check_denoiser_keywords', 'check_guidance_scale']
+__all__ = [
+    'ClassLabelConditioner',
+    'Conditioner',
+    'Guidance',
+    'NoConditioner',
+    'batch_entry',
+    'caption_drop_mask',
+    'check_denoiser_keywords',
+    'check_guidance_scale',
+]
 
 
 def batch_entry(batch: Any, key: Any) -> Any:
@@ -32,8 +41,9 @@ def batch_entry(batch: Any, key: Any) -> Any:
     tensor is the images. A missing key is an error naming the keys there are."""
     if isinstance(batch, Mapping):
         if key not in batch:
-            raise KeyError(f'Batch has no key {key!r} (keys: {sorted(batch)}); set image_key/label_key to match '
-                           'the dataset.')
+            raise KeyError(
+                f'Batch has no key {key!r} (keys: {sorted(batch)}); set image_key/label_key to match the dataset.'
+            )
         return batch[key]
     if isinstance(batch, (tuple, list)):
         index = 0 if key == 'image' else 1 if key == 'label' else key
@@ -52,13 +62,14 @@ def caption_drop_mask(seed: int, index: int, batch_size: int, prob: float) -> to
     """
     if prob <= 0.0:
         return torch.zeros(batch_size, dtype=torch.bool)
-    u = [float(torch.rand((), generator=keyed_generator(seed, CAPTION_STREAM, index, position), dtype=torch.float64))
-         for position in global_positions(batch_size)]
+    u = [
+        float(torch.rand((), generator=keyed_generator(seed, CAPTION_STREAM, index, position), dtype=torch.float64))
+        for position in global_positions(batch_size)
+    ]
     return torch.tensor(u, dtype=torch.float64) < prob
 
 
-def check_guidance_scale(guidance_scale: float, conditioner: Optional['Conditioner'],
-                         key: str = 'guidance_scale') -> float:
+def check_guidance_scale(guidance_scale: float, conditioner: Conditioner | None, key: str = 'guidance_scale') -> float:
     """``guidance_scale`` as a float, checked: at least 1, and above 1 only for a conditioner with an unconditional
     input (a :class:`ConfigError` naming ``key`` and the fix otherwise)."""
     scale = float(guidance_scale)
@@ -66,12 +77,14 @@ def check_guidance_scale(guidance_scale: float, conditioner: Optional['Condition
         raise ConfigError(f'{key}={guidance_scale}: it must be at least 1 (1 samples without guidance).')
     if scale != 1.0 and not getattr(conditioner, 'has_unconditional', False):
         kind = getattr(conditioner, 'kind', None) or 'none'
-        raise ConfigError(f'{key}={guidance_scale} needs a model with an unconditional input (a text conditioner, '
-                          f"trained with caption_drop_prob > 0); this model's conditioning is {kind}: set {key}=1.")
+        raise ConfigError(
+            f'{key}={guidance_scale} needs a model with an unconditional input (a text conditioner, '
+            f"trained with caption_drop_prob > 0); this model's conditioning is {kind}: set {key}=1."
+        )
     return scale
 
 
-def _accepted_keywords(denoiser: nn.Module) -> Optional[set[str]]:
+def _accepted_keywords(denoiser: nn.Module) -> set[str] | None:
     """The keyword names ``denoiser``'s forward takes, ``None`` for any (a ``**kwargs`` that reaches no wrapped
     ``model`` whose forward says more)."""
     target: Any = denoiser
@@ -85,16 +98,18 @@ def _accepted_keywords(denoiser: nn.Module) -> Optional[set[str]]:
         target = inner
 
 
-def check_denoiser_keywords(denoiser: nn.Module, conditioner: 'Conditioner', key: str = 'model.conditioner') -> None:
+def check_denoiser_keywords(denoiser: nn.Module, conditioner: Conditioner, key: str = 'model.conditioner') -> None:
     """A :class:`ConfigError` naming ``key`` and the fix when ``denoiser`` does not take the keywords ``conditioner``
     passes (a text conditioner in front of an unconditional UNet, say): caught when the model is built, not at the
     first batch."""
     accepted = _accepted_keywords(denoiser)
     missing = [k for k in conditioner.denoiser_keywords if accepted is not None and k not in accepted]
     if missing:
-        raise ConfigError(f'{key} ({conditioner.kind}) passes {", ".join(missing)} to the denoiser, which '
-                          f'{type(denoiser).__name__} does not take: choose a denoiser that does (unet_condition, '
-                          'sd3_transformer, pixart_transformer for text), or set the keywords (preset, keywords).')
+        raise ConfigError(
+            f'{key} ({conditioner.kind}) passes {", ".join(missing)} to the denoiser, which '
+            f'{type(denoiser).__name__} does not take: choose a denoiser that does (unet_condition, '
+            'sd3_transformer, pixart_transformer for text), or set the keywords (preset, keywords).'
+        )
 
 
 class Conditioner(nn.Module):
@@ -123,7 +138,7 @@ class Conditioner(nn.Module):
         return ()
 
     @property
-    def label_key(self) -> Optional[Any]:
+    def label_key(self) -> Any | None:
         """The batch key of class labels, ``None`` unless the condition is a class label."""
         return None
 
@@ -132,23 +147,32 @@ class Conditioner(nn.Module):
         """The denoiser's keywords it passes in training."""
         return ()
 
-    def forward(self, batch: Any, drop: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The denoiser's keyword arguments for ``batch``; ``drop`` (``(B,)`` bool) marks the samples that get the
         unconditional input instead."""
         return {}
 
-    def for_generation(self, num_samples: int, device: torch.device, labels: Optional[torch.Tensor] = None,
-                       prompts: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+    def for_generation(
+        self,
+        num_samples: int,
+        device: torch.device,
+        labels: torch.Tensor | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The keyword arguments that condition ``num_samples`` samples on ``labels`` or ``prompts``."""
         if prompts is not None:
-            raise ConfigError(f'prompts were given, but this model is conditioned on {self.kind or "nothing"}: '
-                              'prompts need model.conditioner.name: text.')
+            raise ConfigError(
+                f'prompts were given, but this model is conditioned on {self.kind or "nothing"}: '
+                'prompts need model.conditioner.name: text.'
+            )
         return {}
 
     def unconditional(self, num_samples: int, device: torch.device) -> dict[str, torch.Tensor]:
         """The unconditional keyword arguments of ``num_samples`` samples (what training drops to)."""
-        raise ConfigError(f'This model is conditioned on {self.kind or "nothing"}, which has no unconditional input; '
-                          'classifier-free guidance needs model.conditioner.name: text.')
+        raise ConfigError(
+            f'This model is conditioned on {self.kind or "nothing"}, which has no unconditional input; '
+            'classifier-free guidance needs model.conditioner.name: text.'
+        )
 
     def example_batch(self, batch_size: int) -> dict[str, Any]:
         """Batch entries (besides the images) of ``batch_size`` placeholder samples, for a dry run."""
@@ -169,8 +193,13 @@ class NoConditioner(Conditioner):
         super().__init__()
         self.kwarg = kwarg
 
-    def for_generation(self, num_samples: int, device: torch.device, labels: Optional[torch.Tensor] = None,
-                       prompts: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+    def for_generation(
+        self,
+        num_samples: int,
+        device: torch.device,
+        labels: torch.Tensor | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         super().for_generation(num_samples, device, None, prompts)
         return {} if labels is None else {self.kwarg: labels.to(device)}
 
@@ -205,7 +234,7 @@ class ClassLabelConditioner(NoConditioner):
     def denoiser_keywords(self) -> tuple[str, ...]:
         return (self.kwarg,)
 
-    def forward(self, batch: Any, drop: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any, drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {self.kwarg: batch_entry(batch, self._label_key)}
 
     def example_batch(self, batch_size: int) -> dict[str, Any]:
@@ -228,8 +257,9 @@ class Guidance:
     unconditional: dict[str, torch.Tensor]
     scale: float
 
-    def __call__(self, denoise: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor], x: torch.Tensor,
-                 t: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, denoise: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor], x: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         if self.scale == 1.0:
             return denoise(x, t, self.conditional)
         both = {key: torch.cat([value, self.unconditional[key]]) for key, value in self.conditional.items()}

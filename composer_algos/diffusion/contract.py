@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.diffusion.draw import DrawRecord
 from composer_algos.registry import ConfigError
 
-__all__ = ['CONTRACT_MEMBERS', 'DRAW_KEY', 'DiffusionContract', 'OBJECTIVES', 'get_diffusion_model',
-           'missing_members', 'record_of']
+__all__ = [
+    'CONTRACT_MEMBERS',
+    'DRAW_KEY',
+    'DiffusionContract',
+    'OBJECTIVES',
+    'get_diffusion_model',
+    'missing_members',
+    'record_of',
+]
 
 # What a model can train; ``DiffusionContract.objective``.
 OBJECTIVES = ('ddpm', 'flow_matching')
@@ -53,7 +61,7 @@ class DiffusionContract(Protocol):
         """The trained network, called as ``denoiser(x_t, t, **conditioning)``."""
 
     @property
-    def encoder(self) -> Optional[nn.Module]:
+    def encoder(self) -> nn.Module | None:
         """The frozen encoder of a latent model, or ``None`` (read with a default of ``None``)."""
 
     @property
@@ -71,7 +79,7 @@ class DiffusionContract(Protocol):
         """The active ``TimestepSampler`` (a distribution over the T grid cells)."""
 
     @property
-    def timestep_sampler_owner(self) -> Optional[str]:
+    def timestep_sampler_owner(self) -> str | None:
         """The name of the algorithm that installed the sampler, ``None`` for the default."""
 
     def set_timestep_sampler(self, sampler: Any, owner: str) -> None:
@@ -80,10 +88,10 @@ class DiffusionContract(Protocol):
     def add_timestep_prior(self, prior: Any, owner: str) -> None:
         """Tilt whichever sampler is active by ``prior(T, device) -> (T,)`` masses (replacing ``owner``'s last one)."""
 
-    def timestep_probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def timestep_probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(T,)`` or per-sample ``(B, T)`` distribution t is drawn from: the sampler's, tilted by the priors."""
 
-    def timestep_distribution(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def timestep_distribution(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The marginal ``(T,)`` distribution over t (averaged over the batch for per-sample samplers), no grad."""
 
     # ------------------------------------------------------------------------------------------- the noise
@@ -99,13 +107,26 @@ class DiffusionContract(Protocol):
     def grid_points(self) -> torch.Tensor:
         """``(T,)``: what loss weightings take at each grid cell (the timesteps, or the cells' centre sigmas)."""
 
-    def training_losses(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                        conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+    def training_losses(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
+    ) -> torch.Tensor:
         """``(B,)`` unweighted training losses at grid cells ``t`` with the given noise, no grad."""
 
-    def vlb_terms(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, conditioning: Optional[dict] = None,
-                  denoiser: Optional[nn.Module] = None, decoder_nll: bool = True,
-                  clip: Optional[bool] = None) -> torch.Tensor:
+    def vlb_terms(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
+        decoder_nll: bool = True,
+        clip: bool | None = None,
+    ) -> torch.Tensor:
         """``(B,)`` variational-bound terms in nats per dimension at ``(x0, t, noise)``, no grad (DDPM)."""
 
     def prior_term(self, x0: torch.Tensor) -> torch.Tensor:
@@ -119,11 +140,21 @@ class DiffusionContract(Protocol):
         """The denoiser's keyword arguments from the batch (class labels, text embeddings), ``{}`` for an unconditional
         model; never dropped (caption dropout belongs to the training forward), no grad."""
 
-    def generate(self, num_samples: int, shape: Sequence[int], num_steps: int = 50, eta: float = 0.0, seed: int = 0,
-                 labels: Optional[torch.Tensor] = None, device: Optional[torch.device] = None,
-                 clip: Optional[bool] = None, noise: Optional[torch.Tensor] = None,
-                 solver: Optional[str] = None, prompts: Optional[Sequence[str]] = None,
-                 guidance_scale: float = 1.0) -> torch.Tensor:
+    def generate(
+        self,
+        num_samples: int,
+        shape: Sequence[int],
+        num_steps: int = 50,
+        eta: float = 0.0,
+        seed: int = 0,
+        labels: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        clip: bool | None = None,
+        noise: torch.Tensor | None = None,
+        solver: str | None = None,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
         """``(num_samples, *shape)`` samples from ``seed`` (or the starting ``noise``), no grad; ``labels`` or
         ``prompts`` condition them, ``guidance_scale`` > 1 guides towards them (classifier-free)."""
 
@@ -160,17 +191,21 @@ def get_diffusion_model(model: nn.Module, who: Any = None, needs: Sequence[str] 
         found = found.module
     missing = missing_members(found, needs)
     if missing:
-        raise ConfigError(f'{name or "This"} needs the model to provide {", ".join(sorted(needs))}; '
-                          f'{type(found).__name__} lacks {", ".join(missing)} (composer_algos.diffusion.contract.'
-                          'DiffusionContract documents each).')
+        raise ConfigError(
+            f'{name or "This"} needs the model to provide {", ".join(sorted(needs))}; '
+            f'{type(found).__name__} lacks {", ".join(missing)} (composer_algos.diffusion.contract.'
+            'DiffusionContract documents each).'
+        )
     return found
 
 
-def record_of(outputs: Any, who: Optional[str] = None) -> DrawRecord:
+def record_of(outputs: Any, who: str | None = None) -> DrawRecord:
     """The :class:`DrawRecord` a forward published under :data:`DRAW_KEY` (a clear error naming ``who`` if none)."""
     record = outputs.get(DRAW_KEY) if isinstance(outputs, Mapping) else None
     if not isinstance(record, DrawRecord):
         found = sorted(map(str, outputs)) if isinstance(outputs, Mapping) else type(outputs).__name__
-        raise ValueError(f'{who or "This"} reads the draw record from the forward outputs: a dict with a DrawRecord '
-                         f'under {DRAW_KEY!r}, as DiffusionModel returns; the model returned {found}.')
+        raise ValueError(
+            f'{who or "This"} reads the draw record from the forward outputs: a dict with a DrawRecord '
+            f'under {DRAW_KEY!r}, as DiffusionModel returns; the model returned {found}.'
+        )
     return record

@@ -3,13 +3,23 @@ SD3Transformer2DModel and PixArtTransformer2DModel, built from small config dict
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-__all__ = ['build_unet', 'build_dit', 'build_unet_condition', 'build_sd3_transformer', 'build_pixart_transformer',
-           'BlockPolicy', 'KeywordDenoiser', 'TimeConditionedConvNet', 'count_parameters']
+__all__ = [
+    'build_unet',
+    'build_dit',
+    'build_unet_condition',
+    'build_sd3_transformer',
+    'build_pixart_transformer',
+    'BlockPolicy',
+    'KeywordDenoiser',
+    'TimeConditionedConvNet',
+    'count_parameters',
+]
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -19,11 +29,11 @@ def count_parameters(module: nn.Module) -> int:
 def build_unet(
     sample_size: int = 8,
     in_channels: int = 1,
-    out_channels: Optional[int] = None,
+    out_channels: int | None = None,
     block_out_channels: Sequence[int] = (32, 64),
     layers_per_block: int = 1,
     attention_levels: Sequence[int] = (1,),
-    num_class_embeds: Optional[int] = None,
+    num_class_embeds: int | None = None,
     dropout: float = 0.0,
     norm_num_groups: int = 8,
     attention_head_dim: int = 32,
@@ -35,6 +45,7 @@ def build_unet(
     Under FSDP each down, mid and up block is its own unit (see :class:`BlockPolicy`).
     """
     from diffusers import UNet2DModel
+
     down, up = _unet_block_types(len(block_out_channels), attention_levels, 'Attn')
     unet = UNet2DModel(
         sample_size=sample_size,
@@ -84,6 +95,7 @@ def build_dit(
     Under FSDP each transformer block but the first is its own unit (see :class:`BlockPolicy`).
     """
     from diffusers import DiTTransformer2DModel
+
     model = DiTTransformer2DModel(
         sample_size=sample_size,
         in_channels=in_channels,
@@ -104,8 +116,9 @@ def build_dit(
     return adapter
 
 
-def _pretrained_or_config(cls: Any, pretrained_path: Optional[str], subfolder: Optional[str], config: dict[str, Any],
-                          where: str) -> nn.Module:
+def _pretrained_or_config(
+    cls: Any, pretrained_path: str | None, subfolder: str | None, config: dict[str, Any], where: str
+) -> nn.Module:
     """``cls.from_pretrained`` of a local folder (a user's own weights; nothing else may be set then), or ``cls`` with
     random weights from ``config``."""
     if pretrained_path is None:
@@ -113,18 +126,21 @@ def _pretrained_or_config(cls: Any, pretrained_path: Optional[str], subfolder: O
     import os
 
     from composer_algos.registry import ConfigError
+
     folder = os.path.join(pretrained_path, subfolder) if subfolder else pretrained_path
     if not os.path.isfile(os.path.join(folder, 'config.json')):
-        raise ConfigError(f'{where}.pretrained_path={pretrained_path}: no config.json in {folder}; save the denoiser '
-                          f'there with {cls.__name__}.save_pretrained (subfolder: unet or transformer in a pipeline '
-                          'folder).')
+        raise ConfigError(
+            f'{where}.pretrained_path={pretrained_path}: no config.json in {folder}; save the denoiser '
+            f'there with {cls.__name__}.save_pretrained (subfolder: unet or transformer in a pipeline '
+            'folder).'
+        )
     return cls.from_pretrained(pretrained_path, subfolder=subfolder or '', local_files_only=True)
 
 
 def build_unet_condition(
     sample_size: int = 8,
     in_channels: int = 1,
-    out_channels: Optional[int] = None,
+    out_channels: int | None = None,
     block_out_channels: Sequence[int] = (32, 64),
     layers_per_block: int = 1,
     cross_attention_levels: Sequence[int] = (1,),
@@ -132,8 +148,8 @@ def build_unet_condition(
     cross_attention_dim: int = 32,
     attention_head_dim: int = 8,
     norm_num_groups: int = 8,
-    pretrained_path: Optional[str] = None,
-    subfolder: Optional[str] = None,
+    pretrained_path: str | None = None,
+    subfolder: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A diffusers ``UNet2DConditionModel`` (Stable Diffusion's), called as ``unet(x_t, t, encoder_hidden_states,
@@ -145,17 +161,29 @@ def build_unet_condition(
     else set. Under FSDP each down, mid and up block is its own unit (see :class:`BlockPolicy`).
     """
     from diffusers import UNet2DConditionModel
+
     down, up = _unet_block_types(len(block_out_channels), cross_attention_levels, 'CrossAttn')
     config = dict(
-        sample_size=sample_size, in_channels=in_channels, out_channels=out_channels or in_channels,
-        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-        down_block_types=down, up_block_types=up, mid_block_type='UNetMidBlock2DCrossAttn' if mid_block else None, cross_attention_dim=cross_attention_dim,
-        attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups, **kwargs)
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels or in_channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type='UNetMidBlock2DCrossAttn' if mid_block else None,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+        **kwargs,
+    )
     if pretrained_path is not None and kwargs:
         from composer_algos.registry import ConfigError
+
         raise ConfigError(f'model.denoiser.pretrained_path loads a saved UNet; remove {sorted(kwargs)}.')
-    return _shard_by_block(_pretrained_or_config(UNet2DConditionModel, pretrained_path, subfolder, config,
-                                                 'model.denoiser'))
+    return _shard_by_block(
+        _pretrained_or_config(UNet2DConditionModel, pretrained_path, subfolder, config, 'model.denoiser')
+    )
 
 
 def build_sd3_transformer(
@@ -166,11 +194,11 @@ def build_sd3_transformer(
     attention_head_dim: int = 64,
     num_attention_heads: int = 12,
     joint_attention_dim: int = 768,
-    caption_projection_dim: Optional[int] = None,
+    caption_projection_dim: int | None = None,
     pooled_projection_dim: int = 768,
-    pos_embed_max_size: Optional[int] = None,
-    pretrained_path: Optional[str] = None,
-    subfolder: Optional[str] = None,
+    pos_embed_max_size: int | None = None,
+    pretrained_path: str | None = None,
+    subfolder: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A diffusers ``SD3Transformer2DModel`` (MMDiT), called with ``encoder_hidden_states`` (``joint_attention_dim``
@@ -181,12 +209,22 @@ def build_sd3_transformer(
     FSDP each transformer block is its own unit.
     """
     from diffusers import SD3Transformer2DModel
+
     inner = num_attention_heads * attention_head_dim
-    config = dict(sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, out_channels=in_channels,
-                  num_layers=num_layers, attention_head_dim=attention_head_dim,
-                  num_attention_heads=num_attention_heads, joint_attention_dim=joint_attention_dim,
-                  caption_projection_dim=caption_projection_dim or inner, pooled_projection_dim=pooled_projection_dim,
-                  pos_embed_max_size=pos_embed_max_size or sample_size // patch_size, **kwargs)
+    config = dict(
+        sample_size=sample_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=caption_projection_dim or inner,
+        pooled_projection_dim=pooled_projection_dim,
+        pos_embed_max_size=pos_embed_max_size or sample_size // patch_size,
+        **kwargs,
+    )
     model = _pretrained_or_config(SD3Transformer2DModel, pretrained_path, subfolder, config, 'model.denoiser')
     return KeywordDenoiser(model)
 
@@ -199,8 +237,8 @@ def build_pixart_transformer(
     attention_head_dim: int = 64,
     num_attention_heads: int = 12,
     caption_channels: int = 768,
-    pretrained_path: Optional[str] = None,
-    subfolder: Optional[str] = None,
+    pretrained_path: str | None = None,
+    subfolder: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A diffusers ``PixArtTransformer2DModel`` (PixArt-alpha), called with ``encoder_hidden_states``
@@ -210,11 +248,21 @@ def build_pixart_transformer(
     receives ``None`` for both). Under FSDP each transformer block is its own unit.
     """
     from diffusers import PixArtTransformer2DModel
+
     inner = num_attention_heads * attention_head_dim
-    config = dict(sample_size=sample_size, patch_size=patch_size, in_channels=in_channels,
-                  out_channels=2 * in_channels, num_layers=num_layers, attention_head_dim=attention_head_dim,
-                  num_attention_heads=num_attention_heads, cross_attention_dim=inner,
-                  caption_channels=caption_channels, use_additional_conditions=False, **kwargs)
+    config = dict(
+        sample_size=sample_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        out_channels=2 * in_channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        cross_attention_dim=inner,
+        caption_channels=caption_channels,
+        use_additional_conditions=False,
+        **kwargs,
+    )
     model = _pretrained_or_config(PixArtTransformer2DModel, pretrained_path, subfolder, config, 'model.denoiser')
     return KeywordDenoiser(model, added_cond_kwargs={'resolution': None, 'aspect_ratio': None})
 
@@ -266,7 +314,7 @@ class _DiTAdapter(nn.Module):
         super().__init__()
         self.dit = dit
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None):
         if class_labels is None:
             raise ValueError('The DiT backbone is class-conditional: set label_key so labels reach it.')
         return self.dit(x, timestep=t, class_labels=class_labels).sample
@@ -279,22 +327,38 @@ class TimeConditionedConvNet(nn.Module):
     ``encoder_attention_mask``): their masked mean over the tokens, projected, joins the time embedding.
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 32, num_classes: Optional[int] = None,
-                 context_dim: Optional[int] = None):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        width: int = 32,
+        num_classes: int | None = None,
+        context_dim: int | None = None,
+    ):
         super().__init__()
         self.width = width
         self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.label_emb = nn.Embedding(num_classes, width) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
-        self.block = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
-                                   nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+        self.block = nn.Sequential(
+            nn.GroupNorm(8, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(8, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+        )
         self.conv_out = nn.Conv2d(width, in_channels, 3, padding=1)
         # Made last, so a net without text draws the same initial weights as before it could take any.
         self.context = nn.Linear(context_dim, width) if context_dim else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
-                encoder_hidden_states: Optional[torch.Tensor] = None,
-                encoder_attention_mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ):
         half = self.width // 2
         freqs = torch.exp(-torch.arange(half, device=x.device) * (9.21 / half))
         angles = t.float()[:, None] * freqs[None]
@@ -303,10 +367,14 @@ class TimeConditionedConvNet(nn.Module):
             emb = emb + self.label_emb(class_labels)
         if encoder_hidden_states is not None:
             if self.context is None:
-                raise ValueError('This conv denoiser takes no text: build it with context_dim (the text encoder\'s '
-                                 'hidden size).')
-            mask = torch.ones(encoder_hidden_states.shape[:2], device=x.device) if encoder_attention_mask is None \
+                raise ValueError(
+                    "This conv denoiser takes no text: build it with context_dim (the text encoder's hidden size)."
+                )
+            mask = (
+                torch.ones(encoder_hidden_states.shape[:2], device=x.device)
+                if encoder_attention_mask is None
                 else encoder_attention_mask.to(encoder_hidden_states.dtype)
+            )
             pooled = (encoder_hidden_states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
             emb = emb + self.context(pooled.float())
         h = self.conv_in(x) + emb[:, :, None, None]

@@ -11,8 +11,15 @@ import math
 
 import torch
 
-__all__ = ['CosMapDensity', 'DENSITIES', 'LogitNormalDensity', 'ModeDensity', 'TimeDensity', 'UniformDensity',
-           'grid_masses']
+__all__ = [
+    'CosMapDensity',
+    'DENSITIES',
+    'LogitNormalDensity',
+    'ModeDensity',
+    'TimeDensity',
+    'UniformDensity',
+    'grid_masses',
+]
 
 
 class TimeDensity:
@@ -70,12 +77,14 @@ class ModeDensity(TimeDensity):
 
     def __init__(self, scale: float = 1.29):
         if not -1.0 <= scale <= self.MAX_SCALE:
-            raise ValueError(f'scale must be in [-1, 2 / (pi - 2) = {self.MAX_SCALE:.4f}] (else the map is not '
-                             f'monotone and is no distribution), got {scale}.')
+            raise ValueError(
+                f'scale must be in [-1, 2 / (pi - 2) = {self.MAX_SCALE:.4f}] (else the map is not '
+                f'monotone and is no distribution), got {scale}.'
+            )
         self.scale = float(scale)
 
     def _f(self, w: torch.Tensor) -> torch.Tensor:
-        return 1 - w - self.scale * (torch.cos(math.pi * w / 2)**2 - 1 + w)
+        return 1 - w - self.scale * (torch.cos(math.pi * w / 2) ** 2 - 1 + w)
 
     def inverse_cdf(self, v: torch.Tensor) -> torch.Tensor:
         return self._f(1 - v.double().clamp(0, 1)).clamp(0, 1)
@@ -107,8 +116,12 @@ class CosMapDensity(TimeDensity):
         return torch.sin(angle) / (torch.sin(angle) + torch.cos(angle))
 
 
-DENSITIES = {'uniform': UniformDensity, 'logit_normal': LogitNormalDensity, 'mode': ModeDensity,
-             'cosmap': CosMapDensity}
+DENSITIES = {
+    'uniform': UniformDensity,
+    'logit_normal': LogitNormalDensity,
+    'mode': ModeDensity,
+    'cosmap': CosMapDensity,
+}
 
 
 def grid_masses(density: TimeDensity, edges: torch.Tensor) -> torch.Tensor:

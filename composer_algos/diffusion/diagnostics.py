@@ -35,7 +35,7 @@ def nonfinite_loss_causes(model: Any, record: Any, batch: Any) -> list[str]:
     if x0 is not None and torch.is_tensor(x0):
         rows = _bad_rows(x0)
         if rows:
-            causes.append(f'the batch holds NaN or inf values in samples {_listing(rows)} of this rank\'s batch')
+            causes.append(f"the batch holds NaN or inf values in samples {_listing(rows)} of this rank's batch")
     # Weightings take what the objective draws: t, or sigma on a flow-matching model.
     name, level = ('t', record.t) if record.sigma is None else ('sigma', record.sigma)
     for owner, weighting in getattr(model, '_weightings', []):
@@ -45,13 +45,14 @@ def nonfinite_loss_causes(model: Any, record: Any, batch: Any) -> list[str]:
         if rows:
             causes.append(f'the loss weighting of {owner} is NaN or inf at {name}={_listing(level[rows].tolist())}')
     if not causes and _bad_rows(record.loss_weight.reshape(-1, 1)):
-        causes.append(f'the timestep sampler of {model.timestep_sampler_owner or "the model"} gave NaN or inf '
-                      'importance weights')
+        causes.append(
+            f'the timestep sampler of {model.timestep_sampler_owner or "the model"} gave NaN or inf importance weights'
+        )
     for name, param in model.named_parameters():
         local = param.to_local() if hasattr(param, 'to_local') else param
         if not bool(torch.isfinite(local.detach()).all()):
             causes.append(f'the weights hold NaN or inf ({name}, ...): training diverged')
             break
     if not causes and _bad_rows(record.per_sample_loss.reshape(-1, 1)):
-        causes.append('the denoiser\'s prediction overflowed: training is diverging')
+        causes.append("the denoiser's prediction overflowed: training is diverging")
     return causes

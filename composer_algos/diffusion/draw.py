@@ -26,19 +26,41 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
 from composer_algos.diffusion.flow import FlowSchedule
-from composer_algos.diffusion.timestep_samplers import (ContinuousTimestepSampler, TimestepSampler, combined_prior,
-                                               sample_from_probs, sample_within_cells, tilt_log_probs)
+from composer_algos.diffusion.timestep_samplers import (
+    ContinuousTimestepSampler,
+    TimestepSampler,
+    combined_prior,
+    sample_from_probs,
+    sample_within_cells,
+    tilt_log_probs,
+)
 from composer_algos.distributed import global_positions, rank_world
 from composer_algos.seeding import keyed_generator, keyed_uniform_and_normal
 
-__all__ = ['CANDIDATE_STREAM', 'CAPTION_STREAM', 'DROPOUT_STREAM', 'DrawRecord', 'EVAL_STREAM', 'NoiseCoupling', 'NoiseDraw',
-           'NoisePairing', 'OFFSET_STREAM', 'TRAIN_STREAM', 'couple_noise', 'draw_levels', 'evaluation_draw',
-           'low_discrepancy_uniforms', 'tilted_distribution', 'training_randoms']
+__all__ = [
+    'CANDIDATE_STREAM',
+    'CAPTION_STREAM',
+    'DROPOUT_STREAM',
+    'DrawRecord',
+    'EVAL_STREAM',
+    'NoiseCoupling',
+    'NoiseDraw',
+    'NoisePairing',
+    'OFFSET_STREAM',
+    'TRAIN_STREAM',
+    'couple_noise',
+    'draw_levels',
+    'evaluation_draw',
+    'low_discrepancy_uniforms',
+    'tilted_distribution',
+    'training_randoms',
+]
 
 # Keys of the model's random streams (see composer_algos.seeding): a sample's uniform and noise, the denoiser's own
 # randomness, evaluation draws, the low-discrepancy offset of a draw, a noise coupling's candidate noises, and which
@@ -71,14 +93,14 @@ class DrawRecord:
 
     t: torch.Tensor
     probs: torch.Tensor
-    prior: Optional[torch.Tensor]
+    prior: torch.Tensor | None
     importance_weight: torch.Tensor
-    sigma: Optional[torch.Tensor] = None
-    noise: Optional[torch.Tensor] = None
+    sigma: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
     conditioning: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    per_sample_loss: Optional[torch.Tensor] = None
-    loss_weight: Optional[torch.Tensor] = None
-    noise_pairing: Optional[NoisePairing] = None
+    per_sample_loss: torch.Tensor | None = None
+    loss_weight: torch.Tensor | None = None
+    noise_pairing: NoisePairing | None = None
 
     @property
     def level(self) -> torch.Tensor:
@@ -86,8 +108,9 @@ class DrawRecord:
         return self.t if self.sigma is None else self.sigma
 
 
-def training_randoms(seed: int, index: int, x0: torch.Tensor,
-                     low_discrepancy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def training_randoms(
+    seed: int, index: int, x0: torch.Tensor, low_discrepancy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training draw ``index``'s ``(u, noise)`` for this rank's batch ``x0``: a float64 uniform and the noise.
 
     Sample ``i`` of this rank's batch is sample ``i * world_size + rank`` of the global batch (StreamingDataset deals
@@ -96,8 +119,7 @@ def training_randoms(seed: int, index: int, x0: torch.Tensor,
     ``len(x0) * world_size`` samples; the noise stays the same.
     """
     positions = global_positions(x0.shape[0])
-    u, noise = keyed_uniform_and_normal(seed, [(TRAIN_STREAM, index, position) for position in positions],
-                                        x0.shape[1:])
+    u, noise = keyed_uniform_and_normal(seed, [(TRAIN_STREAM, index, position) for position in positions], x0.shape[1:])
     if low_discrepancy:
         u = low_discrepancy_uniforms(seed, index, positions, x0.shape[0] * rank_world()[1])
     return u.to(x0.device, non_blocking=True), noise.to(x0.device, x0.dtype, non_blocking=True)
@@ -123,12 +145,15 @@ def low_discrepancy_uniforms(seed: int, index: int, positions: Sequence[int], gl
     within = scaled - first
     bins = (torch.as_tensor(list(positions), dtype=torch.float64) + first).remainder(global_batch_size)
     # Rounding may carry (bin + within) up to the next bin's edge; stay inside the bin.
-    return torch.minimum((bins + within) / global_batch_size,
-                         torch.nextafter((bins + 1) / global_batch_size, torch.zeros((), dtype=torch.float64)))
+    return torch.minimum(
+        (bins + within) / global_batch_size,
+        torch.nextafter((bins + 1) / global_batch_size, torch.zeros((), dtype=torch.float64)),
+    )
 
 
-def tilted_distribution(sampler_probs: torch.Tensor,
-                        priors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def tilted_distribution(
+    sampler_probs: torch.Tensor, priors: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(probs, prior)``: the sampler's ``(T,)`` or ``(B, T)`` distribution tilted by the product of ``priors``
     (``None`` without priors), renormalised."""
     prior = combined_prior(priors, sampler_probs)
@@ -136,9 +161,14 @@ def tilted_distribution(sampler_probs: torch.Tensor,
 
 
 @torch.no_grad()
-def draw_levels(sampler: TimestepSampler, priors: Sequence[torch.Tensor], x0: torch.Tensor, u: torch.Tensor,
-                target_log_probs: Callable[[torch.Tensor], torch.Tensor],
-                grid: Optional[FlowSchedule] = None) -> DrawRecord:
+def draw_levels(
+    sampler: TimestepSampler,
+    priors: Sequence[torch.Tensor],
+    x0: torch.Tensor,
+    u: torch.Tensor,
+    target_log_probs: Callable[[torch.Tensor], torch.Tensor],
+    grid: FlowSchedule | None = None,
+) -> DrawRecord:
     """Draw each sample's noise level from ``sampler`` tilted by ``priors``, by inverse CDF at the uniforms ``u``.
 
     Args:
@@ -169,8 +199,9 @@ def draw_levels(sampler: TimestepSampler, priors: Sequence[torch.Tensor], x0: to
     return DrawRecord(t=t, probs=probs, prior=prior, importance_weight=weight, sigma=sigma)
 
 
-def evaluation_draw(seed: int, x0: torch.Tensor, sampler: TimestepSampler,
-                    grid: Optional[FlowSchedule] = None) -> DrawRecord:
+def evaluation_draw(
+    seed: int, x0: torch.Tensor, sampler: TimestepSampler, grid: FlowSchedule | None = None
+) -> DrawRecord:
     """An evaluation batch's draw from the objective's own ``sampler``, seeded by the batch's content.
 
     It never touches the training draws: the same validation batch gets the same levels and noise at every
@@ -229,7 +260,7 @@ class NoiseDraw:
 
     x0: torch.Tensor
     noise: torch.Tensor
-    labels: Optional[torch.Tensor]
+    labels: torch.Tensor | None
     seed: int
     index: int
 
@@ -242,8 +273,10 @@ class NoiseDraw:
         """``(B, count, *shape)``: ``count`` more noises per sample, keyed by ``(seed, draw index, position)`` in a
         stream of their own, so resuming or changing the number of ranks draws them again exactly."""
         shape = (count, *self.noise.shape[1:])
-        rows = [torch.randn(shape, generator=keyed_generator(self.seed, CANDIDATE_STREAM, self.index, position))
-                for position in self.positions]
+        rows = [
+            torch.randn(shape, generator=keyed_generator(self.seed, CANDIDATE_STREAM, self.index, position))
+            for position in self.positions
+        ]
         return torch.stack(rows).to(self.noise.device, self.noise.dtype, non_blocking=True)
 
 
@@ -251,16 +284,17 @@ class NoiseCoupling(Protocol):
     """What ``set_noise_coupling`` installs: ``coupling(draw) -> (noise, pairing)``, the noise the batch trains on
     (the shape of ``draw.noise``) and how it was paired."""
 
-    def __call__(self, draw: NoiseDraw) -> tuple[torch.Tensor, NoisePairing]:
-        ...
+    def __call__(self, draw: NoiseDraw) -> tuple[torch.Tensor, NoisePairing]: ...
 
 
 def couple_noise(coupling: NoiseCoupling, draw: NoiseDraw) -> tuple[torch.Tensor, NoisePairing]:
     """Apply ``coupling`` to ``draw`` and check what it returns (the noise's shape, dtype and device stay)."""
     noise, pairing = coupling(draw)
     if tuple(noise.shape) != tuple(draw.noise.shape):
-        raise ValueError(f'A noise coupling returned noise of shape {tuple(noise.shape)} for a batch drawn with '
-                         f'{tuple(draw.noise.shape)}.')
+        raise ValueError(
+            f'A noise coupling returned noise of shape {tuple(noise.shape)} for a batch drawn with '
+            f'{tuple(draw.noise.shape)}.'
+        )
     if not isinstance(pairing, NoisePairing):
         raise TypeError(f'A noise coupling must return (noise, NoisePairing), got {type(pairing).__name__}.')
     return noise.to(draw.noise.device, draw.noise.dtype), pairing

@@ -21,7 +21,7 @@ outputs' ``t`` is the cell of each drawn sigma (with K = N = 1000 that is the di
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -43,8 +43,9 @@ def unshift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return sigma / (shift - (shift - 1) * sigma)
 
 
-def resolution_shift(seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, base_seq_len: int = 256,
-                     max_seq_len: int = 4096) -> float:
+def resolution_shift(
+    seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, base_seq_len: int = 256, max_seq_len: int = 4096
+) -> float:
     """Flux's shift for an image of ``seq_len`` tokens: ``exp(mu)``, ``mu`` linear in ``seq_len`` through
     ``(base_seq_len, base_shift)`` and ``(max_seq_len, max_shift)`` (extrapolated outside them).
 
@@ -80,14 +81,27 @@ class FlowSchedule:
 
     kind = 'flow_matching'
 
-    def __init__(self, shift: float = 1.0, resolution_shift: bool = False, base_shift: float = 0.5,
-                 max_shift: float = 1.15, base_seq_len: int = 256, max_seq_len: int = 4096, patch_size: int = 2,
-                 num_cells: int = 1000, num_train_timesteps: int = 1000):
+    def __init__(
+        self,
+        shift: float = 1.0,
+        resolution_shift: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_seq_len: int = 256,
+        max_seq_len: int = 4096,
+        patch_size: int = 2,
+        num_cells: int = 1000,
+        num_train_timesteps: int = 1000,
+    ):
         if not (math.isfinite(shift) and shift > 0):
             raise ValueError(f'shift must be positive and finite, got {shift}.')
-        for name, value in (('base_seq_len', base_seq_len), ('max_seq_len', max_seq_len),
-                            ('patch_size', patch_size), ('num_cells', num_cells),
-                            ('num_train_timesteps', num_train_timesteps)):
+        for name, value in (
+            ('base_seq_len', base_seq_len),
+            ('max_seq_len', max_seq_len),
+            ('patch_size', patch_size),
+            ('num_cells', num_cells),
+            ('num_train_timesteps', num_train_timesteps),
+        ):
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f'{name} must be a positive integer, got {value!r}.')
         if max_seq_len <= base_seq_len:
@@ -108,8 +122,12 @@ class FlowSchedule:
         self.num_train_timesteps = int(num_train_timesteps)
 
     def __repr__(self) -> str:
-        shift = (f'resolution_shift=True, base_shift={self.base_shift}, max_shift={self.max_shift}, '
-                 f'patch_size={self.patch_size}' if self.resolution_shift else f'shift={self.shift}')
+        shift = (
+            f'resolution_shift=True, base_shift={self.base_shift}, max_shift={self.max_shift}, '
+            f'patch_size={self.patch_size}'
+            if self.resolution_shift
+            else f'shift={self.shift}'
+        )
         return f'FlowSchedule({shift}, num_cells={self.num_cells}, num_train_timesteps={self.num_train_timesteps})'
 
     @property
@@ -118,7 +136,7 @@ class FlowSchedule:
         return self.num_cells
 
     # ------------------------------------------------------------------------------------------------ shift
-    def shift_for(self, shape: Optional[Sequence[int]] = None) -> float:
+    def shift_for(self, shape: Sequence[int] | None = None) -> float:
         """The shift for samples of ``shape`` (``(..., H, W)``); the fixed one unless ``resolution_shift``."""
         if not self.resolution_shift:
             return self.shift
@@ -156,8 +174,9 @@ class FlowSchedule:
         """The velocity ``eps - x0``."""
         return noise - x0
 
-    def predict_x0_eps(self, x: torch.Tensor, velocity: torch.Tensor,
-                       sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_x0_eps(
+        self, x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(x0, eps)`` a velocity implies at ``x``: ``x - sigma v`` and ``x + (1 - sigma) v``."""
         s = self._view(sigma, x)
         return x - s * velocity, x + (1 - s) * velocity
@@ -167,7 +186,7 @@ class FlowSchedule:
         return sigma.float() * self.num_train_timesteps
 
     # ------------------------------------------------------------------------------------------------ sampling
-    def inference_sigmas(self, num_steps: int, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def inference_sigmas(self, num_steps: int, shape: Sequence[int] | None = None) -> torch.Tensor:
         """``(num_steps + 1,)`` float64 noise levels from 1 down to 0 for an ODE solver, as diffusers' scheduler.
 
         ``FlowMatchEulerDiscreteScheduler.set_timesteps`` spaces ``num_steps`` levels evenly from 1 to its smallest

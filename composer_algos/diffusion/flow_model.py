@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.diffusion.densities import UniformDensity
 from composer_algos.diffusion.flow import FlowSchedule
@@ -32,8 +33,8 @@ class FlowMatchingModel(DiffusionModel):
     * a draw: untilted, a closed-form sampler (:class:`ContinuousTimestepSampler`) gives sigma exactly by its inverse
       CDF at the keyed uniform; otherwise (curriculum priors, the adaptive policy, loss-aware samplers) the cell comes
       by inverse CDF of the tilted cell masses and the position inside it from the same uniform
-      (:func:`~composer_algos.diffusion.timestep_samplers.sample_within_cells`), exact for the piecewise-constant density
-      (:func:`~composer_algos.diffusion.draw.draw_levels`);
+      (:func:`~composer_algos.diffusion.timestep_samplers.sample_within_cells`), exact for the piecewise-constant
+      density (:func:`~composer_algos.diffusion.draw.draw_levels`);
     * the forward's draw record holds ``sigma`` and its cell ``t``; loss weightings are functions of sigma;
     * :meth:`training_losses` at given cells (their centre sigmas); there is no variational bound;
     * :meth:`generate`: Euler or Heun steps of the ODE ``dx / dsigma = v`` over the shifted grid from 1 to 0.
@@ -50,8 +51,15 @@ class FlowMatchingModel(DiffusionModel):
     objective = 'flow_matching'
     prediction_types = ('velocity',)
 
-    def __init__(self, denoiser: nn.Module, noise_schedule: Optional[FlowSchedule] = None,
-                 prediction_type: str = 'velocity', *, solver: str = 'euler', **kwargs: Any):
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        noise_schedule: FlowSchedule | None = None,
+        prediction_type: str = 'velocity',
+        *,
+        solver: str = 'euler',
+        **kwargs: Any,
+    ):
         if noise_schedule is not None and not isinstance(noise_schedule, FlowSchedule):
             raise TypeError(f'A flow-matching model takes a FlowSchedule, got {type(noise_schedule).__name__}.')
         if solver not in SOLVERS:
@@ -87,16 +95,26 @@ class FlowMatchingModel(DiffusionModel):
         return self.noise_schedule.target(x0, noise)
 
     def vlb_terms(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise ValueError('A flow-matching model has no discrete variational bound: bits/dim and VLB rewards are '
-                         "DDPM's (objective: ddpm). Remove the bits_per_dim callback; the adaptive sampler rewards "
-                         'the flow-matching loss reduction on its own.')
+        raise ValueError(
+            'A flow-matching model has no discrete variational bound: bits/dim and VLB rewards are '
+            "DDPM's (objective: ddpm). Remove the bits_per_dim callback; the adaptive sampler rewards "
+            'the flow-matching loss reduction on its own.'
+        )
 
     def prior_term(self, x0: torch.Tensor) -> torch.Tensor:
         return self.vlb_terms()
 
     # ----------------------------------------------------------------------------------------- generation
-    def _sample(self, x: torch.Tensor, cond: dict, num_steps: int, eta: float, clip: bool, gen: torch.Generator,
-                solver: Optional[str]) -> torch.Tensor:
+    def _sample(
+        self,
+        x: torch.Tensor,
+        cond: dict,
+        num_steps: int,
+        eta: float,
+        clip: bool,
+        gen: torch.Generator,
+        solver: str | None,
+    ) -> torch.Tensor:
         """Integrate ``dx / dsigma = v(x, sigma)`` from noise at sigma = 1 to sigma = 0 in ``num_steps`` steps.
 
         The levels are :meth:`FlowSchedule.inference_sigmas` (diffusers' grid for the same shift). ``solver``
@@ -122,7 +140,7 @@ class FlowMatchingModel(DiffusionModel):
                 v = (x - x0) / sigma
             return v
 
-        for sigma, following in zip(sigmas[:-1], sigmas[1:]):
+        for sigma, following in itertools.pairwise(sigmas):
             v = velocity(x, sigma)
             step = x + (following - sigma) * v
             if solver == 'heun' and following > 0:

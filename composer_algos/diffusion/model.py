@@ -5,23 +5,40 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
 from composer.models import ComposerModel
+from torch import nn
 from torchmetrics import Metric
 
-from composer_algos.diffusion.conditioning import (ClassLabelConditioner, Conditioner, Guidance, NoConditioner,
-                                                   batch_entry, caption_drop_mask, check_denoiser_keywords,
-                                                   check_guidance_scale)
+from composer_algos.diffusion.conditioning import (
+    ClassLabelConditioner,
+    Conditioner,
+    Guidance,
+    NoConditioner,
+    batch_entry,
+    caption_drop_mask,
+    check_denoiser_keywords,
+    check_guidance_scale,
+)
 from composer_algos.diffusion.contract import DRAW_KEY, record_of
 from composer_algos.diffusion.diagnostics import nonfinite_loss_causes
-from composer_algos.diffusion.draw import (DROPOUT_STREAM, DrawRecord, NoiseCoupling, NoiseDraw, couple_noise,
-                                           draw_levels, evaluation_draw, tilted_distribution, training_randoms)
+from composer_algos.diffusion.draw import (
+    DROPOUT_STREAM,
+    DrawRecord,
+    NoiseCoupling,
+    NoiseDraw,
+    couple_noise,
+    draw_levels,
+    evaluation_draw,
+    tilted_distribution,
+    training_randoms,
+)
 from composer_algos.diffusion.flow import FlowSchedule
-from composer_algos.diffusion.timestep_samplers import TimestepPrior, TimestepSampler, UniformSampler
 from composer_algos.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule, check_prediction_type
+from composer_algos.diffusion.timestep_samplers import TimestepPrior, TimestepSampler, UniformSampler
 from composer_algos.diffusion.utils import module_device, reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
 from composer_algos.distributed import fsdp_gradient_scale, rank_world
@@ -118,18 +135,18 @@ class DiffusionModel(ComposerModel):
     def __init__(
         self,
         denoiser: nn.Module,
-        noise_schedule: Optional[NoiseSchedule] = None,
+        noise_schedule: NoiseSchedule | None = None,
         prediction_type: str = 'epsilon',
         image_key: Any = 'image',
-        label_key: Optional[Any] = None,
+        label_key: Any | None = None,
         conditioning_kwarg: str = 'class_labels',
-        encoder: Optional[nn.Module] = None,
+        encoder: nn.Module | None = None,
         latent_scale: float = 1.0,
         seed: int = 17,
         check_finite_loss: bool = True,
         num_loss_bands: int = 10,
         low_discrepancy: bool = False,
-        conditioner: Optional[Conditioner] = None,
+        conditioner: Conditioner | None = None,
     ):
         super().__init__()
         check_prediction_type(prediction_type, self.prediction_types)
@@ -143,10 +160,15 @@ class DiffusionModel(ComposerModel):
             encoder.requires_grad_(False)
             encoder.eval()
         if conditioner is not None and label_key is not None:
-            raise ConfigError(f'The model has a conditioner ({conditioner.kind}) and label_key={label_key!r}; give one '
-                              'of them (class labels: model.conditioner: {name: class_label, label_key: ...}).')
-        self.conditioner = conditioner or (ClassLabelConditioner(label_key, conditioning_kwarg) if label_key is not None
-                                           else NoConditioner(conditioning_kwarg))
+            raise ConfigError(
+                f'The model has a conditioner ({conditioner.kind}) and label_key={label_key!r}; give one '
+                'of them (class labels: model.conditioner: {name: class_label, label_key: ...}).'
+            )
+        self.conditioner = conditioner or (
+            ClassLabelConditioner(label_key, conditioning_kwarg)
+            if label_key is not None
+            else NoConditioner(conditioning_kwarg)
+        )
         if conditioner is not None:
             check_denoiser_keywords(denoiser, conditioner)
         self.label_key = self.conditioner.label_key
@@ -156,12 +178,12 @@ class DiffusionModel(ComposerModel):
         self.seed = int(seed)
         self.low_discrepancy = bool(low_discrepancy)
         self.num_draws = 0  # training forwards so far: the key of the next draw
-        self.recipe: Optional[dict[str, Any]] = None
+        self.recipe: dict[str, Any] | None = None
         self._sampler: TimestepSampler = self.default_timestep_sampler()
-        self._sampler_owner: Optional[str] = None
+        self._sampler_owner: str | None = None
         self._priors: list[tuple[str, TimestepPrior]] = []
         self._weightings: list[tuple[str, LossWeighting]] = []
-        self._noise_coupling: Optional[tuple[str, NoiseCoupling]] = None
+        self._noise_coupling: tuple[str, NoiseCoupling] | None = None
         self.val_loss = DiffusionLoss(self.num_timesteps, num_bands=1)
         self.val_loss_bands = DiffusionLoss(self.num_timesteps, num_bands=num_loss_bands)
 
@@ -183,7 +205,7 @@ class DiffusionModel(ComposerModel):
         return torch.arange(self.num_timesteps)
 
     @property
-    def timestep_sampler_owner(self) -> Optional[str]:
+    def timestep_sampler_owner(self) -> str | None:
         return self._sampler_owner
 
     def set_timestep_sampler(self, sampler: TimestepSampler, owner: str) -> None:
@@ -191,12 +213,16 @@ class DiffusionModel(ComposerModel):
         if self._sampler_owner is not None and self._sampler_owner != owner:
             # Recipes are checked before this (check_timestep_sampler_owners, from what the classes declare);
             # this catches algorithms built in Python or that declare no role.
-            raise ConfigError(f'{owner} and {self._sampler_owner} both set the timestep sampler; only one '
-                              'algorithm may own it. Remove one of them (a curriculum such as '
-                              'CurriculumTimestepSchedule composes with any owner as a prior).')
+            raise ConfigError(
+                f'{owner} and {self._sampler_owner} both set the timestep sampler; only one '
+                'algorithm may own it. Remove one of them (a curriculum such as '
+                'CurriculumTimestepSchedule composes with any owner as a prior).'
+            )
         if sampler.num_timesteps != self.num_timesteps:
-            raise ValueError(f'{owner}: sampler has {sampler.num_timesteps} timesteps but the noise schedule has '
-                             f'{self.num_timesteps}.')
+            raise ValueError(
+                f'{owner}: sampler has {sampler.num_timesteps} timesteps but the noise schedule has '
+                f'{self.num_timesteps}.'
+            )
         self._sampler = sampler
         self._sampler_owner = owner
         sampler.set_loss_weights(self.loss_weights(self.grid_points()))
@@ -214,15 +240,15 @@ class DiffusionModel(ComposerModel):
     def loss_weighting_owners(self) -> list[str]:
         return [o for o, _ in self._weightings]
 
-    def timestep_priors(self, device: Optional[torch.device] = None) -> list[torch.Tensor]:
+    def timestep_priors(self, device: torch.device | None = None) -> list[torch.Tensor]:
         return [p(self.num_timesteps, device or torch.device('cpu')) for _, p in self._priors]
 
-    def timestep_probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def timestep_probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The distribution t is drawn from: the sampler's, tilted by the priors. ``(T,)`` or ``(B, T)``."""
         probs = self._sampler.probs(x0)
         return tilted_distribution(probs, self.timestep_priors(probs.device))[0]
 
-    def timestep_distribution(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def timestep_distribution(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The marginal ``(T,)`` distribution over t (averaged over the batch for per-sample samplers)."""
         with torch.no_grad():
             p = self.timestep_probs(x0)
@@ -240,31 +266,34 @@ class DiffusionModel(ComposerModel):
         self.num_draws += 1
         return u, noise
 
-    def draw_timesteps(self, x0: torch.Tensor, u: Optional[torch.Tensor] = None) -> DrawRecord:
+    def draw_timesteps(self, x0: torch.Tensor, u: torch.Tensor | None = None) -> DrawRecord:
         """Draw the batch's noise levels by inverse CDF at the uniforms ``u`` (default: the next draw's), with their
         record (:func:`~composer_algos.diffusion.draw.draw_levels`)."""
         if u is None:
             u, _ = self.draw_randoms(x0)
-        return draw_levels(self._sampler, self.timestep_priors(x0.device), x0, u, self.importance_target_log_probs,
-                           self.sigma_grid)
+        return draw_levels(
+            self._sampler, self.timestep_priors(x0.device), x0, u, self.importance_target_log_probs, self.sigma_grid
+        )
 
     def set_noise_coupling(self, coupling: NoiseCoupling, owner: str) -> None:
         """Let ``coupling`` pair each training batch's keyed noise with its data (``coupling(NoiseDraw) -> (noise,
         NoisePairing)``, :mod:`composer_algos.diffusion.draw`), on behalf of ``owner``; evaluation and generation
         keep their own noise. A second, different owner is an error naming both."""
         if self._noise_coupling is not None and self._noise_coupling[0] != owner:
-            raise ConfigError(f'{owner} and {self._noise_coupling[0]} both pair the noise with the data; only one '
-                              'algorithm may. Remove one of them.')
+            raise ConfigError(
+                f'{owner} and {self._noise_coupling[0]} both pair the noise with the data; only one '
+                'algorithm may. Remove one of them.'
+            )
         self._noise_coupling = (owner, coupling)
 
     @property
-    def noise_coupling_owner(self) -> Optional[str]:
+    def noise_coupling_owner(self) -> str | None:
         """The name of the algorithm whose coupling pairs the noise with the data, ``None`` for none."""
         return None if self._noise_coupling is None else self._noise_coupling[0]
 
     # ----------------------------------------------------------------------------------------- objective
     @property
-    def sigma_grid(self) -> Optional[FlowSchedule]:
+    def sigma_grid(self) -> FlowSchedule | None:
         """The grid whose cells hold continuous noise levels (flow matching); ``None``: discrete timesteps."""
         return None
 
@@ -296,8 +325,10 @@ class DiffusionModel(ComposerModel):
         images = self._get(batch, self.image_key)
         if not torch.is_tensor(images) or images.dim() != 4:
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(f'Expected images of shape (batch, channels, height, width), got {shape}. '
-                             'Check the dataset transform and image_key.')
+            raise ValueError(
+                f'Expected images of shape (batch, channels, height, width), got {shape}. '
+                'Check the dataset transform and image_key.'
+            )
         if images.dtype == torch.uint8:
             raise ValueError('Images are uint8; scale them to floats in [-1, 1] in the dataset.')
         if self.encoder is not None:
@@ -318,8 +349,13 @@ class DiffusionModel(ComposerModel):
             return self.conditioner(batch)
 
     # ----------------------------------------------------------------------------------------- network
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: Optional[dict] = None,
-                denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
+    ) -> torch.Tensor:
         """The denoiser's prediction (``denoiser``: another module of the same architecture, e.g. a replica);
         ``conditioning`` may be a :class:`~composer_algos.diffusion.conditioning.Guidance`."""
         if isinstance(conditioning, Guidance):
@@ -329,10 +365,12 @@ class DiffusionModel(ComposerModel):
         if isinstance(out, (tuple, list)):
             out = out[0]
         if out.shape[1] != x_t.shape[1]:
-            out = out[:, :x_t.shape[1]]
+            out = out[:, : x_t.shape[1]]
         if out.shape != x_t.shape:
-            raise ValueError(f'Denoiser returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; its output '
-                             'must match its input (check sample_size and channels).')
+            raise ValueError(
+                f'Denoiser returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; its output '
+                'must match its input (check sample_size and channels).'
+            )
         return out
 
     def forward(self, batch: Any) -> dict[str, DrawRecord]:
@@ -347,12 +385,22 @@ class DiffusionModel(ComposerModel):
             record.noise, record.noise_pairing = couple_noise(self._noise_coupling[1], draw)
         weight = record.importance_weight * self.loss_weights(record.level)
         context = self._denoiser_rng(x0.device, index) if self.training else contextlib.nullcontext()
-        drop = caption_drop_mask(self.seed, index, x0.shape[0], self.conditioner.drop_prob) \
-            if self.training and self.conditioner.drop_prob > 0 else None
+        drop = (
+            caption_drop_mask(self.seed, index, x0.shape[0], self.conditioner.drop_prob)
+            if self.training and self.conditioner.drop_prob > 0
+            else None
+        )
         return self._publish(record, x0, batch, weight, context, drop)
 
-    def _publish(self, record: DrawRecord, x0: torch.Tensor, batch: Any, loss_weight: torch.Tensor,
-                 context: ContextManager, drop: Optional[torch.Tensor] = None) -> dict[str, DrawRecord]:
+    def _publish(
+        self,
+        record: DrawRecord,
+        x0: torch.Tensor,
+        batch: Any,
+        loss_weight: torch.Tensor,
+        context: contextlib.AbstractContextManager,
+        drop: torch.Tensor | None = None,
+    ) -> dict[str, DrawRecord]:
         """Complete ``record`` with the conditioning (the unconditional input where ``drop``), the loss weight and
         the per-sample loss (both computed in ``context``), as the forward outputs."""
         record.loss_weight = loss_weight
@@ -370,16 +418,23 @@ class DiffusionModel(ComposerModel):
         Activation checkpointing replays the same state (it saves the RNG state at the forward).
         """
         seed = derive_seed(self.seed, DROPOUT_STREAM, draw, rank_world()[0])
-        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' \
-            else []
+        cuda = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' else []
+        )
         with torch.random.fork_rng(devices=cuda):
             torch.random.default_generator.manual_seed(seed)
             if cuda:
                 torch.cuda.manual_seed(seed)
             yield
 
-    def per_sample_losses(self, x0: torch.Tensor, level: torch.Tensor, noise: torch.Tensor,
-                          conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+    def per_sample_losses(
+        self,
+        x0: torch.Tensor,
+        level: torch.Tensor,
+        noise: torch.Tensor,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
+    ) -> torch.Tensor:
         """``(B,)`` unweighted losses, the MSE between the prediction and the target at noise levels ``level``."""
         x_t = self.noise_schedule.add_noise(x0, noise, level)
         prediction = self.denoise(x_t, self.denoiser_timesteps(level), conditioning, denoiser).float()
@@ -394,7 +449,8 @@ class DiffusionModel(ComposerModel):
             raise FloatingPointError(
                 f'The diffusion loss is {loss.item()} ({causes}). Lower the learning rate, enable gradient clipping, '
                 'or check the data for NaNs; no step was taken on this loss, and the last saved checkpoint is intact '
-                'and can be resumed.')
+                'and can be resumed.'
+            )
         scale = fsdp_gradient_scale(self)
         if scale != 1.0:
             # The same value, a gradient scaled by 1/world size (see fsdp_gradient_scale).
@@ -402,7 +458,7 @@ class DiffusionModel(ComposerModel):
         return loss
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def eval_forward(self, batch: Any, outputs: Optional[Any] = None) -> dict[str, DrawRecord]:
+    def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, DrawRecord]:
         if outputs is not None:
             return outputs
         x0 = self.images(batch)
@@ -424,9 +480,16 @@ class DiffusionModel(ComposerModel):
 
     # ----------------------------------------------------------------------------------------- VLB
     @torch.no_grad()
-    def vlb_terms(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                  conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None,
-                  decoder_nll: bool = True, clip: Optional[bool] = None) -> torch.Tensor:
+    def vlb_terms(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
+        decoder_nll: bool = True,
+        clip: bool | None = None,
+    ) -> torch.Tensor:
         """Per-sample VLB terms L_t in nats per dimension, one denoiser forward (of ``denoiser`` if given), no grad.
 
         For t > 0: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) with the fixed variance beta_t (DDPM's
@@ -453,8 +516,14 @@ class DiffusionModel(ComposerModel):
         return torch.where(t == 0, nll, kl)
 
     @torch.no_grad()
-    def training_losses(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                        conditioning: Optional[dict] = None, denoiser: Optional[nn.Module] = None) -> torch.Tensor:
+    def training_losses(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        conditioning: dict | None = None,
+        denoiser: nn.Module | None = None,
+    ) -> torch.Tensor:
         """Per-sample unweighted training losses (the MSE to the prediction target) at the grid cells ``t`` (their
         :meth:`grid_points`) with the given noise, no grad."""
         losses = self.per_sample_losses(x0, self.grid_points().to(t.device)[t], noise, conditioning, denoiser)
@@ -483,12 +552,12 @@ class DiffusionModel(ComposerModel):
         num_steps: int = 50,
         eta: float = 0.0,
         seed: int = 0,
-        labels: Optional[torch.Tensor] = None,
-        device: Optional[torch.device] = None,
-        clip: Optional[bool] = None,
-        noise: Optional[torch.Tensor] = None,
-        solver: Optional[str] = None,
-        prompts: Optional[Sequence[str]] = None,
+        labels: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        clip: bool | None = None,
+        noise: torch.Tensor | None = None,
+        solver: str | None = None,
+        prompts: Sequence[str] | None = None,
         guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """``(num_samples, *shape)`` samples from the noise of ``seed`` (or the given starting ``noise``).
@@ -513,11 +582,21 @@ class DiffusionModel(ComposerModel):
         reshard_fsdp2(self)
         return x
 
-    def _sample(self, x: torch.Tensor, cond: dict, num_steps: int, eta: float, clip: bool, gen: torch.Generator,
-                solver: Optional[str]) -> torch.Tensor:
+    def _sample(
+        self,
+        x: torch.Tensor,
+        cond: dict,
+        num_steps: int,
+        eta: float,
+        clip: bool,
+        gen: torch.Generator,
+        solver: str | None,
+    ) -> torch.Tensor:
         if solver is not None:
-            raise ValueError(f'solver applies to flow-matching models; a DDPM model samples with DDIM (eta=0) or '
-                             f'ancestral steps (eta=1), got solver={solver!r}.')
+            raise ValueError(
+                f'solver applies to flow-matching models; a DDPM model samples with DDIM (eta=0) or '
+                f'ancestral steps (eta=1), got solver={solver!r}.'
+            )
         s = self.noise_schedule
         steps = torch.linspace(self.num_timesteps - 1, 0, min(num_steps, self.num_timesteps)).round().long()
         for i, step in enumerate(steps.tolist()):
@@ -547,7 +626,10 @@ class DiffusionModel(ComposerModel):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the seed and the draw count; ``recipe`` stays this run's (a resumed run records what built it)."""
         if int(state['seed']) != self.seed:
-            log.warning('The checkpoint was trained with model seed %s; it continues with that seed, not %s.',
-                        state['seed'], self.seed)
+            log.warning(
+                'The checkpoint was trained with model seed %s; it continues with that seed, not %s.',
+                state['seed'],
+                self.seed,
+            )
         self.seed = int(state['seed'])
         self.num_draws = int(state['num_draws'])

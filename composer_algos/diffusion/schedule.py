@@ -24,11 +24,11 @@ def _betas(kind: str, num_timesteps: int, beta_start: float, beta_end: float) ->
         scale = 1000.0 / num_timesteps
         return torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
     if kind == 'scaled_linear':
-        return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64)**2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
     if kind == 'squaredcos_cap_v2':
 
         def alpha_bar(u: float) -> float:
-            return math.cos((u + 0.008) / 1.008 * math.pi / 2)**2
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
         betas = [
             min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
@@ -75,8 +75,10 @@ class NoiseSchedule:
         if zero_terminal_snr:
             betas = _rescale_zero_terminal_snr(betas)
         if not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError(f'Schedule {kind!r} with T={num_timesteps} gives betas outside (0, 1]; '
-                             'lower beta_end or raise num_timesteps.')
+            raise ValueError(
+                f'Schedule {kind!r} with T={num_timesteps} gives betas outside (0, 1]; '
+                'lower beta_end or raise num_timesteps.'
+            )
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
@@ -85,14 +87,16 @@ class NoiseSchedule:
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # The t=0 posterior variance is 0; clip its log to the t=1 value as improved-diffusion does.
         self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 -
-                                                                                             self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
 
     def __repr__(self) -> str:
-        return (f'NoiseSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps}, '
-                f'zero_terminal_snr={self.zero_terminal_snr})')
+        return (
+            f'NoiseSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps}, '
+            f'zero_terminal_snr={self.zero_terminal_snr})'
+        )
 
     def gather(self, values: torch.Tensor, t: torch.Tensor, ndim: int = 1, dtype=torch.float32) -> torch.Tensor:
         """Index a per-timestep table at ``t`` and reshape to broadcast over ``ndim`` dims."""
@@ -122,8 +126,9 @@ class NoiseSchedule:
         ac = self.gather(self.alphas_cumprod, t, x0.dim(), x0.dtype)
         return ac.sqrt() * noise - (1.0 - ac).sqrt() * x0
 
-    def predict_x0_eps(self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor,
-                       prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_x0_eps(
+        self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor, prediction_type: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Convert a model output into the implied ``(x0, eps)`` pair."""
         check_prediction_type(prediction_type)
         ac = self.gather(self.alphas_cumprod, t, x_t.dim(), x_t.dtype)

@@ -15,7 +15,7 @@ place within the cell's CDF interval), which is the exact inverse CDF of that pi
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ class TimestepSampler:
     def __init__(self, num_timesteps: int):
         self.num_timesteps = int(num_timesteps)
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def importance_weights(self, ratios: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class TimestepSampler:
 class UniformSampler(TimestepSampler):
     """The DDPM default: every timestep equally likely."""
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         device = x0.device if x0 is not None else None
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=device)
 
@@ -88,7 +88,7 @@ class FixedDistributionSampler(TimestepSampler):
         self._probs = (probs / probs.sum()).float()
         self.importance = importance
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         return self._probs if x0 is None else self._probs.to(x0.device)
 
 
@@ -108,12 +108,12 @@ class ContinuousTimestepSampler(TimestepSampler):
         super().__init__(schedule.num_timesteps)
         self.density = density
         self.schedule = schedule
-        self._cache: Optional[tuple[float, torch.Tensor]] = None
+        self._cache: tuple[float, torch.Tensor] | None = None
 
-    def shift(self, x0: Optional[torch.Tensor]) -> float:
+    def shift(self, x0: torch.Tensor | None) -> float:
         return self.schedule.shift_for(None if x0 is None else tuple(x0.shape))
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         shift = self.shift(x0)
         if self._cache is None or self._cache[0] != shift:
             edges = unshift_sigmas(self.schedule.cell_edges(), shift)
@@ -121,7 +121,7 @@ class ContinuousTimestepSampler(TimestepSampler):
         probs = self._cache[1]
         return probs if x0 is None else probs.to(x0.device)
 
-    def inverse_cdf(self, v: torch.Tensor, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def inverse_cdf(self, v: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The noise levels ``shift(F^-1(v))`` (float64) at uniforms ``v``."""
         return shift_sigmas(self.density.inverse_cdf(v), self.shift(x0))
 
@@ -134,16 +134,17 @@ def _check_probs(p: torch.Tensor, name: str) -> None:
         raise ValueError(f'{name} must be finite, non-negative and not all zero.')
 
 
-def combined_prior(priors: Sequence[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """The product of ``(T,)`` priors (negative masses clipped to 0) on ``like``'s device and dtype; ``None`` if none."""
+def combined_prior(priors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
+    """The product of ``(T,)`` priors (negative masses clipped to 0) on ``like``'s device and dtype; ``None`` if
+    none."""
     combined = None
-    for prior in priors:
-        prior = prior.to(like.device, like.dtype).clamp(min=0)
+    for raw in priors:
+        prior = raw.to(like.device, like.dtype).clamp(min=0)
         combined = prior if combined is None else combined * prior
     return combined
 
 
-def tilt_log_probs(log_probs: torch.Tensor, prior: Optional[torch.Tensor]) -> torch.Tensor:
+def tilt_log_probs(log_probs: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
     """Log of the normalised product ``p(t) * prior(t)`` for ``(T,)`` or ``(B, T)`` log-probabilities.
 
     Where the product vanishes everywhere (the prior disjoint from the distribution's support, or without mass) the
@@ -178,8 +179,11 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = p.cumsum(-1)
     cdf = cdf / cdf[..., -1:]
     u = u.to(p.device, torch.float64)
-    t = torch.searchsorted(cdf, u, right=True) if p.dim() == 1 else \
-        torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+    t = (
+        torch.searchsorted(cdf, u, right=True)
+        if p.dim() == 1
+        else torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+    )
     return t.clamp(max=p.shape[-1] - 1)
 
 

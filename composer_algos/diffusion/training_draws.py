@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from composer_algos.diffusion.draw import (DrawRecord, NoiseCoupling, NoiseDraw, couple_noise, draw_levels,
-                                           training_randoms)
+from composer_algos.diffusion.draw import (
+    DrawRecord,
+    NoiseCoupling,
+    NoiseDraw,
+    couple_noise,
+    draw_levels,
+    training_randoms,
+)
 from composer_algos.diffusion.model import LossWeighting
 from composer_algos.diffusion.schedule import NoiseSchedule
 from composer_algos.diffusion.timestep_samplers import TimestepSampler, UniformSampler
@@ -46,16 +53,24 @@ class TrainingDraws:
         (torch.Size([4]), torch.Size([4, 1, 8, 8]), [1.0, 1.0, 1.0, 1.0])
     """
 
-    def __init__(self, noise_schedule: NoiseSchedule, prediction_type: str = 'epsilon',
-                 sampler: Optional[TimestepSampler] = None, weightings: Sequence[LossWeighting] = (),
-                 noise_coupling: Optional[NoiseCoupling] = None, seed: int = 0):
+    def __init__(
+        self,
+        noise_schedule: NoiseSchedule,
+        prediction_type: str = 'epsilon',
+        sampler: TimestepSampler | None = None,
+        weightings: Sequence[LossWeighting] = (),
+        noise_coupling: NoiseCoupling | None = None,
+        seed: int = 0,
+    ):
         self.noise_schedule = noise_schedule
         self.num_timesteps = noise_schedule.num_timesteps
         self.prediction_type = prediction_type
         self.sampler = sampler or UniformSampler(self.num_timesteps)
         if self.sampler.num_timesteps != self.num_timesteps:
-            raise ValueError(f'sampler has {self.sampler.num_timesteps} timesteps but noise_schedule has '
-                             f'{self.num_timesteps}; build it with num_timesteps={self.num_timesteps}.')
+            raise ValueError(
+                f'sampler has {self.sampler.num_timesteps} timesteps but noise_schedule has '
+                f'{self.num_timesteps}; build it with num_timesteps={self.num_timesteps}.'
+            )
         self.weightings = list(weightings)
         self.noise_coupling = noise_coupling
         self.seed = int(seed)
@@ -64,9 +79,11 @@ class TrainingDraws:
         self.sampler.set_loss_weights(self._weights(torch.arange(self.num_timesteps)))
 
     def __repr__(self) -> str:
-        return (f'TrainingDraws(sampler={self.sampler!r}, weightings={len(self.weightings)}, '
-                f'noise_coupling={type(self.noise_coupling).__name__ if self.noise_coupling else None}, '
-                f'seed={self.seed})')
+        return (
+            f'TrainingDraws(sampler={self.sampler!r}, weightings={len(self.weightings)}, '
+            f'noise_coupling={type(self.noise_coupling).__name__ if self.noise_coupling else None}, '
+            f'seed={self.seed})'
+        )
 
     def _weights(self, t: torch.Tensor) -> torch.Tensor:
         weight = torch.ones(t.shape[0], device=t.device)
@@ -77,7 +94,7 @@ class TrainingDraws:
     def _uniform_log_probs(self, x0: torch.Tensor) -> torch.Tensor:
         return torch.full((self.num_timesteps,), -math.log(self.num_timesteps), device=x0.device)
 
-    def draw(self, x0: torch.Tensor, labels: Optional[torch.Tensor] = None) -> DrawRecord:
+    def draw(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> DrawRecord:
         """The next draw for the batch ``x0`` (``labels``: class labels, for a coupling within classes)."""
         index = self.num_draws
         u, noise = training_randoms(self.seed, index, x0)
@@ -85,8 +102,9 @@ class TrainingDraws:
         record = draw_levels(self.sampler, [], x0, u, self._uniform_log_probs)
         record.noise = noise
         if self.noise_coupling is not None:
-            record.noise, record.noise_pairing = couple_noise(self.noise_coupling,
-                                                              NoiseDraw(x0, noise, labels, self.seed, index))
+            record.noise, record.noise_pairing = couple_noise(
+                self.noise_coupling, NoiseDraw(x0, noise, labels, self.seed, index)
+            )
         record.loss_weight = self.loss_weights(record)
         return record
 

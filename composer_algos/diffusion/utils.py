@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = ['device_batch', 'module_device', 'reshard_fsdp2']
 
@@ -24,6 +24,7 @@ def reshard_fsdp2(model: nn.Module) -> None:
     checkpointing and weight swaps (EMA) expect DTensors.
     """
     from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

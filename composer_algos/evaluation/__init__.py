@@ -2,17 +2,35 @@
 
 from composer_algos.evaluation.checkpoint_weights import load_checkpoint_weights
 from composer_algos.evaluation.consistency import consistency_diagnostic, pair_statistics
-from composer_algos.evaluation.features import (DigitClassifier, DigitFeatures, InceptionFeatures,
-                                                build_feature_extractor, digit_classifier_path,
-                                                load_or_train_digit_classifier, train_digit_classifier)
-from composer_algos.evaluation.fid import (collect_images, fid_from_samples, fid_metric, real_vs_real_fid,
-                                           update_fid)
+from composer_algos.evaluation.features import (
+    DigitClassifier,
+    DigitFeatures,
+    InceptionFeatures,
+    build_feature_extractor,
+    digit_classifier_path,
+    load_or_train_digit_classifier,
+    train_digit_classifier,
+)
+from composer_algos.evaluation.fid import collect_images, fid_from_samples, fid_metric, real_vs_real_fid, update_fid
+from composer_algos.evaluation.generation import (
+    ema_weights,
+    eval_mode,
+    gather_by_index,
+    generate_samples,
+    generate_share,
+    rank_indices,
+    reshard_fsdp2,
+    sample_noise,
+)
 from composer_algos.evaluation.likelihood import bits_per_dim, vlb_timesteps
-from composer_algos.evaluation.plots import (image_grid, metric_curve_png, save_png, side_by_side_grid,
-                                             timestep_heatmap_png)
+from composer_algos.evaluation.plots import (
+    image_grid,
+    metric_curve_png,
+    save_png,
+    side_by_side_grid,
+    timestep_heatmap_png,
+)
 from composer_algos.evaluation.report import EVALUATION_DEFAULTS, evaluate_checkpoint, evaluate_model
-from composer_algos.evaluation.generation import (ema_weights, eval_mode, gather_by_index, generate_samples,
-                                                generate_share, rank_indices, reshard_fsdp2, sample_noise)
 
 __all__ = [
     'DigitClassifier',

@@ -10,17 +10,25 @@ for real images and a full CLIP model (text and vision) saved in a local folder.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.distributed import is_distributed
 from composer_algos.evaluation.features import load_or_train_digit_classifier
 from composer_algos.pixels import to_uint8
 
-__all__ = ['CLASSIFIERS', 'build_classifier', 'class_accuracy', 'clip_score', 'collect_captions', 'distinct',
-           'load_clip_score_model']
+__all__ = [
+    'CLASSIFIERS',
+    'build_classifier',
+    'class_accuracy',
+    'clip_score',
+    'collect_captions',
+    'distinct',
+    'load_clip_score_model',
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +36,9 @@ log = logging.getLogger(__name__)
 CLASSIFIERS = ('digits', 'mnist')
 
 
-def build_classifier(classifier: Union[str, nn.Module], image_shape: Optional[Sequence[int]] = None,
-                     cache_dir: Optional[str] = None) -> nn.Module:
+def build_classifier(
+    classifier: str | nn.Module, image_shape: Sequence[int] | None = None, cache_dir: str | None = None
+) -> nn.Module:
     """A module from images in [-1, 1] to class logits: ``'digits'`` (the shipped 8x8 digit classifier, FID's),
     ``'mnist'`` (the bundled MNIST tier's at the images' size) or a module given as is. Its ``accuracy`` attribute, if
     any, is its own accuracy on real validation images."""
@@ -56,11 +65,11 @@ def class_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Te
     device = next(classifier.parameters()).device
     correct = 0
     for start in range(0, images.shape[0], batch_size):
-        chunk = images[start:start + batch_size].to(device).float()
+        chunk = images[start : start + batch_size].to(device).float()
         if chunk.shape[1] == 3:
             chunk = chunk.mean(1, keepdim=True)  # the digit classifiers read one channel
         predicted = classifier(chunk).argmax(1).cpu()
-        correct += int((predicted == labels[start:start + batch_size].cpu()).sum())
+        correct += int((predicted == labels[start : start + batch_size].cpu()).sum())
     return correct / images.shape[0]
 
 
@@ -73,12 +82,16 @@ def load_clip_score_model(path: str) -> tuple[Any, Any]:
     from transformers import CLIPModel, CLIPProcessor
 
     from composer_algos.registry import ConfigError
+
     if not os.path.isfile(os.path.join(path, 'config.json')):
-        raise ConfigError(f'clip_score_model={path}: no config.json there; save a full CLIP model and its processor '
-                          "with save_pretrained (e.g. CLIPModel.from_pretrained('openai/clip-vit-base-patch16') and "
-                          'CLIPProcessor likewise, on a machine with internet) and point clip_score_model at it.')
-    return CLIPModel.from_pretrained(path, local_files_only=True), CLIPProcessor.from_pretrained(path,
-                                                                                               local_files_only=True)
+        raise ConfigError(
+            f'clip_score_model={path}: no config.json there; save a full CLIP model and its processor '
+            "with save_pretrained (e.g. CLIPModel.from_pretrained('openai/clip-vit-base-patch16') and "
+            'CLIPProcessor likewise, on a machine with internet) and point clip_score_model at it.'
+        )
+    return CLIPModel.from_pretrained(path, local_files_only=True), CLIPProcessor.from_pretrained(
+        path, local_files_only=True
+    )
 
 
 @torch.no_grad()
@@ -87,6 +100,7 @@ def clip_score(images: torch.Tensor, prompts: Sequence[str], clip_model_path: st
     ``images`` (in [-1, 1], 1 or 3 channels) against their ``prompts``, with the CLIP model saved at
     ``clip_model_path``."""
     from torchmetrics.multimodal.clip_score import CLIPScore
+
     if images.shape[0] != len(prompts):
         raise ValueError(f'{images.shape[0]} images for {len(prompts)} prompts; give one prompt per image.')
     metric = CLIPScore(model_name_or_path=lambda: load_clip_score_model(clip_model_path))
@@ -94,7 +108,7 @@ def clip_score(images: torch.Tensor, prompts: Sequence[str], clip_model_path: st
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, 3, -1, -1)
     for start in range(0, pixels.shape[0], batch_size):
-        metric.update(list(pixels[start:start + batch_size]), list(prompts[start:start + batch_size]))
+        metric.update(list(pixels[start : start + batch_size]), list(prompts[start : start + batch_size]))
     return float(metric.compute())
 
 
@@ -103,13 +117,16 @@ def collect_captions(loader: Iterable[Any], count: int, key: str = 'caption') ->
     ``composer -n N`` every rank reads its share (sample ``i * N + rank`` of the global batch is row ``i`` of that
     rank's) and gets all of them, so every rank gives the same prompts to the same sample indices."""
     from composer.utils import dist
+
     world = dist.get_world_size() if is_distributed() else 1
     mine: list[str] = []
     for batch in loader:
         if not isinstance(batch, dict) or key not in batch:
             found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise ValueError(f'The loader gives no {key!r} (batch keys: {found}); its shards need a caption column '
-                             '(recipes/convert_dataset.py writes one with --captions or --dataset digits_captions).')
+            raise ValueError(
+                f'The loader gives no {key!r} (batch keys: {found}); its shards need a caption column '
+                '(recipes/convert_dataset.py writes one with --captions or --dataset digits_captions).'
+            )
         mine += list(batch[key])
         if len(mine) * world >= count:
             break

@@ -10,10 +10,11 @@ fraction near 1 mean the models learned nearly the same noise-to-image map.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.evaluation.generation import eval_mode, generate_samples
 
@@ -44,17 +45,31 @@ def pair_statistics(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> dict[str
 
 
 @torch.no_grad()
-def consistency_diagnostic(model_a: Any, model_b: Any, num_samples: int, shape: Sequence[int],
-                           feature: Optional[nn.Module] = None, num_steps: int = 50, seed: int = 0,
-                           num_classes: Optional[int] = None, batch_size: int = 256,
-                           progress: bool = False) -> dict[str, Any]:
+def consistency_diagnostic(
+    model_a: Any,
+    model_b: Any,
+    num_samples: int,
+    shape: Sequence[int],
+    feature: nn.Module | None = None,
+    num_steps: int = 50,
+    seed: int = 0,
+    num_classes: int | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Generate ``num_samples`` same-noise pairs with the models' deterministic samplers (DDIM, or the flow ODE) and
     compare them (see module docstring).
 
     Returns ``{'pixels': pair_statistics, 'features': pair_statistics or None, 'samples_a', 'samples_b'}``.
     """
-    kwargs = dict(num_steps=num_steps, eta=0.0, seed=seed, num_classes=num_classes, batch_size=batch_size,
-                  progress=progress)
+    kwargs = {
+        'num_steps': num_steps,
+        'eta': 0.0,
+        'seed': seed,
+        'num_classes': num_classes,
+        'batch_size': batch_size,
+        'progress': progress,
+    }
     indices = range(num_samples)
     with eval_mode(model_a):
         samples_a = generate_samples(model_a, indices, shape, **kwargs)
@@ -64,10 +79,12 @@ def consistency_diagnostic(model_a: Any, model_b: Any, num_samples: int, shape: 
     result['features'] = None
     if feature is not None:
         device = next(iter(feature.parameters()), torch.empty(0)).device
-        fa = torch.cat([feature(samples_a[i:i + batch_size].to(device)).cpu()
-                        for i in range(0, num_samples, batch_size)])
-        fb = torch.cat([feature(samples_b[i:i + batch_size].to(device)).cpu()
-                        for i in range(0, num_samples, batch_size)])
+        fa = torch.cat(
+            [feature(samples_a[i : i + batch_size].to(device)).cpu() for i in range(0, num_samples, batch_size)]
+        )
+        fb = torch.cat(
+            [feature(samples_b[i : i + batch_size].to(device)).cpu() for i in range(0, num_samples, batch_size)]
+        )
         result['features'] = pair_statistics(fa, fb, seed)
     result['samples_a'], result['samples_b'] = samples_a, samples_b
     return result

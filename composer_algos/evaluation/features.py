@@ -17,11 +17,11 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from composer_algos import registry
 from composer_algos.pixels import from_uint8, to_uint8
@@ -51,8 +51,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INCEPTION_WEIGHTS_URL = ('https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/'
-                         'weights-inception-2015-12-05-6726825d.pth')
+INCEPTION_WEIGHTS_URL = (
+    'https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth'
+)
 
 # Everything that determines the trained classifier; its hash names the cache file, so changing any entry (or the
 # version, when the code changes) trains a new one instead of reusing a stale file.
@@ -103,7 +104,7 @@ class InceptionFeatures(nn.Module):
 
     num_features = 2048
 
-    def __init__(self, weights_path: Optional[str] = None):
+    def __init__(self, weights_path: str | None = None):
         super().__init__()
         if weights_path is not None:
             weights_path = os.path.expanduser(weights_path)
@@ -112,10 +113,13 @@ class InceptionFeatures(nn.Module):
                     f'Inception weights file {weights_path!r} does not exist. On a machine with internet, download '
                     f'{INCEPTION_WEIGHTS_URL} (for example with `curl -L -o weights-inception-2015-12-05-6726825d.pth '
                     f'<url>`), copy it to this path, and point inception_weights at it. Leave inception_weights '
-                    'unset to let torch-fidelity download it (needs internet).')
+                    'unset to let torch-fidelity download it (needs internet).'
+                )
         from torchmetrics.image.fid import NoTrainInceptionV3
-        self.net = NoTrainInceptionV3(name='inception-v3-compat', features_list=['2048'],
-                                      feature_extractor_weights_path=weights_path)
+
+        self.net = NoTrainInceptionV3(
+            name='inception-v3-compat', features_list=['2048'], feature_extractor_weights_path=weights_path
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
@@ -139,10 +143,18 @@ class DigitClassifier(nn.Module):
         self.num_features = num_features
         self.image_size = image_size
         self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(2 * width * (image_size // 4)**2, num_features), nn.ReLU())
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * width * (image_size // 4) ** 2, num_features),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(num_features, num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -160,8 +172,14 @@ class DigitFeatures(nn.Module):
     a run was measured on; ``shipped`` tells whether they are the package's own.
     """
 
-    def __init__(self, classifier: DigitClassifier, accuracy: float = float('nan'), cache_path: Optional[str] = None,
-                 sha256: Optional[str] = None, shipped: bool = False):
+    def __init__(
+        self,
+        classifier: DigitClassifier,
+        accuracy: float = float('nan'),
+        cache_path: str | None = None,
+        sha256: str | None = None,
+        shipped: bool = False,
+    ):
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)
         self.num_features = classifier.num_features
@@ -170,7 +188,7 @@ class DigitFeatures(nn.Module):
         self.sha256 = sha256 or weights_sha256(classifier.state_dict())
         self.shipped = shipped
 
-    def train(self, mode: bool = True) -> 'DigitFeatures':
+    def train(self, mode: bool = True) -> DigitFeatures:
         # The extractor is fixed: a parent's .train() must not switch it out of evaluation mode.
         return super().train(False)
 
@@ -179,14 +197,17 @@ class DigitFeatures(nn.Module):
         if images.shape[1:] == (3, size, size):
             images = images.mean(1, keepdim=True)
         if images.shape[1:] != (1, size, size):
-            raise ValueError(f'This digit classifier takes (N, 1, {size}, {size}) images, got {tuple(images.shape)}; '
-                             "use feature='inception' for other data.")
+            raise ValueError(
+                f'This digit classifier takes (N, 1, {size}, {size}) images, got {tuple(images.shape)}; '
+                "use feature='inception' for other data."
+            )
         return self.classifier.features(images.float())
 
 
 def _as_tensors(pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
     """``[(PIL image, label)]`` -> ``(N, 1, H, W)`` floats in [-1, 1] as the MDS loaders give them, and labels."""
     import numpy as np
+
     images = torch.from_numpy(np.stack([np.asarray(img, dtype=np.uint8) for img, _ in pairs]))[:, None]
     labels = torch.tensor([label for _, label in pairs], dtype=torch.long)
     return from_uint8(images), labels
@@ -195,12 +216,14 @@ def _as_tensors(pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
 def digits_arrays(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits split as the MDS loaders see them: ``(N, 1, 8, 8)`` floats in [-1, 1] and labels."""
     from composer_algos.data.convert import digits_images
+
     return _as_tensors(digits_images(split))
 
 
 def mnist5k_arrays(split: str, image_size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
     """The bundled MNIST split (see :func:`~composer_algos.data.convert.mnist5k_images`) as the loaders see it."""
     from composer_algos.data.convert import mnist5k_images
+
     return _as_tensors(mnist5k_images(split, image_size))
 
 
@@ -214,16 +237,17 @@ def _config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _full_config(config: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _full_config(config: dict[str, Any] | None) -> dict[str, Any]:
     """``config`` merged over the default of its dataset (``config['dataset']``, digits when absent)."""
     dataset = (config or {}).get('dataset', 'digits')
     if dataset not in CLASSIFIER_CONFIGS:
-        raise ValueError(f"The digit classifier's dataset must be one of {sorted(CLASSIFIER_CONFIGS)}, got "
-                         f'{dataset!r}.')
+        raise ValueError(
+            f"The digit classifier's dataset must be one of {sorted(CLASSIFIER_CONFIGS)}, got {dataset!r}."
+        )
     return {**CLASSIFIER_CONFIGS[dataset], **(config or {})}
 
 
-def digit_classifier_path(cache_dir: Optional[str] = None, config: Optional[dict[str, Any]] = None) -> str:
+def digit_classifier_path(cache_dir: str | None = None, config: dict[str, Any] | None = None) -> str:
     """Cache file of the classifier trained with ``config`` (merged over its dataset's default)."""
     full = _full_config(config)
     prefix = 'digit_classifier' if full.get('dataset', 'digits') == 'digits' else f'{full["dataset"]}_classifier'
@@ -246,7 +270,7 @@ def _random_shift(images: torch.Tensor, shift: int, gen: torch.Generator) -> tor
     return padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
 
 
-def train_digit_classifier(config: Optional[dict[str, Any]] = None) -> tuple[DigitClassifier, float]:
+def train_digit_classifier(config: dict[str, Any] | None = None) -> tuple[DigitClassifier, float]:
     """Train a :class:`DigitClassifier` on its dataset's training split only; return it and its validation accuracy.
 
     ``config['dataset']`` is ``'digits'`` (the default) or ``'mnist5k'`` (at ``config['image_size']``). The
@@ -269,19 +293,21 @@ def _train_classifier(cfg: dict[str, Any]) -> tuple[DigitClassifier, float]:
     val_x, val_y = _dataset_arrays(cfg, 'val')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg['seed'])
-        model = DigitClassifier(width=cfg['width'], num_features=cfg['num_features'],
-                                image_size=cfg.get('image_size', 8))
+        model = DigitClassifier(
+            width=cfg['width'], num_features=cfg['num_features'], image_size=cfg.get('image_size', 8)
+        )
     gen = torch.Generator().manual_seed(cfg['seed'])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
     steps_per_epoch = -(-len(train_x) // cfg['batch_size'])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg['lr'],
-                                                    total_steps=cfg['epochs'] * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg['lr'], total_steps=cfg['epochs'] * steps_per_epoch
+    )
     shift = cfg['max_shift']
     for _ in range(cfg['epochs']):
         model.train()
         order = torch.randperm(len(train_x), generator=gen)
         for start in range(0, len(order), cfg['batch_size']):
-            index = order[start:start + cfg['batch_size']]
+            index = order[start : start + cfg['batch_size']]
             x = train_x[index]
             if shift > 0:
                 x = _random_shift(x, shift, gen)
@@ -311,7 +337,7 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def shipped_classifiers(folder: Optional[str] = None) -> dict[str, dict[str, Any]]:
+def shipped_classifiers(folder: str | None = None) -> dict[str, dict[str, Any]]:
     """The shipped classifiers' manifest (in ``folder``, default :data:`SHIPPED_WEIGHTS_DIR`): name ->
     ``{'file', 'config', 'sha256', 'accuracy', 'trained_on'}``."""
     path = os.path.join(folder or SHIPPED_WEIGHTS_DIR, _MANIFEST)
@@ -321,7 +347,7 @@ def shipped_classifiers(folder: Optional[str] = None) -> dict[str, dict[str, Any
         return json.load(f)
 
 
-def _shipped_entry(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
+def _shipped_entry(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return next((e for e in shipped_classifiers().values() if e['config'] == cfg), None)
 
 
@@ -335,22 +361,27 @@ def _save_classifier(model: DigitClassifier, accuracy: float, cfg: dict[str, Any
     os.replace(tmp, path)
 
 
-def _load_classifier(path: str, expected_sha256: Optional[str] = None) -> DigitFeatures:
+def _load_classifier(path: str, expected_sha256: str | None = None) -> DigitFeatures:
     saved = torch.load(path, map_location='cpu', weights_only=True)
     sha256 = weights_sha256(saved['state_dict'])
     if expected_sha256 is not None and sha256 != expected_sha256:
         raise RuntimeError(
             f'The shipped FID classifier {path} holds weights of sha256 {sha256[:16]}..., not the '
             f'{expected_sha256[:16]}... its manifest records: the file was changed. Restore it (reinstall the package '
-            'or check it out again); FIDs on other weights are on another scale.')
-    model = DigitClassifier(width=saved['config']['width'], num_features=saved['config']['num_features'],
-                            image_size=saved['config'].get('image_size', 8))
+            'or check it out again); FIDs on other weights are on another scale.'
+        )
+    model = DigitClassifier(
+        width=saved['config']['width'],
+        num_features=saved['config']['num_features'],
+        image_size=saved['config'].get('image_size', 8),
+    )
     model.load_state_dict(saved['state_dict'])
     return DigitFeatures(model, saved['accuracy'], path, sha256=sha256, shipped=expected_sha256 is not None)
 
 
-def train_and_save_classifier(config: Optional[dict[str, Any]], path: str,
-                              min_accuracy: float = 0.95) -> tuple[DigitClassifier, float]:
+def train_and_save_classifier(
+    config: dict[str, Any] | None, path: str, min_accuracy: float = 0.95
+) -> tuple[DigitClassifier, float]:
     """Train the classifier of ``config`` (see :func:`train_digit_classifier`) and save it to ``path``.
 
     Raises:
@@ -359,14 +390,17 @@ def train_and_save_classifier(config: Optional[dict[str, Any]], path: str,
     cfg = _full_config(config)
     model, accuracy = train_digit_classifier(cfg)
     if accuracy < min_accuracy:
-        raise RuntimeError(f'The digit classifier reached {accuracy:.3f} validation accuracy, below '
-                           f'{min_accuracy}; its features would make a poor FID. Config: {cfg}.')
+        raise RuntimeError(
+            f'The digit classifier reached {accuracy:.3f} validation accuracy, below '
+            f'{min_accuracy}; its features would make a poor FID. Config: {cfg}.'
+        )
     _save_classifier(model, accuracy, cfg, path)
     return model, accuracy
 
 
-def load_or_train_digit_classifier(cache_dir: Optional[str] = None, config: Optional[dict[str, Any]] = None,
-                                   min_accuracy: float = 0.95) -> DigitFeatures:
+def load_or_train_digit_classifier(
+    cache_dir: str | None = None, config: dict[str, Any] | None = None, min_accuracy: float = 0.95
+) -> DigitFeatures:
     """The digit classifier's :class:`DigitFeatures`: the shipped weights when ``config`` is one of theirs, else
     loaded from ``cache_dir`` or trained and cached there.
 
@@ -383,38 +417,51 @@ def load_or_train_digit_classifier(cache_dir: Optional[str] = None, config: Opti
             do not match their sha256.
     """
     from composer.utils import dist
+
     cfg = _full_config(config)
     entry = _shipped_entry(cfg)
     if entry is not None:
         return _load_classifier(os.path.join(SHIPPED_WEIGHTS_DIR, entry['file']), entry['sha256'])
     path = digit_classifier_path(cache_dir, config)
     if not os.path.isfile(path) and dist.get_local_rank() == 0:
-        log.warning('No shipped FID classifier has this config; training one (cached at %s). Its FIDs compare only '
-                    'with runs on the same weights.', path)
+        log.warning(
+            'No shipped FID classifier has this config; training one (cached at %s). Its FIDs compare only '
+            'with runs on the same weights.',
+            path,
+        )
         train_and_save_classifier(cfg, path, min_accuracy)
     if dist.get_world_size() > 1 and dist.is_initialized():
         dist.barrier()
     return _load_classifier(path)
 
 
-def digit_features(image_shape: Optional[tuple[int, ...]] = None, inception_weights: Optional[str] = None,
-                   classifier_cache_dir: Optional[str] = None) -> nn.Module:
+def digit_features(
+    image_shape: tuple[int, ...] | None = None,
+    inception_weights: str | None = None,
+    classifier_cache_dir: str | None = None,
+) -> nn.Module:
     """The classifier trained on scikit-learn's 8x8 digits."""
     return load_or_train_digit_classifier(classifier_cache_dir)
 
 
-def mnist_features(image_shape: Optional[tuple[int, ...]] = None, inception_weights: Optional[str] = None,
-                   classifier_cache_dir: Optional[str] = None) -> nn.Module:
+def mnist_features(
+    image_shape: tuple[int, ...] | None = None,
+    inception_weights: str | None = None,
+    classifier_cache_dir: str | None = None,
+) -> nn.Module:
     """The classifier trained on the bundled MNIST digits at the images' size (``image_shape`` is needed)."""
-    if image_shape is None or len(image_shape) != 3 or image_shape[0] not in (1, 3) or \
-            image_shape[1] != image_shape[2]:
+    if image_shape is None or len(image_shape) != 3 or image_shape[0] not in (1, 3) or image_shape[1] != image_shape[2]:
         raise ValueError(f"feature='mnist' needs square (1 or 3, S, S) images, got shape {image_shape}.")
-    return load_or_train_digit_classifier(classifier_cache_dir, {'dataset': 'mnist5k',
-                                                                 'image_size': int(image_shape[-1])})
+    return load_or_train_digit_classifier(
+        classifier_cache_dir, {'dataset': 'mnist5k', 'image_size': int(image_shape[-1])}
+    )
 
 
-def inception_features(image_shape: Optional[tuple[int, ...]] = None, inception_weights: Optional[str] = None,
-                       classifier_cache_dir: Optional[str] = None) -> nn.Module:
+def inception_features(
+    image_shape: tuple[int, ...] | None = None,
+    inception_weights: str | None = None,
+    classifier_cache_dir: str | None = None,
+) -> nn.Module:
     """Inception-v3's 2048 pool features (torchmetrics' FID network), from a local weights file if given."""
     return InceptionFeatures(inception_weights)
 
@@ -425,9 +472,12 @@ FEATURE_EXTRACTORS = {'digits': digit_features, 'mnist': mnist_features, 'incept
 FEATURE_CHOICES = ('auto', *FEATURE_EXTRACTORS)
 
 
-def build_feature_extractor(feature: Union[str, nn.Module] = 'auto', image_shape: Optional[tuple[int, ...]] = None,
-                            inception_weights: Optional[str] = None,
-                            classifier_cache_dir: Optional[str] = None) -> nn.Module:
+def build_feature_extractor(
+    feature: str | nn.Module = 'auto',
+    image_shape: tuple[int, ...] | None = None,
+    inception_weights: str | None = None,
+    classifier_cache_dir: str | None = None,
+) -> nn.Module:
     """Resolve a feature choice to a module: ``'digits'``, ``'mnist'``, ``'inception'``, ``'auto'``, a name in the
     ``features`` registry, or a module.
 

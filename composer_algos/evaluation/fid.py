@@ -6,17 +6,18 @@ Each rank adds its own images; torchmetrics sums the feature statistics over ran
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils._pytree import tree_map
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 __all__ = ['collect_images', 'fid_from_samples', 'fid_metric', 'floor_at', 'real_vs_real_fid', 'update_fid']
 
 
-def fid_metric(feature: nn.Module, device: Optional[torch.device] = None) -> FrechetInceptionDistance:
+def fid_metric(feature: nn.Module, device: torch.device | None = None) -> FrechetInceptionDistance:
     """A FID metric on ``feature`` (images in [-1, 1]) whose ``reset()`` keeps the real statistics."""
     metric = FrechetInceptionDistance(feature=feature, reset_real_features=False)
     return metric.to(device) if device is not None else metric
@@ -27,11 +28,16 @@ def update_fid(metric: FrechetInceptionDistance, images: torch.Tensor, real: boo
     """Add ``images`` (floats in [-1, 1]) to the real or fake side of ``metric`` in batches."""
     device = metric.real_features_sum.device
     for start in range(0, images.shape[0], batch_size):
-        metric.update(images[start:start + batch_size].to(device), real=real)
+        metric.update(images[start : start + batch_size].to(device), real=real)
 
 
-def fid_from_samples(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module, batch_size: int = 256,
-                     device: Optional[torch.device] = None) -> float:
+def fid_from_samples(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    feature: nn.Module,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+) -> float:
     """FID between ``real`` and ``fake`` images (floats in [-1, 1]) in ``feature``'s space.
 
     Collective under ``torch.distributed``: call it on every rank with that rank's images; the result is the FID
@@ -56,20 +62,27 @@ def floor_at(halves_fid: float, n_half: int, n_other_half: int, num_samples: int
     return halves_fid * (1 / num_samples + 1 / num_real) / (1 / n_half + 1 / n_other_half)
 
 
-def real_vs_real_fid(images: torch.Tensor, feature: nn.Module, seed: int = 0, batch_size: int = 256,
-                     device: Optional[torch.device] = None, num_samples: Optional[int] = None) -> float:
+def real_vs_real_fid(
+    images: torch.Tensor,
+    feature: nn.Module,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    num_samples: int | None = None,
+) -> float:
     """The FID floor: FID between two random halves of real ``images``, scaled by :func:`floor_at` to
     ``num_samples`` samples against all of ``images`` when ``num_samples`` is given."""
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
     half = images.shape[0] // 2
-    halves_fid = fid_from_samples(images[order[:half]], images[order[half:2 * half]], feature, batch_size, device)
+    halves_fid = fid_from_samples(images[order[:half]], images[order[half : 2 * half]], feature, batch_size, device)
     if num_samples is None:
         return halves_fid
     return floor_at(halves_fid, half, half, num_samples, images.shape[0])
 
 
-def collect_images(loader: Iterable[Any], model: Any = None, max_images: Optional[int] = None,
-                   with_conditioning: bool = False) -> Any:
+def collect_images(
+    loader: Iterable[Any], model: Any = None, max_images: int | None = None, with_conditioning: bool = False
+) -> Any:
     """Images (and optionally the model's conditioning) from ``loader``'s batches, on CPU, up to ``max_images``.
 
     ``model.images(batch)`` reads the batch when a model is given (so its ``image_key`` applies); otherwise a
@@ -78,18 +91,19 @@ def collect_images(loader: Iterable[Any], model: Any = None, max_images: Optiona
     images, conditioning = [], []
     count = 0
     device = next(model.parameters()).device if model is not None else None
-    for batch in loader:
+    for loaded in loader:
+        batch = loaded
         if model is not None:
             # The model reads the batch on its own device (an encoder runs there).
-            batch = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, batch)
+            batch = tree_map(lambda v: v.to(device) if torch.is_tensor(v) else v, loaded)
             x = model.images(batch)
             cond = model.conditioning(batch) if with_conditioning else {}
         else:
             x = batch['image'] if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
             cond = {}
         if max_images is not None:
-            x = x[:max_images - count]
-            cond = {k: v[:x.shape[0]] for k, v in cond.items()}
+            x = x[: max_images - count]
+            cond = {k: v[: x.shape[0]] for k, v in cond.items()}
         images.append(x.detach().float().cpu())
         conditioning.append({k: torch.as_tensor(v).cpu() for k, v in cond.items()})
         count += x.shape[0]

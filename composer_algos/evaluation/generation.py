@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from composer_algos.diffusion.utils import reshard_fsdp2
 from composer_algos.distributed import all_reduce, is_distributed, rank_world
@@ -35,7 +36,7 @@ def all_reduce_max(value: int) -> int:
     return int(all_reduce(torch.tensor([int(value)], dtype=torch.long), op='max').item())
 
 
-def rank_indices(num_samples: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> list[int]:
+def rank_indices(num_samples: int, rank: int | None = None, world_size: int | None = None) -> list[int]:
     """The sample indices rank ``rank`` generates: ``rank::world_size``."""
     if rank is None or world_size is None:
         rank, world_size = rank_world()
@@ -76,7 +77,8 @@ def ema_weights(state: Any) -> Iterator[bool]:
     when the live weights are used (no EMA algorithm, or it has not started yet).
     """
     from composer.algorithms import EMA
-    swapped = []
+
+    swapped: list[EMA] = []
     active = False
     for algorithm in state.algorithms:
         if not isinstance(algorithm, EMA) or not algorithm.ema_started or algorithm.ema_model is None:
@@ -99,11 +101,21 @@ def ema_weights(state: Any) -> Iterator[bool]:
 
 
 @torch.no_grad()
-def generate_samples(model: Any, indices: Sequence[int], shape: Sequence[int], num_steps: int = 50,
-                     eta: float = 0.0, seed: int = 0, num_classes: Optional[int] = None, batch_size: int = 256,
-                     num_batches: Optional[int] = None, device: Optional[torch.device] = None,
-                     progress: bool = False, prompts: Optional[Sequence[str]] = None,
-                     guidance_scale: float = 1.0) -> torch.Tensor:
+def generate_samples(
+    model: Any,
+    indices: Sequence[int],
+    shape: Sequence[int],
+    num_steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    num_classes: int | None = None,
+    batch_size: int = 256,
+    num_batches: int | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+    prompts: Sequence[str] | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
     """Generate the samples numbered ``indices`` with ``model.generate`` (DDIM for ``eta=0``; a flow-matching model's
     ODE), on CPU.
 
@@ -126,23 +138,34 @@ def generate_samples(model: Any, indices: Sequence[int], shape: Sequence[int], n
     # Only what is set reaches generate(), so a model implementing the contract before text conditioning still works.
     extra: dict[str, Any] = {} if guidance_scale == 1.0 else {'guidance_scale': guidance_scale}
     from tqdm import tqdm
+
     outputs = []
     for b in tqdm(range(num_batches), desc='sampling', disable=not progress, leave=False):
-        chunk = indices[b * batch_size:(b + 1) * batch_size]
+        chunk = indices[b * batch_size : (b + 1) * batch_size]
         padding = not chunk
         chunk = chunk or [0]
         labels = torch.tensor(chunk, dtype=torch.long) % num_classes if num_classes else None
         if prompts:
             extra['prompts'] = [prompts[i % len(prompts)] for i in chunk]
-        x = model.generate(len(chunk), tuple(shape), num_steps=num_steps, eta=eta, seed=int(seed) + chunk[0],
-                           labels=labels, device=device, noise=sample_noise(chunk, shape, seed), **extra)
+        x = model.generate(
+            len(chunk),
+            tuple(shape),
+            num_steps=num_steps,
+            eta=eta,
+            seed=int(seed) + chunk[0],
+            labels=labels,
+            device=device,
+            noise=sample_noise(chunk, shape, seed),
+            **extra,
+        )
         if not padding:
             outputs.append(x.float().cpu())
     return torch.cat(outputs) if outputs else torch.empty((0, *shape))
 
 
-def generate_share(model: Any, num_samples: int, shape: Sequence[int], batch_size: int = 256,
-                   **kwargs: Any) -> tuple[list[int], torch.Tensor]:
+def generate_share(
+    model: Any, num_samples: int, shape: Sequence[int], batch_size: int = 256, **kwargs: Any
+) -> tuple[list[int], torch.Tensor]:
     """This rank's share ``rank::world_size`` of ``num_samples`` samples; returns ``(indices, samples)``.
 
     Every rank runs the same number of batches, so sharded (FSDP) models stay in step.
@@ -153,12 +176,13 @@ def generate_share(model: Any, num_samples: int, shape: Sequence[int], batch_siz
     return indices, generate_samples(model, indices, shape, batch_size=batch_size, num_batches=num_batches, **kwargs)
 
 
-def gather_by_index(indices: Sequence[int], samples: torch.Tensor) -> Optional[torch.Tensor]:
+def gather_by_index(indices: Sequence[int], samples: torch.Tensor) -> torch.Tensor | None:
     """Collect every rank's ``(indices, samples)`` on rank 0, in index order; other ranks get ``None``."""
     if not is_distributed():
         order = torch.tensor(list(indices)).argsort()
         return samples[order]
     from composer.utils import dist
+
     gathered = dist.all_gather_object((list(indices), samples.cpu()))
     if dist.get_global_rank() != 0:
         return None

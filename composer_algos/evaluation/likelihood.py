@@ -15,7 +15,7 @@ evaluations use the same timesteps and noise and their differences reflect the m
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -24,8 +24,7 @@ from composer_algos.seeding import keyed_generator
 __all__ = ['bits_per_dim', 'vlb_timesteps']
 
 
-def vlb_timesteps(num_timesteps: int, num_terms: Optional[int] = None, seed: int = 0) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
+def vlb_timesteps(num_timesteps: int, num_terms: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps ``t`` and weights ``w`` with ``sum_k w_k L_{t_k}`` an unbiased estimate of ``sum_t L_t``.
 
     ``num_terms=None`` (or >= T) gives every timestep with weight 1.
@@ -45,9 +44,16 @@ def vlb_timesteps(num_timesteps: int, num_terms: Optional[int] = None, seed: int
 
 
 @torch.no_grad()
-def bits_per_dim(model: Any, images: torch.Tensor, conditioning: Optional[dict[str, torch.Tensor]] = None,
-                 num_terms: Optional[int] = None, seed: int = 0, batch_size: int = 256,
-                 num_batches: Optional[int] = None, progress: bool = False) -> torch.Tensor:
+def bits_per_dim(
+    model: Any,
+    images: torch.Tensor,
+    conditioning: dict[str, torch.Tensor] | None = None,
+    num_terms: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    num_batches: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Per-image bits/dim ``(N,)`` of ``images`` (clean data x0, e.g. from ``model.images(batch)``).
 
     Args:
@@ -62,6 +68,7 @@ def bits_per_dim(model: Any, images: torch.Tensor, conditioning: Optional[dict[s
         progress: show a progress bar over timesteps.
     """
     from tqdm import tqdm
+
     T = model.noise_schedule.num_timesteps
     t_grid, weights = vlb_timesteps(T, num_terms, seed)
     device = next(model.parameters()).device
@@ -69,8 +76,9 @@ def bits_per_dim(model: Any, images: torch.Tensor, conditioning: Optional[dict[s
     needed = math.ceil(n / batch_size)
     num_batches = needed if num_batches is None else num_batches
     total = torch.zeros(n, dtype=torch.float64)
-    for k, (t, w) in enumerate(tqdm(list(zip(t_grid.tolist(), weights.tolist())), desc='bits/dim',
-                                    disable=not progress, leave=False)):
+    for t, w in tqdm(
+        list(zip(t_grid.tolist(), weights.tolist(), strict=True)), desc='bits/dim', disable=not progress, leave=False
+    ):
         gen = keyed_generator(seed, t)
         noise = torch.randn(tuple(images.shape), generator=gen)
         for b in range(num_batches):
@@ -88,6 +96,6 @@ def bits_per_dim(model: Any, images: torch.Tensor, conditioning: Optional[dict[s
                 total[rows] += w * terms
     if n:
         for start in range(0, n, batch_size):
-            prior = model.prior_term(images[start:start + batch_size].to(device))
-            total[start:start + batch_size] += prior.double().cpu()
+            prior = model.prior_term(images[start : start + batch_size].to(device))
+            total[start : start + batch_size] += prior.double().cpu()
     return total / math.log(2)

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from composer_algos.pixels import to_uint8
 
-__all__ = ['captioned_grid', 'figure_to_array', 'image_grid', 'metric_curve_png', 'prompt_rows', 'save_png',
-           'side_by_side_grid', 'timestep_heatmap_png']
+__all__ = [
+    'captioned_grid',
+    'figure_to_array',
+    'image_grid',
+    'metric_curve_png',
+    'prompt_rows',
+    'save_png',
+    'side_by_side_grid',
+    'timestep_heatmap_png',
+]
 
 
-def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 1, scale: int = 1) -> np.ndarray:
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:
     """``(N, C, H, W)`` images in [-1, 1] -> one ``(H', W', 3)`` uint8 grid, ``nrow`` images per row (default
     about sqrt(N)), each pixel repeated ``scale`` times (small images stay visible)."""
     from torchvision.utils import make_grid
+
     images = images.detach().float().cpu().clamp(-1, 1)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
@@ -40,6 +49,7 @@ def captioned_grid(images: torch.Tensor, captions: Sequence[str], scale: int = 1
     """:func:`image_grid` with one row per caption (``len(images)`` a multiple of ``len(captions)``, rows in caption
     order) and each caption written to the right of its row (PIL's built-in font, black on white)."""
     from PIL import Image, ImageDraw, ImageFont
+
     rows = len(captions)
     if rows == 0 or images.shape[0] % rows:
         raise ValueError(f'{images.shape[0]} images cannot fill {rows} rows of one caption each.')
@@ -52,13 +62,18 @@ def captioned_grid(images: torch.Tensor, captions: Sequence[str], scale: int = 1
     draw = ImageDraw.Draw(canvas)
     for row, caption in enumerate(captions):
         top, bottom = font.getbbox(caption)[1::2]
-        draw.text((grid.shape[1] + 4, row * row_height + (row_height - (bottom - top)) / 2 - top), caption,
-                  fill='black', font=font)
+        draw.text(
+            (grid.shape[1] + 4, row * row_height + (row_height - (bottom - top)) / 2 - top),
+            caption,
+            fill='black',
+            font=font,
+        )
     return np.asarray(canvas)
 
 
-def side_by_side_grid(left: torch.Tensor, right: torch.Tensor, nrow: Optional[int] = None, scale: int = 1,
-                      gap: int = 4) -> np.ndarray:
+def side_by_side_grid(
+    left: torch.Tensor, right: torch.Tensor, nrow: int | None = None, scale: int = 1, gap: int = 4
+) -> np.ndarray:
     """Two grids of the same layout next to each other: cell ``i`` of the left grid pairs with cell ``i`` of the
     right one."""
     a = image_grid(left, nrow, scale=scale)
@@ -69,6 +84,7 @@ def side_by_side_grid(left: torch.Tensor, right: torch.Tensor, nrow: Optional[in
 
 def save_png(array: np.ndarray, path: str) -> str:
     from PIL import Image
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(array).save(path)
     return path
@@ -83,13 +99,20 @@ def figure_to_array(fig) -> np.ndarray:
 def _figure(figsize: tuple[float, float], dpi: int):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
 
-def timestep_heatmap_png(steps: Sequence[int], probs: torch.Tensor, path: str, title: str = '',
-                         figsize: tuple[float, float] = (7.0, 4.5), dpi: int = 100) -> np.ndarray:
+def timestep_heatmap_png(
+    steps: Sequence[int],
+    probs: torch.Tensor,
+    path: str,
+    title: str = '',
+    figsize: tuple[float, float] = (7.0, 4.5),
+    dpi: int = 100,
+) -> np.ndarray:
     """Heatmap of the timestep distribution over training: x = t, y = training step, colour = T * p(t).
 
     ``probs`` is ``(len(steps), T)``, one distribution per recorded step. The colour is the probability relative to
@@ -98,6 +121,7 @@ def timestep_heatmap_png(steps: Sequence[int], probs: torch.Tensor, path: str, t
     the RGB image.
     """
     from matplotlib.colors import LogNorm
+
     probs = torch.as_tensor(probs, dtype=torch.float32).cpu()
     steps = list(steps)
     if probs.dim() != 2 or probs.shape[0] != len(steps):
@@ -112,9 +136,15 @@ def timestep_heatmap_png(steps: Sequence[int], probs: torch.Tensor, path: str, t
     spread = min(max(spread, 2.0), 100.0)
     lo, hi = (steps[0], steps[-1]) if steps else (0, 1)
     half = (hi - lo) / max(len(steps) - 1, 1) / 2 if len(steps) > 1 else 0.5
-    image = ax.imshow(relative.clip(1 / spread, spread), aspect='auto', origin='lower', interpolation='nearest',
-                      cmap='RdBu_r', norm=LogNorm(vmin=1 / spread, vmax=spread),
-                      extent=(-0.5, T - 0.5, lo - half, hi + half))
+    image = ax.imshow(
+        relative.clip(1 / spread, spread),
+        aspect='auto',
+        origin='lower',
+        interpolation='nearest',
+        cmap='RdBu_r',
+        norm=LogNorm(vmin=1 / spread, vmax=spread),
+        extent=(-0.5, T - 0.5, lo - half, hi + half),
+    )
     ax.set_xlabel('timestep t')
     ax.set_ylabel('training step (batches)')
     ax.set_title(title or 'timestep distribution p(t) over training')
@@ -125,9 +155,15 @@ def timestep_heatmap_png(steps: Sequence[int], probs: torch.Tensor, path: str, t
     return array
 
 
-def metric_curve_png(steps: Sequence[int], values: Sequence[float], path: str, name: str = 'FID',
-                     floor: Optional[float] = None, figsize: tuple[float, float] = (6.0, 4.0),
-                     dpi: int = 100) -> np.ndarray:
+def metric_curve_png(
+    steps: Sequence[int],
+    values: Sequence[float],
+    path: str,
+    name: str = 'FID',
+    floor: float | None = None,
+    figsize: tuple[float, float] = (6.0, 4.0),
+    dpi: int = 100,
+) -> np.ndarray:
     """Line plot of a metric against training step (with the real-vs-real floor as a dashed line if given)."""
     fig = _figure(figsize, dpi)
     ax = fig.add_subplot(1, 1, 1)

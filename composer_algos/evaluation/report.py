@@ -7,7 +7,8 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -16,11 +17,10 @@ from composer_algos.evaluation.checkpoint_weights import load_checkpoint_weights
 from composer_algos.evaluation.conditioning import build_classifier, class_accuracy, clip_score, collect_captions
 from composer_algos.evaluation.consistency import consistency_diagnostic
 from composer_algos.evaluation.features import build_feature_extractor
-from composer_algos.evaluation.fid import collect_images
-from composer_algos.evaluation.fid import fid_from_samples, real_vs_real_fid
+from composer_algos.evaluation.fid import collect_images, fid_from_samples, real_vs_real_fid
+from composer_algos.evaluation.generation import eval_mode, generate_samples
 from composer_algos.evaluation.likelihood import bits_per_dim
 from composer_algos.evaluation.plots import captioned_grid, image_grid, save_png, side_by_side_grid
-from composer_algos.evaluation.generation import eval_mode, generate_samples
 from composer_algos.registry import ConfigError
 
 __all__ = ['EVALUATION_DEFAULTS', 'evaluate_checkpoint', 'evaluate_model', 'split_overrides', 'write_json']
@@ -57,9 +57,15 @@ EVALUATION_DEFAULTS: dict[str, Any] = {
 
 
 @torch.no_grad()
-def evaluate_model(model: Any, real_images: torch.Tensor, out_dir: str,
-                   real_conditioning: Optional[dict[str, torch.Tensor]] = None, progress: bool = True,
-                   real_captions: Optional[list[str]] = None, **options: Any) -> dict[str, Any]:
+def evaluate_model(
+    model: Any,
+    real_images: torch.Tensor,
+    out_dir: str,
+    real_conditioning: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    real_captions: list[str] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """FID (with its real-vs-real floor), bits/dim and a sample grid of ``model`` against ``real_images``; for a
     text-conditioned model, its samples follow ``prompts`` (default the ``real_captions``) with ``guidance_scale``,
     and prompt accuracy and CLIPScore are measured too (:func:`text_results`).
@@ -81,23 +87,43 @@ def evaluate_model(model: Any, real_images: torch.Tensor, out_dir: str,
     text = getattr(getattr(model, 'conditioner', None), 'kind', None) == 'text'
     prompts = (opt['prompts'] or real_captions) if text else None
     if text and not prompts:
-        raise ConfigError('The model is text-conditioned: give prompts=[...] (or an eval_loader whose shards have '
-                          'captions) for its samples.')
+        raise ConfigError(
+            'The model is text-conditioned: give prompts=[...] (or an eval_loader whose shards have '
+            'captions) for its samples.'
+        )
     guidance = {'guidance_scale': float(opt['guidance_scale'])} if float(opt['guidance_scale']) != 1.0 else {}
     results.update(guidance)
     with eval_mode(model):
-        samples = generate_samples(model, range(opt['num_samples']), shape, num_steps=opt['num_steps'],
-                                   eta=opt['eta'], seed=opt['seed'], num_classes=opt['num_classes'],
-                                   batch_size=opt['batch_size'], progress=progress, prompts=prompts, **guidance)
+        samples = generate_samples(
+            model,
+            range(opt['num_samples']),
+            shape,
+            num_steps=opt['num_steps'],
+            eta=opt['eta'],
+            seed=opt['seed'],
+            num_classes=opt['num_classes'],
+            batch_size=opt['batch_size'],
+            progress=progress,
+            prompts=prompts,
+            **guidance,
+        )
         results['FID'] = fid_from_samples(real_images, samples, feature, opt['batch_size'])
-        results['FID_real_vs_real'] = real_vs_real_fid(real_images, feature, opt['seed'], opt['batch_size'],
-                                                       num_samples=opt['num_samples'])
+        results['FID_real_vs_real'] = real_vs_real_fid(
+            real_images, feature, opt['seed'], opt['batch_size'], num_samples=opt['num_samples']
+        )
         # Bits/dim sums the DDPM variational bound; flow-matching models have none.
         n_bpd = min(int(opt['bpd_images']), real_images.shape[0])
         if n_bpd > 0 and getattr(model, 'objective', 'ddpm') == 'ddpm':
             cond = {k: v[:n_bpd] for k, v in (real_conditioning or {}).items()}
-            bpd = bits_per_dim(model, real_images[:n_bpd], cond, num_terms=opt['bpd_terms'], seed=opt['seed'],
-                               batch_size=opt['batch_size'], progress=progress)
+            bpd = bits_per_dim(
+                model,
+                real_images[:n_bpd],
+                cond,
+                num_terms=opt['bpd_terms'],
+                seed=opt['seed'],
+                batch_size=opt['batch_size'],
+                progress=progress,
+            )
             results['bits_per_dim'] = float(bpd.mean())
             results['bits_per_dim_images'] = n_bpd
         if text:
@@ -110,13 +136,14 @@ def evaluate_model(model: Any, real_images: torch.Tensor, out_dir: str,
         picked = samples[[p + k * count for p in range(rows) for k in range(per_row)]]
         grid = captioned_grid(picked, prompts[:rows], scale=opt['grid_scale'])
     else:
-        grid = image_grid(samples[:opt['grid_samples']], scale=opt['grid_scale'])
+        grid = image_grid(samples[: opt['grid_samples']], scale=opt['grid_scale'])
     results['grid'] = save_png(grid, os.path.join(out_dir, 'samples.png'))
     return results
 
 
-def text_results(model: Any, samples: torch.Tensor, prompts: list[str], shape: tuple[int, ...], opt: dict[str, Any],
-                 progress: bool) -> dict[str, Any]:
+def text_results(
+    model: Any, samples: torch.Tensor, prompts: list[str], shape: tuple[int, ...], opt: dict[str, Any], progress: bool
+) -> dict[str, Any]:
     """A text-conditioned model's prompt accuracy (the digits' prompts, at each of ``prompt_accuracy_guidance``,
     scored by ``prompt_classifier``) and the CLIPScore of ``samples`` against their ``prompts`` (with a
     ``clip_score_model``)."""
@@ -132,9 +159,18 @@ def text_results(model: Any, samples: torch.Tensor, prompts: list[str], shape: t
         accuracy = {}
         for scale in opt['prompt_accuracy_guidance']:
             extra = {'guidance_scale': float(scale)} if float(scale) != 1.0 else {}
-            generated = generate_samples(model, range(count), shape, num_steps=opt['num_steps'], eta=opt['eta'],
-                                         seed=opt['seed'], batch_size=opt['batch_size'], progress=progress,
-                                         prompts=digit_texts, **extra)
+            generated = generate_samples(
+                model,
+                range(count),
+                shape,
+                num_steps=opt['num_steps'],
+                eta=opt['eta'],
+                seed=opt['seed'],
+                batch_size=opt['batch_size'],
+                progress=progress,
+                prompts=digit_texts,
+                **extra,
+            )
             accuracy[f'guidance_{float(scale):g}'] = class_accuracy(module, generated, targets, opt['batch_size'])
         results['prompt_accuracy'] = accuracy
         results['prompt_accuracy_samples'] = count
@@ -153,13 +189,14 @@ def write_json(results: dict[str, Any], path: str) -> str:
     return path
 
 
-def _device(name: Optional[str]) -> torch.device:
+def _device(name: str | None) -> torch.device:
     return torch.device(name or ('cuda' if torch.cuda.is_available() else 'cpu'))
 
 
 def split_overrides(pairs: list[str]) -> tuple[dict[str, Any], list[str]]:
     """``key=value`` pairs -> (evaluation options, recipe overrides). Values are parsed as YAML."""
     import yaml
+
     options, overrides = {}, []
     for pair in pairs:
         key, sep, value = pair.partition('=')
@@ -172,9 +209,16 @@ def split_overrides(pairs: list[str]) -> tuple[dict[str, Any], list[str]]:
     return options, overrides
 
 
-def evaluate_checkpoint(checkpoint: str, make_model: Callable[[], torch.nn.Module], real_loader: Iterable[Any],
-                        out_dir: str, compare: Optional[str] = None, progress: bool = True,
-                        model_config: Optional[dict[str, Any]] = None, **options: Any) -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: str,
+    make_model: Callable[[], torch.nn.Module],
+    real_loader: Iterable[Any],
+    out_dir: str,
+    compare: str | None = None,
+    progress: bool = True,
+    model_config: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """Evaluate ``checkpoint`` loaded into ``make_model()`` against the real images of ``real_loader`` (see
     :func:`evaluate_model`); with ``compare``, also run the consistency diagnostic against that second checkpoint.
     ``model_config``: the settings ``make_model`` builds from, named in the error when a checkpoint does not fit
@@ -195,16 +239,31 @@ def evaluate_checkpoint(checkpoint: str, make_model: Callable[[], torch.nn.Modul
     if compare is not None:
         other = make_model().to(device)
         other_info = load_checkpoint_weights(other, compare, opt['weights'], model_config)
-        feature = build_feature_extractor(opt['feature'], tuple(real.shape[1:]), opt['inception_weights'],
-                                          opt['classifier_cache_dir'])
-        diag = consistency_diagnostic(model, other, opt['consistency_samples'], tuple(real.shape[1:]), feature,
-                                      num_steps=opt['num_steps'], seed=opt['seed'], num_classes=opt['num_classes'],
-                                      batch_size=opt['batch_size'], progress=progress)
-        grid = side_by_side_grid(diag['samples_a'][:opt['grid_samples']], diag['samples_b'][:opt['grid_samples']],
-                                 scale=opt['grid_scale'])
-        results['consistency'] = {'compare': compare, 'compare_step': other_info['step'],
-                                  'num_samples': diag['num_samples'], 'pixels': diag['pixels'],
-                                  'features': diag['features'],
-                                  'grid': save_png(grid, os.path.join(out_dir, 'consistency.png'))}
+        feature = build_feature_extractor(
+            opt['feature'], tuple(real.shape[1:]), opt['inception_weights'], opt['classifier_cache_dir']
+        )
+        diag = consistency_diagnostic(
+            model,
+            other,
+            opt['consistency_samples'],
+            tuple(real.shape[1:]),
+            feature,
+            num_steps=opt['num_steps'],
+            seed=opt['seed'],
+            num_classes=opt['num_classes'],
+            batch_size=opt['batch_size'],
+            progress=progress,
+        )
+        grid = side_by_side_grid(
+            diag['samples_a'][: opt['grid_samples']], diag['samples_b'][: opt['grid_samples']], scale=opt['grid_scale']
+        )
+        results['consistency'] = {
+            'compare': compare,
+            'compare_step': other_info['step'],
+            'num_samples': diag['num_samples'],
+            'pixels': diag['pixels'],
+            'features': diag['features'],
+            'grid': save_png(grid, os.path.join(out_dir, 'consistency.png')),
+        }
     write_json(results, os.path.join(out_dir, 'evaluation.json'))
     return results

@@ -10,15 +10,22 @@ seeds can detect are what a leaderboard reports.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-__all__ = ['geomean_ci', 'log_fid_area', 'min_detectable_speedup', 'paired_speedup', 'speedup_at',
-           'steps_to_reach', 'value_at']
+__all__ = [
+    'geomean_ci',
+    'log_fid_area',
+    'min_detectable_speedup',
+    'paired_speedup',
+    'speedup_at',
+    'steps_to_reach',
+    'value_at',
+]
 
 
-def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float) -> Optional[float]:
+def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float) -> float | None:
     """First step where the curve is at or below ``target``, linearly interpolated between evaluations."""
-    for i, (s, v) in enumerate(zip(steps, values)):
+    for i, (s, v) in enumerate(zip(steps, values, strict=False)):
         if v <= target:
             if i == 0:
                 return float(s)
@@ -27,7 +34,7 @@ def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float)
     return None
 
 
-def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> Optional[float]:
+def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> float | None:
     """The curve's value at ``step``, linearly interpolated between evaluations; ``None`` outside them."""
     if not steps or step < steps[0] or step > steps[-1]:
         return None
@@ -38,8 +45,9 @@ def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> Opti
     return float(values[0])
 
 
-def speedup_at(ref_steps: Sequence[int], ref: Sequence[float], steps: Sequence[int], values: Sequence[float],
-               step: float) -> dict[str, Optional[float]]:
+def speedup_at(
+    ref_steps: Sequence[int], ref: Sequence[float], steps: Sequence[int], values: Sequence[float], step: float
+) -> dict[str, float | None]:
     """How much sooner a curve reaches the reference curve's value at ``step``.
 
     Returns the target (the reference's FID at ``step``), the first step at which each curve reaches it (the same
@@ -52,12 +60,22 @@ def speedup_at(ref_steps: Sequence[int], ref: Sequence[float], steps: Sequence[i
         return {'target': None, 'reference_steps': None, 'steps': None, 'speedup': None}
     ref_reach = steps_to_reach(ref_steps, ref, target)
     reach = steps_to_reach(steps, values, target)
-    return {'target': target, 'reference_steps': ref_reach, 'steps': reach,
-            'speedup': (ref_reach / reach) if (reach and ref_reach) else None}
+    return {
+        'target': target,
+        'reference_steps': ref_reach,
+        'steps': reach,
+        'speedup': (ref_reach / reach) if (reach and ref_reach) else None,
+    }
 
 
-def paired_speedup(ref_steps: Sequence[int], ref: Sequence[float], steps: Sequence[int], values: Sequence[float],
-                   step: float, budget: float) -> tuple[Optional[float], bool]:
+def paired_speedup(
+    ref_steps: Sequence[int],
+    ref: Sequence[float],
+    steps: Sequence[int],
+    values: Sequence[float],
+    step: float,
+    budget: float,
+) -> tuple[float | None, bool]:
     """:func:`speedup_at`, with a curve that never reaches the target counted as reaching it at ``budget``.
 
     Returns ``(speed-up, reached)``. Counting a miss at the budget's end is conservative: the curve would have got
@@ -72,24 +90,38 @@ def paired_speedup(ref_steps: Sequence[int], ref: Sequence[float], steps: Sequen
     return at['reference_steps'] / at['steps'], True
 
 
-def geomean_ci(ratios: Sequence[float], confidence: float = 0.95, resamples: int = 9999,
-               seed: int = 0) -> tuple[float, float, float]:
+def geomean_ci(
+    ratios: Sequence[float], confidence: float = 0.95, resamples: int = 9999, seed: int = 0
+) -> tuple[float, float, float]:
     """Geometric mean of positive ``ratios`` and a bootstrap interval of it (BCa over the seeds, on the logs).
 
     With one ratio, or all equal, the interval is the point itself. With 5 seeds a percentile bootstrap is known to
     be narrow; BCa corrects part of that, and the interval stays an estimate to read beside the per-seed values.
     """
     from scipy import stats
+
     logs = [math.log(r) for r in ratios]
     mean = sum(logs) / len(logs)
     if len(logs) < 2 or max(logs) - min(logs) < 1e-12:
         return math.exp(mean), math.exp(mean), math.exp(mean)
-    result = stats.bootstrap((logs,), lambda x, axis=-1: x.mean(axis=axis), confidence_level=confidence,
-                             n_resamples=resamples, method='BCa', random_state=seed)
+    result = stats.bootstrap(
+        (logs,),
+        lambda x, axis=-1: x.mean(axis=axis),
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method='BCa',
+        random_state=seed,
+    )
     low, high = result.confidence_interval
     if not (math.isfinite(low) and math.isfinite(high)):  # BCa degenerates on some tiny samples
-        result = stats.bootstrap((logs,), lambda x, axis=-1: x.mean(axis=axis), confidence_level=confidence,
-                                 n_resamples=resamples, method='percentile', random_state=seed)
+        result = stats.bootstrap(
+            (logs,),
+            lambda x, axis=-1: x.mean(axis=axis),
+            confidence_level=confidence,
+            n_resamples=resamples,
+            method='percentile',
+            random_state=seed,
+        )
         low, high = result.confidence_interval
     return math.exp(mean), math.exp(low), math.exp(high)
 
@@ -102,6 +134,7 @@ def min_detectable_speedup(sd_log: float, seeds: int, alpha: float = 0.05, power
     on the log scale, with ``n - 1`` degrees of freedom.
     """
     from scipy import stats
+
     df = seeds - 1
     effect = (stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * sd_log / math.sqrt(seeds)
     return math.exp(effect)
@@ -118,5 +151,5 @@ def log_fid_area(steps: Sequence[int], values: Sequence[float], floor: float = 1
     if len(steps) < 2:
         return math.log(values[0] / floor)
     logs = [math.log(v / floor) for v in values]
-    area = sum((s1 - s0) * (a + b) / 2 for s0, s1, a, b in zip(steps, steps[1:], logs, logs[1:]))
+    area = sum((s1 - s0) * (a + b) / 2 for s0, s1, a, b in zip(steps, steps[1:], logs, logs[1:], strict=False))
     return area / (steps[-1] - steps[0])

@@ -86,23 +86,35 @@ import logging
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from composer.core import Event, State
 from composer.loggers import Logger
+from torch import nn
 
 from composer_algos.algorithms.adaptive_timestep_sampling.functional import time_averaged_distribution
-from composer_algos.algorithms.adaptive_timestep_sampling.policy import (CONCENTRATIONS, NORMALIZATIONS, BetaPolicy,
-                                                                        FrozenSampler, GlobalPolicy, PolicyLearner,
-                                                                        PolicySampler)
-from composer_algos.algorithms.adaptive_timestep_sampling.precision import (PROBE_PRECISIONS, FullPrecisionReplica,
-                                                                           casts_parameters)
+from composer_algos.algorithms.adaptive_timestep_sampling.policy import (
+    CONCENTRATIONS,
+    NORMALIZATIONS,
+    BetaPolicy,
+    FrozenSampler,
+    GlobalPolicy,
+    PolicyLearner,
+    PolicySampler,
+)
+from composer_algos.algorithms.adaptive_timestep_sampling.precision import (
+    PROBE_PRECISIONS,
+    FullPrecisionReplica,
+    casts_parameters,
+)
 from composer_algos.algorithms.adaptive_timestep_sampling.probe import TERMS, Probe, Prober
-from composer_algos.algorithms.adaptive_timestep_sampling.selection import (INITIAL_SELECTIONS, MIN_QUEUE,
-                                                                           TimestepSelection)
+from composer_algos.algorithms.adaptive_timestep_sampling.selection import (
+    INITIAL_SELECTIONS,
+    MIN_QUEUE,
+    TimestepSelection,
+)
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.common import draw_record, objective_of
 from composer_algos.diffusion.utils import device_batch, module_device
@@ -145,22 +157,43 @@ class RewardSetting:
     concentration: str
     initial_concentration: float
     initial_selection: str
-    num_probe_timesteps: Optional[int]
+    num_probe_timesteps: int | None
 
     def __post_init__(self):
-        for name, value, allowed in (('terms', self.terms, TERMS), ('normalize', self.normalize, NORMALIZATIONS),
-                                     ('concentration', self.concentration, CONCENTRATIONS),
-                                     ('initial_selection', self.initial_selection, INITIAL_SELECTIONS)):
+        for name, value, allowed in (
+            ('terms', self.terms, TERMS),
+            ('normalize', self.normalize, NORMALIZATIONS),
+            ('concentration', self.concentration, CONCENTRATIONS),
+            ('initial_selection', self.initial_selection, INITIAL_SELECTIONS),
+        ):
             if value not in allowed:
                 raise ValueError(f'{name} must be one of {allowed}, got {value!r}.')
 
 
-_IMPROVED = dict(normalize='batch', entropy_coef=0.1, uniform_mix=0.1, max_kl=0.01, concentration='natural',
-                 initial_concentration=1.0, initial_selection='spread', num_probe_timesteps=32)
+_IMPROVED = {
+    'normalize': 'batch',
+    'entropy_coef': 0.1,
+    'uniform_mix': 0.1,
+    'max_kl': 0.01,
+    'concentration': 'natural',
+    'initial_concentration': 1.0,
+    'initial_selection': 'spread',
+    'num_probe_timesteps': 32,
+}
 REWARDS = {
-    'paper': RewardSetting(terms='kl', per_timestep_scale=False, in_bits=True, normalize='none', entropy_coef=1e-2,
-                           uniform_mix=0.0, max_kl=0.0, concentration='softplus', initial_concentration=0.97,
-                           initial_selection='first', num_probe_timesteps=None),
+    'paper': RewardSetting(
+        terms='kl',
+        per_timestep_scale=False,
+        in_bits=True,
+        normalize='none',
+        entropy_coef=1e-2,
+        uniform_mix=0.0,
+        max_kl=0.0,
+        concentration='softplus',
+        initial_concentration=0.97,
+        initial_selection='first',
+        num_probe_timesteps=None,
+    ),
     'loss': RewardSetting(terms='loss', per_timestep_scale=False, in_bits=False, **_IMPROVED),
     'normalized': RewardSetting(terms='kl', per_timestep_scale=True, in_bits=False, **_IMPROVED),
 }
@@ -231,53 +264,91 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
     events = (Event.FIT_START, Event.BEFORE_TRAIN_BATCH, Event.AFTER_FORWARD, Event.BATCH_END)
     owns_timestep_sampler = True
 
-    def __init__(self, update_every: int = 40, num_selected: int = 3, queue_size: int = 20,
-                 num_probe_timesteps: Optional[int] = None, reward: str = 'loss', policy: str = 'beta',
-                 width: int = 32, policy_resolution: int = 16, lr: float = 1e-2, grad_clip: float = 1.0,
-                 entropy_coef: Optional[float] = None, seed: int = 0, probe_precision: str = 'tf32',
-                 normalize: Optional[str] = None, uniform_mix: Optional[float] = None, max_kl: Optional[float] = None,
-                 importance_weighted: bool = False, importance_clip: float = 10.0,
-                 frozen_average: Optional[str] = None):
-        for name, value, low in (('update_every', update_every, 1), ('num_selected', num_selected, 1),
-                                 ('queue_size', queue_size, MIN_QUEUE), ('width', width, 1),
-                                 ('policy_resolution', policy_resolution, 1)):
+    def __init__(
+        self,
+        update_every: int = 40,
+        num_selected: int = 3,
+        queue_size: int = 20,
+        num_probe_timesteps: int | None = None,
+        reward: str = 'loss',
+        policy: str = 'beta',
+        width: int = 32,
+        policy_resolution: int = 16,
+        lr: float = 1e-2,
+        grad_clip: float = 1.0,
+        entropy_coef: float | None = None,
+        seed: int = 0,
+        probe_precision: str = 'tf32',
+        normalize: str | None = None,
+        uniform_mix: float | None = None,
+        max_kl: float | None = None,
+        importance_weighted: bool = False,
+        importance_clip: float = 10.0,
+        frozen_average: str | None = None,
+    ):
+        for name, value, low in (
+            ('update_every', update_every, 1),
+            ('num_selected', num_selected, 1),
+            ('queue_size', queue_size, MIN_QUEUE),
+            ('width', width, 1),
+            ('policy_resolution', policy_resolution, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
-        if num_probe_timesteps is not None and (isinstance(num_probe_timesteps, bool) or
-                                                not isinstance(num_probe_timesteps, int) or num_probe_timesteps < 2):
-            raise ValueError(f'num_probe_timesteps must be an integer >= 2 or null (the setting\'s), got '
-                             f'{num_probe_timesteps!r}.')
+        if num_probe_timesteps is not None and (
+            isinstance(num_probe_timesteps, bool) or not isinstance(num_probe_timesteps, int) or num_probe_timesteps < 2
+        ):
+            raise ValueError(
+                f"num_probe_timesteps must be an integer >= 2 or null (the setting's), got {num_probe_timesteps!r}."
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f'seed must be an integer, got {seed!r}.')
-        for name, value, allowed in (('reward', reward, tuple(REWARDS)), ('policy', policy, POLICIES),
-                                     ('probe_precision', probe_precision, PROBE_PRECISIONS),
-                                     ('normalize', normalize, NORMALIZATIONS + (None,))):
+        for name, value, allowed in (
+            ('reward', reward, tuple(REWARDS)),
+            ('policy', policy, POLICIES),
+            ('probe_precision', probe_precision, PROBE_PRECISIONS),
+            ('normalize', normalize, (*NORMALIZATIONS, None)),
+        ):
             if value not in allowed:
                 raise ValueError(f'{name} must be one of {allowed}, got {value!r}.')
         setting = REWARDS[reward]
         num_probe_timesteps = setting.num_probe_timesteps if num_probe_timesteps is None else num_probe_timesteps
         if num_probe_timesteps is not None and num_selected > num_probe_timesteps:
-            raise ValueError(f'num_selected ({num_selected}) must not exceed num_probe_timesteps '
-                             f'({num_probe_timesteps}): S is chosen among the probe timesteps.')
+            raise ValueError(
+                f'num_selected ({num_selected}) must not exceed num_probe_timesteps '
+                f'({num_probe_timesteps}): S is chosen among the probe timesteps.'
+            )
         entropy_coef = setting.entropy_coef if entropy_coef is None else entropy_coef
         uniform_mix = setting.uniform_mix if uniform_mix is None else uniform_mix
         max_kl = setting.max_kl if max_kl is None else max_kl
-        for name, value, low, high in (('lr', lr, 0, None), ('grad_clip', grad_clip, 0, None),
-                                       ('entropy_coef', entropy_coef, None, None), ('max_kl', max_kl, None, None),
-                                       ('uniform_mix', uniform_mix, None, 1.0), ('importance_clip', importance_clip,
-                                                                                 None, None)):
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or value < 0 or (low is not None and value <= low) or (high is not None and value >= high)
-                    or (name == 'importance_clip' and value < 1)):
+        for name, value, low, high in (
+            ('lr', lr, 0, None),
+            ('grad_clip', grad_clip, 0, None),
+            ('entropy_coef', entropy_coef, None, None),
+            ('max_kl', max_kl, None, None),
+            ('uniform_mix', uniform_mix, None, 1.0),
+            ('importance_clip', importance_clip, None, None),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+                or (low is not None and value <= low)
+                or (high is not None and value >= high)
+                or (name == 'importance_clip' and value < 1)
+            ):
                 bound = {'lr': '> 0', 'grad_clip': '> 0', 'uniform_mix': 'in [0, 1)', 'importance_clip': '>= 1'}
                 raise ValueError(f'{name} must be a finite number {bound.get(name, ">= 0")}, got {value!r}.')
         if not isinstance(importance_weighted, bool):
             raise ValueError(f'importance_weighted must be true or false, got {importance_weighted!r}.')
-        self.frozen_distribution: Optional[torch.Tensor] = None
+        self.frozen_distribution: torch.Tensor | None = None
         if frozen_average is not None:
             if importance_weighted:
-                raise ValueError('frozen_average and importance_weighted exclude each other: the frozen average is the '
-                                 'control of the sampler without weights.')
+                raise ValueError(
+                    'frozen_average and importance_weighted exclude each other: the frozen average is the '
+                    'control of the sampler without weights.'
+                )
             self.frozen_distribution = read_time_averaged_distribution(frozen_average)
         self.update_every = update_every
         self.num_selected = num_selected
@@ -301,23 +372,25 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         self.frozen_average = frozen_average
 
         # What it learns, built at Event.INIT for the model's T: the policy with its optimizer, and S with its queue.
-        self.learner: Optional[PolicyLearner] = None
-        self.selection: Optional[TimestepSelection] = None
-        self.sampler: Optional[Any] = None
+        self.learner: PolicyLearner | None = None
+        self.selection: TimestepSelection | None = None
+        self.sampler: Any | None = None
         self.num_timesteps = 0
         self.prober = Prober(seed, setting.terms, setting.in_bits, setting.per_timestep_scale, probe_precision)
         self.num_probes = 0
         self.probe_due = False  # a probe is due and waits for a step with a non-zero learning rate
-        self._probe: Optional[Probe] = None
+        self._probe: Probe | None = None
 
     def __repr__(self) -> str:
-        text = (f'AdaptiveTimestepSampling(update_every={self.update_every}, num_selected={self.num_selected}, '
-                f'queue_size={self.queue_size}, num_probe_timesteps={self.num_probe_timesteps}, '
-                f'reward={self.reward!r}, policy={self.policy_kind!r}, width={self.width}, '
-                f'policy_resolution={self.policy_resolution}, lr={self.lr}, grad_clip={self.grad_clip}, '
-                f'entropy_coef={self.entropy_coef}, seed={self.seed}, probe_precision={self.probe_precision!r}, '
-                f'normalize={self.normalize!r}, uniform_mix={self.uniform_mix}, max_kl={self.max_kl}, '
-                f'importance_weighted={self.importance_weighted}, importance_clip={self.importance_clip}')
+        text = (
+            f'AdaptiveTimestepSampling(update_every={self.update_every}, num_selected={self.num_selected}, '
+            f'queue_size={self.queue_size}, num_probe_timesteps={self.num_probe_timesteps}, '
+            f'reward={self.reward!r}, policy={self.policy_kind!r}, width={self.width}, '
+            f'policy_resolution={self.policy_resolution}, lr={self.lr}, grad_clip={self.grad_clip}, '
+            f'entropy_coef={self.entropy_coef}, seed={self.seed}, probe_precision={self.probe_precision!r}, '
+            f'normalize={self.normalize!r}, uniform_mix={self.uniform_mix}, max_kl={self.max_kl}, '
+            f'importance_weighted={self.importance_weighted}, importance_clip={self.importance_clip}'
+        )
         return text + (f', frozen_average={self.frozen_average!r})' if self.frozen_average else ')')
 
     @property
@@ -330,11 +403,11 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
 
     # What the learner and the selection hold, under the names the checkpoint and the logs use.
     @property
-    def policy(self) -> Optional[nn.Module]:
+    def policy(self) -> nn.Module | None:
         return None if self.learner is None else self.learner.policy
 
     @property
-    def optimizer(self) -> Optional[torch.optim.Adam]:
+    def optimizer(self) -> torch.optim.Adam | None:
         return None if self.learner is None else self.learner.optimizer
 
     @property
@@ -404,9 +477,11 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
             return
         num_probe_timesteps = self.num_probe_timesteps or model.num_timesteps
         if num_probe_timesteps > model.num_timesteps or self.num_selected > num_probe_timesteps:
-            raise ValueError(f'num_probe_timesteps ({num_probe_timesteps}) must not exceed the number of timesteps of '
-                             f'the noise schedule ({model.num_timesteps}), nor fall below num_selected '
-                             f'({self.num_selected}).')
+            raise ValueError(
+                f'num_probe_timesteps ({num_probe_timesteps}) must not exceed the number of timesteps of '
+                f'the noise schedule ({model.num_timesteps}), nor fall below num_selected '
+                f'({self.num_selected}).'
+            )
         # No variational bound on a flow-matching model: every setting probes the training loss there.
         self.prober.terms = 'loss' if objective_of(model) == 'flow_matching' else self.setting.terms
         # Made from the bare denoiser, before FSDP wraps it (see precision.py).
@@ -419,8 +494,10 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
     def _install_frozen(self, model: Any) -> None:
         """The fixed sampler of ``frozen_average`` (a checkpoint's distribution replaces the file's when loaded)."""
         if self.frozen_distribution.numel() != model.num_timesteps:
-            raise ValueError(f'frozen_average {self.frozen_average!r} holds a distribution over '
-                             f'{self.frozen_distribution.numel()} timesteps; the model has {model.num_timesteps}.')
+            raise ValueError(
+                f'frozen_average {self.frozen_average!r} holds a distribution over '
+                f'{self.frozen_distribution.numel()} timesteps; the model has {model.num_timesteps}.'
+            )
         if self.sampler is None or self.num_timesteps != model.num_timesteps:
             self.num_timesteps = int(model.num_timesteps)
             self.sampler = FrozenSampler(self.frozen_distribution)
@@ -433,16 +510,31 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # the same initial policy on every rank
             if self.policy_kind == 'beta':
-                policy = BetaPolicy(self.width, self.policy_resolution, self.setting.concentration,
-                                    self.setting.initial_concentration)
+                policy = BetaPolicy(
+                    self.width, self.policy_resolution, self.setting.concentration, self.setting.initial_concentration
+                )
             else:
                 policy = GlobalPolicy(self.num_timesteps)
-        self.learner = PolicyLearner(policy, self.num_timesteps, self.lr, self.grad_clip, self.normalize,
-                                     self.entropy_coef, self.uniform_mix, self.max_kl)
-        self.sampler = PolicySampler(policy, self.num_timesteps, self.uniform_mix, self.importance_weighted,
-                                     self.importance_clip)
-        self.selection = TimestepSelection(self.num_timesteps, self.num_probe_timesteps or num_timesteps,
-                                           self.num_selected, self.queue_size, self.setting.initial_selection)
+        self.learner = PolicyLearner(
+            policy,
+            self.num_timesteps,
+            self.lr,
+            self.grad_clip,
+            self.normalize,
+            self.entropy_coef,
+            self.uniform_mix,
+            self.max_kl,
+        )
+        self.sampler = PolicySampler(
+            policy, self.num_timesteps, self.uniform_mix, self.importance_weighted, self.importance_clip
+        )
+        self.selection = TimestepSelection(
+            self.num_timesteps,
+            self.num_probe_timesteps or num_timesteps,
+            self.num_selected,
+            self.queue_size,
+            self.setting.initial_selection,
+        )
         self.num_probes = 0
         self.probe_due = False
 
@@ -479,8 +571,10 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         batch_size = probe.x0.shape[0]
         t = torch.cat(probe.t) if probe.t else torch.empty(0, dtype=torch.long)
         if t.numel() != batch_size:
-            raise RuntimeError(f'AdaptiveTimestepSampling collected {t.numel()} drawn timesteps for a batch of '
-                               f'{batch_size}; the forward outputs must hold one t per sample.')
+            raise RuntimeError(
+                f'AdaptiveTimestepSampling collected {t.numel()} drawn timesteps for a batch of '
+                f'{batch_size}; the forward outputs must hold one t per sample.'
+            )
         with torch.enable_grad():
             metrics = self.update_policy(probe.x0, t, self.rewards(changes), probe.prior, _loss_is_finite(state.loss))
         self.num_probes += 1
@@ -495,13 +589,19 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         return self.prober.rewards(changes)
 
     # -------------------------------------------------------------------------------------------- REINFORCE
-    def log_probs(self, x0: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def log_probs(self, x0: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T)`` log-probabilities of the distribution t is drawn from (the policy tilted by ``prior``), with
         grad."""
         return self.learner.log_probs(x0, prior)
 
-    def update_policy(self, x0: torch.Tensor, t: torch.Tensor, reward: torch.Tensor,
-                      prior: Optional[torch.Tensor] = None, loss_finite: bool = True) -> dict[str, float]:
+    def update_policy(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        reward: torch.Tensor,
+        prior: torch.Tensor | None = None,
+        loss_finite: bool = True,
+    ) -> dict[str, float]:
         """One REINFORCE step on the policy from this rank's ``(x0, t, reward)`` (collective across ranks; see
         :meth:`PolicyLearner.update`). Returns the metrics to log."""
         return self.learner.update(x0, t, reward, prior, loss_finite, self.num_probes)
@@ -549,20 +649,22 @@ def read_time_averaged_distribution(path: str) -> torch.Tensor:
     as the ``timestep_heatmap`` callback writes them), each row weighted by the training steps it covers
     (:func:`~.functional.time_averaged_distribution`)."""
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        raise ValueError(f'frozen_average must be the path of a timestep_heatmap.npz (written by the timestep_heatmap '
-                         f'callback of an adaptive run), got {path!r}: no such file.')
+        raise ValueError(
+            f'frozen_average must be the path of a timestep_heatmap.npz (written by the timestep_heatmap '
+            f'callback of an adaptive run), got {path!r}: no such file.'
+        )
     with np.load(path) as record:
         if 'steps' not in record or 'probs' not in record:
-            raise ValueError(f'frozen_average {path!r} holds {sorted(record)}, not the steps and probs rows of a '
-                             'timestep heatmap.')
+            raise ValueError(
+                f'frozen_average {path!r} holds {sorted(record)}, not the steps and probs rows of a timestep heatmap.'
+            )
         steps, probs = torch.as_tensor(record['steps']), torch.as_tensor(record['probs'])
     return time_averaged_distribution(steps, probs)
 
 
 def _learning_rate(state: State) -> float:
     """The largest learning rate the optimizers will use in this step."""
-    return max((float(group['lr']) for optimizer in state.optimizers for group in optimizer.param_groups),
-               default=1.0)
+    return max((float(group['lr']) for optimizer in state.optimizers for group in optimizer.param_groups), default=1.0)
 
 
 def _loss_is_finite(loss: Any) -> bool:

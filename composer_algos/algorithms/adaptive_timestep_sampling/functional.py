@@ -1,15 +1,26 @@
-"""The adaptive sampler's math on plain tensors: the discretised Beta, the F-test, the probe grid, rewards, REINFORCE."""
+"""The adaptive sampler's math on tensors: the discretised Beta, the F-test, the probe grid, rewards, REINFORCE."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
-__all__ = ['beta_grid_log_probs', 'clipped_importance_weights', 'f_regression_scores', 'grid_timesteps',
-           'grid_weights', 'kl_divergence', 'mix_with_uniform', 'nats_to_bits', 'reinforce_loss', 'select_timesteps',
-           'standardised', 'sum_of_changes', 'time_averaged_distribution']
+__all__ = [
+    'beta_grid_log_probs',
+    'clipped_importance_weights',
+    'f_regression_scores',
+    'grid_timesteps',
+    'grid_weights',
+    'kl_divergence',
+    'mix_with_uniform',
+    'nats_to_bits',
+    'reinforce_loss',
+    'select_timesteps',
+    'standardised',
+    'sum_of_changes',
+    'time_averaged_distribution',
+]
 
 
 def beta_grid_log_probs(alpha: torch.Tensor, beta: torch.Tensor, num_timesteps: int) -> torch.Tensor:
@@ -38,8 +49,9 @@ def f_regression_scores(features: torch.Tensor, target: torch.Tensor) -> torch.T
     x = features.double() - features.double().mean(0)
     y = target.double() - target.double().mean()
     denom = x.norm(dim=0) * y.norm()
-    r = torch.where(denom > 0, (x * y[:, None]).sum(0) / denom.clamp(min=torch.finfo(torch.float64).tiny),
-                    torch.zeros_like(denom))
+    r = torch.where(
+        denom > 0, (x * y[:, None]).sum(0) / denom.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(denom)
+    )
     r2 = r * r
     dof = features.shape[0] - 2
     scores = r2 / (1.0 - r2).clamp(min=0) * dof
@@ -61,8 +73,8 @@ def grid_weights(grid: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     """How many of the T timesteps each grid point stands for: the timesteps nearer to it than to its neighbours.
 
     The weighted sum of per-grid-point values estimates their sum over all T timesteps: exactly for a constant, within
-    0.1% for a linear ramp over T = 1000 with 32 points; the weights sum to T. An unweighted sum would count t = 0, one timestep, as much as an
-    interior point that stands for T / (K - 1).
+    0.1% for a linear ramp over T = 1000 with 32 points; the weights sum to T. An unweighted sum would count t = 0,
+    one timestep, as much as an interior point that stands for T / (K - 1).
 
     Example:
         >>> grid_weights(torch.tensor([0, 4, 9]), 10)
@@ -75,8 +87,7 @@ def grid_weights(grid: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     return counts[1:] - counts[:-1]
 
 
-def sum_of_changes(changes: torch.Tensor, per_timestep_scale: bool, scale: Optional[torch.Tensor] = None
-                   ) -> torch.Tensor:
+def sum_of_changes(changes: torch.Tensor, per_timestep_scale: bool, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample reward from ``(|S|, B)`` changes (before minus after) at the selected timesteps.
 
     Without ``per_timestep_scale`` the changes are summed (the paper). With it, each timestep's changes are first
@@ -95,8 +106,13 @@ def standardised(reward: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (reward - mean) / std if std > 0 else torch.zeros_like(reward)
 
 
-def reinforce_loss(sample_log_probs: torch.Tensor, t: torch.Tensor, advantage: torch.Tensor, entropy_coef: float,
-                   policy_log_probs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce_loss(
+    sample_log_probs: torch.Tensor,
+    t: torch.Tensor,
+    advantage: torch.Tensor,
+    entropy_coef: float,
+    policy_log_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE with the entropy bonus in the reward, as the paper's code computes it on a continuous Beta.
 
     ``loss = -mean_n[ log(T p(t_n | x_n)) * (A_n + entropy_coef * (H(pi_n) - ln T)) ]``, with ``A_n`` a constant
@@ -183,8 +199,9 @@ def time_averaged_distribution(steps: torch.Tensor, probs: torch.Tensor) -> torc
     steps = torch.as_tensor(steps).double().flatten()
     probs = torch.as_tensor(probs).double()
     if probs.dim() != 2 or probs.shape[0] != steps.numel() or probs.shape[0] == 0:
-        raise ValueError(f'Expected one distribution row per step, got steps {tuple(steps.shape)} and probs '
-                         f'{tuple(probs.shape)}.')
+        raise ValueError(
+            f'Expected one distribution row per step, got steps {tuple(steps.shape)} and probs {tuple(probs.shape)}.'
+        )
     if bool((steps[1:] <= steps[:-1]).any()) or float(steps[0]) < 0:
         raise ValueError('The steps of the records must be non-negative and increasing.')
     edges = torch.cat([steps.new_zeros(1), (steps[1:] + steps[:-1]) / 2, steps[-1:]])

@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from composer_algos.algorithms.adaptive_timestep_sampling.functional import (beta_grid_log_probs,
-                                                                            clipped_importance_weights, kl_divergence,
-                                                                            mix_with_uniform, reinforce_loss,
-                                                                            standardised)
+from composer_algos.algorithms.adaptive_timestep_sampling.functional import (
+    beta_grid_log_probs,
+    clipped_importance_weights,
+    kl_divergence,
+    mix_with_uniform,
+    reinforce_loss,
+    standardised,
+)
 from composer_algos.diffusion.timestep_samplers import FixedDistributionSampler, TimestepSampler, tilt_log_probs
 from composer_algos.diffusion.utils import module_device
 from composer_algos.distributed import all_reduce, rank_world
 
-__all__ = ['CONCENTRATIONS', 'NORMALIZATIONS', 'BetaPolicy', 'FrozenSampler', 'GlobalPolicy', 'PolicyLearner',
-           'PolicySampler']
+__all__ = [
+    'CONCENTRATIONS',
+    'NORMALIZATIONS',
+    'BetaPolicy',
+    'FrozenSampler',
+    'GlobalPolicy',
+    'PolicyLearner',
+    'PolicySampler',
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +65,14 @@ class BetaPolicy(nn.Module):
         floor: the softplus floor.
     """
 
-    def __init__(self, width: int = 32, resolution: int = 16, concentration: str = 'natural',
-                 initial_concentration: float = 1.0, floor: float = 1e-5):
+    def __init__(
+        self,
+        width: int = 32,
+        resolution: int = 16,
+        concentration: str = 'natural',
+        initial_concentration: float = 1.0,
+        floor: float = 1e-5,
+    ):
         super().__init__()
         if concentration not in CONCENTRATIONS:
             raise ValueError(f'concentration must be one of {CONCENTRATIONS}, got {concentration!r}.')
@@ -65,15 +82,22 @@ class BetaPolicy(nn.Module):
         self.concentration = concentration
         self.floor = float(floor)
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten())
+            nn.Conv2d(1, width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
         self.head = nn.Sequential(nn.Linear(8 * width, width), nn.SiLU(), nn.Linear(width, 2))
         out = self.head[-1]
         # Small (not zero) weights: the policy starts within ~1e-3 of its initial Beta and every layer gets a gradient.
         nn.init.normal_(out.weight, std=1e-3)
-        bias = (_softplus_inverse(initial_concentration - self.floor) if concentration == 'softplus' else
-                initial_concentration - 1.0)
+        bias = (
+            _softplus_inverse(initial_concentration - self.floor)
+            if concentration == 'softplus'
+            else initial_concentration - 1.0
+        )
         nn.init.constant_(out.bias, bias)
 
     def forward(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,15 +144,21 @@ class PolicySampler(TimestepSampler):
         importance_clip: the largest weight before the normalisation.
     """
 
-    def __init__(self, policy: nn.Module, num_timesteps: int, uniform_mix: float = 0.0, importance: bool = False,
-                 importance_clip: float = 10.0):
+    def __init__(
+        self,
+        policy: nn.Module,
+        num_timesteps: int,
+        uniform_mix: float = 0.0,
+        importance: bool = False,
+        importance_clip: float = 10.0,
+    ):
         super().__init__(num_timesteps)
         self.policy = policy
         self.uniform_mix = float(uniform_mix)
         self.importance = bool(importance)
         self.importance_clip = float(importance_clip)
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         if x0 is None:
             raise ValueError('The adaptive timestep sampler gives per-sample probabilities; pass the batch (x0).')
         device = module_device(self.policy)
@@ -143,8 +173,10 @@ class PolicySampler(TimestepSampler):
         return clipped_importance_weights(ratios, self.importance_clip)
 
     def __repr__(self) -> str:
-        return (f'PolicySampler(policy={type(self.policy).__name__}, num_timesteps={self.num_timesteps}, '
-                f'uniform_mix={self.uniform_mix}, importance={self.importance})')
+        return (
+            f'PolicySampler(policy={type(self.policy).__name__}, num_timesteps={self.num_timesteps}, '
+            f'uniform_mix={self.uniform_mix}, importance={self.importance})'
+        )
 
 
 class FrozenSampler(TimestepSampler):
@@ -157,7 +189,7 @@ class FrozenSampler(TimestepSampler):
     def load(self, distribution: torch.Tensor) -> None:
         self.fixed = FixedDistributionSampler(distribution)
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         return self.fixed.probs(x0)
 
 
@@ -186,8 +218,17 @@ class PolicyLearner:
     RUNNING_DECAY = 0.9
     MAX_HALVINGS = 10
 
-    def __init__(self, policy: nn.Module, num_timesteps: int, lr: float, grad_clip: float, normalize: str,
-                 entropy_coef: float, uniform_mix: float = 0.0, max_kl: float = 0.0):
+    def __init__(
+        self,
+        policy: nn.Module,
+        num_timesteps: int,
+        lr: float,
+        grad_clip: float,
+        normalize: str,
+        entropy_coef: float,
+        uniform_mix: float = 0.0,
+        max_kl: float = 0.0,
+    ):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f'normalize must be one of {NORMALIZATIONS}, got {normalize!r}.')
         self.policy = policy
@@ -213,7 +254,7 @@ class PolicyLearner:
                 if torch.is_tensor(value) and key != 'step':
                     param_state[key] = value.to(device)
 
-    def log_probs(self, x0: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def log_probs(self, x0: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T)`` log-probabilities of the distribution t is drawn from (the policy mixed with uniform and tilted
         by ``prior``), with grad."""
         policy_log_probs = self.policy.log_probs(x0.to(module_device(self.policy)), self.num_timesteps)
@@ -227,15 +268,23 @@ class PolicyLearner:
         if self.normalize == 'running':
             decay = self.RUNNING_DECAY
             self.reward_moments = decay * self.reward_moments + (1 - decay) * self.reward_moments.new_tensor(
-                [1.0, mean, second_moment])
+                [1.0, mean, second_moment]
+            )
             # The first entry is the weight the average has accumulated, 1 - decay^k: dividing by it corrects the
             # average's bias towards its zero start, as Adam does.
             mean, second_moment = (self.reward_moments[1:] / self.reward_moments[0]).tolist()
         std = math.sqrt(max(second_moment - mean * mean, 0.0))
         return standardised(reward, mean, std)
 
-    def update(self, x0: torch.Tensor, t: torch.Tensor, reward: torch.Tensor, prior: Optional[torch.Tensor] = None,
-               loss_finite: bool = True, number: int = 0) -> dict[str, float]:
+    def update(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        reward: torch.Tensor,
+        prior: torch.Tensor | None = None,
+        loss_finite: bool = True,
+        number: int = 0,
+    ) -> dict[str, float]:
         """One REINFORCE step on the policy from this rank's ``(x0, t, reward)`` (collective across ranks).
 
         A non-finite loss, reward or averaged gradient on any rank skips the step on every rank (probe ``number`` is
@@ -246,8 +295,11 @@ class PolicyLearner:
         finite = torch.isfinite(reward)
         clean = torch.where(finite, reward, torch.zeros_like(reward))
         bad = float(not (loss_finite and bool(finite.all())))
-        stats = all_reduce(torch.stack([clean.sum(), (clean * clean).sum(), clean.new_tensor(float(clean.numel())),
-                                        clean.new_tensor(bad)]))
+        stats = all_reduce(
+            torch.stack(
+                [clean.sum(), (clean * clean).sum(), clean.new_tensor(float(clean.numel())), clean.new_tensor(bad)]
+            )
+        )
         ok = float(stats[3]) == 0
         count = max(float(stats[2]), 1.0)
         mean = float(stats[0]) / count
@@ -262,14 +314,16 @@ class PolicyLearner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.policy.parameters())
-        flat = all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                                     for p in params])) / rank_world()[1]
+        flat = (
+            all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]))
+            / rank_world()[1]
+        )
         ok = ok and bool(torch.isfinite(flat).all())
         step_kl = 0.0
         if ok:
             offset = 0
             for p in params:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
             before = [p.detach().clone() for p in params] if self.max_kl > 0 else None
@@ -279,8 +333,11 @@ class PolicyLearner:
             self.num_updates += 1
         else:
             self.num_skipped += 1
-            log.warning('AdaptiveTimestepSampling: non-finite loss, reward or policy gradient at probe %d; the policy '
-                        'update was skipped (policy and optimizer unchanged).', number)
+            log.warning(
+                'AdaptiveTimestepSampling: non-finite loss, reward or policy gradient at probe %d; the policy '
+                'update was skipped (policy and optimizer unchanged).',
+                number,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             marginal = sample_log_probs.exp().mean(0)
@@ -300,8 +357,9 @@ class PolicyLearner:
             return metrics
 
     @torch.no_grad()
-    def _stay_within_trust_region(self, x0: torch.Tensor, old_log_probs: torch.Tensor,
-                                  before: list[torch.Tensor]) -> float:
+    def _stay_within_trust_region(
+        self, x0: torch.Tensor, old_log_probs: torch.Tensor, before: list[torch.Tensor]
+    ) -> float:
         """Shrink the step just taken until the mean KL over the global batch is within ``max_kl``; return it."""
         params = list(self.policy.parameters())
         after = [p.detach().clone() for p in params]
@@ -314,16 +372,20 @@ class PolicyLearner:
             if mean_kl <= self.max_kl:
                 return mean_kl
             scale /= 2
-            for p, b, a in zip(params, before, after):
+            for p, b, a in zip(params, before, after, strict=True):
                 p.copy_(b + scale * (a - b))
-        for p, b in zip(params, before):
+        for p, b in zip(params, before, strict=True):
             p.copy_(b)
         return 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {'policy': _to_cpu(self.policy.state_dict()), 'optimizer': _to_cpu(self.optimizer.state_dict()),
-                'num_updates': self.num_updates, 'num_skipped': self.num_skipped,
-                'reward_moments': self.reward_moments.clone()}
+        return {
+            'policy': _to_cpu(self.policy.state_dict()),
+            'optimizer': _to_cpu(self.optimizer.state_dict()),
+            'num_updates': self.num_updates,
+            'num_skipped': self.num_skipped,
+            'reward_moments': self.reward_moments.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load in place: the sampler installed in the model keeps using the same policy object."""

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 __all__ = ['PROBE_PRECISIONS', 'FullPrecisionReplica', 'casts_parameters', 'probe_math']
 
@@ -30,6 +31,7 @@ def casts_parameters(state: Any) -> bool:
     if fsdp is None:
         return False
     from composer.distributed.mosaic_parallelism import get_mixed_precision
+
     _, param_dtype, _, _ = get_mixed_precision(state.precision, getattr(fsdp, 'mixed_precision', 'DEFAULT'))
     return param_dtype in _LOW_PRECISION
 
@@ -56,6 +58,7 @@ class FullPrecisionReplica:
     def refresh(self, live: nn.Module) -> nn.Module:
         """Copy ``live``'s current weights (full tensors of every shard) into the replica; return the replica."""
         from torch.distributed.tensor import DTensor
+
         own = dict(self.module.named_parameters())
         own.update(self.module.named_buffers())
         for name, tensor in [*live.named_parameters(), *live.named_buffers()]:

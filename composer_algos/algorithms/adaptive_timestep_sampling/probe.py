@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -38,7 +38,7 @@ class Probe:
     grid_before: torch.Tensor = None  # the probe image's terms at this rank's grid share
     seconds: float = 0.0
     t: list[torch.Tensor] = dataclasses.field(default_factory=list)  # the timesteps drawn, per micro-batch
-    prior: Optional[torch.Tensor] = None  # the curriculum prior t was drawn under (from the model's draw record)
+    prior: torch.Tensor | None = None  # the curriculum prior t was drawn under (from the model's draw record)
 
 
 class Prober:
@@ -68,36 +68,54 @@ class Prober:
         self.in_bits = in_bits
         self.per_timestep_scale = per_timestep_scale
         self.probe_precision = probe_precision
-        self.replica: Optional[FullPrecisionReplica] = None
+        self.replica: FullPrecisionReplica | None = None
 
-    def before(self, model: Any, x0: torch.Tensor, conditioning: dict[str, torch.Tensor], tau: torch.Tensor,
-               selection: TimestepSelection, number: int, step: int) -> Probe:
+    def before(
+        self,
+        model: Any,
+        x0: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        tau: torch.Tensor,
+        selection: TimestepSelection,
+        number: int,
+        step: int,
+    ) -> Probe:
         """The first pass of probe ``number`` (before the optimizer step of ``step``) on this rank's batch ``x0``."""
         _, world_size = rank_world()
         batch_size = x0.shape[0]
         # The feature probe: one image of the global batch, chosen by the probe's key; its owner broadcasts it and
         # every rank takes its share of the grid.
         index, owner = divmod(derive_seed(self.seed, _IMAGE_STREAM, number) % (batch_size * world_size), world_size)
-        image = broadcast(x0[index:index + 1].clone(), src=owner)
-        image_cond = {k: broadcast(v[index:index + 1].clone(), src=owner) for k, v in conditioning.items()}
+        image = broadcast(x0[index : index + 1].clone(), src=owner)
+        image_cond = {k: broadcast(v[index : index + 1].clone(), src=owner) for k, v in conditioning.items()}
         grid_index, num_real = selection.grid_share()
         grid = selection.probe_timesteps[grid_index].to(x0.device)
         num_selected = len(tau)
 
         def stack(batch_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
             # |S| copies of the batch (tau-major), then the grid's copies of the probe image.
-            return torch.cat([batch_part.repeat((num_selected,) + (1,) * (batch_part.dim() - 1)),
-                              image_part.expand(len(grid), *image_part.shape[1:])])
+            return torch.cat(
+                [
+                    batch_part.repeat((num_selected,) + (1,) * (batch_part.dim() - 1)),
+                    image_part.expand(len(grid), *image_part.shape[1:]),
+                ]
+            )
 
         # Noise keyed by (probe, tau, position in the global batch) and (probe, grid timestep): the pass after the
         # step draws the same numbers (common random numbers) on any number of ranks, and nothing is stored.
         positions = global_positions(batch_size)
         noise_keys = [(_BATCH_STREAM, number, i, p) for i in range(num_selected) for p in positions]
         noise_keys += [(_GRID_STREAM, number, int(g)) for g in grid_index]
-        probe = Probe(step=step, x0=x0, tau=tau, inputs=stack(x0, image),
-                      timesteps=torch.cat([tau.repeat_interleave(batch_size), grid]),
-                      conditioning={k: stack(v, image_cond[k]) for k, v in conditioning.items()},
-                      noise_keys=noise_keys, num_real=num_real)
+        probe = Probe(
+            step=step,
+            x0=x0,
+            tau=tau,
+            inputs=stack(x0, image),
+            timesteps=torch.cat([tau.repeat_interleave(batch_size), grid]),
+            conditioning={k: stack(v, image_cond[k]) for k, v in conditioning.items()},
+            noise_keys=noise_keys,
+            num_real=num_real,
+        )
         probe.before, probe.grid_before = self.run(model, probe)
         return probe
 
@@ -105,7 +123,7 @@ class Prober:
         """The second pass: the ``(|S|, B)`` changes (before minus after) of the batch's terms and those of the
         probe image at this rank's real grid entries."""
         after, grid_after = self.run(model, probe)
-        return probe.before - after, (probe.grid_before - grid_after)[:probe.num_real]
+        return probe.before - after, (probe.grid_before - grid_after)[: probe.num_real]
 
     def run(self, model: Any, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
         """Every term of a probe in one batched denoiser forward, eval mode, with the probe's keyed noise.
@@ -118,11 +136,11 @@ class Prober:
         denoiser = self.replica.refresh(model.denoiser) if self.replica is not None else None
         with eval_mode(model), probe_math(x.device, self.probe_precision):
             if self.terms == 'kl':
-                terms = model.vlb_terms(x, probe.timesteps, noise, probe.conditioning, denoiser=denoiser,
-                                        decoder_nll=False, clip=False).double()
+                terms = model.vlb_terms(
+                    x, probe.timesteps, noise, probe.conditioning, denoiser=denoiser, decoder_nll=False, clip=False
+                ).double()
             else:
-                terms = model.training_losses(x, probe.timesteps, noise, probe.conditioning,
-                                              denoiser=denoiser).double()
+                terms = model.training_losses(x, probe.timesteps, noise, probe.conditioning, denoiser=denoiser).double()
         if self.in_bits and self.terms == 'kl':
             terms = nats_to_bits(terms)
         num_batch_terms = len(probe.tau) * probe.x0.shape[0]

@@ -1,4 +1,4 @@
-"""The adaptive sampler's choice of S (arXiv 2411.09998): a FIFO queue of probe-image changes and a univariate F-test."""
+"""The adaptive sampler's choice of S (arXiv 2411.09998): a FIFO queue of probe-image changes, a univariate F-test."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from typing import Any
 
 import torch
 
-from composer_algos.algorithms.adaptive_timestep_sampling.functional import (grid_timesteps, grid_weights,
-                                                                            select_timesteps)
+from composer_algos.algorithms.adaptive_timestep_sampling.functional import (
+    grid_timesteps,
+    grid_weights,
+    select_timesteps,
+)
 from composer_algos.distributed import all_gather_variable, rank_world
 
 __all__ = ['INITIAL_SELECTIONS', 'MIN_QUEUE', 'TimestepSelection']
@@ -38,8 +41,7 @@ class TimestepSelection:
         initial: ``'first'`` or ``'spread'`` (:data:`INITIAL_SELECTIONS`).
     """
 
-    def __init__(self, num_timesteps: int, num_probe_timesteps: int, num_selected: int, queue_size: int,
-                 initial: str):
+    def __init__(self, num_timesteps: int, num_probe_timesteps: int, num_selected: int, queue_size: int, initial: str):
         if initial not in INITIAL_SELECTIONS:
             raise ValueError(f'initial must be one of {INITIAL_SELECTIONS}, got {initial!r}.')
         self.num_timesteps = int(num_timesteps)
@@ -72,9 +74,9 @@ class TimestepSelection:
         if not bool(torch.isfinite(row).all()):
             log.warning('AdaptiveTimestepSampling: non-finite change in the feature probe; the queue is unchanged.')
             return
-        self.queue_x = torch.cat([self.queue_x, row[None]])[-self.queue_size:]
+        self.queue_x = torch.cat([self.queue_x, row[None]])[-self.queue_size :]
         total = (row * self.probe_weights).sum()  # estimates the change summed over all T timesteps
-        self.queue_y = torch.cat([self.queue_y, total[None]])[-self.queue_size:]
+        self.queue_y = torch.cat([self.queue_y, total[None]])[-self.queue_size :]
 
     def reselect(self) -> None:
         """Re-choose ``S`` by the F-test once the queue holds enough probes."""
@@ -86,14 +88,18 @@ class TimestepSelection:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state['queue_x'].shape[1:] != (self.num_probe_timesteps,):
-            raise ValueError(f'The checkpoint was written with num_probe_timesteps={state["queue_x"].shape[1]}; this '
-                             f'run has num_probe_timesteps={self.num_probe_timesteps}.')
+            raise ValueError(
+                f'The checkpoint was written with num_probe_timesteps={state["queue_x"].shape[1]}; this '
+                f'run has num_probe_timesteps={self.num_probe_timesteps}.'
+            )
         if state['selected'].numel() != self.num_selected:
-            raise ValueError(f'The checkpoint was written with num_selected={state["selected"].numel()}; this run has '
-                             f'num_selected={self.num_selected}.')
+            raise ValueError(
+                f'The checkpoint was written with num_selected={state["selected"].numel()}; this run has '
+                f'num_selected={self.num_selected}.'
+            )
         self.selected = state['selected'].clone().long()
-        self.queue_x = state['queue_x'].clone()[-self.queue_size:]
-        self.queue_y = state['queue_y'].clone()[-self.queue_size:]
+        self.queue_x = state['queue_x'].clone()[-self.queue_size :]
+        self.queue_y = state['queue_y'].clone()[-self.queue_size :]
 
 
 def _evenly_spaced(n: int, k: int) -> torch.Tensor:

@@ -51,8 +51,9 @@ def difficulty_coordinate(alphas_cumprod: torch.Tensor, coordinate: str = 'noise
     raise ValueError(f'coordinate must be one of {COORDINATES}, got {coordinate!r}.')
 
 
-def clts_probs(alphas_cumprod: torch.Tensor, lam: float, mu: float = 0.3, sigma: float = 0.2,
-               coordinate: str = 'noise_rate') -> torch.Tensor:
+def clts_probs(
+    alphas_cumprod: torch.Tensor, lam: float, mu: float = 0.3, sigma: float = 0.2, coordinate: str = 'noise_rate'
+) -> torch.Tensor:
     """The curriculum distribution ``(1 - lam) U + lam G`` over T timesteps, float64, summing to 1.
 
     Example:
@@ -68,7 +69,7 @@ def clts_probs_on(u: torch.Tensor, lam: float, mu: float = 0.3, sigma: float = 0
     """The curriculum distribution over the cells whose difficulty coordinates are ``u`` (float64, summing to 1)."""
     _validate(lam, mu, sigma)
     u = u.to(torch.float64)
-    gaussian = torch.softmax(-0.5 * ((u - mu) / sigma)**2, dim=0)
+    gaussian = torch.softmax(-0.5 * ((u - mu) / sigma) ** 2, dim=0)
     probs = (1.0 - lam) / u.numel() + lam * gaussian
     return probs / probs.sum()
 
@@ -100,14 +101,21 @@ class CurriculumTimestepSchedule(DiffusionAlgorithm):
     Example:
         >>> CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, ramp_end='0.5dur')
         CurriculumTimestepSchedule(mu=0.3, sigma=0.2, lam_max=0.5, coordinate='noise_rate', ramp_start='0.0dur', ramp_end='0.5dur')
-    """
+    """  # noqa: E501 -- a doctest's expected repr is one line
 
     needs = ('add_timestep_prior', 'noise_schedule')
     events = (Event.BATCH_START,)
     adds_timestep_prior = True
 
-    def __init__(self, mu: float = 0.3, sigma: float = 0.2, lam_max: float = 0.5, coordinate: str = 'noise_rate',
-                 ramp_start: str = '0.0dur', ramp_end: str = '0.5dur'):
+    def __init__(
+        self,
+        mu: float = 0.3,
+        sigma: float = 0.2,
+        lam_max: float = 0.5,
+        coordinate: str = 'noise_rate',
+        ramp_start: str = '0.0dur',
+        ramp_end: str = '0.5dur',
+    ):
         _validate(lam_max, mu, sigma)
         if coordinate not in COORDINATES:
             raise ValueError(f'coordinate must be one of {COORDINATES}, got {coordinate!r}.')
@@ -134,11 +142,13 @@ class CurriculumTimestepSchedule(DiffusionAlgorithm):
         self.lam = self.lam_max * span_fraction(state, self._start, self._end)
         probs = self.probs()
         t = torch.arange(probs.numel(), dtype=torch.float64)
-        logger.log_metrics({
-            'clts/lambda': self.lam,
-            'clts/mean_t': float((probs * t).sum()),
-            'clts/entropy': float(-(probs * probs.clamp(min=1e-300).log()).sum()),
-        })
+        logger.log_metrics(
+            {
+                'clts/lambda': self.lam,
+                'clts/mean_t': float((probs * t).sum()),
+                'clts/entropy': float(-(probs * probs.clamp(min=1e-300).log()).sum()),
+            }
+        )
 
     def probs(self) -> torch.Tensor:
         """The current ``p_k`` over the model's T timesteps (cached per value of ``lam``)."""

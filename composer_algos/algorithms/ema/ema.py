@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from composer.algorithms import EMA
@@ -39,33 +39,43 @@ class WarmupEMA(EMA):
         >>> ema = WarmupEMA(half_life='50ba')
     """
 
-    def __init__(self, half_life: Optional[str] = '1000ba', smoothing: Optional[float] = None,
-                 ema_start: str = '0.0dur', update_interval: Optional[str] = None, warmup: bool = True):
-        super().__init__(half_life=half_life, smoothing=smoothing, ema_start=ema_start,
-                         update_interval=update_interval)
+    def __init__(
+        self,
+        half_life: str | None = '1000ba',
+        smoothing: float | None = None,
+        ema_start: str = '0.0dur',
+        update_interval: str | None = None,
+        warmup: bool = True,
+    ):
+        super().__init__(half_life=half_life, smoothing=smoothing, ema_start=ema_start, update_interval=update_interval)
         self.warmup = warmup
         self.target_smoothing = float(self.smoothing)
         self.num_updates = 0
-        self.serialized_attributes = self.serialized_attributes + ['num_updates']
-        self._pending_full: Optional[dict[str, dict[str, torch.Tensor]]] = None
-        self._pairs: Optional[dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]]] = None
+        self.serialized_attributes = [*self.serialized_attributes, 'num_updates']
+        self._pending_full: dict[str, dict[str, torch.Tensor]] | None = None
+        self._pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
     def __repr__(self) -> str:
-        return (f'WarmupEMA(half_life={self.half_life!r}, smoothing={self.target_smoothing:.6f}, '
-                f'ema_start={str(self.ema_start)!r}, warmup={self.warmup})')
+        return (
+            f'WarmupEMA(half_life={self.half_life!r}, smoothing={self.target_smoothing:.6f}, '
+            f'ema_start={str(self.ema_start)!r}, warmup={self.warmup})'
+        )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event in (Event.FIT_START, Event.PREDICT_START):
             super().apply(event, state, logger)
             # Freshly made (full copies of the bare model at INIT) or loaded (full tensors): shard like the model.
             if self._pending_full is None:
-                self._pending_full = {kind: dict(getattr(self.ema_model, kind))
-                                      for kind in ('named_parameters_dict', 'named_buffers_dict')}
+                self._pending_full = {
+                    kind: dict(getattr(self.ema_model, kind))
+                    for kind in ('named_parameters_dict', 'named_buffers_dict')
+                }
             self._shard_like_model(state.model)
             return
         if event in (Event.BATCH_END, Event.EPOCH_END):
-            self.smoothing = (warmup_smoothing(self.target_smoothing, self.num_updates)
-                              if self.warmup else self.target_smoothing)
+            self.smoothing = (
+                warmup_smoothing(self.target_smoothing, self.num_updates) if self.warmup else self.target_smoothing
+            )
             self.num_updates += 1
             logger.log_metrics({'ema/smoothing': self.smoothing})
             self._update(state.model)
@@ -89,24 +99,30 @@ class WarmupEMA(EMA):
         state = super().state_dict()
         ema = state.get('ema_model')
         if ema is not None:
-            state['ema_model'] = {kind: {name: _full(t) for name, t in ema[kind].items()}
-                                  for kind in ('named_parameters_dict', 'named_buffers_dict')}
+            state['ema_model'] = {
+                kind: {name: _full(t) for name, t in ema[kind].items()}
+                for kind in ('named_parameters_dict', 'named_buffers_dict')
+            }
         return state
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = False) -> None:
         super().load_state_dict(state, strict)
         self.smoothing = self.target_smoothing
         # The live model may be sharded by now; the tensors are placed like its parameters at FIT_START.
-        self._pending_full = {kind: dict(getattr(self.ema_model, kind))
-                              for kind in ('named_parameters_dict', 'named_buffers_dict')}
+        self._pending_full = {
+            kind: dict(getattr(self.ema_model, kind)) for kind in ('named_parameters_dict', 'named_buffers_dict')
+        }
 
     def _shard_like_model(self, model: torch.nn.Module) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
+
         pending, self._pending_full = self._pending_full, None
         self._pairs = None
         assert pending is not None and self.ema_model is not None
-        for kind, live in (('named_parameters_dict', dict(model.named_parameters())),
-                           ('named_buffers_dict', dict(model.named_buffers()))):
+        for kind, live in (
+            ('named_parameters_dict', dict(model.named_parameters())),
+            ('named_buffers_dict', dict(model.named_buffers())),
+        ):
             target = getattr(self.ema_model, kind)
             for name, full in pending[kind].items():
                 ref = live.get(name)
@@ -118,11 +134,13 @@ class WarmupEMA(EMA):
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
+
     return tensor.full_tensor().detach().cpu() if isinstance(tensor, DTensor) else tensor
 
 
-def _local_pairs(ema_model: Any, model: torch.nn.Module) -> dict[torch.dtype, tuple[list[torch.Tensor],
-                                                                                    list[torch.Tensor]]]:
+def _local_pairs(
+    ema_model: Any, model: torch.nn.Module
+) -> dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """The (EMA, live) tensors to average, as local shards, grouped by dtype (foreach ops need one dtype)."""
     from torch.distributed.tensor import DTensor
 
@@ -130,8 +148,10 @@ def _local_pairs(ema_model: Any, model: torch.nn.Module) -> dict[torch.dtype, tu
         return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
     groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for kind, live in (('named_parameters_dict', model.named_parameters()), ('named_buffers_dict',
-                                                                            model.named_buffers())):
+    for kind, live in (
+        ('named_parameters_dict', model.named_parameters()),
+        ('named_buffers_dict', model.named_buffers()),
+    ):
         averaged = getattr(ema_model, kind)
         for name, tensor in live:
             if name in averaged and tensor.is_floating_point():

@@ -77,8 +77,10 @@ class LogNormalSampling(DiffusionAlgorithm):
 
     needs = SAMPLER_NEEDS
     objectives = ('ddpm',)
-    why = ("EDM's ln(sigma) density is mapped through the noise levels of a DDPM schedule; a rectified flow has no "
-           'such table and no flow-matching form is derived here.')
+    why = (
+        "EDM's ln(sigma) density is mapped through the noise levels of a DDPM schedule; a rectified flow has no "
+        'such table and no flow-matching form is derived here.'
+    )
     instead = "use logit_normal_sampling (SD3's density for rectified flow)"
     owns_timestep_sampler = True
 

@@ -4,8 +4,9 @@ Synthesis" (Stable Diffusion 3), ICML 2024 (arXiv 2403.03206), section 3.1.
 SD3 draws its time ``u`` in (0, 1) with ``logit(u) ~ N(m, s^2)`` (``m = 0, s = 1`` by default), where u -> 1 is pure
 noise. On a flow-matching model that is the method as published: ``sigma = shift(u)``, drawn exactly by the inverse
 CDF ``sigmoid(m + s Phi^-1(v))`` at the model's keyed uniform (on the model's grid of sigma when a curriculum prior
-tilts it). On a DDPM model ``u`` is the position ``t / T`` on the discrete schedule, with t = 0 clean and t = T-1 pure noise, so
-``m > 0`` moves mass to noisier timesteps and ``m < 0`` to cleaner ones; ``m = 0`` is symmetric about (T-1)/2.
+tilts it). On a DDPM model ``u`` is the position ``t / T`` on the discrete schedule, with t = 0 clean and t = T-1
+pure noise, so ``m > 0`` moves mass to noisier timesteps and ``m < 0`` to cleaner ones; ``m = 0`` is symmetric about
+(T-1)/2.
 
 The density is evaluated on the grid of T timesteps as the mass of each timestep's cell:
 ``p(t) = P(t / T <= u < (t + 1) / T) = Phi((logit((t+1)/T) - m) / s) - Phi((logit(t/T) - m) / s)``, the

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from composer.core import Event, State
@@ -40,8 +40,9 @@ __all__ = ['LossSecondMomentSampler', 'LossSecondMomentSampling', 'append_losses
 log = logging.getLogger(__name__)
 
 
-def append_losses(losses: torch.Tensor, counts: torch.Tensor, t: torch.Tensor,
-                  values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def append_losses(
+    losses: torch.Tensor, counts: torch.Tensor, t: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Record ``values[i]`` as the newest loss of timestep ``t[i]``, in order; return the new ``(losses, counts)``.
 
     ``losses`` is the ``(T, history)`` ring of each timestep, ``counts`` the ``(T,)`` number of losses seen so far.
@@ -65,8 +66,9 @@ def append_losses(losses: torch.Tensor, counts: torch.Tensor, t: torch.Tensor,
     return losses, counts
 
 
-def loss_second_moment_probs(losses: torch.Tensor, counts: torch.Tensor, uniform_prob: float = 0.001,
-                             loss_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def loss_second_moment_probs(
+    losses: torch.Tensor, counts: torch.Tensor, uniform_prob: float = 0.001, loss_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Improved DDPM's distribution over T timesteps, ``(T,)`` float64.
 
     Uniform until every timestep has ``history`` losses; then
@@ -103,10 +105,10 @@ class LossSecondMomentSampler(TimestepSampler):
         super().__init__(num_timesteps)
         self.history = int(history)
         self.uniform_prob = float(uniform_prob)
-        self.loss_weights: Optional[torch.Tensor] = None
+        self.loss_weights: torch.Tensor | None = None
         self.losses = torch.zeros(num_timesteps, self.history, dtype=torch.float64)
         self.counts = torch.zeros(num_timesteps, dtype=torch.long)
-        self._probs: Optional[torch.Tensor] = None
+        self._probs: torch.Tensor | None = None
 
     def warm(self) -> bool:
         """Whether every timestep has a full history (before that, t is uniform)."""
@@ -116,10 +118,11 @@ class LossSecondMomentSampler(TimestepSampler):
         self.loss_weights = weights.detach().to(torch.float64).cpu()
         self._probs = None
 
-    def probs(self, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def probs(self, x0: torch.Tensor | None = None) -> torch.Tensor:
         if self._probs is None:
-            self._probs = loss_second_moment_probs(self.losses, self.counts, self.uniform_prob,
-                                                   self.loss_weights).float()
+            self._probs = loss_second_moment_probs(
+                self.losses, self.counts, self.uniform_prob, self.loss_weights
+            ).float()
         return self._probs if x0 is None else self._probs.to(x0.device)
 
     def load(self, losses: torch.Tensor, counts: torch.Tensor) -> None:
@@ -135,8 +138,10 @@ class LossSecondMomentSampler(TimestepSampler):
         self._probs = None
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(num_timesteps={self.num_timesteps}, history={self.history}, '
-                f'uniform_prob={self.uniform_prob})')
+        return (
+            f'{type(self).__name__}(num_timesteps={self.num_timesteps}, history={self.history}, '
+            f'uniform_prob={self.uniform_prob})'
+        )
 
 
 class LossSecondMomentSampling(DiffusionAlgorithm):
@@ -169,9 +174,9 @@ class LossSecondMomentSampling(DiffusionAlgorithm):
             raise ValueError(f'uniform_prob must be in (0, 1], got {uniform_prob}.')
         self.history = int(history)
         self.uniform_prob = float(uniform_prob)
-        self.sampler: Optional[LossSecondMomentSampler] = None
+        self.sampler: LossSecondMomentSampler | None = None
         self._pending: list[torch.Tensor] = []
-        self._loaded: Optional[dict[str, Any]] = None
+        self._loaded: dict[str, Any] | None = None
 
     def install(self, model: Any, state: State, logger: Logger) -> None:
         # Built once: installing again (a rebuilt Trainer) keeps the history.
@@ -190,8 +195,10 @@ class LossSecondMomentSampling(DiffusionAlgorithm):
         elif event == Event.AFTER_LOSS:
             record = draw_record(state, self)
             self._pending.append(
-                torch.stack([record.t.detach().to(torch.float64),
-                             record.per_sample_loss.detach().to(torch.float64)], dim=1))
+                torch.stack(
+                    [record.t.detach().to(torch.float64), record.per_sample_loss.detach().to(torch.float64)], dim=1
+                )
+            )
         else:
             self._record(logger)
 
@@ -203,12 +210,12 @@ class LossSecondMomentSampling(DiffusionAlgorithm):
         was_warm = self.sampler.warm()
         self.sampler.update(rows[:, 0].long(), rows[:, 1])
         if self.sampler.warm() and not was_warm:
-            log.info('%s: every timestep has %d losses; importance sampling starts.', type(self).__name__,
-                     self.history)
+            log.info('%s: every timestep has %d losses; importance sampling starts.', type(self).__name__, self.history)
         metrics = {'loss_second_moment/filled': float((self.sampler.counts >= self.history).double().mean())}
         if self.sampler.warm():
             metrics['loss_second_moment/max_importance_weight'] = float(
-                1.0 / (self.sampler.num_timesteps * self.sampler.probs().min()))
+                1.0 / (self.sampler.num_timesteps * self.sampler.probs().min())
+            )
         logger.log_metrics(metrics)
 
     def state_dict(self) -> dict[str, Any]:
@@ -229,7 +236,9 @@ class LossSecondMomentSampling(DiffusionAlgorithm):
         assert self.sampler is not None
         losses, counts = state['losses'], state['counts']
         if tuple(losses.shape) != tuple(self.sampler.losses.shape):
-            raise ValueError(f'{type(self).__name__}: the checkpoint holds a loss history of shape '
-                             f'{tuple(losses.shape)}, this run needs (num_timesteps, history) = '
-                             f'{tuple(self.sampler.losses.shape)}.')
+            raise ValueError(
+                f'{type(self).__name__}: the checkpoint holds a loss history of shape '
+                f'{tuple(losses.shape)}, this run needs (num_timesteps, history) = '
+                f'{tuple(self.sampler.losses.shape)}.'
+            )
         self.sampler.load(losses, counts)

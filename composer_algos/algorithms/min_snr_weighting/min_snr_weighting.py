@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 from typing import Any
 
 import torch
@@ -29,8 +28,12 @@ from composer.core import State
 from composer.loggers import Logger
 
 from composer_algos.algorithms.base import DiffusionAlgorithm
-from composer_algos.algorithms.weighting import (WEIGHTING_NEEDS, check_prediction_type, install_loss_weighting,
-                                                weight_range)
+from composer_algos.algorithms.weighting import (
+    WEIGHTING_NEEDS,
+    check_prediction_type,
+    install_loss_weighting,
+    weight_range,
+)
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['MinSNRWeighting', 'min_snr_weight']
@@ -41,8 +44,9 @@ def _check_gamma(gamma: float) -> None:
         raise ValueError(f'gamma must be positive and finite, got {gamma}.')
 
 
-def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str = 'epsilon',
-                   gamma: float = 5.0) -> torch.Tensor:
+def min_snr_weight(
+    schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str = 'epsilon', gamma: float = 5.0
+) -> torch.Tensor:
     """Min-SNR-gamma weights ``(B,)`` (float64) at timesteps ``t`` for the loss on ``prediction_type``.
 
     Example:
@@ -77,8 +81,10 @@ class MinSNRWeighting(DiffusionAlgorithm):
 
     needs = WEIGHTING_NEEDS
     objectives = ('ddpm',)
-    why = ('Min-SNR-gamma caps the SNR of a DDPM timestep, with a conversion per DDPM prediction type; no '
-           'flow-matching form is derived here.')
+    why = (
+        'Min-SNR-gamma caps the SNR of a DDPM timestep, with a conversion per DDPM prediction type; no '
+        'flow-matching form is derived here.'
+    )
     instead = 'weight the flow-matching loss with sigma_sqrt_weighting or cosmap_weighting'
     adds_loss_weighting = True
 

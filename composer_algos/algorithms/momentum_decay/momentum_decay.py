@@ -32,7 +32,7 @@ Deviations, each stated once:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from composer.core import Event, State
@@ -41,8 +41,17 @@ from composer.loggers import Logger
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.common import parse_time, span_fraction
 
-__all__ = ['COMPENSATIONS', 'demon_momentum', 'linear_momentum', 'decayed_momentum', 'momentum_key', 'apply_momentum',
-           'compensation', 'MomentumDecay', 'RULES']
+__all__ = [
+    'COMPENSATIONS',
+    'demon_momentum',
+    'linear_momentum',
+    'decayed_momentum',
+    'momentum_key',
+    'apply_momentum',
+    'compensation',
+    'MomentumDecay',
+    'RULES',
+]
 
 RULES = ('demon', 'linear')
 
@@ -73,8 +82,10 @@ def momentum_key(optimizer: torch.optim.Optimizer) -> str:
         return 'betas'
     if 'momentum' in group:
         return 'momentum'
-    raise TypeError(f'MomentumDecay supports optimizers with betas (Adam, AdamW, DecoupledAdamW) or momentum (SGD, '
-                    f'DecoupledSGDW); {type(optimizer).__name__} has neither.')
+    raise TypeError(
+        f'MomentumDecay supports optimizers with betas (Adam, AdamW, DecoupledAdamW) or momentum (SGD, '
+        f'DecoupledSGDW); {type(optimizer).__name__} has neither.'
+    )
 
 
 COMPENSATIONS = ('total', 'noise', 'none')
@@ -97,8 +108,8 @@ def compensation(key: str, beta0: float, beta: float, mode: str = 'total') -> fl
         return 1.0
     if mode == 'noise':
         if key == 'momentum':
-            return ((1.0 - beta**2) / (1.0 - beta0**2))**0.5
-        return (((1.0 - beta0) / (1.0 + beta0)) / ((1.0 - beta) / (1.0 + beta)))**0.5
+            return ((1.0 - beta**2) / (1.0 - beta0**2)) ** 0.5
+        return (((1.0 - beta0) / (1.0 + beta0)) / ((1.0 - beta) / (1.0 + beta))) ** 0.5
     if mode == 'total':
         return (1.0 - beta) / (1.0 - beta0) if key == 'momentum' else 1.0
     raise ValueError(f'compensation mode must be one of {COMPENSATIONS}, got {mode!r}.')
@@ -112,7 +123,7 @@ def apply_momentum(optimizer: torch.optim.Optimizer, momentum: list[float], lr_s
     """Set each group's beta1/momentum and scale its lr; returns the lrs set (to undo the scaling later)."""
     key = momentum_key(optimizer)
     lrs = []
-    for group, beta, scale in zip(optimizer.param_groups, momentum, lr_scale):
+    for group, beta, scale in zip(optimizer.param_groups, momentum, lr_scale, strict=False):
         if key == 'betas':
             group['betas'] = (beta, group['betas'][1])
         else:
@@ -149,8 +160,15 @@ class MomentumDecay(DiffusionAlgorithm):
     # It acts on the optimizer alone: it needs nothing of the model and installs nothing there.
     events = (Event.BEFORE_TRAIN_BATCH, Event.BATCH_END)
 
-    def __init__(self, beta_end: float = 0.5, beta0: Optional[float] = None, rule: str = 'demon',
-                 start: str = '0.0dur', end: str = '1.0dur', compensate_lr: Union[bool, str] = 'noise'):
+    def __init__(
+        self,
+        beta_end: float = 0.5,
+        beta0: float | None = None,
+        rule: str = 'demon',
+        start: str = '0.0dur',
+        end: str = '1.0dur',
+        compensate_lr: bool | str = 'noise',
+    ):
         if not 0.0 <= beta_end < 1.0:
             raise ValueError(f'beta_end must be in [0, 1), got {beta_end}.')
         if beta0 is not None and not 0.0 <= beta0 < 1.0:
@@ -173,9 +191,9 @@ class MomentumDecay(DiffusionAlgorithm):
         self._end = parse_time(end, 'end')
         if self._start.unit != self._end.unit:
             raise ValueError(f'start ({start}) and end ({end}) must use the same time unit.')
-        self.initial_momenta: Optional[list[float]] = None
-        self._lrs_set: Optional[list[float]] = None
-        self._lrs_scheduled: Optional[list[float]] = None
+        self.initial_momenta: list[float] | None = None
+        self._lrs_set: list[float] | None = None
+        self._lrs_scheduled: list[float] | None = None
 
     def _optimizer(self, state: State) -> torch.optim.Optimizer:
         optimizers = state.optimizers
@@ -190,7 +208,9 @@ class MomentumDecay(DiffusionAlgorithm):
         # before compensating again when Composer retries a batch (BEFORE_TRAIN_BATCH fires again after an
         # out-of-memory retry with automatic micro-batching: the lr must not be scaled twice).
         if self._lrs_set is not None and self._lrs_scheduled is not None:
-            for group, set_lr, scheduled in zip(optimizer.param_groups, self._lrs_set, self._lrs_scheduled):
+            for group, set_lr, scheduled in zip(
+                optimizer.param_groups, self._lrs_set, self._lrs_scheduled, strict=False
+            ):
                 if group['lr'] == set_lr:
                     group['lr'] = scheduled
         self._lrs_set = self._lrs_scheduled = None
@@ -202,7 +222,9 @@ class MomentumDecay(DiffusionAlgorithm):
             ]
         tau = span_fraction(state, self._start, self._end)
         momenta = [decayed_momentum(self.rule, b0, tau, min(self.beta_end, b0)) for b0 in self.initial_momenta]
-        scales = [compensation(key, b0, b, self._compensation) for b0, b in zip(self.initial_momenta, momenta)]
+        scales = [
+            compensation(key, b0, b, self._compensation) for b0, b in zip(self.initial_momenta, momenta, strict=True)
+        ]
         self._lrs_scheduled = [g['lr'] for g in optimizer.param_groups]
         self._lrs_set = apply_momentum(optimizer, momenta, scales)
         logger.log_metrics({'momentum/beta1': momenta[0], 'momentum/lr_scale': scales[0]})

@@ -34,7 +34,7 @@ Deviations from the papers' code, each stated once:
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from composer.core import Event, State
@@ -47,8 +47,7 @@ from composer_algos.diffusion.draw import NoiseDraw, NoisePairing
 from composer_algos.distributed import all_gather, global_positions, is_distributed, rank_world
 from composer_algos.registry import ConfigError
 
-__all__ = ['COSTS', 'MODES', 'NoiseAssignment', 'SCOPES', 'candidate_costs', 'hungarian_assignment',
-           'pairwise_cost']
+__all__ = ['COSTS', 'MODES', 'NoiseAssignment', 'SCOPES', 'candidate_costs', 'hungarian_assignment', 'pairwise_cost']
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ def pairwise_cost(x0: torch.Tensor, noise: torch.Tensor, cost: str = 'l2') -> to
     return squared if cost == 'sq_l2' else squared.sqrt()
 
 
-def hungarian_assignment(cost: torch.Tensor, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+def hungarian_assignment(cost: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """The permutation ``perm`` (``(B,)`` long) minimising ``sum_i cost[i, perm[i]]``: sample ``i`` gets noise
     ``perm[i]``; with ``groups`` (``(B,)``, e.g. class labels) samples only take noises of their own group.
 
@@ -90,14 +89,16 @@ def hungarian_assignment(cost: torch.Tensor, groups: Optional[torch.Tensor] = No
     if cost.dim() != 2 or cost.shape[1] != size:
         raise ValueError(f'cost must be a square (B, B) matrix, got shape {tuple(cost.shape)}.')
     if size < 2:
-        raise ValueError(f'Noise assignment permutes the noises of a batch; a batch of {size} sample has nothing to '
-                         'permute.')
+        raise ValueError(
+            f'Noise assignment permutes the noises of a batch; a batch of {size} sample has nothing to permute.'
+        )
     matrix = cost.detach().to('cpu', torch.float64)
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError('Noise assignment got non-finite costs (NaN or infinite values in the data or the noise).')
     perm = torch.arange(size)
-    members = [perm] if groups is None else [torch.nonzero(groups.cpu() == g).flatten()
-                                             for g in torch.unique(groups.cpu())]
+    members = (
+        [perm] if groups is None else [torch.nonzero(groups.cpu() == g).flatten() for g in torch.unique(groups.cpu())]
+    )
     for idx in members:
         if idx.numel() < 2:
             continue
@@ -109,8 +110,9 @@ def hungarian_assignment(cost: torch.Tensor, groups: Optional[torch.Tensor] = No
 def candidate_costs(x0: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """``(B, k)`` float64 L2 distances from each sample ``x0[i]`` to its own candidates ``candidates[i, j]``
     (``(B, k, *shape)``); its squared distance orders the candidates the same way."""
-    return torch.stack([(x0 - candidates[:, j]).flatten(1).double().square().sum(1).sqrt()
-                        for j in range(candidates.shape[1])], dim=1)
+    return torch.stack(
+        [(x0 - candidates[:, j]).flatten(1).double().square().sum(1).sqrt() for j in range(candidates.shape[1])], dim=1
+    )
 
 
 def _all_costs_equal(cost: torch.Tensor) -> bool:
@@ -125,8 +127,8 @@ def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
     size = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
     sizes = [int(s.item()) for s in all_gather(size)]
     padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
-    padded[:rows.shape[0]] = rows
-    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes)])
+    padded[: rows.shape[0]] = rows
+    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes, strict=True)])
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -163,14 +165,16 @@ class NoiseAssignment(DiffusionAlgorithm):
     needs = ('set_noise_coupling',)
     events = (Event.FIT_START, Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS, Event.AFTER_TRAIN_BATCH)
 
-    def __init__(self, mode: str = 'hungarian', cost: str = 'l2', scope: str = 'global', by_condition: bool = False,
-                 k: int = 4):
+    def __init__(
+        self, mode: str = 'hungarian', cost: str = 'l2', scope: str = 'global', by_condition: bool = False, k: int = 4
+    ):
         _check_choice('mode', mode, MODES)
         _check_choice('cost', cost, COSTS)
         _check_choice('scope', scope, SCOPES)
         if isinstance(k, bool) or int(k) != k or k < 2:
-            raise ValueError(f'k must be an integer of at least 2 (candidates per image, the drawn noise among them), '
-                             f'got {k!r}.')
+            raise ValueError(
+                f'k must be an integer of at least 2 (candidates per image, the drawn noise among them), got {k!r}.'
+            )
         self.mode = mode
         self.cost = cost
         self.scope = scope
@@ -184,10 +188,12 @@ class NoiseAssignment(DiffusionAlgorithm):
     def __call__(self, draw: NoiseDraw) -> tuple[torch.Tensor, NoisePairing]:
         """The noise the batch trains on and how it was paired (the model's noise coupling)."""
         if self.by_condition and (draw.labels is None or draw.labels.dim() != 1 or draw.labels.is_floating_point()):
-            raise ConfigError(f'{self.owner}: by_condition assigns noise within each class and needs integer class '
-                              'labels of shape (batch,) (model.label_key); this model has '
-                              f'{"none" if draw.labels is None else tuple(draw.labels.shape)}. Set by_condition: '
-                              'false to pair across the batch.')
+            raise ConfigError(
+                f'{self.owner}: by_condition assigns noise within each class and needs integer class '
+                'labels of shape (batch,) (model.label_key); this model has '
+                f'{"none" if draw.labels is None else tuple(draw.labels.shape)}. Set by_condition: '
+                'false to pair across the batch.'
+            )
         return self._knn(draw) if self.mode == 'knn' else self._hungarian(draw)
 
     def _knn(self, draw: NoiseDraw) -> tuple[torch.Tensor, NoisePairing]:
@@ -242,19 +248,29 @@ class NoiseAssignment(DiffusionAlgorithm):
         self._degenerate += 1
         if reason not in self._reported:
             self._reported.add(reason)
-            log.warning('%s: %s; this micro-batch keeps its drawn noise (noise_assignment/degenerate counts every '
-                        'such micro-batch).', self.owner, reason)
+            log.warning(
+                '%s: %s; this micro-batch keeps its drawn noise (noise_assignment/degenerate counts every '
+                'such micro-batch).',
+                self.owner,
+                reason,
+            )
 
     # ----------------------------------------------------------------------------------------- the algorithm
     def install(self, model: Any, state: State, logger: Logger) -> dict[str, Any]:
         if self.by_condition and getattr(model, 'label_key', None) is None:
-            raise ConfigError(f'{self.owner}: by_condition assigns noise within each class, but the model is '
-                              'unconditional (no model.label_key). Set by_condition: false, or give the model its '
-                              'class labels.')
+            raise ConfigError(
+                f'{self.owner}: by_condition assigns noise within each class, but the model is '
+                'unconditional (no model.label_key). Set by_condition: false, or give the model its '
+                'class labels.'
+            )
         model.set_noise_coupling(self, self.owner)
-        return {'noise_assignment/mode': self.mode, 'noise_assignment/cost': self.cost,
-                'noise_assignment/scope': self.scope, 'noise_assignment/by_condition': self.by_condition,
-                'noise_assignment/k': self.k}
+        return {
+            'noise_assignment/mode': self.mode,
+            'noise_assignment/cost': self.cost,
+            'noise_assignment/scope': self.scope,
+            'noise_assignment/by_condition': self.by_condition,
+            'noise_assignment/k': self.k,
+        }
 
     def act(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
@@ -266,17 +282,30 @@ class NoiseAssignment(DiffusionAlgorithm):
         elif event == Event.AFTER_LOSS:
             pairing = draw_record(state, self).noise_pairing
             if pairing is not None:
-                own = (torch.zeros_like(pairing.source) if pairing.kind == 'candidates' else torch.as_tensor(
-                    global_positions(pairing.source.shape[0]), device=pairing.source.device))
-                self._totals += torch.tensor([pairing.source.numel(), float(pairing.cost_drawn.sum()),
-                                              float(pairing.cost_assigned.sum()),
-                                              float((pairing.source != own).sum())], dtype=torch.float64)
+                own = (
+                    torch.zeros_like(pairing.source)
+                    if pairing.kind == 'candidates'
+                    else torch.as_tensor(global_positions(pairing.source.shape[0]), device=pairing.source.device)
+                )
+                self._totals += torch.tensor(
+                    [
+                        pairing.source.numel(),
+                        float(pairing.cost_drawn.sum()),
+                        float(pairing.cost_assigned.sum()),
+                        float((pairing.source != own).sum()),
+                    ],
+                    dtype=torch.float64,
+                )
         elif self._totals[0] > 0:
             count = float(self._totals[0])
-            logger.log_metrics({'noise_assignment/cost_drawn': float(self._totals[1]) / count,
-                                'noise_assignment/cost_assigned': float(self._totals[2]) / count,
-                                'noise_assignment/moved': float(self._totals[3]) / count,
-                                'noise_assignment/degenerate': self._degenerate})
+            logger.log_metrics(
+                {
+                    'noise_assignment/cost_drawn': float(self._totals[1]) / count,
+                    'noise_assignment/cost_assigned': float(self._totals[2]) / count,
+                    'noise_assignment/moved': float(self._totals[3]) / count,
+                    'noise_assignment/degenerate': self._degenerate,
+                }
+            )
 
     def _refuse_single_samples(self, state: State) -> None:
         """A linear assignment over one sample is a no-op: refuse a batch (per rank for ``scope: rank``) of one."""
@@ -290,7 +319,9 @@ class NoiseAssignment(DiffusionAlgorithm):
         world = rank_world()[1] if self.scope == 'global' else 1
         if min(sizes) * world < 2:
             where = 'the global batch' if self.scope == 'global' else "each rank's batch"
-            raise ConfigError(f'noise_assignment (mode: hungarian, scope: {self.scope}) permutes the noises of '
-                              f'{where}, which holds 1 sample here: nothing to permute. Raise '
-                              'train_loader.global_batch_size (and device_train_microbatch_size), use scope: global '
-                              'on several ranks, or mode: knn.')
+            raise ConfigError(
+                f'noise_assignment (mode: hungarian, scope: {self.scope}) permutes the noises of '
+                f'{where}, which holds 1 sample here: nothing to permute. Raise '
+                'train_loader.global_batch_size (and device_train_microbatch_size), use scope: global '
+                'on several ranks, or mode: knn.'
+            )

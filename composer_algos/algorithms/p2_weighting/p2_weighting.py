@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 from typing import Any
 
 import torch
@@ -31,8 +30,13 @@ from composer.core import State
 from composer.loggers import Logger
 
 from composer_algos.algorithms.base import DiffusionAlgorithm
-from composer_algos.algorithms.weighting import (WEIGHTING_NEEDS, check_prediction_type, from_epsilon_weight,
-                                                install_loss_weighting, weight_range)
+from composer_algos.algorithms.weighting import (
+    WEIGHTING_NEEDS,
+    check_prediction_type,
+    from_epsilon_weight,
+    install_loss_weighting,
+    weight_range,
+)
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['P2Weighting', 'p2_weight']
@@ -45,8 +49,9 @@ def _check(gamma: float, k: float) -> None:
         raise ValueError(f'k must be positive and finite (k = 0 gives an infinite weight at SNR = 0), got {k}.')
 
 
-def p2_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str = 'epsilon', gamma: float = 1.0,
-              k: float = 1.0) -> torch.Tensor:
+def p2_weight(
+    schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str = 'epsilon', gamma: float = 1.0, k: float = 1.0
+) -> torch.Tensor:
     """P2 weights ``(B,)`` (float64) at timesteps ``t`` for the loss on ``prediction_type``.
 
     Example:
@@ -57,7 +62,7 @@ def p2_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str = '
     check_prediction_type(prediction_type)
     _check(gamma, k)
     snr = schedule.snr(t).to(torch.float64)
-    epsilon_weight = (k + snr)**-gamma
+    epsilon_weight = (k + snr) ** -gamma
     weight = from_epsilon_weight(epsilon_weight, snr, prediction_type)
     if prediction_type == 'sample':
         limit = 0.0 if gamma > 1 else 1.0 if gamma == 1 else math.inf
@@ -82,8 +87,9 @@ class P2Weighting(DiffusionAlgorithm):
 
     needs = WEIGHTING_NEEDS
     objectives = ('ddpm',)
-    why = ('P2 weights the epsilon loss of a DDPM schedule by 1 / (k + SNR)^gamma; no flow-matching form is derived '
-           'here.')
+    why = (
+        'P2 weights the epsilon loss of a DDPM schedule by 1 / (k + SNR)^gamma; no flow-matching form is derived here.'
+    )
     instead = 'weight the flow-matching loss with sigma_sqrt_weighting or cosmap_weighting'
     adds_loss_weighting = True
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from composer.algorithms.warnings import NoEffectWarning
@@ -43,8 +44,14 @@ from schedulefree import AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree
 from composer_algos.algorithms.common import ReprMixin
 from composer_algos.registry import ConfigError
 
-__all__ = ['ScheduleFree', 'add_schedule_free', 'is_schedule_free', 'schedulefree_adamw', 'to_eval_weights',
-           'to_train_weights']
+__all__ = [
+    'ScheduleFree',
+    'add_schedule_free',
+    'is_schedule_free',
+    'schedulefree_adamw',
+    'to_eval_weights',
+    'to_train_weights',
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +68,17 @@ def is_schedule_free(optimizer: Any) -> bool:
     return isinstance(optimizer, SCHEDULE_FREE_OPTIMIZERS)
 
 
-def schedulefree_adamw(params: Iterable[Any], lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
-                       eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
-                       weight_lr_power: float = 2.0, foreach: Optional[bool] = None) -> AdamWScheduleFree:
+def schedulefree_adamw(
+    params: Iterable[Any],
+    lr: float = 0.0025,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    foreach: bool | None = None,
+) -> AdamWScheduleFree:
     """The ``schedulefree`` package's ``AdamWScheduleFree`` with its arguments checked.
 
     Args:
@@ -89,8 +104,9 @@ def schedulefree_adamw(params: Iterable[Any], lr: float = 0.0025, betas: tuple[f
         raise ValueError(f'betas must be two numbers (beta1, beta2), got {list(betas)}.')
     beta1, beta2 = (float(b) for b in betas)
     if not 0.0 < beta1 <= 1.0:
-        raise ValueError(f'betas[0] (beta1) must be in (0, 1]: the evaluation weights are recovered by dividing by '
-                         f'it; got {beta1}.')
+        raise ValueError(
+            f'betas[0] (beta1) must be in (0, 1]: the evaluation weights are recovered by dividing by it; got {beta1}.'
+        )
     if not 0.0 <= beta2 < 1.0:
         raise ValueError(f'betas[1] (beta2) must be in [0, 1), got {beta2}.')
     for name, value in (('eps', eps), ('weight_decay', weight_decay), ('r', r), ('weight_lr_power', weight_lr_power)):
@@ -100,8 +116,17 @@ def schedulefree_adamw(params: Iterable[Any], lr: float = 0.0025, betas: tuple[f
         raise ValueError(f'warmup_steps must be a non-negative whole number of optimizer steps, got {warmup_steps}.')
     if foreach is None:
         foreach = hasattr(torch, '_foreach_mul_')
-    return AdamWScheduleFree(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                             warmup_steps=int(warmup_steps), r=r, weight_lr_power=weight_lr_power, foreach=foreach)
+    return AdamWScheduleFree(
+        params,
+        lr=lr,
+        betas=(beta1, beta2),
+        eps=eps,
+        weight_decay=weight_decay,
+        warmup_steps=int(warmup_steps),
+        r=r,
+        weight_lr_power=weight_lr_power,
+        foreach=foreach,
+    )
 
 
 def _interpolation(group: dict[str, Any]) -> float:
@@ -184,8 +209,17 @@ class ScheduleFree(ReprMixin, Algorithm):
         self._hooks: list[Any] = []
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_TRAIN_BATCH, Event.BATCH_END, Event.EPOCH_END,
-                         Event.EVAL_START, Event.EVAL_STANDALONE_START, Event.PREDICT_START, Event.FIT_END)
+        return event in (
+            Event.INIT,
+            Event.FIT_START,
+            Event.BEFORE_TRAIN_BATCH,
+            Event.BATCH_END,
+            Event.EPOCH_END,
+            Event.EVAL_START,
+            Event.EVAL_STANDALONE_START,
+            Event.PREDICT_START,
+            Event.FIT_END,
+        )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         optimizers = [o for o in state.optimizers or () if is_schedule_free(o)]
@@ -209,15 +243,21 @@ class ScheduleFree(ReprMixin, Algorithm):
     def _check(self, state: State, optimizers: list[Any]) -> None:
         if not optimizers:
             names = ', '.join(type(o).__name__ for o in state.optimizers or ()) or 'none'
-            warnings.warn(NoEffectWarning(f'ScheduleFree found no schedule-free optimizer (optimizers: {names}); '
-                                          'it does nothing.'))
+            warnings.warn(
+                NoEffectWarning(
+                    f'ScheduleFree found no schedule-free optimizer (optimizers: {names}); it does nothing.'
+                ),
+                stacklevel=2,
+            )
             return
         for algorithm in state.algorithms:
             if any(cls.__name__ in _CHANGES_BETA1 for cls in type(algorithm).__mro__):
-                raise ConfigError(f'{type(algorithm).__name__} does not apply to {type(optimizers[0]).__name__}: a '
-                                  "schedule-free optimizer's beta1 is the constant that interpolates its training "
-                                  'weights between z and the evaluation weights, not a momentum; remove '
-                                  f'{type(algorithm).__name__}.')
+                raise ConfigError(
+                    f'{type(algorithm).__name__} does not apply to {type(optimizers[0]).__name__}: a '
+                    "schedule-free optimizer's beta1 is the constant that interpolates its training "
+                    'weights between z and the evaluation weights, not a momentum; remove '
+                    f'{type(algorithm).__name__}.'
+                )
 
     def _install_hooks(self, optimizers: list[Any]) -> None:
         self._remove_hooks()  # fit() may run again on the same Trainer
@@ -229,8 +269,10 @@ class ScheduleFree(ReprMixin, Algorithm):
             to_eval_weights(optimizer)
 
         for optimizer in optimizers:
-            self._hooks += [optimizer.register_step_pre_hook(before_step),
-                            optimizer.register_step_post_hook(after_step)]
+            self._hooks += [
+                optimizer.register_step_pre_hook(before_step),
+                optimizer.register_step_post_hook(after_step),
+            ]
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -238,7 +280,7 @@ class ScheduleFree(ReprMixin, Algorithm):
         self._hooks = []
 
 
-def add_schedule_free(optimizers: Union[Any, Iterable[Any]], algorithms: list[Any]) -> list[Any]:
+def add_schedule_free(optimizers: Any | Iterable[Any], algorithms: list[Any]) -> list[Any]:
     """``algorithms`` with a :class:`ScheduleFree` in front when an optimizer is schedule-free and none is there yet
     (recipes get the switching without listing it)."""
     optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)

@@ -26,8 +26,9 @@ def _check(min_sigma: float) -> None:
         raise ValueError(f'min_sigma must be in (0, 1), got {min_sigma}.')
 
 
-def sigma_sqrt_weight(schedule: Any, sigma: torch.Tensor, prediction_type: str = 'velocity',
-                      min_sigma: float = 1e-3) -> torch.Tensor:
+def sigma_sqrt_weight(
+    schedule: Any, sigma: torch.Tensor, prediction_type: str = 'velocity', min_sigma: float = 1e-3
+) -> torch.Tensor:
     """``max(sigma, min_sigma)^-2``, float64, at noise levels ``sigma`` ``(B,)``.
 
     Example:
@@ -35,7 +36,7 @@ def sigma_sqrt_weight(schedule: Any, sigma: torch.Tensor, prediction_type: str =
         tensor([4.0000e+00, 1.0000e+00, 1.0000e+06], dtype=torch.float64)
     """
     _check(min_sigma)
-    return sigma.to(torch.float64).clamp(min=min_sigma)**-2
+    return sigma.to(torch.float64).clamp(min=min_sigma) ** -2
 
 
 class SigmaSqrtWeighting(FlowLossWeighting):

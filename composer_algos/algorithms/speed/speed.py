@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 from typing import Any
 
 import torch
@@ -41,8 +40,13 @@ from composer.loggers import Logger
 
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.density_sampling import install_fixed_distribution
-from composer_algos.algorithms.weighting import (WEIGHTING_NEEDS, check_prediction_type, from_epsilon_weight,
-                                                install_loss_weighting, weight_range)
+from composer_algos.algorithms.weighting import (
+    WEIGHTING_NEEDS,
+    check_prediction_type,
+    from_epsilon_weight,
+    install_loss_weighting,
+    weight_range,
+)
 from composer_algos.diffusion.schedule import NoiseSchedule
 
 __all__ = ['SpeeD', 'speed_threshold', 'speed_probs', 'speed_epsilon_weights', 'speed_weight']
@@ -55,15 +59,19 @@ def _check_tau(tau: float) -> None:
 
 def _check_k(k: float) -> None:
     if not (k >= 1 and math.isfinite(k)):
-        raise ValueError(f'k must be finite and >= 1 (timesteps below tau are k times as likely; k < 1 would favour '
-                         f'the convergence area, the opposite of SpeeD), got {k}.')
+        raise ValueError(
+            f'k must be finite and >= 1 (timesteps below tau are k times as likely; k < 1 would favour '
+            f'the convergence area, the opposite of SpeeD), got {k}.'
+        )
 
 
 def _check_lam(lam: float) -> None:
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f'lam must be in [0, 1]: the weights lie between 1 - lam and lam, so any other value can make '
-                         f'some of them negative (the official code\'s default lam=5 gives -3.7 on the linear '
-                         f'schedule), got {lam}.')
+        raise ValueError(
+            f'lam must be in [0, 1]: the weights lie between 1 - lam and lam, so any other value can make '
+            f"some of them negative (the official code's default lam=5 gives -3.7 on the linear "
+            f'schedule), got {lam}.'
+        )
 
 
 def speed_threshold(num_timesteps: int, tau: float = 700) -> int:
@@ -74,7 +82,7 @@ def speed_threshold(num_timesteps: int, tau: float = 700) -> int:
         (700, 70)
     """
     _check_tau(tau)
-    return min(max(int(round(tau * num_timesteps / 1000)), 1), num_timesteps - 1)
+    return min(max(round(tau * num_timesteps / 1000), 1), num_timesteps - 1)
 
 
 def speed_probs(schedule: NoiseSchedule, tau: float = 700, k: float = 2.0) -> torch.Tensor:
@@ -104,8 +112,9 @@ def speed_epsilon_weights(schedule: NoiseSchedule, tau: float = 700, lam: float 
     return weights
 
 
-def speed_weight(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str = 'epsilon', tau: float = 700,
-                 lam: float = 0.6) -> torch.Tensor:
+def speed_weight(
+    schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str = 'epsilon', tau: float = 700, lam: float = 0.6
+) -> torch.Tensor:
     """SpeeD's change-aware weights ``(B,)`` (float64) at timesteps ``t`` for the loss on ``prediction_type``.
 
     Example:
@@ -136,10 +145,12 @@ class SpeeD(DiffusionAlgorithm):
         SpeeD(tau=700, k=2.0, lam=0.6)
     """
 
-    needs = WEIGHTING_NEEDS + ('set_timestep_sampler',)
+    needs = (*WEIGHTING_NEEDS, 'set_timestep_sampler')
     objectives = ('ddpm',)
-    why = ('its threshold tau and change-aware weights are stated on the timesteps of a DDPM schedule (T = 1000) and '
-           'its d(1 - alphabar_t)/dt; no flow-matching form is derived here.')
+    why = (
+        'its threshold tau and change-aware weights are stated on the timesteps of a DDPM schedule (T = 1000) and '
+        'its d(1 - alphabar_t)/dt; no flow-matching form is derived here.'
+    )
     instead = 'draw sigma from logit_normal_sampling or mode_sampling'
     owns_timestep_sampler = True
     adds_loss_weighting = True
@@ -157,5 +168,8 @@ class SpeeD(DiffusionAlgorithm):
         install_fixed_distribution(model, probs, self.owner)
         weights = install_loss_weighting(model, functools.partial(speed_weight, tau=self.tau, lam=self.lam), self.owner)
         threshold = speed_threshold(model.num_timesteps, self.tau)
-        return {'speed/threshold': threshold, 'speed/mass_below_threshold': float(probs[:threshold].sum()),
-                **weight_range('speed', weights)}
+        return {
+            'speed/threshold': threshold,
+            'speed/mass_below_threshold': float(probs[:threshold].sum()),
+            **weight_range('speed', weights),
+        }
