@@ -278,10 +278,10 @@ def _wait_for_claims(store: Any, world_size: int) -> None:
 def _leave_process_group() -> None:
     """Destroy the process group, so that a collective in an exit hook fails at once instead of waiting for a peer
     that is gone or stuck (the peers' own collectives fail when this process exits and its connections close)."""
-    import torch.distributed as torch_dist
+    from composer_algos.distributed import destroy_process_group
 
     try:
-        torch_dist.destroy_process_group()
+        destroy_process_group()
     except Exception as e:  # leaving is best effort: the process exits next
         log.debug('destroy_process_group failed: %s', e)
 

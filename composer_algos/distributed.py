@@ -9,6 +9,8 @@ they do nothing.
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 
 import torch
 import torch.distributed as torch_dist
@@ -20,11 +22,15 @@ __all__ = [
     'all_reduce',
     'backend_device',
     'broadcast',
+    'destroy_process_group',
     'fsdp_gradient_scale',
     'global_positions',
     'is_distributed',
     'rank_world',
 ]
+
+# The tensors of the latest collectives, kept alive until the process group is destroyed: see destroy_process_group.
+_LATEST: deque[tuple[torch.Tensor, ...]] = deque(maxlen=4)
 
 
 def rank_world() -> tuple[int, int]:
@@ -67,6 +73,7 @@ def all_reduce(tensor: torch.Tensor, op: str = 'sum') -> torch.Tensor:
         return tensor
     work = tensor.to(backend_device())
     torch_dist.all_reduce(work, op=_REDUCE_OPS[op])
+    _LATEST.append((work,))
     if work is not tensor:
         tensor.copy_(work)
     return tensor
@@ -79,6 +86,7 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     work = tensor.to(backend_device())
     gathered = [torch.empty_like(work) for _ in range(torch_dist.get_world_size())]
     torch_dist.all_gather(gathered, work)
+    _LATEST.append((work, *gathered))
     return [g.to(tensor.device) for g in gathered]
 
 
@@ -117,6 +125,7 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         return tensor
     work = tensor.to(backend_device())
     torch_dist.broadcast(work, src=src)
+    _LATEST.append((work,))
     if work is not tensor:
         tensor.copy_(work)
     return tensor
@@ -136,3 +145,19 @@ def fsdp_gradient_scale(model: nn.Module) -> float:
     if not any(isinstance(m, FSDPModule) for m in model.modules()):
         return 1.0
     return 1.0 / torch_dist.get_world_size()
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group (if there is one) without the hang torch 2.7 can meet on gloo.
+
+    Torch before 2.8 destroys a gloo group while holding the GIL, and the destructor waits for the group's worker
+    threads. A worker still dropping a finished collective's tensors (a moment after the collective returned, longer
+    on a loaded machine) needs the GIL to free a tensor made in Python when it holds the last reference: both wait
+    for good (pytorch/pytorch#154976 moved the destructor out of the GIL). The collectives of this module keep their
+    latest tensors alive, so no worker frees one of them; they are let go once the group is gone. The short sleep
+    first lets workers finish with other code's collectives (whose tensors this module does not hold).
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        time.sleep(0.05)  # releases the GIL
+        torch_dist.destroy_process_group()
+    _LATEST.clear()

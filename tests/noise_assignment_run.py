@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 
 from composer_algos.algorithms.noise_assignment import NoiseAssignment
 from composer_algos.diffusion.draw import NoiseDraw, training_randoms
+from composer_algos.distributed import destroy_process_group
 
 SETTINGS = {
     'global': {'scope': 'global'},
@@ -50,7 +51,7 @@ def main() -> None:
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
     torch.save(pair(rank, world_size), os.path.join(out, f'rank{rank}.pt'))
-    torch_dist.destroy_process_group()
+    destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -5,7 +5,6 @@ objectives with exact resume, and one global batch paired alike on 1 and 2 ranks
 import itertools
 import logging
 import os
-import subprocess
 import sys
 
 import pytest
@@ -25,7 +24,6 @@ from composer_algos.diffusion.draw import NoiseDraw, training_randoms
 from composer_algos.registry import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPOSER = os.path.join(os.path.dirname(sys.executable), 'composer')
 
 
 def _draw(batch: int = 8, labels=None, seed: int = 0, index: int = 0) -> NoiseDraw:
@@ -217,15 +215,12 @@ def test_two_ranks_pair_a_global_batch_as_one_rank_does(tmp_path):
     from noise_assignment_run import pair
 
     one = pair(0, 1)
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(
-        [COMPOSER, '-n', '2', os.path.join(ROOT, 'tests', 'noise_assignment_run.py'), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    from two_ranks import launch_two_ranks
+
+    code, stdout, stderr = launch_two_ranks(
+        os.path.join(ROOT, 'tests', 'noise_assignment_run.py'), str(tmp_path), timeout=300
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert code == 0, f'exit {code}: ' + stdout[-3000:] + stderr[-3000:]
     two = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
     for name in ('global', 'global_by_condition'):
         for rank in range(2):

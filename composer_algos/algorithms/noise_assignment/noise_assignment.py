@@ -222,7 +222,7 @@ class NoiseAssignment(DiffusionAlgorithm):
             width = x0[0].numel()
             x0 = flat[:, :width].reshape(-1, *draw.x0.shape[1:]).to(draw.x0.dtype)
             noise = flat[:, width:].reshape(-1, *draw.noise.shape[1:]).to(draw.noise.dtype)
-            all_positions, labels = keys[:, 0], keys[:, 1]
+            all_positions, labels = keys[:, 0].contiguous(), keys[:, 1]
             rows = torch.searchsorted(all_positions, positions)
         else:
             all_positions, rows = positions, torch.arange(local, device=positions.device)
