@@ -274,3 +274,24 @@ def test_datasets_built_at_once_take_different_shared_memory_prefixes(digits_mds
         batch = next(iter(dataset))
         torch.testing.assert_close(batch['image'], expected / 127.5 - 1.0, rtol=0, atol=0)
         assert batch['label'].tolist() == [label for _, label in digits]
+
+
+@pytest.mark.parametrize('mode', ['package', 'unshared'])
+def test_two_ranks_agree_on_a_prefix_when_another_jobs_memory_goes_mid_scan(digits_mds, tmp_path, mode):
+    from two_ranks import launch_two_ranks
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shm_prefix_run.py')
+    code, stdout, stderr = launch_two_ranks(script, digits_mds, str(tmp_path), mode, timeout=300)
+    assert code is not None, 'the two ranks hung'
+    lines = [(tmp_path / f'rank{rank}.txt').read_text() for rank in range(2)]
+    if mode == 'package':
+        assert code == 0, stdout[-2000:] + stderr[-4000:]
+        assert not any(line.startswith('error') for line in lines), lines
+        prefixes = [int(line.split(' ', 1)[0]) for line in lines]
+        assert prefixes[0] == prefixes[1], lines
+        # Rank r holds positions r, r + 2, ... of the global batch: the first 16 digits, dealt in turn.
+        labels = [label for _, label in digits_images('train')[:16]]
+        assert [line.split(' ', 1)[1] for line in lines] == [str(labels[0::2]), str(labels[1::2])], lines
+    else:
+        # Streaming's own way: the rank that scanned later looks for a prefix the leader never registered.
+        assert 'was not registered by local leader' in lines[1], lines

@@ -25,6 +25,7 @@ from streaming.base.world import World
 from torch.utils.data import DataLoader
 
 from composer_algos.data.integrity import REWRITE_HINT, DataError, nonfinite_rows
+from composer_algos.distributed import all_gather, destroy_process_group
 from composer_algos.pixels import from_uint8
 
 __all__ = [
@@ -80,6 +81,12 @@ def _shm_prefix_lock() -> Iterator[None]:
     exclusive ``flock`` on a file in the temp dir through the construction, and the other ranks of its job wait at a
     barrier until it has it, so their scans too fall inside it. Only the leader takes the lock: a rank waiting for it
     while another rank of its job held it inside streaming's barrier would wait forever.
+
+    The lock orders creations, not releases: a job that ends frees its prefix whenever it ends. If that happens
+    between the leader's scan and another rank's, the two find different prefixes, and the rank that found the
+    later one fails with ``shared memory prefix=N was not registered by local leader``. So inside the lock only the
+    local leader scans, and every rank of its node takes the leader's answer (one small all-gather per scan);
+    see _leader_scans.
     """
     # The other ranks' wait needs the process group, which streaming would otherwise make itself.
     destroy_dist = maybe_init_dist()
@@ -94,14 +101,58 @@ def _shm_prefix_lock() -> Iterator[None]:
                 log.info('Waiting for another process to finish building its streaming dataset (it holds %s).', path)
                 fcntl.flock(fd, fcntl.LOCK_EX)
         dist.barrier()
-        yield
+        with _leader_scans():
+            yield
     finally:
         if fd is not None:
             # Unlocked before closing: a process forked meanwhile would keep a closed-only lock held.
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
         if destroy_dist:
-            torch.distributed.destroy_process_group()
+            destroy_process_group()
+
+
+@contextlib.contextmanager
+def _leader_scans() -> Iterator[None]:
+    """A context in which streaming's scan for a free shared-memory prefix runs on each node's local leader only,
+    and every rank takes its leader's result.
+
+    Streaming calls ``_check_and_find_retrying`` once per kind of shared memory on every rank and takes the
+    maximum; each call here scans on the leader and shares the prefix it found over the process group, so the ranks
+    of a node agree however other jobs' shared memory comes and goes between their scans. A scan that fails on the
+    leader (a local directory another running dataset uses) fails on every rank, with the leader's message.
+    """
+    from streaming.base.shared import prefix as streaming_prefix
+
+    scan = streaming_prefix._check_and_find_retrying
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        yield
+        return
+    world = World.detect()
+    leader = world.node * world.ranks_per_node
+
+    def scan_on_leader(streams_local: list[str], streams_remote: list[str | None], shm_name: str, retry: int) -> int:
+        found, error = -1, None
+        if world.is_local_leader:
+            try:
+                found = scan(streams_local, streams_remote, shm_name, retry)
+            except ValueError as e:
+                error = e
+        found = int(all_gather(torch.tensor([found], dtype=torch.long))[leader])
+        if error is not None:
+            raise error
+        if found < 0:
+            raise RuntimeError(
+                f'The local leader (rank {leader}) could not find a free shared-memory prefix for its streaming '
+                'dataset; its own error says why.'
+            )
+        return found
+
+    streaming_prefix._check_and_find_retrying = scan_on_leader
+    try:
+        yield
+    finally:
+        streaming_prefix._check_and_find_retrying = scan
 
 
 @dataclass(frozen=True)
