@@ -94,7 +94,8 @@ def load_vae(
             f'weights, for tests). {_WEIGHTS_HELP}'
         )
     if config is not None:
-        return AutoencoderKL(**config)  # type: ignore[return-value]  # diffusers' top-level classes type as placeholders
+        # (diffusers' top-level classes type as placeholders.)
+        return AutoencoderKL(**config)  # type: ignore[return-value]
     assert pretrained_path is not None  # exactly one of the two is set
     folder = os.path.join(pretrained_path, subfolder) if subfolder else pretrained_path
     if not os.path.isfile(os.path.join(folder, 'config.json')):
