@@ -11,7 +11,7 @@ import copy
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from composer_algos import registry, validation
 from composer_algos.registry import ConfigError, call_checked, check_keys, named_items, suggest
 from composer_algos.validation import TOP_LEVEL_KEYS
+
+if TYPE_CHECKING:
+    from composer.models import ComposerModel
 
 # Every part a recipe builds gets its arguments checked against the callee's annotations.
 registry.set_argument_hooks(validation.check_arguments, validation.explain_failure)
@@ -73,12 +76,13 @@ def _load_with_includes(path: str, seen: tuple[str, ...]) -> DictConfig:
         include_path = os.path.join(os.path.dirname(path), include)
         if not os.path.isfile(include_path):
             raise ConfigError(f'{path}: included fragment {include!r} not found at {include_path}.')
-        merged = OmegaConf.merge(merged, _load_with_includes(include_path, (*seen, path)))
-    return OmegaConf.merge(merged, cfg)
+        # Mappings merged into a mapping: a DictConfig.
+        merged = cast(DictConfig, OmegaConf.merge(merged, _load_with_includes(include_path, (*seen, path))))
+    return cast(DictConfig, OmegaConf.merge(merged, cfg))
 
 
 # ------------------------------------------------------------------------------------------------- model
-def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
+def build_model(model_cfg: dict[str, Any]) -> ComposerModel:
     """Build the model section: ``name`` (default ``diffusion``) from the models registry."""
     return registry.build(registry.models, model_cfg, 'model', 'model', default='diffusion')
 
@@ -207,5 +211,6 @@ def build_trainer(cfg: dict[str, Any]) -> Any:
         # Saved in every checkpoint from now on, so that a checkpoint that does not fit a model can say what wrote
         # it. Set after the Trainer loaded any checkpoint: a sharded one is read into the shape of the model's
         # state, and one written before models recorded their recipe has no entry for it.
-        model.recipe = {'run_name': trainer.state.run_name, 'model': model_cfg}
+        # (torch types a Module's attributes as tensors or modules.)
+        model.recipe = {'run_name': trainer.state.run_name, 'model': model_cfg}  # type: ignore[assignment]
     return trainer

@@ -136,10 +136,12 @@ def resolve(registry: catalogue.Registry, name: str, kind: str) -> Callable[...,
 def _parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
     """The keyword parameters ``fn`` accepts; ``None`` when it takes any (``**kwargs``). A class whose ``__init__``
     passes ``**kwargs`` on to its base's adds the base's parameters."""
+    params: dict[str, inspect.Parameter]
     if not inspect.isclass(fn):
         params = dict(inspect.signature(fn).parameters)
         return None if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()) else params
-    params: dict[str, inspect.Parameter] = {}
+    params = {}
+    cls: type[Any]
     for cls in fn.__mro__:
         if '__init__' not in vars(cls) or cls is object:
             continue

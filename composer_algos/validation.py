@@ -21,7 +21,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 import yaml
@@ -127,7 +127,8 @@ def merge_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
                 )
             ) from e
     try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        # A mapping merged into a mapping: a DictConfig.
+        return cast(DictConfig, OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(f'overrides {list(overrides)}: {e}')) from e
 
@@ -141,7 +142,7 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
         message = str(e).splitlines()[0]
         raise ConfigError(_one_line(f'{key or "recipe"}: {message}; fix the ${{...}} reference')) from e
     assert isinstance(resolved, dict)
-    return resolved
+    return cast(dict[str, Any], resolved)  # a recipe's keys are strings
 
 
 # ------------------------------------------------------------------------------------------------- types
@@ -545,15 +546,16 @@ def _data_shape(dataset: Any, where: str) -> tuple[tuple[int, ...], str]:
                     f'{", ".join(shard.column_names)}){hint}.'
                 )
             )
-    shapes = {_fixed_shape(shard, column) for shard in dataset.shards}
-    if None not in shapes and len(shapes) > 1:
+    found = {_fixed_shape(shard, column) for shard in dataset.shards}
+    shapes = {shape for shape in found if shape is not None}
+    if None not in found and len(shapes) > 1:
         raise ConfigError(
             _one_line(
                 f'{where}: the shards in {source} hold {column} of different shapes '
                 f'{sorted(shapes)}; write them at one size (--resize).'
             )
         )
-    if None in shapes:
+    if None in found:
         try:
             shape = tuple(dataset[0]['image'].shape)
         except ValueError as e:
@@ -612,6 +614,7 @@ def check_data_fits_model(model: torch.nn.Module, loader: Any, where: str) -> No
     if len(loader) == 0:
         from composer.utils import dist
 
+        assert dataset.batch_size is not None, 'a loader that batches has a batch size'
         raise ConfigError(
             f'{where}.global_batch_size={dataset.batch_size * dist.get_world_size()}: its per-rank batch '
             f'of {dataset.batch_size} is more than the {len(dataset)} examples each rank reads from '
@@ -628,6 +631,7 @@ def _check_conditioning_columns(model: torch.nn.Module, dataset: Any, source: st
     missing = [key for key in getattr(conditioner, 'batch_keys', ()) if key not in gives]
     if not missing:
         return
+    assert conditioner is not None, 'only a conditioner reads batch keys'
     in_shards = all(missing[0] in shard.column_names for shard in dataset.shards)
     fix = (
         f'set {where}.caption_embeddings=true to read it'
@@ -646,7 +650,7 @@ def _check_conditioning_columns(model: torch.nn.Module, dataset: Any, source: st
     )
 
 
-def _check_forward(model: torch.nn.Module, shape: tuple[int, ...], source: str, where: str) -> None:
+def _check_forward(model: Any, shape: tuple[int, ...], source: str, where: str) -> None:
     # Where the model is now (the Trainer moves it later): on its device the example is an ordinary batch.
     device = next(model.parameters(), torch.zeros(0)).device
     batch = {'image': torch.zeros(1, *shape).to(device), 'label': torch.zeros(1, dtype=torch.long).to(device)}

@@ -67,7 +67,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from composer_algos import cli
 from composer_algos.evaluation.speedup import (
@@ -619,7 +619,7 @@ def summarize(
             'step_time_ratio': step_time / uniform_step_time,
         }
         # Targets: uniform's FID at each fraction of the budget (mean curve; and each seed's own uniform curve).
-        thresholds = {}
+        thresholds: dict[str, dict[str, Any]] = {}
         for fraction in fractions:
             mean = speedup_at(u['steps'], u['mean'], c['steps'], c['mean'], fraction * budget)
             paired = [
@@ -644,7 +644,7 @@ def summarize(
                 },
             }
         row['thresholds'] = thresholds
-        final = (
+        final: dict[str, Any] = (
             thresholds[_fraction_key(1.0)]
             if 1.0 in fractions
             else speedup_at(u['steps'], u['mean'], c['steps'], c['mean'], budget)
@@ -894,6 +894,7 @@ def _bare_loop(cfg: dict[str, Any]) -> Any:
     import torch
 
     from composer_algos.config import build_dataloader, build_model, build_optimizer
+    from composer_algos.diffusion import DiffusionModel
 
     loader = build_dataloader(dict(cfg['train_loader'], shuffle=False, drop_last=False), 'train_loader')
     batches = list(loader)
@@ -901,6 +902,7 @@ def _bare_loop(cfg: dict[str, Any]) -> Any:
     labels = torch.cat([b['label'] for b in batches])
     batch_size = loader.batch_size
     model = build_model(cfg['model'])
+    assert isinstance(model, DiffusionModel)  # a recipe of the race
     model.train()
     optimizer = build_optimizer(cfg['optimizer'], model)
     generator = torch.Generator().manual_seed(0)
@@ -941,6 +943,7 @@ def step_overhead(
             f'{", ".join(dependent)} trains from another run of a race (DEPENDS_ON); its step is that '
             'of a fixed sampler, which --step-overhead does not measure.'
         )
+    times: dict[str, dict[str, list[float]]]
     trainers, times = {}, {m: {'cpu': [], 'wall': []} for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
@@ -1324,6 +1327,7 @@ def combine_races(folders: Sequence[str]) -> tuple[dict[str, Any], list[dict[str
     first = races[0]
     keys = ('steps', 'eval_every', 'fid_samples', 'ddim_steps', 'bpd_images', 'bpd_terms')
     uniform = {r['seed']: r['fid'] for r in first['runs'] if r['method'] == 'uniform'}
+    methods: set[str]
     runs, methods = [], set()
     for folder, race in zip(folders, races, strict=True):
         differs = [k for k in keys if race['args'].get(k) != first['args'].get(k)]
@@ -1669,7 +1673,8 @@ def leaderboard(
                 paired_speedup(u['fid_steps'], u['fid'], r['fid_steps'], r['fid'], fraction * budget, budget)
                 for r, u in paired
             ]
-            row[key] = _ratio_block([p[0] for p in pairs], [p[1] for p in pairs])
+            # Each ratio is known: the uniform runs are evaluated up to the budget (None only outside their steps).
+            row[key] = _ratio_block(cast(list[float], [p[0] for p in pairs]), [p[1] for p in pairs])
         row['log_fid_area_ratio'] = _ratio_block(
             [
                 log_fid_area(r['fid_steps'], r['fid'], floor) / log_fid_area(u['fid_steps'], u['fid'], floor)
@@ -1717,7 +1722,10 @@ def objective_comparison(
     speedups = [paired_speedup(d['fid_steps'], d['fid'], f['fid_steps'], f['fid'], budget, budget) for f, d in pairs]
     return {
         'seeds': [f['seed'] for f, _ in pairs],
-        'flow_speedup_to_ddpm_final': _ratio_block([s for s, _ in speedups], [r for _, r in speedups]),
+        # Known, as above: the DDPM runs are evaluated up to the budget.
+        'flow_speedup_to_ddpm_final': _ratio_block(
+            cast(list[float], [s for s, _ in speedups]), [r for _, r in speedups]
+        ),
         'final_fid_ratio_flow_over_ddpm': _ratio_block([f['fid'][-1] / d['fid'][-1] for f, d in pairs]),
         'ddpm_final_fid': [d['fid'][-1] for _, d in pairs],
         'flow_final_fid': [f['fid'][-1] for f, _ in pairs],

@@ -134,6 +134,7 @@ class Recorder(Callback):
         self._start = time.perf_counter()
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
+        assert isinstance(state.loss, torch.Tensor)  # a diffusion model's loss
         self.losses.append(float(state.loss.detach()))
 
     def batch_end(self, state: State, logger: Logger) -> None:
@@ -298,7 +299,8 @@ def digits(split: str, size: int) -> list:
     for digit, label in digits_images(split):
         image = digit.convert('RGB')
         if image.size != (size, size):
-            image = image.resize((size, size), resample=Image.BICUBIC)
+            # (Pillow sets its filter constants at import, unseen by type checkers.)
+            image = image.resize((size, size), resample=Image.BICUBIC)  # type: ignore[attr-defined]
         images.append((image, label))
     return images
 
@@ -331,7 +333,8 @@ class Workspace:
 
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                AutoencoderKL(**(TINY_VAE if self.tiny else SD_VAE)).save_pretrained(tmp)
+                # (diffusers' top-level classes type as placeholders.)
+                AutoencoderKL(**(TINY_VAE if self.tiny else SD_VAE)).save_pretrained(tmp)  # type: ignore[attr-defined]
 
         on_rank_zero(lambda: write_once(folder, write))
         return folder
@@ -406,7 +409,7 @@ def barriers_skipped(error: BaseException) -> int | None:
 
 def shared_blocks(loader: Any) -> list[tuple[str, bool]]:
     """``(name, created here)`` of each shared-memory block of a loader's StreamingDataset (streaming 0.13)."""
-    dataset = getattr(loader, 'dataset', None)
+    dataset: Any = getattr(loader, 'dataset', None)  # None, or a dataset without them: AttributeError below
     try:
         blocks = [
             dataset._locals_shm,
@@ -730,9 +733,9 @@ def smoke(recipe: str, args: argparse.Namespace, space: Workspace, on_gpu: bool)
     out.ms_per_step = 1000 * statistics.median(timed) if timed else None
     peaks = [r.peak_bytes for r in a if r.peak_bytes is not None]
     out.peak_bytes = max(peaks) if peaks else None
-    adaptive = [own[run].algorithms.get('AdaptiveTimestepSampling') for run in ('A', 'B')]
-    if adaptive[0] is not None and adaptive[1] is not None:
-        out.adaptive_probes = [int(s['num_probes']) for s in adaptive]
+    adaptive_a, adaptive_b = (own[run].algorithms.get('AdaptiveTimestepSampling') for run in ('A', 'B'))
+    if adaptive_a is not None and adaptive_b is not None:
+        out.adaptive_probes = [int(s['num_probes']) for s in (adaptive_a, adaptive_b)]
     # Algorithm states are compared on each rank; the verdicts are gathered.
     out.reason = check_runs(out) or collective_ok(check_states(own['A'], own['B'])) or ''
     out.ok = not out.reason

@@ -45,7 +45,8 @@ SD_VAE = {
 }
 
 
-def recipe_denoiser(recipe: str, device: str = 'meta', **changes: Any) -> nn.Module:
+def recipe_denoiser(recipe: str, device: str = 'meta', **changes: Any) -> Any:
+    """A recipe's denoiser module (Any: its FSDP policies are attributes torch's Module typing does not know)."""
     from composer_algos import registry
     from composer_algos.config import call_with_config, load_config
 

@@ -41,12 +41,14 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from composer_algos.config import build_model, load_config
+    from composer_algos.diffusion import DiffusionModel
     from composer_algos.evaluation.features import digits_arrays
 
     torch.manual_seed(0)
     images, _ = digits_arrays('train')
     images = images[:, None] if images.dim() == 3 else images
     model = build_model(load_config(os.path.join(ROOT, 'yamls', 'digits', 'uniform.yaml'))['model'])
+    assert isinstance(model, DiffusionModel)  # the digits recipe's model
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(args.steps):

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+from typing import Any
 
 from composer_algos.evaluation.features import (
     CLASSIFIER_CONFIGS,
@@ -27,7 +28,7 @@ from composer_algos.evaluation.features import (
 from composer_algos.machine import machine_fingerprint
 
 # name -> config overrides of the dataset's default (composer_algos.evaluation.features.CLASSIFIER_CONFIGS).
-SHIPPED = {
+SHIPPED: dict[str, dict[str, Any]] = {
     'digits': {},  # the digits tier: 8x8 scikit-learn digits (the default config)
     'mnist5k-16': {'dataset': 'mnist5k', 'image_size': 16},  # the MNIST tier: 16x16 MNIST digits
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
@@ -44,7 +44,12 @@ class DiffusionAlgorithm(ReprMixin, Algorithm):
       owner, and alone tilts the default sampler) and ``adds_loss_weighting`` (weightings multiply, any number).
     """
 
-    needs: ClassVar[tuple[str, ...]] = ()
+    if TYPE_CHECKING:
+        # Read-only to its users, so that a subclass may compute it (a property) instead of setting it.
+        @property
+        def needs(self) -> tuple[str, ...]: ...
+    else:
+        needs: ClassVar[tuple[str, ...]] = ()
     objectives: ClassVar[tuple[str, ...]] = OBJECTIVES
     why: ClassVar[str] = ''
     instead: ClassVar[str] = ''

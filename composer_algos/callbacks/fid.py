@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from composer.core import State, Time
@@ -19,6 +19,9 @@ from composer_algos.evaluation.fid import fid_metric, floor_at, update_fid
 from composer_algos.evaluation.generation import rank_world
 from composer_algos.evaluation.plots import metric_curve_png
 from composer_algos.seeding import keyed_generator
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 __all__ = ['FID']
 
@@ -125,7 +128,7 @@ class FID(SamplingEvaluation):
         self.values: list[float] = []
         self.floor: float | None = None
         self.feature_sha256: str | None = None
-        self._metric = None
+        self._metric: FrechetInceptionDistance | None = None
 
     def __repr__(self) -> str:
         feature = self.feature if isinstance(self.feature, str) else type(self.feature).__name__
@@ -151,7 +154,9 @@ class FID(SamplingEvaluation):
         loader = self.resolve_loader(state, self.real_loader, 'callbacks.fid.real_loader')
         rank, world_size = rank_world()
         cap = None if self.max_real_samples is None else math.ceil(self.max_real_samples / world_size)
-        metric = floor = accuracy = None
+        metric: FrechetInceptionDistance | None = None
+        floor: FrechetInceptionDistance | None = None
+        accuracy = None
         count = halves = 0
         gen = keyed_generator(self.seed, rank)
         for batch in loader:
@@ -166,6 +171,7 @@ class FID(SamplingEvaluation):
                 accuracy = getattr(feature, 'accuracy', None)
                 self.feature_sha256 = getattr(feature, 'sha256', None)
                 metric, floor = fid_metric(feature, device), fid_metric(feature, device)
+            assert floor is not None  # made with the metric
             update_fid(metric, images, real=True, batch_size=self.batch_size)
             # Split each batch at random between the two halves of the real-vs-real floor (datasets are often
             # ordered by class, so a fixed alternation would compare different class mixes).
@@ -180,6 +186,7 @@ class FID(SamplingEvaluation):
         if metric is None:
             raise ValueError('The FID real-image loader yielded no images.')
         if self.floor is None:
+            assert floor is not None  # made with the metric
             halves_fid = float(floor.compute())
             # The sizes of all ranks together, as torchmetrics sums the statistics over ranks.
             n_real, n_half = all_reduce(torch.tensor([count, halves], dtype=torch.float64)).tolist()

@@ -148,7 +148,8 @@ class LossBands(Callback):
                 self._warned = True
             return
         values = torch.as_tensor(metric.compute()).flatten()
-        names = band_names(int(metric.num_timesteps), int(metric.num_bands))
+        # (torchmetrics' Metric types its attributes as tensors or modules, torch's Module typing.)
+        names = band_names(int(metric.num_timesteps), int(metric.num_bands))  # type: ignore[arg-type]
         logger.log_metrics(
             {f'metrics/{label}/{self.metric_name}/{name}': float(v) for name, v in zip(names, values, strict=False)}
         )

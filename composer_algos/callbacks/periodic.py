@@ -221,6 +221,7 @@ class SamplingEvaluation(PeriodicEvaluation):
     ) -> tuple[list[int], torch.Tensor]:
         """This rank's share of the samples, from the EMA weights in eval mode: ``(indices, samples)``
         (``guidance_scale`` and ``prompts``: others than the callback's)."""
+        assert self.shape is not None, 'the subclass resolves the sample shape first (sample_shape)'
         with self.sampling_model(state, self.use_ema) as (model, _):
             scale = check_guidance_scale(
                 self.guidance_scale if guidance_scale is None else guidance_scale, getattr(model, 'conditioner', None)

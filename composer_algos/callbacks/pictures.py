@@ -104,6 +104,7 @@ class SampleGrid(SamplingEvaluation):
         model = self.diffusion_model(state)
         self.shape = self.sample_shape(state, model, self.shape)
         prompts = self.resolve_prompts(state, model)
+        samples: torch.Tensor | None
         indices, samples = self.generate(state)
         samples = gather_by_index(indices, samples)
         if samples is None:

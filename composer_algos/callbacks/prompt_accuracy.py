@@ -46,6 +46,7 @@ class PromptAccuracy(SamplingEvaluation):
     """
 
     recipe_name = 'prompt_accuracy'
+    prompts: list[str]  # given, or the digits'
 
     def __init__(
         self,
@@ -70,6 +71,7 @@ class PromptAccuracy(SamplingEvaluation):
             )
         if prompts is None:
             prompts, labels = digit_prompts()
+        assert labels is not None  # given with the prompts (checked above)
         if len(prompts) != len(labels) or not prompts:
             raise ValueError(f'{len(prompts)} prompts for {len(labels)} labels; give one label per prompt.')
         if not guidance_scales or any(not float(s) >= 1 for s in guidance_scales):

@@ -60,10 +60,10 @@ def run_summary(trainer: Any) -> list[str]:
             lines.append(text + ').')
         elif isinstance(callback, BitsPerDim) and callback.values:
             lines.append(f'Bits/dim {callback.values[-1]:.3f} at step {callback.steps[-1]}.')
-        elif isinstance(callback, SampleGrid) and getattr(callback, 'last_path', None):
-            files.append(f'samples: {_here(callback.last_path)}')
-        elif isinstance(callback, TimestepHeatmap) and getattr(callback, 'last_path', None):
-            files.append(f'timestep distribution: {_here(callback.last_path)}')
+        elif isinstance(callback, SampleGrid) and (path := getattr(callback, 'last_path', None)):
+            files.append(f'samples: {_here(path)}')
+        elif isinstance(callback, TimestepHeatmap) and (path := getattr(callback, 'last_path', None)):
+            files.append(f'timestep distribution: {_here(path)}')
     saver = getattr(trainer, '_checkpoint_saver', None)
     if saver is not None:
         folder = format_name_with_dist(saver.folder, state.run_name)

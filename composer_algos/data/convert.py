@@ -232,9 +232,11 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     Halves with a box filter while the image is at least twice the target, then resizes with bicubic filtering.
     """
     while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+        # (Pillow sets its filter constants at import, unseen by type checkers.)
+        image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.BOX)  # type: ignore[attr-defined]
     scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    new_size = (round(image.size[0] * scale), round(image.size[1] * scale))
+    image = image.resize(new_size, resample=Image.BICUBIC)  # type: ignore[attr-defined]
     left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -375,6 +377,7 @@ def write_folder_mds(
     from streaming.base.util import merge_index
     from tqdm import tqdm
 
+    files: list[tuple]  # (path, label), or (path, label, caption) with captions
     files, classes = list_image_folder(root)
     if captions:
         texts = folder_captions(root, [path for path, _ in files])
@@ -464,7 +467,7 @@ def mnist5k_images(split: str, image_size: int = 28) -> list[tuple[Image.Image, 
     for i in order:
         image = Image.fromarray(images[i], mode='L')
         if image_size != 28:
-            image = image.resize((image_size, image_size), resample=Image.BOX)
+            image = image.resize((image_size, image_size), resample=Image.BOX)  # type: ignore[attr-defined]
         out.append((image, int(labels[i])))
     return out
 

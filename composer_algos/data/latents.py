@@ -43,7 +43,7 @@ class VAEEncoder(nn.Module):
     ``scaling_factor`` is the VAE's own latent scale, which ``model.latent_scale`` should match.
     """
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, vae: Any):  # an AutoencoderKL, whose parts torch's Module typing does not know
         super().__init__()
         self.encoder = vae.encoder
         self.quant_conv = vae.quant_conv
@@ -94,7 +94,9 @@ def load_vae(
             f'weights, for tests). {_WEIGHTS_HELP}'
         )
     if config is not None:
-        return AutoencoderKL(**config)
+        # (diffusers' top-level classes type as placeholders.)
+        return AutoencoderKL(**config)  # type: ignore[return-value]
+    assert pretrained_path is not None  # exactly one of the two is set
     folder = os.path.join(pretrained_path, subfolder) if subfolder else pretrained_path
     if not os.path.isfile(os.path.join(folder, 'config.json')):
         raise FileNotFoundError(
@@ -129,7 +131,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 def write_latents_mds(
     samples: Iterable[tuple[Image.Image, int]],
     out: str,
-    encoder: VAEEncoder,
+    encoder: nn.Module,
     batch_size: int = 32,
     device: str = 'cpu',
     size_limit: str | int = '64mb',

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from time import time_ns
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -175,7 +175,7 @@ class _FixedRecords:
     @property
     def record_size(self) -> int | None:
         """The bytes of every record, ``None`` when a column has a variable size."""
-        return None if None in self.sizes else int(sum(self.sizes))
+        return None if None in self.sizes else int(sum(cast(tuple[int, ...], self.sizes)))
 
 
 def _fixed_records(shard: Any, column: str) -> _FixedRecords | None:
@@ -217,6 +217,7 @@ def _column_bytes(
             sizes[index] = size
         position = begin + 4 * len(variable)
         for name, size in zip(layout.names, sizes, strict=True):
+            assert size is not None, 'every variable size is read from the head'
             if name in out:
                 out[name].append(data[position : position + size])
             position += size
@@ -255,7 +256,7 @@ def _read_records(
     size = layout.record_size
     if size is not None:
         records = np.stack([data[b : b + size] for b in begins])
-        offsets = np.concatenate([[0], np.cumsum(layout.sizes)]).astype(int)
+        offsets = np.concatenate([[0], np.cumsum(cast(tuple[int, ...], layout.sizes))]).astype(int)
         columns: dict[str, Any] = {
             name: records[:, offsets[i] : offsets[i + 1]] for i, name in enumerate(layout.names) if name in wanted
         }
@@ -408,7 +409,8 @@ class StreamingImageDataset(StreamingDataset):
     def _text_columns(self) -> tuple[str, ...]:
         """The text columns every batch carries: ``caption`` when the shards have one, and the stored encoder
         outputs with ``caption_embeddings`` (an error naming the option when the shards lack them)."""
-        have = [set(shard.column_names) for shard in self.shards]
+        # (streaming's Reader base class leaves the column names to its formats.)
+        have = [set(shard.column_names) for shard in self.shards]  # type: ignore[attr-defined]
         wanted = tuple(c for c in _TEXT_COLUMNS if c == 'caption' or self.caption_embeddings)
         present = tuple(c for c in wanted if all(c in columns for columns in have))
         partly = [c for c in wanted if c not in present and any(c in columns for columns in have)]
@@ -451,7 +453,8 @@ class StreamingImageDataset(StreamingDataset):
             super().prepare_shard(shard_id, blocking)
 
     # ------------------------------------------------------------------------------------------- one sample
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    # One sample by its index (a DataLoader's sampler); streaming's Array also takes slices and index arrays.
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         sample = super().__getitem__(index)
         data = self._convert_channels(self._sample_array(sample, index)[None])
         ids = np.array([index], dtype=np.int64)
@@ -506,6 +509,7 @@ class StreamingImageDataset(StreamingDataset):
         epoch, sample_in_epoch = self._resume_incr_epoch()
         sample_ids = self._get_work(epoch, sample_in_epoch)
         sample_ids = sample_ids[sample_ids != -1]  # streaming pads partitions with -1, which it skips
+        assert self.batch_size is not None, 'yield_batches needs batch_size (checked when made)'
         size = int(self.batch_size)
         end = len(sample_ids) - (len(sample_ids) % size if self.drop_last else 0)
         self._start_prefetch(sample_ids[:end])
@@ -711,8 +715,11 @@ class StreamingBatchLoader(DataLoader):
             persistent_workers=persistent_workers,
         )
 
+    dataset: StreamingImageDataset
+
     @property
-    def batch_size(self) -> int:  # type: ignore[override]
+    def batch_size(self) -> int:
+        assert self.dataset.batch_size is not None, 'yield_batches needs batch_size (checked when made)'
         return int(self.dataset.batch_size)
 
     @batch_size.setter
@@ -722,7 +729,7 @@ class StreamingBatchLoader(DataLoader):
             raise ValueError("The batch size of a StreamingBatchLoader is its dataset's batch_size.")
 
     def __len__(self) -> int:
-        samples, size = len(self.dataset), int(self.dataset.batch_size)
+        samples, size = len(self.dataset), self.batch_size
         return samples // size if self.dataset.drop_last else -(-samples // size)
 
 

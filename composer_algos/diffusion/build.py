@@ -51,7 +51,7 @@ def build_diffusion_model(
                 'model.flow (shift, resolution_shift, ...). Remove model.noise_schedule or set '
                 'it to null.'
             )
-        model_class = FlowMatchingModel
+        model_class: type[DiffusionModel] = FlowMatchingModel
         schedule = registry.call_checked(FlowSchedule, dict(flow or {}), 'model.flow')
     else:
         if flow is not None:

@@ -186,7 +186,7 @@ def get_diffusion_model(model: nn.Module, who: Any = None, needs: Sequence[str] 
     unknown = sorted(set(needs) - set(CONTRACT_MEMBERS))
     if unknown:
         raise ValueError(f'{name or "A caller"} names {unknown}, which are not members of DiffusionContract.')
-    found = model
+    found: Any = model  # a wrapper's .module, which torch types as Tensor | Module
     while missing_members(found, needs) and hasattr(found, 'module'):
         found = found.module
     missing = missing_members(found, needs)

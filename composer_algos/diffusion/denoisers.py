@@ -67,14 +67,15 @@ def build_unet(
 def _unet_block_types(n: int, levels: Sequence[int], attention: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The down and up block types of a UNet of ``n`` resolutions: ``<attention>DownBlock2D`` (and up) at the
     resolutions ``levels`` lists (by index, highest first), plain blocks elsewhere."""
-    levels = set(levels)
-    down = tuple(f'{attention}DownBlock2D' if i in levels else 'DownBlock2D' for i in range(n))
-    up = tuple(f'{attention}UpBlock2D' if (n - 1 - i) in levels else 'UpBlock2D' for i in range(n))
+    attended = set(levels)
+    down = tuple(f'{attention}DownBlock2D' if i in attended else 'DownBlock2D' for i in range(n))
+    up = tuple(f'{attention}UpBlock2D' if (n - 1 - i) in attended else 'UpBlock2D' for i in range(n))
     return down, up
 
 
-def _shard_by_block(unet: nn.Module) -> nn.Module:
-    """``unet`` with each down, mid and up block its own FSDP (and activation checkpointing) unit."""
+def _shard_by_block(unet: Any) -> nn.Module:
+    """``unet`` (a diffusers UNet, whose blocks and policy attributes torch's Module typing does not know) with each
+    down, mid and up block its own FSDP (and activation checkpointing) unit."""
     blocks = [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
     unet.fsdp_wrap_fn = unet.activation_checkpointing_fn = BlockPolicy(blocks)
     return unet
@@ -107,8 +108,8 @@ def build_dit(
         num_embeds_ada_norm=num_classes,
         **kwargs,
     )
-    adapter = _DiTAdapter(model)
-    blocks = list(model.transformer_blocks)
+    adapter = _DiTAdapter(model)  # type: ignore[arg-type]  # diffusers' top-level classes type as placeholders
+    blocks = list(model.transformer_blocks)  # type: ignore[attr-defined]  # the same placeholder
     # diffusers' DiT calls transformer_blocks[0].norm1.emb again after the last block, when a sharded block 0 would
     # be resharded already: block 0 stays in the denoiser's own unit (gathered for the whole forward).
     adapter.fsdp_wrap_fn = BlockPolicy(blocks[1:])
@@ -277,7 +278,8 @@ class KeywordDenoiser(nn.Module):
         self.model = model
         self.extra = extra
         # Under FSDP each transformer block is its own unit.
-        self.fsdp_wrap_fn = self.activation_checkpointing_fn = BlockPolicy(list(model.transformer_blocks))
+        blocks = list(model.transformer_blocks)  # type: ignore[arg-type]  # torch types submodules as Tensor | Module
+        self.fsdp_wrap_fn = self.activation_checkpointing_fn = BlockPolicy(blocks)
 
     @property
     def config(self) -> Any:
@@ -309,6 +311,10 @@ class BlockPolicy:
 
 class _DiTAdapter(nn.Module):
     """Calls a diffusers DiT with the ``denoiser(x_t, t, class_labels=...)`` signature the model contract uses."""
+
+    # Set by build_dit.
+    fsdp_wrap_fn: BlockPolicy
+    activation_checkpointing_fn: BlockPolicy
 
     def __init__(self, dit: nn.Module):
         super().__init__()

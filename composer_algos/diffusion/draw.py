@@ -218,6 +218,11 @@ def evaluation_draw(
     noise = torch.randn(tuple(x0.shape), generator=gen).to(x0.device, x0.dtype)
     sigma = None
     if grid is not None:
+        if not isinstance(sampler, ContinuousTimestepSampler):
+            raise TypeError(
+                f'Continuous noise levels are drawn by a closed-form sampler (ContinuousTimestepSampler), got '
+                f'{type(sampler).__name__}.'
+            )
         sigma = sampler.inverse_cdf(u.to(x0.device), x0)
         t = grid.cells(sigma)
     weight = torch.ones(batch_size, device=x0.device)

@@ -95,6 +95,7 @@ class FlowSchedule:
     ):
         if not (math.isfinite(shift) and shift > 0):
             raise ValueError(f'shift must be positive and finite, got {shift}.')
+        value: float
         for name, value in (
             ('base_seq_len', base_seq_len),
             ('max_seq_len', max_seq_len),

@@ -50,6 +50,9 @@ class FlowMatchingModel(DiffusionModel):
 
     objective = 'flow_matching'
     prediction_types = ('velocity',)
+    # A FlowSchedule where the base class has a NoiseSchedule (also as the constructor's argument): the members that
+    # read a DDPM schedule (vlb_terms, prior_term, prediction_target, _sample) are all overridden here.
+    noise_schedule: FlowSchedule  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -64,7 +67,8 @@ class FlowMatchingModel(DiffusionModel):
             raise TypeError(f'A flow-matching model takes a FlowSchedule, got {type(noise_schedule).__name__}.')
         if solver not in SOLVERS:
             raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}.')
-        super().__init__(denoiser, noise_schedule or FlowSchedule(), prediction_type, **kwargs)
+        schedule = noise_schedule or FlowSchedule()
+        super().__init__(denoiser, schedule, prediction_type, **kwargs)  # type: ignore[arg-type]
         self.solver = solver
 
     # ----------------------------------------------------------------------------------------- contract

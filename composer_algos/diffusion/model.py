@@ -62,6 +62,9 @@ class DiffusionLoss(Metric):
     """Mean unweighted per-sample diffusion loss; with ``num_bands > 1`` also the mean in each band of t."""
 
     full_state_update = False
+    # States made by add_state.
+    total: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, num_timesteps: int, num_bands: int = 1):
         super().__init__()
@@ -130,7 +133,7 @@ class DiffusionModel(ComposerModel):
 
     # Which objective the model trains (algorithms stated on DDPM schedules check it); FlowMatchingModel: flow_matching.
     objective = 'ddpm'
-    prediction_types = PREDICTION_TYPES
+    prediction_types: tuple[str, ...] = PREDICTION_TYPES
 
     def __init__(
         self,
@@ -404,6 +407,7 @@ class DiffusionModel(ComposerModel):
         """Complete ``record`` with the conditioning (the unconditional input where ``drop``), the loss weight and
         the per-sample loss (both computed in ``context``), as the forward outputs."""
         record.loss_weight = loss_weight
+        assert record.noise is not None, 'the draw carries its noise'
         with context:
             record.conditioning = self.conditioner(batch, drop)
             record.per_sample_loss = self.per_sample_losses(x0, record.level, record.noise, record.conditioning)
@@ -443,6 +447,7 @@ class DiffusionModel(ComposerModel):
 
     def loss(self, outputs: dict[str, DrawRecord], batch: Any, *args, **kwargs) -> torch.Tensor:
         record = record_of(outputs, type(self).__name__)
+        assert record.loss_weight is not None and record.per_sample_loss is not None, 'the forward sets both'
         loss = (record.loss_weight * record.per_sample_loss).mean()
         if self.check_finite_loss and not bool(torch.isfinite(loss)):
             causes = '; '.join(nonfinite_loss_causes(self, record, batch)) or 'no NaN in the batch, weights or model'

@@ -23,13 +23,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 
 from composer_algos.diffusion.conditioning import Conditioner, batch_entry
 from composer_algos.registry import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     'CAPTION_KEY',
@@ -108,7 +110,7 @@ def load_text_encoder(
     subfolder: str | None = None,
     local_files_only: bool = False,
     key: str = 'model.conditioner.pretrained_path',
-) -> nn.Module:
+) -> PreTrainedModel:
     """A ``CLIPTextModel`` or ``T5EncoderModel`` (by the ``model_type`` of its config) from a local folder or a hub
     id; another model type loads with ``AutoModel``."""
     import transformers
@@ -228,8 +230,8 @@ class TextConditioner(Conditioner):
         self.precomputed = bool(precomputed)
         self.text_encoder.requires_grad_(self.trainable)
         # A trained encoder is its own FSDP unit, so that its gradients are reduced across ranks; a frozen one stays
-        # whole on every rank, like the VAE.
-        self.text_encoder._fsdp_wrap = self.trainable
+        # whole on every rank, like the VAE. (torch types a Module's attributes as tensors or modules.)
+        self.text_encoder._fsdp_wrap = self.trainable  # type: ignore[assignment]
         if not self.trainable:
             self.text_encoder.eval()
         self._empty: dict[str, torch.Tensor] | None = None
@@ -278,14 +280,15 @@ class TextConditioner(Conditioner):
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         return {'hidden_states': hidden, 'attention_mask': mask, 'pooled': pooled}
 
-    def _as_keywords(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _as_keywords(self, outputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         missing = [o for o in self.keywords if outputs.get(o) is None]
         if missing:
             raise ConfigError(
                 f'model.conditioner: the denoiser keywords {self.keywords} need the outputs {missing}, '
                 'which the batch lacks (precomputed shards without caption_pooled?).'
             )
-        return {keyword: outputs[output] for output, keyword in self.keywords.items()}
+        # None of them is None (checked above).
+        return {keyword: cast(torch.Tensor, outputs[output]) for output, keyword in self.keywords.items()}
 
     def _empty_outputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The encoding of ``''``; a frozen encoder's is computed once."""
@@ -311,8 +314,8 @@ class TextConditioner(Conditioner):
         device = next(self.text_encoder.parameters()).device
         return self._as_keywords(self.encode(captions, device))
 
-    def _precomputed(self, batch: Any, drop: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        outputs = {}
+    def _precomputed(self, batch: Any, drop: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        outputs: dict[str, torch.Tensor | None] = {}
         for output, key in EMBEDDING_KEYS.items():
             value = batch.get(key) if isinstance(batch, Mapping) else None
             if value is None and output in self.keywords:
@@ -323,6 +326,11 @@ class TextConditioner(Conditioner):
                 )
             outputs[output] = value
         hidden = outputs['hidden_states']
+        if hidden is None:  # needed whatever the keywords: it gives the device and the rows of the dropped samples
+            raise ConfigError(
+                f'model.conditioner.precomputed=true: the batch has no {EMBEDDING_KEYS["hidden_states"]!r}; write '
+                'the shards with --encode-captions and set caption_embeddings: true in the loader.'
+            )
         outputs['hidden_states'] = hidden.float()
         if outputs['pooled'] is not None:
             outputs['pooled'] = outputs['pooled'].float()

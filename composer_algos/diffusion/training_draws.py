@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -21,6 +21,15 @@ from composer_algos.diffusion.schedule import NoiseSchedule
 from composer_algos.diffusion.timestep_samplers import TimestepSampler, UniformSampler
 
 __all__ = ['TrainingDraws']
+
+
+class _LossHistory(Protocol):
+    """A sampler that learns from losses (the loss-second-moment one): its history, and how to restore it."""
+
+    losses: torch.Tensor
+    counts: torch.Tensor
+
+    def load(self, losses: torch.Tensor, counts: torch.Tensor) -> None: ...
 
 
 class TrainingDraws:
@@ -124,10 +133,11 @@ class TrainingDraws:
         """The draw index and a loss-history sampler's history (tensors and numbers only)."""
         state: dict[str, Any] = {'num_draws': self.num_draws}
         if hasattr(self.sampler, 'load'):
-            state['sampler'] = {'losses': self.sampler.losses.clone(), 'counts': self.sampler.counts.clone()}
+            history = cast(_LossHistory, self.sampler)
+            state['sampler'] = {'losses': history.losses.clone(), 'counts': history.counts.clone()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_draws = int(state['num_draws'])
         if 'sampler' in state:
-            self.sampler.load(state['sampler']['losses'], state['sampler']['counts'])
+            cast(_LossHistory, self.sampler).load(state['sampler']['losses'], state['sampler']['counts'])

@@ -62,7 +62,7 @@ def consistency_diagnostic(
 
     Returns ``{'pixels': pair_statistics, 'features': pair_statistics or None, 'samples_a', 'samples_b'}``.
     """
-    kwargs = {
+    kwargs: dict[str, Any] = {
         'num_steps': num_steps,
         'eta': 0.0,
         'seed': seed,

@@ -96,7 +96,8 @@ def ema_weights(state: Any) -> Iterator[bool]:
         if swapped:
             reshard_fsdp2(state.model)
         for algorithm in reversed(swapped):
-            algorithm.ema_model.swap_params(model=state.model)
+            # composer's EMA declares ema_model as None (it is made at the first step).
+            algorithm.ema_model.swap_params(model=state.model)  # type: ignore[attr-defined]
             algorithm.ema_weights_active = False
 
 

@@ -91,7 +91,9 @@ def evaluate_model(
             'The model is text-conditioned: give prompts=[...] (or an eval_loader whose shards have '
             'captions) for its samples.'
         )
-    guidance = {'guidance_scale': float(opt['guidance_scale'])} if float(opt['guidance_scale']) != 1.0 else {}
+    guidance: dict[str, Any] = (
+        {'guidance_scale': float(opt['guidance_scale'])} if float(opt['guidance_scale']) != 1.0 else {}
+    )
     results.update(guidance)
     with eval_mode(model):
         samples = generate_samples(
@@ -127,8 +129,10 @@ def evaluate_model(
             results['bits_per_dim'] = float(bpd.mean())
             results['bits_per_dim_images'] = n_bpd
         if text:
+            assert prompts is not None  # checked above
             results.update(text_results(model, samples, prompts, shape, opt, progress))
     if text:
+        assert prompts is not None  # checked above
         # One row per prompt: the first prompts, each with (up to as many as there are rows of) the samples it had.
         count = len(prompts)
         rows = max(1, min(count, samples.shape[0], math.isqrt(opt['grid_samples'])))
@@ -158,7 +162,7 @@ def text_results(
         targets = torch.tensor([digits[i % len(digits)] for i in range(count)])
         accuracy = {}
         for scale in opt['prompt_accuracy_guidance']:
-            extra = {'guidance_scale': float(scale)} if float(scale) != 1.0 else {}
+            extra: dict[str, Any] = {'guidance_scale': float(scale)} if float(scale) != 1.0 else {}
             generated = generate_samples(
                 model,
                 range(count),
@@ -174,8 +178,9 @@ def text_results(
             accuracy[f'guidance_{float(scale):g}'] = class_accuracy(module, generated, targets, opt['batch_size'])
         results['prompt_accuracy'] = accuracy
         results['prompt_accuracy_samples'] = count
-        if getattr(module, 'accuracy', None) is not None:
-            results['prompt_classifier_val_accuracy'] = float(module.accuracy)
+        classifier_accuracy = getattr(module, 'accuracy', None)
+        if classifier_accuracy is not None:
+            results['prompt_classifier_val_accuracy'] = float(classifier_accuracy)
     if opt['clip_score_model'] is not None:
         texts = [prompts[i % len(prompts)] for i in range(samples.shape[0])]
         results['CLIPScore'] = clip_score(samples, texts, opt['clip_score_model'], opt['batch_size'])
@@ -232,8 +237,9 @@ def evaluate_checkpoint(
     info = load_checkpoint_weights(model, checkpoint, opt['weights'], model_config)
     real, conditioning = collect_images(real_loader, model, opt['max_real_samples'], with_conditioning=True)
     captions = None
-    if getattr(getattr(model, 'conditioner', None), 'kind', None) == 'text' and not opt['prompts']:
-        captions = collect_captions(real_loader, min(opt['num_samples'], real.shape[0]), model.conditioner.caption_key)
+    conditioner: Any = getattr(model, 'conditioner', None)
+    if getattr(conditioner, 'kind', None) == 'text' and not opt['prompts']:
+        captions = collect_captions(real_loader, min(opt['num_samples'], real.shape[0]), conditioner.caption_key)
     results = {'checkpoint': checkpoint, 'step': info['step'], 'weights': info['weights']}
     results.update(evaluate_model(model, real, out_dir, conditioning, progress, captions, **options))
     if compare is not None:

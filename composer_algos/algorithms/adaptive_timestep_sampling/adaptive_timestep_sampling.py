@@ -170,7 +170,7 @@ class RewardSetting:
                 raise ValueError(f'{name} must be one of {allowed}, got {value!r}.')
 
 
-_IMPROVED = {
+_IMPROVED: dict[str, Any] = {
     'normalize': 'batch',
     'entropy_coef': 0.1,
     'uniform_mix': 0.1,
@@ -286,6 +286,8 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         importance_clip: float = 10.0,
         frozen_average: str | None = None,
     ):
+        value: object  # the arguments as given, checked below
+        low: float | None
         for name, value, low in (
             ('update_every', update_every, 1),
             ('num_selected', num_selected, 1),
@@ -430,21 +432,37 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
 
     @property
     def queue_x(self) -> torch.Tensor:
-        return self.selection.queue_x
+        return self._selection.queue_x
 
     @property
     def queue_y(self) -> torch.Tensor:
-        return self.selection.queue_y
+        return self._selection.queue_y
 
     @property
     def probe_timesteps(self) -> torch.Tensor:
         """The grid of the feature-selection probe."""
-        return self.selection.probe_timesteps
+        return self._selection.probe_timesteps
 
     @property
     def probe_weights(self) -> torch.Tensor:
         """The timesteps each grid point stands for."""
-        return self.selection.probe_weights
+        return self._selection.probe_weights
+
+    @property
+    def _learner(self) -> PolicyLearner:
+        """The learner, which exists from Event.INIT on (never with ``frozen_average``)."""
+        if self.learner is None:
+            raise RuntimeError('AdaptiveTimestepSampling has no policy before Event.INIT, nor with frozen_average.')
+        return self.learner
+
+    @property
+    def _selection(self) -> TimestepSelection:
+        """The selection of S, which exists from Event.INIT on (never with ``frozen_average``)."""
+        if self.selection is None:
+            raise RuntimeError(
+                'AdaptiveTimestepSampling has no timestep selection before Event.INIT, nor with frozen_average.'
+            )
+        return self.selection
 
     # -------------------------------------------------------------------------------------------- events
     def match(self, event: Event, state: State) -> bool:
@@ -458,7 +476,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         model = self.diffusion_model(state)
         if event == Event.FIT_START:
             device = module_device(model)
-            self.learner.place(device)
+            self._learner.place(device)
             if self.prober.replica is not None:
                 self.prober.replica.to(device)
         elif event == Event.BEFORE_TRAIN_BATCH:
@@ -473,7 +491,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
 
     def install(self, model: Any, state: State, logger: Logger) -> None:
         if self.frozen_distribution is not None:
-            self._install_frozen(model)
+            self._install_frozen(model, self.frozen_distribution)
             return
         num_probe_timesteps = self.num_probe_timesteps or model.num_timesteps
         if num_probe_timesteps > model.num_timesteps or self.num_selected > num_probe_timesteps:
@@ -491,22 +509,24 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
             self._build(int(model.num_timesteps))
         model.set_timestep_sampler(self.sampler, owner=self.owner)
 
-    def _install_frozen(self, model: Any) -> None:
-        """The fixed sampler of ``frozen_average`` (a checkpoint's distribution replaces the file's when loaded)."""
-        if self.frozen_distribution.numel() != model.num_timesteps:
+    def _install_frozen(self, model: Any, distribution: torch.Tensor) -> None:
+        """The fixed sampler of ``frozen_average``, ``distribution`` (a checkpoint's replaces the file's when
+        loaded)."""
+        if distribution.numel() != model.num_timesteps:
             raise ValueError(
                 f'frozen_average {self.frozen_average!r} holds a distribution over '
-                f'{self.frozen_distribution.numel()} timesteps; the model has {model.num_timesteps}.'
+                f'{distribution.numel()} timesteps; the model has {model.num_timesteps}.'
             )
         if self.sampler is None or self.num_timesteps != model.num_timesteps:
             self.num_timesteps = int(model.num_timesteps)
-            self.sampler = FrozenSampler(self.frozen_distribution)
+            self.sampler = FrozenSampler(distribution)
         model.set_timestep_sampler(self.sampler, owner=self.owner)
 
     def _build(self, num_timesteps: int) -> None:
         """The policy, its optimizer and sampler, the probe grid, the initial S and an empty queue for
         ``num_timesteps``: what it learns belongs to one T."""
         self.num_timesteps = num_timesteps
+        policy: BetaPolicy | GlobalPolicy
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # the same initial policy on every rank
             if self.policy_kind == 'beta':
@@ -549,25 +569,28 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         start = time.perf_counter()
         batch = device_batch(state)
         x0 = model.images(batch).detach()
-        self.learner.place(x0.device)
+        self._learner.place(x0.device)
         tau = self.selected.to(x0.device)
-        probe = self.prober.before(model, x0, model.conditioning(batch), tau, self.selection, self.num_probes, step)
+        probe = self.prober.before(model, x0, model.conditioning(batch), tau, self._selection, self.num_probes, step)
         probe.seconds = time.perf_counter() - start
         self._probe = probe
         self.probe_due = False
 
     def _collect_timesteps(self, state: State) -> None:
+        probe = self._probe
+        assert probe is not None, 'match() passes the draws on only while a probe is under way'
         record = draw_record(state, self)
-        if not self._probe.t:
+        if not probe.t:
             # The prior in force when t was drawn (a curriculum may change it at the next batch).
-            self._probe.prior = None if record.prior is None else record.prior.detach()
-        self._probe.t.append(record.t.detach())
+            probe.prior = None if record.prior is None else record.prior.detach()
+        probe.t.append(record.t.detach())
 
     def _probe_after(self, state: State, model: Any, logger: Logger) -> None:
         probe, self._probe = self._probe, None
+        assert probe is not None, 'match() passes the step on only while a probe is under way'
         start = time.perf_counter()
         changes, grid_changes = self.prober.after(model, probe)
-        self.selection.push(grid_changes)
+        self._selection.push(grid_changes)
         batch_size = probe.x0.shape[0]
         t = torch.cat(probe.t) if probe.t else torch.empty(0, dtype=torch.long)
         if t.numel() != batch_size:
@@ -578,7 +601,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
         with torch.enable_grad():
             metrics = self.update_policy(probe.x0, t, self.rewards(changes), probe.prior, _loss_is_finite(state.loss))
         self.num_probes += 1
-        self.selection.reselect()
+        self._selection.reselect()
         metrics['adaptive/probe_seconds'] = probe.seconds + time.perf_counter() - start
         for i, step in enumerate(self.selected_timesteps):
             metrics[f'adaptive/S{i}'] = step
@@ -592,7 +615,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
     def log_probs(self, x0: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, T)`` log-probabilities of the distribution t is drawn from (the policy tilted by ``prior``), with
         grad."""
-        return self.learner.log_probs(x0, prior)
+        return self._learner.log_probs(x0, prior)
 
     def update_policy(
         self,
@@ -604,7 +627,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
     ) -> dict[str, float]:
         """One REINFORCE step on the policy from this rank's ``(x0, t, reward)`` (collective across ranks; see
         :meth:`PolicyLearner.update`). Returns the metrics to log."""
-        return self.learner.update(x0, t, reward, prior, loss_finite, self.num_probes)
+        return self._learner.update(x0, t, reward, prior, loss_finite, self.num_probes)
 
     # -------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -617,7 +640,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
             **super().state_dict(),
             'policy': learner['policy'],
             'optimizer': learner['optimizer'],
-            **self.selection.state_dict(),
+            **self._selection.state_dict(),
             'num_probes': self.num_probes,
             'num_updates': learner['num_updates'],
             'num_skipped': learner['num_skipped'],
@@ -636,7 +659,7 @@ class AdaptiveTimestepSampling(DiffusionAlgorithm):
             return
         if self.learner is None:
             raise RuntimeError('AdaptiveTimestepSampling must see Event.INIT before its state is loaded.')
-        self.selection.load_state_dict(state)
+        self._selection.load_state_dict(state)
         self.learner.load_state_dict(state)
         self.num_probes = int(state['num_probes'])
         self.probe_due = bool(state.get('probe_due', False))

@@ -146,7 +146,7 @@ class PolicySampler(TimestepSampler):
 
     def __init__(
         self,
-        policy: nn.Module,
+        policy: BetaPolicy | GlobalPolicy,
         num_timesteps: int,
         uniform_mix: float = 0.0,
         importance: bool = False,
@@ -220,7 +220,7 @@ class PolicyLearner:
 
     def __init__(
         self,
-        policy: nn.Module,
+        policy: BetaPolicy | GlobalPolicy,
         num_timesteps: int,
         lr: float,
         grad_clip: float,

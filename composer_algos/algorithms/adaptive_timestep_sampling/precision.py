@@ -59,7 +59,7 @@ class FullPrecisionReplica:
         """Copy ``live``'s current weights (full tensors of every shard) into the replica; return the replica."""
         from torch.distributed.tensor import DTensor
 
-        own = dict(self.module.named_parameters())
+        own: dict[str, torch.Tensor] = dict(self.module.named_parameters())
         own.update(self.module.named_buffers())
         for name, tensor in [*live.named_parameters(), *live.named_buffers()]:
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

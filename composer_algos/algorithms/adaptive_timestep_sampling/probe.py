@@ -34,8 +34,8 @@ class Probe:
     conditioning: dict[str, torch.Tensor]
     noise_keys: list[tuple[int, ...]]
     num_real: int  # this rank's real (not padding) grid entries
-    before: torch.Tensor = None  # (|S|, B) terms of the batch
-    grid_before: torch.Tensor = None  # the probe image's terms at this rank's grid share
+    before: torch.Tensor | None = None  # (|S|, B) terms of the batch
+    grid_before: torch.Tensor | None = None  # the probe image's terms at this rank's grid share
     seconds: float = 0.0
     t: list[torch.Tensor] = dataclasses.field(default_factory=list)  # the timesteps drawn, per micro-batch
     prior: torch.Tensor | None = None  # the curriculum prior t was drawn under (from the model's draw record)
@@ -104,7 +104,9 @@ class Prober:
         # Noise keyed by (probe, tau, position in the global batch) and (probe, grid timestep): the pass after the
         # step draws the same numbers (common random numbers) on any number of ranks, and nothing is stored.
         positions = global_positions(batch_size)
-        noise_keys = [(_BATCH_STREAM, number, i, p) for i in range(num_selected) for p in positions]
+        noise_keys: list[tuple[int, ...]] = [
+            (_BATCH_STREAM, number, i, p) for i in range(num_selected) for p in positions
+        ]
         noise_keys += [(_GRID_STREAM, number, int(g)) for g in grid_index]
         probe = Probe(
             step=step,
@@ -122,6 +124,7 @@ class Prober:
     def after(self, model: Any, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
         """The second pass: the ``(|S|, B)`` changes (before minus after) of the batch's terms and those of the
         probe image at this rank's real grid entries."""
+        assert probe.before is not None and probe.grid_before is not None, 'the probe had no first pass (before)'
         after, grid_after = self.run(model, probe)
         return probe.before - after, (probe.grid_before - grid_after)[: probe.num_real]
 

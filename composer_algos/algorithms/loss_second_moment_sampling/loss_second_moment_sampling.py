@@ -194,6 +194,8 @@ class LossSecondMomentSampling(DiffusionAlgorithm):
             self._pending = []
         elif event == Event.AFTER_LOSS:
             record = draw_record(state, self)
+            if record.per_sample_loss is None:
+                raise ValueError(f'{self.owner} reads the per-sample loss from the draw record; the model set none.')
             self._pending.append(
                 torch.stack(
                     [record.t.detach().to(torch.float64), record.per_sample_loss.detach().to(torch.float64)], dim=1

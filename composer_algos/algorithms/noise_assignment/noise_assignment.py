@@ -208,7 +208,11 @@ class NoiseAssignment(DiffusionAlgorithm):
     def _hungarian(self, draw: NoiseDraw) -> tuple[torch.Tensor, NoisePairing]:
         local = draw.x0.shape[0]
         positions = torch.as_tensor(draw.positions, dtype=torch.long, device=draw.x0.device)
-        labels = draw.labels.to(draw.x0.device).long() if self.by_condition else torch.zeros_like(positions)
+        if self.by_condition:
+            assert draw.labels is not None, '__call__ refuses by_condition without labels'
+            labels = draw.labels.to(draw.x0.device).long()
+        else:
+            labels = torch.zeros_like(positions)
         x0, noise = draw.x0, draw.noise
         if self.scope == 'global' and is_distributed():
             # One gather of data and noise side by side (in a dtype that holds both exactly), one of positions and
