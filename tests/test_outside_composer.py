@@ -37,3 +37,27 @@ def test_draws_are_keyed_and_resume_from_their_state():
     assert torch.equal(again.t, records[2].t) and torch.equal(again.noise, records[2].noise)
     weights = min_snr_weight(schedule, records[0].t, 'epsilon')
     torch.testing.assert_close(full.loss_weights(records[0]), weights.float())
+
+
+def test_a_loss_history_resumes_and_a_fixed_distribution_has_none_to_save():
+    import pytest
+
+    from composer_algos.algorithms.adaptive_timestep_sampling.policy import FrozenSampler
+    from composer_algos.algorithms.loss_second_moment_sampling import LossSecondMomentSampler
+
+    schedule = NoiseSchedule('squaredcos_cap_v2', 10)
+    x0 = torch.zeros(16, 1, 2, 2)
+    learner = TrainingDraws(schedule, sampler=LossSecondMomentSampler(10, history=2), seed=1)
+    for _ in range(3):
+        record = learner.draw(x0)
+        learner.update(record, record.t.float() + 1.0)
+    resumed = TrainingDraws(schedule, sampler=LossSecondMomentSampler(10, history=2), seed=1)
+    resumed.load_state_dict(learner.state_dict())
+    assert torch.equal(resumed.sampler.losses, learner.sampler.losses)
+    assert torch.equal(resumed.draw(x0).t, learner.draw(x0).t)
+
+    frozen = TrainingDraws(schedule, sampler=FrozenSampler(torch.linspace(1.0, 2.0, 10) / 15.0), seed=1)
+    frozen.draw(x0)
+    assert frozen.state_dict() == {'num_draws': 1}
+    with pytest.raises(ValueError, match='keeps none'):
+        frozen.load_state_dict(learner.state_dict())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -23,8 +23,10 @@ from composer_algos.diffusion.timestep_samplers import TimestepSampler, UniformS
 __all__ = ['TrainingDraws']
 
 
+@runtime_checkable
 class _LossHistory(Protocol):
-    """A sampler that learns from losses (the loss-second-moment one): its history, and how to restore it."""
+    """A sampler that learns from losses (the loss-second-moment one): its history, and how to restore it. A fixed
+    distribution (``FixedDistributionSampler``, the adaptive sampler's frozen average) has no state of its own."""
 
     losses: torch.Tensor
     counts: torch.Tensor
@@ -132,12 +134,16 @@ class TrainingDraws:
     def state_dict(self) -> dict[str, Any]:
         """The draw index and a loss-history sampler's history (tensors and numbers only)."""
         state: dict[str, Any] = {'num_draws': self.num_draws}
-        if hasattr(self.sampler, 'load'):
-            history = cast(_LossHistory, self.sampler)
-            state['sampler'] = {'losses': history.losses.clone(), 'counts': history.counts.clone()}
+        if isinstance(self.sampler, _LossHistory):
+            state['sampler'] = {'losses': self.sampler.losses.clone(), 'counts': self.sampler.counts.clone()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_draws = int(state['num_draws'])
         if 'sampler' in state:
-            cast(_LossHistory, self.sampler).load(state['sampler']['losses'], state['sampler']['counts'])
+            if not isinstance(self.sampler, _LossHistory):
+                raise ValueError(
+                    f'This state holds a loss history, but the sampler {type(self.sampler).__name__} keeps none: load '
+                    'it into TrainingDraws with the sampler that saved it (e.g. LossSecondMomentSampler).'
+                )
+            self.sampler.load(state['sampler']['losses'], state['sampler']['counts'])
