@@ -368,23 +368,17 @@ def test_the_t2i_recipe_trains_on_its_captioned_digits_and_scores_prompts(captio
 T2I_RECIPES = sorted(glob.glob(os.path.join(ROOT, 'yamls', '*', 't2i_*.yaml')))
 
 
-@pytest.mark.parametrize('recipe', T2I_RECIPES, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, 'yamls')))
-def test_each_t2i_recipe_resolves_to_a_trainer_and_trains(
-    recipe, captions_mds, tiny_clip_dir, tiny_vae_dir, tmp_path, monkeypatch
-):
-    """Digits recipes as written on the captioned digits; the 256px ones with a tiny VAE, UNet and CLIP of random
-    weights, on CPU without FSDP; 2 steps each."""
-    from diffusers import UNet2DConditionModel
+def _t2i_cpu_config(recipe, captions_mds, tiny_clip_dir, tiny_vae_dir, keep_fsdp=False):
+    """A t2i recipe as written, on the captioned digits for 2 steps on the CPU; the 256px ones with a tiny VAE, UNet
+    and CLIP of random weights (their FSDP settings kept with ``keep_fsdp``)."""
+    from composer_algos.config import load_config
 
-    from composer_algos.config import build_trainer, load_config
-
-    monkeypatch.chdir(tmp_path)
     cfg = load_config(recipe)
     model, conditioner = cfg['model'], cfg['model']['conditioner']
     assert conditioner['name'] == 'text' and conditioner['caption_drop_prob'] > 0
     assert model['denoiser']['name'] == 'unet_condition'
     if 'latent256' in recipe:
-        fsdp = cfg.pop('parallelism_config')['fsdp']
+        fsdp = cfg['parallelism_config']['fsdp'] if keep_fsdp else cfg.pop('parallelism_config')['fsdp']
         assert fsdp['state_dict_type'] == 'sharded' and cfg['precision'] == 'amp_bf16'
         assert model['encoder']['name'] == 'vae' and not conditioner.get('trainable', False)
         assert model['denoiser']['cross_attention_dim'] == 768
@@ -419,10 +413,52 @@ def test_each_t2i_recipe_resolves_to_a_trainer_and_trains(
         callbacks={'loss_bands': {}},
     )
     cfg.pop('scheduler', None)
-    trainer = build_trainer(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize('recipe', T2I_RECIPES, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, 'yamls')))
+def test_each_t2i_recipe_resolves_to_a_trainer_and_trains(
+    recipe, captions_mds, tiny_clip_dir, tiny_vae_dir, tmp_path, monkeypatch
+):
+    """Digits recipes as written on the captioned digits; the 256px ones with a tiny VAE, UNet and CLIP of random
+    weights, on CPU without FSDP; 2 steps each."""
+    from diffusers import UNet2DConditionModel
+
+    from composer_algos.config import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer(_t2i_cpu_config(recipe, captions_mds, tiny_clip_dir, tiny_vae_dir))
     assert isinstance(trainer.state.model.denoiser, UNet2DConditionModel)
     trainer.fit()
     assert int(trainer.state.timestamp.batch) == 2 and torch.isfinite(trainer.state.loss)
+
+
+@pytest.mark.parametrize(
+    'recipe',
+    [r for r in T2I_RECIPES if 'latent256' in r],
+    ids=lambda p: os.path.relpath(p, os.path.join(ROOT, 'yamls')),
+)
+def test_the_latent_t2i_recipes_train_under_their_fsdp2_settings(
+    recipe, captions_mds, tiny_clip_dir, tiny_vae_dir, tmp_path, monkeypatch
+):
+    """Their FSDP2 settings (one rank, in this process): the UNet sharded block by block, the frozen VAE and text
+    encoder whole, 2 steps."""
+    from distributed_run import sharding_report
+
+    from composer_algos.config import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('FSDP_VERSION', '2')
+    trainer = build_trainer(_t2i_cpu_config(recipe, captions_mds, tiny_clip_dir, tiny_vae_dir, keep_fsdp=True))
+    trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 2 and torch.isfinite(trainer.state.loss)
+    sharding = sharding_report(trainer.state.model)
+    assert 'denoiser' in sharding['fsdp_units'] and len(sharding['fsdp_units']) > 1, sharding['fsdp_units']
+    assert all(unit == 'denoiser' or unit.startswith('denoiser.') for unit in sharding['fsdp_units'])
+    params = sharding['params']
+    assert all(is_dtensor for name, (_, _, is_dtensor) in params.items() if name.startswith('denoiser.'))
+    frozen = [is_dtensor for name, (_, _, is_dtensor) in params.items() if not name.startswith('denoiser.')]
+    assert frozen and not any(frozen)
 
 
 # ------------------------------------------------------------------------------------------------ every algorithm
