@@ -31,10 +31,13 @@ from typing import Protocol
 
 import torch
 
+from composer_algos.diffusion.densities import UniformDensity
 from composer_algos.diffusion.flow import FlowSchedule
+from composer_algos.diffusion.schedule import NoiseSchedule
 from composer_algos.diffusion.timestep_samplers import (
     ContinuousTimestepSampler,
     TimestepSampler,
+    UniformSampler,
     combined_prior,
     sample_from_probs,
     sample_within_cells,
@@ -58,6 +61,10 @@ __all__ = [
     'draw_levels',
     'evaluation_draw',
     'low_discrepancy_uniforms',
+    'objective_grid_points',
+    'objective_log_probs',
+    'objective_sampler',
+    'objective_sigma_grid',
     'tilted_distribution',
     'training_randoms',
 ]
@@ -227,6 +234,38 @@ def evaluation_draw(
         t = grid.cells(sigma)
     weight = torch.ones(batch_size, device=x0.device)
     return DrawRecord(t=t, probs=sampler.probs(x0), prior=None, importance_weight=weight, sigma=sigma, noise=noise)
+
+
+# ------------------------------------------------------------------------------------------------- the objective
+# What an objective's draws default to, from its schedule alone: the model (DiffusionModel, FlowMatchingModel) and a
+# loop without Composer (TrainingDraws) both read them here.
+def objective_sampler(schedule: NoiseSchedule | FlowSchedule) -> TimestepSampler:
+    """The objective's own distribution of noise levels, the sampler in force until another is installed: uniform over
+    the T timesteps (DDPM); the time ``u`` uniform and shifted, ``sigma = shift(u)`` (flow matching)."""
+    if isinstance(schedule, FlowSchedule):
+        return ContinuousTimestepSampler(UniformDensity(), schedule)
+    return UniformSampler(schedule.num_timesteps)
+
+
+def objective_log_probs(schedule: NoiseSchedule | FlowSchedule, x0: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` log-probabilities of :func:`objective_sampler`'s distribution for the batch ``x0`` (a resolution
+    shift reads its size), which importance weights correct towards (before the priors tilt it)."""
+    if isinstance(schedule, FlowSchedule):
+        return torch.log(objective_sampler(schedule).probs(x0))
+    return torch.full((schedule.num_timesteps,), -math.log(schedule.num_timesteps), device=x0.device)
+
+
+def objective_grid_points(schedule: NoiseSchedule | FlowSchedule) -> torch.Tensor:
+    """``(T,)``: the noise level each cell of the sampling grid stands for, where loss weightings are tabulated for
+    a sampler: the timesteps themselves (DDPM), the cells' centre sigmas (flow matching)."""
+    if isinstance(schedule, FlowSchedule):
+        return schedule.cell_centres()
+    return torch.arange(schedule.num_timesteps)
+
+
+def objective_sigma_grid(schedule: NoiseSchedule | FlowSchedule) -> FlowSchedule | None:
+    """The grid :func:`draw_levels` draws continuous sigma within (flow matching); ``None``: discrete timesteps."""
+    return schedule if isinstance(schedule, FlowSchedule) else None
 
 
 # ------------------------------------------------------------------------------------------------- noise couplings

@@ -80,6 +80,8 @@ class FlowSchedule:
     """
 
     kind = 'flow_matching'
+    # What a rectified flow trains the denoiser to predict: the velocity, only.
+    prediction_types: tuple[str, ...] = ('velocity',)
 
     def __init__(
         self,

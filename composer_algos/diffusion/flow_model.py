@@ -9,10 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer_algos.diffusion.densities import UniformDensity
 from composer_algos.diffusion.flow import FlowSchedule
 from composer_algos.diffusion.model import DiffusionModel
-from composer_algos.diffusion.timestep_samplers import ContinuousTimestepSampler, TimestepSampler
 
 __all__ = ['FlowMatchingModel', 'SOLVERS']
 
@@ -29,7 +27,9 @@ class FlowMatchingModel(DiffusionModel):
 
     * ``noise_schedule`` is a :class:`FlowSchedule`; its T cells of sigma are the grid every sampler, prior and
       per-timestep table works on, and ``prediction_type`` is ``'velocity'``;
-    * the default sampler draws the time ``u`` uniformly and shifts it, ``sigma = shift(u)``;
+    * the default sampler draws the time ``u`` uniformly and shifts it, ``sigma = shift(u)``; it, the importance
+      target (its distribution) and the grid points (the cells' centres) follow from the schedule
+      (:func:`~composer_algos.diffusion.draw.objective_sampler` and its neighbours);
     * a draw: untilted, a closed-form sampler (:class:`ContinuousTimestepSampler`) gives sigma exactly by its inverse
       CDF at the keyed uniform; otherwise (curriculum priors, the adaptive policy, loss-aware samplers) the cell comes
       by inverse CDF of the tilted cell masses and the position inside it from the same uniform
@@ -49,9 +49,10 @@ class FlowMatchingModel(DiffusionModel):
     """
 
     objective = 'flow_matching'
-    prediction_types = ('velocity',)
+    prediction_types = FlowSchedule.prediction_types
     # A FlowSchedule where the base class has a NoiseSchedule (also as the constructor's argument): the members that
-    # read a DDPM schedule (vlb_terms, prior_term, prediction_target, _sample) are all overridden here.
+    # read a DDPM schedule (vlb_terms, prior_term, prediction_target, _sample) are all overridden here; the draws'
+    # defaults (sampler, grid, importance target) take either schedule.
     noise_schedule: FlowSchedule  # type: ignore[assignment]
 
     def __init__(
@@ -70,24 +71,6 @@ class FlowMatchingModel(DiffusionModel):
         schedule = noise_schedule or FlowSchedule()
         super().__init__(denoiser, schedule, prediction_type, **kwargs)  # type: ignore[arg-type]
         self.solver = solver
-
-    # ----------------------------------------------------------------------------------------- contract
-    def default_timestep_sampler(self) -> TimestepSampler:
-        """Uniform time, shifted: the rectified-flow objective's own distribution of sigma."""
-        return ContinuousTimestepSampler(UniformDensity(), self.noise_schedule)
-
-    def grid_points(self) -> torch.Tensor:
-        """The sigma each cell stands for (its centre): what loss weightings are tabulated at for samplers."""
-        return self.noise_schedule.cell_centres()
-
-    @property
-    def sigma_grid(self) -> FlowSchedule:
-        """Noise levels are drawn continuously inside the cells of this grid."""
-        return self.noise_schedule
-
-    def importance_target_log_probs(self, x0: torch.Tensor) -> torch.Tensor:
-        """The objective's own distribution (uniform time, shifted), which importance weights correct towards."""
-        return torch.log(self.default_timestep_sampler().probs(x0))
 
     # ----------------------------------------------------------------------------------------- objective
     def denoiser_timesteps(self, level: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,24 +33,46 @@ from composer_algos.diffusion.draw import (
     couple_noise,
     draw_levels,
     evaluation_draw,
+    objective_grid_points,
+    objective_log_probs,
+    objective_sampler,
+    objective_sigma_grid,
     tilted_distribution,
     training_randoms,
 )
 from composer_algos.diffusion.flow import FlowSchedule
 from composer_algos.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule, check_prediction_type
-from composer_algos.diffusion.timestep_samplers import TimestepPrior, TimestepSampler, UniformSampler
+from composer_algos.diffusion.timestep_samplers import TimestepPrior, TimestepSampler
 from composer_algos.diffusion.utils import module_device, reshard_fsdp2
 from composer_algos.diffusion.vlb import discretized_gaussian_log_likelihood, normal_kl
 from composer_algos.distributed import fsdp_gradient_scale, rank_world
 from composer_algos.registry import ConfigError
 from composer_algos.seeding import derive_seed
 
-__all__ = ['DiffusionModel', 'DiffusionLoss', 'LossWeighting', 'PREDICTION_TYPES', 'timestep_bands']
+__all__ = [
+    'DiffusionModel',
+    'DiffusionLoss',
+    'LossWeighting',
+    'PREDICTION_TYPES',
+    'loss_weight_product',
+    'timestep_bands',
+]
 
 log = logging.getLogger(__name__)
 
 # A loss weighting maps (schedule, t, prediction_type) to per-sample weights of shape (B,).
 LossWeighting = Callable[[NoiseSchedule, torch.Tensor, str], torch.Tensor]
+
+
+def loss_weight_product(
+    weightings: Iterable[LossWeighting], schedule: Any, level: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """``(B,)`` float32: the product of every weighting at the noise levels ``level`` (``t``, or flow matching's
+    sigma) of ``schedule``; 1 without weightings."""
+    weight = torch.ones(level.shape[0], device=level.device)
+    for weighting in weightings:
+        weight = weight * weighting(schedule, level, prediction_type).to(weight)
+    return weight
 
 
 def timestep_bands(t: torch.Tensor, num_bands: int, num_timesteps: int) -> torch.Tensor:
@@ -133,7 +155,7 @@ class DiffusionModel(ComposerModel):
 
     # Which objective the model trains (algorithms stated on DDPM schedules check it); FlowMatchingModel: flow_matching.
     objective = 'ddpm'
-    prediction_types: tuple[str, ...] = PREDICTION_TYPES
+    prediction_types: tuple[str, ...] = NoiseSchedule.prediction_types
 
     def __init__(
         self,
@@ -200,12 +222,15 @@ class DiffusionModel(ComposerModel):
         return self._sampler
 
     def default_timestep_sampler(self) -> TimestepSampler:
-        """The sampler in force until an algorithm installs another: uniform over the T timesteps."""
-        return UniformSampler(self.num_timesteps)
+        """The sampler in force until an algorithm installs another, the objective's own: uniform over the T
+        timesteps; flow matching: the time uniform, shifted (:func:`~composer_algos.diffusion.draw.objective_sampler`).
+        """
+        return objective_sampler(self.noise_schedule)
 
     def grid_points(self) -> torch.Tensor:
-        """What the loss weightings take at each of the T cells of the sampling grid: the timesteps themselves."""
-        return torch.arange(self.num_timesteps)
+        """What the loss weightings take at each of the T cells of the sampling grid: the timesteps themselves; flow
+        matching: the sigma each cell stands for, its centre (what they are tabulated at for samplers)."""
+        return objective_grid_points(self.noise_schedule)
 
     @property
     def timestep_sampler_owner(self) -> str | None:
@@ -298,12 +323,12 @@ class DiffusionModel(ComposerModel):
     @property
     def sigma_grid(self) -> FlowSchedule | None:
         """The grid whose cells hold continuous noise levels (flow matching); ``None``: discrete timesteps."""
-        return None
+        return objective_sigma_grid(self.noise_schedule)
 
     def importance_target_log_probs(self, x0: torch.Tensor) -> torch.Tensor:
-        """``(T,)`` log-probabilities of the objective's own distribution, which importance weights correct towards
-        (before the priors tilt it): uniform over the T timesteps."""
-        return torch.full((self.num_timesteps,), -math.log(self.num_timesteps), device=x0.device)
+        """``(T,)`` log-probabilities of the objective's own distribution (:meth:`default_timestep_sampler`'s), which
+        importance weights correct towards (before the priors tilt it)."""
+        return objective_log_probs(self.noise_schedule, x0)
 
     def denoiser_timesteps(self, level: torch.Tensor) -> torch.Tensor:
         """What the denoiser is given for the noise levels ``level``: the timesteps themselves."""
@@ -314,10 +339,8 @@ class DiffusionModel(ComposerModel):
         return self.noise_schedule.target(x0, noise, level, self.prediction_type)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
-        weight = torch.ones(t.shape[0], device=t.device)
-        for _, weighting in self._weightings:
-            weight = weight * weighting(self.noise_schedule, t, self.prediction_type).to(weight)
-        return weight
+        """``(B,)``: the product of the loss weightings at the noise levels ``t`` (flow matching: sigma)."""
+        return loss_weight_product((w for _, w in self._weightings), self.noise_schedule, t, self.prediction_type)
 
     # ----------------------------------------------------------------------------------------- data
     def _get(self, batch: Any, key: Any) -> Any:

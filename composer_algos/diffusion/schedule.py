@@ -58,6 +58,9 @@ class NoiseSchedule:
         torch.Size([2])
     """
 
+    # What a DDPM schedule trains the denoiser to predict (the first is the default).
+    prediction_types: tuple[str, ...] = PREDICTION_TYPES
+
     def __init__(
         self,
         kind: str = 'linear',
