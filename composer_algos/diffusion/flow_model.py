@@ -29,7 +29,8 @@ class FlowMatchingModel(DiffusionModel):
       per-timestep table works on, and ``prediction_type`` is ``'velocity'``;
     * the default sampler draws the time ``u`` uniformly and shifts it, ``sigma = shift(u)``; it, the importance
       target (its distribution) and the grid points (the cells' centres) follow from the schedule
-      (:func:`~composer_algos.diffusion.draw.objective_sampler` and its neighbours);
+      (:func:`~composer_algos.diffusion.draw.objective_sampler` and its neighbours, which
+      :class:`~composer_algos.diffusion.training_draws.TrainingDraws` reads too);
     * a draw: untilted, a closed-form sampler (:class:`ContinuousTimestepSampler`) gives sigma exactly by its inverse
       CDF at the keyed uniform; otherwise (curriculum priors, the adaptive policy, loss-aware samplers) the cell comes
       by inverse CDF of the tilted cell masses and the position inside it from the same uniform
