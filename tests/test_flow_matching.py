@@ -512,3 +512,10 @@ def test_flow_recipe_algorithms_resume_exactly(digits_mds, tmp_path):
     assert rec2.losses == rec.losses[4:]
     assert resumed.state.algorithms[0].num_updates == full.state.algorithms[0].num_updates == 4
     assert resumed.state.model.num_draws == full.state.model.num_draws
+
+
+def test_a_ddpm_model_refuses_a_flow_schedule():
+    from composer_algos.diffusion import DiffusionModel, FlowSchedule, TimeConditionedConvNet
+
+    with pytest.raises(TypeError, match='FlowMatchingModel'):
+        DiffusionModel(TimeConditionedConvNet(in_channels=1, width=8), FlowSchedule(num_cells=10))

@@ -175,6 +175,11 @@ class DiffusionModel(ComposerModel):
     ):
         super().__init__()
         check_prediction_type(prediction_type, self.prediction_types)
+        if isinstance(noise_schedule, FlowSchedule) and self.objective != 'flow_matching':
+            raise TypeError(
+                'A FlowSchedule is the schedule of a flow-matching model: build a FlowMatchingModel (model.objective: '
+                'flow_matching in a recipe), or give DiffusionModel a NoiseSchedule.'
+            )
         self.denoiser = denoiser
         self.noise_schedule = noise_schedule or NoiseSchedule()
         self.prediction_type = prediction_type
