@@ -78,6 +78,7 @@ def verify_checkpoint(path: str) -> str | None:
             with tarfile.open(path) as tar:
                 for member in tar:
                     if member.isfile():
+                        # extractfile is typed Optional; it returns None only for members that are not files.
                         tar.extractfile(member).read()  # type: ignore[union-attr]
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             return f'its tar archive is damaged ({e})'
