@@ -44,7 +44,7 @@ from scipy.optimize import linear_sum_assignment
 from composer_algos.algorithms.base import DiffusionAlgorithm
 from composer_algos.algorithms.common import draw_record
 from composer_algos.diffusion.draw import NoiseDraw, NoisePairing
-from composer_algos.distributed import all_gather, global_positions, is_distributed, rank_world
+from composer_algos.distributed import all_gather_variable, global_positions, is_distributed, rank_world
 from composer_algos.registry import ConfigError
 
 __all__ = ['COSTS', 'MODES', 'NoiseAssignment', 'SCOPES', 'candidate_costs', 'hungarian_assignment', 'pairwise_cost']
@@ -120,15 +120,6 @@ def _all_costs_equal(cost: torch.Tensor) -> bool:
     centring vanishes (identical images, or identical noises)."""
     centred = cost - cost.mean(0, keepdim=True) - cost.mean(1, keepdim=True) + cost.mean()
     return float(centred.abs().max()) <= 1e-12 * max(float(cost.abs().max()), 1e-300)
-
-
-def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows (``(n_r, ...)``, ``n_r`` may differ) concatenated in rank order."""
-    size = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
-    sizes = [int(s.item()) for s in all_gather(size)]
-    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
-    padded[: rows.shape[0]] = rows
-    return torch.cat([part[:n] for part, n in zip(all_gather(padded), sizes, strict=True)])
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -219,8 +210,8 @@ class NoiseAssignment(DiffusionAlgorithm):
             # labels.
             dtype = torch.promote_types(x0.dtype, noise.dtype)
             flat = torch.cat([x0.flatten(1).to(dtype), noise.flatten(1).to(dtype)], dim=1)
-            flat = _gather_rows(flat)
-            keys = _gather_rows(torch.stack([positions, labels], dim=1))
+            flat = torch.cat(all_gather_variable(flat))
+            keys = torch.cat(all_gather_variable(torch.stack([positions, labels], dim=1)))
             order = torch.argsort(keys[:, 0])
             flat, keys = flat[order], keys[order]
             width = x0[0].numel()
