@@ -7,16 +7,14 @@ resumed losses and every algorithm's final state must equal the uninterrupted ru
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
+from two_ranks import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, 'tests', 'distributed_run.py')
-COMPOSER = os.path.join(os.path.dirname(sys.executable), 'composer')
 
 # Algorithm sets that compose, each run under both strategies.
 ALGORITHM_SETS = {
@@ -81,13 +79,7 @@ def _recipe(tmp_path, digits_mds: str, algorithms: dict, fsdp: bool) -> str:
 
 
 def _launch(recipe: str, out_dir: str, fsdp: bool, *overrides: str) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    if fsdp:
-        env['FSDP_VERSION'] = '2'
-    proc = subprocess.run(
-        [COMPOSER, '-n', '2', RUNNER, recipe, out_dir, *overrides], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_ranks(RUNNER, recipe, out_dir, *overrides, timeout=600, extra_env={'FSDP_VERSION': '2'} if fsdp else None)
     return [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False) for r in range(2)]
 
 

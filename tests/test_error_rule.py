@@ -17,10 +17,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_faults import _recipe as faults_recipe  # noqa: E402
+from two_ranks import launch_ranks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(ROOT, 'recipes', 'train.py')
-COMPOSER = os.path.join(os.path.dirname(sys.executable), 'composer')
 # A failed 2-rank run must end well before Composer's launcher would give up on a hung rank (30 s after the first
 # exit, then SIGKILL) or gloo would time out (the recipe's dist_timeout): this bounds the whole launch.
 TWO_RANK_TIMEOUT_SECONDS = 240
@@ -146,19 +146,15 @@ def test_two_ranks_one_fails_one_line_and_no_rank_hangs(tmp_path, digits_mds, pl
     crashed rank's output); the other, waiting in a collective, fails for want of its peer and stays silent."""
     recipe = _recipe(tmp_path, digits_mds, {'batch': 3, 'rank': failing_rank})
     start = time.monotonic()
-    proc = subprocess.run(
-        [COMPOSER, '-n', '2', TRAIN_SCRIPT, recipe],
-        capture_output=True,
-        text=True,
-        timeout=TWO_RANK_TIMEOUT_SECONDS,
-        env=_env(plugin),
-        cwd=tmp_path,
+    code, stdout, stderr = launch_ranks(
+        TRAIN_SCRIPT, recipe, timeout=TWO_RANK_TIMEOUT_SECONDS, env=_env(plugin), cwd=tmp_path
     )
     elapsed = time.monotonic() - start
-    output = proc.stdout + proc.stderr
+    output = stdout + stderr
     errors = [line for line in output.splitlines() if line.startswith('error:')]
-    print(f'rank {failing_rank} failed: the launcher exited with code {proc.returncode} after {elapsed:.1f} s')
-    assert proc.returncode != 0, output[-4000:]
+    print(f'rank {failing_rank} failed: the launcher exited with code {code} after {elapsed:.1f} s')
+    assert code is not None, f'a rank still ran after {TWO_RANK_TIMEOUT_SECONDS} s\n' + output[-4000:]
+    assert code != 0, output[-4000:]
     assert errors == [
         f'error: OSError: planted failure on rank {failing_rank} at batch 3 (in callbacks.fail_at, at '
         f'batch 3); traceback: runs/rule/error{"-rank1" if failing_rank else ""}.log'

@@ -8,8 +8,6 @@ tensor.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,19 +17,16 @@ import yaml
 from composer_algos.config import load_config
 from strict_devices import HostTensor, StrictDeviceError, _check_collective, strict_devices, to_host
 from test_recipes import _cpu_overrides, write_recipe_listing
+from two_ranks import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
-COMPOSER = os.path.join(os.path.dirname(sys.executable), 'composer')
 
 
 def _composer(n: int, *args: str, cwd: str, strict: bool = False, timeout: int = 900) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS='1', FSDP_VERSION='2', STRICT_DEVICES='1' if strict else '0')
     os.makedirs(cwd, exist_ok=True)
-    proc = subprocess.run(
-        [COMPOSER, '-n', str(n), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    extra_env = {'FSDP_VERSION': '2', 'STRICT_DEVICES': '1' if strict else '0'}
+    run_ranks(*args, timeout=timeout, ranks=n, extra_env=extra_env, cwd=cwd)
 
 
 def _results(out_dir, n: int) -> list[dict]:

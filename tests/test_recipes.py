@@ -13,6 +13,7 @@ import yaml
 
 from composer_algos import registry
 from composer_algos.config import build_trainer, call_with_config, load_config
+from two_ranks import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Text-to-image recipes (t2i_*) need captioned data: tests/test_text_to_image.py trains them.
@@ -537,13 +538,8 @@ RUNNER = os.path.join(ROOT, 'tests', 'distributed_run.py')
 def _run_two_ranks(out_dir: str, *args: str, timeout: int = 600) -> None:
     """``composer -n 2 tests/distributed_run.py ARGS`` with FSDP2, run in ``out_dir`` (recipes' file loggers write
     under runs/)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', FSDP_VERSION='2')
-    composer = os.path.join(os.path.dirname(sys.executable), 'composer')
     os.makedirs(out_dir, exist_ok=True)
-    proc = subprocess.run(
-        [composer, '-n', '2', RUNNER, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=out_dir
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_ranks(RUNNER, *args, timeout=timeout, extra_env={'FSDP_VERSION': '2'}, cwd=out_dir)
 
 
 def _launch_two_ranks(recipe: str, out_dir: str, *overrides: str) -> list[dict]:

@@ -1,4 +1,8 @@
-"""Launch a script on two gloo ranks with ``composer -n 2``, and stop every rank if it runs too long."""
+"""Launch a script on gloo ranks with ``composer -n N``, and stop every rank if it runs too long.
+
+Every multi-process test goes through here, so that a hung run fails its test with the output so far instead of
+holding CI until its limit, and leaves no rank behind.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,24 @@ import sys
 COMPOSER = os.path.join(os.path.dirname(sys.executable), 'composer')
 
 
-def launch_two_ranks(script: str, *args: str, timeout: float) -> tuple[int | None, str, str]:
-    """``composer -n 2 script args...`` with one thread per rank: its exit code (None when it ran past ``timeout``
-    and was stopped), stdout and stderr."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+def launch_ranks(
+    script: str,
+    *args: str,
+    timeout: float,
+    ranks: int = 2,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> tuple[int | None, str, str]:
+    """``composer -n ranks script args...`` with one thread per rank (``env`` replaces the environment when given;
+    ``OMP_NUM_THREADS=1`` is added unless it sets it): its exit code (None when it ran past ``timeout`` and was
+    stopped), stdout and stderr."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault('OMP_NUM_THREADS', '1')
     # In a session of its own, so that a hung run's ranks are stopped with the launcher rather than left behind.
     proc = subprocess.Popen(
-        [COMPOSER, '-n', '2', script, *args],
+        [COMPOSER, '-n', str(ranks), script, *args],
         env=env,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -30,3 +44,24 @@ def launch_two_ranks(script: str, *args: str, timeout: float) -> tuple[int | Non
         stdout, stderr = proc.communicate()
         return None, stdout, stderr
     return proc.returncode, stdout, stderr
+
+
+def launch_two_ranks(script: str, *args: str, timeout: float) -> tuple[int | None, str, str]:
+    """:func:`launch_ranks` on two ranks in the current environment."""
+    return launch_ranks(script, *args, timeout=timeout)
+
+
+def run_ranks(
+    script: str,
+    *args: str,
+    timeout: float,
+    ranks: int = 2,
+    extra_env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> None:
+    """:func:`launch_ranks` with ``extra_env`` added to the environment, failing the calling test (with the run's
+    last output) unless every rank exits cleanly within ``timeout``."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', **(extra_env or {}))
+    code, stdout, stderr = launch_ranks(script, *args, timeout=timeout, ranks=ranks, env=env, cwd=cwd)
+    verdict = f'ran past {timeout:.0f} s and was stopped' if code is None else f'exited with code {code}'
+    assert code == 0, f'composer -n {ranks} {os.path.basename(script)} {verdict}\n' + stdout[-3000:] + stderr[-6000:]
