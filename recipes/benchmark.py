@@ -1590,6 +1590,11 @@ def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def write_tuning_markdown(record: dict[str, Any], path: str) -> None:
     lines = [
+        (
+            '**A pilot under the protocol**: two tuning seeds and no A/A null. These scores only choose each '
+            "method's settings for the leaderboard; no speed-up is claimed from them."
+        ),
+        '',
         f'Command: `{record["command"]}`',
         '',
         (
@@ -1604,7 +1609,7 @@ def write_tuning_markdown(record: dict[str, Any], path: str) -> None:
         '| --- | --- | --- | ---: | --- |',
     ]
     if not record.get('complete', True):
-        lines.insert(3, 'In progress: the stages done so far (the same command resumes the rest).\n')
+        lines.insert(5, '\nIn progress: the stages done so far (the same command resumes the rest).')
     for stage, block in record['stages'].items():
         for label, row in block['settings'].items():
             setting = label.split(': ', 1)[1] if label.startswith(stage + ': ') else label
