@@ -10,7 +10,7 @@ import os
 import sys
 
 import torch
-from two_ranks import launch_two_ranks
+from two_ranks import launch_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def test_one_process_returns_the_tensor_itself():
 
 
 def test_two_gloo_ranks_gather_every_rank_trimmed_to_its_length(tmp_path):
-    code, stdout, stderr = launch_two_ranks(os.path.abspath(__file__), str(tmp_path), timeout=300)
+    code, stdout, stderr = launch_ranks(os.path.abspath(__file__), str(tmp_path), timeout=300)
     assert code == 0, stdout[-3000:] + stderr[-6000:]
     expected = _expected(2)
     for rank in range(2):
@@ -68,11 +68,11 @@ def test_a_gloo_group_torn_down_right_after_gathering_never_hangs(tmp_path):
     # hang within a few (the control shows the script does provoke the hang, so the first half can fail).
     script = os.path.join(ROOT, 'tests', 'gloo_teardown_run.py')
     (tmp_path / 'package').mkdir()
-    code, stdout, stderr = launch_two_ranks(script, str(tmp_path / 'package'), 'package', '30', timeout=240)
+    code, stdout, stderr = launch_ranks(script, str(tmp_path / 'package'), 'package', '30', timeout=240)
     assert code == 0, f'exit {code}: ' + stdout[-2000:] + stderr[-4000:]
     assert [_rounds(tmp_path / 'package', rank) for rank in range(2)] == [30, 30]
     (tmp_path / 'torch').mkdir()
-    code, _, _ = launch_two_ranks(script, str(tmp_path / 'torch'), 'torch', '30', timeout=60)
+    code, _, _ = launch_ranks(script, str(tmp_path / 'torch'), 'torch', '30', timeout=60)
     assert code is None and min(_rounds(tmp_path / 'torch', rank) for rank in range(2)) < 30
 
 

@@ -79,7 +79,8 @@ def _recipe(tmp_path, digits_mds: str, algorithms: dict, fsdp: bool) -> str:
 
 
 def _launch(recipe: str, out_dir: str, fsdp: bool, *overrides: str) -> list[dict]:
-    run_ranks(RUNNER, recipe, out_dir, *overrides, timeout=600, extra_env={'FSDP_VERSION': '2'} if fsdp else None)
+    env = dict(os.environ, FSDP_VERSION='2') if fsdp else None
+    run_ranks(RUNNER, recipe, out_dir, *overrides, timeout=600, env=env)
     return [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False) for r in range(2)]
 
 

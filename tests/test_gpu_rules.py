@@ -25,8 +25,8 @@ TESTS = os.path.join(ROOT, 'tests')
 
 def _composer(n: int, *args: str, cwd: str, strict: bool = False, timeout: int = 900) -> None:
     os.makedirs(cwd, exist_ok=True)
-    extra_env = {'FSDP_VERSION': '2', 'STRICT_DEVICES': '1' if strict else '0'}
-    run_ranks(*args, timeout=timeout, ranks=n, extra_env=extra_env, cwd=cwd)
+    env = dict(os.environ, FSDP_VERSION='2', STRICT_DEVICES='1' if strict else '0')
+    run_ranks(*args, timeout=timeout, ranks=n, env=env, cwd=cwd)
 
 
 def _results(out_dir, n: int) -> list[dict]:

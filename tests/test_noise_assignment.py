@@ -215,9 +215,9 @@ def test_two_ranks_pair_a_global_batch_as_one_rank_does(tmp_path):
     from noise_assignment_run import pair
 
     one = pair(0, 1)
-    from two_ranks import launch_two_ranks
+    from two_ranks import launch_ranks
 
-    code, stdout, stderr = launch_two_ranks(
+    code, stdout, stderr = launch_ranks(
         os.path.join(ROOT, 'tests', 'noise_assignment_run.py'), str(tmp_path), timeout=300
     )
     assert code == 0, f'exit {code}: ' + stdout[-3000:] + stderr[-3000:]

@@ -539,7 +539,7 @@ def _run_two_ranks(out_dir: str, *args: str, timeout: int = 600) -> None:
     """``composer -n 2 tests/distributed_run.py ARGS`` with FSDP2, run in ``out_dir`` (recipes' file loggers write
     under runs/)."""
     os.makedirs(out_dir, exist_ok=True)
-    run_ranks(RUNNER, *args, timeout=timeout, extra_env={'FSDP_VERSION': '2'}, cwd=out_dir)
+    run_ranks(RUNNER, *args, timeout=timeout, env=dict(os.environ, FSDP_VERSION='2'), cwd=out_dir)
 
 
 def _launch_two_ranks(recipe: str, out_dir: str, *overrides: str) -> list[dict]:

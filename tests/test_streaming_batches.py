@@ -278,10 +278,10 @@ def test_datasets_built_at_once_take_different_shared_memory_prefixes(digits_mds
 
 @pytest.mark.parametrize('mode', ['package', 'unshared'])
 def test_two_ranks_agree_on_a_prefix_when_another_jobs_memory_goes_mid_scan(digits_mds, tmp_path, mode):
-    from two_ranks import launch_two_ranks
+    from two_ranks import launch_ranks
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shm_prefix_run.py')
-    code, stdout, stderr = launch_two_ranks(script, digits_mds, str(tmp_path), mode, timeout=300)
+    code, stdout, stderr = launch_ranks(script, digits_mds, str(tmp_path), mode, timeout=300)
     assert code is not None, 'the two ranks hung'
     lines = [(tmp_path / f'rank{rank}.txt').read_text() for rank in range(2)]
     if mode == 'package':

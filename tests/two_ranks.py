@@ -22,11 +22,9 @@ def launch_ranks(
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
 ) -> tuple[int | None, str, str]:
-    """``composer -n ranks script args...`` with one thread per rank (``env`` replaces the environment when given;
-    ``OMP_NUM_THREADS=1`` is added unless it sets it): its exit code (None when it ran past ``timeout`` and was
-    stopped), stdout and stderr."""
-    env = dict(os.environ if env is None else env)
-    env.setdefault('OMP_NUM_THREADS', '1')
+    """``composer -n ranks script args...`` in ``env`` (the current environment when None) with one thread per
+    rank: its exit code (None when it ran past ``timeout`` and was stopped), stdout and stderr."""
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS='1')
     # In a session of its own, so that a hung run's ranks are stopped with the launcher rather than left behind.
     proc = subprocess.Popen(
         [COMPOSER, '-n', str(ranks), script, *args],
@@ -46,22 +44,9 @@ def launch_ranks(
     return proc.returncode, stdout, stderr
 
 
-def launch_two_ranks(script: str, *args: str, timeout: float) -> tuple[int | None, str, str]:
-    """:func:`launch_ranks` on two ranks in the current environment."""
-    return launch_ranks(script, *args, timeout=timeout)
-
-
-def run_ranks(
-    script: str,
-    *args: str,
-    timeout: float,
-    ranks: int = 2,
-    extra_env: dict[str, str] | None = None,
-    cwd: str | os.PathLike | None = None,
-) -> None:
-    """:func:`launch_ranks` with ``extra_env`` added to the environment, failing the calling test (with the run's
-    last output) unless every rank exits cleanly within ``timeout``."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', **(extra_env or {}))
-    code, stdout, stderr = launch_ranks(script, *args, timeout=timeout, ranks=ranks, env=env, cwd=cwd)
+def run_ranks(script: str, *args: str, timeout: float, ranks: int = 2, **launch) -> None:
+    """:func:`launch_ranks` (``launch``: its ``env`` and ``cwd``), failing the calling test with the run's last
+    output unless every rank exits cleanly within ``timeout``."""
+    code, stdout, stderr = launch_ranks(script, *args, timeout=timeout, ranks=ranks, **launch)
     verdict = f'ran past {timeout:.0f} s and was stopped' if code is None else f'exited with code {code}'
     assert code == 0, f'composer -n {ranks} {os.path.basename(script)} {verdict}\n' + stdout[-3000:] + stderr[-6000:]
