@@ -1589,6 +1589,11 @@ def tune(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 
 def write_tuning_markdown(record: dict[str, Any], path: str) -> None:
+    progress = (
+        []
+        if record.get('complete', True)
+        else ['', 'In progress: the stages done so far (the same command resumes the rest).']
+    )
     lines = [
         (
             '**A pilot under the protocol**: two tuning seeds and no A/A null. These scores only choose each '
@@ -1604,12 +1609,11 @@ def write_tuning_markdown(record: dict[str, Any], path: str) -> None:
             "uniform's learning rate first, then its EMA half-life at the winning rate; every method is tuned on "
             "top of uniform's winners, its published default listed first (a tie keeps it)."
         ),
+        *progress,
         '',
         '| stage / method | setting | final FID per seed | score | |',
         '| --- | --- | --- | ---: | --- |',
     ]
-    if not record.get('complete', True):
-        lines.insert(5, '\nIn progress: the stages done so far (the same command resumes the rest).')
     for stage, block in record['stages'].items():
         for label, row in block['settings'].items():
             setting = label.split(': ', 1)[1] if label.startswith(stage + ': ') else label
